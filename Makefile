@@ -1,0 +1,43 @@
+# bigjax: `make train` and `make test` install what they need into .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+CONFIG ?= experiments/shakespeare_char.py
+WORKDIR ?= runs/shakespeare_char
+PROMPT ?= ROMEO:
+BENCH_CONFIG ?= experiments/gpt2_124m.py
+
+.PHONY: install train eval generate test bench lint clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Train the default experiment on the bundled Shakespeare corpus, then run the separate eval job on the
+# checkpoints the trainer wrote, then sample from the newest one.
+train: install
+	$(BIN)/bigjax train --config $(CONFIG) --workdir $(WORKDIR)
+	$(BIN)/bigjax eval --config $(CONFIG) --workdir $(WORKDIR)
+	$(BIN)/bigjax generate --workdir $(WORKDIR) --prompt "$(PROMPT)" --max-new-tokens 300
+
+eval: install
+	$(BIN)/bigjax eval --config $(CONFIG) --workdir $(WORKDIR)
+
+generate: install
+	$(BIN)/bigjax generate --workdir $(WORKDIR) --prompt "$(PROMPT)"
+
+test: install
+	$(BIN)/python -m pytest -n 2 tests
+
+bench: install
+	$(BIN)/bigjax train --config $(BENCH_CONFIG) --workdir /tmp/bigjax-bench --config.total_steps=50 \
+	  --config.checkpoint_every=0 --config.eval_every=0
+
+clean-venv:
+	rm -rf $(VENV)

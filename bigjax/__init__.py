@@ -1,0 +1,1 @@
+"""bigjax: pretrain and fine-tune large models on device meshes with JAX and Flax."""

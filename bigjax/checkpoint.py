@@ -1,0 +1,70 @@
+"""Orbax checkpoints in WORKDIR/checkpoints/STEP: params, optimizer state, data-iterator state, config.
+
+Parameters and optimizer state are separate items so that eval, generation and fine-tuning can restore the
+parameters alone. Restores take their target shardings from the *current* mesh, so a run can resume on a
+different mesh shape than the one that saved it. Saves are async: training continues while they are written;
+Orbax commits a step only when it is complete, so readers never see a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from bigjax import config as config_lib
+
+
+def checkpoint_dir(workdir) -> pathlib.Path:
+    return pathlib.Path(workdir).absolute() / "checkpoints"
+
+
+def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=not read_only,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, config) -> None:
+    """Start an async save of everything a resume needs."""
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config.to_dict()),
+        ),
+    )
+
+
+def restore_train_state(mngr, step: int, target_state):
+    """(state, data_state) at `step`, laid out as `target_state` (ShapeDtypeStructs with shardings) says."""
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target_state.params),
+            opt_state=ocp.args.StandardRestore(target_state.opt_state),
+            data=ocp.args.JsonRestore(),
+        ),
+    )
+    step_array = jax.device_put(np.int32(step), target_state.step.sharding)
+    state = target_state.replace(step=step_array, params=restored["params"], opt_state=restored["opt_state"])
+    return state, restored["data"]
+
+
+def restore_params(mngr, step: int, target_params):
+    """Only the parameters (for eval, generation and fine-tuning), onto the target's shardings."""
+    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target_params)))
+    return restored["params"]
+
+
+def saved_config(mngr, step: int):
+    restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return config_lib.from_dict(restored["config"])

@@ -1,0 +1,137 @@
+"""`bigjax train|eval|generate`: the command line.
+
+    bigjax train --config experiments/NAME.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
+    bigjax eval --config experiments/NAME.py --workdir DIR [--once] [--timeout SECONDS]
+    bigjax generate --workdir DIR --prompt TEXT [--temperature T] [--top-k K] [--max-new-tokens N]
+
+User errors (a bad config, a refused resume, a missing workdir) print one `error:` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    # Imported after parsing so that `--help` is instant and errors in arguments need no JAX.
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's info/warning chatter drowns the training log
+    from bigjax import config as config_lib
+    from bigjax import evaluate, generate, train
+
+    user_errors = (
+        config_lib.ConfigError,
+        train.TrainingError,
+        evaluate.EvalError,
+        generate.GenerateError,
+        FileNotFoundError,
+    )
+    try:
+        return args.run(args, overrides)
+    except user_errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="bigjax", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train an experiment; resumes from DIR's newest checkpoint")
+    p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--stop-at-step", type=int, default=None, help="save and stop at this step (resume later)")
+    p.set_defaults(run=run_train)
+
+    p = commands.add_parser("eval", help="evaluate DIR's checkpoints as they appear (a separate process)")
+    p.add_argument("--config", help="experiments/NAME.py[:ARG]; default: DIR/config.json")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--once", action="store_true", help="evaluate the newest checkpoint and exit")
+    p.add_argument("--timeout", type=float, default=3600.0, help="give up after this long without a new checkpoint")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between looks for new checkpoints")
+    p.set_defaults(run=run_eval)
+
+    p = commands.add_parser("generate", help="sample text from DIR's newest checkpoint")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None, help="a checkpoint step; default: the newest")
+    p.set_defaults(run=run_generate)
+
+    args, rest = parser.parse_known_args(argv)
+    overrides = _config_overrides(rest, parser)
+    if overrides and args.command == "generate":
+        parser.error("generate takes no --config.* overrides")
+    return args, overrides
+
+
+def _config_overrides(rest, parser) -> list[str]:
+    """`--config.a.b=v` and `--config.a.b v` -> ["config.a.b=v", ...]; anything else is an error."""
+    overrides, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--config."):
+            parser.error(f"unrecognized argument {arg!r}")
+        if "=" in arg:
+            overrides.append(arg[2:])
+        elif i + 1 < len(rest):
+            overrides.append(f"{arg[2:]}={rest[i + 1]}")
+            i += 1
+        else:
+            parser.error(f"{arg} needs a value")
+        i += 1
+    return overrides
+
+
+def run_train(args, overrides) -> int:
+    from bigjax import config as config_lib
+    from bigjax import metrics, train
+
+    config = config_lib.load(args.config, overrides)
+    summary = train.train(config, args.workdir, stop_at_step=args.stop_at_step)
+    metrics.say(f"{summary.status} at step {summary.step}; checkpoints in {os.path.join(args.workdir, 'checkpoints')}")
+    return 0
+
+
+def run_eval(args, overrides) -> int:
+    from bigjax import config as config_lib
+    from bigjax import evaluate, metrics
+
+    if args.config:
+        config = config_lib.load(args.config, overrides)
+    else:
+        path = os.path.join(args.workdir, "config.json")
+        if not os.path.exists(path):
+            raise config_lib.ConfigError(f"no --config given and {path} does not exist yet; pass --config")
+        config = config_lib.from_json(open(path).read())
+        for override in overrides:
+            config_lib.apply_override(config, override)
+        config_lib.check_values(config)
+    result = evaluate.run_eval_job(config, args.workdir, once=args.once, poll_seconds=args.poll, timeout=args.timeout)
+    shown = "  ".join(f"{k}={v:.4f}" for k, v in result.items() if k != "step")
+    metrics.say(f"validation at step {result['step']}: {shown}")
+    return 0
+
+
+def run_generate(args, overrides) -> int:
+    from bigjax import generate
+
+    text = generate.generate_text(
+        args.workdir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.step
+    )
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

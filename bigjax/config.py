@@ -1,0 +1,418 @@
+"""Experiment configs: load `experiments/NAME.py[:ARG]`, apply `--config.a.b=VALUE`, validate, dump.
+
+Every experiment starts from `defaults()`, the one schema of every key bigjax knows. Anything that is not
+in the schema — in an experiment file or on the command line — is a typo, and is reported as one before
+anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import pathlib
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(Exception):
+    """A user error in an experiment or its overrides: printed as one line, no traceback."""
+
+
+# Logical axis name -> mesh axes. Parameters use the short names, activations the `activation_*` ones,
+# so a mesh axis (fsdp) can shard a weight's embed dim and, at the same time, an activation's batch dim.
+DEFAULT_SHARDING_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("positions", None),
+)
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every key an experiment may set, with its default. Experiments start from here."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 32  # global, across all devices and hosts
+    c.log_every = 50
+    c.checkpoint_every = 500  # 0 = only at the end
+    c.keep_checkpoints = 3
+    c.eval_every = 0  # 0 = no inline eval (the separate `bigjax eval` job still works)
+    c.eval_batches = 8
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = DEFAULT_SHARDING_RULES
+
+    c.model = ml_collections.ConfigDict(
+        dict(
+            family="gpt",
+            vocab_size=256,  # padded up to a multiple of vocab_multiple
+            vocab_multiple=128,
+            max_len=128,  # longest sequence the positions support
+            num_layers=2,
+            d_model=128,
+            num_heads=4,
+            num_kv_heads=0,  # 0 = num_heads (multi-head); fewer = grouped-query attention
+            head_dim=0,  # 0 = d_model // num_heads
+            mlp_dim=0,  # 0 = 4 * d_model (gelu) or the Llama 8/3 rule rounded to 256 (swiglu)
+            positions="learned",  # learned | rope
+            rope_theta=10_000.0,
+            norm="layernorm",  # layernorm | rmsnorm
+            norm_eps=1e-5,
+            mlp="gelu",  # gelu | swiglu
+            use_bias=True,
+            tie_embeddings=True,
+            dropout=0.0,
+            dtype="float32",  # compute dtype: bfloat16 on accelerators
+            param_dtype="float32",
+            attention="xla",  # xla | cudnn | auto
+            scan_layers=True,
+            remat="none",  # none | full | dots | dots_no_batch
+            init_std=0.02,
+        )
+    )
+
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            name="adamw",  # adamw | adam | sgd | adagrad | rmsprop | adafactor | lion
+            lr=1e-3,
+            schedule="cosine",  # constant | cosine | linear | wsd
+            warmup_steps=100,
+            min_lr_ratio=0.1,
+            decay_fraction=0.2,  # wsd: the last fraction of the run decays
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            momentum=0.9,
+            nesterov=False,
+            weight_decay=0.1,
+            decay_embeddings=False,
+            clip=1.0,  # global-norm clipping; 0 = off
+            grad_accum=1,  # microbatches per step, accumulated inside the jitted step
+        )
+    )
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="shakespeare",  # shakespeare (bundled) | synthetic
+            tokenizer="byte",
+            seq_len=128,
+            eval_fraction=0.1,  # the last fraction of every play is the validation split
+        )
+    )
+    return c
+
+
+CHOICES = {
+    "model.family": ("gpt",),
+    "model.positions": ("learned", "rope"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.mlp": ("gelu", "swiglu"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention": ("xla", "cudnn", "auto"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "optim.name": ("adamw", "adam", "sgd", "adagrad", "rmsprop", "adafactor", "lion"),
+    "optim.schedule": ("constant", "cosine", "linear", "wsd"),
+    "data.source": ("shakespeare", "synthetic"),
+    "data.tokenizer": ("byte",),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """`experiments/x.py[:arg]` + `--config.a.b=v` overrides -> a validated config."""
+    config = load_experiment(spec)
+    check_schema(config, defaults())
+    for override in overrides:
+        apply_override(config, override)
+    check_values(config)
+    return config
+
+
+def load_experiment(spec: str) -> ml_collections.ConfigDict:
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} not found; pass --config experiments/NAME.py[:ARG]")
+    module_spec = importlib.util.spec_from_file_location(f"bigjax_experiment_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config(arg=None) function")
+    config = module.get_config(arg or None)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+    return config
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """The inverse of `to_json`: rebuild a config written to a workdir."""
+    return from_dict(json.loads(text))
+
+
+def from_dict(d: dict) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(d)
+    check_schema(config, defaults())
+    return config
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def parse_arg(arg: str | None, **defaults_) -> dict:
+    """Experiment-file helper: "seq=2048,layers=24" -> dict, values parsed as Python literals."""
+    result = dict(defaults_)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"config argument {item!r} is not KEY=VALUE")
+        if key not in result:
+            raise ConfigError(f"unknown config argument {key!r}; known: {', '.join(sorted(result))}")
+        result[key] = _literal(value)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Overrides
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """Apply `--config.a.b=VALUE` (or `config.a.b=VALUE`), parsing VALUE as the key's type."""
+    text = override.removeprefix("--")
+    if not text.startswith("config.") or "=" not in text:
+        raise ConfigError(f"cannot parse {override!r}; overrides look like --config.optim.lr=3e-4")
+    dotted, value = text[len("config.") :].split("=", 1)
+    parent, leaf = _lookup_parent(config, dotted)
+    current = parent[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"config.{dotted} is a group; set one of its keys, e.g. config.{dotted}.{next(iter(current.keys()))}")
+    parent[leaf] = _parse_as(value, current, dotted)
+
+
+def _lookup_parent(config, dotted: str):
+    keys = dotted.split(".")
+    node = config
+    for depth, key in enumerate(keys):
+        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+            prefix = ".".join(keys[:depth])
+            known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(f"unknown config key config.{dotted}{_did_you_mean(key, known, prefix)}")
+        if depth == len(keys) - 1:
+            return node, key
+        node = node[key]
+
+
+def _parse_as(value: str, current: Any, dotted: str):
+    expected = type(current)
+    try:
+        if isinstance(current, bool):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, str):
+            return value
+        parsed = _literal(value)
+        if current is not None and not isinstance(parsed, (list, tuple) if isinstance(current, (list, tuple)) else expected):
+            raise ValueError
+        return parsed
+    except ValueError:
+        raise ConfigError(
+            f"config.{dotted}={value!r} is not a valid {expected.__name__} (the current value is {current!r})"
+        ) from None
+
+
+def _literal(value: str):
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def _did_you_mean(key: str, known, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    where = f"config.{prefix}." if prefix else "config."
+    if close:
+        return f"; did you mean {where}{close[0]}?"
+    return f"; known keys here: {', '.join(sorted(known))}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+
+
+def check_schema(config, schema, prefix: str = "") -> None:
+    """Every key in `config` must exist in `schema` with a compatible type."""
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(f"unknown config key config.{dotted}{_did_you_mean(key, schema.keys(), prefix.rstrip('.'))}")
+        expected = schema[key]
+        if isinstance(expected, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f"config.{dotted} must be a group of keys, got {value!r}")
+            check_schema(value, expected, f"{dotted}.")
+        elif not _same_kind(value, expected):
+            raise ConfigError(
+                f"config.{dotted} must be {type(expected).__name__} (like the default {expected!r}), got {value!r}"
+            )
+    for key, expected in schema.items():
+        if key not in config:
+            raise ConfigError(f"config.{prefix}{key} is missing; start experiments from bigjax.config.defaults()")
+
+
+def _same_kind(value, expected) -> bool:
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(expected, bool)
+    if isinstance(expected, float):
+        return isinstance(value, (int, float))
+    if isinstance(expected, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(expected))
+
+
+def check_values(config) -> None:
+    """Values that are well typed but cannot work: one message each, naming the key and the fix."""
+    for dotted, allowed in CHOICES.items():
+        group, key = dotted.split(".")
+        if config[group][key] not in allowed:
+            raise ConfigError(f"config.{dotted}={config[group][key]!r} is not one of {', '.join(allowed)}")
+    positive = ["total_steps", "batch_size", "log_every", "eval_batches", "keep_checkpoints"]
+    for key in positive:
+        if config[key] <= 0:
+            raise ConfigError(f"config.{key} must be positive, got {config[key]}")
+    for key in ("checkpoint_every", "eval_every"):
+        if config[key] < 0:
+            raise ConfigError(f"config.{key} must be >= 0 (0 turns it off), got {config[key]}")
+    m = config.model
+    for key in ("num_layers", "d_model", "num_heads", "vocab_size", "max_len", "vocab_multiple"):
+        if m[key] <= 0:
+            raise ConfigError(f"config.model.{key} must be positive, got {m[key]}")
+    if m.head_dim == 0 and m.d_model % m.num_heads:
+        raise ConfigError(
+            f"config.model.d_model={m.d_model} is not divisible by num_heads={m.num_heads}; "
+            "change one of them or set config.model.head_dim"
+        )
+    kv_heads = m.num_kv_heads or m.num_heads
+    if m.num_heads % kv_heads:
+        raise ConfigError(
+            f"config.model.num_heads={m.num_heads} is not a multiple of num_kv_heads={kv_heads}; "
+            "grouped-query attention needs whole groups"
+        )
+    if m.positions == "rope" and (m.head_dim or m.d_model // m.num_heads) % 2:
+        raise ConfigError("rotary positions need an even head dimension; change config.model.head_dim")
+    if config.data.seq_len > m.max_len:
+        raise ConfigError(
+            f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len={m.max_len}; "
+            "raise model.max_len or shorten the sequences"
+        )
+    if config.optim.grad_accum <= 0 or config.batch_size % config.optim.grad_accum:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} is not divisible by config.optim.grad_accum="
+            f"{config.optim.grad_accum}; each microbatch must be the same size"
+        )
+    if not 0 < config.data.eval_fraction < 1:
+        raise ConfigError(f"config.data.eval_fraction must be in (0, 1), got {config.data.eval_fraction}")
+
+
+def check_against_devices(config, num_devices: int) -> dict[str, int]:
+    """Resolve -1 in the mesh and check the mesh and the batch fit the devices. Returns the mesh shape."""
+    shape = dict(config.mesh)
+    fixed = 1
+    free = [axis for axis, size in shape.items() if size == -1]
+    for axis, size in shape.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"config.mesh.{axis}={size}: use a positive size, or -1 for all remaining devices")
+        if size > 0:
+            fixed *= size
+    if len(free) > 1:
+        raise ConfigError(f"only one mesh axis may be -1, got {', '.join('config.mesh.' + a for a in free)}")
+    if num_devices % fixed:
+        raise ConfigError(
+            f"the mesh {_mesh_str(shape)} does not divide the {num_devices} devices; "
+            f"make data*fsdp*tensor divide {num_devices} (or set one axis to -1)"
+        )
+    if free:
+        shape[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"the mesh {_mesh_str(shape)} uses {fixed} of the {num_devices} devices; "
+            f"make data*fsdp*tensor equal {num_devices} or set one axis to -1"
+        )
+    data_parallel = shape["data"] * shape["fsdp"]
+    micro = config.batch_size // config.optim.grad_accum
+    if micro % data_parallel:
+        raise ConfigError(
+            f"the (micro)batch of {micro} examples does not divide across data*fsdp={data_parallel} devices; "
+            f"set config.batch_size to a multiple of {data_parallel * config.optim.grad_accum}"
+        )
+    return shape
+
+
+def _mesh_str(shape) -> str:
+    return "x".join(f"{axis}={size}" for axis, size in shape.items())
+
+
+# Changing these on resume would load weights or optimizer moments into a model they do not fit.
+RESUME_MUST_MATCH = ("model", "optim.name", "data.tokenizer", "data.seq_len")
+
+
+def resume_conflicts(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
+    """The differences between a saved and a new config that forbid resuming, as `key: old -> new`."""
+    old_flat, new_flat = _flatten(saved.to_dict()), _flatten(new.to_dict())
+    return [
+        f"{key}: {old_flat.get(key)!r} -> {new_flat.get(key)!r}"
+        for key in sorted(set(old_flat) | set(new_flat))
+        if any(key == p or key.startswith(p + ".") for p in RESUME_MUST_MATCH)
+        and _normalize(old_flat.get(key)) != _normalize(new_flat.get(key))
+    ]
+
+
+def harmless_changes(saved, new) -> list[str]:
+    old_flat, new_flat = _flatten(saved.to_dict()), _flatten(new.to_dict())
+    return [
+        f"{key}: {old_flat.get(key)!r} -> {new_flat.get(key)!r}"
+        for key in sorted(set(old_flat) | set(new_flat))
+        if _normalize(old_flat.get(key)) != _normalize(new_flat.get(key))
+    ]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _normalize(value):
+    # JSON turns tuples into lists; compare them as the same thing.
+    if isinstance(value, (list, tuple)):
+        return [_normalize(v) for v in value]
+    return value

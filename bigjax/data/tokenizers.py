@@ -1,0 +1,21 @@
+"""Tokenizers. Byte-level needs no vocabulary file: every UTF-8 byte is a token (vocab 256)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class ByteTokenizer:
+    vocab_size = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+def make_tokenizer(name: str):
+    if name == "byte":
+        return ByteTokenizer()
+    raise ValueError(f"unknown tokenizer {name!r}; available: byte")

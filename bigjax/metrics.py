@@ -1,0 +1,112 @@
+"""Metric writers (console, JSONL, TensorBoard) behind one interface, and device peaks for MFU.
+
+Only process 0 writes; the other processes get a writer that does nothing, so callers never branch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+
+# Dense bf16 peak FLOP/s per device (no sparsity), keyed by a substring of `jax.Device.device_kind`.
+# The one table of device peaks in bigjax.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v6 lite": 918e12,  # v6e
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5": 459e12,
+    "TPU v4": 275e12,
+}
+
+
+def peak_flops(device=None) -> float | None:
+    kind = (device or jax.devices()[0]).device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, device=None) -> float | None:
+    """Model FLOPs utilization: achieved model FLOP/s over the devices' summed peak; None when unknown."""
+    peak = peak_flops(device)
+    if peak is None:
+        return None
+    return flops_per_token * tokens_per_second / (peak * num_devices)
+
+
+def _round(value):
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.6g}")
+    return value
+
+
+class MetricWriter:
+    """Writes `{name: number}` at a step to the console, DIR/metrics.jsonl and TensorBoard events in DIR."""
+
+    def __init__(self, directory, console_prefix: str = "", enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.prefix = console_prefix
+        self.jsonl = self.tensorboard = None
+        if self.enabled:
+            directory = pathlib.Path(directory)
+            directory.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(directory / "metrics.jsonl", "a", buffering=1)
+            from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
+
+            self.tensorboard = SummaryWriter(str(directory), flush_secs=10)
+
+    def write(self, step: int, metrics: dict, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        metrics = {k: _round(float(v)) for k, v in metrics.items() if v is not None}
+        self.jsonl.write(json.dumps({"step": step, **metrics, "time": round(time.time(), 3)}) + "\n")
+        for name, value in metrics.items():
+            self.tensorboard.add_scalar(name, value, step)
+        if console:
+            say(f"{self.prefix}step {step}: " + "  ".join(f"{k}={_format(v)}" for k, v in metrics.items()))
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
+
+
+def _format(value: float) -> str:
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+        return f"{value:.3g}"
+    return f"{value:.4g}"
+
+
+def say(message: str) -> None:
+    """A line on the console from process 0 (through tqdm, so an active progress bar stays intact)."""
+    if jax.process_index() == 0:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def progress_bar(initial: int, total: int):
+    """A progress bar on process 0 when the console is a terminal; None otherwise (logs are enough)."""
+    if jax.process_index() != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(initial=initial, total=total, unit="step", dynamic_ncols=True, leave=False)
+
+
+def read_jsonl(path) -> list[dict]:
+    path = pathlib.Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,223 @@
+"""Decoder-only Transformer: GPT-2 (learned positions, LayerNorm, GELU) and Llama (RoPE, RMSNorm, SwiGLU,
+grouped-query attention) are the same module with different config values.
+
+    model = GPT(GPTConfig.from_config(config.model))
+    variables = model.init(rng, tokens)            # tokens: int32 [batch, length]
+    logits = model.apply(variables, tokens)         # float32 [batch, length, padded_vocab]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bigjax.config import ConfigError
+from bigjax.models import layers
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """The resolved, hashable model config (zeros in the experiment config mean "derive it")."""
+
+    vocab_size: int  # padded
+    max_len: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    positions: str
+    rope_theta: float
+    norm: str
+    norm_eps: float
+    mlp: str
+    use_bias: bool
+    tie_embeddings: bool
+    dropout: float
+    dtype: str
+    param_dtype: str
+    attention: str
+    scan_layers: bool
+    remat: str
+    init_std: float
+
+    @classmethod
+    def from_config(cls, m) -> "GPTConfig":
+        head_dim = m.head_dim or m.d_model // m.num_heads
+        if m.mlp_dim:
+            mlp_dim = m.mlp_dim
+        elif m.mlp == "swiglu":  # Llama: 2/3 of 4*d keeps the parameter count of a GELU MLP
+            mlp_dim = round_up(int(8 * m.d_model / 3), 256)
+        else:
+            mlp_dim = 4 * m.d_model
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in m.items() if k in fields}
+        values.update(
+            vocab_size=round_up(m.vocab_size, m.vocab_multiple),
+            num_kv_heads=m.num_kv_heads or m.num_heads,
+            head_dim=head_dim,
+            mlp_dim=mlp_dim,
+        )
+        values["attention"] = resolve_attention(m.attention, m.dtype)
+        return cls(**values)
+
+
+def resolve_attention(choice: str, dtype: str) -> str:
+    """"auto" -> cuDNN flash attention on a GPU with 16-bit compute, XLA's attention elsewhere."""
+    on_gpu = jax.default_backend() == "gpu"
+    if choice == "auto":
+        return "cudnn" if on_gpu and dtype in ("bfloat16", "float16") else "xla"
+    if choice == "cudnn" and not on_gpu:
+        raise ConfigError(
+            f"config.model.attention='cudnn' needs a GPU, but the backend is {jax.default_backend()}; use 'auto' or 'xla'"
+        )
+    if choice == "cudnn" and dtype not in ("bfloat16", "float16"):
+        raise ConfigError("cuDNN attention needs config.model.dtype='bfloat16' (or float16); use 'auto' or 'xla'")
+    return choice
+
+
+class Block(nn.Module):
+    """Pre-norm residual block. Returns (x, None) so that nn.scan can stack it."""
+
+    cfg: GPTConfig
+    train: bool
+
+    @nn.compact
+    def __call__(self, x, positions):
+        c = self.cfg
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        # GPT-2's scaled init of the projections back into the residual stream.
+        out_std = c.init_std / (2 * c.num_layers) ** 0.5
+        norm = lambda name: layers.Norm(c.norm, c.norm_eps, c.use_bias, dtype, param_dtype, name=name)
+        dropout = nn.Dropout(c.dropout, deterministic=not self.train)
+
+        attention = layers.Attention(
+            num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            use_bias=c.use_bias,
+            rope_theta=c.rope_theta if c.positions == "rope" else None,
+            implementation=None if c.attention == "auto" else c.attention,
+            init_std=c.init_std,
+            out_init_std=out_std,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name="attention",
+        )
+        x = x + dropout(attention(norm("attention_norm")(x), positions))
+        x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
+
+        mlp = layers.Mlp(c.mlp, c.mlp_dim, c.use_bias, c.init_std, out_std, dtype, param_dtype, name="mlp")
+        x = x + dropout(mlp(norm("mlp_norm")(x)))
+        x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
+        return x, None
+
+
+def stacked_blocks(cfg: GPTConfig):
+    """The Block class wrapped in remat (by policy) and scan (one compiled layer, stacked weights)."""
+    block = Block
+    if cfg.remat != "none":
+        # prevent_cse only matters outside scan, where XLA could otherwise undo the rematerialization.
+        block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        block = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+    return block
+
+
+class GPT(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, tokens, train: bool = False):
+        c = self.cfg
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+        embed = nn.Embed(
+            c.vocab_size,
+            c.d_model,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=layers.logical(layers.normal(c.init_std), "vocab", "embed"),
+            name="embed",
+        )
+        x = embed(tokens)
+        if c.positions == "learned":
+            x = x + nn.Embed(
+                c.max_len,
+                c.d_model,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                embedding_init=layers.logical(layers.normal(c.init_std), "positions", "embed"),
+                name="position_embed",
+            )(positions)
+        x = nn.Dropout(c.dropout, deterministic=not train)(x)
+        x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
+
+        blocks = stacked_blocks(c)
+        if c.scan_layers:
+            x, _ = blocks(c, train, name="layers")(x, positions)
+        else:
+            for i in range(c.num_layers):
+                x, _ = blocks(c, train, name=f"layers_{i}")(x, positions)
+
+        x = layers.Norm(c.norm, c.norm_eps, c.use_bias, dtype, param_dtype, name="final_norm")(x)
+        if c.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(
+                c.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=layers.logical(layers.normal(c.init_std), "embed", "vocab"),
+                name="unembed",
+            )(x)
+        logits = layers.constrain(logits, "activation_batch", "activation_length", "activation_vocab")
+        return logits.astype(jnp.float32)
+
+
+def parameter_count(cfg: GPTConfig) -> dict[str, int]:
+    """Parameters in total and those that do matmul work per token (for the FLOPs estimate)."""
+    d, h, kv, hd, f, v, n = (
+        cfg.d_model,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.mlp_dim,
+        cfg.vocab_size,
+        cfg.num_layers,
+    )
+    attention = d * hd * (h + 2 * kv) + h * hd * d
+    mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
+    per_layer = attention + mlp
+    embedding = v * d
+    unembedding = 0 if cfg.tie_embeddings else v * d
+    positions = cfg.max_len * d if cfg.positions == "learned" else 0
+    return dict(
+        # biases and norms are a rounding error and leave the matmul count alone
+        matmul=n * per_layer + v * d,
+        embedding=embedding + unembedding + positions,
+        layers=n * per_layer,
+    )

@@ -1,0 +1,157 @@
+"""Transformer pieces shared by every model family: attention, MLP, norms, rotary positions.
+
+Every parameter is created with logical axis names (`embed`, `heads`, `kv_heads`, `kv`, `mlp`, `vocab`) and
+key activations carry `activation_*` names; `bigjax.mesh` maps both onto the device mesh. No mesh here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def logical(init, *names):
+    """An initializer whose parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x, *names):
+    return nn.with_logical_constraint(x, names)
+
+
+def normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class Norm(nn.Module):
+    """LayerNorm (GPT-2) or RMSNorm (Llama); statistics in fp32 whatever the compute dtype."""
+
+    kind: str
+    eps: float
+    use_bias: bool
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale_init = logical(nn.initializers.ones, "embed")
+        if self.kind == "rmsnorm":
+            norm = nn.RMSNorm(
+                epsilon=self.eps, dtype=self.dtype, param_dtype=self.param_dtype, scale_init=scale_init, name="norm"
+            )
+        else:
+            norm = nn.LayerNorm(
+                epsilon=self.eps,
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                scale_init=scale_init,
+                bias_init=logical(nn.initializers.zeros, "embed"),
+                name="norm",
+            )
+        return norm(x)
+
+
+def rotary(x, positions, theta: float):
+    """Rotary position embedding of x: [batch, length, heads, head_dim] at integer `positions`: [batch, length]."""
+    half = x.shape[-1] // 2
+    freqs = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions[..., None].astype(jnp.float32) * freqs  # [b, t, half]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads, through jax.nn.dot_product_attention.
+
+    Written with nn.Einsum rather than nn.MultiHeadDotProductAttention: the latter flattens 3-D kernels and
+    loses their logical axis names under a mesh.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    use_bias: bool
+    rope_theta: float | None  # None = no rotary (learned absolute positions are added elsewhere)
+    implementation: str | None  # "xla", "cudnn", or None to let JAX choose
+    init_std: float
+    out_init_std: float
+    dtype: Dtype
+    param_dtype: Dtype
+
+    def _project(self, x, heads: int, head_names: str, name: str):
+        return nn.Einsum(
+            shape=(x.shape[-1], heads, self.head_dim),
+            einsum_str="btd,dnh->btnh",
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=logical(normal(self.init_std), "embed", head_names, "kv"),
+            bias_init=logical(nn.initializers.zeros, head_names, "kv"),
+            name=name,
+        )(x)
+
+    @nn.compact
+    def __call__(self, x, positions):
+        q = self._project(x, self.num_heads, "heads", "query")
+        k = self._project(x, self.num_kv_heads, "kv_heads", "key")
+        v = self._project(x, self.num_kv_heads, "kv_heads", "value")
+        if self.rope_theta is not None:
+            q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
+        q = constrain(q, "activation_batch", "activation_length", "activation_heads", None)
+        k = constrain(k, "activation_batch", "activation_length", "activation_kv_heads", None)
+        v = constrain(v, "activation_batch", "activation_length", "activation_kv_heads", None)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+        out = constrain(out, "activation_batch", "activation_length", "activation_heads", None)
+        return nn.Einsum(
+            shape=(self.num_heads, self.head_dim, x.shape[-1]),
+            einsum_str="btnh,nhd->btd",
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=logical(normal(self.out_init_std), "heads", "kv", "embed"),
+            bias_init=logical(nn.initializers.zeros, "embed"),
+            name="out",
+        )(out)
+
+
+class Mlp(nn.Module):
+    """GELU MLP (GPT-2) or SwiGLU (Llama)."""
+
+    kind: str
+    hidden_dim: int
+    use_bias: bool
+    init_std: float
+    out_init_std: float
+    dtype: Dtype
+    param_dtype: Dtype
+
+    def _dense(self, x, features, names, std, name):
+        return nn.Dense(
+            features,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=logical(normal(std), *names),
+            bias_init=logical(nn.initializers.zeros, names[-1]),
+            name=name,
+        )(x)
+
+    @nn.compact
+    def __call__(self, x):
+        d_model = x.shape[-1]
+        up = self._dense(x, self.hidden_dim, ("embed", "mlp"), self.init_std, "up")
+        if self.kind == "swiglu":
+            gate = self._dense(x, self.hidden_dim, ("embed", "mlp"), self.init_std, "gate")
+            hidden = nn.silu(gate) * up
+        else:
+            hidden = nn.gelu(up, approximate=True)
+        hidden = constrain(hidden, "activation_batch", "activation_length", "activation_mlp")
+        return self._dense(hidden, d_model, ("mlp", "embed"), self.out_init_std, "down")

@@ -1,0 +1,175 @@
+"""Optimizers, learning-rate schedules and weight-decay masks, built from optax.
+
+The entry points take the `optim` section of the experiment config
+(an `ml_collections.ConfigDict`) and return plain optax objects:
+
+* `make_schedule(cfg, total_steps)`: a pure, jit-safe function step -> lr.
+* `make_optimizer(cfg, total_steps)`: the full gradient transformation
+  (clipping, weight decay and the optimizer itself, in that order).
+* `decay_mask(params)`: which parameter leaves receive weight decay.
+"""
+
+import functools
+
+import jax
+import optax
+
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
+OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad", "rmsprop", "adafactor", "lion")
+
+
+def _check_choice(kind: str, value: str, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"Unknown {kind} {value!r}; valid choices: {', '.join(valid)}")
+
+
+# --------------------------------------------------------------------------- #
+# Schedules
+# --------------------------------------------------------------------------- #
+
+
+def _post_warmup_schedule(cfg, total_steps: int) -> optax.Schedule:
+    """The schedule that runs after warmup, counting its steps from 0."""
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    # At least one step, so that degenerate configs (warmup >= total) still
+    # yield a valid schedule instead of an optax error.
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    if cfg.schedule == "constant":
+        return optax.constant_schedule(peak)
+    if cfg.schedule == "cosine":
+        return optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.min_lr_ratio)
+    if cfg.schedule == "linear":
+        return optax.linear_schedule(peak, floor, decay_steps)
+    return _stable_then_decay(cfg, total_steps)
+
+
+def _stable_then_decay(cfg, total_steps: int) -> optax.Schedule:
+    """WSD body: flat at lr, then linear decay over the last decay_fraction."""
+    decay_start = max(round((1.0 - cfg.decay_fraction) * total_steps), cfg.warmup_steps)
+    decay_steps = max(total_steps - decay_start, 1)
+    stable_steps = decay_start - cfg.warmup_steps
+    return optax.join_schedules(
+        [
+            optax.constant_schedule(cfg.lr),
+            optax.linear_schedule(cfg.lr, cfg.lr * cfg.min_lr_ratio, decay_steps),
+        ],
+        boundaries=[stable_steps],
+    )
+
+
+def make_schedule(optim_config, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, followed by the configured schedule."""
+    _check_choice("schedule", optim_config.schedule, SCHEDULES)
+    body = _post_warmup_schedule(optim_config, total_steps)
+    if optim_config.warmup_steps <= 0:
+        return body
+    warmup = optax.linear_schedule(0.0, optim_config.lr, optim_config.warmup_steps)
+    return optax.join_schedules([warmup, body], boundaries=[optim_config.warmup_steps])
+
+
+# --------------------------------------------------------------------------- #
+# Weight-decay mask
+# --------------------------------------------------------------------------- #
+
+
+def _leaf_name(path) -> str:
+    # At init the params are still Flax boxes (nn.Partitioned), whose array sits under `.value`.
+    keys = [k for k in path if getattr(k, "name", None) != "value"]
+    last = keys[-1]
+    return str(getattr(last, "key", getattr(last, "name", last)))
+
+
+def decay_mask(params, decay_embeddings: bool = False):
+    """True for the leaves that get weight decay.
+
+    Decided by name rather than ndim because nn.scan stacks layers, which gives
+    1-D norm scales and biases a leading layer axis that makes them look like
+    matrices.
+    """
+
+    def should_decay(path, _leaf) -> bool:
+        name = _leaf_name(path)
+        if name == "kernel":
+            return True
+        if name == "embedding":
+            return decay_embeddings
+        return False
+
+    return jax.tree_util.tree_map_with_path(should_decay, params)
+
+
+# --------------------------------------------------------------------------- #
+# Optimizers
+# --------------------------------------------------------------------------- #
+
+
+def _optional_momentum(momentum: float):
+    # optax treats None as "no momentum buffer"; 0.0 would allocate a useless one.
+    return momentum if momentum > 0 else None
+
+
+def _adamw(cfg, lr, mask):
+    return optax.adamw(
+        lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
+    )
+
+
+def _lion(cfg, lr, mask):
+    # weight_decay must be passed explicitly: optax's default for lion is 1e-3.
+    return optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
+
+
+def _adafactor(cfg, lr, mask):
+    # optax's adafactor adds weight_decay_rate * param after the lr scaling, so
+    # the rate is absolute. Scaling it by the schedule gives the same
+    # lr * wd * param decay as adamw and lion, so `weight_decay` means one thing.
+    wd = cfg.weight_decay
+    rate = (lambda step: wd * lr(step)) if wd > 0 else None
+    return optax.adafactor(lr, weight_decay_rate=rate, weight_decay_mask=mask)
+
+
+def _adam(cfg, lr):
+    return optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+
+
+def _sgd(cfg, lr):
+    return optax.sgd(lr, momentum=_optional_momentum(cfg.momentum), nesterov=cfg.nesterov)
+
+
+def _adagrad(cfg, lr):
+    return optax.adagrad(lr, eps=cfg.eps)
+
+
+def _rmsprop(cfg, lr):
+    return optax.rmsprop(lr, eps=cfg.eps, momentum=_optional_momentum(cfg.momentum))
+
+
+# Optimizers that implement decoupled weight decay themselves (given the mask).
+_DECOUPLED_DECAY = {"adamw": _adamw, "lion": _lion, "adafactor": _adafactor}
+# Optimizers without their own decay: they get classic L2, i.e. wd * param added
+# to the gradient before the optimizer, as torch's `weight_decay` does for them.
+_L2_DECAY = {"adam": _adam, "sgd": _sgd, "adagrad": _adagrad, "rmsprop": _rmsprop}
+
+
+def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
+    """Clip -> (L2 decay) -> optimizer, with the lr following `make_schedule`."""
+    name = optim_config.name
+    _check_choice("optimizer", name, OPTIMIZERS)
+    lr = make_schedule(optim_config, total_steps)
+    wd = optim_config.weight_decay
+    # A callable mask lets optax derive it from the params at init time.
+    mask = None
+    if wd > 0:
+        embeddings = bool(optim_config.decay_embeddings)
+        mask = functools.partial(decay_mask, decay_embeddings=embeddings)
+
+    chain = []
+    if optim_config.clip > 0:
+        chain.append(optax.clip_by_global_norm(optim_config.clip))
+    if name in _L2_DECAY:
+        if wd > 0:
+            chain.append(optax.add_decayed_weights(wd, mask))
+        chain.append(_L2_DECAY[name](optim_config, lr))
+    else:
+        chain.append(_DECOUPLED_DECAY[name](optim_config, lr, mask))
+    return optax.chain(*chain)

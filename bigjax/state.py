@@ -1,0 +1,64 @@
+"""The train state and its sharded creation.
+
+Parameters and optimizer state are created inside one `jax.jit` whose `out_shardings` come from the logical
+axis names, so each device only ever holds its own shard: a model larger than one device never exists whole.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from bigjax import mesh as mesh_lib
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array  # int32 scalar: the number of updates applied
+    params: dict
+    opt_state: optax.OptState
+
+
+def _boxed_init(task, tx, seed: int):
+    """A TrainState whose params and optimizer moments still carry logical-axis metadata."""
+
+    def init():
+        params = task.init_params(jax.random.key(seed))
+        # optax maps over the boxed leaves, so its moments inherit the parameters' logical names.
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return init
+
+
+def abstract_state_and_shardings(task, tx, seed: int, mesh, rules):
+    """Shapes/dtypes of the (unboxed) state, and the NamedSharding of each leaf. No FLOPs, no memory."""
+    init = _boxed_init(task, tx, seed)
+    with mesh_lib.activate(mesh, rules):
+        boxed = jax.eval_shape(init)
+    shardings = mesh_lib.shardings_from_logical(boxed, mesh, rules)
+    return nn.unbox(boxed), shardings
+
+
+def create_sharded_state(task, tx, seed: int, mesh, rules, shardings) -> TrainState:
+    """Initialize the state directly into its shards."""
+    init = _boxed_init(task, tx, seed)
+    with mesh_lib.activate(mesh, rules):
+        return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
+
+
+def restore_target(abstract_state, shardings):
+    """ShapeDtypeStructs carrying the current mesh's shardings: what Orbax restores onto."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        abstract_state,
+        shardings,
+    )
+
+
+def abstract_params_and_shardings(task, seed: int, mesh, rules):
+    """Like abstract_state_and_shardings, for the parameters alone (eval, generation, fine-tuning)."""
+    with mesh_lib.activate(mesh, rules):
+        boxed = jax.eval_shape(lambda: task.init_params(jax.random.key(seed)))
+    return nn.unbox(boxed), mesh_lib.shardings_from_logical(boxed, mesh, rules)

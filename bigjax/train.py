@@ -1,0 +1,278 @@
+"""The training loop, top to bottom in the order things happen:
+
+config -> devices and mesh -> data -> model and task -> optimizer -> state (restore or init)
+-> compiled step -> loop (batch, step, log, eval, checkpoint) -> final save and summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bigjax import checkpoint, data, evaluate, metrics, optim
+from bigjax import config as config_lib
+from bigjax import mesh as mesh_lib
+from bigjax import state as state_lib
+from bigjax.tasks.causal_lm import CausalLM
+
+
+class TrainingError(Exception):
+    """The run cannot go on (non-finite loss, refused resume, failed save): a message for the user."""
+
+
+@dataclasses.dataclass
+class Summary:
+    step: int
+    status: str  # "finished" | "preempted"
+    last_metrics: dict
+
+
+def train(config, workdir, stop_at_step: int | None = None) -> Summary:
+    """Train until config.total_steps, resuming from workdir's newest checkpoint if there is one.
+
+    `stop_at_step` ends this invocation early at that step, with a checkpoint, as a preemption would: for
+    time-sliced jobs, and for testing that a resumed run matches an uninterrupted one.
+    """
+    workdir = pathlib.Path(workdir)
+
+    # Devices and mesh: the config is checked against them before anything is compiled.
+    mesh = mesh_lib.make_mesh(config)
+    rules = mesh_lib.logical_rules(config)
+    mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+    write_config(workdir, config, resuming=mngr.latest_step() is not None)
+    metrics.say(f"mesh {mesh_lib.describe(mesh)} on {jax.devices()[0].device_kind}; workdir {workdir}")
+
+    # Model, task and data.
+    task = CausalLM(config)
+    train_batches = data.train_batches(config, task.model_config.vocab_size)
+    eval_data = data.eval_data(config, task.model_config.vocab_size) if config.eval_every else None
+
+    # Optimizer and state, restored from the newest checkpoint or freshly initialized into its shards.
+    tx = optim.make_optimizer(config.optim, config.total_steps)
+    abstract_state, state_shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
+    state = restore_or_init(mngr, task, tx, config, mesh, rules, abstract_state, state_shardings, train_batches)
+    start = int(state.step)
+    log_model_size(state.params)
+
+    # One compiled, sharded, donating step.
+    train_step, compile_seconds = compile_train_step(task, tx, config, mesh, rules, state, state_shardings)
+    metrics.say(f"compiled the train step in {compile_seconds:.1f}s")
+    eval_step = evaluate.make_eval_step(task, mesh, rules, state_shardings.params) if eval_data else None
+
+    writer = metrics.MetricWriter(workdir)
+    stop = PreemptionFlag()
+    throughput = Throughput(config, task.flops_per_token(), mesh.devices.size)
+    pending = []  # per-step metrics still on device: fetched only at log time, never every step
+    last = {}
+    bar = metrics.progress_bar(start, config.total_steps)
+
+    step = start
+    while step < config.total_steps:
+        batch = mesh_lib.global_batch_from_host(next(train_batches), mesh)
+        state, step_metrics = train_step(state, batch)
+        pending.append(step_metrics)
+        step += 1
+        if bar is not None:
+            bar.update(1)
+
+        if step % config.log_every == 0 or step == config.total_steps:
+            last = log_metrics(writer, step, pending, throughput)
+            pending = []
+        if eval_step is not None and step % config.eval_every == 0:
+            writer.write(step, prefixed("eval/", evaluate.evaluate(eval_step, state.params, eval_data, mesh)))
+        stopping = stop.requested or step == stop_at_step
+        checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
+        if checkpoint_due or step == config.total_steps or stopping:
+            # Never save a state that went non-finite: check the steps not yet logged first.
+            check_finite(step, jax.device_get(pending))
+            save(mngr, step, state, train_batches, config)
+        if stopping:
+            why = "by a signal" if stop.requested else "as asked (--stop-at-step)"
+            metrics.say(f"stopped {why} at step {step} with a checkpoint; rerun the same command to resume")
+            break
+
+    mngr.wait_until_finished()
+    stop.restore()
+    if bar is not None:
+        bar.close()
+    writer.close()
+    status = "finished" if step >= config.total_steps else "preempted"
+    return Summary(step=step, status=status, last_metrics=last)
+
+
+# --------------------------------------------------------------------------------------------------
+# The steps of the story
+
+
+def write_config(workdir: pathlib.Path, config, resuming: bool) -> None:
+    """Write DIR/config.json; refuse to resume a run whose model or optimizer would not fit its checkpoint."""
+    path = workdir / "config.json"
+    if resuming and path.exists():
+        saved = config_lib.from_json(path.read_text())
+        conflicts = config_lib.resume_conflicts(saved, config)
+        if conflicts:
+            raise TrainingError(
+                f"cannot resume {workdir}: the config changed in ways the checkpoint cannot follow:\n  "
+                + "\n  ".join(conflicts)
+                + "\nuse a new --workdir, or undo these changes"
+            )
+        for change in config_lib.harmless_changes(saved, config):
+            metrics.say(f"resuming with a changed config: {change}")
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(config_lib.to_json(config))
+
+
+def restore_or_init(mngr, task, tx, config, mesh, rules, abstract_state, shardings, train_batches):
+    latest = mngr.latest_step()
+    if latest is None:
+        return state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
+    target = state_lib.restore_target(abstract_state, shardings)
+    state, data_state = checkpoint.restore_train_state(mngr, latest, target)
+    train_batches.set_state(data_state)
+    metrics.say(f"resumed from step {latest}")
+    return state
+
+
+def log_model_size(params) -> None:
+    count = sum(x.size for x in jax.tree.leaves(params))
+    metrics.say(f"model: {count / 1e6:.2f}M parameters")
+
+
+def make_train_step(task, tx, config):
+    """The pure step: (state, batch) -> (new state, metrics). Gradients are accumulated over
+    `optim.grad_accum` microbatches inside the step, as sums, so k microbatches equal one big batch."""
+    schedule = optim.make_schedule(config.optim, config.total_steps)
+    accum = config.optim.grad_accum
+    dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    grad_of_sums = jax.grad(lambda p, b, r: task.loss_sums(p, b, r, train=True), has_aux=True)
+
+    def grads_and_sums(params, batch, rng):
+        if accum == 1:
+            return grad_of_sums(params, batch, rng)
+        # Microbatch i takes rows i, i+k, i+2k, ...: each device keeps its own rows, no data moves.
+        micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def add_microbatch(carry, inputs):
+            index, microbatch = inputs
+            grads, sums = grad_of_sums(params, microbatch, jax.random.fold_in(rng, index))
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_of_sums, params, jax.tree.map(lambda x: x[0], micro), rng))
+        (grads, sums), _ = jax.lax.scan(add_microbatch, zeros, (jnp.arange(accum), micro))
+        return grads, sums
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(dropout_key, state.step)
+        grad_sums, sums = grads_and_sums(state.params, batch, rng)
+        tokens = jnp.maximum(sums["tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / tokens, grad_sums)  # the gradient of the mean token loss
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+        )
+        step_metrics = {
+            "loss": sums["loss_sum"] / tokens,
+            "accuracy": sums["correct"] / tokens,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": schedule(state.step),
+        }
+        return new_state, step_metrics
+
+    return train_step
+
+
+def compile_train_step(task, tx, config, mesh, rules, state, state_shardings):
+    """jit with explicit shardings, donating the old state; compiled ahead of time to time the compile."""
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    step_fn = jax.jit(
+        make_train_step(task, tx, config),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    batch_shape = (config.batch_size, config.data.seq_len)
+    abstract_batch = {
+        key: jax.ShapeDtypeStruct(batch_shape, dtype, sharding=batch_sharding)
+        for key, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))
+    }
+    started = time.perf_counter()
+    with mesh_lib.activate(mesh, rules):
+        compiled = step_fn.lower(state, abstract_batch).compile()
+    return compiled, time.perf_counter() - started
+
+
+class Throughput:
+    """Wall time between log points -> step time, tokens/s and MFU, without syncing every step."""
+
+    def __init__(self, config, flops_per_token: float, num_devices: int):
+        self.tokens_per_step = config.batch_size * config.data.seq_len
+        self.flops_per_token = flops_per_token
+        self.num_devices = num_devices
+        self.last_time = time.perf_counter()
+
+    def measure(self, steps: int) -> dict:
+        now = time.perf_counter()
+        step_time = (now - self.last_time) / max(steps, 1)
+        self.last_time = now
+        tokens_per_second = self.tokens_per_step / step_time
+        return {
+            "step_time": step_time,
+            "tokens_per_second": tokens_per_second,
+            "mfu": metrics.mfu(self.flops_per_token, tokens_per_second, self.num_devices),
+        }
+
+
+def log_metrics(writer, step: int, pending: list, throughput: Throughput) -> dict:
+    """Fetch the pending steps' metrics (one host sync per log), stop on non-finite, write their mean."""
+    fetched = jax.device_get(pending)
+    check_finite(step, fetched)
+    mean = {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
+    mean["learning_rate"] = float(fetched[-1]["learning_rate"])
+    mean.update(throughput.measure(len(pending)))
+    writer.write(step, mean)
+    return mean
+
+
+def check_finite(step: int, fetched: list) -> None:
+    """Raise, naming the first bad step and metric, if any fetched loss or gradient norm is NaN/Inf."""
+    first_step = step - len(fetched) + 1
+    for offset, step_metrics in enumerate(fetched):
+        for name in ("loss", "grad_norm"):
+            if not np.isfinite(step_metrics[name]):
+                raise TrainingError(
+                    f"{name} is {step_metrics[name]} at step {first_step + offset}; stopping. The last good "
+                    "checkpoint is kept; lower optim.lr, raise optim.warmup_steps, or check the data"
+                )
+
+
+def save(mngr, step: int, state, train_batches, config) -> None:
+    try:
+        checkpoint.save(mngr, step, state, train_batches.get_state(), config)
+    except OSError as error:
+        raise TrainingError(f"saving the checkpoint of step {step} failed: {error}") from error
+
+
+def prefixed(prefix: str, values: dict) -> dict:
+    return {prefix + key: value for key, value in values.items()}
+
+
+class PreemptionFlag:
+    """SIGTERM (a preemption, `kill`, a scheduler's time limit) asks the loop to save and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)

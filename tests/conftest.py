@@ -1,0 +1,49 @@
+"""Every test runs on 8 simulated CPU devices, so every sharding path is exercised without accelerators.
+
+The flags must be set before jax is imported anywhere, hence at the top of conftest.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(REPO / "experiments" / "tiny.py")
+
+
+@pytest.fixture
+def tiny_config():
+    """The toy experiment's config, loaded as the CLI would, with overrides."""
+    from bigjax import config as config_lib
+
+    def load(arg: str = "", *overrides: str):
+        return config_lib.load(TINY + (f":{arg}" if arg else ""), list(overrides))
+
+    return load
+
+
+def run_cli(*args, timeout=300, check=True, **popen):
+    """Run `bigjax ARGS` in a subprocess (8 simulated devices, like the tests) and return the result."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bigjax.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        **popen,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"bigjax {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,121 @@
+"""Config loading, overrides and validation: every user error is one clear message, before any compile."""
+
+import pytest
+
+from bigjax import config as config_lib
+from conftest import TINY
+
+
+def test_overrides_are_parsed_as_the_keys_type(tiny_config):
+    c = tiny_config("", "--config.optim.lr=3e-4", "config.model.num_layers=3", "--config.model.scan_layers=false")
+    assert c.optim.lr == 3e-4 and isinstance(c.optim.lr, float)
+    assert c.model.num_layers == 3 and isinstance(c.model.num_layers, int)
+    assert c.model.scan_layers is False
+
+
+def test_experiment_argument_is_parsed(tiny_config):
+    assert tiny_config("steps=5").total_steps == 5
+    assert tiny_config("llama=True").model.positions == "rope"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.optim.lrr=1", "did you mean config.optim.lr"),
+        ("--config.modle.d_model=4", "unknown config key config.modle.d_model"),
+        ("--config.model.num_layers=two", "not a valid int"),
+        ("--config.model.scan_layers=maybe", "not a valid bool"),
+        ("--config.optim.name=adamax", "config.optim.name='adamax' is not one of"),
+        ("--config.model.num_heads=3", "not divisible by num_heads=3"),
+        ("--config.data.seq_len=64", "exceeds config.model.max_len=32"),
+        ("--config.optim.grad_accum=3", "not divisible by config.optim.grad_accum=3"),
+        ("--config.optim", "overrides look like"),
+        ("--config.optim=3", "is a group"),
+    ],
+)
+def test_bad_overrides_name_the_key_and_the_fix(tiny_config, override, message):
+    with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        tiny_config("", override)
+
+
+def test_unknown_key_in_an_experiment_file_is_reported(tmp_path):
+    experiment = tmp_path / "typo.py"
+    experiment.write_text(
+        "from bigjax.config import defaults\n"
+        "def get_config(arg=None):\n"
+        "    c = defaults()\n"
+        "    c.optim.warmup = 10\n"
+        "    return c\n"
+    )
+    with pytest.raises(config_lib.ConfigError, match=r"config\.optim\.warmup; did you mean config\.optim\.warmup_steps"):
+        config_lib.load(str(experiment))
+
+
+def test_wrong_type_in_an_experiment_file_is_reported(tmp_path):
+    experiment = tmp_path / "wrong_type.py"
+    experiment.write_text(
+        "from bigjax.config import defaults\n"
+        "def get_config(arg=None):\n"
+        "    c = defaults()\n"
+        "    c.model.num_layers = '4'\n"
+        "    return c\n"
+    )
+    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.num_layers must be int"):
+        config_lib.load(str(experiment))
+
+
+def test_missing_config_file():
+    with pytest.raises(config_lib.ConfigError, match="not found"):
+        config_lib.load("experiments/nope.py")
+
+
+@pytest.mark.parametrize(
+    "mesh, devices, message",
+    [
+        (dict(data=3, fsdp=1, tensor=1), 8, "does not divide the 8 devices"),
+        (dict(data=2, fsdp=2, tensor=1), 8, "uses 4 of the 8 devices"),
+        (dict(data=-1, fsdp=-1, tensor=1), 8, "only one mesh axis may be -1"),
+        (dict(data=0, fsdp=1, tensor=1), 8, "use a positive size"),
+        (dict(data=-1, fsdp=1, tensor=1), 16, r"does not divide across data\*fsdp=16"),
+    ],
+)
+def test_mesh_and_batch_must_fit_the_devices(tiny_config, mesh, devices, message):
+    c = tiny_config()
+    c.mesh.update(mesh)
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.check_against_devices(c, devices)
+
+
+def test_minus_one_takes_the_remaining_devices(tiny_config):
+    c = tiny_config("", "--config.mesh.tensor=2")
+    assert config_lib.check_against_devices(c, 8) == dict(data=4, fsdp=1, tensor=2)
+
+
+def test_config_round_trips_through_json(tiny_config):
+    c = tiny_config("llama=True")
+    again = config_lib.from_json(config_lib.to_json(c))
+    assert config_lib.harmless_changes(c, again) == []
+
+
+def test_resume_conflicts_list_model_changes_but_not_harmless_ones(tiny_config):
+    old = tiny_config()
+    new = tiny_config("", "--config.model.d_model=64", "--config.total_steps=100", "--config.optim.name=sgd")
+    conflicts = config_lib.resume_conflicts(old, new)
+    assert conflicts == ["model.d_model: 32 -> 64", "optim.name: 'adamw' -> 'sgd'"]
+    assert "total_steps: 8 -> 100" in config_lib.harmless_changes(old, new)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.optim.lrr=1"], "did you mean config.optim.lr"),
+        (["--config.mesh.data=3"], "does not divide the 8 devices"),
+        (["--config.batch_size=12"], "does not divide across data*fsdp=8"),
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_line_and_no_traceback(cli, tmp_path, args, message):
+    result = cli("train", "--config", TINY, "--workdir", tmp_path / "w", *args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()

@@ -1,0 +1,142 @@
+"""The train loop: resume bit-for-bit, resume onto another mesh, gradient accumulation, NaN stop, SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bigjax import checkpoint, metrics, optim
+from bigjax import mesh as mesh_lib
+from bigjax import state as state_lib
+from bigjax import train
+from bigjax.tasks.causal_lm import CausalLM
+from conftest import REPO, TINY
+
+
+def losses_by_step(workdir):
+    return {row["step"]: row["loss"] for row in metrics.read_jsonl(workdir / "metrics.jsonl") if "loss" in row}
+
+
+def final_params(workdir, config):
+    """The newest checkpoint's parameters, restored onto one device as numpy."""
+    config = config.copy_and_resolve_references()
+    config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+    mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
+    rules = mesh_lib.logical_rules(config)
+    task = CausalLM(config)
+    abstract, shardings = state_lib.abstract_params_and_shardings(task, config.seed, mesh, rules)
+    mngr = checkpoint.manager(workdir, read_only=True)
+    params = checkpoint.restore_params(mngr, mngr.latest_step(), state_lib.restore_target(abstract, shardings))
+    return jax.device_get(params)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """8 uninterrupted steps on the 8-device data-parallel mesh, logging every step."""
+    from bigjax import config as config_lib
+
+    config = config_lib.load(TINY, ["config.log_every=1"])
+    workdir = tmp_path_factory.mktemp("straight")
+    summary = train.train(config, workdir)
+    assert summary.status == "finished" and summary.step == 8
+    return config, workdir
+
+
+def test_resume_is_bitwise_identical_on_the_same_mesh(straight_run, tmp_path):
+    config, straight = straight_run
+    assert train.train(config, tmp_path, stop_at_step=4).status == "preempted"
+    assert checkpoint.manager(tmp_path, read_only=True).latest_step() == 4
+    assert train.train(config, tmp_path).step == 8
+
+    assert losses_by_step(tmp_path) == losses_by_step(straight)  # every step, bitwise
+    jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path, config), final_params(straight, config))
+
+
+def test_resume_onto_a_different_mesh(straight_run, tmp_path, tiny_config):
+    config, straight = straight_run
+    train.train(config, tmp_path, stop_at_step=4)  # data=8
+    resharded = tiny_config("", "config.log_every=1", "config.mesh.data=2", "config.mesh.fsdp=2", "config.mesh.tensor=2")
+    train.train(resharded, tmp_path)
+
+    np.testing.assert_allclose(
+        [losses_by_step(tmp_path)[s] for s in range(1, 9)], [losses_by_step(straight)[s] for s in range(1, 9)], rtol=1e-5
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        final_params(tmp_path, config),
+        final_params(straight, config),
+    )
+
+
+def test_resume_with_a_changed_model_is_refused(straight_run, tmp_path, tiny_config):
+    config, _ = straight_run
+    train.train(config, tmp_path, stop_at_step=4)
+    wider = tiny_config("", "config.model.d_model=64")
+    with pytest.raises(train.TrainingError, match=r"model\.d_model: 32 -> 64"):
+        train.train(wider, tmp_path)
+    assert checkpoint.manager(tmp_path, read_only=True).latest_step() == 4  # nothing lost
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_config):
+    """k microbatches inside the step give the same update as one batch k times larger."""
+    results = []
+    for accum in (1, 4):
+        config = tiny_config("", f"config.optim.grad_accum={accum}", "config.batch_size=16")
+        task = CausalLM(config)
+        tx = optim.make_optimizer(config.optim, config.total_steps)
+        mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
+        _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
+        state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
+        step, _ = train.compile_train_step(task, tx, config, mesh, rules, state, shardings)
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, 256, (16, 33), dtype=np.int32)
+        weights = (rng.random((16, 32)) > 0.2).astype(np.float32)  # uneven token counts per microbatch
+        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+        state, m = step(state, mesh_lib.global_batch_from_host(batch, mesh))
+        results.append(jax.device_get((m, state.params)))
+    (m1, p1), (m4, p4) = results
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p1, p4)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config):
+    # An absurd learning rate with no clipping blows the weights up within a few steps.
+    config = tiny_config(
+        "steps=40", "config.optim.name=sgd", "config.optim.lr=1e12", "config.optim.clip=0", "config.optim.warmup_steps=0",
+        "config.checkpoint_every=1", "config.log_every=20",
+    )
+    with pytest.raises(train.TrainingError, match=r"(loss|grad_norm) is (nan|inf) at step (\d+)") as error:
+        train.train(config, tmp_path)
+    bad_step = int(error.value.args[0].split(" at step ")[1].split(";")[0])
+    saved = checkpoint.manager(tmp_path, read_only=True).all_steps()
+    assert saved and max(saved) < bad_step  # nothing at or after the bad step was saved
+    params = final_params(tmp_path, config)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+    workdir = tmp_path / "w"
+    env = dict(os.environ)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bigjax.cli", "train", "--config", TINY + ":steps=100000", "--workdir", str(workdir),
+         "--config.log_every=1", "--config.checkpoint_every=0"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 240
+    while not losses_by_step(workdir) and time.time() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "stopped by a signal" in out
+    saved = checkpoint.manager(workdir, read_only=True).latest_step()
+    assert saved is not None and 1 <= saved < 100000
+    assert json.loads((workdir / "config.json").read_text())["total_steps"] == 100000
