@@ -33,7 +33,7 @@ generate: install
 	$(BIN)/bigjax generate --workdir $(WORKDIR) --prompt "$(PROMPT)"
 
 test: install
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 bench: install
 	$(BIN)/bigjax train --config $(BENCH_CONFIG) --workdir /tmp/bigjax-bench --config.total_steps=50 \

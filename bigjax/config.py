@@ -157,7 +157,10 @@ def load_experiment(spec: str) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} has no get_config(arg=None) function")
-    config = module.get_config(arg or None)
+    try:
+        config = module.get_config(arg or None)
+    except TypeError as error:  # ConfigDict refuses a value of the wrong type for an existing key
+        raise ConfigError(f"{path}: {error}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
     return config

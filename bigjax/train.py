@@ -74,35 +74,37 @@ def train(config, workdir, stop_at_step: int | None = None) -> Summary:
     bar = metrics.progress_bar(start, config.total_steps)
 
     step = start
-    while step < config.total_steps:
-        batch = mesh_lib.global_batch_from_host(next(train_batches), mesh)
-        state, step_metrics = train_step(state, batch)
-        pending.append(step_metrics)
-        step += 1
+    try:
+        while step < config.total_steps:
+            batch = mesh_lib.global_batch_from_host(next(train_batches), mesh)
+            state, step_metrics = train_step(state, batch)
+            pending.append(step_metrics)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+
+            if step % config.log_every == 0 or step == config.total_steps:
+                last = log_metrics(writer, step, pending, throughput)
+                pending = []
+            if eval_step is not None and step % config.eval_every == 0:
+                writer.write(step, prefixed("eval/", evaluate.evaluate(eval_step, state.params, eval_data, mesh)))
+            stopping = stop.requested or step == stop_at_step
+            checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
+            if checkpoint_due or step == config.total_steps or stopping:
+                # Never save a state that went non-finite: check the steps not yet logged first.
+                check_finite(step, jax.device_get(pending))
+                save(mngr, step, state, train_batches, config)
+            if stopping:
+                why = "by a signal" if stop.requested else "as asked (--stop-at-step)"
+                metrics.say(f"stopped {why} at step {step} with a checkpoint; rerun the same command to resume")
+                break
+    finally:
+        # Even on failure, finish a save still in flight: the last good checkpoint is what a rerun resumes.
+        mngr.wait_until_finished()
+        stop.restore()
         if bar is not None:
-            bar.update(1)
-
-        if step % config.log_every == 0 or step == config.total_steps:
-            last = log_metrics(writer, step, pending, throughput)
-            pending = []
-        if eval_step is not None and step % config.eval_every == 0:
-            writer.write(step, prefixed("eval/", evaluate.evaluate(eval_step, state.params, eval_data, mesh)))
-        stopping = stop.requested or step == stop_at_step
-        checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
-        if checkpoint_due or step == config.total_steps or stopping:
-            # Never save a state that went non-finite: check the steps not yet logged first.
-            check_finite(step, jax.device_get(pending))
-            save(mngr, step, state, train_batches, config)
-        if stopping:
-            why = "by a signal" if stop.requested else "as asked (--stop-at-step)"
-            metrics.say(f"stopped {why} at step {step} with a checkpoint; rerun the same command to resume")
-            break
-
-    mngr.wait_until_finished()
-    stop.restore()
-    if bar is not None:
-        bar.close()
-    writer.close()
+            bar.close()
+        writer.close()
     status = "finished" if step >= config.total_steps else "preempted"
     return Summary(step=step, status=status, last_metrics=last)
 

@@ -1,5 +1,5 @@
-"""A Llama-style ~1.2B model: 16 layers, d=2048, 32 heads with 8 key/value heads (GQA), SwiGLU, RoPE,
-RMSNorm, untied embeddings, T=2048. For one 80 GB GPU (full remat of each block), or FSDP over several.
+"""A Llama-style 1.1B model (TinyLlama's shape): 22 layers, d=2048, 32 heads with 4 key/value heads (GQA),
+SwiGLU, RoPE, RMSNorm, untied embeddings, T=2048. For one 80 GB GPU (full remat of each block), or FSDP.
 
     bigjax train --config experiments/llama_1b.py --workdir /tmp/llama1b
     bigjax train --config experiments/llama_1b.py --workdir /tmp/llama1b --config.mesh.data=1 --config.mesh.fsdp=-1
@@ -24,10 +24,10 @@ def get_config(arg=None):
             vocab_size=32000,
             vocab_multiple=128,
             max_len=args["seq"],
-            num_layers=16,
+            num_layers=22,
             d_model=2048,
             num_heads=32,
-            num_kv_heads=8,
+            num_kv_heads=4,
             mlp_dim=5632,
             positions="rope",
             rope_theta=10_000.0,

@@ -12,15 +12,15 @@ from bigjax.config import defaults, parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, layers=2, d=128, heads=4, seq=128, steps=900)
+    args = parse_arg(arg, layers=2, d=128, heads=4, seq=128, steps=800)
     c = defaults()
     c.seed = 0
     c.total_steps = args["steps"]
     c.batch_size = 32
     c.log_every = 50
-    c.eval_every = 300
+    c.eval_every = 200
     c.eval_batches = 16
-    c.checkpoint_every = 300
+    c.checkpoint_every = 200
     c.keep_checkpoints = 3
     c.mesh.update(dict(data=-1, fsdp=1, tensor=1))
 

@@ -60,7 +60,7 @@ def test_wrong_type_in_an_experiment_file_is_reported(tmp_path):
         "    c.model.num_layers = '4'\n"
         "    return c\n"
     )
-    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.num_layers must be int"):
+    with pytest.raises(config_lib.ConfigError, match=r"wrong_type\.py: .*'num_layers'.*cannot be casted"):
         config_lib.load(str(experiment))
 
 

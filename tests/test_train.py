@@ -87,7 +87,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
     """k microbatches inside the step give the same update as one batch k times larger."""
     results = []
     for accum in (1, 4):
-        config = tiny_config("", f"config.optim.grad_accum={accum}", "config.batch_size=16")
+        config = tiny_config("", f"config.optim.grad_accum={accum}", "config.batch_size=32")
         task = CausalLM(config)
         tx = optim.make_optimizer(config.optim, config.total_steps)
         mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
@@ -95,8 +95,8 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
         state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
         step, _ = train.compile_train_step(task, tx, config, mesh, rules, state, shardings)
         rng = np.random.default_rng(0)
-        tokens = rng.integers(0, 256, (16, 33), dtype=np.int32)
-        weights = (rng.random((16, 32)) > 0.2).astype(np.float32)  # uneven token counts per microbatch
+        tokens = rng.integers(0, 256, (32, 33), dtype=np.int32)
+        weights = (rng.random((32, 32)) > 0.2).astype(np.float32)  # uneven token counts per microbatch
         batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
         state, m = step(state, mesh_lib.global_batch_from_host(batch, mesh))
         results.append(jax.device_get((m, state.params)))
