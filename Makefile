@@ -39,5 +39,9 @@ bench: install
 	$(BIN)/bigjax train --config $(BENCH_CONFIG) --workdir /tmp/bigjax-bench --config.total_steps=50 \
 	  --config.checkpoint_every=0 --config.eval_every=0
 
+lint: install
+	$(BIN)/ruff check bigjax tests experiments
+	$(BIN)/ruff format --check bigjax tests experiments
+
 clean-venv:
 	rm -rf $(VENV)

@@ -207,7 +207,9 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     parent, leaf = _lookup_parent(config, dotted)
     current = parent[leaf]
     if isinstance(current, ml_collections.ConfigDict):
-        raise ConfigError(f"config.{dotted} is a group; set one of its keys, e.g. config.{dotted}.{next(iter(current.keys()))}")
+        raise ConfigError(
+            f"config.{dotted} is a group; set one of its keys, e.g. config.{dotted}.{next(iter(current.keys()))}"
+        )
     parent[leaf] = _parse_as(value, current, dotted)
 
 
@@ -240,7 +242,9 @@ def _parse_as(value: str, current: Any, dotted: str):
         if isinstance(current, str):
             return value
         parsed = _literal(value)
-        if current is not None and not isinstance(parsed, (list, tuple) if isinstance(current, (list, tuple)) else expected):
+        if current is not None and not isinstance(
+            parsed, (list, tuple) if isinstance(current, (list, tuple)) else expected
+        ):
             raise ValueError
         return parsed
     except ValueError:
@@ -273,7 +277,9 @@ def check_schema(config, schema, prefix: str = "") -> None:
     for key, value in config.items():
         dotted = f"{prefix}{key}"
         if key not in schema:
-            raise ConfigError(f"unknown config key config.{dotted}{_did_you_mean(key, schema.keys(), prefix.rstrip('.'))}")
+            raise ConfigError(
+                f"unknown config key config.{dotted}{_did_you_mean(key, schema.keys(), prefix.rstrip('.'))}"
+            )
         expected = schema[key]
         if isinstance(expected, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict):
@@ -283,7 +289,7 @@ def check_schema(config, schema, prefix: str = "") -> None:
             raise ConfigError(
                 f"config.{dotted} must be {type(expected).__name__} (like the default {expected!r}), got {value!r}"
             )
-    for key, expected in schema.items():
+    for key in schema.keys():
         if key not in config:
             raise ConfigError(f"config.{prefix}{key} is missing; start experiments from bigjax.config.defaults()")
 

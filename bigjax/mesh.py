@@ -63,7 +63,7 @@ def shardings_from_logical(boxed_abstract_tree, mesh, rules):
 
 def _check_divisible(path, leaf, sharding) -> None:
     """A dimension split over mesh axes must divide evenly: say which parameter and which axes, before XLA does."""
-    for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
+    for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec, strict=False)):  # a spec may be shorter
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         ways = int(np.prod([sharding.mesh.shape[a] for a in axes]))
         if size % ways:

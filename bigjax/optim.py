@@ -109,9 +109,7 @@ def _optional_momentum(momentum: float):
 
 
 def _adamw(cfg, lr, mask):
-    return optax.adamw(
-        lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
-    )
+    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
 
 
 def _lion(cfg, lr, mask):

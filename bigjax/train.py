@@ -167,7 +167,9 @@ def make_train_step(task, tx, config):
             grads, sums = grad_of_sums(params, microbatch, jax.random.fold_in(rng, index))
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_of_sums, params, jax.tree.map(lambda x: x[0], micro), rng))
+        zeros = jax.tree.map(
+            jnp.zeros_like, jax.eval_shape(grad_of_sums, params, jax.tree.map(lambda x: x[0], micro), rng)
+        )
         (grads, sums), _ = jax.lax.scan(add_microbatch, zeros, (jnp.arange(accum), micro))
         return grads, sums
 

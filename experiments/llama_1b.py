@@ -42,7 +42,17 @@ def get_config(arg=None):
             remat=args["remat"],
         )
     )
-    c.optim.update(dict(name="adamw", lr=3e-4, warmup_steps=2000, schedule="cosine", min_lr_ratio=0.1,
-                        weight_decay=0.1, b2=0.95, clip=1.0))
+    c.optim.update(
+        dict(
+            name="adamw",
+            lr=3e-4,
+            warmup_steps=2000,
+            schedule="cosine",
+            min_lr_ratio=0.1,
+            weight_decay=0.1,
+            b2=0.95,
+            clip=1.0,
+        )
+    )
     c.data.update(dict(source="synthetic", seq_len=args["seq"]))
     return c

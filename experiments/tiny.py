@@ -1,7 +1,7 @@
 """A toy GPT for tests and quick checks: trains for a few steps in seconds.
 
-    bigjax train --config experiments/tiny.py --workdir /tmp/tiny
-    bigjax train --config experiments/tiny.py:llama=True --workdir /tmp/tiny-llama
+bigjax train --config experiments/tiny.py --workdir /tmp/tiny
+bigjax train --config experiments/tiny.py:llama=True --workdir /tmp/tiny-llama
 """
 
 from bigjax.config import defaults, parse_arg
@@ -18,8 +18,17 @@ def get_config(arg=None):
     c.eval_batches = 2
     c.model.update(dict(num_layers=2, d_model=32, num_heads=4, max_len=32, vocab_size=256))
     if args["llama"]:
-        c.model.update(dict(positions="rope", norm="rmsnorm", mlp="swiglu", num_kv_heads=2, use_bias=False,
-                            tie_embeddings=False, mlp_dim=64))
+        c.model.update(
+            dict(
+                positions="rope",
+                norm="rmsnorm",
+                mlp="swiglu",
+                num_kv_heads=2,
+                use_bias=False,
+                tie_embeddings=False,
+                mlp_dim=64,
+            )
+        )
     c.optim.update(dict(lr=1e-3, warmup_steps=2))
     c.data.update(dict(seq_len=32))
     return c

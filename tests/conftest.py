@@ -40,7 +40,9 @@ def run_cli(*args, timeout=300, check=True, **popen):
         **popen,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"bigjax {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"bigjax {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-3000:]}"
+        )
     return result
 
 

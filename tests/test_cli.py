@@ -4,8 +4,9 @@ import subprocess
 import sys
 import time
 
-from bigjax import metrics
 from conftest import REPO, TINY
+
+from bigjax import metrics
 
 
 def test_train_then_eval_then_generate(cli, tmp_path):
@@ -22,12 +23,27 @@ def test_train_then_eval_then_generate(cli, tmp_path):
     assert "validation at step 8" in out and "bits_per_char" in out
 
     greedy = [
-        cli("generate", "--workdir", workdir, "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20").stdout
+        cli(
+            "generate", "--workdir", workdir, "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20"
+        ).stdout
         for _ in range(2)
     ]
     assert greedy[0] == greedy[1] and greedy[0].startswith("ROMEO:")
-    sampled = cli("generate", "--workdir", workdir, "--prompt", "ROMEO:", "--temperature", "1.0", "--top-k", "5",
-                  "--max-new-tokens", "20", "--seed", "3").stdout
+    sampled = cli(
+        "generate",
+        "--workdir",
+        workdir,
+        "--prompt",
+        "ROMEO:",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "5",
+        "--max-new-tokens",
+        "20",
+        "--seed",
+        "3",
+    ).stdout
     assert sampled.startswith("ROMEO:") and len(sampled.encode()) >= len("ROMEO:") + 1
 
     # Run again with the same workdir: it resumes from step 8 and trains on to the new end.
@@ -38,9 +54,24 @@ def test_train_then_eval_then_generate(cli, tmp_path):
 def test_eval_job_started_before_training_evaluates_every_checkpoint_once(cli, tmp_path):
     workdir = tmp_path / "run"
     evaluator = subprocess.Popen(
-        [sys.executable, "-m", "bigjax.cli", "eval", "--config", TINY, "--workdir", str(workdir), "--poll", "0.2",
-         "--timeout", "300"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "bigjax.cli",
+            "eval",
+            "--config",
+            TINY,
+            "--workdir",
+            str(workdir),
+            "--poll",
+            "0.2",
+            "--timeout",
+            "300",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     time.sleep(1)
     assert evaluator.poll() is None  # waiting for checkpoints that do not exist yet

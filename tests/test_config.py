@@ -1,9 +1,9 @@
 """Config loading, overrides and validation: every user error is one clear message, before any compile."""
 
 import pytest
+from conftest import TINY
 
 from bigjax import config as config_lib
-from conftest import TINY
 
 
 def test_overrides_are_parsed_as_the_keys_type(tiny_config):
@@ -47,7 +47,9 @@ def test_unknown_key_in_an_experiment_file_is_reported(tmp_path):
         "    c.optim.warmup = 10\n"
         "    return c\n"
     )
-    with pytest.raises(config_lib.ConfigError, match=r"config\.optim\.warmup; did you mean config\.optim\.warmup_steps"):
+    with pytest.raises(
+        config_lib.ConfigError, match=r"config\.optim\.warmup; did you mean config\.optim\.warmup_steps"
+    ):
         config_lib.load(str(experiment))
 
 

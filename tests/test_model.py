@@ -1,23 +1,23 @@
 """Model details: FLOPs accounting matches the real parameters, presets, sampling."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from conftest import REPO
 
 from bigjax import config as config_lib
 from bigjax import generate
 from bigjax.models.gpt import GPTConfig, parameter_count
 from bigjax.tasks.causal_lm import CausalLM, flops_per_token
-from conftest import REPO
 
 
 @pytest.mark.parametrize("arg", ["", "llama=True"])
 def test_matmul_parameter_count_matches_the_initialized_model(tiny_config, arg):
     config = tiny_config(arg)
     task = CausalLM(config)
-    params = jax.eval_shape(lambda: task.init_params(jax.random.key(0)))
-    sizes = {jax.tree_util.keystr(path): leaf.value.size for path, leaf in
-             jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: hasattr(x, "names"))[0]}
+    params = nn.unbox(jax.eval_shape(lambda: task.init_params(jax.random.key(0))))
+    sizes = {jax.tree_util.keystr(path): leaf.size for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     kernels = sum(size for name, size in sizes.items() if "kernel" in name)
     embedding = sizes["['embed']['embedding']"]
     # A tied embedding does matmul work as the output projection; an untied one is only a lookup.
@@ -45,8 +45,7 @@ def test_llama_1b_preset_is_about_a_billion_parameters():
 def test_greedy_sampling_follows_the_argmax_and_never_emits_padding(tiny_config):
     config = tiny_config()
     task = CausalLM(config)
-    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, task.init_params(jax.random.key(0)),
-                          is_leaf=lambda x: hasattr(x, "names"))
+    params = nn.unbox(task.init_params(jax.random.key(0)))
     prompt = np.array([10, 20, 30], np.int32)
     out = generate.sample(task, params, prompt, 5, temperature=0.0, top_k=0, seed=0, valid_vocab=200)
     tokens = list(prompt)

@@ -10,13 +10,12 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, TINY
 
-from bigjax import checkpoint, metrics, optim
+from bigjax import checkpoint, metrics, optim, train
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
-from bigjax import train
 from bigjax.tasks.causal_lm import CausalLM
-from conftest import REPO, TINY
 
 
 def losses_by_step(workdir):
@@ -61,11 +60,15 @@ def test_resume_is_bitwise_identical_on_the_same_mesh(straight_run, tmp_path):
 def test_resume_onto_a_different_mesh(straight_run, tmp_path, tiny_config):
     config, straight = straight_run
     train.train(config, tmp_path, stop_at_step=4)  # data=8
-    resharded = tiny_config("", "config.log_every=1", "config.mesh.data=2", "config.mesh.fsdp=2", "config.mesh.tensor=2")
+    resharded = tiny_config(
+        "", "config.log_every=1", "config.mesh.data=2", "config.mesh.fsdp=2", "config.mesh.tensor=2"
+    )
     train.train(resharded, tmp_path)
 
     np.testing.assert_allclose(
-        [losses_by_step(tmp_path)[s] for s in range(1, 9)], [losses_by_step(straight)[s] for s in range(1, 9)], rtol=1e-5
+        [losses_by_step(tmp_path)[s] for s in range(1, 9)],
+        [losses_by_step(straight)[s] for s in range(1, 9)],
+        rtol=1e-5,
     )
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
@@ -109,8 +112,13 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config):
     # An absurd learning rate with no clipping blows the weights up within a few steps.
     config = tiny_config(
-        "steps=40", "config.optim.name=sgd", "config.optim.lr=1e12", "config.optim.clip=0", "config.optim.warmup_steps=0",
-        "config.checkpoint_every=1", "config.log_every=20",
+        "steps=40",
+        "config.optim.name=sgd",
+        "config.optim.lr=1e12",
+        "config.optim.clip=0",
+        "config.optim.warmup_steps=0",
+        "config.checkpoint_every=1",
+        "config.log_every=20",
     )
     with pytest.raises(train.TrainingError, match=r"(loss|grad_norm) is (nan|inf) at step (\d+)") as error:
         train.train(config, tmp_path)
@@ -125,9 +133,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     workdir = tmp_path / "w"
     env = dict(os.environ)
     process = subprocess.Popen(
-        [sys.executable, "-m", "bigjax.cli", "train", "--config", TINY + ":steps=100000", "--workdir", str(workdir),
-         "--config.log_every=1", "--config.checkpoint_every=0"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "bigjax.cli",
+            "train",
+            "--config",
+            TINY + ":steps=100000",
+            "--workdir",
+            str(workdir),
+            "--config.log_every=1",
+            "--config.checkpoint_every=0",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 240
     while not losses_by_step(workdir) and time.time() < deadline:

@@ -56,7 +56,7 @@ class GPTConfig:
     init_std: float
 
     @classmethod
-    def from_config(cls, m) -> "GPTConfig":
+    def from_config(cls, m) -> GPTConfig:
         head_dim = m.head_dim or m.d_model // m.num_heads
         if m.mlp_dim:
             mlp_dim = m.mlp_dim
@@ -77,13 +77,14 @@ class GPTConfig:
 
 
 def resolve_attention(choice: str, dtype: str) -> str:
-    """"auto" -> cuDNN flash attention on a GPU with 16-bit compute, XLA's attention elsewhere."""
+    """ "auto" -> cuDNN flash attention on a GPU with 16-bit compute, XLA's attention elsewhere."""
     on_gpu = jax.default_backend() == "gpu"
     if choice == "auto":
         return "cudnn" if on_gpu and dtype in ("bfloat16", "float16") else "xla"
     if choice == "cudnn" and not on_gpu:
         raise ConfigError(
-            f"config.model.attention='cudnn' needs a GPU, but the backend is {jax.default_backend()}; use 'auto' or 'xla'"
+            f"config.model.attention='cudnn' needs a GPU, but the backend is {jax.default_backend()}; "
+            "use 'auto' or 'xla'"
         )
     if choice == "cudnn" and dtype not in ("bfloat16", "float16"):
         raise ConfigError("cuDNN attention needs config.model.dtype='bfloat16' (or float16); use 'auto' or 'xla'")
