@@ -20,6 +20,13 @@ def main(argv=None) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's info/warning chatter drowns the training log
+
+    from bigjax import distributed
+
+    distributed.initialize_if_multiprocess()  # before anything touches a device
+
+    import jax
+
     from bigjax import config as config_lib
     from bigjax import evaluate, generate, train
 
@@ -33,7 +40,8 @@ def main(argv=None) -> int:
     try:
         return args.run(args, overrides)
     except user_errors as error:
-        print(f"error: {error}", file=sys.stderr)
+        where = f" (process {jax.process_index()})" if jax.process_count() > 1 else ""
+        print(f"error{where}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

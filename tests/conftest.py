@@ -49,3 +49,11 @@ def run_cli(*args, timeout=300, check=True, **popen):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def init_params(task, seed=0):
+    """A task's parameters, unboxed, initialized under jit (op-by-op init of a scanned model is slow)."""
+    import flax.linen as nn
+    import jax
+
+    return jax.jit(lambda: nn.unbox(task.init_params(jax.random.key(seed))))()

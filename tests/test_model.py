@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, TINY, init_params
 
 from bigjax import config as config_lib
 from bigjax import generate
@@ -45,13 +45,73 @@ def test_llama_1b_preset_is_about_a_billion_parameters():
 def test_greedy_sampling_follows_the_argmax_and_never_emits_padding(tiny_config):
     config = tiny_config()
     task = CausalLM(config)
-    params = nn.unbox(task.init_params(jax.random.key(0)))
+    params = init_params(task)
     prompt = np.array([10, 20, 30], np.int32)
     out = generate.sample(task, params, prompt, 5, temperature=0.0, top_k=0, seed=0, valid_vocab=200)
     tokens = list(prompt)
-    for token in out:  # recompute each step by hand
-        logits = task.model.apply({"params": params}, np.array([tokens], np.int32))[0, -1]
+    apply = jax.jit(task.model.apply)
+    for token in out:  # recompute each step by hand, on the whole (growing) sequence
+        logits = apply({"params": params}, np.array([tokens], np.int32))[0, -1]
         assert token == int(np.argmax(np.asarray(logits)[:200]))
         tokens.append(token)
     sampled = generate.sample(task, params, prompt, 50, temperature=2.0, top_k=0, seed=1, valid_vocab=200)
     assert max(sampled) < 200
+
+
+def _loss_and_grads_fn(config, train=False):
+    """(params, jitted (params, batch, rng) -> (mean loss, grads)) for the config's model."""
+    task = CausalLM(config)
+    params = init_params(task)
+
+    def loss(p, batch, rng):
+        loss_sum, sums = task.loss_sums(p, batch, rng, train=train)
+        return loss_sum / sums["tokens"]
+
+    return params, jax.jit(jax.value_and_grad(loss))
+
+
+def _loss_and_grads(config, batch):
+    params, fn = _loss_and_grads_fn(config)
+    return params, fn(params, batch, None)
+
+
+def _batch(seed=0):
+    tokens = np.random.default_rng(seed).integers(0, 256, (4, 33), dtype=np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((4, 32), np.float32)}
+
+
+@pytest.fixture(scope="module")
+def llama_without_remat():
+    return _loss_and_grads(config_lib.load(TINY + ":llama=True"), _batch())[1]
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_do_not_change_the_gradients(tiny_config, llama_without_remat, policy):
+    loss, grads = llama_without_remat
+    _, (loss_remat, grads_remat) = _loss_and_grads(tiny_config("llama=True", f"config.model.remat={policy}"), _batch())
+    np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_remat, grads)
+
+
+def test_dropout_acts_in_training_only(tiny_config):
+    config = tiny_config("", "config.model.dropout=0.5")
+    params, eval_fn = _loss_and_grads_fn(config, train=False)
+    _, train_fn = _loss_and_grads_fn(config, train=True)
+    eval_a, eval_b = (eval_fn(params, _batch(), None)[0] for _ in range(2))
+    train_a, train_b = (train_fn(params, _batch(), jax.random.key(seed))[0] for seed in (1, 2))
+    assert eval_a == eval_b
+    assert train_a != train_b and train_a != eval_a
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_loss(tiny_config):
+    params, (loss_bf16, grads) = _loss_and_grads(tiny_config("", "config.model.dtype=bfloat16"), _batch())
+    _, (loss_fp32, _) = _loss_and_grads(tiny_config(), _batch())
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(grads))
+    assert loss_bf16.dtype == np.float32
+    np.testing.assert_allclose(loss_bf16, loss_fp32, rtol=2e-2)
+
+
+def test_cudnn_attention_on_a_cpu_is_a_clear_error(tiny_config):
+    with pytest.raises(config_lib.ConfigError, match="needs a GPU"):
+        CausalLM(tiny_config("", "config.model.attention=cudnn", "config.model.dtype=bfloat16"))

@@ -4,10 +4,10 @@ Meshes are data x fsdp x tensor over the 8 simulated devices (1x1x1 uses one of 
 sharded reductions add in a different order, so values agree to rtol 2e-5 / atol 1e-7, not bitwise.
 """
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from conftest import init_params
 
 from bigjax import mesh as mesh_lib
 from bigjax import optim, train
@@ -60,7 +60,7 @@ def test_loss_and_gradients_match_on_every_mesh(tiny_config, variant):
         mesh, rules = on_mesh(config, shape)
         _, shardings = state_lib.abstract_params_and_shardings(task, config.seed, mesh, rules)
         if reference is None:
-            host_params = jax.device_get(nn.unbox(task.init_params(jax.random.key(0))))
+            host_params = jax.device_get(init_params(task))
         params = jax.device_put(host_params, shardings)
         loss, grads = jax.device_get(loss_and_grads(task, params, batch, mesh, rules, shardings))
         if reference is None:
