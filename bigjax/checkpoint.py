@@ -1,4 +1,5 @@
-"""Orbax checkpoints in WORKDIR/checkpoints/STEP: params, optimizer state, data-iterator state, config.
+"""Orbax checkpoints in WORKDIR/checkpoints/STEP: params, optimizer state, model state (BatchNorm statistics,
+where a model has them), data-iterator state, config.
 
 Parameters and optimizer state are separate items so that eval, generation and fine-tuning can restore the
 parameters alone. Restores take their target shardings from the *current* mesh, so a run can resume on a
@@ -33,36 +34,47 @@ def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointMa
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, config) -> None:
     """Start an async save of everything a resume needs."""
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config.to_dict()),
-        ),
+    items = dict(
+        params=ocp.args.StandardSave(state.params),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config.to_dict()),
     )
+    if state.model_state:  # Orbax refuses an empty item; most models have no state besides parameters
+        items["model_state"] = ocp.args.StandardSave(state.model_state)
+    mngr.save(step, args=ocp.args.Composite(**items))
 
 
 def restore_train_state(mngr, step: int, target_state):
     """(state, data_state) at `step`, laid out as `target_state` (ShapeDtypeStructs with shardings) says."""
-    restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target_state.params),
-            opt_state=ocp.args.StandardRestore(target_state.opt_state),
-            data=ocp.args.JsonRestore(),
-        ),
+    items = dict(
+        params=ocp.args.StandardRestore(target_state.params),
+        opt_state=ocp.args.StandardRestore(target_state.opt_state),
+        data=ocp.args.JsonRestore(),
     )
+    if target_state.model_state:
+        items["model_state"] = ocp.args.StandardRestore(target_state.model_state)
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
     step_array = jax.device_put(np.int32(step), target_state.step.sharding)
-    state = target_state.replace(step=step_array, params=restored["params"], opt_state=restored["opt_state"])
+    state = target_state.replace(
+        step=step_array,
+        params=restored["params"],
+        opt_state=restored["opt_state"],
+        model_state=restored["model_state"] if target_state.model_state else {},
+    )
     return state, restored["data"]
 
 
-def restore_params(mngr, step: int, target_params):
-    """Only the parameters (for eval, generation and fine-tuning), onto the target's shardings."""
-    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target_params)))
-    return restored["params"]
+def restore_variables(mngr, step: int, target_variables: dict) -> dict:
+    """The model's variables alone, {"params": ..., other collections}, onto the target's shardings: for eval,
+    generation and fine-tuning. Optimizer state and data state are not read."""
+    state_target = dict(target_variables)
+    params_target = state_target.pop("params")
+    items = dict(params=ocp.args.StandardRestore(params_target))
+    if state_target:
+        items["model_state"] = ocp.args.StandardRestore(state_target)
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    return {"params": restored["params"], **(restored["model_state"] if state_target else {})}
 
 
 def saved_config(mngr, step: int):

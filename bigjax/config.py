@@ -42,8 +42,45 @@ DEFAULT_SHARDING_RULES = (
 )
 
 
-def defaults() -> ml_collections.ConfigDict:
+def gpt_model() -> dict:
+    """The decoder-only Transformer (GPT-2 and Llama are both settings of it)."""
+    return dict(
+        family="gpt",
+        vocab_size=256,  # padded up to a multiple of vocab_multiple
+        vocab_multiple=128,
+        max_len=128,  # longest sequence the positions support
+        num_layers=2,
+        d_model=128,
+        num_heads=4,
+        num_kv_heads=0,  # 0 = num_heads (multi-head); fewer = grouped-query attention
+        head_dim=0,  # 0 = d_model // num_heads
+        mlp_dim=0,  # 0 = 4 * d_model (gelu) or the Llama 8/3 rule rounded to 256 (swiglu)
+        positions="learned",  # learned | rope
+        rope_theta=10_000.0,
+        norm="layernorm",  # layernorm | rmsnorm
+        norm_eps=1e-5,
+        mlp="gelu",  # gelu | swiglu
+        use_bias=True,
+        tie_embeddings=True,
+        dropout=0.0,
+        dtype="float32",  # compute dtype: bfloat16 on accelerators
+        param_dtype="float32",
+        attention="xla",  # xla | cudnn | auto
+        scan_layers=True,
+        remat="none",  # none | full | dots | dots_no_batch
+        init_std=0.02,
+    )
+
+
+# Model family -> the keys of config.model (with defaults) that family understands. An experiment picks its
+# family with defaults(model=...); the schema check then holds config.model to that family's keys.
+MODEL_DEFAULTS = {"gpt": gpt_model}
+
+
+def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.ConfigDict:
     """Every key an experiment may set, with its default. Experiments start from here."""
+    if model not in MODEL_DEFAULTS:
+        raise ConfigError(f"unknown model family {model!r}; known: {', '.join(MODEL_DEFAULTS)}")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 1000
@@ -57,34 +94,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = DEFAULT_SHARDING_RULES
 
-    c.model = ml_collections.ConfigDict(
-        dict(
-            family="gpt",
-            vocab_size=256,  # padded up to a multiple of vocab_multiple
-            vocab_multiple=128,
-            max_len=128,  # longest sequence the positions support
-            num_layers=2,
-            d_model=128,
-            num_heads=4,
-            num_kv_heads=0,  # 0 = num_heads (multi-head); fewer = grouped-query attention
-            head_dim=0,  # 0 = d_model // num_heads
-            mlp_dim=0,  # 0 = 4 * d_model (gelu) or the Llama 8/3 rule rounded to 256 (swiglu)
-            positions="learned",  # learned | rope
-            rope_theta=10_000.0,
-            norm="layernorm",  # layernorm | rmsnorm
-            norm_eps=1e-5,
-            mlp="gelu",  # gelu | swiglu
-            use_bias=True,
-            tie_embeddings=True,
-            dropout=0.0,
-            dtype="float32",  # compute dtype: bfloat16 on accelerators
-            param_dtype="float32",
-            attention="xla",  # xla | cudnn | auto
-            scan_layers=True,
-            remat="none",  # none | full | dots | dots_no_batch
-            init_std=0.02,
-        )
-    )
+    c.task = ml_collections.ConfigDict(dict(name=task))
+    c.model = ml_collections.ConfigDict(MODEL_DEFAULTS[model]())
 
     c.optim = ml_collections.ConfigDict(
         dict(
@@ -117,8 +128,9 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
+# Keys with a closed set of values. A model key is checked only where the family has it.
 CHOICES = {
-    "model.family": ("gpt",),
+    "task.name": ("causal_lm",),
     "model.positions": ("learned", "rope"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu", "swiglu"),
@@ -140,7 +152,7 @@ CHOICES = {
 def load(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
     """`experiments/x.py[:arg]` + `--config.a.b=v` overrides -> a validated config."""
     config = load_experiment(spec)
-    check_schema(config, defaults())
+    check_schema(config, schema_for(config))
     for override in overrides:
         apply_override(config, override)
     check_values(config)
@@ -173,7 +185,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 def from_dict(d: dict) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(d)
-    check_schema(config, defaults())
+    check_schema(config, schema_for(config))
     return config
 
 
@@ -272,6 +284,15 @@ def _did_you_mean(key: str, known, prefix: str) -> str:
 # Validation
 
 
+def schema_for(config) -> ml_collections.ConfigDict:
+    """The defaults of the config's model family: the keys it may and must have."""
+    model = config.get("model")
+    family = model.get("family", "gpt") if isinstance(model, ml_collections.ConfigDict) else "gpt"
+    if family not in MODEL_DEFAULTS:
+        raise ConfigError(f"config.model.family={family!r} is not one of {', '.join(MODEL_DEFAULTS)}")
+    return defaults(model=family)
+
+
 def check_schema(config, schema, prefix: str = "") -> None:
     """Every key in `config` must exist in `schema` with a compatible type."""
     for key, value in config.items():
@@ -291,7 +312,9 @@ def check_schema(config, schema, prefix: str = "") -> None:
             )
     for key in schema.keys():
         if key not in config:
-            raise ConfigError(f"config.{prefix}{key} is missing; start experiments from bigjax.config.defaults()")
+            raise ConfigError(
+                f"config.{prefix}{key} is missing; start experiments from bigjax.config.defaults(model=...)"
+            )
 
 
 def _same_kind(value, expected) -> bool:
@@ -308,7 +331,7 @@ def check_values(config) -> None:
     """Values that are well typed but cannot work: one message each, naming the key and the fix."""
     for dotted, allowed in CHOICES.items():
         group, key = dotted.split(".")
-        if config[group][key] not in allowed:
+        if key in config[group] and config[group][key] not in allowed:
             raise ConfigError(f"config.{dotted}={config[group][key]!r} is not one of {', '.join(allowed)}")
     positive = ["total_steps", "batch_size", "log_every", "eval_batches", "keep_checkpoints"]
     for key in positive:
@@ -317,28 +340,7 @@ def check_values(config) -> None:
     for key in ("checkpoint_every", "eval_every"):
         if config[key] < 0:
             raise ConfigError(f"config.{key} must be >= 0 (0 turns it off), got {config[key]}")
-    m = config.model
-    for key in ("num_layers", "d_model", "num_heads", "vocab_size", "max_len", "vocab_multiple"):
-        if m[key] <= 0:
-            raise ConfigError(f"config.model.{key} must be positive, got {m[key]}")
-    if m.head_dim == 0 and m.d_model % m.num_heads:
-        raise ConfigError(
-            f"config.model.d_model={m.d_model} is not divisible by num_heads={m.num_heads}; "
-            "change one of them or set config.model.head_dim"
-        )
-    kv_heads = m.num_kv_heads or m.num_heads
-    if m.num_heads % kv_heads:
-        raise ConfigError(
-            f"config.model.num_heads={m.num_heads} is not a multiple of num_kv_heads={kv_heads}; "
-            "grouped-query attention needs whole groups"
-        )
-    if m.positions == "rope" and (m.head_dim or m.d_model // m.num_heads) % 2:
-        raise ConfigError("rotary positions need an even head dimension; change config.model.head_dim")
-    if config.data.seq_len > m.max_len:
-        raise ConfigError(
-            f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len={m.max_len}; "
-            "raise model.max_len or shorten the sequences"
-        )
+    check_model(config)
     if config.optim.grad_accum <= 0 or config.batch_size % config.optim.grad_accum:
         raise ConfigError(
             f"config.batch_size={config.batch_size} is not divisible by config.optim.grad_accum="
@@ -346,6 +348,40 @@ def check_values(config) -> None:
         )
     if not 0 < config.data.eval_fraction < 1:
         raise ConfigError(f"config.data.eval_fraction must be in (0, 1), got {config.data.eval_fraction}")
+
+
+POSITIVE_MODEL_KEYS = ("num_layers", "d_model", "num_heads", "vocab_size", "max_len", "vocab_multiple")
+
+
+def check_model(config) -> None:
+    """Model values that cannot work. Each check applies to the families that have its keys."""
+    m = config.model
+    for key in POSITIVE_MODEL_KEYS:
+        if key in m and m[key] <= 0:
+            raise ConfigError(f"config.model.{key} must be positive, got {m[key]}")
+    if "num_heads" in m:
+        check_attention_shape(m)
+    if "max_len" in m and config.data.seq_len > m.max_len:
+        raise ConfigError(
+            f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len={m.max_len}; "
+            "raise model.max_len or shorten the sequences"
+        )
+
+
+def check_attention_shape(m) -> None:
+    if m.head_dim == 0 and m.d_model % m.num_heads:
+        raise ConfigError(
+            f"config.model.d_model={m.d_model} is not divisible by num_heads={m.num_heads}; "
+            "change one of them or set config.model.head_dim"
+        )
+    kv_heads = m.get("num_kv_heads") or m.num_heads
+    if m.num_heads % kv_heads:
+        raise ConfigError(
+            f"config.model.num_heads={m.num_heads} is not a multiple of num_kv_heads={kv_heads}; "
+            "grouped-query attention needs whole groups"
+        )
+    if m.get("positions") == "rope" and (m.head_dim or m.d_model // m.num_heads) % 2:
+        raise ConfigError("rotary positions need an even head dimension; change config.model.head_dim")
 
 
 def check_against_devices(config, num_devices: int) -> dict[str, int]:

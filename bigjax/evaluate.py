@@ -3,7 +3,7 @@
     bigjax eval --config experiments/X.py --workdir DIR [--once]
 
 The job may start before, during or after training. It waits for checkpoints in DIR, restores only the
-parameters of each new one onto its own mesh, evaluates it once, appends to DIR/eval/metrics.jsonl (and
+model variables of each new one onto its own mesh, evaluates it once, appends to DIR/eval/metrics.jsonl (and
 TensorBoard), and exits once the final training step has been evaluated. Steps already in
 DIR/eval/metrics.jsonl are not evaluated again, so the job can be restarted at any time.
 """
@@ -15,38 +15,41 @@ import time
 
 import jax
 
-from bigjax import checkpoint, data, metrics
+from bigjax import checkpoint, data, metrics, tasks
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
-from bigjax.tasks import causal_lm
-from bigjax.tasks.causal_lm import CausalLM
 
 
 class EvalError(Exception):
     """The eval job cannot go on: a message for the user."""
 
 
-def make_eval_step(task, mesh, rules, param_shardings):
-    """jit: (params, batch) -> dict of loss/accuracy/token sums for one batch."""
+def make_eval_step(task, mesh, rules, variable_shardings):
+    """jit: (variables, batch) -> the task's sums for one batch."""
+
+    def sums(variables, batch):
+        params, model_state = state_lib.split_variables(variables)
+        return task.loss_sums(params, model_state, batch, train=False)[0]
+
     step = jax.jit(
-        lambda params, batch: task.loss_sums(params, batch, train=False)[1],
-        in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh)),
+        sums,
+        in_shardings=(variable_shardings, mesh_lib.batch_sharding(mesh)),
         out_shardings=mesh_lib.replicated(mesh),
     )
 
-    def run(params, batch):
+    def run(variables, batch):
         with mesh_lib.activate(mesh, rules):
-            return step(params, batch)
+            return step(variables, batch)
 
     return run
 
 
-def evaluate(eval_step, params, eval_data: data.EvalData, mesh) -> dict:
+def evaluate(eval_step, variables, eval_data: data.EvalData, mesh, task) -> dict:
     """Metrics over all eval batches: sums are added on device and fetched once."""
     sums = None
     for host_batch in eval_data.batches:
-        sums = causal_lm.add_sums(sums, eval_step(params, mesh_lib.global_batch_from_host(host_batch, mesh)))
-    return causal_lm.summarize(jax.device_get(sums), eval_data.bytes_per_token, eval_data.chars_per_token)
+        sums = tasks.add_sums(sums, eval_step(variables, mesh_lib.global_batch_from_host(host_batch, mesh)))
+    return task.summarize(jax.device_get(sums), eval_data.stats)
 
 
 def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0, timeout: float = 3600.0) -> dict:
@@ -54,11 +57,11 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
     workdir = pathlib.Path(workdir)
     mesh = mesh_lib.make_mesh(config)
     rules = mesh_lib.logical_rules(config)
-    task = CausalLM(config)
-    eval_data = data.eval_data(config, task.model_config.vocab_size)
-    abstract_params, param_shardings = state_lib.abstract_params_and_shardings(task, config.seed, mesh, rules)
-    target = state_lib.restore_target(abstract_params, param_shardings)
-    eval_step = make_eval_step(task, mesh, rules, param_shardings)
+    task = tasks.make_task(config)
+    eval_data = data.eval_data(config)
+    abstract, shardings = state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)
+    target = state_lib.restore_target(abstract, shardings)
+    eval_step = make_eval_step(task, mesh, rules, shardings)
 
     eval_dir = workdir / "eval"
     results = {row["step"]: row for row in metrics.read_jsonl(eval_dir / "metrics.jsonl")}
@@ -70,10 +73,10 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
             steps = available_steps(workdir)
             todo = [max(steps)] if once and steps else [s for s in steps if s not in results]
             for step in todo:
-                params = restore_params_or_none(workdir, step, target)
-                if params is None:
+                variables = restore_variables_or_none(workdir, step, target)
+                if variables is None:
                     continue
-                results[step] = evaluate(eval_step, params, eval_data, mesh)
+                results[step] = evaluate(eval_step, variables, eval_data, mesh, task)
                 writer.write(step, results[step])
                 last_progress = time.monotonic()
             if (once and steps) or config.total_steps in results:
@@ -97,9 +100,9 @@ def available_steps(workdir) -> list[int]:
     return sorted(checkpoint.manager(workdir, read_only=True).all_steps())
 
 
-def restore_params_or_none(workdir, step: int, target):
+def restore_variables_or_none(workdir, step: int, target):
     try:
-        return checkpoint.restore_params(checkpoint.manager(workdir, read_only=True), step, target)
+        return checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), step, target)
     except FileNotFoundError:
         # The trainer's keep-N policy deleted it before we got there; the newer ones are still coming.
         metrics.say(f"eval: checkpoint {step} was removed before it could be evaluated; skipping it")

@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigjax import checkpoint, data
+from bigjax import checkpoint, data, tasks
 from bigjax import config as config_lib
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
-from bigjax.tasks.causal_lm import CausalLM
 
 
 class GenerateError(Exception):
@@ -39,9 +38,11 @@ def load_for_generation(workdir, step: int | None = None):
     config.mesh.update(dict(data=1, fsdp=1, tensor=1))
     mesh = mesh_lib.make_mesh(config, devices=jax.devices()[:1])
     rules = mesh_lib.logical_rules(config)
-    task = CausalLM(config)
-    abstract_params, shardings = state_lib.abstract_params_and_shardings(task, config.seed, mesh, rules)
-    params = checkpoint.restore_params(mngr, step, state_lib.restore_target(abstract_params, shardings))
+    if config.task.name != "causal_lm":
+        raise GenerateError(f"{workdir} trained a {config.task.name} model; generate samples from causal LMs only")
+    task = tasks.make_task(config)
+    abstract, shardings = state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)
+    params = checkpoint.restore_variables(mngr, step, state_lib.restore_target(abstract, shardings))["params"]
     return task, params, config, step
 
 

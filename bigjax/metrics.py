@@ -36,12 +36,12 @@ def peak_flops(device=None) -> float | None:
     return None
 
 
-def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, device=None) -> float | None:
+def mfu(model_flops_per_second: float, num_devices: int, device=None) -> float | None:
     """Model FLOPs utilization: achieved model FLOP/s over the devices' summed peak; None when unknown."""
     peak = peak_flops(device)
     if peak is None:
         return None
-    return flops_per_token * tokens_per_second / (peak * num_devices)
+    return model_flops_per_second / (peak * num_devices)
 
 
 def _round(value):

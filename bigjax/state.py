@@ -19,15 +19,24 @@ class TrainState(flax.struct.PyTreeNode):
     step: jax.Array  # int32 scalar: the number of updates applied
     params: dict
     opt_state: optax.OptState
+    model_state: dict  # mutable collections besides the parameters (BatchNorm statistics); {} for most models
+
+
+def split_variables(variables) -> tuple[dict, dict]:
+    """Flax variables -> (params, everything else)."""
+    variables = dict(variables)
+    return variables.pop("params"), variables
 
 
 def _boxed_init(task, tx, seed: int):
     """A TrainState whose params and optimizer moments still carry logical-axis metadata."""
 
     def init():
-        params = task.init_params(jax.random.key(seed))
+        params, model_state = split_variables(task.init_variables(jax.random.key(seed)))
         # optax maps over the boxed leaves, so its moments inherit the parameters' logical names.
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), model_state=model_state
+        )
 
     return init
 
@@ -57,8 +66,9 @@ def restore_target(abstract_state, shardings):
     )
 
 
-def abstract_params_and_shardings(task, seed: int, mesh, rules):
-    """Like abstract_state_and_shardings, for the parameters alone (eval, generation, fine-tuning)."""
+def abstract_variables_and_shardings(task, seed: int, mesh, rules):
+    """Like abstract_state_and_shardings, for the model's variables alone (eval, generation, fine-tuning):
+    ({"params": ..., other collections}, their shardings)."""
     with mesh_lib.activate(mesh, rules):
-        boxed = jax.eval_shape(lambda: task.init_params(jax.random.key(seed)))
+        boxed = jax.eval_shape(lambda: task.init_variables(jax.random.key(seed)))
     return nn.unbox(boxed), mesh_lib.shardings_from_logical(boxed, mesh, rules)

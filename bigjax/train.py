@@ -16,11 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bigjax import checkpoint, data, evaluate, metrics, optim
+from bigjax import checkpoint, data, evaluate, metrics, optim, tasks
 from bigjax import config as config_lib
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
-from bigjax.tasks.causal_lm import CausalLM
 
 
 class TrainingError(Exception):
@@ -50,9 +49,9 @@ def train(config, workdir, stop_at_step: int | None = None) -> Summary:
     metrics.say(f"mesh {mesh_lib.describe(mesh)} on {jax.devices()[0].device_kind}; workdir {workdir}")
 
     # Model, task and data.
-    task = CausalLM(config)
-    train_batches = data.train_batches(config, task.model_config.vocab_size)
-    eval_data = data.eval_data(config, task.model_config.vocab_size) if config.eval_every else None
+    task = tasks.make_task(config)
+    train_batches = data.train_batches(config)
+    eval_data = data.eval_data(config) if config.eval_every else None
 
     # Optimizer and state, restored from the newest checkpoint or freshly initialized into its shards.
     tx = optim.make_optimizer(config.optim, config.total_steps)
@@ -64,11 +63,11 @@ def train(config, workdir, stop_at_step: int | None = None) -> Summary:
     # One compiled, sharded, donating step.
     train_step, compile_seconds = compile_train_step(task, tx, config, mesh, rules, state, state_shardings)
     metrics.say(f"compiled the train step in {compile_seconds:.1f}s")
-    eval_step = evaluate.make_eval_step(task, mesh, rules, state_shardings.params) if eval_data else None
+    eval_step = evaluate.make_eval_step(task, mesh, rules, model_variables(state_shardings)) if eval_data else None
 
     writer = metrics.MetricWriter(workdir)
     stop = PreemptionFlag()
-    throughput = Throughput(config, task.flops_per_token(), mesh.devices.size)
+    throughput = Throughput(config.batch_size, task, mesh.devices.size)
     pending = []  # per-step metrics still on device: fetched only at log time, never every step
     last = {}
     bar = metrics.progress_bar(start, config.total_steps)
@@ -87,7 +86,8 @@ def train(config, workdir, stop_at_step: int | None = None) -> Summary:
                 last = log_metrics(writer, step, pending, throughput)
                 pending = []
             if eval_step is not None and step % config.eval_every == 0:
-                writer.write(step, prefixed("eval/", evaluate.evaluate(eval_step, state.params, eval_data, mesh)))
+                eval_metrics = evaluate.evaluate(eval_step, model_variables(state), eval_data, mesh, task)
+                writer.write(step, prefixed("eval/", eval_metrics))
             stopping = stop.requested or step == stop_at_step
             checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
             if checkpoint_due or step == config.total_steps or stopping:
@@ -148,43 +148,59 @@ def log_model_size(params) -> None:
     metrics.say(f"model: {count / 1e6:.2f}M parameters")
 
 
+def model_variables(state) -> dict:
+    """The Flax variables of a TrainState (or of its shardings): what the model is applied with."""
+    return {"params": state.params, **state.model_state}
+
+
 def make_train_step(task, tx, config):
     """The pure step: (state, batch) -> (new state, metrics). Gradients are accumulated over
     `optim.grad_accum` microbatches inside the step, as sums, so k microbatches equal one big batch."""
     schedule = optim.make_schedule(config.optim, config.total_steps)
     accum = config.optim.grad_accum
     dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    grad_of_sums = jax.grad(lambda p, b, r: task.loss_sums(p, b, r, train=True), has_aux=True)
 
-    def grads_and_sums(params, batch, rng):
+    def loss_sum(params, model_state, batch, rng):
+        sums, new_model_state = task.loss_sums(params, model_state, batch, rng, train=True)
+        return sums["loss"], (sums, new_model_state)
+
+    grad_of_sums = jax.grad(loss_sum, has_aux=True)
+
+    def grads_and_sums(params, model_state, batch, rng):
         if accum == 1:
-            return grad_of_sums(params, batch, rng)
+            return grad_of_sums(params, model_state, batch, rng)
         # Microbatch i takes rows i, i+k, i+2k, ...: each device keeps its own rows, no data moves.
         micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def add_microbatch(carry, inputs):
+            grads, sums, model_state = carry
             index, microbatch = inputs
-            grads, sums = grad_of_sums(params, microbatch, jax.random.fold_in(rng, index))
-            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+            micro_grads, (micro_sums, model_state) = grad_of_sums(
+                params, model_state, microbatch, jax.random.fold_in(rng, index)
+            )
+            return (jax.tree.map(jnp.add, grads, micro_grads), tasks.add_sums(sums, micro_sums), model_state), None
 
-        zeros = jax.tree.map(
-            jnp.zeros_like, jax.eval_shape(grad_of_sums, params, jax.tree.map(lambda x: x[0], micro), rng)
-        )
-        (grads, sums), _ = jax.lax.scan(add_microbatch, zeros, (jnp.arange(accum), micro))
-        return grads, sums
+        shapes = jax.eval_shape(grad_of_sums, params, model_state, jax.tree.map(lambda x: x[0], micro), rng)
+        zero_grads, zero_sums = jax.tree.map(jnp.zeros_like, (shapes[0], shapes[1][0]))
+        # Model state (BatchNorm statistics) is threaded through the microbatches in order.
+        carry = (zero_grads, zero_sums, model_state)
+        (grads, sums, model_state), _ = jax.lax.scan(add_microbatch, carry, (jnp.arange(accum), micro))
+        return grads, (sums, model_state)
 
     def train_step(state, batch):
         rng = jax.random.fold_in(dropout_key, state.step)
-        grad_sums, sums = grads_and_sums(state.params, batch, rng)
-        tokens = jnp.maximum(sums["tokens"], 1.0)
-        grads = jax.tree.map(lambda g: g / tokens, grad_sums)  # the gradient of the mean token loss
+        grad_sums, (sums, model_state) = grads_and_sums(state.params, state.model_state, batch, rng)
+        count = jnp.maximum(sums["count"], 1.0)
+        grads = jax.tree.map(lambda g: g / count, grad_sums)  # the gradient of the mean loss
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = state.replace(
-            step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+            model_state=model_state,
         )
         step_metrics = {
-            "loss": sums["loss_sum"] / tokens,
-            "accuracy": sums["correct"] / tokens,
+            **tasks.means(sums),
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
         }
@@ -202,11 +218,10 @@ def compile_train_step(task, tx, config, mesh, rules, state, state_shardings):
         out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
         donate_argnums=(0,),
     )
-    batch_shape = (config.batch_size, config.data.seq_len)
-    abstract_batch = {
-        key: jax.ShapeDtypeStruct(batch_shape, dtype, sharding=batch_sharding)
-        for key, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))
-    }
+    abstract_batch = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=batch_sharding),
+        task.batch_spec(config.batch_size),
+    )
     started = time.perf_counter()
     with mesh_lib.activate(mesh, rules):
         compiled = step_fn.lower(state, abstract_batch).compile()
@@ -214,11 +229,12 @@ def compile_train_step(task, tx, config, mesh, rules, state, state_shardings):
 
 
 class Throughput:
-    """Wall time between log points -> step time, tokens/s and MFU, without syncing every step."""
+    """Wall time between log points -> step time, examples/s, tokens/s and MFU, without syncing every step."""
 
-    def __init__(self, config, flops_per_token: float, num_devices: int):
-        self.tokens_per_step = config.batch_size * config.data.seq_len
-        self.flops_per_token = flops_per_token
+    def __init__(self, batch_size: int, task, num_devices: int):
+        self.batch_size = batch_size
+        self.tokens_per_example = task.tokens_per_example
+        self.flops_per_example = task.flops_per_example()
         self.num_devices = num_devices
         self.last_time = time.perf_counter()
 
@@ -226,12 +242,12 @@ class Throughput:
         now = time.perf_counter()
         step_time = (now - self.last_time) / max(steps, 1)
         self.last_time = now
-        tokens_per_second = self.tokens_per_step / step_time
-        return {
-            "step_time": step_time,
-            "tokens_per_second": tokens_per_second,
-            "mfu": metrics.mfu(self.flops_per_token, tokens_per_second, self.num_devices),
-        }
+        examples_per_second = self.batch_size / step_time
+        rates = {"step_time": step_time, "examples_per_second": examples_per_second}
+        if self.tokens_per_example:
+            rates["tokens_per_second"] = examples_per_second * self.tokens_per_example
+        rates["mfu"] = metrics.mfu(self.flops_per_example * examples_per_second, self.num_devices)
+        return rates
 
 
 def log_metrics(writer, step: int, pending: list, throughput: Throughput) -> dict:

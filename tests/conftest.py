@@ -56,4 +56,4 @@ def init_params(task, seed=0):
     import flax.linen as nn
     import jax
 
-    return jax.jit(lambda: nn.unbox(task.init_params(jax.random.key(seed))))()
+    return jax.jit(lambda: nn.unbox(task.init_variables(jax.random.key(seed))["params"]))()

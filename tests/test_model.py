@@ -16,7 +16,7 @@ from bigjax.tasks.causal_lm import CausalLM, flops_per_token
 def test_matmul_parameter_count_matches_the_initialized_model(tiny_config, arg):
     config = tiny_config(arg)
     task = CausalLM(config)
-    params = nn.unbox(jax.eval_shape(lambda: task.init_params(jax.random.key(0))))
+    params = nn.unbox(jax.eval_shape(lambda: task.init_variables(jax.random.key(0))["params"]))
     sizes = {jax.tree_util.keystr(path): leaf.size for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     kernels = sum(size for name, size in sizes.items() if "kernel" in name)
     embedding = sizes["['embed']['embedding']"]
@@ -64,8 +64,8 @@ def _loss_and_grads_fn(config, train=False):
     params = init_params(task)
 
     def loss(p, batch, rng):
-        loss_sum, sums = task.loss_sums(p, batch, rng, train=train)
-        return loss_sum / sums["tokens"]
+        sums, _ = task.loss_sums(p, {}, batch, rng, train=train)
+        return sums["loss"] / sums["count"]
 
     return params, jax.jit(jax.value_and_grad(loss))
 

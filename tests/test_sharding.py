@@ -12,7 +12,7 @@ from conftest import init_params
 from bigjax import mesh as mesh_lib
 from bigjax import optim, train
 from bigjax import state as state_lib
-from bigjax.tasks.causal_lm import CausalLM
+from bigjax.tasks import make_task
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
 RTOL, ATOL = 2e-5, 1e-7
@@ -40,8 +40,8 @@ def on_mesh(config, shape):
 
 def loss_and_grads(task, params, batch, mesh, rules, param_shardings):
     def mean_loss(p, b):
-        loss_sum, sums = task.loss_sums(p, b)
-        return loss_sum / sums["tokens"]
+        sums, _ = task.loss_sums(p, {}, b)
+        return sums["loss"] / sums["count"]
 
     fn = jax.jit(
         jax.value_and_grad(mean_loss),
@@ -54,11 +54,12 @@ def loss_and_grads(task, params, batch, mesh, rules, param_shardings):
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])
 def test_loss_and_gradients_match_on_every_mesh(tiny_config, variant):
     config = tiny_config("llama=True" if variant == "llama" else "")
-    task, batch = CausalLM(config), fixed_batch(config)
+    task, batch = make_task(config), fixed_batch(config)
     reference = None
     for shape in MESHES:
         mesh, rules = on_mesh(config, shape)
-        _, shardings = state_lib.abstract_params_and_shardings(task, config.seed, mesh, rules)
+        _, shardings = state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)
+        shardings = shardings["params"]
         if reference is None:
             host_params = jax.device_get(init_params(task))
         params = jax.device_put(host_params, shardings)
@@ -72,7 +73,7 @@ def test_loss_and_gradients_match_on_every_mesh(tiny_config, variant):
 
 def test_parameters_really_are_sharded(tiny_config):
     config = tiny_config()
-    task = CausalLM(config)
+    task = make_task(config)
     mesh, rules = on_mesh(config, (2, 2, 2))
     tx = optim.make_optimizer(config.optim, config.total_steps)
     _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
@@ -90,7 +91,7 @@ def test_parameters_really_are_sharded(tiny_config):
 def test_train_steps_match_on_every_mesh(tiny_config, variant):
     """Sharded init + the compiled train step: same parameters and metrics after 3 steps on each mesh."""
     config = tiny_config("llama=True" if variant == "llama" else "")
-    task = CausalLM(config)
+    task = make_task(config)
     tx = optim.make_optimizer(config.optim, config.total_steps)
     batches = [fixed_batch(config, seed) for seed in range(3)]
     reference = None
@@ -115,7 +116,7 @@ def test_a_mesh_that_does_not_divide_a_parameter_is_a_clear_error(tiny_config):
     from bigjax.config import ConfigError
 
     config = tiny_config("llama=True")  # 2 key/value heads cannot split 4 ways
-    task = CausalLM(config)
+    task = make_task(config)
     mesh, rules = on_mesh(config, (1, 2, 4))
     with pytest.raises(ConfigError, match=r"layers/attention/key/kernel has size 2 in dimension 2.*tensor=4"):
-        state_lib.abstract_params_and_shardings(task, config.seed, mesh, rules)
+        state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)

@@ -15,7 +15,7 @@ from conftest import REPO, TINY
 from bigjax import checkpoint, metrics, optim, train
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
-from bigjax.tasks.causal_lm import CausalLM
+from bigjax.tasks import make_task
 
 
 def losses_by_step(workdir):
@@ -28,11 +28,11 @@ def final_params(workdir, config):
     config.mesh.update(dict(data=1, fsdp=1, tensor=1))
     mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
     rules = mesh_lib.logical_rules(config)
-    task = CausalLM(config)
-    abstract, shardings = state_lib.abstract_params_and_shardings(task, config.seed, mesh, rules)
+    task = make_task(config)
+    abstract, shardings = state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)
     mngr = checkpoint.manager(workdir, read_only=True)
-    params = checkpoint.restore_params(mngr, mngr.latest_step(), state_lib.restore_target(abstract, shardings))
-    return jax.device_get(params)
+    variables = checkpoint.restore_variables(mngr, mngr.latest_step(), state_lib.restore_target(abstract, shardings))
+    return jax.device_get(variables["params"])
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
     results = []
     for accum in (1, 4):
         config = tiny_config("", f"config.optim.grad_accum={accum}", "config.batch_size=32")
-        task = CausalLM(config)
+        task = make_task(config)
         tx = optim.make_optimizer(config.optim, config.total_steps)
         mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
         _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)

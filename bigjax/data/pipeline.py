@@ -94,29 +94,28 @@ class HostBatches:
 @dataclasses.dataclass(frozen=True)
 class EvalData:
     batches: list[dict]  # host-local; the same fixed batches at every evaluation
-    bytes_per_token: float | None
-    chars_per_token: float | None
+    stats: dict  # what the task's metrics need to know of the data, e.g. bytes_per_token
 
 
-def train_batches(config, vocab_size: int) -> HostBatches:
+def train_batches(config) -> HostBatches:
     """This process's iterator over the shuffled, repeated training examples."""
     if config.data.source == "synthetic":
-        examples = synthetic_dataset(config.data.seq_len, vocab_size, config.seed)
+        examples = synthetic_dataset(config.data.seq_len, config.model.vocab_size, config.seed)
     else:
         tokens = load_stream(config, "train").tokens
         examples = window_dataset(tokens, config.data.seq_len).shuffle(seed=config.seed).repeat()
     return HostBatches(examples, config.batch_size, jax.process_index(), jax.process_count())
 
 
-def eval_data(config, vocab_size: int) -> EvalData:
+def eval_data(config) -> EvalData:
     """The first `eval_batches` batches of the eval split, in order, for this process."""
     if config.data.source == "synthetic":
-        examples = synthetic_dataset(config.data.seq_len, vocab_size, config.seed + 1)
-        bytes_per_token = chars_per_token = None
+        examples = synthetic_dataset(config.data.seq_len, config.model.vocab_size, config.seed + 1)
+        stats = {}
     else:
         stream = load_stream(config, "eval")
         # repeat(): a small split with many eval batches wraps around rather than failing
         examples = window_dataset(stream.tokens, config.data.seq_len).repeat()
-        bytes_per_token, chars_per_token = stream.bytes_per_token, stream.chars_per_token
+        stats = {"bytes_per_token": stream.bytes_per_token, "chars_per_token": stream.chars_per_token}
     batches = HostBatches(examples, config.batch_size, jax.process_index(), jax.process_count())
-    return EvalData([batches.batch_at(i) for i in range(config.eval_batches)], bytes_per_token, chars_per_token)
+    return EvalData([batches.batch_at(i) for i in range(config.eval_batches)], stats)

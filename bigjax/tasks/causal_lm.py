@@ -1,8 +1,8 @@
 """Causal language modelling: next-token cross-entropy, accuracy, perplexity, bits per byte/char, FLOPs.
 
 A batch is {"inputs": int32 [b, t], "targets": int32 [b, t], "weights": float32 [b, t]}; weight 0 marks
-padding. Losses are returned as sums with their token count, so that microbatches, devices and eval batches
-combine exactly: the mean is taken once, at the end.
+padding. Losses are returned as sums with their token count (see bigjax.tasks), so that microbatches, devices
+and eval batches combine exactly: the mean is taken once, at the end.
 """
 
 from __future__ import annotations
@@ -21,38 +21,47 @@ class CausalLM:
         self.model_config = GPTConfig.from_config(config.model)
         self.model = GPT(self.model_config)
         self.seq_len = config.data.seq_len
+        self.tokens_per_example = self.seq_len
 
-    def init_params(self, rng):
-        """Parameters, still boxed with their logical axis names."""
+    def init_variables(self, rng):
         tokens = jnp.zeros((1, self.seq_len), jnp.int32)
-        return self.model.init({"params": rng}, tokens)["params"]
+        return self.model.init({"params": rng}, tokens)
 
-    def loss_sums(self, params, batch, rng=None, train: bool = False):
-        """(sum of token losses, dict of sums) for one (micro)batch."""
+    def batch_spec(self, batch_size: int) -> dict:
+        shape = (batch_size, self.seq_len)
+        return {
+            "inputs": jax.ShapeDtypeStruct(shape, jnp.int32),
+            "targets": jax.ShapeDtypeStruct(shape, jnp.int32),
+            "weights": jax.ShapeDtypeStruct(shape, jnp.float32),
+        }
+
+    def loss_sums(self, params, model_state, batch, rng=None, train: bool = False):
         rngs = {"dropout": rng} if train and rng is not None else {}
         logits = self.model.apply({"params": params}, batch["inputs"], train=train, rngs=rngs)
-        return token_loss_sums(logits, batch["targets"], batch["weights"])
+        return token_loss_sums(logits, batch["targets"], batch["weights"]), model_state
 
-    def flops_per_token(self) -> float:
-        return flops_per_token(self.model_config, self.seq_len)
+    def summarize(self, sums: dict, data_stats: dict | None = None) -> dict:
+        return summarize(sums, **(data_stats or {}))
+
+    def flops_per_example(self) -> float:
+        return flops_per_token(self.model_config, self.seq_len) * self.seq_len
 
 
-def token_loss_sums(logits, targets, weights):
+def token_loss_sums(logits, targets, weights) -> dict:
     """fp32 cross-entropy summed over the weighted tokens, plus the counts the metrics need."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     weights = weights.astype(jnp.float32)
-    loss_sum = jnp.sum(losses * weights)
-    correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
-    return loss_sum, {"loss_sum": loss_sum, "correct": correct, "tokens": jnp.sum(weights)}
+    correct = (jnp.argmax(logits, axis=-1) == targets) * weights
+    return {"loss": jnp.sum(losses * weights), "accuracy": jnp.sum(correct), "count": jnp.sum(weights)}
 
 
 def summarize(sums: dict, bytes_per_token: float | None = None, chars_per_token: float | None = None) -> dict:
     """Sums (possibly added over many batches) -> the metrics people read."""
-    tokens = max(float(sums["tokens"]), 1.0)
-    loss = float(sums["loss_sum"]) / tokens
+    tokens = max(float(sums["count"]), 1.0)
+    loss = float(sums["loss"]) / tokens
     metrics = {
         "loss": loss,
-        "accuracy": float(sums["correct"]) / tokens,
+        "accuracy": float(sums["accuracy"]) / tokens,
         "perplexity": math.exp(min(loss, 700.0)),
         "bits_per_token": loss / math.log(2),
     }
@@ -72,7 +81,3 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     """
     n = parameter_count(cfg)["matmul"]
     return 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-
-
-def add_sums(a: dict | None, b: dict) -> dict:
-    return b if a is None else jax.tree.map(jnp.add, a, b)
