@@ -94,7 +94,13 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = DEFAULT_SHARDING_RULES
 
-    c.task = ml_collections.ConfigDict(dict(name=task))
+    c.task = ml_collections.ConfigDict(
+        dict(
+            name=task,  # causal_lm | classification
+            num_classes=0,  # classification
+            label_smoothing=0.0,  # classification
+        )
+    )
     c.model = ml_collections.ConfigDict(MODEL_DEFAULTS[model]())
 
     c.optim = ml_collections.ConfigDict(
@@ -123,6 +129,9 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             tokenizer="byte",
             seq_len=128,
             eval_fraction=0.1,  # the last fraction of every play is the validation split
+            max_segments=8,  # text classification: most examples packed into one row
+            image_size=0,  # images: height = width after resizing; 0 = as stored
+            channels=3,  # images: 1 (grey) or 3 (RGB)
         )
     )
     return c
@@ -130,7 +139,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
 
 # Keys with a closed set of values. A model key is checked only where the family has it.
 CHOICES = {
-    "task.name": ("causal_lm",),
+    "task.name": ("causal_lm", "classification"),
     "model.positions": ("learned", "rope"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu", "swiglu"),

@@ -38,6 +38,10 @@ def make_task(config):
         from bigjax.tasks.causal_lm import CausalLM
 
         return CausalLM(config)
+    if name == "classification":
+        from bigjax.tasks.classification import Classification
+
+        return Classification(config)
     raise ConfigError(f"config.task.name={name!r} is not a known task")
 
 
