@@ -3,6 +3,8 @@
     bigjax train --config experiments/NAME.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
     bigjax eval --config experiments/NAME.py --workdir DIR [--once] [--timeout SECONDS]
     bigjax generate --workdir DIR --prompt TEXT [--temperature T] [--top-k K] [--max-new-tokens N]
+    bigjax data prepare --config experiments/NAME.py [--config.a.b=VALUE ...]
+    bigjax tokenizer train --config experiments/NAME.py --vocab-size N --out PATH.model|PATH.json
 
 User errors (a bad config, a refused resume, a missing workdir) print one `error:` line and exit 2.
 """
@@ -28,10 +30,11 @@ def main(argv=None) -> int:
     import jax
 
     from bigjax import config as config_lib
-    from bigjax import evaluate, generate, train
+    from bigjax import data, evaluate, generate, train
 
     user_errors = (
         config_lib.ConfigError,
+        data.DataError,
         train.TrainingError,
         evaluate.EvalError,
         generate.GenerateError,
@@ -75,6 +78,18 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="a checkpoint step; default: the newest")
     p.set_defaults(run=run_generate)
+
+    p = commands.add_parser("data", help="prepare the configured data: TFDS download, tokenized cache")
+    p.add_argument("action", choices=["prepare"])
+    p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]")
+    p.set_defaults(run=run_data)
+
+    p = commands.add_parser("tokenizer", help="train a tokenizer on the configured corpus")
+    p.add_argument("action", choices=["train"])
+    p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]")
+    p.add_argument("--vocab-size", type=int, required=True, help="ids in the vocabulary, special tokens included")
+    p.add_argument("--out", required=True, help="PATH.model (SentencePiece) or PATH.json (Hugging Face tokenizers)")
+    p.set_defaults(run=run_tokenizer)
 
     args, rest = parser.parse_known_args(argv)
     overrides = _config_overrides(rest, parser)
@@ -128,6 +143,25 @@ def run_eval(args, overrides) -> int:
     result = evaluate.run_eval_job(config, args.workdir, once=args.once, poll_seconds=args.poll, timeout=args.timeout)
     shown = "  ".join(f"{k}={v:.4f}" for k, v in result.items() if k != "step")
     metrics.say(f"validation at step {result['step']}: {shown}")
+    return 0
+
+
+def run_data(args, overrides) -> int:
+    from bigjax import config as config_lib
+    from bigjax import metrics
+    from bigjax.data import prepare
+
+    for line in prepare.prepare(config_lib.load(args.config, overrides)):
+        metrics.say(line)
+    return 0
+
+
+def run_tokenizer(args, overrides) -> int:
+    from bigjax import config as config_lib
+    from bigjax import metrics
+    from bigjax.data import prepare
+
+    metrics.say(prepare.train_tokenizer(config_lib.load(args.config, overrides), args.vocab_size, args.out))
     return 0
 
 

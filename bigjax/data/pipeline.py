@@ -123,19 +123,19 @@ def split_examples(config, which: str):
     if task not in TEXT_TASKS:
         raise DataError(f"config.task.name={task!r} has no data layout; bigjax.data knows {', '.join(TEXT_TASKS)}")
     split = sources.open_split(config, which)
-    metrics.say(f"data: {which} split of {config.data.source}: {split.description}, {len(split.records)} records")
+    metrics.say(f"data: {which} split of {config.data.source}: {split.description}")
     if split.kind == "image":
         if task != "classification":
             raise DataError(f"{config.data.source} holds images; config.task.name={task!r} needs text")
-        check_labels(config, split)
+        check_labels(config, split.num_classes)
         records = grain.MapDataset.source(split.records)
         return records, images.ImageExamples(config, train=which == "train"), {}
     tokenizer = tokenizers.make_tokenizer(config.data.tokenizer)
     if "vocab_size" in config.model:
         tokenizers.check_vocab(config.model.vocab_size, tokenizer, config.data.tokenizer)
-    if task == "classification":
-        check_labels(config, split)
     tokens = tokenized.load_or_tokenize(config, split, tokenizer)
+    if task == "classification":
+        check_labels(config, tokens.num_classes)
     if task == "causal_lm":
         if len(tokens.tokens) <= config.data.seq_len:
             raise DataError(
@@ -155,16 +155,16 @@ def split_examples(config, which: str):
     return rows, None, {}
 
 
-def check_labels(config, split) -> None:
-    if split.num_classes is None:
+def check_labels(config, num_classes: int | None) -> None:
+    if num_classes is None:
         raise DataError(
             f"{config.data.source} has no labels (config.data.label_field={config.data.label_field!r}); "
             "classification needs a labelled source"
         )
-    if split.num_classes > config.task.num_classes:
+    if num_classes > config.task.num_classes:
         raise DataError(
-            f"{config.data.source} has {split.num_classes} classes but config.task.num_classes="
-            f"{config.task.num_classes}; set --config.task.num_classes={split.num_classes}"
+            f"{config.data.source} has {num_classes} classes but config.task.num_classes="
+            f"{config.task.num_classes}; set --config.task.num_classes={num_classes}"
         )
 
 

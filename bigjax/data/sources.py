@@ -18,7 +18,7 @@ config.data.eval_fraction of every file (text), of the records (JSONL) or of eve
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -39,13 +39,38 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 TEXT_UNITS = ("auto", "document", "paragraph", "line")
 
 
-@dataclasses.dataclass(frozen=True)
 class Split:
-    kind: str  # "text" | "image"
-    records: Sequence  # len() and [i]; a list or a grain.MapDataset
-    num_classes: int | None  # classes of the labels; None when the records have none
-    fingerprint: str  # names this data exactly: the key of its tokenized cache
-    description: str  # for the log: what was read, and how
+    """One split of a source. Its records are read when first used, so a split whose tokenized cache exists is
+    never read at all: training then needs only the cheap `fingerprint`."""
+
+    def __init__(self, kind: str, fingerprint: str, description: str, read, num_classes: int | None = None):
+        self.kind = kind  # "text" | "image"
+        self.fingerprint = fingerprint  # names this data exactly: the key of its tokenized cache
+        self.description = description  # for the log: what is read, and how
+        self._read = read  # () -> records, or (records, num_classes) when only the records know their classes
+        self._num_classes = num_classes
+        self.where = description  # "the train split of X": for messages
+
+    @functools.cached_property
+    def records(self) -> Sequence:
+        """Random access to the records: len() and [i] (a list or a grain.MapDataset)."""
+        records = self._read()
+        if isinstance(records, tuple):
+            records, self._num_classes = records
+        if len(records) == 0:
+            raise DataError(f"{self.where} is empty; point config.data.source at data, or change the split")
+        return records
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of the labels; None when the records have none."""
+        if self._num_classes is None and self.kind == "text":
+            self.records  # noqa: B018  (reading the records tells)
+        return self._num_classes
+
+    def with_records(self, transform, fingerprint: str) -> Split:
+        """The same split, its records transformed when read."""
+        return Split(self.kind, fingerprint, self.description, lambda: transform(self.records), self._num_classes)
 
 
 def parse_source(spec: str) -> tuple[str, str]:
@@ -105,11 +130,7 @@ def open_split(config, which: str) -> Split:
         split = opener(config, arg, name)
     if split.kind == "text":
         split = split_text_records(split, text_unit(config))
-    if len(split.records) == 0:
-        raise DataError(
-            f"the {which} split ({name or 'default'}) of {config.data.source} is empty; "
-            "point config.data.source at data, or change the split"
-        )
+    split.where = f"the {which} split ({name or 'default'}) of {config.data.source}"
     return split
 
 
@@ -128,12 +149,14 @@ def split_text_records(split: Split, unit: str) -> Split:
     if unit == "document":
         return split
     separator = "\n\n" if unit == "paragraph" else "\n"
-    records = []
-    for record in split.records:
-        for piece in record["text"].split(separator):
-            if piece.strip():
-                records.append({**record, "text": piece.strip("\n")})
-    return dataclasses.replace(split, records=records, fingerprint=f"{split.fingerprint}|{unit}")
+
+    def cut(records):
+        pieces = []
+        for record in records:
+            pieces += [{**record, "text": p.strip("\n")} for p in record["text"].split(separator) if p.strip()]
+        return pieces
+
+    return split.with_records(cut, f"{split.fingerprint}|{unit}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,22 +164,28 @@ def split_text_records(split: Split, unit: str) -> Split:
 
 
 def _shakespeare(config, _, split: str) -> Split:
-    parts = corpus.shakespeare_documents(split, config.data.eval_fraction)
-    records = [{"text": text} for text in parts.values()]
-    return Split("text", records, None, f"shakespeare:{split}:{config.data.eval_fraction}", "the bundled plays")
+    fraction = config.data.eval_fraction
+    read = lambda: ([{"text": t} for t in corpus.shakespeare_documents(split, fraction).values()], None)
+    return Split("text", f"shakespeare:{split}:{fraction}", "the bundled plays", read)
 
 
 def _shakespeare_genre(config, _, split: str) -> Split:
-    texts, labels = corpus.shakespeare_genre(split, config.data.eval_fraction)
-    records = [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)]
-    fingerprint = f"shakespeare_genre:{split}:{config.data.eval_fraction}"
-    return Split("text", records, len(corpus.GENRE_NAMES), fingerprint, "speeches of the bundled plays by genre")
+    fraction = config.data.eval_fraction
+
+    def read():
+        texts, labels = corpus.shakespeare_genre(split, fraction)
+        return [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)]
+
+    description = "speeches of the bundled plays by genre"
+    return Split("text", f"shakespeare_genre:{split}:{fraction}", description, read, len(corpus.GENRE_NAMES))
 
 
 def _digits(config, _, split: str) -> Split:
-    images, labels = corpus.digits(split)
-    records = grain.MapDataset.source(images).map_with_index(lambda i, im: {"image": im, "label": int(labels[i])})
-    return Split("image", records, 10, f"digits:{split}", "scikit-learn's bundled 8x8 digits")
+    def read():
+        images, labels = corpus.digits(split)
+        return grain.MapDataset.source(images).map_with_index(lambda i, im: {"image": im, "label": int(labels[i])})
+
+    return Split("image", f"digits:{split}", "scikit-learn's bundled 8x8 digits", read, 10)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,32 +238,44 @@ def _read_text(path: pathlib.Path) -> str:
 def _text_files(config, pattern: str, split: str) -> Split:
     files = expand_paths(pattern, "text source")
     fraction = config.data.eval_fraction
-    records = grain.MapDataset.source(files).map(lambda f: {"text": _cut(_read_text(f), split, fraction)})
+    read = lambda: (grain.MapDataset.source(files).map(lambda f: {"text": _cut(_read_text(f), split, fraction)}), None)
     fingerprint = f"text:{files_fingerprint(files)}:{split}:{fraction}"
-    return Split("text", records, None, fingerprint, f"{len(files)} text file(s) from {pattern}")
+    return Split("text", fingerprint, f"{len(files)} text file(s) from {pattern}", read)
 
 
 def _jsonl(config, pattern: str, split: str) -> Split:
     files = expand_paths(pattern, "JSONL source")
-    rows = _read_jsonl(files, config.data.text_field, config.data.label_field, config.data.skip_bad)
-    label_names = sorted({r["label"] for r in rows if isinstance(r.get("label"), str)})
-    if label_names:  # string labels become class indices, the same in every split
-        index = {name: i for i, name in enumerate(label_names)}
-        rows = [{**r, "label": index[r["label"]]} if "label" in r else r for r in rows]
-    labelled = [r for r in rows if "label" in r]
-    if labelled and len(labelled) != len(rows):
-        raise DataError(
-            f"{pattern}: {len(rows) - len(labelled)} of {len(rows)} records have no field "
-            f"{config.data.label_field!r} (config.data.label_field); label every record or none"
-        )
-    num_classes = (max(r["label"] for r in rows) + 1 if not label_names else len(label_names)) if labelled else None
-    cut = int(len(rows) * (1 - config.data.eval_fraction))
-    records = rows[:cut] if split == "train" else rows[cut:]
+    d = config.data
+
+    def read():
+        rows = _read_jsonl(files, d.text_field, d.label_field, d.skip_bad)
+        rows, num_classes = _index_labels(rows, pattern, d.label_field)
+        cut = int(len(rows) * (1 - d.eval_fraction))
+        return (rows[:cut] if split == "train" else rows[cut:]), num_classes
+
     fingerprint = (
-        f"jsonl:{files_fingerprint(files)}:{config.data.text_field}:{config.data.label_field}:{split}:"
-        f"{config.data.eval_fraction}:{config.data.skip_bad}"
+        f"jsonl:{files_fingerprint(files)}:{d.text_field}:{d.label_field}:{split}:{d.eval_fraction}:{d.skip_bad}"
     )
-    return Split("text", records, num_classes, fingerprint, f"{len(files)} JSONL file(s) from {pattern}")
+    return Split("text", fingerprint, f"{len(files)} JSONL file(s) from {pattern}", read)
+
+
+def _index_labels(rows: list[dict], pattern: str, label_field: str) -> tuple[list[dict], int | None]:
+    """String labels become class indices (sorted by name, the same in every split); returns (rows, classes)."""
+    labelled = sum("label" in r for r in rows)
+    if not labelled:
+        return rows, None
+    if labelled != len(rows):
+        raise DataError(
+            f"{pattern}: {len(rows) - labelled} of {len(rows)} records have no field {label_field!r} "
+            "(config.data.label_field); label every record or none"
+        )
+    names = sorted({r["label"] for r in rows if isinstance(r["label"], str)})
+    if not names:
+        return rows, max(r["label"] for r in rows) + 1
+    if len(names) != len(rows) and any(isinstance(r["label"], int) for r in rows):
+        raise DataError(f"{pattern}: the labels mix integers and strings; use one or the other")
+    index = {name: i for i, name in enumerate(names)}
+    return [{**r, "label": index[r["label"]]} for r in rows], len(names)
 
 
 def _read_jsonl(files, text_field: str, label_field: str, skip_bad: bool) -> list[dict]:
@@ -299,10 +340,10 @@ def _image_folder(config, root: str, split: str) -> Split:
         items += [(str(p), label) for p in images]
     if ignored:
         metrics.say(f"data: {ignored} file(s) in {root} are not images ({', '.join(IMAGE_SUFFIXES)}) and are ignored")
-    records = grain.MapDataset.source(items).map(lambda item: {"image": item[0], "label": item[1]})
+    read = lambda: grain.MapDataset.source(items).map(lambda item: {"image": item[0], "label": item[1]})
     fingerprint = f"imagefolder:{files_fingerprint([pathlib.Path(p) for p, _ in items])}"
     layout = "train/ and eval/ subfolders" if split_dirs else f"the last {config.data.eval_fraction:.0%} held out"
-    return Split("image", records, len(classes), fingerprint, f"{len(classes)} classes in {root} ({layout})")
+    return Split("image", fingerprint, f"{len(classes)} classes in {root} ({layout})", read, len(classes))
 
 
 def _split_dirs(base: pathlib.Path) -> dict | None:

@@ -40,6 +40,7 @@ class Tokenized:
     labels: np.ndarray | None  # int32 [n]
     num_bytes: int  # UTF-8 bytes and characters of the text: for bits per byte and per character
     num_chars: int
+    num_classes: int | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -78,7 +79,7 @@ def load_or_tokenize(config, split, tokenizer) -> Tokenized:
             f"data: tokenizing {len(split.records)} records in memory; `bigjax data prepare --config ...` "
             "tokenizes them once into a cache that every later run reads instead"
         )
-    return tokenize(split.records, tokenizer)
+    return tokenize(split.records, tokenizer, split.num_classes)
 
 
 def load(path: pathlib.Path) -> Tokenized:
@@ -86,10 +87,10 @@ def load(path: pathlib.Path) -> Tokenized:
     tokens = np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
     offsets = np.load(path / "offsets.npy")
     labels = np.load(path / "labels.npy") if meta["labelled"] else None
-    return Tokenized(tokens, offsets, labels, meta["bytes"], meta["chars"])
+    return Tokenized(tokens, offsets, labels, meta["bytes"], meta["chars"], meta["classes"])
 
 
-def tokenize(records, tokenizer) -> Tokenized:
+def tokenize(records, tokenizer, num_classes: int | None = None) -> Tokenized:
     """Tokenize every record in memory (int32)."""
     chunks, lengths, labels, counts = [], [], [], [0, 0]
     for ids, chunk_labels in _tokenized_chunks(records, tokenizer, counts):
@@ -98,7 +99,7 @@ def tokenize(records, tokenizer) -> Tokenized:
         labels += chunk_labels
     tokens = np.concatenate([x for chunk in chunks for x in chunk]) if chunks else np.zeros(0, np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return Tokenized(tokens, offsets, _labels_or_none(labels, len(lengths)), counts[0], counts[1])
+    return Tokenized(tokens, offsets, _labels_or_none(labels, len(lengths)), counts[0], counts[1], num_classes)
 
 
 def write_cache(config, split, tokenizer) -> pathlib.Path:
@@ -131,6 +132,7 @@ def write_cache(config, split, tokenizer) -> pathlib.Path:
         bytes=counts[0],
         chars=counts[1],
         labelled=labels is not None,
+        classes=split.num_classes,
     )
     (temporary / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(path, ignore_errors=True)
