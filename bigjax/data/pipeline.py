@@ -72,8 +72,8 @@ class EvalData:
     stats: dict  # what the task's metrics need to know of the data, e.g. bytes_per_token
 
 
-def train_batches(config) -> HostBatches:
-    """This process's iterator over the shuffled, repeated training examples."""
+def train_batches(config, process_index: int | None = None, process_count: int | None = None) -> HostBatches:
+    """This process's iterator over the shuffled, repeated training examples (another process's, if given)."""
     if config.data.source == "synthetic":
         examples = synthetic_dataset(config, config.seed)
     else:
@@ -81,7 +81,11 @@ def train_batches(config) -> HostBatches:
         examples = base.shuffle(seed=config.seed).repeat()
         if augment is not None:  # after repeat: the index is the global example index, epoch included
             examples = examples.map_with_index(augment)
-    return HostBatches(examples, config.batch_size, jax.process_index(), jax.process_count())
+    return HostBatches(examples, config.batch_size, *_process(process_index, process_count))
+
+
+def _process(index: int | None, count: int | None) -> tuple[int, int]:
+    return (jax.process_index() if index is None else index), (jax.process_count() if count is None else count)
 
 
 def eval_data(config) -> EvalData:

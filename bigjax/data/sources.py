@@ -70,7 +70,8 @@ class Split:
 
     def with_records(self, transform, fingerprint: str) -> Split:
         """The same split, its records transformed when read."""
-        return Split(self.kind, fingerprint, self.description, lambda: transform(self.records), self._num_classes)
+        read = lambda: (transform(self.records), self.num_classes)
+        return Split(self.kind, fingerprint, self.description, read, self._num_classes)
 
 
 def parse_source(spec: str) -> tuple[str, str]:
@@ -322,7 +323,7 @@ def _parse_jsonl_line(line: str, text_field: str) -> tuple[dict | None, str | No
 def _image_folder(config, root: str, split: str) -> Split:
     base = pathlib.Path(root).expanduser()
     if not base.is_dir():
-        raise DataError(f"image folder {root}: no such directory (config.data.source=imagefolder:PATH)")
+        raise DataError(f"image folder {root}: no such file or directory (config.data.source=imagefolder:PATH)")
     split_dirs = _split_dirs(base)
     class_root = split_dirs["train"] if split_dirs else base
     classes = sorted(p.name for p in class_root.iterdir() if p.is_dir() and not p.name.startswith("."))
