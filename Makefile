@@ -9,7 +9,7 @@ WORKDIR ?= runs/shakespeare_char
 PROMPT ?= ROMEO:
 BENCH_CONFIG ?= experiments/gpt2_124m.py
 
-.PHONY: install train eval generate test bench lint clean-venv
+.PHONY: install train eval generate test bench bench-data lint clean-venv
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ test: install
 bench: install
 	$(BIN)/bigjax train --config $(BENCH_CONFIG) --workdir /tmp/bigjax-bench --config.total_steps=50 \
 	  --config.checkpoint_every=0 --config.eval_every=0
+
+# Tokens/s (or images/s) of every input pipeline on this CPU; the pre-tokenized LM path must reach 3 M tokens/s.
+bench-data: install
+	$(BIN)/python -m bigjax.data.bench
 
 lint: install
 	$(BIN)/ruff check bigjax tests experiments

@@ -1,0 +1,42 @@
+"""The data commands: `bigjax tokenizer train`, `bigjax data prepare` (then training reads the cache), and bad data
+input reported as one `error:` line with exit status 2."""
+
+from conftest import TINY
+
+from bigjax.data import corpus
+
+
+def test_train_a_tokenizer_prepare_the_cache_and_train_from_it(cli, tmp_path):
+    text = tmp_path / "macbeth.txt"
+    text.write_text(corpus.shakespeare_plays()["tragedies/macbeth"])
+    source = [f"--config.data.source=text:{text}", f"--config.data.cache_dir={tmp_path / 'cache'}"]
+
+    result = cli("tokenizer", "train", "--config", TINY, *source, "--vocab-size", "512", "--out", tmp_path / "t.json")
+    assert f"wrote {tmp_path / 't.json'}: 512 ids" in result.stdout
+
+    tokenizer = [f"--config.data.tokenizer={tmp_path / 't.json'}", "--config.model.vocab_size=512"]
+    result = cli("data", "prepare", "--config", TINY, *source, *tokenizer)
+    assert "train: tokenized 1 records into" in result.stdout and "eval: tokenized 1 records" in result.stdout
+
+    overrides = [*source, *tokenizer, "--config.total_steps=2", "--config.checkpoint_every=0"]
+    result = cli("train", "--config", TINY, "--workdir", tmp_path / "run", *overrides)
+    assert "reading the tokenized cache" in result.stdout and "finished at step 2" in result.stdout
+
+
+def test_bad_data_input_is_one_error_line(cli, tmp_path):
+    result = cli(
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        tmp_path / "run",
+        f"--config.data.source=jsonl:{tmp_path}/missing.jsonl",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"error: JSONL source {tmp_path}/missing.jsonl: no such file or directory (config.data.source)"
+    )
+    result = cli("data", "prepare", "--config", TINY, "--config.data.tokenizer=gpt2", check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: config.data.tokenizer='gpt2' is not a tokenizer")
