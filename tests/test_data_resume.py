@@ -94,3 +94,15 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(tiny_config):
     config = tiny_config("")
     with pytest.raises(DataError, match="batch_size=8 does not divide across 3 processes"):
         pipeline.train_batches(config, process_index=0, process_count=3)
+
+
+def test_resuming_on_changed_data_says_the_batches_will_differ(tiny_config, tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text(corpus.shakespeare_plays()["tragedies/macbeth"])
+    config = tiny_config("", f"--config.data.source=text:{text}")
+    state = pipeline.train_batches(config).get_state()
+    pipeline.train_batches(config).set_state(state)
+    assert "resuming on other data" not in capsys.readouterr().out
+    text.write_text(corpus.shakespeare_plays()["tragedies/hamlet"])
+    pipeline.train_batches(config).set_state(state)
+    assert "resuming on other data than the checkpoint's" in capsys.readouterr().out

@@ -36,7 +36,9 @@ TEXT_TASKS = ("causal_lm", "masked_lm", "classification")
 class HostBatches:
     """This host's share of each global batch, as numpy; checkpointable through get_state/set_state."""
 
-    def __init__(self, examples: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
+    def __init__(
+        self, examples: grain.MapDataset, global_batch: int, process_index: int, process_count: int, data: str = ""
+    ):
         if global_batch % process_count:
             raise DataError(f"config.batch_size={global_batch} does not divide across {process_count} processes")
         self.examples = examples
@@ -44,6 +46,7 @@ class HostBatches:
         self.host_batch = global_batch // process_count
         self.offset = process_index * self.host_batch
         self.step = 0
+        self.data = data  # names the examples: a resumed run on other data is told so
 
     def batch_at(self, step: int) -> dict:
         first = step * self.global_batch + self.offset
@@ -60,10 +63,16 @@ class HostBatches:
 
     def get_state(self) -> dict:
         # Global example k does not depend on the number of hosts, so neither does the state.
-        return {"step": self.step}
+        return {"step": self.step, "data": self.data}
 
     def set_state(self, state: dict) -> None:
         self.step = int(state["step"])
+        saved = state.get("data", self.data)
+        if saved != self.data:
+            metrics.say(
+                f"data: resuming on other data than the checkpoint's (was {saved!r}, now {self.data!r}): the batches "
+                "from here on are not those an uninterrupted run would have seen"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +84,14 @@ class EvalData:
 def train_batches(config, process_index: int | None = None, process_count: int | None = None) -> HostBatches:
     """This process's iterator over the shuffled, repeated training examples (another process's, if given)."""
     if config.data.source == "synthetic":
-        examples = synthetic_dataset(config, config.seed)
+        examples, name = synthetic_dataset(config, config.seed), "synthetic"
     else:
         base, augment, _ = split_examples(config, "train")
+        name = f"{config.data.source}: {len(base)} examples"
         examples = base.shuffle(seed=config.seed).repeat()
         if augment is not None:  # after repeat: the index is the global example index, epoch included
             examples = examples.map_with_index(augment)
-    return HostBatches(examples, config.batch_size, *_process(process_index, process_count))
+    return HostBatches(examples, config.batch_size, *_process(process_index, process_count), data=name)
 
 
 def _process(index: int | None, count: int | None) -> tuple[int, int]:
