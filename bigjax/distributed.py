@@ -125,7 +125,8 @@ def _report_missing_processes(job: JobSpec, waited: int) -> None:
     where = f"process {job.process_id} of {job.num_processes}" if not job.detected else "this process"
     address = job.coordinator_address or "the coordinator JAX derived from the cluster"
     if job.process_id == 0:
-        missing = f"processes 1..{job.num_processes - 1} did not all join at {address}"
+        others = "process 1" if job.num_processes == 2 else f"some of processes 1..{job.num_processes - 1}"
+        missing = f"{others} did not join at {address}"
     elif job.coordinator_address and not _reachable(job.coordinator_address):
         missing = f"process 0 (the coordinator, at {address}) is not running or cannot be reached from this host"
     else:
