@@ -22,10 +22,10 @@ import jax
 import numpy as np
 
 from bigjax import config as config_lib
-from bigjax import data, metrics, optim, train
+from bigjax import data, metrics, optim, tasks, train
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
-from bigjax.tasks.causal_lm import CausalLM
+from bigjax.models.gpt import GPTConfig, parameter_count
 
 GPU_MEMORY_FRACTION = 0.75  # JAX's default share of a GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION)
 ASSUMED_MFU = 0.4  # for the step-time estimate: what a well-tuned dense transformer step reaches
@@ -74,23 +74,28 @@ def make_plan(config, num_devices: int | None = None, device_kind: str | None = 
     mesh = mesh_lib.make_mesh(config) if compile_here else mesh_lib.make_abstract_mesh(config, num_devices)
     rules = mesh_lib.logical_rules(config)
     attention = attention_on(kind, config.model)
-    if not compile_here:
+    if not compile_here and "attention" in config.model:
         # The shapes do not depend on the attention kernel, and cuDNN's cannot be chosen without a GPU here.
         config = config_lib.from_dict(config.to_dict())
         config.model.attention = "xla"
-    task = CausalLM(config)
+    task = tasks.make_task(config)
     tx = optim.make_optimizer(config.optim, config.total_steps)
     abstract_state, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
 
     params = per_device_bytes(abstract_state.params, shardings.params)
-    opt_state = per_device_bytes(abstract_state.opt_state, shardings.opt_state)
     per_device = {
-        "parameters": params,
-        "optimizer_state": opt_state,
+        # Mutable model state (BatchNorm statistics) is counted with the parameters it belongs to.
+        "parameters": params + per_device_bytes(abstract_state.model_state, shardings.model_state),
+        "optimizer_state": per_device_bytes(abstract_state.opt_state, shardings.opt_state),
         "gradients": params * (1 if config.optim.grad_accum == 1 else 2),  # plus the accumulator
-        "activations": activation_bytes(task.model_config, config, dict(mesh.shape), attention),
-        "batch": batch_bytes(config, dict(mesh.shape)),
+        "activations": activation_bytes(task, config, dict(mesh.shape), attention),
+        "batch": batch_bytes(task, config, dict(mesh.shape)),
     }
+    if per_device["activations"] is None and not compile_here:
+        raise PlanError(
+            f"bigjax plan models the activations of GPT-family models only, not config.model.family="
+            f"{config.model.family!r}; plan it on the devices present (without --devices and --device-kind)"
+        )
     xla = xla_flops = measured = None
     if compile_here:
         compiled, xla, xla_flops = compiled_analysis(task, tx, config, mesh, rules, abstract_state, shardings)
@@ -101,7 +106,7 @@ def make_plan(config, num_devices: int | None = None, device_kind: str | None = 
     per_device["total"] = xla["peak"] if xla else sum(per_device.values())
 
     usable, note = usable_memory(kind, present[0] if compile_here else None)
-    flops_per_step = task.flops_per_token() * config.batch_size * config.data.seq_len
+    flops_per_step = task.flops_per_example() * config.batch_size
     peak = metrics.peak_flops_of_kind(kind)
     ideal = flops_per_step / (peak * num_devices * ASSUMED_MFU) if peak else None
     plan = Plan(
@@ -127,6 +132,8 @@ def make_plan(config, num_devices: int | None = None, device_kind: str | None = 
 def attention_on(device_kind: str, model_config) -> str:
     """The attention kernel `model.attention` picks on that device (as models.gpt.resolve_attention does)."""
     on_gpu = "nvidia" in device_kind.lower()
+    if "attention" not in model_config:
+        return "none"
     if model_config.attention == "auto":
         return "cudnn" if on_gpu and model_config.dtype in ("bfloat16", "float16") else "xla"
     return model_config.attention
@@ -159,17 +166,17 @@ def total_bytes(abstract_tree) -> int:
     return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_tree)))
 
 
-def batch_bytes(config, mesh_shape: dict) -> int:
-    """inputs and targets (int32) and weights (float32) of this device's rows of the batch."""
+def batch_bytes(task, config, mesh_shape: dict) -> int:
+    """This device's rows of the batch, as the task lays a batch out."""
     rows = config.batch_size // (mesh_shape["data"] * mesh_shape["fsdp"])
-    return rows * config.data.seq_len * (4 + 4 + 4)
+    return total_bytes(task.batch_spec(rows))
 
 
 # --------------------------------------------------------------------------------------------------
 # The model for devices not present: what the backward pass keeps
 
 
-def activation_bytes(m, config, mesh_shape: dict, attention: str) -> int:
+def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | None:
     """Bytes of activations one device keeps for the backward pass of one microbatch, by remat policy.
 
     Per token and layer, with a = bytes of the compute dtype and t = the tensor-parallel ways (heads, MLP and
@@ -181,8 +188,13 @@ def activation_bytes(m, config, mesh_shape: dict, attention: str) -> int:
     remat="full" keeps only each block's input (d a) and recomputes one block at a time; "dots" keeps the
     outputs of every matmul (the projections, and the attention einsums on XLA attention); "dots_no_batch"
     those of the weight matmuls only. Beyond the layers: the logits in the compute dtype, their fp32 copy
-    and the fp32 gradient of the loss, V (a + 8) / t per token. Not counted: XLA's scratch, fusion temporaries.
+    and the fp32 gradient of the loss, V (a + 8) / t per token. With fsdp > 1, the weights gathered whole for
+    use: one layer's for the forward and one for the backward, and the (un)embedding's. Not counted: XLA's
+    scratch and fusion temporaries. None for models other than the GPT family: plan those on their devices.
     """
+    m = getattr(task, "model_config", None)
+    if not isinstance(m, GPTConfig):
+        return None
     a = np.dtype(m.dtype).itemsize
     t = mesh_shape["tensor"]
     d, h, kv, hd, f, s, vocab = (
@@ -209,7 +221,10 @@ def activation_bytes(m, config, mesh_shape: dict, attention: str) -> int:
     recompute = 0 if m.remat == "none" else whole_block  # one block rebuilt at a time during the backward
     logits = vocab * (a + 8) / t
     tokens = config.batch_size // config.optim.grad_accum // (mesh_shape["data"] * mesh_shape["fsdp"]) * s
-    return int(tokens * (m.num_layers * kept_per_layer + recompute + logits))
+    counts = parameter_count(m)
+    gathered = 2 * counts["layers"] / m.num_layers + counts["embedding"] if mesh_shape["fsdp"] > 1 else 0
+    gathered_bytes = gathered * np.dtype(m.param_dtype).itemsize / t
+    return int(tokens * (m.num_layers * kept_per_layer + recompute + logits) + gathered_bytes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,7 +251,7 @@ def compiled_analysis(task, tx, config, mesh, rules, abstract_state, shardings) 
 def measure_peak_bytes(compiled_step, task, tx, config, mesh, rules, shardings, steps: int = 3) -> int:
     """Run a few real steps of the compiled step; the most memory any local device held meanwhile."""
     state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
-    batches = data.train_batches(config, task.model_config.vocab_size)
+    batches = data.train_batches(config)
     for _ in range(steps):
         state, step_metrics = compiled_step(state, mesh_lib.global_batch_from_host(next(batches), mesh))
     jax.block_until_ready(step_metrics)
@@ -330,7 +345,7 @@ def format_plan(plan: Plan, config_name: str) -> str:
             f"  fits: {verdict}, {fmt_bytes(plan.per_device['total'])} of {fmt_bytes(plan.usable_memory)} usable "
             f"({plan.memory_note})"
         )
-    lines += ["", f"FLOPs per step: {plan.flops_per_step:.3g} (model: 6N per token + attention, all devices)"]
+    lines += ["", f"FLOPs per step: {plan.flops_per_step:.3g} (the task's model FLOPs, all devices)"]
     if plan.xla_flops_per_device:
         lines.append(f"  XLA's count per device: {plan.xla_flops_per_device:.3g} (with remat's recomputation)")
     if plan.ideal_step_seconds:
