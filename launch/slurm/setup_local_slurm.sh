@@ -12,6 +12,8 @@ set -euo pipefail
 STATE=${STATE:-/tmp/bigjax-slurm}
 sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
 
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
 start() {
   if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     $sudo apt-get update -qq
@@ -27,7 +29,7 @@ start() {
     dd if=/dev/urandom bs=1 count=1024 of="$STATE/munge/munge.key" status=none
   fi
   chmod 700 "$STATE/munge"; chmod 400 "$STATE/munge/munge.key"
-  $sudo munged --force --key-file="$STATE/munge/munge.key" --socket="$STATE/munge/munge.socket" \
+  running "$STATE/munge/munged.pid" || $sudo munged --force --key-file="$STATE/munge/munge.key" --socket="$STATE/munge/munge.socket" \
     --pid-file="$STATE/munge/munged.pid" --log-file="$STATE/munge/munged.log" --seed-file="$STATE/munge/seed"
 
   $sudo mkdir -p /etc/slurm
@@ -61,8 +63,8 @@ NodeName=$host CPUs=$cpus RealMemory=$memory_mb State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
 
-  $sudo slurmctld
-  $sudo slurmd
+  running "$STATE/slurmctld.pid" || $sudo slurmctld
+  running "$STATE/slurmd.pid" || $sudo slurmd
   for _ in $(seq 60); do
     if sinfo --noheader --nodes="$host" --format=%t 2>/dev/null | grep -Eq '^(idle|mix|alloc)'; then
       sinfo
