@@ -2,32 +2,16 @@
 
 Every process runs the same command. When the environment describes a job of several processes, bigjax calls
 `jax.distributed.initialize` before anything touches a device; afterwards `jax.devices()` lists the devices of
-all processes and every mesh spans them. This is the one list of the variables (the scripts in launch/ set them):
+all processes and every mesh spans them. A job is described either explicitly (JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID: launch/multiprocess.sh, Kubernetes) or by the cluster, whose own variables
+JAX reads (SLURM, Cloud TPU VMs: BIGJAX_DISTRIBUTED=auto). README.md, "The job's variables", lists every
+variable and its default: that table is the one place they are documented.
 
-    Explicit job (launch/multiprocess.sh, Kubernetes):
-      JAX_COORDINATOR_ADDRESS   host:port of process 0's coordinator
-      JAX_NUM_PROCESSES         how many processes
-      JAX_PROCESS_ID            this process's index, 0..N-1
-    Detected job (SLURM, Cloud TPU VMs):
-      BIGJAX_DISTRIBUTED=auto   `jax.distributed.initialize()` reads the cluster's own variables (SLURM_*, the TPU
-                                metadata). A SLURM step of several tasks is detected without it. `off` forces
-                                one process (an eval job inside a SLURM allocation, say).
-      JAX_LOCAL_DEVICE_IDS      the devices this process drives (read by JAX); launch/slurm.sbatch sets it to all
-                                of a node's GPUs when it runs one task per node, since JAX's SLURM default is one
-                                GPU per task.
-      JAX_COORDINATOR_PORT      the coordinator's port where JAX derives the address (default: from the job id)
-    Time limits, in seconds, so that a missing or dead process stops the job instead of hanging it:
-      BIGJAX_INIT_TIMEOUT       300  every process must join within this; otherwise each one that did exits with
-                                     an error saying which side is missing
-      BIGJAX_HEARTBEAT_TIMEOUT  100  a process silent this long (killed, crashed, its host gone) counts as dead;
-                                     JAX's coordination service then stops every other process with an error
-                                     that names it ("The following tasks are unhealthy ...: 1")
-      BIGJAX_SHUTDOWN_TIMEOUT   120  how long an exiting process waits at the exit barrier for the others; a
-                                     process that failed alone (its peers blocked in a collective) takes the job
-                                     down after this long
-
-These are JAX's coordination-service settings: its heartbeat thread keeps running while a process is blocked
-in a collective or a long compile, and a process that loses its peer or its coordinator is ended by JAX itself.
+Failure detection is JAX's coordination service, configured here: its heartbeat thread keeps running while a
+process is blocked in a collective or a long compile, and when a process goes silent for the heartbeat
+timeout, or its coordinator disappears, the service ends every other process with an error naming the lost
+one. The one case JAX reports poorly, a job that never forms, gets bigjax's own error (see
+`_report_missing_processes`).
 """
 
 from __future__ import annotations

@@ -270,7 +270,7 @@ def usable_memory(kind: str, device=None) -> tuple[float | None, str]:
     if "tpu" in kind.lower():
         return size, f"{kind}: {fmt_bytes(size)} of HBM"
     fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION))
-    return size * fraction, f"{kind}: {fraction:.0%} of {fmt_bytes(size)} (XLA_PYTHON_CLIENT_MEM_FRACTION={fraction})"
+    return size * fraction, f"{kind}: {fraction:.0%} of {fmt_bytes(size)}, XLA_PYTHON_CLIENT_MEM_FRACTION={fraction}"
 
 
 # --------------------------------------------------------------------------------------------------
