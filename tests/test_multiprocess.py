@@ -83,7 +83,7 @@ def reference_losses(tmp_path_factory):
     from conftest import run_cli
 
     workdir = tmp_path_factory.mktemp("one")
-    run_cli("train", "--config", TINY, "--workdir", workdir, "--config.log_every=1")
+    run_cli("train", "--config", TINY, "--workdir", workdir, "--config.log_every=1", "--config.checkpoint_every=0")
     return losses(workdir)
 
 
@@ -107,7 +107,7 @@ def test_four_processes_through_the_launcher_train_like_one(tmp_path, reference_
     run, logs = tmp_path / "run", tmp_path / "logs"
     result = subprocess.run(
         ["launch/multiprocess.sh", "4", "--logdir", logs, "--", *TRAIN, "--config", TINY, "--workdir", run]
-        + ["--config.log_every=1"],
+        + ["--config.log_every=1", "--config.checkpoint_every=0"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -157,6 +157,7 @@ def test_errors_name_the_process_they_happened_in(tmp_path):
 def test_a_killed_process_makes_the_others_exit_within_the_heartbeat_timeout(tmp_path):
     logs = tmp_path / "logs"
     command = TRAIN + ["--config", TINY + ":steps=100000", "--workdir", tmp_path / "run", "--config.log_every=1"]
+    command += ["--config.checkpoint_every=0"]
     processes = start_processes(command, 2, logs, BIGJAX_HEARTBEAT_TIMEOUT="5")
     try:
         deadline = time.monotonic() + 240

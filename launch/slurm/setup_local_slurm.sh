@@ -2,11 +2,12 @@
 # A one-node SLURM cluster on this machine (Debian/Ubuntu, root or sudo), to run launch/slurm.sbatch for real:
 #
 #   launch/slurm/setup_local_slurm.sh start   # install slurm-wlm + munge if missing, configure, start daemons
+#   export SLURM_CONF=/tmp/bigjax-slurm/slurm.conf   # then sbatch, srun, sinfo talk to this cluster
 #   launch/slurm/setup_local_slurm.sh stop    # stop the daemons this script started (by their pid files)
 #
-# Everything it writes is under $STATE (default /tmp/bigjax-slurm) except the package install and
-# /etc/slurm/slurm.conf, which SLURM's commands read. No cgroups, no accounting: a test cluster, not a
-# production one. The node is this host, with all its CPUs, and one partition, "debug".
+# Apart from the package install, everything it writes is under $STATE (default /tmp/bigjax-slurm), its
+# slurm.conf included, so a machine's own SLURM configuration is never touched. No cgroups, no accounting: a
+# test cluster, not a production one. The node is this host, with all its CPUs, and one partition, "debug".
 set -euo pipefail
 
 STATE=${STATE:-/tmp/bigjax-slurm}
@@ -32,8 +33,8 @@ start() {
   running "$STATE/munge/munged.pid" || $sudo munged --force --key-file="$STATE/munge/munge.key" --socket="$STATE/munge/munge.socket" \
     --pid-file="$STATE/munge/munged.pid" --log-file="$STATE/munge/munged.log" --seed-file="$STATE/munge/seed"
 
-  $sudo mkdir -p /etc/slurm
-  $sudo tee /etc/slurm/slurm.conf >/dev/null <<CONF
+  export SLURM_CONF=$STATE/slurm.conf  # read by the daemons and by every SLURM command
+  cat >"$SLURM_CONF" <<CONF
 ClusterName=bigjax-local
 SlurmctldHost=$host
 SlurmUser=root
@@ -63,8 +64,8 @@ NodeName=$host CPUs=$cpus RealMemory=$memory_mb State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
 
-  running "$STATE/slurmctld.pid" || $sudo slurmctld
-  running "$STATE/slurmd.pid" || $sudo slurmd
+  running "$STATE/slurmctld.pid" || $sudo slurmctld -f "$SLURM_CONF"
+  running "$STATE/slurmd.pid" || $sudo slurmd -f "$SLURM_CONF"
   for _ in $(seq 60); do
     if sinfo --noheader --nodes="$host" --format=%t 2>/dev/null | grep -Eq '^(idle|mix|alloc)'; then
       sinfo

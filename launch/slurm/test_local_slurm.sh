@@ -7,6 +7,7 @@ cd "$(dirname "$0")/../.."
 repo=$PWD
 scratch=$(mktemp -d /tmp/bigjax-slurm-test.XXXXXX)
 
+export STATE=/tmp/bigjax-slurm SLURM_CONF=/tmp/bigjax-slurm/slurm.conf  # this cluster, not the machine's own
 launch/slurm/setup_local_slurm.sh start
 trap 'launch/slurm/setup_local_slurm.sh stop' EXIT
 
