@@ -1,6 +1,6 @@
 """`bigjax train|eval|generate`: the command line.
 
-    bigjax train --config experiments/NAME.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
+    bigjax train --config experiments/NAME.py[:ARG] --workdir DIR [--config.a.b=VALUE ...] [--fresh]
     bigjax eval --config experiments/NAME.py --workdir DIR [--once] [--timeout SECONDS]
     bigjax generate --workdir DIR --prompt TEXT [--temperature T] [--top-k K] [--max-new-tokens N]
 
@@ -27,11 +27,12 @@ def main(argv=None) -> int:
 
     import jax
 
+    from bigjax import checkpoint, evaluate, generate, train
     from bigjax import config as config_lib
-    from bigjax import evaluate, generate, train
 
     user_errors = (
         config_lib.ConfigError,
+        checkpoint.CheckpointError,
         train.TrainingError,
         evaluate.EvalError,
         generate.GenerateError,
@@ -56,6 +57,11 @@ def parse_args(argv):
     p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]")
     p.add_argument("--workdir", required=True)
     p.add_argument("--stop-at-step", type=int, default=None, help="save and stop at this step (resume later)")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start again from step 0 in a workdir whose checkpoints are all unusable (they stay in DIR/quarantine)",
+    )
     p.set_defaults(run=run_train)
 
     p = commands.add_parser("eval", help="evaluate DIR's checkpoints as they appear (a separate process)")
@@ -106,7 +112,7 @@ def run_train(args, overrides) -> int:
     from bigjax import metrics, train
 
     config = config_lib.load(args.config, overrides)
-    summary = train.train(config, args.workdir, stop_at_step=args.stop_at_step)
+    summary = train.train(config, args.workdir, stop_at_step=args.stop_at_step, fresh=args.fresh)
     metrics.say(f"{summary.status} at step {summary.step}; checkpoints in {os.path.join(args.workdir, 'checkpoints')}")
     return 0
 
