@@ -68,6 +68,14 @@ def step_dir(workdir, step: int) -> pathlib.Path:
 
 
 def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+    """The Orbax manager of WORKDIR/checkpoints: read-only for readers, async with keep-N for the trainer."""
+    if not read_only:
+        try:
+            checkpoint_dir(workdir).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CheckpointError(
+                f"cannot create {checkpoint_dir(workdir)}: {describe(error)}; pass a --workdir that can be written"
+            ) from error
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=not read_only,
