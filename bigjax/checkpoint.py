@@ -190,18 +190,18 @@ def _restore_or_set_aside(mngr, workdir, step: int, target_state, config) -> Res
 
 def restore_train_state(mngr, step: int, target_state) -> Restored:
     """Everything saved at `step`, laid out as `target_state` (ShapeDtypeStructs with shardings) says."""
-    restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target_state.params),
-            opt_state=ocp.args.StandardRestore(target_state.opt_state),
-            data=ocp.args.JsonRestore(),
-            counters=ocp.args.JsonRestore(),
-        ),
+    items = dict(
+        params=ocp.args.StandardRestore(target_state.params),
+        opt_state=ocp.args.StandardRestore(target_state.opt_state),
+        data=ocp.args.JsonRestore(),
     )
+    has_counters = (pathlib.Path(mngr.directory) / str(step) / "counters").is_dir()  # not in older checkpoints
+    if has_counters:
+        items["counters"] = ocp.args.JsonRestore()
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
     step_array = jax.device_put(np.int32(step), target_state.step.sharding)
     state = target_state.replace(step=step_array, params=restored["params"], opt_state=restored["opt_state"])
-    return Restored(step, state, restored["data"], restored["counters"])
+    return Restored(step, state, restored["data"], restored["counters"] if has_counters else {})
 
 
 def restore_params(mngr, step: int, target_params):

@@ -1,4 +1,5 @@
-"""Kill real `bigjax train` processes and check that restarting them loses nothing.
+"""Fault injection for the tests in this folder: kill real `bigjax train` processes, damage checkpoints, and
+check that restarting loses nothing.
 
 Each *attempt* starts `bigjax train` on experiments/tiny.py (log_every=1, a checkpoint every 3 steps) in the same
 workdir and, if the plan says so, sends it SIGTERM or SIGKILL: either once it has logged a chosen step, or while
@@ -84,7 +85,7 @@ def environment(compile_cache: pathlib.Path | None = None) -> dict:
     return env
 
 
-def train_command(workdir, total_steps: int = TOTAL_STEPS) -> list[str]:
+def train_command(workdir, total_steps: int = TOTAL_STEPS, *overrides: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -96,6 +97,7 @@ def train_command(workdir, total_steps: int = TOTAL_STEPS) -> list[str]:
         str(workdir),
         "--config.log_every=1",
         f"--config.checkpoint_every={CHECKPOINT_EVERY}",
+        *overrides,
     ]
 
 
@@ -255,6 +257,34 @@ def same_arrays(a, b) -> bool:
     import numpy as np
 
     return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Damaging checkpoints
+
+
+def array_files(step_dir, item):
+    """The files tensorstore keeps an item's array data in (some may hold only superseded bytes)."""
+    return sorted(p for p in (step_dir / item / "ocdbt.process_0" / "d").iterdir() if p.is_file())
+
+
+# Each corruption returns a check that the damage is still there once the checkpoint has been moved aside.
+
+
+def truncate_the_array_files(step_dir):
+    sizes = {}
+    for path in array_files(step_dir, "params"):
+        sizes[path.relative_to(step_dir)] = path.stat().st_size // 2
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    return lambda moved: all((moved / relative).stat().st_size == size for relative, size in sizes.items())
+
+
+def delete_the_array_files(step_dir):
+    deleted = [path.relative_to(step_dir) for path in array_files(step_dir, "opt_state")]
+    for relative in deleted:
+        (step_dir / relative).unlink()
+    return lambda moved: not any((moved / relative).exists() for relative in deleted)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,33 +5,9 @@ import shutil
 
 import pytest
 from conftest import TINY
-from harness import final_state, same_arrays, set_aside
+from harness import delete_the_array_files, final_state, same_arrays, set_aside, truncate_the_array_files
 
 from bigjax import checkpoint, train
-
-
-def array_files(step_dir, item):
-    """The files tensorstore keeps an item's array data in (some may hold only superseded bytes)."""
-    return sorted(p for p in (step_dir / item / "ocdbt.process_0" / "d").iterdir() if p.is_file())
-
-
-# Each corruption returns a check that the damage is still there once the checkpoint has been moved aside.
-
-
-def truncate_the_array_files(step_dir):
-    sizes = {}
-    for path in array_files(step_dir, "params"):
-        sizes[path.relative_to(step_dir)] = path.stat().st_size // 2
-        with open(path, "r+b") as f:
-            f.truncate(path.stat().st_size // 2)
-    return lambda moved: all((moved / relative).stat().st_size == size for relative, size in sizes.items())
-
-
-def delete_the_array_files(step_dir):
-    deleted = [path.relative_to(step_dir) for path in array_files(step_dir, "opt_state")]
-    for relative in deleted:
-        (step_dir / relative).unlink()
-    return lambda moved: not any((moved / relative).exists() for relative in deleted)
 
 
 def delete_the_array_metadata(step_dir):
