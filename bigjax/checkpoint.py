@@ -23,6 +23,7 @@ What keeps checkpoints trustworthy (README, "What happens when…"):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import pathlib
@@ -127,22 +128,19 @@ def finish_saves(mngr: ocp.CheckpointManager) -> None:
         mngr.wait_until_finished()
 
 
-class _save_errors_reported:
+@contextlib.contextmanager
+def _save_errors_reported(mngr):
     """Turns whatever Orbax or the filesystem raised while saving into one CheckpointError that says what is kept."""
-
-    def __init__(self, mngr):
-        self.workdir = pathlib.Path(mngr.directory).parent
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if error is None or not isinstance(error, Exception) or isinstance(error, CheckpointError):
-            return False
-        kept = committed_steps(self.workdir)
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as error:
+        workdir = pathlib.Path(mngr.directory).parent
+        kept = committed_steps(workdir)
         resume = f"rerun the same command to resume from step {kept[-1]}" if kept else "rerun the same command"
         raise CheckpointError(
-            f"saving a checkpoint in {checkpoint_dir(self.workdir)} failed: {describe(error)}\n"
+            f"saving a checkpoint in {checkpoint_dir(workdir)} failed: {describe(error)}\n"
             f"Training stopped rather than go on without the checkpoints it was asked to keep. Committed "
             f"checkpoints are kept (steps: {', '.join(map(str, kept)) or 'none'}); free disk space or make the "
             f"directory writable, then {resume}."
