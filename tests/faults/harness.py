@@ -354,6 +354,9 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=4, help="kills per run")
     parser.add_argument("--keep", action="store_true", help="keep the workdirs")
     args = parser.parse_args()
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)  # Orbax's notes about read-only managers, when the final states are read
 
     root = pathlib.Path(tempfile.mkdtemp(prefix="bigjax-kill-harness-"))
     env = environment(root / "compile-cache")

@@ -8,8 +8,9 @@ a read-only directory would not stop writes, and needs no mount.
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, TINY
-from harness import committed_steps, rows_since, set_aside
+from harness import committed_steps, environment, rows_since, set_aside
 
 # The trainer, started with no file allowed to grow past 32 KiB: its metrics and config fit, checkpoint arrays
 # do not. (A wrapper that sets the limit and execs, since preexec_fn would fork this multithreaded process.)
@@ -19,14 +20,19 @@ WITH_SMALL_FILES_ONLY = (
 )
 
 
-def test_a_failed_save_stops_training_and_keeps_the_committed_checkpoints(cli, tmp_path):
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return environment(tmp_path_factory.mktemp("compile-cache"))
+
+
+def test_a_failed_save_stops_training_and_keeps_the_committed_checkpoints(cli, env, tmp_path):
     workdir = tmp_path / "run"
     args = ("train", "--config", TINY + ":steps=16", "--workdir", workdir, "--config.log_every=1")
     args += ("--config.keep_checkpoints=1",)  # keep-N must not delete step 4 for a step 8 that never commits
-    cli(*args, "--stop-at-step", "4")
+    cli(*args, "--stop-at-step", "4", env=env)
 
     command = [sys.executable, "-c", WITH_SMALL_FILES_ONLY, *map(str, args)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
     assert result.returncode == 2, result.stderr[-3000:]
     error = result.stderr[result.stderr.index("\nerror: ") :]
@@ -37,7 +43,7 @@ def test_a_failed_save_stops_training_and_keeps_the_committed_checkpoints(cli, t
     assert committed_steps(workdir) == [4]
 
     # With space again, the same command sets the half-written save aside and resumes from step 4.
-    out = cli(*args).stdout
+    out = cli(*args, env=env).stdout
     assert "resumed from step 4" in out and "finished at step 16" in out
     assert set_aside(workdir, "uncommitted") == [8]
 

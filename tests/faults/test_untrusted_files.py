@@ -9,7 +9,8 @@ import pickle
 import re
 import shutil
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_cli
+from harness import environment
 
 from bigjax import checkpoint
 
@@ -50,9 +51,11 @@ def test_bigjax_has_no_code_that_unpickles_or_evaluates_files():
     assert not offenders, offenders
 
 
-def test_unexpected_files_in_a_workdir_and_its_checkpoints_run_nothing(cli, tmp_path):
+def test_unexpected_files_in_a_workdir_and_its_checkpoints_run_nothing(tmp_path):
     workdir, evidence = tmp_path / "run", tmp_path / "evidence"
     evidence.mkdir()
+    env = environment(tmp_path / "compile-cache")
+    cli = lambda *args: run_cli(*args, env=env)
     cli("train", "--config", TINY, "--workdir", workdir, "--stop-at-step", "4")
     step = workdir / "checkpoints" / "4"
     for directory in (workdir, step, step / "params", step / "opt_state", step / "data", step / "params" / "d"):
