@@ -300,17 +300,19 @@ def had_checkpoints(workdir) -> bool:
 # Helpers
 
 
-def describe(error: BaseException, limit: int = 400) -> str:
-    """The first line of the error at the root of `error`'s chain, with its type.
+def describe(error: BaseException, limit: int = 600) -> str:
+    """The first line of the error at the root of `error`'s chain, with its type, its middle cut if long.
 
-    Orbax wraps tensorstore's errors in ones that print pages of spec; the root says what is wrong
-    (e.g. `Requested byte range [0, 3836) is not valid for value of size 100` for a truncated file).
+    Orbax wraps tensorstore's errors in ones that print pages of spec; the root says what is wrong, and
+    the reason comes last: `... Requested byte range [0, 3836) is not valid for value of size 100` (a
+    truncated file), `... Failed to write 14309 bytes to file 17: File too large` (a full disk).
     """
     while error.__cause__ is not None:
         error = error.__cause__
     lines = str(error).strip().splitlines()
     text = lines[0] if lines else ""
-    text = text if len(text) <= limit else text[:limit] + "..."
+    if len(text) > limit:
+        text = text[: limit // 3] + " ... " + text[-2 * limit // 3 :]
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 

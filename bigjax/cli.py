@@ -10,6 +10,7 @@ User errors (a bad config, a refused resume, a missing workdir) print one `error
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -20,6 +21,9 @@ def main(argv=None) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's info/warning chatter drowns the training log
+    # After a failed save, Orbax leaves write futures nobody awaits, and asyncio prints each at exit, after
+    # the one `error:` line that reports the failure. bigjax itself does not use asyncio.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
     from bigjax import distributed
 
