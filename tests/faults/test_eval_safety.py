@@ -10,12 +10,12 @@ import time
 from conftest import REPO, TINY
 from harness import Kill, committed_steps, environment, run_attempt, train_command, truncate_the_array_files
 
-from bigjax import checkpoint, evaluate, metrics
+from bigjax import checkpoint, evaluate, metrics, train
 
 
-def test_eval_reads_only_committed_checkpoints(cli, tmp_path, tiny_config):
+def test_eval_reads_only_committed_checkpoints(tmp_path, tiny_config):
     workdir = tmp_path / "run"
-    cli("train", "--config", TINY, "--workdir", workdir)  # checkpoints 4 and 8
+    train.train(tiny_config(), workdir)  # checkpoints 4 and 8
     checkpoints = workdir / "checkpoints"
     shutil.copytree(checkpoints / "8", checkpoints / ("12" + checkpoint.TMP_SUFFIX))  # a save still being written
     shutil.copytree(checkpoints / "8", checkpoints / "16")
