@@ -1,68 +1,209 @@
 """Orbax checkpoints in WORKDIR/checkpoints/STEP: params, optimizer state, model state (BatchNorm statistics,
-where a model has them), data-iterator state, config.
+where a model has them), data-iterator state, counters, config.
 
 Parameters and optimizer state are separate items so that eval, generation and fine-tuning can restore the
 parameters alone. Restores take their target shardings from the *current* mesh, so a run can resume on a
-different mesh shape than the one that saved it. Saves are async: training continues while they are written;
-Orbax commits a step only when it is complete, so readers never see a half-written checkpoint.
+different mesh shape than the one that saved it. Saves are async: training continues while they are written.
+
+What keeps checkpoints trustworthy (README, "What happens when…"):
+
+* Orbax writes a step into `STEP.orbax-checkpoint-tmp/`, writes `commit_success.txt` last, and only then renames
+  the directory to `STEP/`. A step is *committed* when `STEP/commit_success.txt` exists; readers (the trainer,
+  the eval job) only ever look at committed steps, so none of them reads a half-written checkpoint.
+* The trainer resumes from the newest *usable* checkpoint. One that was never committed, or cannot be read (a
+  truncated or missing file), is reported by step and path and moved, never deleted, to WORKDIR/quarantine/
+  for the user to inspect; the next older one is tried. Out of checkpoints/, it cannot collide with a later
+  save of the same step, and Orbax's keep-N cleanup never counts it, so it cannot push out a good checkpoint.
+* A checkpoint whose config or array layout does not fit the current config is fine: the config changed. It
+  is refused (CheckpointError listing the differences) and left where it is.
+* A save that fails (disk full, unwritable directory) raises CheckpointError: the run stops rather than go on
+  without the checkpoints it was asked to keep, and the checkpoints already committed stay.
+* Only arrays (tensorstore) and JSON are read back, by Orbax's handlers; nothing in a workdir is unpickled or
+  executed, whatever other files a checkpoint directory holds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime
 import pathlib
+from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from bigjax import config as config_lib
+from bigjax import metrics
+
+COMMIT_MARKER = "commit_success.txt"  # Orbax writes it into a step just before the rename that commits it
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # a step Orbax started writing and never committed
+# The items holding arrays; the others are JSON. model_state is saved only when the model has one (Orbax refuses
+# an empty item), so the items of a state are array_items(state).
+ARRAY_ITEMS = ("params", "opt_state", "model_state")
+
+
+def array_items(state) -> tuple[str, ...]:
+    return tuple(item for item in ARRAY_ITEMS if item != "model_state" or state.model_state)
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be saved, or none can be resumed from: a message for the user."""
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any  # the train state, laid out on the current mesh
+    data_state: dict  # the data iterator's state at `step`
+    counters: dict  # run-level counts that must survive a restart (e.g. {"nan_skips": 2})
 
 
 def checkpoint_dir(workdir) -> pathlib.Path:
     return pathlib.Path(workdir).absolute() / "checkpoints"
 
 
+def quarantine_dir(workdir) -> pathlib.Path:
+    """Where unusable checkpoints are moved for the user to inspect: bigjax never deletes them."""
+    return pathlib.Path(workdir).absolute() / "quarantine"
+
+
+def step_dir(workdir, step: int) -> pathlib.Path:
+    return checkpoint_dir(workdir) / str(step)
+
+
 def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+    """The Orbax manager of WORKDIR/checkpoints: read-only for readers, async with keep-N for the trainer."""
+    if not read_only:
+        try:
+            checkpoint_dir(workdir).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CheckpointError(
+                f"cannot create {checkpoint_dir(workdir)}: {describe(error)}; pass a --workdir that can be written"
+            ) from error
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=not read_only,
+        # Readers need only the step numbers; not reading every step's metadata also means a step the trainer
+        # deletes or sets aside while a reader starts up cannot fail the reader.
+        lightweight_initialize=read_only,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, config) -> None:
-    """Start an async save of everything a resume needs."""
-    items = dict(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config.to_dict()),
-    )
-    if state.model_state:  # Orbax refuses an empty item; most models have no state besides parameters
-        items["model_state"] = ocp.args.StandardSave(state.model_state)
-    mngr.save(step, args=ocp.args.Composite(**items))
+def committed_steps(workdir) -> list[int]:
+    """The committed steps in WORKDIR/checkpoints, oldest first: the only ones anything reads."""
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / COMMIT_MARKER).exists())
 
 
-def restore_train_state(mngr, step: int, target_state):
-    """(state, data_state) at `step`, laid out as `target_state` (ShapeDtypeStructs with shardings) says."""
-    items = dict(
-        params=ocp.args.StandardRestore(target_state.params),
-        opt_state=ocp.args.StandardRestore(target_state.opt_state),
-        data=ocp.args.JsonRestore(),
-    )
-    if target_state.model_state:
-        items["model_state"] = ocp.args.StandardRestore(target_state.model_state)
+# --------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, counters: dict, config) -> None:
+    """Start an async save of everything a resume needs. Raises CheckpointError if this or an earlier save failed."""
+    with _save_errors_reported(mngr):
+        arrays = {item: ocp.args.StandardSave(getattr(state, item)) for item in array_items(state)}
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                **arrays,
+                data=ocp.args.JsonSave(data_state),
+                counters=ocp.args.JsonSave(counters),
+                config=ocp.args.JsonSave(config.to_dict()),
+            ),
+        )
+
+
+def raise_if_a_save_failed(mngr: ocp.CheckpointManager) -> None:
+    """Without waiting: raise CheckpointError if a save running in the background has failed."""
+    with _save_errors_reported(mngr):
+        mngr.check_for_errors()
+
+
+def finish_saves(mngr: ocp.CheckpointManager) -> None:
+    """Wait for the save in flight to be committed; raise CheckpointError if it failed."""
+    with _save_errors_reported(mngr):
+        mngr.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _save_errors_reported(mngr):
+    """Turns whatever Orbax or the filesystem raised while saving into one CheckpointError that says what is kept."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as error:
+        workdir = pathlib.Path(mngr.directory).parent
+        kept = committed_steps(workdir)
+        resume = f"rerun the same command to resume from step {kept[-1]}" if kept else "rerun the same command"
+        raise CheckpointError(
+            f"saving a checkpoint in {checkpoint_dir(workdir)} failed: {describe(error)}\n"
+            f"Training stopped rather than go on without the checkpoints it was asked to keep. Committed "
+            f"checkpoints are kept (steps: {', '.join(map(str, kept)) or 'none'}); free disk space or make the "
+            f"directory writable, then {resume}."
+        ) from error
+
+
+# --------------------------------------------------------------------------------------------------
+# Restoring
+
+
+def restore_newest_usable(mngr: ocp.CheckpointManager, workdir, target_state, config) -> Restored | None:
+    """The newest checkpoint that is committed, fits `config` and reads back whole; None if there is none.
+
+    Unusable checkpoints on the way are reported and moved to WORKDIR/quarantine/ (see the module docstring).
+    A checkpoint that fits another config raises CheckpointError: the user changed the config, not the disk.
+    """
+    set_aside_uncommitted(workdir)
+    restored = None
+    for step in reversed(committed_steps(workdir)):
+        restored = _restore_or_set_aside(mngr, workdir, step, target_state, config)
+        if restored is not None:
+            break
+    mngr.reload()  # forget what was set aside, so that keep-N cleanup counts only what is really there
+    return restored
+
+
+def _restore_or_set_aside(mngr, workdir, step: int, target_state, config) -> Restored | None:
+    path = step_dir(workdir, step)
+    try:
+        saved = saved_config(mngr, step)
+        layout = layout_differences(path, target_state)
+    except Exception as error:  # unreadable JSON or metadata: files every process reads alike
+        set_aside(workdir, path, "unreadable", f"cannot be read: {describe(error)}")
+        return None
+    refuse_if_incompatible(step, saved, config, layout)
+    try:
+        restored, why = restore_train_state(mngr, step, target_state), None
+    except Exception as error:  # a truncated or missing array file
+        restored, why = None, describe(error)
+    if not _everywhere(restored is not None):
+        set_aside(workdir, path, "unreadable", f"cannot be read: {why or 'another process could not read it'}")
+        return None
+    return restored
+
+
+def restore_train_state(mngr, step: int, target_state) -> Restored:
+    """Everything saved at `step`, laid out as `target_state` (ShapeDtypeStructs with shardings) says."""
+    items = {item: ocp.args.StandardRestore(getattr(target_state, item)) for item in array_items(target_state)}
+    items["data"] = ocp.args.JsonRestore()
+    has_counters = (pathlib.Path(mngr.directory) / str(step) / "counters").is_dir()  # not in older checkpoints
+    if has_counters:
+        items["counters"] = ocp.args.JsonRestore()
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
     step_array = jax.device_put(np.int32(step), target_state.step.sharding)
-    state = target_state.replace(
-        step=step_array,
-        params=restored["params"],
-        opt_state=restored["opt_state"],
-        model_state=restored["model_state"] if target_state.model_state else {},
-    )
-    return state, restored["data"]
+    state = target_state.replace(step=step_array, **{item: restored[item] for item in array_items(target_state)})
+    return Restored(step, state, restored["data"], restored["counters"] if has_counters else {})
 
 
 def restore_variables(mngr, step: int, target_variables: dict) -> dict:
@@ -77,6 +218,130 @@ def restore_variables(mngr, step: int, target_variables: dict) -> dict:
     return {"params": restored["params"], **(restored["model_state"] if state_target else {})}
 
 
-def saved_config(mngr, step: int):
+def saved_config(mngr, step: int) -> ml_collections.ConfigDict:
+    """The config a checkpoint was saved with, as saved (not checked against today's schema)."""
     restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return config_lib.from_dict(restored["config"])
+    return ml_collections.ConfigDict(restored["config"])
+
+
+def layout_differences(path: pathlib.Path, target_state, shown: int = 4) -> list[str]:
+    """How the arrays saved at `path` differ from `target_state`'s (names, shapes, dtypes); [] if they fit.
+
+    Read from Orbax's metadata, without touching the array data, so that a config change that alters the
+    state (e.g. optim.clip 0 <-> 1 adds or removes optimizer state) is refused clearly instead of failing
+    the restore and being mistaken for a corrupt checkpoint.
+    """
+    differences = []
+    for item in ARRAY_ITEMS:
+        # An item may be absent on either side: model_state exists only for models with BatchNorm statistics.
+        saved = _saved_arrays(path / item)
+        present = item in array_items(target_state)
+        wanted = ocp.tree.to_flat_dict(getattr(target_state, item), sep=".") if present else {}
+        missing = sorted(set(wanted) - set(saved))
+        extra = sorted(set(saved) - set(wanted))
+        changed = [
+            f"{name} {tuple(saved[name].shape)} {saved[name].dtype} -> {tuple(wanted[name].shape)} {wanted[name].dtype}"
+            for name in sorted(set(saved) & set(wanted))
+            if tuple(saved[name].shape) != tuple(wanted[name].shape) or saved[name].dtype != wanted[name].dtype
+        ]
+        for what, names in (("not in the checkpoint", missing), ("only in the checkpoint", extra), ("", changed)):
+            if names:
+                more = f" (and {len(names) - shown} more)" if len(names) > shown else ""
+                differences.append(f"{item}: {what + ': ' if what else ''}{', '.join(names[:shown])}{more}")
+    return differences
+
+
+def _saved_arrays(item_dir: pathlib.Path) -> dict:
+    """{flat name: array metadata} of one saved item; {} if the checkpoint has no such item."""
+    if item_dir.name == "model_state" and not item_dir.exists():
+        return {}
+    return ocp.tree.to_flat_dict(ocp.StandardCheckpointHandler().metadata(item_dir).tree, sep=".")
+
+
+def refuse_if_incompatible(step: int, saved, config, layout: list[str]) -> None:
+    """Raise CheckpointError if the state saved at `step` cannot continue under `config`; log harmless changes."""
+    conflicts = config_lib.resume_conflicts(saved, config)
+    changes = config_lib.harmless_changes(saved, config)
+    if conflicts:
+        raise CheckpointError(
+            f"cannot resume from checkpoint {step}: the config changed in ways the checkpoint cannot follow:\n  "
+            + "\n  ".join(conflicts)
+            + "\nuse a new --workdir, or undo these changes"
+        )
+    if layout:
+        raise CheckpointError(
+            f"cannot resume from checkpoint {step}: its arrays do not fit the state this config builds:\n  "
+            + "\n  ".join(layout)
+            + "\nconfig changes since that checkpoint:\n  "
+            + ("\n  ".join(changes) or "none")
+            + "\nuse a new --workdir, or undo the change that alters the model or optimizer state"
+        )
+    for change in changes:
+        metrics.say(f"resuming with a changed config: {change}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Setting unusable checkpoints aside
+
+
+def set_aside_uncommitted(workdir) -> None:
+    """Move every step Orbax began and never committed (killed mid-write, failed save) to the quarantine."""
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        return
+    for path in sorted(directory.iterdir()):
+        if path.name.endswith(TMP_SUFFIX):
+            set_aside(workdir, path, "uncommitted", "is a save that never finished (killed or failed mid-write)")
+        elif path.name.isdigit() and not (path / COMMIT_MARKER).exists():
+            set_aside(workdir, path, "uncommitted", f"has no {COMMIT_MARKER}: never committed, or partly deleted")
+
+
+def set_aside(workdir, path: pathlib.Path, kind: str, why: str) -> None:
+    """Report `path` and move it to WORKDIR/quarantine/STEP.KIND.TIME/, with the reason beside it (process 0)."""
+    step = path.name.split(".")[0]
+    if jax.process_index() == 0:
+        destination = quarantine_dir(workdir) / f"{step}.{kind}.{datetime.datetime.now():%Y%m%dT%H%M%S.%f}"
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(destination)
+        destination.with_name(destination.name + ".txt").write_text(f"checkpoint {step} at {path} {why}\n")
+        metrics.say(f"checkpoint {step} at {path} {why}; moved to {destination} (nothing is deleted)")
+    _sync(f"bigjax_set_aside_{step}_{kind}")
+
+
+def had_checkpoints(workdir) -> bool:
+    """Whether a checkpoint was ever committed here (in checkpoints/, or since set aside as unreadable)."""
+    quarantine = quarantine_dir(workdir)
+    set_aside_committed = quarantine.is_dir() and any(".unreadable." in p.name for p in quarantine.iterdir())
+    return bool(committed_steps(workdir)) or set_aside_committed
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def describe(error: BaseException, limit: int = 600) -> str:
+    """The first line of the error at the root of `error`'s chain, with its type, its middle cut if long.
+
+    Orbax wraps tensorstore's errors in ones that print pages of spec; the root says what is wrong, and
+    the reason comes last: `... Requested byte range [0, 3836) is not valid for value of size 100` (a
+    truncated file), `... Failed to write 14309 bytes to file 17: File too large` (a full disk).
+    """
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[: limit // 3] + " ... " + text[-2 * limit // 3 :]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _everywhere(ok: bool) -> bool:
+    """True only if `ok` on every process: all processes take the same branch after a collective restore."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -1,6 +1,6 @@
 """`bigjax train|eval|generate`: the command line.
 
-    bigjax train --config experiments/NAME.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
+    bigjax train --config experiments/NAME.py[:ARG] --workdir DIR [--config.a.b=VALUE ...] [--fresh]
     bigjax eval --config experiments/NAME.py --workdir DIR [--once] [--timeout SECONDS]
     bigjax generate --workdir DIR --prompt TEXT [--temperature T] [--top-k K] [--max-new-tokens N]
     bigjax data prepare --config experiments/NAME.py [--config.a.b=VALUE ...]
@@ -13,6 +13,7 @@ User errors (a bad config, a refused resume, a missing workdir) print one `error
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -24,6 +25,9 @@ def main(argv=None) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's info/warning chatter drowns the training log
+    # After a failed save, Orbax leaves write futures nobody awaits, and asyncio prints each at exit, after
+    # the one `error:` line that reports the failure. bigjax itself does not use asyncio.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
     from bigjax import distributed
 
@@ -33,12 +37,13 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    from bigjax import checkpoint, data, evaluate, generate, plan, train
     from bigjax import config as config_lib
-    from bigjax import data, evaluate, generate, plan, train
 
     user_errors = (
         config_lib.ConfigError,
         data.DataError,
+        checkpoint.CheckpointError,
         train.TrainingError,
         evaluate.EvalError,
         generate.GenerateError,
@@ -71,6 +76,11 @@ def parse_args(argv):
     p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]")
     p.add_argument("--workdir", required=True)
     p.add_argument("--stop-at-step", type=int, default=None, help="save and stop at this step (resume later)")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start again from step 0 in a workdir whose checkpoints are all unusable (they stay in DIR/quarantine)",
+    )
     p.set_defaults(run=run_train)
 
     p = commands.add_parser("eval", help="evaluate DIR's checkpoints as they appear (a separate process)")
@@ -141,7 +151,7 @@ def run_train(args, overrides) -> int:
     from bigjax import metrics, train
 
     config = config_lib.load(args.config, overrides)
-    summary = train.train(config, args.workdir, stop_at_step=args.stop_at_step)
+    summary = train.train(config, args.workdir, stop_at_step=args.stop_at_step, fresh=args.fresh)
     metrics.say(f"{summary.status} at step {summary.step}; checkpoints in {os.path.join(args.workdir, 'checkpoints')}")
     return 0
 

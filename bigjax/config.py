@@ -90,6 +90,8 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
     c.keep_checkpoints = 3
     c.eval_every = 0  # 0 = no inline eval (the separate `bigjax eval` job still works)
     c.eval_batches = 8
+    c.nan_policy = "stop"  # stop | skip: a NaN/Inf loss or gradient norm stops the run, or skips that update
+    c.max_nan_skips = 10  # nan_policy=skip: stop once more steps than this were skipped in the whole run
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = DEFAULT_SHARDING_RULES
@@ -151,6 +153,8 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
     )
     return c
 
+
+NAN_POLICIES = ("stop", "skip")
 
 # Keys with a closed set of values. A model key is checked only where the family has it.
 CHOICES = {
@@ -360,7 +364,9 @@ def check_values(config) -> None:
     for key in positive:
         if config[key] <= 0:
             raise ConfigError(f"config.{key} must be positive, got {config[key]}")
-    for key in ("checkpoint_every", "eval_every"):
+    if config.nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"config.nan_policy={config.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
+    for key in ("checkpoint_every", "eval_every", "max_nan_skips"):
         if config[key] < 0:
             raise ConfigError(f"config.{key} must be >= 0 (0 turns it off), got {config[key]}")
     check_model(config)

@@ -6,6 +6,10 @@ The job may start before, during or after training. It waits for checkpoints in 
 model variables of each new one onto its own mesh, evaluates it once, appends to DIR/eval/metrics.jsonl (and
 TensorBoard), and exits once the final training step has been evaluated. Steps already in
 DIR/eval/metrics.jsonl are not evaluated again, so the job can be restarted at any time.
+
+It reads only committed checkpoints (checkpoint.committed_steps), so never a half-written one, and it outlives
+the trainer restarting under it: a checkpoint deleted (keep-N) or set aside while the job was reading it is
+skipped, and one that cannot be read is reported once and tried again only after the trainer has replaced it.
 """
 
 from __future__ import annotations
@@ -67,19 +71,24 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
     results = {row["step"]: row for row in metrics.read_jsonl(eval_dir / "metrics.jsonl")}
     writer = metrics.MetricWriter(eval_dir, console_prefix="eval ")
     metrics.say(f"eval job: mesh {mesh_lib.describe(mesh)}; following {checkpoint.checkpoint_dir(workdir)}")
+    unreadable = {}  # step -> its directory's inode when it could not be read
     last_progress = time.monotonic()
+    newest = None
     try:
         while True:
-            steps = available_steps(workdir)
-            todo = [max(steps)] if once and steps else [s for s in steps if s not in results]
+            steps = checkpoint.committed_steps(workdir)
+            # --once: the newest checkpoint that reads back; otherwise every one not evaluated yet, oldest first.
+            todo = steps[::-1] if once else [s for s in steps if s not in results]
             for step in todo:
-                variables = restore_variables_or_none(workdir, step, target)
+                variables = restore_variables_or_none(workdir, step, target, unreadable)
                 if variables is None:
                     continue
                 results[step] = evaluate(eval_step, variables, eval_data, mesh, task)
                 writer.write(step, results[step])
-                last_progress = time.monotonic()
-            if (once and steps) or config.total_steps in results:
+                newest, last_progress = step, time.monotonic()
+                if once:
+                    break
+            if (once and newest is not None) or config.total_steps in results:
                 break
             if time.monotonic() - last_progress > timeout:
                 raise EvalError(
@@ -89,21 +98,37 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
             time.sleep(poll_seconds)
     finally:
         writer.close()
-    newest = max(results)
+    newest = newest if once else max(results)
     return {"step": newest, **{k: v for k, v in results[newest].items() if k not in ("step", "time")}}
 
 
-def available_steps(workdir) -> list[int]:
-    """Committed checkpoint steps (Orbax hides unfinished ones), oldest first; [] if none yet."""
-    if not checkpoint.checkpoint_dir(workdir).exists():
-        return []
-    return sorted(checkpoint.manager(workdir, read_only=True).all_steps())
+def restore_variables_or_none(workdir, step: int, target, unreadable: dict):
+    """The model variables saved at `step`, or None if they cannot be had now.
 
-
-def restore_variables_or_none(workdir, step: int, target):
+    None, with a message, when the trainer deleted or set the checkpoint aside since it was listed (newer
+    ones are coming), or when it cannot be read: then it is skipped until its directory is replaced (the
+    trainer sets a bad checkpoint aside when it restarts, and saves that step again).
+    """
+    path = checkpoint.step_dir(workdir, step)
+    identity = inode(path)
+    if identity is None or unreadable.get(step) == identity:
+        return None
     try:
         return checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), step, target)
+    except Exception as error:
+        if inode(path) != identity or step not in checkpoint.committed_steps(workdir):
+            metrics.say(f"eval: checkpoint {step} was removed before it could be evaluated; skipping it")
+        else:
+            unreadable[step] = identity
+            metrics.say(
+                f"eval: checkpoint {step} at {path} cannot be read ({checkpoint.describe(error)}); "
+                "skipping it until the trainer replaces it"
+            )
+        return None
+
+
+def inode(path) -> int | None:
+    try:
+        return path.stat().st_ino
     except FileNotFoundError:
-        # The trainer's keep-N policy deleted it before we got there; the newer ones are still coming.
-        metrics.say(f"eval: checkpoint {step} was removed before it could be evaluated; skipping it")
         return None

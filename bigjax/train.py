@@ -23,7 +23,7 @@ from bigjax import state as state_lib
 
 
 class TrainingError(Exception):
-    """The run cannot go on (non-finite loss, refused resume, failed save): a message for the user."""
+    """The run cannot go on (non-finite loss, no usable checkpoint to resume): a message for the user."""
 
 
 @dataclasses.dataclass
@@ -33,11 +33,12 @@ class Summary:
     last_metrics: dict
 
 
-def train(config, workdir, stop_at_step: int | None = None) -> Summary:
-    """Train until config.total_steps, resuming from workdir's newest checkpoint if there is one.
+def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False) -> Summary:
+    """Train until config.total_steps, resuming from workdir's newest usable checkpoint if there is one.
 
     `stop_at_step` ends this invocation early at that step, with a checkpoint, as a preemption would: for
-    time-sliced jobs, and for testing that a resumed run matches an uninterrupted one.
+    time-sliced jobs, and for testing that a resumed run matches an uninterrupted one. `fresh` starts again
+    from step 0 in a workdir whose checkpoints are all unusable (without it, that is an error).
     """
     workdir = pathlib.Path(workdir)
 
@@ -45,7 +46,6 @@ def train(config, workdir, stop_at_step: int | None = None) -> Summary:
     mesh = mesh_lib.make_mesh(config)
     rules = mesh_lib.logical_rules(config)
     mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-    write_config(workdir, config, resuming=mngr.latest_step() is not None)
     metrics.say(f"mesh {mesh_lib.describe(mesh)} on {jax.devices()[0].device_kind}; workdir {workdir}")
 
     # Model, task and data.
@@ -56,7 +56,11 @@ def train(config, workdir, stop_at_step: int | None = None) -> Summary:
     # Optimizer and state, restored from the newest checkpoint or freshly initialized into its shards.
     tx = optim.make_optimizer(config.optim, config.total_steps)
     abstract_state, state_shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-    state = restore_or_init(mngr, task, tx, config, mesh, rules, abstract_state, state_shardings, train_batches)
+    state, counters = restore_or_init(
+        mngr, workdir, task, tx, config, mesh, rules, abstract_state, state_shardings, train_batches, fresh
+    )
+    write_config(workdir, config)  # only now: a refused resume must not overwrite the config of the checkpoints
+    non_finite = NonFiniteGuard(config, start_step=int(state.step), skipped=counters.get("nan_skips", 0))
     start = int(state.step)
     log_model_size(state.params)
 
@@ -83,8 +87,9 @@ def train(config, workdir, stop_at_step: int | None = None) -> Summary:
                 bar.update(1)
 
             if step % config.log_every == 0 or step == config.total_steps:
-                last = log_metrics(writer, step, pending, throughput)
+                last = log_metrics(writer, step, pending, throughput, non_finite)
                 pending = []
+                checkpoint.raise_if_a_save_failed(mngr)  # a background save that failed stops the run here
             if eval_step is not None and step % config.eval_every == 0:
                 eval_metrics = evaluate.evaluate(eval_step, model_variables(state), eval_data, mesh, task)
                 writer.write(step, prefixed("eval/", eval_metrics))
@@ -92,19 +97,19 @@ def train(config, workdir, stop_at_step: int | None = None) -> Summary:
             checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
             if checkpoint_due or step == config.total_steps or stopping:
                 # Never save a state that went non-finite: check the steps not yet logged first.
-                check_finite(step, jax.device_get(pending))
-                save(mngr, step, state, train_batches, config)
+                non_finite.check(step, jax.device_get(pending))
+                save(mngr, step, state, train_batches, non_finite, config)
             if stopping:
                 why = "by a signal" if stop.requested else "as asked (--stop-at-step)"
                 metrics.say(f"stopped {why} at step {step} with a checkpoint; rerun the same command to resume")
                 break
     finally:
-        # Even on failure, finish a save still in flight: the last good checkpoint is what a rerun resumes.
-        mngr.wait_until_finished()
         stop.restore()
         if bar is not None:
             bar.close()
         writer.close()
+        # Even on failure, finish a save still in flight: the last good checkpoint is what a rerun resumes.
+        checkpoint.finish_saves(mngr)
     status = "finished" if step >= config.total_steps else "preempted"
     return Summary(step=step, status=status, last_metrics=last)
 
@@ -113,34 +118,42 @@ def train(config, workdir, stop_at_step: int | None = None) -> Summary:
 # The steps of the story
 
 
-def write_config(workdir: pathlib.Path, config, resuming: bool) -> None:
-    """Write DIR/config.json; refuse to resume a run whose model or optimizer would not fit its checkpoint."""
-    path = workdir / "config.json"
-    if resuming and path.exists():
-        saved = config_lib.from_json(path.read_text())
-        conflicts = config_lib.resume_conflicts(saved, config)
-        if conflicts:
-            raise TrainingError(
-                f"cannot resume {workdir}: the config changed in ways the checkpoint cannot follow:\n  "
-                + "\n  ".join(conflicts)
-                + "\nuse a new --workdir, or undo these changes"
-            )
-        for change in config_lib.harmless_changes(saved, config):
-            metrics.say(f"resuming with a changed config: {change}")
+def write_config(workdir: pathlib.Path, config) -> None:
+    """Write DIR/config.json (the eval job and `generate` read it), atomically: a kill mid-write leaves the old."""
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(config_lib.to_json(config))
+        partial = workdir / "config.json.partial"
+        partial.write_text(config_lib.to_json(config))
+        partial.replace(workdir / "config.json")
 
 
-def restore_or_init(mngr, task, tx, config, mesh, rules, abstract_state, shardings, train_batches):
-    latest = mngr.latest_step()
-    if latest is None:
-        return state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
+def restore_or_init(mngr, workdir, task, tx, config, mesh, rules, abstract_state, shardings, train_batches, fresh):
+    """(state, counters) from the newest usable checkpoint, the data iterator moved to match; else a new state.
+
+    A changed model or optimizer is refused (checkpoint.CheckpointError lists the differences); unusable
+    checkpoints are set aside. A workdir whose checkpoints are all unusable is not silently started over:
+    that needs `fresh` (`bigjax train --fresh`).
+    """
     target = state_lib.restore_target(abstract_state, shardings)
-    state, data_state = checkpoint.restore_train_state(mngr, latest, target)
-    train_batches.set_state(data_state)
-    metrics.say(f"resumed from step {latest}")
-    return state
+    restored = checkpoint.restore_newest_usable(mngr, workdir, target, config)
+    if restored is not None and fresh:
+        raise TrainingError(
+            f"--fresh starts over only in a workdir with no usable checkpoint, and {workdir} has one at step "
+            f"{restored.step}; drop --fresh to resume from it, or use a new --workdir"
+        )
+    if restored is not None:
+        train_batches.set_state(restored.data_state)
+        metrics.say(f"resumed from step {restored.step}")
+        return restored.state, restored.counters
+    if checkpoint.had_checkpoints(workdir) and not fresh:
+        raise TrainingError(
+            f"no usable checkpoint is left in {checkpoint.checkpoint_dir(workdir)}: the ones there were set aside "
+            f"in {checkpoint.quarantine_dir(workdir)} (see above). Rerun with --fresh to start again from step 0 "
+            "in this workdir, or use a new --workdir"
+        )
+    if fresh:
+        metrics.say(f"starting again from step 0 in {workdir} (--fresh)")
+    return state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings), {}
 
 
 def log_model_size(params) -> None:
@@ -204,6 +217,12 @@ def make_train_step(task, tx, config):
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
         }
+        if config.nan_policy == "skip":
+            # A non-finite loss or gradient leaves the state as it was, but for the step count (the batch is
+            # used up). Decided here, on device: the host only counts skips when it fetches metrics to log.
+            finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["grad_norm"])
+            unchanged = state.replace(step=new_state.step)
+            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, unchanged)
         return new_state, step_metrics
 
     return train_step
@@ -250,34 +269,66 @@ class Throughput:
         return rates
 
 
-def log_metrics(writer, step: int, pending: list, throughput: Throughput) -> dict:
-    """Fetch the pending steps' metrics (one host sync per log), stop on non-finite, write their mean."""
+def log_metrics(writer, step: int, pending: list, throughput: Throughput, non_finite: NonFiniteGuard) -> dict:
+    """Fetch the pending steps' metrics (one host sync per log), check them, write their mean."""
     fetched = jax.device_get(pending)
-    check_finite(step, fetched)
-    mean = {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
+    non_finite.check(step, fetched)
+    applied = [m for m in fetched if is_finite(m)] or fetched  # skipped steps changed nothing: not in the mean
+    mean = {key: float(np.mean([m[key] for m in applied])) for key in applied[0]}
     mean["learning_rate"] = float(fetched[-1]["learning_rate"])
+    if non_finite.policy == "skip":
+        mean["skipped_steps"] = non_finite.skipped
     mean.update(throughput.measure(len(pending)))
     writer.write(step, mean)
     return mean
 
 
-def check_finite(step: int, fetched: list) -> None:
-    """Raise, naming the first bad step and metric, if any fetched loss or gradient norm is NaN/Inf."""
-    first_step = step - len(fetched) + 1
-    for offset, step_metrics in enumerate(fetched):
-        for name in ("loss", "grad_norm"):
-            if not np.isfinite(step_metrics[name]):
-                raise TrainingError(
-                    f"{name} is {step_metrics[name]} at step {first_step + offset}; stopping. The last good "
-                    "checkpoint is kept; lower optim.lr, raise optim.warmup_steps, or check the data"
-                )
+def is_finite(step_metrics: dict) -> bool:
+    return all(np.isfinite(step_metrics[name]) for name in NonFiniteGuard.WATCHED)
 
 
-def save(mngr, step: int, state, train_batches, config) -> None:
-    try:
-        checkpoint.save(mngr, step, state, train_batches.get_state(), config)
-    except OSError as error:
-        raise TrainingError(f"saving the checkpoint of step {step} failed: {error}") from error
+class NonFiniteGuard:
+    """What a NaN/Inf loss or gradient norm does, seen on the host when metrics are fetched (each step once).
+
+    nan_policy="stop": stop, naming the step and the metric; nothing at or after that step is saved.
+    nan_policy="skip": the jitted step has already skipped that update; count it, say so, and stop once more
+    than config.max_nan_skips steps were skipped in the whole run (the count is saved in checkpoints).
+    """
+
+    WATCHED = ("loss", "grad_norm")
+
+    def __init__(self, config, start_step: int, skipped: int = 0):
+        self.policy = config.nan_policy
+        self.limit = config.max_nan_skips
+        self.skipped = skipped
+        self.checked_through = start_step
+
+    def check(self, step: int, fetched: list) -> None:
+        first_step = step - len(fetched) + 1
+        for offset, step_metrics in enumerate(fetched):
+            if first_step + offset > self.checked_through and not is_finite(step_metrics):
+                self._on_non_finite(first_step + offset, step_metrics)
+        self.checked_through = max(self.checked_through, step)
+
+    def _on_non_finite(self, step: int, step_metrics: dict) -> None:
+        name = next(name for name in self.WATCHED if not np.isfinite(step_metrics[name]))
+        what = f"{name} is {step_metrics[name]} at step {step}"
+        advice = "The last good checkpoint is kept; lower optim.lr, raise optim.warmup_steps, or check the data"
+        if self.policy == "stop":
+            raise TrainingError(f"{what}; stopping. {advice} (or set config.nan_policy=skip)")
+        self.skipped += 1
+        if self.skipped > self.limit:
+            raise TrainingError(
+                f"{what}: {self.skipped} non-finite steps skipped, more than config.max_nan_skips={self.limit}; "
+                f"stopping. {advice}"
+            )
+        metrics.say(f"{what}: update skipped ({self.skipped} of at most {self.limit}, config.max_nan_skips)")
+
+
+def save(mngr, step: int, state, train_batches, non_finite: NonFiniteGuard, config) -> None:
+    """Save what a resume needs: the state, where the data iterator is, and the run's counts."""
+    counters = {"nan_skips": non_finite.skipped}
+    checkpoint.save(mngr, step, state, train_batches.get_state(), counters, config)
 
 
 def prefixed(prefix: str, values: dict) -> dict:

@@ -81,7 +81,7 @@ def test_resume_with_a_changed_model_is_refused(straight_run, tmp_path, tiny_con
     config, _ = straight_run
     train.train(config, tmp_path, stop_at_step=4)
     wider = tiny_config("", "config.model.d_model=64")
-    with pytest.raises(train.TrainingError, match=r"model\.d_model: 32 -> 64"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"model\.d_model: 32 -> 64"):
         train.train(wider, tmp_path)
     assert checkpoint.manager(tmp_path, read_only=True).latest_step() == 4  # nothing lost
 

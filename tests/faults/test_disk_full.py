@@ -1,0 +1,55 @@
+"""A checkpoint save that fails stops the run with a clear error; the checkpoints already committed remain.
+
+"Disk full" is a file-size limit on the trainer process (RLIMIT_FSIZE): its checkpoint writes then fail with
+EFBIG ("File too large") inside tensorstore, as they would with ENOSPC on a full disk. It works as root, where
+a read-only directory would not stop writes, and needs no mount.
+"""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, TINY
+from harness import committed_steps, environment, rows_since, set_aside
+
+# The trainer, started with no file allowed to grow past 32 KiB: its metrics and config fit, checkpoint arrays
+# do not. (A wrapper that sets the limit and execs, since preexec_fn would fork this multithreaded process.)
+WITH_SMALL_FILES_ONLY = (
+    "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024)); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'bigjax.cli', *sys.argv[1:]])"
+)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return environment(tmp_path_factory.mktemp("compile-cache"))
+
+
+def test_a_failed_save_stops_training_and_keeps_the_committed_checkpoints(cli, env, tmp_path):
+    workdir = tmp_path / "run"
+    args = ("train", "--config", TINY + ":steps=16", "--workdir", workdir, "--config.log_every=1")
+    args += ("--config.keep_checkpoints=1",)  # keep-N must not delete step 4 for a step 8 that never commits
+    cli(*args, "--stop-at-step", "4", env=env)
+
+    command = [sys.executable, "-c", WITH_SMALL_FILES_ONLY, *map(str, args)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr[result.stderr.index("\nerror: ") :]
+    assert "saving a checkpoint in" in error and "File too large" in error
+    assert "Committed checkpoints are kept (steps: 4)" in error and "resume from step 4" in error
+    # It stopped at the latest when the next save came due (step 12), rather than train on unprotected.
+    assert 8 <= rows_since(workdir / "metrics.jsonl")[-1]["step"] <= 12
+    assert committed_steps(workdir) == [4]
+
+    # With space again, the same command sets the half-written save aside and resumes from step 4.
+    out = cli(*args, env=env).stdout
+    assert "resumed from step 4" in out and "finished at step 16" in out
+    assert set_aside(workdir, "uncommitted") == [8]
+
+
+def test_a_workdir_that_cannot_be_created_is_a_clear_error(cli, tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    result = cli("train", "--config", TINY, "--workdir", tmp_path / "a-file" / "run", check=False)
+    assert result.returncode == 2
+    assert "error: cannot create" in result.stderr and "pass a --workdir that can be written" in result.stderr
