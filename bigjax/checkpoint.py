@@ -84,6 +84,7 @@ def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointMa
             raise CheckpointError(
                 f"cannot create {checkpoint_dir(workdir)}: {describe(error)}; pass a --workdir that can be written"
             ) from error
+    _register_array_handler()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=not read_only,
@@ -94,6 +95,15 @@ def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointMa
         lightweight_initialize=read_only,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def _register_array_handler() -> None:
+    """On CPU, replica 0 writes each replicated array whole. Orbax's replica-parallel save splits the writing
+    of replicated arrays across their replicas, which pays on accelerators but costs a slice op per array and
+    replica on the CPU (a tiny model's save took 13 s instead of 0.2 s on 8 simulated devices)."""
+    if jax.default_backend() == "cpu":
+        handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 def committed_steps(workdir) -> list[int]:

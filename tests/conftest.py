@@ -7,6 +7,11 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
+# One persistent compilation cache for the tests and the bigjax processes they start: the same tiny train step
+# is compiled by dozens of them. Keys include the jax version, the devices and the program, so a stale entry
+# is never used; the directory is ignored by git.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(os.path.join(os.path.dirname(__file__), "..", ".jax-cache")))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402

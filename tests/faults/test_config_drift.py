@@ -33,7 +33,7 @@ def untouched(workdir) -> bool:
     return (
         checkpoint.committed_steps(workdir) == [4]
         and not (workdir / "quarantine").exists()
-        and config_json["model"]["vocab_size"] == 256
+        and config_json["model"]["vocab_size"] == 260
         and config_json["optim"]["name"] == "adamw"
         and config_json["optim"]["clip"] == 1.0
     )
@@ -42,7 +42,7 @@ def untouched(workdir) -> bool:
 @pytest.mark.parametrize(
     "override, listed",
     [
-        ("config.model.vocab_size=512", "model.vocab_size: 256 -> 512"),
+        ("config.model.vocab_size=512", "model.vocab_size: 260 -> 512"),
         ("config.model.num_layers=3", "model.num_layers: 2 -> 3"),
         ("config.optim.name=sgd", "optim.name: 'adamw' -> 'sgd'"),
         ("config.data.seq_len=16", "data.seq_len: 32 -> 16"),

@@ -35,7 +35,8 @@ def test_a_failed_save_stops_training_and_keeps_the_committed_checkpoints(cli, e
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
     assert result.returncode == 2, result.stderr[-3000:]
-    error = result.stderr[result.stderr.index("\nerror: ") :]
+    stderr = "\n" + result.stderr  # the error line may be the first one
+    error = stderr[stderr.index("\nerror: ") :]
     assert "saving a checkpoint in" in error and "File too large" in error
     assert "Committed checkpoints are kept (steps: 4)" in error and "resume from step 4" in error
     # It stopped at the latest when the next save came due (step 12), rather than train on unprotected.

@@ -44,7 +44,7 @@ def poison(monkeypatch):
     real = data.train_batches
 
     def poison_steps(*bad_steps):
-        poisoned = lambda config, vocab_size: PoisonedBatches(real(config, vocab_size), bad_steps)
+        poisoned = lambda config, *args: PoisonedBatches(real(config, *args), bad_steps)
         monkeypatch.setattr(data, "train_batches", poisoned)
 
     return poison_steps
