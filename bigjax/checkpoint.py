@@ -22,18 +22,39 @@ def checkpoint_dir(workdir) -> pathlib.Path:
     return pathlib.Path(workdir).absolute() / "checkpoints"
 
 
-def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(
+    workdir, keep: int = 3, read_only: bool = False, best_metric: str = "", best_mode: str = "max"
+) -> ocp.CheckpointManager:
+    """`best_metric`: checkpoints saved with eval metrics are ranked by it, and the best one is kept besides the
+    newest `keep` (early stopping); `mngr.best_step()` names it."""
+    retention = dict(max_to_keep=keep)
+    if best_metric and not read_only:
+        retention = dict(
+            best_fn=lambda saved_metrics: saved_metrics[best_metric],
+            best_mode=best_mode,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+                [
+                    ocp.checkpoint_managers.LatestN(keep),
+                    ocp.checkpoint_managers.BestN(
+                        get_metric_fn=lambda saved_metrics: saved_metrics[best_metric],
+                        reverse=best_mode == "min",
+                        n=1,
+                        keep_checkpoints_without_metrics=False,
+                    ),
+                ]
+            ),
+        )
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=not read_only,
+        **retention,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, config) -> None:
-    """Start an async save of everything a resume needs."""
+def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, config, eval_metrics=None) -> None:
+    """Start an async save of everything a resume needs (and the eval metrics early stopping ranks it by)."""
     items = dict(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
@@ -42,7 +63,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, config
     )
     if state.model_state:  # Orbax refuses an empty item; most models have no state besides parameters
         items["model_state"] = ocp.args.StandardSave(state.model_state)
-    mngr.save(step, args=ocp.args.Composite(**items))
+    mngr.save(step, args=ocp.args.Composite(**items), metrics=eval_metrics)
 
 
 def restore_train_state(mngr, step: int, target_state):
@@ -80,3 +101,21 @@ def restore_variables(mngr, step: int, target_variables: dict) -> dict:
 def saved_config(mngr, step: int):
     restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return config_lib.from_dict(restored["config"])
+
+
+def saved_params(mngr, step: int) -> dict:
+    """The tree of the parameters saved at `step`, as metadata (shape, dtype): nothing is read but the index."""
+    reader = ocp.CheckpointManager(
+        mngr.directory,
+        item_handlers={"params": ocp.StandardCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+    return reader.item_metadata(step)["params"].tree
+
+
+def restore_params_subset(mngr, step: int, target: dict) -> dict:
+    """Only the parameters named in `target` (a sub-tree of those saved, ShapeDtypeStructs with shardings),
+    restored onto its shardings: fine-tuning loads a backbone and leaves the rest of a checkpoint unread."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    return mngr.restore(step, args=ocp.args.Composite(params=args))["params"]

@@ -28,13 +28,14 @@ def main(argv=None) -> int:
     import jax
 
     from bigjax import config as config_lib
-    from bigjax import evaluate, generate, train
+    from bigjax import evaluate, finetune, generate, train
 
     user_errors = (
         config_lib.ConfigError,
         train.TrainingError,
         evaluate.EvalError,
         generate.GenerateError,
+        finetune.FinetuneError,
         FileNotFoundError,
     )
     try:

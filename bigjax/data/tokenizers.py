@@ -1,12 +1,17 @@
-"""Tokenizers. Byte-level needs no vocabulary file: every UTF-8 byte is a token (vocab 256)."""
+"""Tokenizers. Byte-level needs no vocabulary file: every UTF-8 byte is a token, and the special tokens follow."""
 
 from __future__ import annotations
 
 import numpy as np
 
+SPECIAL_TOKENS = ("pad", "cls", "mask", "eos")
+
 
 class ByteTokenizer:
-    vocab_size = 256
+    """Every UTF-8 byte is a token (ids 0..255); the special tokens follow (256..259)."""
+
+    special_ids = {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)}
+    vocab_size = 256 + len(SPECIAL_TOKENS)
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
