@@ -75,8 +75,14 @@ def step_dir(workdir, step: int) -> pathlib.Path:
     return checkpoint_dir(workdir) / str(step)
 
 
-def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-    """The Orbax manager of WORKDIR/checkpoints: read-only for readers, async with keep-N for the trainer."""
+def manager(
+    workdir, keep: int = 3, read_only: bool = False, best_metric: str = "", best_mode: str = "max"
+) -> ocp.CheckpointManager:
+    """The Orbax manager of WORKDIR/checkpoints: read-only for readers, async with keep-N for the trainer.
+
+    `best_metric`: checkpoints saved with eval metrics are ranked by it, and the best one is kept besides the
+    newest `keep` (early stopping); `mngr.best_step()` names it.
+    """
     if not read_only:
         try:
             checkpoint_dir(workdir).mkdir(parents=True, exist_ok=True)
@@ -85,14 +91,31 @@ def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointMa
                 f"cannot create {checkpoint_dir(workdir)}: {describe(error)}; pass a --workdir that can be written"
             ) from error
     _register_array_handler()
+    retention = dict(max_to_keep=keep)
+    if best_metric and not read_only:
+        retention = dict(
+            best_fn=lambda saved_metrics: saved_metrics[best_metric],
+            best_mode=best_mode,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+                [
+                    ocp.checkpoint_managers.LatestN(keep),
+                    ocp.checkpoint_managers.BestN(
+                        get_metric_fn=lambda saved_metrics: saved_metrics[best_metric],
+                        reverse=best_mode == "min",
+                        n=1,
+                        keep_checkpoints_without_metrics=False,
+                    ),
+                ]
+            ),
+        )
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=not read_only,
         # Readers need only the step numbers; not reading every step's metadata also means a step the trainer
         # deletes or sets aside while a reader starts up cannot fail the reader.
         lightweight_initialize=read_only,
+        **retention,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
@@ -118,8 +141,11 @@ def committed_steps(workdir) -> list[int]:
 # Saving
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, counters: dict, config) -> None:
-    """Start an async save of everything a resume needs. Raises CheckpointError if this or an earlier save failed."""
+def save(
+    mngr: ocp.CheckpointManager, step: int, state, data_state: dict, counters: dict, config, eval_metrics=None
+) -> None:
+    """Start an async save of everything a resume needs (and the eval metrics early stopping ranks it by).
+    Raises CheckpointError if this or an earlier save failed."""
     with _save_errors_reported(mngr):
         arrays = {item: ocp.args.StandardSave(getattr(state, item)) for item in array_items(state)}
         mngr.save(
@@ -130,6 +156,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, counte
                 counters=ocp.args.JsonSave(counters),
                 config=ocp.args.JsonSave(config.to_dict()),
             ),
+            metrics=eval_metrics,
         )
 
 
@@ -232,6 +259,24 @@ def saved_config(mngr, step: int) -> ml_collections.ConfigDict:
     """The config a checkpoint was saved with, as saved (not checked against today's schema)."""
     restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return ml_collections.ConfigDict(restored["config"])
+
+
+def saved_params(mngr, step: int) -> dict:
+    """The tree of the parameters saved at `step`, as metadata (shape, dtype): nothing is read but the index."""
+    reader = ocp.CheckpointManager(
+        mngr.directory,
+        item_handlers={"params": ocp.StandardCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+    return reader.item_metadata(step)["params"].tree
+
+
+def restore_params_subset(mngr, step: int, target: dict) -> dict:
+    """Only the parameters named in `target` (a sub-tree of those saved, ShapeDtypeStructs with shardings),
+    restored onto its shardings: fine-tuning loads a backbone and leaves the rest of a checkpoint unread."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    return mngr.restore(step, args=ocp.args.Composite(params=args))["params"]
 
 
 def layout_differences(path: pathlib.Path, target_state, shown: int = 4) -> list[str]:

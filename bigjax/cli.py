@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from bigjax import checkpoint, data, evaluate, generate, plan, train
+    from bigjax import checkpoint, data, evaluate, finetune, generate, plan, train
     from bigjax import config as config_lib
 
     user_errors = (
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
         train.TrainingError,
         evaluate.EvalError,
         generate.GenerateError,
+        finetune.FinetuneError,
         plan.PlanError,
         FileNotFoundError,
     )

@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import json
 import pathlib
+import re
 from typing import Any
 
 import ml_collections
@@ -39,13 +40,13 @@ DEFAULT_SHARDING_RULES = (
     ("mlp", "tensor"),
     ("layers", None),
     ("positions", None),
+    ("classes", None),
 )
 
 
-def gpt_model() -> dict:
-    """The decoder-only Transformer (GPT-2 and Llama are both settings of it)."""
+def transformer_keys() -> dict:
+    """The keys every Transformer family shares (the layers in bigjax.models.layers and gpt.Block)."""
     return dict(
-        family="gpt",
         vocab_size=260,  # >= the tokenizer's (bytes: 256 + 4 special tokens); padded up to vocab_multiple
         vocab_multiple=128,
         max_len=128,  # longest sequence the positions support
@@ -72,9 +73,24 @@ def gpt_model() -> dict:
     )
 
 
+def gpt_model() -> dict:
+    """The decoder-only Transformer (GPT-2 and Llama are both settings of it)."""
+    return dict(family="gpt", **transformer_keys())
+
+
+def bert_model() -> dict:
+    """The bidirectional encoder (BERT): the Transformer keys plus where the LayerNorms go and token types."""
+    return dict(
+        family="bert",
+        **transformer_keys(),
+        norm_position="post",  # post (BERT) | pre
+        type_vocab_size=0,  # token-type (sentence A/B) embeddings; 0 = none
+    )
+
+
 # Model family -> the keys of config.model (with defaults) that family understands. An experiment picks its
 # family with defaults(model=...); the schema check then holds config.model to that family's keys.
-MODEL_DEFAULTS = {"gpt": gpt_model}
+MODEL_DEFAULTS = {"gpt": gpt_model, "bert": bert_model}
 
 
 def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.ConfigDict:
@@ -98,9 +114,10 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
 
     c.task = ml_collections.ConfigDict(
         dict(
-            name=task,  # causal_lm | classification
+            name=task,  # causal_lm | masked_lm | classification
             num_classes=0,  # classification
             label_smoothing=0.0,  # classification
+            mask_rate=0.15,  # masked_lm: fraction of tokens chosen for prediction (80% masked, 10% random, 10% kept)
         )
     )
     c.model = ml_collections.ConfigDict(MODEL_DEFAULTS[model]())
@@ -122,6 +139,8 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             decay_embeddings=False,
             clip=1.0,  # global-norm clipping; 0 = off
             grad_accum=1,  # microbatches per step, accumulated inside the jitted step
+            l1_penalty=0.0,  # adds l1 * sum|w| to the loss of the decayed (kernel) weights; 0 = off
+            l2_penalty=0.0,  # adds l2/2 * sum w^2 likewise (a loss term, unlike adamw's decoupled weight_decay)
         )
     )
 
@@ -151,6 +170,24 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             image_std=(0.5,),
         )
     )
+
+    # Fine-tuning and transfer (bigjax.finetune).
+    c.init_from = ml_collections.ConfigDict(
+        dict(
+            workdir="",  # another run's workdir whose parameters start this run; "" = train from scratch
+            step=0,  # its checkpoint to load; 0 = the newest
+            include=".*",  # regex (re.search) over "/"-joined parameter paths, e.g. "layers/attention/query/kernel"
+            exclude="",  # regex of paths not to load (they keep their fresh initialization); "" = none
+        )
+    )
+    c.freeze = ""  # regex over parameter paths: those stay bit-identical and get no optimizer state; "" = none
+    c.early_stopping = ml_collections.ConfigDict(
+        dict(
+            metric="",  # an inline-eval metric, e.g. "accuracy" or "loss"; "" = off (needs eval_every > 0)
+            mode="max",  # max | min: which way is better
+            patience=5,  # stop after this many evaluations without improvement
+        )
+    )
     return c
 
 
@@ -158,8 +195,9 @@ NAN_POLICIES = ("stop", "skip")
 
 # Keys with a closed set of values. A model key is checked only where the family has it.
 CHOICES = {
-    "task.name": ("causal_lm", "classification"),
+    "task.name": ("causal_lm", "masked_lm", "classification"),
     "model.positions": ("learned", "rope"),
+    "model.norm_position": ("post", "pre"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu", "swiglu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -169,6 +207,7 @@ CHOICES = {
     "optim.name": ("adamw", "adam", "sgd", "adagrad", "rmsprop", "adafactor", "lion"),
     "optim.schedule": ("constant", "cosine", "linear", "wsd"),
     "data.text_records": ("auto", "document", "paragraph", "line"),
+    "early_stopping.mode": ("max", "min"),
 }
 
 
@@ -377,6 +416,33 @@ def check_values(config) -> None:
         )
     if not 0 < config.data.eval_fraction < 1:
         raise ConfigError(f"config.data.eval_fraction must be in (0, 1), got {config.data.eval_fraction}")
+    if not 0 < config.task.mask_rate < 1:
+        raise ConfigError(f"config.task.mask_rate must be in (0, 1), got {config.task.mask_rate}")
+    check_finetuning(config)
+
+
+def check_finetuning(config) -> None:
+    """Fine-tuning keys: patterns that compile, early stopping that has evaluations to watch."""
+    for dotted in ("init_from.include", "init_from.exclude", "freeze"):
+        group, _, key = dotted.rpartition(".")
+        pattern = config[group][key] if group else config[key]
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ConfigError(f"config.{dotted}={pattern!r} is not a valid regular expression: {error}") from None
+    if config.init_from.step < 0:
+        raise ConfigError(f"config.init_from.step must be >= 0 (0 = the newest), got {config.init_from.step}")
+    stopping = config.early_stopping
+    if stopping.metric and not config.eval_every:
+        raise ConfigError(
+            f"config.early_stopping.metric={stopping.metric!r} watches the inline evaluation, which is off; "
+            "set config.eval_every"
+        )
+    if stopping.patience < 1:
+        raise ConfigError(f"config.early_stopping.patience must be at least 1, got {stopping.patience}")
+    for key in ("l1_penalty", "l2_penalty"):
+        if config.optim[key] < 0:
+            raise ConfigError(f"config.optim.{key} must be >= 0 (0 turns it off), got {config.optim[key]}")
 
 
 POSITIVE_MODEL_KEYS = ("num_layers", "d_model", "num_heads", "vocab_size", "max_len", "vocab_multiple")
@@ -388,6 +454,8 @@ def check_model(config) -> None:
     for key in POSITIVE_MODEL_KEYS:
         if key in m and m[key] <= 0:
             raise ConfigError(f"config.model.{key} must be positive, got {m[key]}")
+    if m.get("type_vocab_size", 0) < 0:
+        raise ConfigError(f"config.model.type_vocab_size must be >= 0 (0 = no token types), got {m.type_vocab_size}")
     if "num_heads" in m:
         check_attention_shape(m)
     if "max_len" in m and config.data.seq_len > m.max_len:
@@ -452,7 +520,7 @@ def _mesh_str(shape) -> str:
 
 
 # Changing these on resume would load weights or optimizer moments into a model they do not fit.
-RESUME_MUST_MATCH = ("model", "optim.name", "data.tokenizer", "data.seq_len")
+RESUME_MUST_MATCH = ("model", "optim.name", "data.tokenizer", "data.seq_len", "task.name", "task.num_classes", "freeze")
 
 
 def resume_conflicts(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:

@@ -7,12 +7,19 @@ The entry points take the `optim` section of the experiment config
 * `make_optimizer(cfg, total_steps)`: the full gradient transformation
   (clipping, weight decay and the optimizer itself, in that order).
 * `decay_mask(params)`: which parameter leaves receive weight decay.
+
+With `freeze` (a regex over parameter paths, see bigjax.finetune) the matching parameters are routed to
+`optax.set_to_zero()` by `optax.multi_transform`: they get no optimizer state (no moments), and since the clip
+and the optimizer only see the trainable ones, neither does the gradient norm.
 """
 
 import functools
 
 import jax
+import jax.numpy as jnp
 import optax
+
+from bigjax import finetune
 
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad", "rmsprop", "adafactor", "lion")
@@ -149,8 +156,30 @@ _DECOUPLED_DECAY = {"adamw": _adamw, "lion": _lion, "adafactor": _adafactor}
 _L2_DECAY = {"adam": _adam, "sgd": _sgd, "adagrad": _adagrad, "rmsprop": _rmsprop}
 
 
-def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
-    """Clip -> (L2 decay) -> optimizer, with the lr following `make_schedule`."""
+def penalty_gradients(l1: float, l2: float, mask) -> optax.GradientTransformation:
+    """The gradient of l1 * sum|w| + l2/2 * sum w^2 over the masked (kernel) weights, added to the loss's: an
+    L1/L2 penalty in the loss, which the optimizer then treats like the rest of the gradient (unlike adamw's
+    decoupled decay)."""
+
+    def add_penalties(grads, params):
+        return jax.tree.map(lambda g, w: g + l1 * jnp.sign(w) + l2 * w, grads, params)
+
+    return optax.masked(optax.stateless(add_penalties), mask)
+
+
+def make_optimizer(optim_config, total_steps: int, freeze: str = "") -> optax.GradientTransformation:
+    """(Penalties) -> clip -> (L2 decay) -> optimizer, with the lr following `make_schedule`; parameters
+    matching `freeze` get none of it."""
+    tx = _trainable_optimizer(optim_config, total_steps)
+    if not freeze:
+        return tx
+    labels = lambda params: jax.tree.map(
+        lambda frozen: "frozen" if frozen else "trained", finetune.matches(params, freeze)
+    )
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _trainable_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
     name = optim_config.name
     _check_choice("optimizer", name, OPTIMIZERS)
     lr = make_schedule(optim_config, total_steps)
@@ -162,6 +191,9 @@ def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformati
         mask = functools.partial(decay_mask, decay_embeddings=embeddings)
 
     chain = []
+    if optim_config.l1_penalty or optim_config.l2_penalty:
+        kernels = functools.partial(decay_mask, decay_embeddings=bool(optim_config.decay_embeddings))
+        chain.append(penalty_gradients(optim_config.l1_penalty, optim_config.l2_penalty, kernels))
     if optim_config.clip > 0:
         chain.append(optax.clip_by_global_norm(optim_config.clip))
     if name in _L2_DECAY:

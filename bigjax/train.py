@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bigjax import checkpoint, data, evaluate, metrics, optim, tasks
+from bigjax import checkpoint, data, evaluate, finetune, metrics, optim, tasks
 from bigjax import config as config_lib
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
@@ -29,7 +29,7 @@ class TrainingError(Exception):
 @dataclasses.dataclass
 class Summary:
     step: int
-    status: str  # "finished" | "preempted"
+    status: str  # "finished" | "preempted" | "stopped early"
     last_metrics: dict
 
 
@@ -45,7 +45,13 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
     # Devices and mesh: the config is checked against them before anything is compiled.
     mesh = mesh_lib.make_mesh(config)
     rules = mesh_lib.logical_rules(config)
-    mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+    stopper = finetune.EarlyStopping.from_config(config)  # None unless config.early_stopping.metric is set
+    mngr = checkpoint.manager(
+        workdir,
+        keep=config.keep_checkpoints,
+        best_metric=config.early_stopping.metric,
+        best_mode=config.early_stopping.mode,
+    )
     metrics.say(f"mesh {mesh_lib.describe(mesh)} on {jax.devices()[0].device_kind}; workdir {workdir}")
 
     # Model, task and data.
@@ -54,7 +60,7 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
     eval_data = data.eval_data(config) if config.eval_every else None
 
     # Optimizer and state, restored from the newest checkpoint or freshly initialized into its shards.
-    tx = optim.make_optimizer(config.optim, config.total_steps)
+    tx = optim.make_optimizer(config.optim, config.total_steps, freeze=config.freeze)
     abstract_state, state_shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
     state, counters = restore_or_init(
         mngr, workdir, task, tx, config, mesh, rules, abstract_state, state_shardings, train_batches, fresh
@@ -63,6 +69,8 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
     non_finite = NonFiniteGuard(config, start_step=int(state.step), skipped=counters.get("nan_skips", 0))
     start = int(state.step)
     log_model_size(state.params)
+    if stopper is not None and start:
+        resume_early_stopping(stopper, mngr, start, config.eval_every)
 
     # One compiled, sharded, donating step.
     train_step, compile_seconds = compile_train_step(task, tx, config, mesh, rules, state, state_shardings)
@@ -78,7 +86,7 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
 
     step = start
     try:
-        while step < config.total_steps:
+        while step < config.total_steps and not (stopper and stopper.should_stop):
             batch = mesh_lib.global_batch_from_host(next(train_batches), mesh)
             state, step_metrics = train_step(state, batch)
             pending.append(step_metrics)
@@ -90,15 +98,20 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
                 last = log_metrics(writer, step, pending, throughput, non_finite)
                 pending = []
                 checkpoint.raise_if_a_save_failed(mngr)  # a background save that failed stops the run here
+            eval_metrics = None
             if eval_step is not None and step % config.eval_every == 0:
                 eval_metrics = evaluate.evaluate(eval_step, model_variables(state), eval_data, mesh, task)
                 writer.write(step, prefixed("eval/", eval_metrics))
+                if stopper is not None:
+                    stopper.update(step, eval_metrics)
             stopping = stop.requested or step == stop_at_step
             checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
-            if checkpoint_due or step == config.total_steps or stopping:
+            # With early stopping every evaluation is a checkpoint, ranked by its metrics: the best one is kept.
+            ranked = stopper is not None and eval_metrics is not None
+            if checkpoint_due or ranked or step == config.total_steps or stopping:
                 # Never save a state that went non-finite: check the steps not yet logged first.
                 non_finite.check(step, jax.device_get(pending))
-                save(mngr, step, state, train_batches, non_finite, config)
+                save(mngr, step, state, train_batches, non_finite, config, eval_metrics if ranked else None)
             if stopping:
                 why = "by a signal" if stop.requested else "as asked (--stop-at-step)"
                 metrics.say(f"stopped {why} at step {step} with a checkpoint; rerun the same command to resume")
@@ -111,6 +124,13 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
         # Even on failure, finish a save still in flight: the last good checkpoint is what a rerun resumes.
         checkpoint.finish_saves(mngr)
     status = "finished" if step >= config.total_steps else "preempted"
+    if stopper is not None:
+        if stopper.should_stop and step < config.total_steps:
+            status = "stopped early"
+            metrics.say(f"stopped early at step {step}: {stopper.patience} evaluations without improvement")
+        metrics.say(
+            f"early stopping: {stopper.describe()}; that checkpoint is kept in {checkpoint.checkpoint_dir(workdir)}"
+        )
     return Summary(step=step, status=status, last_metrics=last)
 
 
@@ -153,7 +173,18 @@ def restore_or_init(mngr, workdir, task, tx, config, mesh, rules, abstract_state
         )
     if fresh:
         metrics.say(f"starting again from step 0 in {workdir} (--fresh)")
-    return state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings), {}
+    state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
+    if config.init_from.workdir:  # fine-tuning: parameters from another run, optimizer and data from scratch
+        state = state.replace(params=finetune.load_pretrained(state.params, config.init_from, shardings.params))
+    return state, {}
+
+
+def resume_early_stopping(stopper, mngr, step: int, eval_every: int) -> None:
+    """A resumed run carries on counting from its best checkpoint (Orbax keeps it, with its metrics)."""
+    best = mngr.best_step()
+    stopper.resume(best, mngr.metadata(best).metrics if best is not None else None, step, eval_every)
+    if stopper.best_step is not None:
+        metrics.say(f"early stopping: {stopper.describe()}, {stopper.since_best} evaluations since")
 
 
 def log_model_size(params) -> None:
@@ -174,6 +205,10 @@ def make_train_step(task, tx, config):
     dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
     def loss_sum(params, model_state, batch, rng):
+        # Frozen parameters are constants to the gradient: XLA computes no gradient for them at all.
+        params = jax.tree.map(
+            lambda frozen, p: jax.lax.stop_gradient(p) if frozen else p, finetune.matches(params, config.freeze), params
+        )
         sums, new_model_state = task.loss_sums(params, model_state, batch, rng, train=True)
         return sums["loss"], (sums, new_model_state)
 
@@ -206,9 +241,16 @@ def make_train_step(task, tx, config):
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grad_sums)  # the gradient of the mean loss
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        # Frozen parameters are kept as they are, not given a zero update: bit-identical even where p + 0 is not.
+        params = jax.tree.map(
+            lambda frozen, old, new: old if frozen else new,
+            finetune.matches(state.params, config.freeze),
+            state.params,
+            optax.apply_updates(state.params, updates),
+        )
         new_state = state.replace(
             step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
+            params=params,
             opt_state=opt_state,
             model_state=model_state,
         )
@@ -325,10 +367,10 @@ class NonFiniteGuard:
         metrics.say(f"{what}: update skipped ({self.skipped} of at most {self.limit}, config.max_nan_skips)")
 
 
-def save(mngr, step: int, state, train_batches, non_finite: NonFiniteGuard, config) -> None:
+def save(mngr, step: int, state, train_batches, non_finite: NonFiniteGuard, config, eval_metrics=None) -> None:
     """Save what a resume needs: the state, where the data iterator is, and the run's counts."""
     counters = {"nan_skips": non_finite.skipped}
-    checkpoint.save(mngr, step, state, train_batches.get_state(), counters, config)
+    checkpoint.save(mngr, step, state, train_batches.get_state(), counters, config, eval_metrics)
 
 
 def prefixed(prefix: str, values: dict) -> dict:

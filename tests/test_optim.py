@@ -29,6 +29,8 @@ def make_config(**overrides) -> ml_collections.ConfigDict:
         weight_decay=0.0,
         decay_embeddings=False,
         clip=0.0,
+        l1_penalty=0.0,
+        l2_penalty=0.0,
     )
     unknown = set(overrides) - set(values)
     assert not unknown, f"test passed unknown config keys {unknown}"

@@ -92,13 +92,19 @@ def resolve_attention(choice: str, dtype: str) -> str:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block. Returns (x, None) so that nn.scan can stack it."""
+    """Residual attention + MLP block. Returns (x, None) so that nn.scan can stack it.
+
+    Pre-norm (GPT-2, Llama, modern encoders) normalizes each sublayer's input; post-norm (the original
+    Transformer and BERT) normalizes after each residual sum. `causal=False` is the bidirectional encoder.
+    """
 
     cfg: GPTConfig
     train: bool
+    causal: bool = True
+    post_norm: bool = False
 
     @nn.compact
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, segment_ids):
         c = self.cfg
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         # GPT-2's scaled init of the projections back into the residual stream.
@@ -117,13 +123,18 @@ class Block(nn.Module):
             out_init_std=out_std,
             dtype=dtype,
             param_dtype=param_dtype,
+            causal=self.causal,
             name="attention",
         )
-        x = x + dropout(attention(norm("attention_norm")(x), positions))
-        x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
-
         mlp = layers.Mlp(c.mlp, c.mlp_dim, c.use_bias, c.init_std, out_std, dtype, param_dtype, name="mlp")
-        x = x + dropout(mlp(norm("mlp_norm")(x)))
+        if self.post_norm:
+            x = norm("attention_norm")(x + dropout(attention(x, positions, segment_ids)))
+            x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
+            x = norm("mlp_norm")(x + dropout(mlp(x)))
+        else:
+            x = x + dropout(attention(norm("attention_norm")(x), positions, segment_ids))
+            x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
+            x = x + dropout(mlp(norm("mlp_norm")(x)))
         x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
         return x, None
 
@@ -139,21 +150,37 @@ def stacked_blocks(cfg: GPTConfig):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,),
+            in_axes=(nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
     return block
 
 
+def run_blocks(cfg: GPTConfig, x, positions, segment_ids, train: bool, causal: bool = True, post_norm: bool = False):
+    """The stack of blocks, scanned or unrolled; called from inside a module's compact method."""
+    blocks = stacked_blocks(cfg)
+    if cfg.scan_layers:
+        return blocks(cfg, train, causal, post_norm, name="layers")(x, positions, segment_ids)[0]
+    for i in range(cfg.num_layers):
+        x, _ = blocks(cfg, train, causal, post_norm, name=f"layers_{i}")(x, positions, segment_ids)
+    return x
+
+
 class GPT(nn.Module):
+    """The causal language model: tokens -> next-token logits."""
+
     cfg: GPTConfig
 
-    @nn.compact
-    def __call__(self, tokens, train: bool = False):
+    def hidden_states(self, tokens, positions, segment_ids, train: bool):
+        """The final-normed hidden states [batch, length, d] and the token embedding (the tied output layer).
+
+        Shared with GPTClassifier, so that a classifier's backbone parameters have the language model's paths.
+        """
         c = self.cfg
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
         embed = nn.Embed(
             c.vocab_size,
@@ -175,28 +202,66 @@ class GPT(nn.Module):
             )(positions)
         x = nn.Dropout(c.dropout, deterministic=not train)(x)
         x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
-
-        blocks = stacked_blocks(c)
-        if c.scan_layers:
-            x, _ = blocks(c, train, name="layers")(x, positions)
-        else:
-            for i in range(c.num_layers):
-                x, _ = blocks(c, train, name=f"layers_{i}")(x, positions)
-
+        x = run_blocks(c, x, positions, segment_ids, train)
         x = layers.Norm(c.norm, c.norm_eps, c.use_bias, dtype, param_dtype, name="final_norm")(x)
+        return x, embed
+
+    @nn.compact
+    def __call__(self, tokens, train: bool = False):
+        c = self.cfg
+        x, embed = self.hidden_states(tokens, None, None, train)
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
             logits = nn.Dense(
                 c.vocab_size,
                 use_bias=False,
-                dtype=dtype,
-                param_dtype=param_dtype,
+                dtype=jnp.dtype(c.dtype),
+                param_dtype=jnp.dtype(c.param_dtype),
                 kernel_init=layers.logical(layers.normal(c.init_std), "embed", "vocab"),
                 name="unembed",
             )(x)
         logits = layers.constrain(logits, "activation_batch", "activation_length", "activation_vocab")
         return logits.astype(jnp.float32)
+
+
+class GPTClassifier(GPT):
+    """The GPT backbone classifying each example packed into a row: attention stays inside each example
+    (causal and segment-masked), and the last token of each example, which has seen all of it, feeds a new
+    linear head. Backbone parameters have the language model's names, so `init_from` loads them by path.
+
+        logits = model.apply(variables, tokens, segment_ids, positions)   # [batch, max_segments, num_classes]
+    """
+
+    num_classes: int = 2
+    max_segments: int = 1
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids, positions, train: bool = False):
+        c = self.cfg
+        x, _ = self.hidden_states(tokens, positions, segment_ids, train)
+        pooled = layers.pool_segments(x, segment_ids, positions, self.max_segments, token="last")
+        pooled = nn.Dropout(c.dropout, deterministic=not train)(pooled)
+        return classifier_head(c, self.num_classes, pooled)
+
+
+def classifier_head(cfg: GPTConfig, num_classes: int, x):
+    """A new linear layer onto the classes, zero-initialized so fine-tuning starts from uniform predictions;
+    fp32 logits. Called from inside a compact method."""
+    logits = nn.Dense(
+        num_classes,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=layers.logical(nn.initializers.zeros, "embed", "classes"),
+        bias_init=layers.logical(nn.initializers.zeros, "classes"),
+        name="classifier",
+    )(x)
+    return logits.astype(jnp.float32)
+
+
+def make_classifier(model_config, num_classes: int, max_segments: int = 1) -> GPTClassifier:
+    """The classification task's constructor for this family (see bigjax.tasks.classification)."""
+    return GPTClassifier(GPTConfig.from_config(model_config), num_classes=num_classes, max_segments=max_segments)
 
 
 def parameter_count(cfg: GPTConfig) -> dict[str, int]:

@@ -69,7 +69,9 @@ def rotary(x, positions, theta: float):
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads, through jax.nn.dot_product_attention.
+    """Self-attention with grouped-query heads, through jax.nn.dot_product_attention: causal (GPT) or
+    bidirectional (BERT), and confined to each token's own segment when `segment_ids` are given, so that
+    examples packed into one row never see each other.
 
     Written with nn.Einsum rather than nn.MultiHeadDotProductAttention: the latter flattens 3-D kernels and
     loses their logical axis names under a mesh.
@@ -85,6 +87,7 @@ class Attention(nn.Module):
     out_init_std: float
     dtype: Dtype
     param_dtype: Dtype
+    causal: bool = True
 
     def _project(self, x, heads: int, head_names: str, name: str):
         return nn.Einsum(
@@ -99,7 +102,7 @@ class Attention(nn.Module):
         )(x)
 
     @nn.compact
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, segment_ids=None):
         q = self._project(x, self.num_heads, "heads", "query")
         k = self._project(x, self.num_kv_heads, "kv_heads", "key")
         v = self._project(x, self.num_kv_heads, "kv_heads", "value")
@@ -108,7 +111,10 @@ class Attention(nn.Module):
         q = constrain(q, "activation_batch", "activation_length", "activation_heads", None)
         k = constrain(k, "activation_batch", "activation_length", "activation_kv_heads", None)
         v = constrain(v, "activation_batch", "activation_length", "activation_kv_heads", None)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+        mask = None if segment_ids is None else same_segment_mask(segment_ids)
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation
+        )
         out = constrain(out, "activation_batch", "activation_length", "activation_heads", None)
         return nn.Einsum(
             shape=(self.num_heads, self.head_dim, x.shape[-1]),
@@ -120,6 +126,31 @@ class Attention(nn.Module):
             bias_init=logical(nn.initializers.zeros, "embed"),
             name="out",
         )(out)
+
+
+def same_segment_mask(segment_ids):
+    """[batch, 1, length, length] booleans: query i may attend to key j iff both are in the same segment.
+
+    Padding (segment 0) attends to padding only, so no row of the attention matrix is empty (no NaN).
+    """
+    return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+
+
+def pool_segments(x, segment_ids, positions, num_segments: int, token: str):
+    """One vector per packed example: [batch, length, d] -> [batch, num_segments, d].
+
+    `token` picks which token of segment k represents it: "first" (BERT's cls token, position 0) or "last"
+    (a causal model, whose last token has seen the whole example). A one-hot matmul rather than a gather:
+    exact, and it shards like any matmul. Segments a row does not have come out as zeros.
+    """
+    if token == "first":
+        picked = positions == 0
+    else:  # the next token starts another segment, or the row ends
+        next_segment = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)))
+        picked = segment_ids != next_segment
+    ids = jnp.arange(1, num_segments + 1)
+    select = (segment_ids[:, None, :] == ids[None, :, None]) & picked[:, None, :]  # [batch, segments, length]
+    return jnp.einsum("bst,btd->bsd", select.astype(x.dtype), x)
 
 
 class Mlp(nn.Module):

@@ -38,6 +38,10 @@ def make_task(config):
         from bigjax.tasks.causal_lm import CausalLM
 
         return CausalLM(config)
+    if name == "masked_lm":
+        from bigjax.tasks.masked_lm import MaskedLM
+
+        return MaskedLM(config)
     if name == "classification":
         from bigjax.tasks.classification import Classification
 

@@ -7,7 +7,8 @@ batches pack several examples per row: {"tokens", "segment_ids", "positions": in
 model returns logits of shape labels.shape + (num_classes,); weight 0 marks padding.
 
 The model comes from the family's module: every module in bigjax/models that can classify defines
-`make_classifier(model_config, num_classes) -> nn.Module`.
+`make_classifier(model_config, num_classes) -> nn.Module`; text families also take `max_segments`, the number
+of examples a row may pack (they return that many rows of logits).
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from bigjax.config import ConfigError
 IMAGE_FAMILIES = ("vit", "resnet", "cnn")
 
 
-def make_classifier(model_config, num_classes: int):
+def make_classifier(model_config, num_classes: int, **text_options):
     try:
         module = importlib.import_module(f"bigjax.models.{model_config.family}")
     except ModuleNotFoundError:
         module = None
     if module is None or not hasattr(module, "make_classifier"):
         raise ConfigError(f"config.model.family={model_config.family!r} has no classifier")
-    return module.make_classifier(model_config, num_classes)
+    return module.make_classifier(model_config, num_classes, **text_options)
 
 
 class Classification:
@@ -41,7 +42,8 @@ class Classification:
         self.num_classes = config.task.num_classes
         self.label_smoothing = config.task.label_smoothing
         self.images = config.model.family in IMAGE_FAMILIES
-        self.model = make_classifier(config.model, self.num_classes)
+        text_options = {} if self.images else dict(max_segments=config.data.max_segments)
+        self.model = make_classifier(config.model, self.num_classes, **text_options)
         self.seq_len = config.data.seq_len
         self.max_segments = config.data.max_segments
         self.image_shape = (config.data.image_size, config.data.image_size, config.data.channels)

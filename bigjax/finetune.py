@@ -1,0 +1,172 @@
+"""Fine-tuning and transfer: start from another run's parameters, keep a backbone fixed, stop early.
+
+    config.init_from = dict(workdir=..., step=0, include=".*", exclude="")
+    config.freeze = "regex"                                   # e.g. "^(?!classifier)" freezes all but the head
+    config.early_stopping = dict(metric="accuracy", mode="max", patience=5)
+
+Parameters are named by their "/"-joined paths, e.g. `layers/attention/query/kernel` or `classifier/bias`
+(scanned layers are one stacked array each); every pattern is a `re.search` over those names.
+
+- `init_from` loads, when a run starts from scratch, the parameters of another run's checkpoint (parameters
+  only: no optimizer state, no step, no data position) onto this run's mesh. A parameter is loaded when its name
+  matches `include`, does not match `exclude`, and the checkpoint has it; the others (a new head) keep their
+  fresh initialization. A name that matches but has another shape in the checkpoint is an error: exclude it.
+- `freeze` (see bigjax.optim) keeps the matching parameters bit-identical: they get no gradient computation,
+  no optimizer state and no update.
+- Early stopping watches one inline-eval metric: each evaluation saves a checkpoint carrying its metrics, Orbax
+  keeps the best one besides the newest `keep_checkpoints`, and training stops after `patience` evaluations
+  without improvement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+from flax.core.meta import AxisMetadata
+
+from bigjax import checkpoint, metrics
+
+
+class FinetuneError(Exception):
+    """A fine-tuning setting that cannot work: a message for the user."""
+
+
+def param_path(keypath) -> str:
+    """A jax key path -> "layers/attention/query/kernel" (Flax's boxing `.value` left out)."""
+    names = []
+    for key in keypath:
+        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+        if name != "value" or not isinstance(key, jax.tree_util.GetAttrKey):
+            names.append(str(name))
+    return "/".join(names)
+
+
+def matches(params, pattern: str):
+    """A tree like `params` of bools: does the parameter's path match `pattern` (re.search)? '' matches none.
+
+    Flax's logical-axis boxes count as leaves, so that optax's masks (freeze) replace a boxed parameter whole.
+    """
+    regex = re.compile(pattern) if pattern else None
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: bool(regex and regex.search(param_path(path))),
+        params,
+        is_leaf=lambda x: isinstance(x, AxisMetadata),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# init_from
+
+
+def load_pretrained(params, init_from, param_shardings):
+    """`params` with the selected ones replaced by those of `init_from.workdir`'s checkpoint, restored onto
+    `param_shardings` (this run's mesh). Says what it loaded and what it left fresh."""
+    directory = checkpoint.checkpoint_dir(init_from.workdir)
+    mngr = checkpoint.manager(init_from.workdir, read_only=True) if directory.is_dir() else None
+    available = sorted(mngr.all_steps()) if mngr else []
+    step = init_from.step or (available[-1] if available else None)
+    if step is None or step not in available:
+        raise FinetuneError(
+            f"config.init_from: no checkpoint {'at step ' + str(step) + ' ' if step else ''}in "
+            f"{directory} (it has {available or 'none'}); "
+            "train that run first or fix config.init_from.workdir / step"
+        )
+    saved = by_path(checkpoint.saved_params(mngr, step))
+    wanted, unwanted = by_path(matches(params, init_from.include)), by_path(matches(params, init_from.exclude))
+    shardings = by_path(param_shardings)
+    load = {}
+    for name, leaf in by_path(params).items():
+        if not wanted[name] or unwanted[name] or name not in saved:
+            continue
+        if tuple(saved[name].shape) != tuple(leaf.shape):
+            raise FinetuneError(
+                f"config.init_from: parameter {name} has shape {tuple(saved[name].shape)} in "
+                f"{init_from.workdir} but {tuple(leaf.shape)} here; make the models match or leave it out with "
+                f"config.init_from.exclude"
+            )
+        load[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=shardings[name])
+    if not load:
+        raise FinetuneError(
+            f"config.init_from: no parameter of {init_from.workdir} step {step} matches this model "
+            f"(include={init_from.include!r}, exclude={init_from.exclude!r}); its parameters are "
+            f"{', '.join(sorted(saved)[:8])}{', ...' if len(saved) > 8 else ''}"
+        )
+
+    restored = by_path(checkpoint.restore_params_subset(mngr, step, nest(load)))
+    fresh = [name for name in by_path(params) if name not in restored]
+    metrics.say(
+        f"init_from: loaded {len(restored)} parameters from {init_from.workdir} step {step}; "
+        f"freshly initialized: {', '.join(fresh) if fresh else 'none'}"
+    )
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: restored.get(param_path(path), leaf), params)
+
+
+def by_path(tree) -> dict:
+    """{"layers/attention/query/kernel": leaf, ...}"""
+    return {param_path(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def nest(flat: dict) -> dict:
+    """{"a/b/c": x} -> {"a": {"b": {"c": x}}}: the tree a "/"-named selection of parameters restores into."""
+    tree = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+# --------------------------------------------------------------------------------------------------
+# Early stopping
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Tracks one eval metric: the best value so far, and the evaluations since it was reached."""
+
+    metric: str
+    mode: str  # "max" | "min"
+    patience: int
+    best: float = math.nan
+    best_step: int | None = None
+    since_best: int = 0
+
+    @classmethod
+    def from_config(cls, config):
+        s = config.early_stopping
+        return cls(s.metric, s.mode, s.patience) if s.metric else None
+
+    def resume(self, best_step: int | None, best_metrics: dict | None, step: int, eval_every: int) -> None:
+        """Rebuild the state of a resumed run from its best checkpoint: evaluations run at multiples of
+        eval_every, so those after the best one up to `step` are the evaluations without improvement."""
+        if best_step is None or not best_metrics or self.metric not in best_metrics:
+            return
+        self.best, self.best_step = float(best_metrics[self.metric]), best_step
+        self.since_best = step // eval_every - best_step // eval_every
+
+    def update(self, step: int, eval_metrics: dict) -> bool:
+        """Record one evaluation; True when it is the best so far."""
+        if self.metric not in eval_metrics:
+            raise FinetuneError(
+                f"config.early_stopping.metric={self.metric!r} is not an eval metric; "
+                f"the evaluation gives {', '.join(sorted(eval_metrics))}"
+            )
+        value = float(eval_metrics[self.metric])
+        better = value > self.best if self.mode == "max" else value < self.best
+        if math.isnan(self.best) or better:
+            self.best, self.best_step, self.since_best = value, step, 0
+            return True
+        self.since_best += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.since_best >= self.patience
+
+    def describe(self) -> str:
+        return f"best {self.metric}={self.best:.6g} at step {self.best_step}"

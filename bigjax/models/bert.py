@@ -1,0 +1,142 @@
+"""BERT-style bidirectional encoder: masked-LM pretraining and classification of packed examples.
+
+Rows pack several examples (see bigjax.data): `segment_ids` number them 1, 2, ... (0 = padding) and `positions`
+count tokens within each example, so attention never crosses an example and every example sees the learned
+positions it would see alone. Each example starts with the tokenizer's `cls` token.
+
+    model = BertMLM(BertConfig.from_config(config.model))
+    logits = model.apply(variables, tokens, segment_ids, positions, predict_at=idx)   # [batch, P, padded_vocab]
+
+    model = make_classifier(config.model, num_classes, max_segments)
+    logits = model.apply(variables, tokens, segment_ids, positions)   # [batch, max_segments, num_classes]
+
+The Transformer blocks are GPT's (`bigjax.models.gpt.Block`) with `causal=False`, pre- or post-LayerNorm by
+`model.norm_position`; both models share `encode`, so a classifier's backbone has the pretraining model's
+parameter paths and `init_from` loads them by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bigjax.models import layers
+from bigjax.models.gpt import GPTConfig, classifier_head, run_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig(GPTConfig):
+    norm_position: str  # "post": LayerNorm after each residual sum, as BERT; "pre": before each sublayer
+    type_vocab_size: int  # token-type (sentence A/B) embeddings; 0 = none
+
+
+class BertEncoder(nn.Module):
+    cfg: BertConfig
+
+    def encode(self, tokens, segment_ids, positions, train: bool, token_types=None):
+        """Hidden states [batch, length, d] and the token embedding (the tied masked-LM output layer)."""
+        c = self.cfg
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        post_norm = c.norm_position == "post"
+        norm = lambda name: layers.Norm(c.norm, c.norm_eps, c.use_bias, dtype, param_dtype, name=name)
+        embedding = lambda size, names, name: nn.Embed(
+            size,
+            c.d_model,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=layers.logical(layers.normal(c.init_std), *names),
+            name=name,
+        )
+
+        embed = embedding(c.vocab_size, ("vocab", "embed"), "embed")
+        x = embed(tokens)
+        if c.positions == "learned":
+            x = x + embedding(c.max_len, ("positions", "embed"), "position_embed")(positions)
+        if c.type_vocab_size:
+            types = jnp.zeros_like(tokens) if token_types is None else token_types
+            x = x + embedding(c.type_vocab_size, (None, "embed"), "token_type_embed")(types)
+        if post_norm:  # BERT normalizes the summed embeddings; a pre-norm stack normalizes at the end instead
+            x = norm("embed_norm")(x)
+        x = nn.Dropout(c.dropout, deterministic=not train)(x)
+        x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
+        x = run_blocks(c, x, positions, segment_ids, train, causal=False, post_norm=post_norm)
+        if not post_norm:
+            x = norm("final_norm")(x)
+        return x, embed
+
+
+class BertMLM(BertEncoder):
+    """The encoder with BERT's masked-LM head (dense, GELU, LayerNorm, then the tied embedding plus a bias).
+
+    `predict_at` [batch, P] picks the positions to predict, so the vocabulary projection runs on the ~15% of
+    tokens that are scored rather than on all of them; without it every position gets logits.
+    """
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids, positions, train: bool = False, predict_at=None, token_types=None):
+        c = self.cfg
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        x, embed = self.encode(tokens, segment_ids, positions, train, token_types)
+        if predict_at is not None:
+            x = jnp.take_along_axis(x, predict_at[..., None], axis=1)
+        x = nn.Dense(
+            c.d_model,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=layers.logical(layers.normal(c.init_std), "embed", "mlp"),
+            bias_init=layers.logical(nn.initializers.zeros, "mlp"),
+            name="mlm_transform",
+        )(x)
+        x = layers.Norm(c.norm, c.norm_eps, c.use_bias, dtype, param_dtype, name="mlm_norm")(nn.gelu(x))
+        # Features whole again before the vocabulary projection, as GPT's hidden states are. Without this, XLA's
+        # SPMD partitioner (jax 0.10) gets the gradients wrong on a data x fsdp x tensor mesh for small
+        # prediction counts: the test of the meshes in tests/test_text_models.py fails.
+        x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
+        if c.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(
+                c.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=layers.logical(layers.normal(c.init_std), "embed", "vocab"),
+                name="unembed",
+            )(x)
+        bias = self.param("mlm_bias", layers.logical(nn.initializers.zeros, "vocab"), (c.vocab_size,), param_dtype)
+        logits = logits + bias.astype(logits.dtype)
+        logits = layers.constrain(logits, "activation_batch", "activation_length", "activation_vocab")
+        return logits.astype(jnp.float32)
+
+
+class BertClassifier(BertEncoder):
+    """The encoder classifying each packed example from its `cls` token, through BERT's pooler (dense, tanh)
+    and a new, zero-initialized linear head."""
+
+    num_classes: int = 2
+    max_segments: int = 1
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids, positions, train: bool = False, token_types=None):
+        c = self.cfg
+        x, _ = self.encode(tokens, segment_ids, positions, train, token_types)
+        pooled = layers.pool_segments(x, segment_ids, positions, self.max_segments, token="first")
+        pooled = nn.Dense(
+            c.d_model,
+            dtype=jnp.dtype(c.dtype),
+            param_dtype=jnp.dtype(c.param_dtype),
+            kernel_init=layers.logical(layers.normal(c.init_std), "embed", "mlp"),
+            bias_init=layers.logical(nn.initializers.zeros, "mlp"),
+            name="pooler",
+        )(pooled)
+        # Whole features into the head (see BertMLM): XLA partitions the gradient wrongly otherwise.
+        pooled = layers.constrain(jnp.tanh(pooled), "activation_batch", "activation_length", "activation_embed")
+        pooled = nn.Dropout(c.dropout, deterministic=not train)(pooled)
+        return classifier_head(c, self.num_classes, pooled)
+
+
+def make_classifier(model_config, num_classes: int, max_segments: int = 1) -> BertClassifier:
+    """The classification task's constructor for this family (see bigjax.tasks.classification)."""
+    return BertClassifier(BertConfig.from_config(model_config), num_classes=num_classes, max_segments=max_segments)
