@@ -54,6 +54,7 @@ class GPTConfig:
     scan_layers: bool
     remat: str
     init_std: float
+    causal: bool = True  # False: every position attends to every other (ViT's encoder)
 
     @classmethod
     def from_config(cls, m) -> GPTConfig:
@@ -117,6 +118,7 @@ class Block(nn.Module):
             out_init_std=out_std,
             dtype=dtype,
             param_dtype=param_dtype,
+            causal=c.causal,
             name="attention",
         )
         x = x + dropout(attention(norm("attention_norm")(x), positions))
