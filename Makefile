@@ -9,7 +9,7 @@ WORKDIR ?= runs/shakespeare_char
 PROMPT ?= ROMEO:
 BENCH_CONFIG ?= experiments/gpt2_124m.py
 
-.PHONY: install train eval generate test bench lint clean-venv
+.PHONY: install train eval generate test test-slurm bench lint clean-venv
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ generate: install
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
+# launch/slurm.sbatch for real, on a one-node SLURM cluster this starts on the machine (installs slurm-wlm and
+# munge with apt; needs root or sudo). Not part of `make test`: see README, "SLURM".
+test-slurm: install
+	launch/slurm/test_local_slurm.sh
+
 bench: install
 	$(BIN)/bigjax train --config $(BENCH_CONFIG) --workdir /tmp/bigjax-bench --config.total_steps=50 \
 	  --config.checkpoint_every=0 --config.eval_every=0
@@ -42,6 +47,7 @@ bench: install
 lint: install
 	$(BIN)/ruff check bigjax tests experiments
 	$(BIN)/ruff format --check bigjax tests experiments
+	for script in launch/*.sh launch/slurm.sbatch launch/slurm/*.sh; do bash -n $$script || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

@@ -3,6 +3,9 @@
     bigjax train --config experiments/NAME.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
     bigjax eval --config experiments/NAME.py --workdir DIR [--once] [--timeout SECONDS]
     bigjax generate --workdir DIR --prompt TEXT [--temperature T] [--top-k K] [--max-new-tokens N]
+    bigjax data prepare --config experiments/NAME.py [--config.a.b=VALUE ...]
+    bigjax tokenizer train --config experiments/NAME.py --vocab-size N --out PATH.model|PATH.json
+    bigjax plan --config experiments/NAME.py[:ARG] [--devices N] [--device-kind h100] [--config.a.b=VALUE ...]
 
 User errors (a bad config, a refused resume, a missing workdir) print one `error:` line and exit 2.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 
 def main(argv=None) -> int:
@@ -23,29 +27,40 @@ def main(argv=None) -> int:
 
     from bigjax import distributed
 
-    distributed.initialize_if_multiprocess()  # before anything touches a device
-
-    import jax
+    try:
+        distributed.initialize_if_multiprocess()  # before anything touches a device
+    except distributed.DistributedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     from bigjax import config as config_lib
-    from bigjax import evaluate, generate, train
+    from bigjax import data, evaluate, generate, plan, train
 
     user_errors = (
         config_lib.ConfigError,
+        data.DataError,
         train.TrainingError,
         evaluate.EvalError,
         generate.GenerateError,
+        plan.PlanError,
         FileNotFoundError,
     )
     try:
         return args.run(args, overrides)
     except user_errors as error:
-        where = f" (process {jax.process_index()})" if jax.process_count() > 1 else ""
+        where = f" ({distributed.describe()})" if distributed.describe() else ""
         print(f"error{where}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if not distributed.describe():
+            raise
+        # In a job of many processes, say which one crashed: the logs of all of them are often read together.
+        traceback.print_exc()
+        print(f"error ({distributed.describe()}): {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
 
 
 def parse_args(argv):
@@ -75,6 +90,26 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="a checkpoint step; default: the newest")
     p.set_defaults(run=run_generate)
+
+    p = commands.add_parser("data", help="prepare the configured data: TFDS download, tokenized cache")
+    p.add_argument("action", choices=["prepare"])
+    p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]")
+    p.set_defaults(run=run_data)
+
+    p = commands.add_parser("tokenizer", help="train a tokenizer on the configured corpus")
+    p.add_argument("action", choices=["train"])
+    p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]")
+    p.add_argument("--vocab-size", type=int, required=True, help="ids in the vocabulary, special tokens included")
+    p.add_argument("--out", required=True, help="PATH.model (SentencePiece) or PATH.json (Hugging Face tokenizers)")
+    p.set_defaults(run=run_tokenizer)
+
+    p = commands.add_parser("plan", help="per-device memory and FLOPs of an experiment's train step, before launch")
+    p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]")
+    p.add_argument("--devices", type=int, default=None, help="how many devices (default: those present)")
+    p.add_argument("--device-kind", default=None, help="plan for devices not present here: h100, a100, v5e, v5p, ...")
+    p.add_argument("--measure", action="store_true", help="also run 3 steps here and report the memory really used")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.set_defaults(run=run_plan)
 
     args, rest = parser.parse_known_args(argv)
     overrides = _config_overrides(rest, parser)
@@ -128,6 +163,35 @@ def run_eval(args, overrides) -> int:
     result = evaluate.run_eval_job(config, args.workdir, once=args.once, poll_seconds=args.poll, timeout=args.timeout)
     shown = "  ".join(f"{k}={v:.4f}" for k, v in result.items() if k != "step")
     metrics.say(f"validation at step {result['step']}: {shown}")
+    return 0
+
+
+def run_data(args, overrides) -> int:
+    from bigjax import config as config_lib
+    from bigjax import metrics
+    from bigjax.data import prepare
+
+    for line in prepare.prepare(config_lib.load(args.config, overrides)):
+        metrics.say(line)
+    return 0
+
+
+def run_tokenizer(args, overrides) -> int:
+    from bigjax import config as config_lib
+    from bigjax import metrics
+    from bigjax.data import prepare
+
+    metrics.say(prepare.train_tokenizer(config_lib.load(args.config, overrides), args.vocab_size, args.out))
+    return 0
+
+
+def run_plan(args, overrides) -> int:
+    from bigjax import config as config_lib
+    from bigjax import plan
+
+    config = config_lib.load(args.config, overrides)
+    report = plan.make_plan(config, args.devices, args.device_kind, measure=args.measure)
+    print(plan.to_json(report) if args.json else plan.format_plan(report, args.config))
     return 0
 
 

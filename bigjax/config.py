@@ -75,7 +75,7 @@ def gpt_model() -> dict:
     """The decoder-only Transformer (GPT-2 and Llama are both settings of it)."""
     return dict(
         family="gpt",
-        vocab_size=256,  # padded up to a multiple of vocab_multiple
+        vocab_size=260,  # >= the tokenizer's (bytes: 256 + 4 special tokens); padded up to vocab_multiple
         vocab_multiple=128,
         max_len=128,  # longest sequence the positions support
         positions="learned",  # learned | rope
@@ -189,13 +189,28 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
 
     c.data = ml_collections.ConfigDict(
         dict(
-            source="shakespeare",  # shakespeare (bundled) | synthetic
-            tokenizer="byte",
+            # shakespeare | shakespeare_genre | digits | synthetic (bundled) | text:PATH | jsonl:PATH |
+            # imagefolder:PATH | tfds:NAME[/CONFIG]  (see bigjax.data.sources)
+            source="shakespeare",
+            train_split="train",  # tfds split syntax for tfds sources, e.g. "train[:95%]"
+            eval_split="",  # "" = the source's own: "eval" (bundled, local), "validation" or "test" (tfds)
+            data_dir="",  # tfds: where prepared datasets live ("" = tfds's default, ~/tensorflow_datasets)
+            cache_dir="",  # tokenized caches of `bigjax data prepare` ("" = ~/.cache/bigjax/tokenized)
+            tokenizer="byte",  # byte | sentencepiece:PATH | hf:PATH (or a PATH ending in .model / .json)
             seq_len=128,
-            eval_fraction=0.1,  # the last fraction of every play is the validation split
+            eval_fraction=0.1,  # bundled and local sources: the last fraction of every play/file/class is eval
+            text_field="text",  # JSONL and tfds: the feature that holds the text
+            label_field="label",  # JSONL and tfds: the feature that holds the class
+            image_field="image",  # tfds: the feature that holds the image
+            text_records="auto",  # auto | document | paragraph | line: what one text example is
+            skip_bad=False,  # skip (and count) undecodable images and bad JSONL lines instead of stopping
             max_segments=8,  # text classification: most examples packed into one row
             image_size=0,  # images: height = width after resizing; 0 = as stored
             channels=3,  # images: 1 (grey) or 3 (RGB)
+            crop_padding=0,  # images, training: reflect-pad by this many pixels, then crop at random; 0 = off
+            random_flip=False,  # images, training: flip left-right with probability 1/2
+            image_mean=(0.5,),  # images: (x / 255 - mean) / std, one value or one per channel
+            image_std=(0.5,),
         )
     )
     return c
@@ -218,8 +233,7 @@ CHOICES = {
     "model.depth": (10, 18, 34, 50, 101, 152),
     "optim.name": ("adamw", "adam", "sgd", "adagrad", "rmsprop", "adafactor", "lion"),
     "optim.schedule": ("constant", "cosine", "linear", "wsd"),
-    "data.source": ("shakespeare", "synthetic"),
-    "data.tokenizer": ("byte",),
+    "data.text_records": ("auto", "document", "paragraph", "line"),
 }
 
 

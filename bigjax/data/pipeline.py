@@ -1,12 +1,20 @@
-"""From a token stream to host-local batches: pack, shuffle, shard per host, resume exactly.
+"""From a source to host-local batches: the layout the task needs, shuffling, per-host slices, exact resume.
 
-Causal-LM examples are packed by concatenate-and-chunk: the split's tokens form one stream, and example i
-is the window stream[i*T : i*T + T + 1] (inputs and the targets shifted by one). Grain's MapDataset gives
-random access to a shuffled, repeated view of those windows, reshuffled each epoch from the seed.
+    split (records) -> layout (fixed-shape examples) -> shuffled, repeated -> HostBatches (this host's rows)
 
-Global example k of the run is always the same window, whatever the number of hosts: step s's global batch
-is examples [s*B, (s+1)*B), and host p of P reads only its contiguous slice of it. The iterator's whole
-state is the step, so a resumed run (on any number of hosts) sees exactly the batches it would have seen.
+The layout follows config.task.name (see bigjax.data.packing for the text layouts and bigjax.data.images for the
+image one):
+
+    causal_lm            inputs, targets int32 [B, T]; weights float32 [B, T]
+    masked_lm            tokens, segment_ids, positions int32 [B, T]
+    classification text  tokens, segment_ids, positions int32 [B, T]; labels int32 [B, S]; label_weights [B, S]
+    classification image image float32 [B, H, W, C]; labels int32 [B]; label_weights float32 [B]
+
+Grain's MapDataset gives random access to a shuffled, repeated view of a split's examples, reshuffled each epoch
+from the seed, so global example k of the run is always the same example (and, for images, the same
+augmentation). Step s's global batch is examples [s*B, (s+1)*B), and host p of P reads only its contiguous
+slice of it. The iterator's whole state is the step: a resumed run, on any number of hosts, sees exactly the
+batches it would have seen.
 """
 
 from __future__ import annotations
@@ -17,46 +25,12 @@ import grain
 import jax
 import numpy as np
 
-from bigjax.data import corpus, tokenizers
+from bigjax import metrics
+from bigjax.data import images, packing, sources, tokenized, tokenizers
+from bigjax.data.errors import DataError
+from bigjax.data.packing import window_dataset  # noqa: F401  (re-exported: the causal-LM layout)
 
-
-@dataclasses.dataclass(frozen=True)
-class TokenStream:
-    tokens: np.ndarray  # int32
-    bytes_per_token: float | None
-    chars_per_token: float | None
-
-
-def load_stream(config, split: str) -> TokenStream:
-    """The tokens of one split of the configured source."""
-    if config.data.source == "shakespeare":
-        text = corpus.shakespeare_split(split, config.data.eval_fraction)
-        tokens = tokenizers.make_tokenizer(config.data.tokenizer).encode(text)
-        return TokenStream(tokens, len(text.encode("utf-8")) / len(tokens), len(text) / len(tokens))
-    raise ValueError(f"source {config.data.source!r} is not a token stream")
-
-
-def window_dataset(tokens: np.ndarray, seq_len: int) -> grain.MapDataset:
-    num_windows = (len(tokens) - 1) // seq_len
-    if num_windows < 1:
-        raise ValueError(f"the split has {len(tokens)} tokens, fewer than one sequence of {seq_len + 1}")
-
-    def window(i):
-        chunk = tokens[i * seq_len : i * seq_len + seq_len + 1]
-        return {"inputs": chunk[:-1], "targets": chunk[1:], "weights": np.ones(seq_len, np.float32)}
-
-    return grain.MapDataset.range(num_windows).map(window)
-
-
-def synthetic_dataset(seq_len: int, vocab_size: int, seed: int) -> grain.MapDataset:
-    """Random tokens, a pure function of (seed, example index): for benchmarks, not learnable."""
-
-    def example(i):
-        tokens = np.random.default_rng((seed, i)).integers(0, vocab_size, seq_len + 1, dtype=np.int32)
-        return {"inputs": tokens[:-1], "targets": tokens[1:], "weights": np.ones(seq_len, np.float32)}
-
-    # Long enough never to run out; random access means nothing is materialized.
-    return grain.MapDataset.range(2**40).map(example)
+TEXT_TASKS = ("causal_lm", "masked_lm", "classification")
 
 
 class HostBatches:
@@ -64,7 +38,7 @@ class HostBatches:
 
     def __init__(self, examples: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
         if global_batch % process_count:
-            raise ValueError(f"batch_size={global_batch} does not divide across {process_count} processes")
+            raise DataError(f"config.batch_size={global_batch} does not divide across {process_count} processes")
         self.examples = examples
         self.global_batch = global_batch
         self.host_batch = global_batch // process_count
@@ -85,6 +59,7 @@ class HostBatches:
         return batch
 
     def get_state(self) -> dict:
+        # Global example k does not depend on the number of hosts, so neither does the state.
         return {"step": self.step}
 
     def set_state(self, state: dict) -> None:
@@ -97,25 +72,159 @@ class EvalData:
     stats: dict  # what the task's metrics need to know of the data, e.g. bytes_per_token
 
 
-def train_batches(config) -> HostBatches:
-    """This process's iterator over the shuffled, repeated training examples."""
+def train_batches(config, process_index: int | None = None, process_count: int | None = None) -> HostBatches:
+    """This process's iterator over the shuffled, repeated training examples (another process's, if given)."""
     if config.data.source == "synthetic":
-        examples = synthetic_dataset(config.data.seq_len, config.model.vocab_size, config.seed)
+        examples = synthetic_dataset(config, config.seed)
     else:
-        tokens = load_stream(config, "train").tokens
-        examples = window_dataset(tokens, config.data.seq_len).shuffle(seed=config.seed).repeat()
-    return HostBatches(examples, config.batch_size, jax.process_index(), jax.process_count())
+        base, augment, _ = split_examples(config, "train")
+        examples = base.shuffle(seed=config.seed).repeat()
+        if augment is not None:  # after repeat: the index is the global example index, epoch included
+            examples = examples.map_with_index(augment)
+    return HostBatches(examples, config.batch_size, *_process(process_index, process_count))
+
+
+def _process(index: int | None, count: int | None) -> tuple[int, int]:
+    return (jax.process_index() if index is None else index), (jax.process_count() if count is None else count)
 
 
 def eval_data(config) -> EvalData:
-    """The first `eval_batches` batches of the eval split, in order, for this process."""
+    """The eval split in order, at most `eval_batches` batches of it, for this process. The last batch is padded
+    with rows of weight 0, so no example counts twice."""
     if config.data.source == "synthetic":
-        examples = synthetic_dataset(config.data.seq_len, config.model.vocab_size, config.seed + 1)
-        stats = {}
+        examples, stats = synthetic_dataset(config, config.seed + 1), {}
+        count = config.eval_batches * config.batch_size
     else:
-        stream = load_stream(config, "eval")
-        # repeat(): a small split with many eval batches wraps around rather than failing
-        examples = window_dataset(stream.tokens, config.data.seq_len).repeat()
-        stats = {"bytes_per_token": stream.bytes_per_token, "chars_per_token": stream.chars_per_token}
-    batches = HostBatches(examples, config.batch_size, jax.process_index(), jax.process_count())
-    return EvalData([batches.batch_at(i) for i in range(config.eval_batches)], stats)
+        base, augment, stats = split_examples(config, "eval")
+        examples = base.map_with_index(augment) if augment is not None else base
+        count = min(len(examples), config.eval_batches * config.batch_size)
+    num_batches = -(-count // config.batch_size)
+    padded = pad_with_zero_weight(examples, count, num_batches * config.batch_size)
+    batches = HostBatches(padded, config.batch_size, jax.process_index(), jax.process_count())
+    return EvalData([batches.batch_at(i) for i in range(num_batches)], stats)
+
+
+def pad_with_zero_weight(examples: grain.MapDataset, count: int, total: int) -> grain.MapDataset:
+    """The first `count` examples, then copies of the first one with every weight 0, up to `total`."""
+    if count == total:
+        return examples.slice(slice(0, count))
+
+    def example(i):
+        if i < count:
+            return examples[i]
+        return {key: np.zeros_like(value) if "weight" in key else value for key, value in examples[0].items()}
+
+    return grain.MapDataset.range(total).map(example)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layouts
+
+
+def split_examples(config, which: str):
+    """(fixed examples of the split, the per-index augmentation or None, eval stats) for the configured task."""
+    task = config.task.name
+    if task not in TEXT_TASKS:
+        raise DataError(f"config.task.name={task!r} has no data layout; bigjax.data knows {', '.join(TEXT_TASKS)}")
+    split = sources.open_split(config, which)
+    metrics.say(f"data: {which} split of {config.data.source}: {split.description}")
+    if split.kind == "image":
+        if task != "classification":
+            raise DataError(f"{config.data.source} holds images; config.task.name={task!r} needs text")
+        check_labels(config, split.num_classes)
+        records = grain.MapDataset.source(split.records)
+        return records, images.ImageExamples(config, train=which == "train"), {}
+    tokenizer = tokenizers.make_tokenizer(config.data.tokenizer)
+    if "vocab_size" in config.model:
+        tokenizers.check_vocab(config.model.vocab_size, tokenizer, config.data.tokenizer)
+    tokens = tokenized.load_or_tokenize(config, split, tokenizer)
+    if task == "classification":
+        check_labels(config, tokens.num_classes)
+    if task == "causal_lm":
+        if len(tokens.tokens) <= config.data.seq_len:
+            raise DataError(
+                f"the {which} split of {config.data.source} has {len(tokens.tokens)} tokens, fewer than one sequence "
+                f"of {config.data.seq_len + 1}; use more data or a shorter config.data.seq_len"
+            )
+        return window_dataset(tokens.tokens, config.data.seq_len), None, tokens.stats()
+    seed = config.seed if which == "train" else None
+    rows = packing.packed_dataset(
+        tokens,
+        config.data.seq_len,
+        tokenizer.special_ids,
+        classify=task == "classification",
+        max_segments=config.data.max_segments,
+        shuffle_seed=seed,
+    )
+    return rows, None, {}
+
+
+def check_labels(config, num_classes: int | None) -> None:
+    if num_classes is None:
+        raise DataError(
+            f"{config.data.source} has no labels (config.data.label_field={config.data.label_field!r}); "
+            "classification needs a labelled source"
+        )
+    if num_classes > config.task.num_classes:
+        raise DataError(
+            f"{config.data.source} has {num_classes} classes but config.task.num_classes="
+            f"{config.task.num_classes}; set --config.task.num_classes={num_classes}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic data: every layout, a pure function of (seed, example index); for benchmarks and tests.
+
+
+def synthetic_dataset(config, seed: int) -> grain.MapDataset:
+    """Random examples in the layout of config.task.name; long enough never to run out."""
+    task, d = config.task.name, config.data
+    if task == "classification" and config.model.family in ("vit", "resnet", "cnn"):
+        shape = (d.image_size, d.image_size, d.channels)
+        num_classes = config.task.num_classes
+
+        def example(i):
+            rng = np.random.default_rng((seed, i))
+            return {
+                "image": rng.standard_normal(shape, dtype=np.float32),
+                "labels": np.int32(rng.integers(num_classes)),
+                "label_weights": np.float32(1.0),
+            }
+
+    elif task == "causal_lm":
+        vocab = config.model.vocab_size
+
+        def example(i):
+            tokens = np.random.default_rng((seed, i)).integers(0, vocab, d.seq_len + 1, dtype=np.int32)
+            return {"inputs": tokens[:-1], "targets": tokens[1:], "weights": np.ones(d.seq_len, np.float32)}
+
+    else:
+        example = _synthetic_packed_row(config, seed)
+    return grain.MapDataset.range(2**40).map(example)  # random access: nothing is materialized
+
+
+def _synthetic_packed_row(config, seed: int):
+    """Random packed rows: up to max_segments (or 4) segments of random tokens, each starting with cls."""
+    d = config.data
+    cls = tokenizers.make_tokenizer(d.tokenizer).special_ids["cls"]
+    vocab = config.model.get("vocab_size", 256)
+    classify = config.task.name == "classification"
+    segments = d.max_segments if classify else 4
+
+    def example(i):
+        rng = np.random.default_rng((seed, i))
+        count = int(rng.integers(1, segments + 1))
+        cuts = np.sort(rng.choice(np.arange(1, d.seq_len), size=count - 1, replace=False)) if count > 1 else []
+        starts = np.concatenate([[0], cuts]).astype(np.int64)
+        segment_ids = np.cumsum(np.isin(np.arange(d.seq_len), starts)).astype(np.int32)
+        positions = (np.arange(d.seq_len) - starts[segment_ids - 1]).astype(np.int32)
+        tokens = rng.integers(0, vocab, d.seq_len, dtype=np.int32)
+        tokens[starts] = cls
+        row = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+        if classify:
+            labels = np.zeros(d.max_segments, np.int32)
+            labels[:count] = rng.integers(0, config.task.num_classes, count)
+            row.update(labels=labels, label_weights=(np.arange(d.max_segments) < count).astype(np.float32))
+        return row
+
+    return example

@@ -1,0 +1,81 @@
+"""Per-host sharding for real: two local processes (4 CPU devices each) read only their halves of each global batch,
+assemble the global batch with jax.make_array_from_process_local_data, and resume from a step that one process
+reached: the global batches are those of one process reading everything."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+from conftest import REPO, TINY
+from multihost_batches import digest
+
+from bigjax import config as config_lib
+from bigjax import data
+
+FIRST, STEPS = 2, 3  # resume at step 2 (as if one process had run steps 0 and 1), read three batches
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(out, overrides, timeout=240):
+    port = free_port()
+    processes = []
+    for index in range(2):
+        env = dict(os.environ)
+        env.update(
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            JAX_PLATFORMS="cpu",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(index),
+            BIGJAX_INIT_TIMEOUT="60",
+        )
+        command = [sys.executable, str(REPO / "tests" / "multihost_batches.py"), str(out), str(FIRST), str(STEPS)]
+        processes.append(
+            subprocess.Popen(
+                [*command, TINY, *overrides],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for index, (p, (_, err)) in enumerate(zip(processes, outputs, strict=True)):
+        assert p.returncode == 0, f"process {index} failed:\n{err[-3000:]}"
+    return [json.loads(open(f"{out}.{index}").read()) for index in range(2)]
+
+
+def test_two_processes_read_their_shards_and_assemble_the_global_batches(tmp_path):
+    overrides = [
+        "--config.data.source=shakespeare_genre",
+        "--config.task.name=classification",
+        "--config.task.num_classes=2",
+        "--config.batch_size=16",
+    ]
+    results = run_two_processes(tmp_path / "hashes.json", overrides)
+    assert all(r["processes"] == 2 and r["devices"] == 8 for r in results)
+    assert all(r["rows"] == [8] * STEPS for r in results)  # each process reads half of every batch
+
+    config = config_lib.load(TINY, overrides)
+    whole = data.train_batches(config, process_index=0, process_count=1)  # one process, reading everything
+    whole.set_state({"step": FIRST})
+    for i in range(STEPS):
+        batch = next(whole)
+        halves = [{k: v[p * 8 : (p + 1) * 8] for k, v in batch.items()} for p in range(2)]
+        assert [r["host"][i] for r in results] == [digest(h) for h in halves]  # process p read rows p*8..p*8+7
+        assert results[0]["global_"][i] == results[1]["global_"][i] == digest(batch)
+    assert len(set(results[0]["global_"])) == STEPS
+    assert np.all(np.asarray(results[0]["host"]) != np.asarray(results[1]["host"]))
