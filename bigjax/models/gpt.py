@@ -54,7 +54,6 @@ class GPTConfig:
     scan_layers: bool
     remat: str
     init_std: float
-    causal: bool = True  # False: every position attends to every other (ViT's encoder)
 
     @classmethod
     def from_config(cls, m) -> GPTConfig:
@@ -97,6 +96,7 @@ class Block(nn.Module):
 
     cfg: GPTConfig
     train: bool
+    causal: bool = True  # False: the bidirectional encoder (ViT)
 
     @nn.compact
     def __call__(self, x, positions):
@@ -118,7 +118,7 @@ class Block(nn.Module):
             out_init_std=out_std,
             dtype=dtype,
             param_dtype=param_dtype,
-            causal=c.causal,
+            causal=self.causal,
             name="attention",
         )
         x = x + dropout(attention(norm("attention_norm")(x), positions))

@@ -5,7 +5,7 @@ a bidirectional pre-LN Transformer, then a classification head on the class toke
     variables = model.init(rng, images)              # images: float32 [batch, height, width, channels]
     logits = model.apply(variables, images)          # float32 [batch, num_classes]
 
-The Transformer stack is GPT's (bigjax.models.gpt: the same blocks, scan and remat), run with causal=False; the
+The Transformer stack is GPT's (bigjax.models.gpt: the same blocks, scan and remat), built with causal=False; the
 config shares its Transformer keys (config.transformer_keys). Parameters carry logical axis names: the patch
 embedding is a convolution whose output channels are `embed`; the class token and the position embedding are
 `embed` vectors.
@@ -41,11 +41,11 @@ class ViTConfig:
 
 
 def encoder_config(m) -> gpt.GPTConfig:
-    """GPT's block stack, bidirectional. The Transformer keys come from the ViT config; the keys only a token
+    """The config of GPT's block stack. The Transformer keys come from the ViT config; the keys only a token
     model has (vocabulary, maximum length, rotary positions) keep GPT's defaults, which the blocks never read."""
     shared = {key: m[key] for key in config_lib.transformer_keys()}
     merged = ml_collections.ConfigDict({**config_lib.gpt_model(), **shared, "positions": "learned"})
-    return dataclasses.replace(gpt.GPTConfig.from_config(merged), causal=False)
+    return gpt.GPTConfig.from_config(merged)
 
 
 def sincos_2d(height: int, width: int, dim: int):
@@ -97,10 +97,10 @@ class ViT(nn.Module):
 
         blocks = gpt.stacked_blocks(e)
         if e.scan_layers:
-            x, _ = blocks(e, train, name="layers")(x, None)
+            x, _ = blocks(e, train, False, name="layers")(x, None)
         else:
             for i in range(e.num_layers):
-                x, _ = blocks(e, train, name=f"layers_{i}")(x, None)
+                x, _ = blocks(e, train, False, name=f"layers_{i}")(x, None)
         x = layers.Norm(e.norm, e.norm_eps, e.use_bias, dtype, param_dtype, name="encoder_norm")(x)
 
         pooled = x[:, 0] if c.pooling == "cls" else jnp.mean(x, axis=1)
