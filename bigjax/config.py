@@ -40,29 +40,28 @@ DEFAULT_SHARDING_RULES = (
     ("mlp", "tensor"),
     ("layers", None),
     ("positions", None),
-    ("classes", None),
+    ("classes", None),  # classifier heads are small: kept whole
+    # Convolutions (see bigjax/models/layers.py): FSDP splits kernels by output channel; activations keep channels
+    # whole, so convolutions run data-parallel.
+    ("activation_conv", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
 )
 
 
 def transformer_keys() -> dict:
-    """The keys every Transformer family shares (the layers in bigjax.models.layers and gpt.Block)."""
+    """The keys of a Transformer stack, shared by every family built from one (GPT, BERT, ViT)."""
     return dict(
-        vocab_size=260,  # >= the tokenizer's (bytes: 256 + 4 special tokens); padded up to vocab_multiple
-        vocab_multiple=128,
-        max_len=128,  # longest sequence the positions support
         num_layers=2,
         d_model=128,
         num_heads=4,
         num_kv_heads=0,  # 0 = num_heads (multi-head); fewer = grouped-query attention
         head_dim=0,  # 0 = d_model // num_heads
         mlp_dim=0,  # 0 = 4 * d_model (gelu) or the Llama 8/3 rule rounded to 256 (swiglu)
-        positions="learned",  # learned | rope
-        rope_theta=10_000.0,
         norm="layernorm",  # layernorm | rmsnorm
         norm_eps=1e-5,
         mlp="gelu",  # gelu | swiglu
         use_bias=True,
-        tie_embeddings=True,
         dropout=0.0,
         dtype="float32",  # compute dtype: bfloat16 on accelerators
         param_dtype="float32",
@@ -75,22 +74,86 @@ def transformer_keys() -> dict:
 
 def gpt_model() -> dict:
     """The decoder-only Transformer (GPT-2 and Llama are both settings of it)."""
-    return dict(family="gpt", **transformer_keys())
+    return dict(family="gpt", **text_keys(), **transformer_keys())
+
+
+def text_keys() -> dict:
+    """The keys of the Transformer families that read tokens (GPT, BERT): vocabulary, positions, output layer."""
+    return dict(
+        vocab_size=260,  # >= the tokenizer's (bytes: 256 + 4 special tokens); padded up to vocab_multiple
+        vocab_multiple=128,
+        max_len=128,  # longest sequence the positions support
+        positions="learned",  # learned | rope
+        rope_theta=10_000.0,
+        tie_embeddings=True,
+    )
 
 
 def bert_model() -> dict:
     """The bidirectional encoder (BERT): the Transformer keys plus where the LayerNorms go and token types."""
     return dict(
         family="bert",
+        **text_keys(),
         **transformer_keys(),
         norm_position="post",  # post (BERT) | pre
         type_vocab_size=0,  # token-type (sentence A/B) embeddings; 0 = none
     )
 
 
+def vit_model() -> dict:
+    """The Vision Transformer: patches of the image through a bidirectional Transformer stack, then a head."""
+    return dict(
+        family="vit",
+        patch_size=4,  # config.data.image_size must be a multiple of it
+        pooling="cls",  # cls (a class token) | gap (global average of the patch outputs)
+        position_embedding="learned",  # learned | sincos2d (fixed)
+        **transformer_keys(),
+    )
+
+
+def conv_keys() -> dict:
+    """The keys the convolutional families share: their norms and dtypes."""
+    return dict(
+        normalization="batchnorm",  # batchnorm | groupnorm | none
+        norm_groups=32,  # groupnorm: groups per layer; must divide every layer's channels
+        bn_momentum=0.9,  # batchnorm: running statistics = momentum * old + (1 - momentum) * batch
+        # batchnorm: normalize with the fixed running statistics in training too (a frozen backbone's features
+        # then stay those it was trained with)
+        freeze_batch_stats=False,
+        norm_eps=1e-5,
+        dtype="float32",
+        param_dtype="float32",
+    )
+
+
+def resnet_model() -> dict:
+    """ResNet v1.5 (the stride in the 3x3 convolution), basic blocks for 18/34, bottlenecks from 50."""
+    return dict(
+        family="resnet",
+        depth=50,  # 10 | 18 | 34 | 50 | 101 | 152
+        width=64,  # channels of the first stage; each later stage doubles them
+        stem="imagenet",  # imagenet (7x7/2 conv + 3x3/2 max-pool) | cifar (one 3x3/1 conv, for small images)
+        zero_init_residual=True,  # each block's last norm scale starts at 0: every block starts as the identity
+        scan_layers=True,  # scan over the identical blocks of each stage: one compiled block per stage
+        remat="none",  # none | full | dots | dots_no_batch
+        **conv_keys(),
+    )
+
+
+def cnn_model() -> dict:
+    """The small CNN of the Flax MNIST tutorial: conv-relu-avgpool twice, then two Dense layers."""
+    return dict(
+        family="cnn",
+        features=(32, 64),  # channels of each conv layer (each followed by a 2x2 average pool)
+        hidden_dim=256,
+        dropout=0.0,  # before the head
+        **{**conv_keys(), "normalization": "none"},  # the tutorial has no norm
+    )
+
+
 # Model family -> the keys of config.model (with defaults) that family understands. An experiment picks its
 # family with defaults(model=...); the schema check then holds config.model to that family's keys.
-MODEL_DEFAULTS = {"gpt": gpt_model, "bert": bert_model}
+MODEL_DEFAULTS = {"gpt": gpt_model, "bert": bert_model, "vit": vit_model, "resnet": resnet_model, "cnn": cnn_model}
 
 
 def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.ConfigDict:
@@ -204,6 +267,11 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "cudnn", "auto"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.pooling": ("cls", "gap"),
+    "model.position_embedding": ("learned", "sincos2d"),
+    "model.normalization": ("batchnorm", "groupnorm", "none"),
+    "model.stem": ("imagenet", "cifar"),
+    "model.depth": (10, 18, 34, 50, 101, 152),
     "optim.name": ("adamw", "adam", "sgd", "adagrad", "rmsprop", "adafactor", "lion"),
     "optim.schedule": ("constant", "cosine", "linear", "wsd"),
     "data.text_records": ("auto", "document", "paragraph", "line"),
@@ -398,7 +466,7 @@ def check_values(config) -> None:
     for dotted, allowed in CHOICES.items():
         group, key = dotted.split(".")
         if key in config[group] and config[group][key] not in allowed:
-            raise ConfigError(f"config.{dotted}={config[group][key]!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"config.{dotted}={config[group][key]!r} is not one of {', '.join(map(str, allowed))}")
     positive = ["total_steps", "batch_size", "log_every", "eval_batches", "keep_checkpoints"]
     for key in positive:
         if config[key] <= 0:
@@ -445,7 +513,18 @@ def check_finetuning(config) -> None:
             raise ConfigError(f"config.optim.{key} must be >= 0 (0 turns it off), got {config.optim[key]}")
 
 
-POSITIVE_MODEL_KEYS = ("num_layers", "d_model", "num_heads", "vocab_size", "max_len", "vocab_multiple")
+POSITIVE_MODEL_KEYS = (
+    "num_layers",
+    "d_model",
+    "num_heads",
+    "vocab_size",
+    "max_len",
+    "vocab_multiple",
+    "patch_size",
+    "width",
+    "hidden_dim",
+    "norm_groups",
+)
 
 
 def check_model(config) -> None:
@@ -462,6 +541,34 @@ def check_model(config) -> None:
         raise ConfigError(
             f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len={m.max_len}; "
             "raise model.max_len or shorten the sequences"
+        )
+    if "patch_size" in m:
+        check_patches(m, config.data.image_size)
+    if m.get("normalization") == "groupnorm":
+        check_groups(m)
+
+
+def check_patches(m, image_size: int) -> None:
+    if image_size % m.patch_size:
+        raise ConfigError(
+            f"config.data.image_size={image_size} is not a multiple of config.model.patch_size={m.patch_size}; "
+            "the image must cut into whole patches"
+        )
+    if m.position_embedding == "sincos2d" and m.d_model % 4:
+        raise ConfigError(
+            f"config.model.position_embedding='sincos2d' needs d_model divisible by 4, got {m.d_model}; "
+            "use 'learned' or change d_model"
+        )
+
+
+def check_groups(m) -> None:
+    """GroupNorm splits every layer's channels into norm_groups groups: each width must divide evenly."""
+    widths = list(m.features) if "features" in m else [m.width]  # ResNet's later stages are multiples of width
+    uneven = [w for w in widths if w % m.norm_groups]
+    if uneven:
+        raise ConfigError(
+            f"config.model.norm_groups={m.norm_groups} does not divide the channels {uneven}; "
+            "pick a norm_groups that divides every layer's width"
         )
 
 

@@ -70,7 +70,7 @@ def rotary(x, positions, theta: float):
 
 class Attention(nn.Module):
     """Self-attention with grouped-query heads, through jax.nn.dot_product_attention: causal (GPT) or
-    bidirectional (BERT), and confined to each token's own segment when `segment_ids` are given, so that
+    bidirectional (BERT, ViT), and confined to each token's own segment when `segment_ids` are given, so that
     examples packed into one row never see each other.
 
     Written with nn.Einsum rather than nn.MultiHeadDotProductAttention: the latter flattens 3-D kernels and
@@ -186,3 +186,122 @@ class Mlp(nn.Module):
             hidden = nn.gelu(up, approximate=True)
         hidden = constrain(hidden, "activation_batch", "activation_length", "activation_mlp")
         return self._dense(hidden, d_model, ("mlp", "embed"), self.out_init_std, "down")
+
+
+# --------------------------------------------------------------------------------------------------
+# Convolutions and the norms that follow them (ResNet, the CNN, ViT's patch embedding).
+#
+# A conv kernel is [height, width, in_channels, out_channels]. The spatial dims are never split; the channel dims
+# are named `conv_in` and `conv_out`. The default rules split kernels over fsdp by their output channels and keep
+# activations' channels whole (`activation_conv`): convolutions run data-parallel over the batch, and FSDP gathers
+# each kernel just before use. Per-channel vectors (conv biases, norm scales and biases, BatchNorm statistics) take
+# `conv_out`, so they split like the channels they describe.
+#
+# Why not also split in-channels over another axis, as Dense kernels do (embed -> fsdp, mlp -> tensor)? With
+# kernels split over fsdp and tensor at once, XLA's SPMD partitioner (jax 0.10, CPU) returns wrong gradients for
+# a strided convolution followed by another one (the mesh-equivalence test in tests/test_vision.py found it). One
+# mesh axis per kernel is both correct and all that data-parallel convolutional nets need.
+
+
+LECUN_NORMAL = nn.initializers.lecun_normal()  # Flax's default for convolutions
+
+
+def conv(
+    features: int,
+    kernel_size: int,
+    *,
+    strides: int = 1,
+    padding: str = "SAME",
+    use_bias: bool = False,
+    init=LECUN_NORMAL,
+    in_name: str | None = "conv_in",
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str,
+) -> nn.Conv:
+    """A square 2-D convolution with logical names on its kernel (`in_name=None` for a stem that sees 1 or 3
+    image channels, which no mesh axis divides)."""
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding=padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=logical(init, None, None, in_name, "conv_out"),
+        bias_init=logical(nn.initializers.zeros, "conv_out"),
+        name=name,
+    )
+
+
+class BatchNorm(nn.BatchNorm):
+    """nn.BatchNorm whose running mean and variance carry the channels' logical name, so that they are sharded
+    and checkpointed like the scale and bias beside them (Flax creates them without names, i.e. replicated).
+
+    No `axis_name` is needed: under jit the batch is one global array split over data x fsdp, so the mean and
+    variance computed here are those of the whole global batch (XLA inserts the cross-device reduction), and
+    every device updates the running statistics with the same values.
+    """
+
+    def variable(self, col, name, init_fn=None, *init_args, **init_kwargs):
+        if col == "batch_stats":
+            init_fn = logical(init_fn, "conv_out")
+        return super().variable(col, name, init_fn, *init_args, **init_kwargs)
+
+
+def channel_norm(
+    kind: str,
+    train: bool,
+    *,
+    groups: int,
+    momentum: float,
+    eps: float,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    zero_init: bool = False,
+    name: str,
+):
+    """The norm after a convolution, as a module to call on x: "batchnorm" (batch statistics in training, the
+    running averages in eval), "groupnorm" (no batch statistics at all), or "none" (the identity).
+
+    `zero_init` starts the scale at 0: the last norm of a residual branch, so that every block begins as the
+    identity (Goyal et al., "Accurate, Large Minibatch SGD").
+    """
+    scale_init = logical(nn.initializers.zeros if zero_init else nn.initializers.ones, "conv_out")
+    bias_init = logical(nn.initializers.zeros, "conv_out")
+    if kind == "batchnorm":
+        return BatchNorm(
+            use_running_average=not train,
+            momentum=momentum,
+            epsilon=eps,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            name=name,
+        )
+    if kind == "groupnorm":
+        return nn.GroupNorm(
+            num_groups=groups,
+            epsilon=eps,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            name=name,
+        )
+    return lambda x: x
+
+
+def classifier_head(num_classes: int, in_name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
+    """The final Dense to class logits, initialized to zero (big_vision's default): training starts from the
+    uniform prediction, and a new head on a fine-tuned backbone starts without noise."""
+    return nn.Dense(
+        num_classes,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=logical(nn.initializers.zeros, in_name, "classes"),
+        bias_init=logical(nn.initializers.zeros, "classes"),
+        name="head",
+    )

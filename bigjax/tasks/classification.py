@@ -42,6 +42,11 @@ class Classification:
         self.num_classes = config.task.num_classes
         self.label_smoothing = config.task.label_smoothing
         self.images = config.model.family in IMAGE_FAMILIES
+        if self.images and config.data.image_size <= 0:
+            raise ConfigError(
+                f"config.data.image_size must be set for the image model {config.model.family!r} "
+                "(the height and width the data pipeline resizes images to)"
+            )
         text_options = {} if self.images else dict(max_segments=config.data.max_segments)
         self.model = make_classifier(config.model, self.num_classes, **text_options)
         self.seq_len = config.data.seq_len

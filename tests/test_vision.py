@@ -1,0 +1,227 @@
+"""Vision models (ViT, ResNet, the CNN) on the simulated meshes: the same loss, gradients and BatchNorm statistics on
+every mesh; BatchNorm statistics that are those of the global batch, sharded in the train state; bad configs.
+
+Meshes, tolerances and helpers as in test_sharding.py: fp32, sharded reductions add in a different order.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_sharding import ATOL, MESHES, RTOL, assert_trees_close, on_mesh
+
+from bigjax import config as config_lib
+from bigjax import mesh as mesh_lib
+from bigjax import optim, train
+from bigjax import state as state_lib
+from bigjax.tasks import make_task
+
+# Tiny members of each family: channel and head counts that split over every test mesh.
+TINY_MODELS = {
+    "vit": dict(num_layers=2, d_model=32, num_heads=4, patch_size=4),
+    "vit_gap": dict(num_layers=2, d_model=32, num_heads=4, patch_size=4, pooling="gap", position_embedding="sincos2d"),
+    "resnet": dict(depth=10, width=8, stem="cifar"),
+    "resnet_groupnorm": dict(depth=10, width=8, stem="cifar", normalization="groupnorm", norm_groups=4),
+    "resnet_scan": dict(depth=18, width=8, stem="imagenet", scan_layers=True, remat="full"),
+    "cnn": dict(features=(8, 16), hidden_dim=32),
+    "cnn_batchnorm": dict(features=(8, 16), hidden_dim=32, normalization="batchnorm"),
+}
+
+
+def vision_config(variant: str, *overrides: str, image_size: int = 8, channels: int = 3):
+    """A tiny image classifier's config, built and checked as an experiment file's would be."""
+    config = config_lib.defaults(model=variant.split("_")[0], task="classification")
+    config.model.update(TINY_MODELS[variant])
+    config.task.num_classes = 10
+    config.batch_size = 8
+    config.data.update(dict(source="synthetic", image_size=image_size, channels=channels))
+    config.optim.update(dict(lr=1e-2, warmup_steps=0))
+    config_lib.check_schema(config, config_lib.schema_for(config))
+    for override in overrides:
+        config_lib.apply_override(config, override)
+    config_lib.check_values(config)
+    return config
+
+
+def image_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (config.batch_size, config.data.image_size, config.data.image_size, config.data.channels)
+    weights = np.ones(config.batch_size, np.float32)
+    weights[-1] = 0  # a padding row
+    return {
+        "image": rng.normal(size=shape).astype(np.float32),
+        "labels": rng.integers(0, config.task.num_classes, config.batch_size).astype(np.int32),
+        "label_weights": weights,
+    }
+
+
+def random_variables(task, seed=0):
+    """The model's variables filled with random values on the host. Not its initializers: XLA compiles each
+    random initializer for seconds on a CPU, more than the rest of a test; and their zeros (the head, the last
+    norm of each residual branch) would zero most gradients, which an equivalence test must not compare."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        noise = rng.normal(size=leaf.shape).astype(np.float32)
+        name = path[-1].key
+        if name == "var":  # BatchNorm's running variance: positive
+            return np.ones(leaf.shape, np.float32) + 0.1 * np.abs(noise)
+        return (1.0 if name == "scale" else 0.0) + 0.1 * noise
+
+    shapes = nn.unbox(jax.eval_shape(task.init_variables, jax.random.key(0)))
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def train_loss_grads_and_state(task, variables, batch, mesh, rules, shardings):
+    """Mean training loss, its gradients and the updated model state (BatchNorm statistics) on `mesh`."""
+
+    def mean_loss(params, model_state, b):
+        sums, new_state = task.loss_sums(params, model_state, b, jax.random.key(1), train=True)
+        return sums["loss"] / sums["count"], new_state
+
+    params, model_state = state_lib.split_variables(variables)
+    param_shardings, state_shardings = state_lib.split_variables(shardings)
+    fn = jax.jit(
+        jax.value_and_grad(mean_loss, has_aux=True),
+        in_shardings=(param_shardings, state_shardings, mesh_lib.batch_sharding(mesh)),
+    )
+    with mesh_lib.activate(mesh, rules):
+        (loss, new_state), grads = fn(
+            jax.device_put(params, param_shardings),
+            jax.device_put(model_state, state_shardings),
+            mesh_lib.global_batch_from_host(batch, mesh),
+        )
+    return jax.device_get((loss, grads, new_state))
+
+
+@pytest.mark.parametrize("variant", ["vit", "resnet", "cnn"])
+def test_loss_gradients_and_batch_statistics_match_on_every_mesh(variant):
+    config = vision_config(variant)
+    task, batch = make_task(config), image_batch(config)
+    host_variables = random_variables(task)
+    reference = None
+    for shape in MESHES:
+        mesh, rules = on_mesh(config, shape)
+        _, shardings = state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)
+        result = train_loss_grads_and_state(task, host_variables, batch, mesh, rules, shardings)
+        if reference is None:
+            reference = result
+            continue
+        np.testing.assert_allclose(result[0], reference[0], rtol=RTOL, atol=ATOL, err_msg=f"loss on mesh {shape}")
+        assert_trees_close(result[1], reference[1], f"gradients on mesh {shape}", rtol=1e-4, atol=1e-6)
+        assert_trees_close(result[2], reference[2], f"batch statistics on mesh {shape}", rtol=1e-4, atol=1e-6)
+    loss, grads, new_state = reference
+    assert np.isfinite(loss) and all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
+    if variant == "resnet":  # BatchNorm: every running statistic moved
+        moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), new_state, state_lib.split_variables(host_variables)[1])
+        assert moved.keys() == {"batch_stats"} and all(m > 0 for m in jax.tree.leaves(moved))
+    else:
+        assert new_state == {}
+
+
+def test_scanned_resnet_train_steps_match_on_every_mesh_with_global_sharded_batch_statistics():
+    """The compiled train step of a scanned, rematerialized ResNet gives the same parameters and statistics on
+    each mesh. After the first step, the stem's running mean is 0.9 * its old value + 0.1 * the channel mean
+    over *all* 8 examples (not over one device's share), and the statistics are split like their channels."""
+    config = vision_config("resnet_scan", "config.optim.name=sgd", image_size=16)
+    task = make_task(config)
+    tx = optim.make_optimizer(config.optim, config.total_steps)
+    variables = random_variables(task)
+    batches = [image_batch(config, seed) for seed in range(2)]
+    old_mean = variables["batch_stats"]["stem_norm"]["mean"]
+    expected_mean = 0.9 * old_mean + 0.1 * stem_channel_mean(batches[0]["image"], variables["params"]["stem"]["kernel"])
+    reference = None
+    for shape in [(1, 1, 1), (2, 2, 2)]:
+        mesh, rules = on_mesh(config, shape)
+        _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
+        state = state_from_variables(tx, variables, shardings)
+        step, _ = train.compile_train_step(task, tx, config, mesh, rules, state, shardings)
+        state, _ = step(state, mesh_lib.global_batch_from_host(batches[0], mesh))
+        running_mean = state.model_state["batch_stats"]["stem_norm"]["mean"]
+        np.testing.assert_allclose(np.asarray(running_mean), expected_mean, rtol=1e-5, atol=1e-6)
+        if shape == (2, 2, 2):
+            assert running_mean.sharding.spec == jax.sharding.PartitionSpec("fsdp")
+        state, _ = step(state, mesh_lib.global_batch_from_host(batches[1], mesh))
+        result = jax.device_get((state.params, state.model_state))
+        if reference is None:
+            reference = result
+            continue
+        assert_trees_close(result, reference, f"parameters and statistics on mesh {shape}", rtol=1e-4, atol=1e-6)
+    # The scanned part of a stage (its one remaining block) stacks its statistics on a leading `layers` axis.
+    assert reference[1]["batch_stats"]["stage2_rest"]["norm1"]["mean"].shape == (1, 16)
+
+
+def state_from_variables(tx, variables, shardings):
+    """A TrainState holding `variables`, placed on the state's shardings (optimizer state fresh)."""
+    params, model_state = state_lib.split_variables(variables)
+
+    def make():
+        return state_lib.TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), model_state=model_state
+        )
+
+    return jax.jit(make, out_shardings=shardings)()
+
+
+def stem_channel_mean(images, kernel):
+    """The per-channel mean of the ImageNet stem's 7x7/2 convolution over the whole batch, computed on the host."""
+    out = jax.lax.conv_general_dilated(
+        jnp.asarray(images), kernel, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return np.asarray(out).mean(axis=(0, 1, 2))
+
+
+def test_vit_attention_is_bidirectional():
+    """The class token sits first; were attention causal, it would never see a patch and every image would get
+    the same logits. Changing only the last patch changes them."""
+    config = vision_config("vit")
+    task = make_task(config)
+    variables = random_variables(task)
+    images = image_batch(config)["image"][:2]
+    changed = images.copy()
+    changed[:, -4:, -4:, :] += 1.0  # the last 4x4 patch
+    logits = jax.jit(task.model.apply)(variables, np.concatenate([images, changed]))
+    assert np.abs(logits[:2] - logits[2:]).max() > 1e-3
+
+
+def test_pooling_position_and_norm_variants_build_and_run():
+    """The variants the mesh tests leave out, through the real initializers: ViT with average pooling and fixed
+    2-D positions (no class token, no learned positions), GroupNorm ResNet (no batch statistics), the CNN with
+    BatchNorm; a training step's loss is finite and counts the weighted examples."""
+    for variant, params_not_expected, collections in [
+        ("vit_gap", {"cls", "position_embed"}, set()),
+        ("resnet_groupnorm", set(), set()),
+        ("cnn_batchnorm", set(), {"batch_stats"}),
+    ]:
+        config = vision_config(variant)
+        task = make_task(config)
+        shapes = nn.unbox(jax.eval_shape(task.init_variables, jax.random.key(0)))
+        params, model_state = state_lib.split_variables(shapes)
+        assert not params_not_expected & params.keys() and model_state.keys() == collections
+        params, model_state = state_lib.split_variables(random_variables(task))
+        sums, _ = jax.jit(lambda p, m, b, t=task: t.loss_sums(p, m, b, jax.random.key(0), train=True))(
+            params, model_state, image_batch(config)
+        )
+        assert np.isfinite(sums["loss"]) and sums["count"] == config.batch_size - 1
+
+
+@pytest.mark.parametrize(
+    "variant, override, message",
+    [
+        ("vit", "config.model.patch_size=3", r"image_size=8 is not a multiple of config.model.patch_size=3"),
+        ("resnet_groupnorm", "config.model.norm_groups=3", r"norm_groups=3 does not divide the channels \[8\]"),
+        ("cnn", "config.model.normalization=layernorm", r"config.model.normalization='layernorm' is not one of"),
+        ("resnet", "config.model.depth=20", r"config.model.depth=20 is not one of 10, 18, 34, 50, 101, 152"),
+    ],
+)
+def test_bad_vision_configs_are_clear_errors(variant, override, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        vision_config(variant, override)
+
+
+def test_an_image_model_without_an_image_size_is_a_clear_error():
+    config = vision_config("cnn")
+    config.data.image_size = 0
+    with pytest.raises(config_lib.ConfigError, match=r"config.data.image_size must be set"):
+        make_task(config)
