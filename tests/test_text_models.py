@@ -184,7 +184,7 @@ def test_loss_and_gradients_match_on_every_mesh(family, task_name):
     task, batch = make_task(config), fixed_batch(config)
     host_params = jax.tree.map(lambda p: p + 0.01, jax.device_get(init_params(task)))  # a nonzero head
     reference = None
-    for shape in [(1, 1, 1), (2, 2, 2), (1, 4, 2)]:  # (2, 2, 2) caught an XLA partitioning bug: see bert.py
+    for shape in [(1, 1, 1), (2, 2, 2)]:  # (2, 2, 2) caught an XLA partitioning bug: see bert.py
         mesh, rules = on_mesh(config, shape)
         _, shardings = state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)
         params = jax.device_put(host_params, shardings["params"])

@@ -9,13 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_sharding import ATOL, MESHES, RTOL, assert_trees_close, on_mesh
+from test_sharding import ATOL, RTOL, assert_trees_close, on_mesh
 
 from bigjax import config as config_lib
 from bigjax import mesh as mesh_lib
 from bigjax import optim, train
 from bigjax import state as state_lib
 from bigjax.tasks import make_task
+
+# One device, pure data parallel (BatchNorm statistics averaged over 8), and every axis split at once.
+MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2)]
 
 # Tiny members of each family: channel and head counts that split over every test mesh.
 TINY_MODELS = {

@@ -16,7 +16,6 @@ from bigjax import state as state_lib
 from bigjax.tasks import make_task
 
 CNN_DIGITS = str(REPO / "experiments" / "cnn_digits.py")
-VIT_DIGITS = str(REPO / "experiments" / "vit_digits.py")
 
 
 def digits_config(experiment: str, arg: str, *overrides: str):
@@ -27,16 +26,11 @@ def rows(workdir, key):
     return {row["step"]: row[key] for row in metrics.read_jsonl(workdir / "metrics.jsonl") if key in row}
 
 
-@pytest.mark.parametrize(
-    "experiment, arg, overrides",
-    [
-        (CNN_DIGITS, "steps=120,batch=32", ["config.model.features=(16, 32)", "config.model.hidden_dim=64"]),
-        (VIT_DIGITS, "steps=120,batch=32,layers=2,d=32", ["config.model.dropout=0.0"]),
-    ],
-    ids=["cnn", "vit"],
-)
-def test_loss_falls_and_accuracy_rises_on_digits(tmp_path, experiment, arg, overrides):
-    config = digits_config(experiment, arg, "config.eval_every=120", "config.checkpoint_every=0", *overrides)
+def test_the_cnn_loss_falls_and_accuracy_rises_on_digits(tmp_path):
+    shrunk = ["config.model.features=(16, 32)", "config.model.hidden_dim=64"]
+    config = digits_config(
+        CNN_DIGITS, "steps=120,batch=32", *shrunk, "config.eval_every=120", "config.checkpoint_every=0"
+    )
     train.train(config, tmp_path)
     losses = rows(tmp_path, "loss")
     assert np.mean([losses[s] for s in range(1, 11)]) > 2.0  # about ln(10) = 2.30 at the start
