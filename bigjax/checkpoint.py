@@ -261,22 +261,25 @@ def saved_config(mngr, step: int) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(restored["config"])
 
 
-def saved_params(mngr, step: int) -> dict:
-    """The tree of the parameters saved at `step`, as metadata (shape, dtype): nothing is read but the index."""
+def saved_tree(mngr, step: int, item: str = "params") -> dict:
+    """The tree of an array item saved at `step`, as metadata (shape, dtype): nothing is read but the index.
+    {} if the checkpoint has no such item (model_state exists only for models with batch statistics)."""
+    if not (pathlib.Path(mngr.directory) / str(step) / item).is_dir():
+        return {}
     reader = ocp.CheckpointManager(
         mngr.directory,
-        item_handlers={"params": ocp.StandardCheckpointHandler()},
+        item_handlers={item: ocp.StandardCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(read_only=True),
     )
-    return reader.item_metadata(step)["params"].tree
+    return reader.item_metadata(step)[item].tree
 
 
-def restore_params_subset(mngr, step: int, target: dict) -> dict:
-    """Only the parameters named in `target` (a sub-tree of those saved, ShapeDtypeStructs with shardings),
+def restore_subset(mngr, step: int, target: dict, item: str = "params") -> dict:
+    """Only the arrays named in `target` (a sub-tree of the item saved, ShapeDtypeStructs with shardings),
     restored onto its shardings: fine-tuning loads a backbone and leaves the rest of a checkpoint unread."""
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-    return mngr.restore(step, args=ocp.args.Composite(params=args))["params"]
+    return mngr.restore(step, args=ocp.args.Composite(**{item: args}))[item]
 
 
 def layout_differences(path: pathlib.Path, target_state, shown: int = 4) -> list[str]:

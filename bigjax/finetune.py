@@ -7,10 +7,12 @@
 Parameters are named by their "/"-joined paths, e.g. `layers/attention/query/kernel` or `classifier/bias`
 (scanned layers are one stacked array each); every pattern is a `re.search` over those names.
 
-- `init_from` loads, when a run starts from scratch, the parameters of another run's checkpoint (parameters
-  only: no optimizer state, no step, no data position) onto this run's mesh. A parameter is loaded when its name
-  matches `include`, does not match `exclude`, and the checkpoint has it; the others (a new head) keep their
-  fresh initialization. A name that matches but has another shape in the checkpoint is an error: exclude it.
+- `init_from` loads, when a run starts from scratch, the parameters of another run's checkpoint, and its
+  model state (BatchNorm statistics) where both runs have one (no optimizer state, no step, no data position),
+  onto this run's mesh. Model-state arrays are matched by their path inside their collection, e.g.
+  `stage1/norm1/mean`, so one pattern selects a layer's parameters and its statistics alike. An array is loaded
+  when its name matches `include`, does not match `exclude`, and the checkpoint has it; the others (a new head)
+  keep their fresh initialization. A name that matches but has another shape in the checkpoint is an error: exclude it.
 - `freeze` (see bigjax.optim) keeps the matching parameters bit-identical: they get no gradient computation,
   no optimizer state and no update.
 - Early stopping watches one inline-eval metric: each evaluation saves a checkpoint carrying its metrics, Orbax
@@ -61,9 +63,22 @@ def matches(params, pattern: str):
 # init_from
 
 
-def load_pretrained(params, init_from, param_shardings):
-    """`params` with the selected ones replaced by those of `init_from.workdir`'s checkpoint, restored onto
-    `param_shardings` (this run's mesh). Says what it loaded and what it left fresh."""
+def load_pretrained_state(state, init_from, shardings):
+    """A new TrainState with its parameters (and model state) loaded from `init_from` as configured."""
+    step = newest_or_given_step(init_from)
+    state = state.replace(params=load_pretrained(state.params, init_from, shardings.params, step))
+    if state.model_state:
+        loaded = {
+            collection: load_pretrained(
+                arrays, init_from, shardings.model_state[collection], step, f"model_state/{collection}"
+            )
+            for collection, arrays in state.model_state.items()
+        }
+        state = state.replace(model_state=loaded)
+    return state
+
+
+def newest_or_given_step(init_from) -> int:
     directory = checkpoint.checkpoint_dir(init_from.workdir)
     mngr = checkpoint.manager(init_from.workdir, read_only=True) if directory.is_dir() else None
     available = sorted(mngr.all_steps()) if mngr else []
@@ -74,7 +89,22 @@ def load_pretrained(params, init_from, param_shardings):
             f"{directory} (it has {available or 'none'}); "
             "train that run first or fix config.init_from.workdir / step"
         )
-    saved = by_path(checkpoint.saved_params(mngr, step))
+    return step
+
+
+def load_pretrained(params, init_from, param_shardings, step: int | None = None, item: str = "params"):
+    """`params` (or one collection of the model state: `item="model_state/batch_stats"`) with the selected
+    arrays replaced by those of `init_from.workdir`'s checkpoint, restored onto `param_shardings` (this run's
+    mesh). Says what it loaded and what it left fresh."""
+    step = step or newest_or_given_step(init_from)
+    mngr = checkpoint.manager(init_from.workdir, read_only=True)
+    item, _, collection = item.partition("/")
+    saved = checkpoint.saved_tree(mngr, step, item)
+    saved = by_path(saved.get(collection, {}) if collection else saved)
+    if collection and not saved:
+        metrics.say(f"init_from: {init_from.workdir} step {step} has no {collection}; they start fresh")
+        return params
+    what = collection or "parameters"
     wanted, unwanted = by_path(matches(params, init_from.include)), by_path(matches(params, init_from.exclude))
     shardings = by_path(param_shardings)
     load = {}
@@ -83,22 +113,24 @@ def load_pretrained(params, init_from, param_shardings):
             continue
         if tuple(saved[name].shape) != tuple(leaf.shape):
             raise FinetuneError(
-                f"config.init_from: parameter {name} has shape {tuple(saved[name].shape)} in "
+                f"config.init_from: {what} {name} has shape {tuple(saved[name].shape)} in "
                 f"{init_from.workdir} but {tuple(leaf.shape)} here; make the models match or leave it out with "
                 f"config.init_from.exclude"
             )
         load[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=shardings[name])
     if not load:
         raise FinetuneError(
-            f"config.init_from: no parameter of {init_from.workdir} step {step} matches this model "
-            f"(include={init_from.include!r}, exclude={init_from.exclude!r}); its parameters are "
+            f"config.init_from: no {what} of {init_from.workdir} step {step} matches this model "
+            f"(include={init_from.include!r}, exclude={init_from.exclude!r}); its {what} are "
             f"{', '.join(sorted(saved)[:8])}{', ...' if len(saved) > 8 else ''}"
         )
 
-    restored = by_path(checkpoint.restore_params_subset(mngr, step, nest(load)))
+    target = {collection: nest(load)} if collection else nest(load)
+    restored = checkpoint.restore_subset(mngr, step, target, item)
+    restored = by_path(restored[collection] if collection else restored)
     fresh = [name for name in by_path(params) if name not in restored]
     metrics.say(
-        f"init_from: loaded {len(restored)} parameters from {init_from.workdir} step {step}; "
+        f"init_from: loaded {len(restored)} {what} from {init_from.workdir} step {step}; "
         f"freshly initialized: {', '.join(fresh) if fresh else 'none'}"
     )
     return jax.tree_util.tree_map_with_path(lambda path, leaf: restored.get(param_path(path), leaf), params)

@@ -175,7 +175,7 @@ def restore_or_init(mngr, workdir, task, tx, config, mesh, rules, abstract_state
         metrics.say(f"starting again from step 0 in {workdir} (--fresh)")
     state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
     if config.init_from.workdir:  # fine-tuning: parameters from another run, optimizer and data from scratch
-        state = state.replace(params=finetune.load_pretrained(state.params, config.init_from, shardings.params))
+        state = finetune.load_pretrained_state(state, config.init_from, shardings)
     return state, {}
 
 

@@ -93,3 +93,24 @@ def test_batchnorm_run_resumes_onto_another_mesh(batchnorm_run, tmp_path):
         saved_variables(tmp_path, config),
         saved_variables(straight, config),
     )
+
+
+def test_transfer_loads_the_batch_statistics_with_the_backbone_and_keeps_both_fixed(batchnorm_run, tmp_path):
+    """resnet50_transfer's recipe at toy size: init_from a BatchNorm run, all but the head frozen, statistics too."""
+    config, source = batchnorm_run
+    transfer = config.copy_and_resolve_references()
+    transfer.init_from.update(dict(workdir=str(source), exclude="^head/"))
+    transfer.freeze = "^(?!head/)"
+    transfer.model.freeze_batch_stats = True
+    transfer.total_steps = 4
+    train.train(transfer, tmp_path)
+
+    before, after = saved_variables(source, config), saved_variables(tmp_path, transfer)
+    jax.tree.map(np.testing.assert_array_equal, after["batch_stats"], before["batch_stats"])
+    backbone = {name for name in after["params"] if name != "head"}
+    assert backbone and all(
+        np.array_equal(a, b)
+        for name in backbone
+        for a, b in zip(jax.tree.leaves(after["params"][name]), jax.tree.leaves(before["params"][name]), strict=True)
+    )
+    assert not np.array_equal(after["params"]["head"]["kernel"], before["params"]["head"]["kernel"])
