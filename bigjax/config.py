@@ -122,6 +122,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             decay_embeddings=False,
             clip=1.0,  # global-norm clipping; 0 = off
             grad_accum=1,  # microbatches per step, accumulated inside the jitted step
+            mu_dtype="float32",  # adamw | adam | lion: dtype of the first moment; bfloat16 saves 2 bytes/parameter
         )
     )
 
@@ -155,6 +156,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
 
 
 NAN_POLICIES = ("stop", "skip")
+FIRST_MOMENT_OPTIMIZERS = ("adamw", "adam", "lion")  # the optax optimizers with a `mu_dtype`
 
 # Keys with a closed set of values. A model key is checked only where the family has it.
 CHOICES = {
@@ -168,6 +170,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "optim.name": ("adamw", "adam", "sgd", "adagrad", "rmsprop", "adafactor", "lion"),
     "optim.schedule": ("constant", "cosine", "linear", "wsd"),
+    "optim.mu_dtype": ("float32", "bfloat16"),
     "data.text_records": ("auto", "document", "paragraph", "line"),
 }
 
@@ -374,6 +377,11 @@ def check_values(config) -> None:
         raise ConfigError(
             f"config.batch_size={config.batch_size} is not divisible by config.optim.grad_accum="
             f"{config.optim.grad_accum}; each microbatch must be the same size"
+        )
+    if config.optim.mu_dtype != "float32" and config.optim.name not in FIRST_MOMENT_OPTIMIZERS:
+        raise ConfigError(
+            f"config.optim.mu_dtype={config.optim.mu_dtype!r} applies to {', '.join(FIRST_MOMENT_OPTIMIZERS)}, not "
+            f"config.optim.name={config.optim.name!r}; leave mu_dtype at 'float32' or change the optimizer"
         )
     if not 0 < config.data.eval_fraction < 1:
         raise ConfigError(f"config.data.eval_fraction must be in (0, 1), got {config.data.eval_fraction}")

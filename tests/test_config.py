@@ -31,11 +31,17 @@ def test_experiment_argument_is_parsed(tiny_config):
         ("--config.optim.grad_accum=3", "not divisible by config.optim.grad_accum=3"),
         ("--config.optim", "overrides look like"),
         ("--config.optim=3", "is a group"),
+        ("--config.optim.mu_dtype=float16", "config.optim.mu_dtype='float16' is not one of float32, bfloat16"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_fix(tiny_config, override, message):
     with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         tiny_config("", override)
+
+
+def test_mu_dtype_is_refused_for_an_optimizer_without_a_first_moment(tiny_config):
+    with pytest.raises(config_lib.ConfigError, match=r"applies to adamw, adam, lion, not config\.optim\.name='sgd'"):
+        tiny_config("", "config.optim.name=sgd", "config.optim.mu_dtype=bfloat16")
 
 
 def test_unknown_key_in_an_experiment_file_is_reported(tmp_path):
