@@ -86,4 +86,4 @@ def flops_per_token(cfg: GPTConfig, seq_len: int, causal_attention: bool = False
     """
     n = parameter_count(cfg)["matmul"]
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-    return 6 * n + (attention / 2 if causal_attention else attention)
+    return float(6 * n + (attention / 2 if causal_attention else attention))
