@@ -137,6 +137,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             cache_dir="",  # tokenized caches of `bigjax data prepare` ("" = ~/.cache/bigjax/tokenized)
             tokenizer="byte",  # byte | sentencepiece:PATH | hf:PATH (or a PATH ending in .model / .json)
             seq_len=128,
+            prefetch=2,  # training batches copied to the devices this many steps ahead (0 = just in time)
             eval_fraction=0.1,  # bundled and local sources: the last fraction of every play/file/class is eval
             text_field="text",  # JSONL and tfds: the feature that holds the text
             label_field="label",  # JSONL and tfds: the feature that holds the class
@@ -372,6 +373,8 @@ def check_values(config) -> None:
     for key in ("checkpoint_every", "eval_every", "max_nan_skips"):
         if config[key] < 0:
             raise ConfigError(f"config.{key} must be >= 0 (0 turns it off), got {config[key]}")
+    if config.data.prefetch < 0:
+        raise ConfigError(f"config.data.prefetch must be >= 0 (0 turns it off), got {config.data.prefetch}")
     check_model(config)
     if config.optim.grad_accum <= 0 or config.batch_size % config.optim.grad_accum:
         raise ConfigError(
