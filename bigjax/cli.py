@@ -30,6 +30,14 @@ def main(argv=None) -> int:
     # the one `error:` line that reports the failure. bigjax itself does not use asyncio.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
+    from bigjax import xla_flags  # imports no jax: XLA reads XLA_FLAGS once, when its backend starts
+
+    try:
+        xla_flags.apply_gpu_defaults()
+    except xla_flags.XlaFlagsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
     from bigjax import distributed
 
     try:
