@@ -53,9 +53,9 @@ bench-data: install
 	$(BIN)/python -m bigjax.data.bench
 
 lint: install
-	$(BIN)/ruff check bigjax tests experiments
-	$(BIN)/ruff format --check bigjax tests experiments
-	for script in launch/*.sh launch/slurm.sbatch launch/slurm/*.sh; do bash -n $$script || exit 1; done
+	$(BIN)/ruff check bigjax tests experiments benchmarks
+	$(BIN)/ruff format --check bigjax tests experiments benchmarks
+	for script in launch/*.sh launch/slurm.sbatch launch/slurm/*.sh benchmarks/*.sh; do bash -n $$script || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)
