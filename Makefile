@@ -8,6 +8,8 @@ CONFIG ?= experiments/shakespeare_char.py
 WORKDIR ?= runs/shakespeare_char
 PROMPT ?= ROMEO:
 BENCH_CONFIG ?= experiments/gpt2_124m.py
+BENCH_JSON ?= runs/bench/$(notdir $(basename $(BENCH_CONFIG))).json
+BENCH_ARGS ?=
 
 .PHONY: install train eval generate test test-slurm bench bench-data lint clean-venv
 
@@ -40,18 +42,20 @@ test: install
 test-slurm: install
 	launch/slurm/test_local_slurm.sh
 
+# The train step's speed on synthetic data: tokens/s, MFU (PaLM and causal), step time, compile time, peak memory.
+# Meant for a GPU or TPU (GPT-2 124M takes minutes per step on a CPU). Extra flags: BENCH_ARGS="--steps 200
+# --config.model.remat=dots". See benchmarks/NOTES.md for the measurements planned.
 bench: install
-	$(BIN)/bigjax train --config $(BENCH_CONFIG) --workdir /tmp/bigjax-bench --config.total_steps=50 \
-	  --config.checkpoint_every=0 --config.eval_every=0
+	$(BIN)/bigjax bench --config $(BENCH_CONFIG) --json $(BENCH_JSON) $(BENCH_ARGS)
 
 # Tokens/s (or images/s) of every input pipeline on this CPU; the pre-tokenized LM path must reach 3 M tokens/s.
 bench-data: install
 	$(BIN)/python -m bigjax.data.bench
 
 lint: install
-	$(BIN)/ruff check bigjax tests experiments
-	$(BIN)/ruff format --check bigjax tests experiments
-	for script in launch/*.sh launch/slurm.sbatch launch/slurm/*.sh; do bash -n $$script || exit 1; done
+	$(BIN)/ruff check bigjax tests experiments benchmarks
+	$(BIN)/ruff format --check bigjax tests experiments benchmarks
+	for script in launch/*.sh launch/slurm.sbatch launch/slurm/*.sh benchmarks/*.sh; do bash -n $$script || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

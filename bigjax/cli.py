@@ -6,6 +6,7 @@
     bigjax data prepare --config experiments/NAME.py [--config.a.b=VALUE ...]
     bigjax tokenizer train --config experiments/NAME.py --vocab-size N --out PATH.model|PATH.json
     bigjax plan --config experiments/NAME.py[:ARG] [--devices N] [--device-kind h100] [--config.a.b=VALUE ...]
+    bigjax bench --config experiments/NAME.py[:ARG] [--steps N] [--warmup N] [--windows W] [--json PATH] [--config...]
 
 User errors (a bad config, a refused resume, a missing workdir) print one `error:` line and exit 2.
 """
@@ -29,6 +30,14 @@ def main(argv=None) -> int:
     # the one `error:` line that reports the failure. bigjax itself does not use asyncio.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
+    from bigjax import xla_flags  # imports no jax: XLA reads XLA_FLAGS once, when its backend starts
+
+    try:
+        xla_flags.apply_gpu_defaults()
+    except xla_flags.XlaFlagsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
     from bigjax import distributed
 
     try:
@@ -37,7 +46,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from bigjax import checkpoint, data, evaluate, finetune, generate, plan, train
+    from bigjax import bench, checkpoint, data, evaluate, finetune, generate, plan, train
     from bigjax import config as config_lib
 
     user_errors = (
@@ -49,6 +58,7 @@ def main(argv=None) -> int:
         generate.GenerateError,
         finetune.FinetuneError,
         plan.PlanError,
+        bench.BenchError,
         FileNotFoundError,
     )
     try:
@@ -121,6 +131,14 @@ def parse_args(argv):
     p.add_argument("--measure", action="store_true", help="also run 3 steps here and report the memory really used")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.set_defaults(run=run_plan)
+
+    p = commands.add_parser("bench", help="time the train step on synthetic data: tokens/s, MFU, memory")
+    p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]")
+    p.add_argument("--steps", type=int, default=100, help="timed steps, after the warm-up")
+    p.add_argument("--warmup", type=int, default=10, help="steps run and waited for before timing")
+    p.add_argument("--windows", type=int, default=5, help="the timed steps in this many windows, one sync each")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(run=run_bench)
 
     args, rest = parser.parse_known_args(argv)
     overrides = _config_overrides(rest, parser)
@@ -203,6 +221,19 @@ def run_plan(args, overrides) -> int:
     config = config_lib.load(args.config, overrides)
     report = plan.make_plan(config, args.devices, args.device_kind, measure=args.measure)
     print(plan.to_json(report) if args.json else plan.format_plan(report, args.config))
+    return 0
+
+
+def run_bench(args, overrides) -> int:
+    from bigjax import bench, metrics
+    from bigjax import config as config_lib
+
+    config = config_lib.load(args.config, overrides)
+    result = bench.bench(config, args.steps, args.warmup, args.windows, args.config, overrides)
+    metrics.say(bench.format_report(result))
+    if args.json:
+        bench.write_json(result, args.json)
+        metrics.say(f"wrote {args.json}")
     return 0
 
 

@@ -204,6 +204,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             grad_accum=1,  # microbatches per step, accumulated inside the jitted step
             l1_penalty=0.0,  # adds l1 * sum|w| to the loss of the decayed (kernel) weights; 0 = off
             l2_penalty=0.0,  # adds l2/2 * sum w^2 likewise (a loss term, unlike adamw's decoupled weight_decay)
+            mu_dtype="float32",  # adamw | adam | lion: dtype of the first moment; bfloat16 saves 2 bytes/parameter
         )
     )
 
@@ -218,6 +219,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             cache_dir="",  # tokenized caches of `bigjax data prepare` ("" = ~/.cache/bigjax/tokenized)
             tokenizer="byte",  # byte | sentencepiece:PATH | hf:PATH (or a PATH ending in .model / .json)
             seq_len=128,
+            prefetch=2,  # training batches copied to the devices this many steps ahead (0 = just in time)
             eval_fraction=0.1,  # bundled and local sources: the last fraction of every play/file/class is eval
             text_field="text",  # JSONL and tfds: the feature that holds the text
             label_field="label",  # JSONL and tfds: the feature that holds the class
@@ -255,6 +257,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
 
 
 NAN_POLICIES = ("stop", "skip")
+FIRST_MOMENT_OPTIMIZERS = ("adamw", "adam", "lion")  # the optax optimizers with a `mu_dtype`
 
 # Keys with a closed set of values. A model key is checked only where the family has it.
 CHOICES = {
@@ -274,6 +277,7 @@ CHOICES = {
     "model.depth": (10, 18, 34, 50, 101, 152),
     "optim.name": ("adamw", "adam", "sgd", "adagrad", "rmsprop", "adafactor", "lion"),
     "optim.schedule": ("constant", "cosine", "linear", "wsd"),
+    "optim.mu_dtype": ("float32", "bfloat16"),
     "data.text_records": ("auto", "document", "paragraph", "line"),
     "early_stopping.mode": ("max", "min"),
 }
@@ -318,9 +322,23 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 
 def from_dict(d: dict) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict(d)
+    """A config from its dict form. Keys added to bigjax since it was written take their defaults, so that the
+    workdirs of older runs still evaluate and generate; a key bigjax does not know is still an error."""
+    family = d.get("model", {}).get("family", "gpt")
+    task = d.get("task", {}).get("name", "causal_lm")
+    base = defaults(model=family, task=task).to_dict() if family in MODEL_DEFAULTS else {}
+    config = ml_collections.ConfigDict(_merged(base, d))
     check_schema(config, schema_for(config))
     return config
+
+
+def _merged(base: dict, saved: dict) -> dict:
+    """`saved` over `base`, recursively: saved values win, keys only in `base` are filled in."""
+    out = dict(base)
+    for key, value in saved.items():
+        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = _merged(base[key], value) if both_dicts else value
+    return out
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -476,11 +494,18 @@ def check_values(config) -> None:
     for key in ("checkpoint_every", "eval_every", "max_nan_skips"):
         if config[key] < 0:
             raise ConfigError(f"config.{key} must be >= 0 (0 turns it off), got {config[key]}")
+    if config.data.prefetch < 0:
+        raise ConfigError(f"config.data.prefetch must be >= 0 (0 turns it off), got {config.data.prefetch}")
     check_model(config)
     if config.optim.grad_accum <= 0 or config.batch_size % config.optim.grad_accum:
         raise ConfigError(
             f"config.batch_size={config.batch_size} is not divisible by config.optim.grad_accum="
             f"{config.optim.grad_accum}; each microbatch must be the same size"
+        )
+    if config.optim.mu_dtype != "float32" and config.optim.name not in FIRST_MOMENT_OPTIMIZERS:
+        raise ConfigError(
+            f"config.optim.mu_dtype={config.optim.mu_dtype!r} applies to {', '.join(FIRST_MOMENT_OPTIMIZERS)}, not "
+            f"config.optim.name={config.optim.name!r}; leave mu_dtype at 'float32' or change the optimizer"
         )
     if not 0 < config.data.eval_fraction < 1:
         raise ConfigError(f"config.data.eval_fraction must be in (0, 1), got {config.data.eval_fraction}")

@@ -17,6 +17,7 @@ import jax
 # The one table of device peaks in bigjax.
 PEAK_FLOPS = {
     "H200": 989e12,
+    "H100 PCIe": 756e12,  # before "H100": the PCIe card runs at lower clocks than the SXM one
     "H100": 989e12,
     "A100": 312e12,
     "L4": 121e12,

@@ -56,7 +56,8 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
 
     # Model, task and data.
     task = tasks.make_task(config)
-    train_batches = data.train_batches(config)
+    # Batches are copied to the devices `data.prefetch` steps ahead; checkpoints hold the position of the last used.
+    train_batches = data.DeviceBatches(data.train_batches(config), mesh, config.data.prefetch)
     eval_data = data.eval_data(config) if config.eval_every else None
 
     # Optimizer and state, restored from the newest checkpoint or freshly initialized into its shards.
@@ -87,8 +88,7 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
     step = start
     try:
         while step < config.total_steps and not (stopper and stopper.should_stop):
-            batch = mesh_lib.global_batch_from_host(next(train_batches), mesh)
-            state, step_metrics = train_step(state, batch)
+            state, step_metrics = train_step(state, next(train_batches))
             pending.append(step_metrics)
             step += 1
             if bar is not None:

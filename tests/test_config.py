@@ -31,11 +31,17 @@ def test_experiment_argument_is_parsed(tiny_config):
         ("--config.optim.grad_accum=3", "not divisible by config.optim.grad_accum=3"),
         ("--config.optim", "overrides look like"),
         ("--config.optim=3", "is a group"),
+        ("--config.optim.mu_dtype=float16", "config.optim.mu_dtype='float16' is not one of float32, bfloat16"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_fix(tiny_config, override, message):
     with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         tiny_config("", override)
+
+
+def test_mu_dtype_is_refused_for_an_optimizer_without_a_first_moment(tiny_config):
+    with pytest.raises(config_lib.ConfigError, match=r"applies to adamw, adam, lion, not config\.optim\.name='sgd'"):
+        tiny_config("", "config.optim.name=sgd", "config.optim.mu_dtype=bfloat16")
 
 
 def test_unknown_key_in_an_experiment_file_is_reported(tmp_path):
@@ -97,6 +103,19 @@ def test_config_round_trips_through_json(tiny_config):
     c = tiny_config("llama=True")
     again = config_lib.from_json(config_lib.to_json(c))
     assert config_lib.harmless_changes(c, again) == []
+
+
+def test_an_older_config_json_gets_the_defaults_of_keys_added_since_but_unknown_keys_still_fail(tiny_config):
+    import json
+
+    saved = json.loads(config_lib.to_json(tiny_config("", "--config.optim.lr=0.123")))
+    del saved["optim"]["mu_dtype"], saved["data"]["prefetch"], saved["early_stopping"]  # as written by older bigjax
+    again = config_lib.from_json(json.dumps(saved))
+    assert again.optim.mu_dtype == "float32" and again.data.prefetch == 2 and again.early_stopping.metric == ""
+    assert again.optim.lr == 0.123  # what was saved wins
+    saved["optim"]["learning_rate"] = 0.1
+    with pytest.raises(config_lib.ConfigError, match="learning_rate"):
+        config_lib.from_json(json.dumps(saved))
 
 
 def test_resume_conflicts_list_model_changes_but_not_harmless_ones(tiny_config):

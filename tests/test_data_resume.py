@@ -4,11 +4,13 @@ run stopped and resumed from its iterator state, whether it resumes with the sam
 import hashlib
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from bigjax.data import DataError, corpus, pipeline
+from bigjax import mesh as mesh_lib
+from bigjax.data import DataError, DeviceBatches, corpus, pipeline
 
 STEPS, STOP = 8, 3
 
@@ -88,6 +90,26 @@ def test_stop_and_resume_gives_the_same_batches(tiny_config, all_sources, name):
         assert all(len(h[next(iter(h))]) == config.batch_size // 2 for h in halves)
         glued = {key: np.concatenate([h[key] for h in halves]) for key in halves[0]}
         assert digest(glued) == expected[step]
+
+
+def test_prefetching_to_the_devices_keeps_the_batches_and_checkpoints_the_last_one_used(tiny_config):
+    config = tiny_config("")
+    mesh = mesh_lib.make_mesh(config)
+    straight = pipeline.train_batches(config)
+    expected = [digest(next(straight)) for _ in range(STEPS)]
+
+    for prefetch in (0, 1, 3):
+        host = pipeline.train_batches(config)
+        ahead = DeviceBatches(host, mesh, prefetch)
+        seen = [digest(jax.device_get(next(ahead))) for _ in range(STOP)]
+        assert host.step == STOP + prefetch  # the host iterator runs ahead ...
+        state = json.loads(json.dumps(ahead.get_state()))
+        assert state["step"] == STOP  # ... but the saved position is that of the last batch a step used
+
+        resumed = DeviceBatches(pipeline.train_batches(config), mesh, prefetch)
+        resumed.set_state(state)
+        seen += [digest(jax.device_get(next(resumed))) for _ in range(STEPS - STOP)]
+        assert seen == expected, f"prefetch={prefetch}"
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(tiny_config):

@@ -36,6 +36,19 @@ def test_gpt2_124m_preset_has_124m_parameters_and_known_flops():
     assert flops_per_token(cfg, 1024) == expected
 
 
+def test_palm_and_causal_flops_by_hand_for_the_tiny_gpt(tiny_config):
+    task = CausalLM(tiny_config())
+    # tiny: L=2 layers, d=32, H=4 heads of Q=8, MLP 4d=128, vocabulary 260 padded to 384 (tied), T=32.
+    attention_weights = 32 * 8 * (4 + 2 * 4) + 4 * 8 * 32  # q, k, v in; output projection
+    mlp_weights = 2 * 32 * 128
+    n = 2 * (attention_weights + mlp_weights) + 384 * 32  # the tied embedding counts once, as the unembedding
+    assert n == 36_864
+    palm = 6 * n + 12 * 2 * 4 * 8 * 32  # 6N + 12·L·H·Q·T
+    causal = 6 * n + 6 * 2 * 4 * 8 * 32  # the attention term halved
+    assert task.flops_per_example() == palm * 32 == 7_864_320
+    assert task.causal_flops_per_example() == causal * 32 == 7_471_104
+
+
 def test_llama_1b_preset_is_about_a_billion_parameters():
     config = config_lib.load(str(REPO / "experiments" / "llama_1b.py"))
     counts = parameter_count(GPTConfig.from_config(config.model))

@@ -31,6 +31,7 @@ def make_config(**overrides) -> ml_collections.ConfigDict:
         clip=0.0,
         l1_penalty=0.0,
         l2_penalty=0.0,
+        mu_dtype="float32",
     )
     unknown = set(overrides) - set(values)
     assert not unknown, f"test passed unknown config keys {unknown}"
@@ -253,6 +254,39 @@ def test_global_norm_clipping(clip):
         assert norm == pytest.approx(clip, rel=1e-5)
     else:
         assert norm == pytest.approx(float(optax.tree.norm(huge)), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# bfloat16 first moment
+# --------------------------------------------------------------------------- #
+
+
+def moments(opt_state, name: str) -> list:
+    return [leaf for _, tree in optax.tree.get_all_with_path(opt_state, name) for leaf in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "lion"])
+def test_mu_dtype_bfloat16_keeps_the_first_moment_in_bfloat16(name):
+    params = decay_probe_params()
+    tx = make_optimizer(make_config(name=name, mu_dtype="bfloat16", lr=0.1), 10)
+    opt_state = tx.init(params)
+    first = moments(opt_state, "mu")
+    assert len(first) == 3 and all(m.dtype == jnp.bfloat16 for m in first)
+    assert all(v.dtype == jnp.float32 for v in moments(opt_state, "nu"))  # adam's second moment stays fp32
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    assert all(m.dtype == jnp.bfloat16 for m in moments(opt_state, "mu"))  # still bf16 after an update
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new_params))
+    # The update itself matches the fp32-moment optimizer's (0.5 is exact in bfloat16).
+    reference = make_optimizer(make_config(name=name, lr=0.1), 10)
+    expected, _ = reference.update(grads, reference.init(params), params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates, expected)
+
+
+def test_mu_dtype_default_is_float32():
+    opt_state = make_optimizer(make_config(name="adamw"), 10).init(decay_probe_params())
+    assert all(m.dtype == jnp.float32 for m in moments(opt_state, "mu"))
 
 
 # --------------------------------------------------------------------------- #

@@ -58,6 +58,17 @@ def test_fsdp_8_keeps_an_eighth_of_parameters_and_optimizer_state_per_device(tin
     assert report.per_device["parameters"] + report.per_device["optimizer_state"] == on_device
 
 
+def test_bfloat16_first_moment_shrinks_the_planned_optimizer_state_by_a_quarter(tiny_config):
+    fp32 = plan.make_plan(tiny_config("", "config.mesh.data=1", "config.mesh.fsdp=8"))
+    bf16 = plan.make_plan(tiny_config("", "config.mesh.data=1", "config.mesh.fsdp=8", "config.optim.mu_dtype=bfloat16"))
+    # AdamW keeps mu and nu per parameter: 4 + 4 bytes, now 2 + 4; the step counts are a few bytes more.
+    assert bf16.per_device["optimizer_state"] == pytest.approx(0.75 * fp32.per_device["optimizer_state"], rel=1e-3)
+    assert bf16.per_device["parameters"] == fp32.per_device["parameters"]
+    # XLA's compiled step takes the smaller state as its input (its temporaries on CPU are another matter).
+    saved = fp32.per_device["optimizer_state"] - bf16.per_device["optimizer_state"]
+    assert fp32.xla["arguments"] - bf16.xla["arguments"] == saved
+
+
 def test_tensor_2_splits_the_mlp_and_attention_weights(tiny_config):
     config = tiny_config("", "config.mesh.data=4", "config.mesh.tensor=2")
     state, _ = real_state(config)

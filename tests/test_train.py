@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO, TINY
 
@@ -55,6 +56,16 @@ def test_resume_is_bitwise_identical_on_the_same_mesh(straight_run, tmp_path):
 
     assert losses_by_step(tmp_path) == losses_by_step(straight)  # every step, bitwise
     jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path, config), final_params(straight, config))
+
+
+def test_resume_with_prefetch_saves_the_position_of_the_last_batch_used(straight_run, tmp_path, tiny_config):
+    _, straight = straight_run  # prefetch=2, the default
+    config = tiny_config("", "config.log_every=1", "config.data.prefetch=3")
+    train.train(config, tmp_path, stop_at_step=3)  # 3 batches used, 6 read from the host iterator
+    mngr = checkpoint.manager(tmp_path, read_only=True)
+    assert mngr.restore(3, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]["step"] == 3
+    train.train(config, tmp_path)
+    assert losses_by_step(tmp_path) == losses_by_step(straight)  # the same batches: every loss bitwise equal
 
 
 def test_resume_onto_a_different_mesh(straight_run, tmp_path, tiny_config):

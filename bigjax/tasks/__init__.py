@@ -10,6 +10,8 @@ the train loop, the eval job and the checkpoints know only this interface.
                                                  -> (sums, new_model_state) for one (micro)batch
     task.summarize(sums, data_stats)             host side: sums over any number of batches -> metrics
     task.flops_per_example()                     training FLOPs (forward and backward) of one example
+    task.causal_flops_per_example()              optional, causal LMs: the same with attention counted only
+                                                 where the causal mask keeps it (MaxText's count)
     task.tokens_per_example                      tokens in one example (0 for images): tokens/s and MFU
 
 `sums` is a dict of scalars that add across microbatches, devices and eval batches: "count" is the number of

@@ -46,6 +46,9 @@ class CausalLM:
     def flops_per_example(self) -> float:
         return flops_per_token(self.model_config, self.seq_len) * self.seq_len
 
+    def causal_flops_per_example(self) -> float:
+        return flops_per_token(self.model_config, self.seq_len, causal_attention=True) * self.seq_len
+
 
 def token_loss_sums(logits, targets, weights) -> dict:
     """fp32 cross-entropy summed over the weighted tokens, plus the counts the metrics need."""
@@ -72,12 +75,15 @@ def summarize(sums: dict, bytes_per_token: float | None = None, chars_per_token:
     return metrics
 
 
-def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
+def flops_per_token(cfg: GPTConfig, seq_len: int, causal_attention: bool = False) -> float:
     """Training FLOPs per token by the PaLM formula: 6N for the matmuls plus 12·L·H·Q·T for attention.
 
     N counts the weights that multiply activations (the token-embedding lookup and learned positions do
-    not; a tied embedding counts once, as the output projection). Attention is counted unmasked, as PaLM
-    and nanoGPT do; the causal-only count would halve the second term.
+    not; a tied embedding counts once, as the output projection). By default attention is counted unmasked,
+    as PaLM and nanoGPT do. `causal_attention` counts only the half of the score matrix a causal mask keeps,
+    as MaxText does: 6N + 6·L·H·Q·T. The first is the figure to compare with nanoGPT's MFU, the second with
+    MaxText's.
     """
     n = parameter_count(cfg)["matmul"]
-    return 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    return float(6 * n + (attention / 2 if causal_attention else attention))
