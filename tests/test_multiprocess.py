@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY
 
-from bigjax import metrics
+from bigjax import checkpoint, metrics
 
 TRAIN = [sys.executable, "-m", "bigjax.cli", "train"]
 
@@ -154,14 +154,13 @@ def test_errors_name_the_process_they_happened_in(tmp_path):
         assert f"error (process {index} of 2): config.optim.lr='fast' is not a valid float" in log(logs, index)
 
 
-def test_a_killed_process_makes_the_others_exit_within_the_heartbeat_timeout(tmp_path):
-    logs = tmp_path / "logs"
-    command = TRAIN + ["--config", TINY + ":steps=100000", "--workdir", tmp_path / "run", "--config.log_every=1"]
-    command += ["--config.checkpoint_every=0"]
-    processes = start_processes(command, 2, logs, BIGJAX_HEARTBEAT_TIMEOUT="5")
+def test_a_killed_process_makes_the_others_exit_within_the_heartbeat_timeout_and_both_resume(cli, tmp_path):
+    logs, run = tmp_path / "logs", tmp_path / "run"
+    endless = ["--config", TINY + ":steps=100000", "--config.log_every=1", "--config.checkpoint_every=2"]
+    processes = start_processes(TRAIN + endless + ["--workdir", run], 2, logs, BIGJAX_HEARTBEAT_TIMEOUT="5")
     try:
         deadline = time.monotonic() + 240
-        while "step 3:" not in log(logs, 0, "out"):  # training is under way
+        while not checkpoint.committed_steps(run):  # training is under way, with a checkpoint to resume from
             assert time.monotonic() < deadline and processes[0].poll() is None, log(logs, 0)[-3000:]
             time.sleep(0.5)
         processes[1].send_signal(signal.SIGKILL)
@@ -173,6 +172,14 @@ def test_a_killed_process_makes_the_others_exit_within_the_heartbeat_timeout(tmp
     assert returncode != 0
     survivor = log(logs, 0)
     assert "The following tasks are unhealthy (stopped sending heartbeats):\n1\n" in survivor, survivor[-3000:]
+
+    # Restarting both with the same command resumes from the last committed checkpoint and continues exactly
+    # as a run that was never interrupted (here: one process with the same 8 devices).
+    restart = TRAIN + endless + ["--workdir", run, "--stop-at-step", "8"]
+    assert_succeeded(wait_for(start_processes(restart, 2, tmp_path / "logs-again")), tmp_path / "logs-again")
+    assert "resumed from step" in log(tmp_path / "logs-again", 0, "out")
+    cli("train", *endless, "--workdir", tmp_path / "uninterrupted", "--stop-at-step", "8")
+    assert_same_losses(run, losses(tmp_path / "uninterrupted"))
 
 
 def test_a_process_that_never_starts_fails_the_others_with_an_error_naming_it(tmp_path):
