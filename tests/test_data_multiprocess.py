@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import REPO, TINY
+from conftest import REPO, TINY, xla_flags
 from multihost_batches import digest
 
 from bigjax import config as config_lib
@@ -30,7 +30,7 @@ def run_two_processes(out, overrides, timeout=240):
     for index in range(2):
         env = dict(os.environ)
         env.update(
-            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            XLA_FLAGS=xla_flags(4),
             JAX_PLATFORMS="cpu",
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
             JAX_NUM_PROCESSES="2",

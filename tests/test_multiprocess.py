@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY
+from conftest import FAST_COMPILE, REPO, TINY, xla_flags
 
 from bigjax import checkpoint, metrics
 
@@ -35,7 +35,7 @@ def start_processes(command, num_processes, log_dir, port=None, only=None, **ext
     for index in range(num_processes) if only is None else only:
         env = dict(os.environ)
         env.update(
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // num_processes}",
+            XLA_FLAGS=xla_flags(8 // num_processes),
             JAX_PLATFORMS="cpu",
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
             JAX_NUM_PROCESSES=str(num_processes),
@@ -112,7 +112,7 @@ def test_four_processes_through_the_launcher_train_like_one(tmp_path, reference_
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "XLA_FLAGS": ""},
+        env={**os.environ, "XLA_FLAGS": FAST_COMPILE},  # the launcher adds the device count
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 processes x 2 CPU devices" in result.stderr
@@ -131,7 +131,7 @@ def test_one_process_checkpoint_resumes_in_two_beside_the_eval_job(cli, tmp_path
     eval_job = subprocess.Popen(
         [sys.executable, "-m", "bigjax.cli", "eval", "--config", TINY, "--workdir", run, "--poll", "0.5"],
         cwd=REPO,
-        env={**eval_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        env={**eval_env, "XLA_FLAGS": xla_flags(2)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -99,7 +99,7 @@ def test_train_steps_match_on_every_mesh(tiny_config, variant):
     tx = optim.make_optimizer(config.optim, config.total_steps)
     batches = [fixed_batch(config, seed) for seed in range(3)]
     reference = None
-    for shape in FEWER_MESHES if variant == "gpt2" else [(1, 1, 1), (1, 4, 2)]:
+    for shape in [(1, 1, 1), (2, 2, 2)] if variant == "gpt2" else [(1, 1, 1), (1, 4, 2)]:
         mesh, rules = on_mesh(config, shape)
         _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
         state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)

@@ -80,7 +80,8 @@ class Attempt:
 def environment(compile_cache: pathlib.Path | None = None) -> dict:
     """8 simulated CPU devices, like the tests; a persistent compilation cache makes each restart ~5s faster."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    if compile_cache is not None:
+    env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", env["XLA_FLAGS"])  # under pytest: conftest's, which compile faster
+    if compile_cache is not None and "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # under pytest: the shared one
         env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return env
 
