@@ -33,8 +33,9 @@ arguments of the compiled sampler, not constants: another temperature, top-k or 
 
 Longer than the model's context (max_len): a prompt is cut to its last max_len tokens; a row whose text fills
 the context is prefilled again from its last max_len/2 tokens and goes on. The other rows of the batch are
-prefilled again at the same time from their whole context, which gives them back the cache they had, so every
-row gets what it would get alone, whatever else shares its batch.
+prefilled again at the same time from their whole context, which gives them back the cache they had. So a row's
+logits do not depend on what else shares its batch, and greedy decoding gives each row what it gets alone (a
+sampled row draws its noise from the step's one random key for the whole batch, so it depends on its place).
 
 Sampling: temperature (0 = greedy), then top-k, then top-p (the smallest set of most likely tokens whose
 probability reaches p), in Hugging Face's order. The tokenizer's pad, cls and mask ids, and the ids that pad
