@@ -2,7 +2,8 @@
 
     bigjax train --config experiments/NAME.py[:ARG] --workdir DIR [--config.a.b=VALUE ...] [--fresh]
     bigjax eval --config experiments/NAME.py --workdir DIR [--once] [--timeout SECONDS]
-    bigjax generate --workdir DIR --prompt TEXT [--temperature T] [--top-k K] [--max-new-tokens N]
+    bigjax generate --workdir DIR --prompt TEXT [--prompt TEXT ...] [--prompts-file F] [--temperature T] [--top-k K]
+                    [--top-p P] [--stop S ...] [--max-new-tokens N] [--seed S] [--step N]
     bigjax data prepare --config experiments/NAME.py [--config.a.b=VALUE ...]
     bigjax tokenizer train --config experiments/NAME.py --vocab-size N --out PATH.model|PATH.json
     bigjax plan --config experiments/NAME.py[:ARG] [--devices N] [--device-kind h100] [--config.a.b=VALUE ...]
@@ -102,14 +103,26 @@ def parse_args(argv):
     p.add_argument("--poll", type=float, default=2.0, help="seconds between looks for new checkpoints")
     p.set_defaults(run=run_eval)
 
-    p = commands.add_parser("generate", help="sample text from DIR's newest checkpoint")
+    p = commands.add_parser("generate", help="sample text from DIR's newest committed checkpoint (KV cache)")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat it for a batch of prompts")
+    p.add_argument(
+        "--prompts-file", default=None, help='more prompts: one a line, or in a .jsonl file one {"prompt": TEXT} a line'
+    )
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
+    p.add_argument("--top-k", type=int, default=40, help="keep the K most likely tokens; 0 = no limit")
+    p.add_argument("--top-p", type=float, default=1.0, help="keep the most likely tokens up to mass P; 1 = no limit")
+    p.add_argument(
+        "--stop",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="S",
+        help="end a completion where its text contains S (left out of it); e.g. --stop $'\\n\\n'",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step", type=int, default=None, help="a checkpoint step; default: the newest")
+    p.add_argument("--step", type=int, default=None, help="a committed checkpoint step; default: the newest")
     p.set_defaults(run=run_generate)
 
     p = commands.add_parser("data", help="prepare the configured data: TFDS download, tokenized cache")
@@ -240,10 +253,21 @@ def run_bench(args, overrides) -> int:
 def run_generate(args, overrides) -> int:
     from bigjax import generate
 
-    text = generate.generate_text(
-        args.workdir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.step
+    # Settings and prompts are checked before the checkpoint is read.
+    sampling = generate.Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop=tuple(args.stop),
+        seed=args.seed,
     )
-    print(text)
+    prompts = generate.read_prompts(args.prompt, args.prompts_file)
+    completions = generate.load(args.workdir, args.step).complete(prompts, sampling)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        if len(prompts) > 1:
+            print(f"----- {i + 1} of {len(prompts)} -----")
+        print(prompt + completion)
     return 0
 
 

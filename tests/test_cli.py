@@ -1,17 +1,33 @@
 """End to end through the command line: train, the separate eval job, generate."""
 
+import re
+import shutil
 import subprocess
 import sys
 import time
 
-from conftest import REPO, TINY
+import pytest
+from conftest import REPO, TINY, run_cli
 
-from bigjax import metrics
+from bigjax import checkpoint, metrics
 
 
-def test_train_then_eval_then_generate(cli, tmp_path):
-    workdir = tmp_path / "run"
-    out = cli("train", "--config", TINY, "--workdir", workdir).stdout
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny experiment trained through the CLI for 8 steps (checkpoints 4 and 8): (workdir, stdout).
+    Tests that change the workdir change a copy (`copy_of`)."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    return workdir, run_cli("train", "--config", TINY, "--workdir", workdir).stdout
+
+
+def copy_of(trained, tmp_path):
+    shutil.copytree(trained[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_train_then_eval_then_resume(cli, trained, tmp_path):
+    out = trained[1]
+    workdir = copy_of(trained, tmp_path)
     assert "finished at step 8" in out
     assert (workdir / "config.json").exists()
     rows = metrics.read_jsonl(workdir / "metrics.jsonl")
@@ -22,33 +38,51 @@ def test_train_then_eval_then_generate(cli, tmp_path):
     out = cli("eval", "--config", TINY, "--workdir", workdir, "--once").stdout
     assert "validation at step 8" in out and "bits_per_char" in out
 
-    greedy = [
-        cli(
-            "generate", "--workdir", workdir, "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20"
-        ).stdout
-        for _ in range(2)
-    ]
-    assert greedy[0] == greedy[1] and greedy[0].startswith("ROMEO:")
-    sampled = cli(
-        "generate",
-        "--workdir",
-        workdir,
-        "--prompt",
-        "ROMEO:",
-        "--temperature",
-        "1.0",
-        "--top-k",
-        "5",
-        "--max-new-tokens",
-        "20",
-        "--seed",
-        "3",
-    ).stdout
-    assert sampled.startswith("ROMEO:") and len(sampled.encode()) >= len("ROMEO:") + 1
-
     # Run again with the same workdir: it resumes from step 8 and trains on to the new end.
     out = cli("train", "--config", TINY + ":steps=10", "--workdir", workdir).stdout
     assert "resumed from step 8" in out and "finished at step 10" in out
+
+
+def completions(stdout: str, prompts) -> list[str]:
+    """The completions `bigjax generate` printed for several prompts, each after its header and prompt."""
+    parts = re.split(r"^----- \d+ of \d+ -----\n", stdout, flags=re.MULTILINE)
+    assert parts[0] == "" and len(parts) == len(prompts) + 1, stdout
+    assert all(part.startswith(prompt) for part, prompt in zip(parts[1:], prompts, strict=True))
+    return [part[len(prompt) : -1] for part, prompt in zip(parts[1:], prompts, strict=True)]  # less print's newline
+
+
+def test_generate_a_batch_with_stops_from_the_newest_committed_checkpoint(cli, trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("JULIET:\n")
+    # 40 new tokens: past the tiny model's context of 32.
+    command = ["generate", "--workdir", workdir, "--prompt", "ROMEO:", "--prompts-file", prompts_file]
+    command += ["--temperature", "1.0", "--top-k", "10", "--top-p", "0.95", "--seed", "1", "--max-new-tokens", "40"]
+    at_8 = cli(*command)
+    assert "generating from checkpoint 8" in at_8.stderr
+    romeo, juliet = completions(at_8.stdout, ["ROMEO:", "JULIET:"])
+    assert len(romeo) >= 10 and len(juliet) >= 10
+
+    at_4 = cli(*command, "--step", "4")
+    assert "generating from checkpoint 4" in at_4.stderr and at_4.stdout != at_8.stdout
+
+    # A newer step that was never committed (step 4's arrays, no commit marker): Orbax would list it as the
+    # latest; generate reads the newest committed one, and refuses it by name.
+    shutil.copytree(workdir / "checkpoints" / "4", workdir / "checkpoints" / "12")
+    (workdir / "checkpoints" / "12" / checkpoint.COMMIT_MARKER).unlink()
+    again = cli(*command)
+    assert "generating from checkpoint 8" in again.stderr and again.stdout == at_8.stdout
+    refused = cli(*command, "--step", "12", check=False)
+    assert refused.returncode == 2 and "checkpoint 12 is not a committed checkpoint" in refused.stderr
+
+    # A stop string from the middle of ROMEO's completion ends it there; JULIET's goes on as before.
+    stop = next(
+        romeo[i : i + 2]
+        for i in range(4, len(romeo) - 1)
+        if romeo[i : i + 2].isprintable() and romeo[i : i + 2] not in juliet
+    )
+    stopped = cli(*command, "--stop", "never written", stop)
+    assert completions(stopped.stdout, ["ROMEO:", "JULIET:"]) == [romeo[: romeo.index(stop)], juliet]
 
 
 def test_eval_job_started_before_training_evaluates_every_checkpoint_once(cli, tmp_path):

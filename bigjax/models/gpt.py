@@ -4,6 +4,8 @@ grouped-query attention) are the same module with different config values.
     model = GPT(GPTConfig.from_config(config.model))
     variables = model.init(rng, tokens)            # tokens: int32 [batch, length]
     logits = model.apply(variables, tokens)         # float32 [batch, length, padded_vocab]
+
+`decoding_model(cfg)` is the same model, with the same parameters, running on a KV cache (bigjax.generate).
 """
 
 from __future__ import annotations
@@ -95,13 +97,15 @@ class Block(nn.Module):
     """Residual attention + MLP block. Returns (x, None) so that nn.scan can stack it.
 
     Pre-norm (GPT-2, Llama, modern encoders) normalizes each sublayer's input; post-norm (the original
-    Transformer and BERT) normalizes after each residual sum. `causal=False` is the bidirectional encoder.
+    Transformer and BERT) normalizes after each residual sum. `causal=False` is the bidirectional encoder;
+    `decode=True` attends through a KV cache (layers.Attention).
     """
 
     cfg: GPTConfig
     train: bool
     causal: bool = True
     post_norm: bool = False
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
@@ -124,6 +128,7 @@ class Block(nn.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             causal=self.causal,
+            decode=self.decode,
             name="attention",
         )
         mlp = layers.Mlp(c.mlp, c.mlp_dim, c.use_bias, c.init_std, out_std, dtype, param_dtype, name="mlp")
@@ -140,7 +145,8 @@ class Block(nn.Module):
 
 
 def stacked_blocks(cfg: GPTConfig):
-    """The Block class wrapped in remat (by policy) and scan (one compiled layer, stacked weights)."""
+    """The Block class wrapped in remat (by policy) and scan (one compiled layer, stacked weights; a KV cache
+    is stacked over layers the same way)."""
     block = Block
     if cfg.remat != "none":
         # prevent_cse only matters outside scan, where XLA could otherwise undo the rematerialization.
@@ -148,7 +154,7 @@ def stacked_blocks(cfg: GPTConfig):
     if cfg.scan_layers:
         block = nn.scan(
             block,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
@@ -157,20 +163,35 @@ def stacked_blocks(cfg: GPTConfig):
     return block
 
 
-def run_blocks(cfg: GPTConfig, x, positions, segment_ids, train: bool, causal: bool = True, post_norm: bool = False):
+def run_blocks(
+    cfg: GPTConfig,
+    x,
+    positions,
+    segment_ids,
+    train: bool,
+    causal: bool = True,
+    post_norm: bool = False,
+    decode: bool = False,
+):
     """The stack of blocks, scanned or unrolled; called from inside a module's compact method."""
     blocks = stacked_blocks(cfg)
     if cfg.scan_layers:
-        return blocks(cfg, train, causal, post_norm, name="layers")(x, positions, segment_ids)[0]
+        return blocks(cfg, train, causal, post_norm, decode, name="layers")(x, positions, segment_ids)[0]
     for i in range(cfg.num_layers):
-        x, _ = blocks(cfg, train, causal, post_norm, name=f"layers_{i}")(x, positions, segment_ids)
+        x, _ = blocks(cfg, train, causal, post_norm, decode, name=f"layers_{i}")(x, positions, segment_ids)
     return x
 
 
 class GPT(nn.Module):
-    """The causal language model: tokens -> next-token logits."""
+    """The causal language model: tokens -> next-token logits.
+
+    With `decode=True` (see decoding_model) every call reads and extends the KV cache in the "cache" collection:
+    `apply({"params": p, "cache": c}, tokens, positions=..., mutable=["cache"])`, where `positions` [batch,
+    length] are the tokens' positions in their rows, which are also their columns in the cache.
+    """
 
     cfg: GPTConfig
+    decode: bool = False
 
     def hidden_states(self, tokens, positions, segment_ids, train: bool):
         """The final-normed hidden states [batch, length, d] and the token embedding (the tied output layer).
@@ -202,14 +223,18 @@ class GPT(nn.Module):
             )(positions)
         x = nn.Dropout(c.dropout, deterministic=not train)(x)
         x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
-        x = run_blocks(c, x, positions, segment_ids, train)
+        x = run_blocks(c, x, positions, segment_ids, train, decode=self.decode)
         x = layers.Norm(c.norm, c.norm_eps, c.use_bias, dtype, param_dtype, name="final_norm")(x)
         return x, embed
 
     @nn.compact
-    def __call__(self, tokens, train: bool = False):
+    def __call__(self, tokens, train: bool = False, positions=None, last_token=None):
+        """Logits [batch, length, vocab]; with `last_token` ([batch] index of each row's last real token), the
+        next-token logits there alone, [batch, 1, vocab]: a prefill needs no others."""
         c = self.cfg
-        x, embed = self.hidden_states(tokens, None, None, train)
+        x, embed = self.hidden_states(tokens, positions, None, train)
+        if last_token is not None:
+            x = jnp.take_along_axis(x, last_token[:, None, None], axis=1)
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
@@ -223,6 +248,12 @@ class GPT(nn.Module):
             )(x)
         logits = layers.constrain(logits, "activation_batch", "activation_length", "activation_vocab")
         return logits.astype(jnp.float32)
+
+
+def decoding_model(cfg: GPTConfig) -> GPT:
+    """The model of `cfg` running on a KV cache: the same parameters, without remat (nothing is differentiated)
+    and with XLA's attention (a decode step has one query per row, and its mask is the cache's, not causal)."""
+    return GPT(dataclasses.replace(cfg, remat="none", attention="xla", dropout=0.0), decode=True)
 
 
 class GPTClassifier(GPT):

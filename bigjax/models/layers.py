@@ -75,6 +75,11 @@ class Attention(nn.Module):
 
     Written with nn.Einsum rather than nn.MultiHeadDotProductAttention: the latter flattens 3-D kernels and
     loses their logical axis names under a mesh.
+
+    `decode=True` is the causal model with a KV cache (bigjax.generate): each call writes its keys and values
+    into the "cache" collection at the columns its `positions` name (column = position), and its queries attend
+    to the cache's columns up to their own position. The cache is sized by `model.init` in decode mode, from the
+    keys of that call: [batch, columns, kv_heads, head_dim]. Keys are cached after the rotary embedding.
     """
 
     num_heads: int
@@ -88,6 +93,7 @@ class Attention(nn.Module):
     dtype: Dtype
     param_dtype: Dtype
     causal: bool = True
+    decode: bool = False
 
     def _project(self, x, heads: int, head_names: str, name: str):
         return nn.Einsum(
@@ -111,10 +117,12 @@ class Attention(nn.Module):
         q = constrain(q, "activation_batch", "activation_length", "activation_heads", None)
         k = constrain(k, "activation_batch", "activation_length", "activation_kv_heads", None)
         v = constrain(v, "activation_batch", "activation_length", "activation_kv_heads", None)
-        mask = None if segment_ids is None else same_segment_mask(segment_ids)
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation
-        )
+        if self.decode:
+            k, v = self._through_cache(k, v, positions)
+            mask, causal = visible_in_cache(positions, k.shape[1]), False
+        else:
+            mask, causal = None if segment_ids is None else same_segment_mask(segment_ids), self.causal
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=self.implementation)
         out = constrain(out, "activation_batch", "activation_length", "activation_heads", None)
         return nn.Einsum(
             shape=(self.num_heads, self.head_dim, x.shape[-1]),
@@ -126,6 +134,30 @@ class Attention(nn.Module):
             bias_init=logical(nn.initializers.zeros, "embed"),
             name="out",
         )(out)
+
+    def _through_cache(self, k, v, positions):
+        """This call's keys and values written into the layer's cache at their positions; returns the whole cache.
+
+        A row's tokens in one call are consecutive, so each row writes one slice, from its first position: a
+        prefill writes columns 0.. of every row, a decode step one column per row, each at its own length.
+        """
+        sizing = not self.has_variable("cache", "cached_key")  # model.init in decode mode: create the cache, empty
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        if sizing:
+            return k, v
+        write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, axis=0))
+        cached_k.value = write(cached_k.value, k, positions[:, 0])
+        cached_v.value = write(cached_v.value, v, positions[:, 0])
+        return cached_k.value, cached_v.value
+
+
+def visible_in_cache(positions, columns: int):
+    """[batch, 1, length, columns] booleans: a query at position p sees the cache's columns 0..p.
+
+    Columns past p hold nothing yet, or padding that the row overwrites with its own tokens before it gets there.
+    """
+    return positions[:, None, :, None] >= jnp.arange(columns)[None, None, None, :]
 
 
 def same_segment_mask(segment_ids):
