@@ -77,6 +77,7 @@ run_group() {  # run_group GROUP: its measurements, appended to $RESULTS/GROUP.j
     bench gpt2_b24_remat_dots --config $GPT2 --config.model.remat=dots
     bench gpt2_b24_remat_full --config $GPT2 --config.model.remat=full
     bench gpt2_b24_mu_bf16 --config $GPT2 --config.optim.mu_dtype=bfloat16
+    bench gpt2_b24_loss_chunk128 --config $GPT2 --config.task.loss_chunk=128
     ;;
   flags)  # bigjax's GPU flags off, then XLA's default back for one flag at a time (the user's XLA_FLAGS win)
     BIGJAX_XLA_FLAGS=off bench gpt2_b24_flags_off --config $GPT2
@@ -85,13 +86,14 @@ run_group() {  # run_group GROUP: its measurements, appended to $RESULTS/GROUP.j
     XLA_FLAGS=--xla_gpu_enable_while_loop_double_buffering=true bench gpt2_b24_double_buffering --config $GPT2
     XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=false bench gpt2_b24_no_lhs --config $GPT2
     ;;
-  llama)  # Llama-style 1.1B, T=2048: remat policies and batch
+  llama)  # Llama-style 1.1B, T=2048: remat policies, batch, and the chunked loss without remat
     bench llama_b8_remat_full --config $LLAMA
     bench llama_b8_remat_none --config $LLAMA:remat=none
     bench llama_b8_remat_dots_no_batch --config $LLAMA:remat=dots_no_batch
     bench llama_b8_remat_dots --config $LLAMA:remat=dots
     bench llama_b16_remat_full --config $LLAMA:batch=16
     bench llama_b8_remat_full_mu_bf16 --config $LLAMA --config.optim.mu_dtype=bfloat16
+    bench llama_b8_remat_none_loss_chunk256 --config $LLAMA:remat=none --config.task.loss_chunk=256
     ;;
   depth)  # compile time against depth: scanned layers should stay flat, unrolled ones grow
     for layers in 12 24 48; do

@@ -181,6 +181,9 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             num_classes=0,  # classification
             label_smoothing=0.0,  # classification
             mask_rate=0.15,  # masked_lm: fraction of tokens chosen for prediction (80% masked, 10% random, 10% kept)
+            # causal_lm: the loss over this many positions at a time, so that the full [batch, length, vocab] logits
+            # are never made (less memory, one more output matmul); must divide data.seq_len; 0 = all at once
+            loss_chunk=0,
         )
     )
     c.model = ml_collections.ConfigDict(MODEL_DEFAULTS[model]())
@@ -511,7 +514,25 @@ def check_values(config) -> None:
         raise ConfigError(f"config.data.eval_fraction must be in (0, 1), got {config.data.eval_fraction}")
     if not 0 < config.task.mask_rate < 1:
         raise ConfigError(f"config.task.mask_rate must be in (0, 1), got {config.task.mask_rate}")
+    check_loss_chunk(config)
     check_finetuning(config)
+
+
+def check_loss_chunk(config) -> None:
+    """The chunked cross-entropy cuts the causal LM's sequence into equal pieces."""
+    chunk, seq_len = config.task.loss_chunk, config.data.seq_len
+    if chunk < 0:
+        raise ConfigError(f"config.task.loss_chunk must be >= 0 (0 turns chunking off), got {chunk}")
+    if chunk and config.task.name != "causal_lm":
+        raise ConfigError(
+            f"config.task.loss_chunk={chunk} applies to task.name='causal_lm', not {config.task.name!r}; set it to 0"
+        )
+    if chunk and seq_len % chunk:
+        divisors = [d for d in range(1, seq_len + 1) if seq_len % d == 0 and d < seq_len][-3:]
+        raise ConfigError(
+            f"config.task.loss_chunk={chunk} does not divide config.data.seq_len={seq_len}; the loss is taken in "
+            f"equal pieces of the sequence: use a divisor of {seq_len} (e.g. {', '.join(map(str, divisors))}) or 0"
+        )
 
 
 def check_finetuning(config) -> None:

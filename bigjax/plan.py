@@ -188,7 +188,8 @@ def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | No
     remat="full" keeps only each block's input (d a) and recomputes one block at a time; "dots" keeps the
     outputs of every matmul (the projections, and the attention einsums on XLA attention); "dots_no_batch"
     those of the weight matmuls only. Beyond the layers: the logits in the compute dtype, their fp32 copy
-    and the fp32 gradient of the loss, V (a + 8) / t per token. With fsdp > 1, the weights gathered whole for
+    and the fp32 gradient of the loss, V (a + 8) / t per token, for every token, or with `task.loss_chunk` for
+    one piece of the sequence at a time. With fsdp > 1, the weights gathered whole for
     use: one layer's for the forward and one for the backward, and the (un)embedding's. Not counted: XLA's
     scratch and fusion temporaries. None for models other than the GPT family: plan those on their devices.
     """
@@ -220,11 +221,12 @@ def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | No
     }[m.remat]
     recompute = 0 if m.remat == "none" else whole_block  # one block rebuilt at a time during the backward
     logits = vocab * (a + 8) / t
-    tokens = config.batch_size // config.optim.grad_accum // (mesh_shape["data"] * mesh_shape["fsdp"]) * s
+    rows = config.batch_size // config.optim.grad_accum // (mesh_shape["data"] * mesh_shape["fsdp"])
+    tokens, logit_tokens = rows * s, rows * (config.task.loss_chunk or s)
     counts = parameter_count(m)
     gathered = 2 * counts["layers"] / m.num_layers + counts["embedding"] if mesh_shape["fsdp"] > 1 else 0
     gathered_bytes = gathered * np.dtype(m.param_dtype).itemsize / t
-    return int(tokens * (m.num_layers * kept_per_layer + recompute + logits) + gathered_bytes)
+    return int(tokens * (m.num_layers * kept_per_layer + recompute) + logit_tokens * logits + gathered_bytes)
 
 
 # --------------------------------------------------------------------------------------------------

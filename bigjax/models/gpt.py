@@ -295,6 +295,22 @@ def make_classifier(model_config, num_classes: int, max_segments: int = 1) -> GP
     return GPTClassifier(GPTConfig.from_config(model_config), num_classes=num_classes, max_segments=max_segments)
 
 
+class GPTHiddenStates(GPT):
+    """The language model stopped before its output layer, for a loss that projects onto the vocabulary a piece at
+    a time (bigjax.tasks.causal_lm). It applies GPT's parameters (initialize with GPT):
+
+        x, kernel = model.apply(variables, tokens)   # [batch, length, d] final-normed; [d, padded_vocab]
+        x @ kernel, both cast to cfg.dtype, is GPT's logits (before the fp32 cast)
+    """
+
+    @nn.compact
+    def __call__(self, tokens, train: bool = False):
+        x, embed = self.hidden_states(tokens, None, None, train)
+        if self.cfg.tie_embeddings:
+            return x, embed.embedding.T
+        return x, self.get_variable("params", "unembed")["kernel"]  # GPT's output Dense layer, not called here
+
+
 def parameter_count(cfg: GPTConfig) -> dict[str, int]:
     """Parameters in total and those that do matmul work per token (for the FLOPs estimate)."""
     d, h, kv, hd, f, v, n = (

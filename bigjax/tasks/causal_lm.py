@@ -3,6 +3,10 @@
 A batch is {"inputs": int32 [b, t], "targets": int32 [b, t], "weights": float32 [b, t]}; weight 0 marks
 padding. Losses are returned as sums with their token count (see bigjax.tasks), so that microbatches, devices
 and eval batches combine exactly: the mean is taken once, at the end.
+
+`config.task.loss_chunk=k` takes the loss k positions at a time (`chunked_token_loss_sums`), so that the
+[b, t, padded_vocab] logits, their fp32 copy and their gradient never exist whole; 0 (the default) makes them
+in one piece.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bigjax.models.gpt import GPT, GPTConfig, parameter_count
+from bigjax.models.gpt import GPT, GPTConfig, GPTHiddenStates, parameter_count
+from bigjax.models.layers import constrain
 
 
 class CausalLM:
@@ -22,6 +27,7 @@ class CausalLM:
         self.model = GPT(self.model_config)
         self.seq_len = config.data.seq_len
         self.tokens_per_example = self.seq_len
+        self.loss_chunk = config.task.loss_chunk
 
     def init_variables(self, rng):
         tokens = jnp.zeros((1, self.seq_len), jnp.int32)
@@ -37,8 +43,19 @@ class CausalLM:
 
     def loss_sums(self, params, model_state, batch, rng=None, train: bool = False):
         rngs = {"dropout": rng} if train and rng is not None else {}
-        logits = self.model.apply({"params": params}, batch["inputs"], train=train, rngs=rngs)
-        return token_loss_sums(logits, batch["targets"], batch["weights"]), model_state
+        if not self.loss_chunk:
+            logits = self.model.apply({"params": params}, batch["inputs"], train=train, rngs=rngs)
+            return token_loss_sums(logits, batch["targets"], batch["weights"]), model_state
+        # Same parameter paths, so the same parameters and the same dropout masks as self.model.
+        hidden, kernel = GPTHiddenStates(self.model_config).apply(
+            {"params": params}, batch["inputs"], train=train, rngs=rngs
+        )
+        # Cast as GPT's output layer casts, once, outside the loop over pieces; and gather an FSDP-split kernel
+        # there too, or XLA gathers it inside the loop, once per piece.
+        hidden, kernel = hidden.astype(self.model_config.dtype), kernel.astype(self.model_config.dtype)
+        kernel = constrain(kernel, "activation_embed", "activation_vocab")
+        sums = chunked_token_loss_sums(hidden, kernel, batch["targets"], batch["weights"], self.loss_chunk)
+        return sums, model_state
 
     def summarize(self, sums: dict, data_stats: dict | None = None) -> dict:
         return summarize(sums, **(data_stats or {}))
@@ -56,6 +73,33 @@ def token_loss_sums(logits, targets, weights) -> dict:
     weights = weights.astype(jnp.float32)
     correct = (jnp.argmax(logits, axis=-1) == targets) * weights
     return {"loss": jnp.sum(losses * weights), "accuracy": jnp.sum(correct), "count": jnp.sum(weights)}
+
+
+def chunked_token_loss_sums(hidden, kernel, targets, weights, chunk: int) -> dict:
+    """`token_loss_sums` of the logits `hidden @ kernel`, computed `chunk` positions at a time.
+
+    hidden: [b, t, d], kernel: [d, vocab], both in the compute dtype; t must be a multiple of `chunk`. A scan over
+    the t / chunk pieces of the sequence adds up each piece's sums; each piece's body is rematerialized, so the
+    backward pass keeps only the piece's hidden states and recomputes its logits (one extra [b, chunk, d] x
+    [d, vocab] matmul per piece) instead of keeping the fp32 logits of the whole sequence. Pieces are cut along
+    the sequence, so the batch stays split over the data-parallel axes and the vocabulary over `tensor`.
+    """
+    b, t = targets.shape
+
+    def pieces(x):  # [b, t, ...] -> [t / chunk, b, chunk, ...]: the scan runs over the leading axis
+        return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def add_piece(sums, piece):
+        x, piece_targets, piece_weights = piece
+        x = constrain(x, "activation_batch", "activation_length", "activation_embed")
+        logits = constrain(x @ kernel, "activation_batch", "activation_length", "activation_vocab")
+        piece_sums = token_loss_sums(logits.astype(jnp.float32), piece_targets, piece_weights)
+        return jax.tree.map(jnp.add, sums, piece_sums), None
+
+    zeros = {key: jnp.zeros((), jnp.float32) for key in ("loss", "accuracy", "count")}
+    sums, _ = jax.lax.scan(add_piece, zeros, (pieces(hidden), pieces(targets), pieces(weights)))
+    return sums
 
 
 def summarize(sums: dict, bytes_per_token: float | None = None, chars_per_token: float | None = None) -> dict:
