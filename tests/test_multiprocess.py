@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import FAST_COMPILE, REPO, TINY, xla_flags
 
-from bigjax import checkpoint, metrics
+from bigjax import metrics
 
 TRAIN = [sys.executable, "-m", "bigjax.cli", "train"]
 
@@ -155,12 +155,17 @@ def test_errors_name_the_process_they_happened_in(tmp_path):
 
 
 def test_a_killed_process_makes_the_others_exit_within_the_heartbeat_timeout_and_both_resume(cli, tmp_path):
-    logs, run = tmp_path / "logs", tmp_path / "run"
-    endless = ["--config", TINY + ":steps=100000", "--config.log_every=1", "--config.checkpoint_every=2"]
-    processes = start_processes(TRAIN + endless + ["--workdir", run], 2, logs, BIGJAX_HEARTBEAT_TIMEOUT="5")
+    run = tmp_path / "run"
+    endless = ["--config", TINY + ":steps=100000", "--workdir", run, "--config.log_every=1"]
+    endless += ["--config.checkpoint_every=0"]  # no save in flight when the peer dies: the heartbeat notices
+    first = tmp_path / "logs-first"
+    assert_succeeded(wait_for(start_processes(TRAIN + endless + ["--stop-at-step", "4"], 2, first)), first)
+
+    logs = tmp_path / "logs"
+    processes = start_processes(TRAIN + endless, 2, logs, BIGJAX_HEARTBEAT_TIMEOUT="5")  # resumes from step 4
     try:
         deadline = time.monotonic() + 240
-        while not checkpoint.committed_steps(run):  # training is under way, with a checkpoint to resume from
+        while "step 6:" not in log(logs, 0, "out"):  # training is under way again
             assert time.monotonic() < deadline and processes[0].poll() is None, log(logs, 0)[-3000:]
             time.sleep(0.5)
         processes[1].send_signal(signal.SIGKILL)
@@ -173,12 +178,13 @@ def test_a_killed_process_makes_the_others_exit_within_the_heartbeat_timeout_and
     survivor = log(logs, 0)
     assert "The following tasks are unhealthy (stopped sending heartbeats):\n1\n" in survivor, survivor[-3000:]
 
-    # Restarting both with the same command resumes from the last committed checkpoint and continues exactly
-    # as a run that was never interrupted (here: one process with the same 8 devices).
-    restart = TRAIN + endless + ["--workdir", run, "--stop-at-step", "8"]
-    assert_succeeded(wait_for(start_processes(restart, 2, tmp_path / "logs-again")), tmp_path / "logs-again")
-    assert "resumed from step" in log(tmp_path / "logs-again", 0, "out")
-    cli("train", *endless, "--workdir", tmp_path / "uninterrupted", "--stop-at-step", "8")
+    # Restarting both with the same command resumes from the last committed checkpoint (step 4) and continues
+    # exactly as a run that was never interrupted (here: one process with the same 8 devices).
+    again = tmp_path / "logs-again"
+    assert_succeeded(wait_for(start_processes(TRAIN + endless + ["--stop-at-step", "8"], 2, again)), again)
+    assert "resumed from step 4" in log(again, 0, "out")
+    uninterrupted = [*endless[:2], "--workdir", tmp_path / "uninterrupted", *endless[4:], "--stop-at-step", "8"]
+    cli("train", *uninterrupted)
     assert_same_losses(run, losses(tmp_path / "uninterrupted"))
 
 
