@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import datetime
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -386,8 +387,10 @@ def describe(error: BaseException, limit: int = 600) -> str:
     """
     while error.__cause__ is not None:
         error = error.__cause__
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else ""
+    # Tensorstore appends its spec and source locations in brackets, sometimes on lines of their own; the
+    # reason (`File too large`, `No space left on device`) may then sit on any line: keep all, minus those.
+    text = re.sub(r"\s*\[(source locations|tensorstore_spec)=.*?\]\s*$", "", str(error), flags=re.M | re.S)
+    text = " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
     if len(text) > limit:
         text = text[: limit // 3] + " ... " + text[-2 * limit // 3 :]
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -57,3 +57,20 @@ def test_a_workdir_that_cannot_be_created_is_a_clear_error(cli, tmp_path):
     result = cli("train", "--config", TINY, "--workdir", tmp_path / "a-file" / "run", check=False)
     assert result.returncode == 2
     assert "error: cannot create" in result.stderr and "pass a --workdir that can be written" in result.stderr
+
+
+def test_the_reason_of_a_failed_write_survives_however_tensorstore_lays_out_its_message():
+    from bigjax.checkpoint import describe
+
+    long_path = "/tmp/run/checkpoints/8.orbax-checkpoint-tmp/opt_state.orbax-checkpoint-tmp/" + "x" * 700
+    one_line = ValueError(f'OUT_OF_RANGE: Error writing "a" in {long_path}: File too large [source locations=a.cc:1]')
+    two_lines = ValueError(
+        f'OUT_OF_RANGE: Error writing "a" in\n{long_path}:\nFile too large\n[source locations=\na.cc:1]'
+    )
+    for error in (one_line, two_lines):
+        try:
+            raise RuntimeError("orbax's wrapper") from error
+        except RuntimeError as wrapped:
+            text = describe(wrapped)
+        assert text.startswith("ValueError: OUT_OF_RANGE") and text.endswith("File too large"), text
+        assert len(text) < 650 and "source locations" not in text
