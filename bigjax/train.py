@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from bigjax import checkpoint, data, evaluate, finetune, metrics, optim, tasks
 from bigjax import config as config_lib
@@ -104,7 +105,7 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
                 writer.write(step, prefixed("eval/", eval_metrics))
                 if stopper is not None:
                     stopper.update(step, eval_metrics)
-            stopping = stop.requested or step == stop_at_step
+            stopping = stop.reached(step) or step == stop_at_step
             checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
             # With early stopping every evaluation is a checkpoint, ranked by its metrics: the best one is kept.
             ranked = stopper is not None and eval_metrics is not None
@@ -378,14 +379,30 @@ def prefixed(prefix: str, values: dict) -> dict:
 
 
 class PreemptionFlag:
-    """SIGTERM (a preemption, `kill`, a scheduler's time limit) asks the loop to save and exit cleanly."""
+    """SIGTERM (a preemption, `kill`, a scheduler's time limit) asks the loop to save and exit cleanly.
+
+    With several processes all of them must stop at the same step: a process that saves alone waits forever for
+    the others to join the save. A scheduler may signal one host only, or each at a different step, so there JAX's
+    preemption service takes SIGTERM instead of Python: it tells every process that one was signalled, and they
+    agree on the first step all of them can still reach (`multihost_utils.reached_preemption_sync_point`, asked
+    at every step; a local check until a notice arrives).
+    """
 
     def __init__(self):
         self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.shared = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+        # JAX's service listens to SIGTERM itself: a Python handler would take the signal from it.
+        self.previous = None if self.shared else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def reached(self, step: int) -> bool:
+        """Whether this step is where the run stops for a signal (with several processes: every process's)."""
+        if self.shared:
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self.previous)
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)

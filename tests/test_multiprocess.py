@@ -6,6 +6,7 @@ multi-process run; a process that dies or never starts stops the others with an 
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import FAST_COMPILE, REPO, TINY, xla_flags
 
-from bigjax import metrics
+from bigjax import checkpoint, metrics
 
 TRAIN = [sys.executable, "-m", "bigjax.cli", "train"]
 
@@ -186,6 +187,26 @@ def test_a_killed_process_makes_the_others_exit_within_the_heartbeat_timeout_and
     uninterrupted = [*endless[:2], "--workdir", tmp_path / "uninterrupted", *endless[4:], "--stop-at-step", "8"]
     cli("train", *uninterrupted)
     assert_same_losses(run, losses(tmp_path / "uninterrupted"))
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step_with_a_checkpoint(tmp_path):
+    """A scheduler may signal one host only: the others must stop and save at the same step, not hang in a save."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    endless = ["--config", TINY + ":steps=100000", "--workdir", run, "--config.log_every=1"]
+    processes = start_processes(TRAIN + endless + ["--config.checkpoint_every=0"], 2, logs)
+    try:
+        deadline = time.monotonic() + 240
+        while "step 2:" not in log(logs, 0, "out"):
+            assert time.monotonic() < deadline and processes[0].poll() is None, log(logs, 0)[-3000:]
+            time.sleep(0.5)
+        processes[1].send_signal(signal.SIGTERM)  # process 0 is never signalled
+    finally:
+        returncodes = wait_for(processes, timeout=120)
+    assert_succeeded(returncodes, logs)
+    stopped = re.search(r"stopped by a signal at step (\d+) with a checkpoint", log(logs, 0, "out"))
+    assert stopped, log(logs, 0, "out")[-3000:]
+    assert checkpoint.committed_steps(run) == [int(stopped[1])]
+    assert max(losses(run)) == int(stopped[1])
 
 
 def test_a_process_that_never_starts_fails_the_others_with_an_error_naming_it(tmp_path):
