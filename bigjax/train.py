@@ -273,6 +273,14 @@ def make_train_step(task, tx, config):
 
 def compile_train_step(task, tx, config, mesh, rules, state, state_shardings):
     """jit with explicit shardings, donating the old state; compiled ahead of time to time the compile."""
+    started = time.perf_counter()
+    with mesh_lib.activate(mesh, rules):
+        compiled = lower_train_step(task, tx, config, mesh, rules, state, state_shardings).compile()
+    return compiled, time.perf_counter() - started
+
+
+def lower_train_step(task, tx, config, mesh, rules, state, state_shardings):
+    """The train step traced for these shapes and shardings (`state` may be abstract), not yet compiled."""
     batch_sharding = mesh_lib.batch_sharding(mesh)
     step_fn = jax.jit(
         make_train_step(task, tx, config),
@@ -284,10 +292,8 @@ def compile_train_step(task, tx, config, mesh, rules, state, state_shardings):
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=batch_sharding),
         task.batch_spec(config.batch_size),
     )
-    started = time.perf_counter()
     with mesh_lib.activate(mesh, rules):
-        compiled = step_fn.lower(state, abstract_batch).compile()
-    return compiled, time.perf_counter() - started
+        return step_fn.lower(state, abstract_batch)
 
 
 class Throughput:

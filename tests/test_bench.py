@@ -88,3 +88,24 @@ def test_peak_memory_is_stated_unavailable_on_cpu():
     assert jax.devices()[0].platform == "cpu"
     peak, note = bench.peak_memory()
     assert peak is None and note.startswith("unavailable: cpu")
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_a_scanned_model_compiles_one_program_whatever_its_depth(tiny_config, scan):
+    """Why compile time stays flat in depth: with scanned layers, 8 layers trace to the program of 2 (the layer
+    body once, the layer count only in the loop bound); unrolled, the program grows with every layer."""
+    from bigjax import optim, train
+    from bigjax import state as state_lib
+
+    def program_size(layers: int) -> int:
+        config = tiny_config("", f"config.model.num_layers={layers}", f"config.model.scan_layers={scan}")
+        task, mesh, rules = tasks.make_task(config), mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
+        tx = optim.make_optimizer(config.optim, config.total_steps)
+        state, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
+        return len(train.lower_train_step(task, tx, config, mesh, rules, state, shardings).as_text())
+
+    ratio = program_size(8) / program_size(2)
+    if scan:
+        assert ratio < 1.05, ratio
+    else:
+        assert ratio > 2.5, ratio
