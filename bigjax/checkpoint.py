@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import pathlib
 import re
 from typing import Any
 
@@ -35,10 +34,11 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from bigjax import config as config_lib
-from bigjax import metrics
+from bigjax import metrics, paths
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it into a step just before the rename that commits it
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # a step Orbax started writing and never committed
@@ -63,16 +63,16 @@ class Restored:
     counters: dict  # run-level counts that must survive a restart (e.g. {"nan_skips": 2})
 
 
-def checkpoint_dir(workdir) -> pathlib.Path:
-    return pathlib.Path(workdir).absolute() / "checkpoints"
+def checkpoint_dir(workdir) -> epath.Path:
+    return paths.workdir(workdir) / "checkpoints"
 
 
-def quarantine_dir(workdir) -> pathlib.Path:
+def quarantine_dir(workdir) -> epath.Path:
     """Where unusable checkpoints are moved for the user to inspect: bigjax never deletes them."""
-    return pathlib.Path(workdir).absolute() / "quarantine"
+    return paths.workdir(workdir) / "quarantine"
 
 
-def step_dir(workdir, step: int) -> pathlib.Path:
+def step_dir(workdir, step: int) -> epath.Path:
     return checkpoint_dir(workdir) / str(step)
 
 
@@ -181,7 +181,7 @@ def _save_errors_reported(mngr):
     except CheckpointError:
         raise
     except Exception as error:
-        workdir = pathlib.Path(mngr.directory).parent
+        workdir = epath.Path(mngr.directory).parent
         kept = committed_steps(workdir)
         resume = f"rerun the same command to resume from step {kept[-1]}" if kept else "rerun the same command"
         raise CheckpointError(
@@ -235,7 +235,7 @@ def restore_train_state(mngr, step: int, target_state) -> Restored:
     """Everything saved at `step`, laid out as `target_state` (ShapeDtypeStructs with shardings) says."""
     items = {item: ocp.args.StandardRestore(getattr(target_state, item)) for item in array_items(target_state)}
     items["data"] = ocp.args.JsonRestore()
-    has_counters = (pathlib.Path(mngr.directory) / str(step) / "counters").is_dir()  # not in older checkpoints
+    has_counters = (epath.Path(mngr.directory) / str(step) / "counters").is_dir()  # not in older checkpoints
     if has_counters:
         items["counters"] = ocp.args.JsonRestore()
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
@@ -265,7 +265,7 @@ def saved_config(mngr, step: int) -> ml_collections.ConfigDict:
 def saved_tree(mngr, step: int, item: str = "params") -> dict:
     """The tree of an array item saved at `step`, as metadata (shape, dtype): nothing is read but the index.
     {} if the checkpoint has no such item (model_state exists only for models with batch statistics)."""
-    if not (pathlib.Path(mngr.directory) / str(step) / item).is_dir():
+    if not (epath.Path(mngr.directory) / str(step) / item).is_dir():
         return {}
     reader = ocp.CheckpointManager(
         mngr.directory,
@@ -283,7 +283,7 @@ def restore_subset(mngr, step: int, target: dict, item: str = "params") -> dict:
     return mngr.restore(step, args=ocp.args.Composite(**{item: args}))[item]
 
 
-def layout_differences(path: pathlib.Path, target_state, shown: int = 4) -> list[str]:
+def layout_differences(path: epath.Path, target_state, shown: int = 4) -> list[str]:
     """How the arrays saved at `path` differ from `target_state`'s (names, shapes, dtypes); [] if they fit.
 
     Read from Orbax's metadata, without touching the array data, so that a config change that alters the
@@ -310,7 +310,7 @@ def layout_differences(path: pathlib.Path, target_state, shown: int = 4) -> list
     return differences
 
 
-def _saved_arrays(item_dir: pathlib.Path) -> dict:
+def _saved_arrays(item_dir: epath.Path) -> dict:
     """{flat name: array metadata} of one saved item; {} if the checkpoint has no such item."""
     if item_dir.name == "model_state" and not item_dir.exists():
         return {}
@@ -355,14 +355,16 @@ def set_aside_uncommitted(workdir) -> None:
             set_aside(workdir, path, "uncommitted", f"has no {COMMIT_MARKER}: never committed, or partly deleted")
 
 
-def set_aside(workdir, path: pathlib.Path, kind: str, why: str) -> None:
+def set_aside(workdir, path: epath.Path, kind: str, why: str) -> None:
     """Report `path` and move it to WORKDIR/quarantine/STEP.KIND.TIME/, with the reason beside it (process 0)."""
     step = path.name.split(".")[0]
     if jax.process_index() == 0:
         destination = quarantine_dir(workdir) / f"{step}.{kind}.{datetime.datetime.now():%Y%m%dT%H%M%S.%f}"
         destination.parent.mkdir(parents=True, exist_ok=True)
-        path.rename(destination)
+        # The reason first: in a bucket, where folders exist only through the objects in them, this creates the
+        # folder that the move needs.
         destination.with_name(destination.name + ".txt").write_text(f"checkpoint {step} at {path} {why}\n")
+        path.rename(destination)
         metrics.say(f"checkpoint {step} at {path} {why}; moved to {destination} (nothing is deleted)")
     _sync(f"bigjax_set_aside_{step}_{kind}")
 

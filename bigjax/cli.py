@@ -190,15 +190,15 @@ def run_train(args, overrides) -> int:
 
 def run_eval(args, overrides) -> int:
     from bigjax import config as config_lib
-    from bigjax import evaluate, metrics
+    from bigjax import evaluate, metrics, paths
 
     if args.config:
         config = config_lib.load(args.config, overrides)
     else:
-        path = os.path.join(args.workdir, "config.json")
-        if not os.path.exists(path):
+        path = paths.workdir(args.workdir) / "config.json"
+        if not path.exists():
             raise config_lib.ConfigError(f"no --config given and {path} does not exist yet; pass --config")
-        config = config_lib.from_json(open(path).read())
+        config = config_lib.from_json(path.read_text())
         for override in overrides:
             config_lib.apply_override(config, override)
         config_lib.check_values(config)

@@ -14,12 +14,11 @@ skipped, and one that cannot be read is reported once and tried again only after
 
 from __future__ import annotations
 
-import pathlib
 import time
 
 import jax
 
-from bigjax import checkpoint, data, metrics, tasks
+from bigjax import checkpoint, data, metrics, paths, tasks
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
 
@@ -58,7 +57,7 @@ def evaluate(eval_step, variables, eval_data: data.EvalData, mesh, task) -> dict
 
 def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0, timeout: float = 3600.0) -> dict:
     """Follow DIR's checkpoints until the final step is evaluated. Returns the newest step's metrics."""
-    workdir = pathlib.Path(workdir)
+    workdir = paths.workdir(workdir)
     mesh = mesh_lib.make_mesh(config)
     rules = mesh_lib.logical_rules(config)
     task = tasks.make_task(config)
@@ -71,7 +70,7 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
     results = {row["step"]: row for row in metrics.read_jsonl(eval_dir / "metrics.jsonl")}
     writer = metrics.MetricWriter(eval_dir, console_prefix="eval ")
     metrics.say(f"eval job: mesh {mesh_lib.describe(mesh)}; following {checkpoint.checkpoint_dir(workdir)}")
-    unreadable = {}  # step -> its directory's inode when it could not be read
+    unreadable = {}  # step -> its directory's identity (paths.identity) when it could not be read
     last_progress = time.monotonic()
     newest = None
     try:
@@ -110,13 +109,13 @@ def restore_variables_or_none(workdir, step: int, target, unreadable: dict):
     trainer sets a bad checkpoint aside when it restarts, and saves that step again).
     """
     path = checkpoint.step_dir(workdir, step)
-    identity = inode(path)
+    identity = paths.identity(path)
     if identity is None or unreadable.get(step) == identity:
         return None
     try:
         return checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), step, target)
     except Exception as error:
-        if inode(path) != identity or step not in checkpoint.committed_steps(workdir):
+        if paths.identity(path) != identity or step not in checkpoint.committed_steps(workdir):
             metrics.say(f"eval: checkpoint {step} was removed before it could be evaluated; skipping it")
         else:
             unreadable[step] = identity
@@ -124,11 +123,4 @@ def restore_variables_or_none(workdir, step: int, target, unreadable: dict):
                 f"eval: checkpoint {step} at {path} cannot be read ({checkpoint.describe(error)}); "
                 "skipping it until the trainer replaces it"
             )
-        return None
-
-
-def inode(path) -> int | None:
-    try:
-        return path.stat().st_ino
-    except FileNotFoundError:
         return None

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigjax import checkpoint, data, tasks
+from bigjax import checkpoint, data, paths, tasks
 from bigjax import config as config_lib
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
@@ -303,7 +303,7 @@ def load(workdir, step: int | None = None) -> Generator:
     trainer is still writing, or one it never finished. One that cannot be read is reported and skipped; nothing
     in the workdir is moved or changed.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = paths.workdir(workdir)
     config_path = workdir / "config.json"
     if not config_path.exists():
         raise GenerateError(f"{config_path} not found; is {workdir} a bigjax workdir? Train first.")

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
+import os
 import sys
 import time
 
 import jax
+from etils import epath
+
+from bigjax import paths
 
 # Dense bf16 peak FLOP/s per device (no sparsity), keyed by a substring of `jax.Device.device_kind`.
 # The one table of device peaks in bigjax.
@@ -103,12 +106,12 @@ class MetricWriter:
         self.prefix = console_prefix
         self.jsonl = self.tensorboard = None
         if self.enabled:
-            directory = pathlib.Path(directory)
+            directory = paths.workdir(directory)
             directory.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(directory / "metrics.jsonl", "a", buffering=1)
+            self.jsonl = JsonLines(directory / "metrics.jsonl")
             from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
 
-            self.tensorboard = SummaryWriter(str(directory), flush_secs=10)
+            self.tensorboard = SummaryWriter(os.fspath(directory), flush_secs=10)
 
     def write(self, step: int, metrics: dict, console: bool = True) -> None:
         if not self.enabled:
@@ -150,8 +153,31 @@ def progress_bar(initial: int, total: int):
     return tqdm(initial=initial, total=total, unit="step", dynamic_ncols=True, leave=False)
 
 
+class JsonLines:
+    """Appends lines to a file, on a disk or in a bucket. Objects in a bucket cannot be appended to, so there the
+    whole file is rewritten at each write: a run's metrics are kilobytes, written every `log_every` steps."""
+
+    def __init__(self, path):
+        self.path = path
+        if paths.is_url(path):
+            self.file, self.lines = None, [path.read_text()] if path.exists() else []
+        else:
+            self.file, self.lines = open(path, "a", buffering=1), None
+
+    def write(self, line: str) -> None:
+        if self.file is not None:
+            self.file.write(line)
+        else:
+            self.lines.append(line)
+            self.path.write_text("".join(self.lines))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 def read_jsonl(path) -> list[dict]:
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

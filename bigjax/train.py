@@ -7,7 +7,6 @@ config -> devices and mesh -> data -> model and task -> optimizer -> state (rest
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import signal
 import time
 
@@ -17,7 +16,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from bigjax import checkpoint, data, evaluate, finetune, metrics, optim, tasks
+from bigjax import checkpoint, data, evaluate, finetune, metrics, optim, paths, tasks
 from bigjax import config as config_lib
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
@@ -41,7 +40,7 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
     time-sliced jobs, and for testing that a resumed run matches an uninterrupted one. `fresh` starts again
     from step 0 in a workdir whose checkpoints are all unusable (without it, that is an error).
     """
-    workdir = pathlib.Path(workdir)
+    workdir = paths.workdir(workdir)  # a directory, or a bucket URL (gs://...)
 
     # Devices and mesh: the config is checked against them before anything is compiled.
     mesh = mesh_lib.make_mesh(config)
@@ -139,7 +138,7 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
 # The steps of the story
 
 
-def write_config(workdir: pathlib.Path, config) -> None:
+def write_config(workdir, config) -> None:
     """Write DIR/config.json (the eval job and `generate` read it), atomically: a kill mid-write leaves the old."""
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)

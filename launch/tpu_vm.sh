@@ -17,9 +17,9 @@
 # --dry-run prints the commands instead of running them.
 #
 # DIR (--workdir) default: ~/bigjax/runs/NAME on each worker, right for a single host. A slice of several hosts
-# needs storage all workers mount at the same path (Filestore, any NFS): every process joins every checkpoint
-# save and restore. gs:// is refused for now: Orbax and TensorStore write gs:// natively, but bigjax also
-# writes config.json, metrics.jsonl and TensorBoard events into DIR with local file APIs (README: "TPU VMs").
+# needs a DIR every worker reaches, because every process joins every checkpoint save and restore: a bucket,
+# gs://BUCKET/PATH (the TPU's service account needs write access to it), or storage all workers mount at the
+# same path (Filestore, any NFS).
 set -euo pipefail
 
 usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
@@ -44,10 +44,6 @@ done
 shift
 config=$1; shift
 [ -n "$name" ] && [ -n "$zone" ] || { echo "tpu_vm.sh: --name and --zone are required" >&2; usage; }
-case $workdir in
-  gs://*) echo "tpu_vm.sh: --workdir $workdir: bigjax writes its workdir with local file APIs and cannot use gs://" \
-            "yet; use storage all workers mount (Filestore, NFS), or the default for a single host" >&2; exit 2 ;;
-esac
 workdir=${workdir:-"~/bigjax/runs/$(basename "${config%%:*}" .py)"}
 
 if [ -z "$version" ]; then  # the runtime image that goes with each TPU generation
@@ -87,10 +83,12 @@ on_workers all 'set -e; rm -rf ~/bigjax/src && mkdir -p ~/bigjax/src && tar -xzf
   python3 -m uv venv --quiet --allow-existing --python 3.11 ~/bigjax/.venv
   python3 -m uv pip install --quiet --python ~/bigjax/.venv/bin/python -e ~/bigjax/src"[tpu]"'
 
-token=$RANDOM$RANDOM
-on_workers 0 "mkdir -p $workdir && echo $token > $workdir/.bigjax-shared"
-on_workers all "grep -qx $token $workdir/.bigjax-shared || { echo \"error: \$(hostname) does not see $workdir as worker 0 wrote it;\" \
-  \"pass --workdir on storage all workers share\" >&2; exit 1; }"
+if [[ $workdir != gs://* ]]; then  # a bucket is the same for every worker; a path must be shared storage
+  token=$RANDOM$RANDOM
+  on_workers 0 "mkdir -p $workdir && echo $token > $workdir/.bigjax-shared"
+  on_workers all "grep -qx $token $workdir/.bigjax-shared || { echo \"error: \$(hostname) does not see $workdir as worker 0 wrote it;\" \
+    \"pass --workdir on storage all workers share, or a gs:// bucket\" >&2; exit 1; }"
+fi
 
 train_args=$(printf ' %q' "$config" "$@")
 on_workers all "cd ~/bigjax/src && BIGJAX_DISTRIBUTED=auto PYTHONUNBUFFERED=1 ~/bigjax/.venv/bin/bigjax train \

@@ -202,11 +202,15 @@ def test_tpu_vm_deletes_the_tpu_even_when_training_fails(tmp_path):
     assert "bigjax train" in calls[-2] and calls[-1] == "compute tpus tpu-vm delete t --quiet --zone=z"
 
 
-def test_tpu_vm_refuses_a_gs_workdir():
+def test_tpu_vm_trains_into_a_gs_workdir_without_the_shared_storage_check():
     result = run(
-        ["launch/tpu_vm.sh", "--name", "t", "--zone", "z", "--workdir", "gs://b/r", "--", "experiments/tiny.py"]
+        ["launch/tpu_vm.sh", "--name", "t", "--zone", "z", "--workdir", "gs://b/r", "--dry-run", "--"]
+        + ["experiments/tiny.py"]
     )
-    assert result.returncode == 2 and "cannot use gs:// yet" in result.stderr
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if line.startswith("+ gcloud")]
+    assert not any(".bigjax-shared" in line for line in commands)  # every worker reaches the bucket itself
+    assert "--workdir\\ gs://b/r\\ " in commands[-1], commands[-1]
 
 
 # --------------------------------------------------------------------------------------------------

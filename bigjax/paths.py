@@ -1,0 +1,34 @@
+"""Workdirs on a local or mounted disk, or in a bucket (`gs://bucket/run`): one path type for both.
+
+Orbax and TensorStore write checkpoints to a bucket themselves; bigjax's own files in a workdir (config.json,
+metrics, commit checks, the quarantine) go through `etils.epath`, which reads and writes both. Buckets need the
+`[gcs]` extra (gcsfs) where TensorFlow is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+from etils import epath
+
+
+def workdir(path) -> epath.Path:
+    """`path` as an epath.Path: absolute when local, as given when a URL."""
+    path = epath.Path(path)
+    return path if is_url(path) else path.absolute()
+
+
+def is_url(path) -> bool:
+    """Whether `path` names a bucket (gs://, s3://, ...) rather than a local or mounted directory."""
+    return "://" in os.fspath(path)
+
+
+def identity(path) -> object | None:
+    """What changes when `path` is replaced by another directory of the same name: its inode on a disk, the
+    modification time of its commit marker in a bucket (which has no inodes); None if it is gone."""
+    try:
+        if is_url(path):
+            return (epath.Path(path) / "commit_success.txt").stat().mtime
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
