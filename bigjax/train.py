@@ -142,6 +142,9 @@ def write_config(workdir, config) -> None:
     """Write DIR/config.json (the eval job and `generate` read it), atomically: a kill mid-write leaves the old."""
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
+        if paths.is_url(workdir):  # an object upload is atomic already: never seen half-written
+            (workdir / "config.json").write_text(config_lib.to_json(config))
+            return
         partial = workdir / "config.json.partial"
         partial.write_text(config_lib.to_json(config))
         partial.replace(workdir / "config.json")
