@@ -6,8 +6,11 @@ bigjax uses is pointed at: TensorStore (Orbax's arrays) by TENSORSTORE_GCS_HTTP_
 own files and Orbax's directories) and google-cloud-storage (TensorBoard) by STORAGE_EMULATOR_HOST.
 """
 
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -57,6 +60,7 @@ def emulate_cloud_storage_more_closely():
 
 @pytest.fixture(scope="module")
 def bucket_env():
+    """The environment that points bigjax (and `in_bucket`) at a fresh emulator."""
     from gcp_storage_emulator.server import create_server
 
     emulate_cloud_storage_more_closely()
@@ -66,49 +70,52 @@ def bucket_env():
     server = create_server("localhost", port, in_memory=True, default_bucket=BUCKET)
     server.start()
     url = f"http://localhost:{port}"
-    emulator = {
+    yield {
+        **os.environ,
         "STORAGE_EMULATOR_HOST": url,
         "TENSORSTORE_GCS_HTTP_URL": url,
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",  # TensorStore's credentials for a test server
         "NO_GCE_CHECK": "True",  # google-auth: no waiting for a GCE metadata server that is not there
         "EPATH_USE_TF": "false",  # etils.epath through gcsfs, which the emulator reaches (TensorFlow's GCS does not)
     }
-    saved = {key: os.environ.get(key) for key in emulator}
-    os.environ.update(emulator)  # for this process's own reads of the bucket, too
-    yield dict(os.environ)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
     server.stop()
 
 
-def losses(workdir) -> dict:
-    return {row["step"]: row["loss"] for row in metrics.read_jsonl(f"{workdir}/metrics.jsonl")}
+def in_bucket(env, code: str):
+    """Run `code` (with `epath` imported) in a fresh process and return what it prints, parsed as JSON: the test's
+    own view of the bucket, through the same epath/gcsfs path as bigjax, whatever this process imported before."""
+    script = f"import json\nfrom etils import epath\nprint(json.dumps({code}))"
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_a_bucket_workdir_trains_resumes_evaluates_and_generates(cli, bucket_env, tmp_path):
-    from etils import epath
-
     run = f"gs://{BUCKET}/run"
     args = ["--config", TINY, "--config.log_every=1"]
     cli("train", *args, "--workdir", run, "--stop-at-step", "4", env=bucket_env)
     # A step Orbax began and never committed, as a killed save leaves it: set aside on resume, not read.
-    (epath.Path(run) / "checkpoints" / "6" / "params").mkdir(parents=True)
-    (epath.Path(run) / "checkpoints" / "6" / "params" / "half-written").write_text("x")
+    in_bucket(bucket_env, f"epath.Path('{run}/checkpoints/6/params/half-written').write_text('x')")
     resumed = cli("train", *args, "--workdir", run, env=bucket_env)
     assert "resumed from step 4" in resumed.stdout
     assert "checkpoint 6 at gs://bigjax-test/run/checkpoints/6 has no commit_success.txt" in resumed.stdout
-    assert [p.name.split(".")[0] for p in (epath.Path(run) / "quarantine").iterdir() if p.is_dir()] == ["6"]
+    quarantined = in_bucket(bucket_env, f"[p.name for p in epath.Path('{run}/quarantine').iterdir() if p.is_dir()]")
+    assert [name.split(".")[0] for name in quarantined] == ["6"]
+
+    cli("eval", "--workdir", run, "--once", env=bucket_env)
+    sample = cli("generate", "--workdir", run, "--prompt", "ROMEO:", "--max-new-tokens", "8", env=bucket_env)
+    assert sample.stdout.startswith("ROMEO:")
+    written = in_bucket(
+        bucket_env,
+        f"dict(train=epath.Path('{run}/metrics.jsonl').read_text(), eval=epath.Path('{run}/eval/metrics.jsonl')"
+        f".read_text(), files=[p.name for p in epath.Path('{run}').iterdir()])",
+    )
+    assert any(name.startswith("events.out.tfevents") for name in written["files"])  # TensorBoard
+    assert [json.loads(line)["step"] for line in written["eval"].splitlines()] == [8]
 
     local = tmp_path / "local"
     cli("train", *args, "--workdir", local)
-    assert sorted(losses(run)) == list(range(1, 9))
-    np.testing.assert_array_equal([losses(run)[s] for s in range(1, 9)], [losses(local)[s] for s in range(1, 9)])
-
-    cli("eval", "--workdir", run, "--once", env=bucket_env)
-    assert [row["step"] for row in metrics.read_jsonl(f"{run}/eval/metrics.jsonl")] == [8]
-    sample = cli("generate", "--workdir", run, "--prompt", "ROMEO:", "--max-new-tokens", "8", env=bucket_env)
-    assert sample.stdout.startswith("ROMEO:")
-    assert any(p.name.startswith("events.out.tfevents") for p in epath.Path(run).iterdir())  # TensorBoard
+    bucket_losses = {row["step"]: row["loss"] for row in map(json.loads, written["train"].splitlines())}
+    local_losses = {row["step"]: row["loss"] for row in metrics.read_jsonl(local / "metrics.jsonl")}
+    assert sorted(bucket_losses) == list(range(1, 9))
+    np.testing.assert_array_equal([bucket_losses[s] for s in range(1, 9)], [local_losses[s] for s in range(1, 9)])
