@@ -77,7 +77,7 @@ def bench(config, steps: int = 100, warmup: int = 10, windows: int = 5, config_n
     tx = optim.make_optimizer(config.optim, config.total_steps)
     _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
     state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
-    parameters = int(sum(leaf.size for leaf in jax.tree.leaves(state.params)))
+    parameters = state_lib.count_parameters(state.params)
     metrics.say(
         f"bench: {config_name or 'config'} on {mesh_lib.describe(mesh)} x {jax.devices()[0].device_kind}, "
         f"{parameters / 1e6:.2f}M parameters, batch {config.batch_size}"

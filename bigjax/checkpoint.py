@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import os
 import re
 from typing import Any
 
@@ -128,6 +129,17 @@ def _register_array_handler() -> None:
     if jax.default_backend() == "cpu":
         handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
         ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
+def step_identity(path) -> object | None:
+    """What changes when a step directory is replaced by another of the same name: its inode on a disk, the
+    modification time of its commit marker in a bucket (which has no inodes); None if it is gone."""
+    try:
+        if paths.is_url(path):
+            return (epath.Path(path) / COMMIT_MARKER).stat().mtime
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def committed_steps(workdir) -> list[int]:

@@ -70,7 +70,7 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
     results = {row["step"]: row for row in metrics.read_jsonl(eval_dir / "metrics.jsonl")}
     writer = metrics.MetricWriter(eval_dir, console_prefix="eval ")
     metrics.say(f"eval job: mesh {mesh_lib.describe(mesh)}; following {checkpoint.checkpoint_dir(workdir)}")
-    unreadable = {}  # step -> its directory's identity (paths.identity) when it could not be read
+    unreadable = {}  # step -> its directory's identity (checkpoint.step_identity) when it could not be read
     last_progress = time.monotonic()
     newest = None
     try:
@@ -109,13 +109,13 @@ def restore_variables_or_none(workdir, step: int, target, unreadable: dict):
     trainer sets a bad checkpoint aside when it restarts, and saves that step again).
     """
     path = checkpoint.step_dir(workdir, step)
-    identity = paths.identity(path)
+    identity = checkpoint.step_identity(path)
     if identity is None or unreadable.get(step) == identity:
         return None
     try:
         return checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), step, target)
     except Exception as error:
-        if paths.identity(path) != identity or step not in checkpoint.committed_steps(workdir):
+        if checkpoint.step_identity(path) != identity or step not in checkpoint.committed_steps(workdir):
             metrics.say(f"eval: checkpoint {step} was removed before it could be evaluated; skipping it")
         else:
             unreadable[step] = identity

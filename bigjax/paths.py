@@ -21,14 +21,3 @@ def workdir(path) -> epath.Path:
 def is_url(path) -> bool:
     """Whether `path` names a bucket (gs://, s3://, ...) rather than a local or mounted directory."""
     return "://" in os.fspath(path)
-
-
-def identity(path) -> object | None:
-    """What changes when `path` is replaced by another directory of the same name: its inode on a disk, the
-    modification time of its commit marker in a bucket (which has no inodes); None if it is gone."""
-    try:
-        if is_url(path):
-            return (epath.Path(path) / "commit_success.txt").stat().mtime
-        return os.stat(path).st_ino
-    except FileNotFoundError:
-        return None

@@ -114,7 +114,7 @@ def make_plan(config, num_devices: int | None = None, device_kind: str | None = 
         device_kind=kind,
         num_devices=num_devices,
         mesh=dict(mesh.shape),
-        parameters=int(sum(x.size for x in jax.tree.leaves(abstract_state.params))),
+        parameters=state_lib.count_parameters(abstract_state.params),
         per_device=per_device,
         xla=xla,
         usable_memory=usable,

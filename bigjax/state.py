@@ -41,6 +41,11 @@ def _boxed_init(task, tx, seed: int):
     return init
 
 
+def count_parameters(params) -> int:
+    """How many numbers a parameter tree holds (arrays or ShapeDtypeStructs alike)."""
+    return int(sum(leaf.size for leaf in jax.tree.leaves(params)))
+
+
 def abstract_state_and_shardings(task, tx, seed: int, mesh, rules):
     """Shapes/dtypes of the (unboxed) state, and the NamedSharding of each leaf. No FLOPs, no memory."""
     init = _boxed_init(task, tx, seed)

@@ -191,7 +191,7 @@ def resume_early_stopping(stopper, mngr, step: int, eval_every: int) -> None:
 
 
 def log_model_size(params) -> None:
-    count = sum(x.size for x in jax.tree.leaves(params))
+    count = state_lib.count_parameters(params)
     metrics.say(f"model: {count / 1e6:.2f}M parameters")
 
 

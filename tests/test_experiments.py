@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO
 
 from bigjax import config as config_lib
+from bigjax import state as state_lib
 from bigjax import tasks
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))
@@ -35,7 +36,7 @@ NEEDS_FILES = {"bert_base_mlm": ["config.data.tokenizer=byte"]}
 def parameter_count(config) -> int:
     task = tasks.make_task(config)
     variables = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))))
-    return sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+    return state_lib.count_parameters(variables["params"])
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
