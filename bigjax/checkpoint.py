@@ -18,6 +18,11 @@ What keeps checkpoints trustworthy (README, "What happens when…"):
   is refused (CheckpointError listing the differences) and left where it is.
 * A save that fails (disk full, unwritable directory) raises CheckpointError: the run stops rather than go on
   without the checkpoints it was asked to keep, and the checkpoints already committed stay.
+* Keep-N is bigjax's, not Orbax's: Orbax decides at `save(step)` which old steps to delete and deletes them in a
+  background thread once the save is final, and whether that thread sees the save's error depends on which
+  thread reads it first. Here Orbax deletes nothing; `delete_old_checkpoints` runs in the trainer's main thread
+  after a save has committed, and counts only committed steps, so a save that fails deletes nothing.
+* A step directory that exists is never written over (Orbax's own save would delete it first).
 * Only arrays (tensorstore) and JSON are read back, by Orbax's handlers; nothing in a workdir is unpickled or
   executed, whatever other files a checkpoint directory holds.
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import logging
 import os
 import re
 from typing import Any
@@ -77,13 +83,12 @@ def step_dir(workdir, step: int) -> epath.Path:
     return checkpoint_dir(workdir) / str(step)
 
 
-def manager(
-    workdir, keep: int = 3, read_only: bool = False, best_metric: str = "", best_mode: str = "max"
-) -> ocp.CheckpointManager:
-    """The Orbax manager of WORKDIR/checkpoints: read-only for readers, async with keep-N for the trainer.
+def manager(workdir, read_only: bool = False, best_metric: str = "", best_mode: str = "max") -> ocp.CheckpointManager:
+    """The Orbax manager of WORKDIR/checkpoints: read-only for readers, async for the trainer; it deletes nothing
+    (see `delete_old_checkpoints`).
 
-    `best_metric`: checkpoints saved with eval metrics are ranked by it, and the best one is kept besides the
-    newest `keep` (early stopping); `mngr.best_step()` names it.
+    `best_metric`: checkpoints saved with eval metrics keep them, ranked by it (early stopping);
+    `mngr.best_step()` names the best.
     """
     if not read_only:
         try:
@@ -93,23 +98,8 @@ def manager(
                 f"cannot create {checkpoint_dir(workdir)}: {describe(error)}; pass a --workdir that can be written"
             ) from error
     _register_array_handler()
-    retention = dict(max_to_keep=keep)
-    if best_metric and not read_only:
-        retention = dict(
-            best_fn=lambda saved_metrics: saved_metrics[best_metric],
-            best_mode=best_mode,
-            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
-                [
-                    ocp.checkpoint_managers.LatestN(keep),
-                    ocp.checkpoint_managers.BestN(
-                        get_metric_fn=lambda saved_metrics: saved_metrics[best_metric],
-                        reverse=best_mode == "min",
-                        n=1,
-                        keep_checkpoints_without_metrics=False,
-                    ),
-                ]
-            ),
-        )
+    # max_to_keep=None: Orbax keeps every step. With best_fn it saves each step's metrics and ranks them.
+    ranking = dict(best_fn=lambda saved: saved[best_metric], best_mode=best_mode) if best_metric else {}
     options = ocp.CheckpointManagerOptions(
         create=not read_only,
         read_only=read_only,
@@ -117,7 +107,11 @@ def manager(
         # Readers need only the step numbers; not reading every step's metadata also means a step the trainer
         # deletes or sets aside while a reader starts up cannot fail the reader.
         lightweight_initialize=read_only,
-        **retention,
+        max_to_keep=None,
+        # The step directory is made before save() returns: made in the background, a failure to make it left
+        # Orbax's writers waiting for it for 300 s (its coordination timeout) after the error was reported.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+        **ranking,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
@@ -128,7 +122,13 @@ def _register_array_handler() -> None:
     replica on the CPU (a tiny model's save took 13 s instead of 0.2 s on 8 simulated devices)."""
     if jax.default_backend() == "cpu":
         handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
-        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)  # Orbax warns at every override, which is meant
+        try:
+            ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        finally:
+            absl_logger.setLevel(level)
 
 
 def step_identity(path) -> object | None:
@@ -154,12 +154,41 @@ def committed_steps(workdir) -> list[int]:
 # Saving
 
 
+def retention(keep: int, best_metric: str = "", best_mode: str = "max"):
+    """Which committed checkpoints stay: the newest `keep`, and with `best_metric` the best one too (Orbax's own
+    policies, applied by `delete_old_checkpoints`)."""
+    policies = ocp.checkpoint_managers
+    latest = policies.LatestN(keep)
+    if not best_metric:
+        return latest
+    best = policies.BestN(
+        get_metric_fn=lambda saved: saved[best_metric],
+        reverse=best_mode == "min",  # BestN keeps the last of the sorted steps
+        n=1,
+        keep_checkpoints_without_metrics=False,
+    )
+    return policies.AnyPreservationPolicy([latest, best])
+
+
 def save(
-    mngr: ocp.CheckpointManager, step: int, state, data_state: dict, counters: dict, config, eval_metrics=None
+    mngr: ocp.CheckpointManager,
+    keep,
+    step: int,
+    state,
+    data_state: dict,
+    counters: dict,
+    config,
+    eval_metrics=None,
 ) -> None:
     """Start an async save of everything a resume needs (and the eval metrics early stopping ranks it by).
-    Raises CheckpointError if this or an earlier save failed."""
+
+    The save before it is waited for first, and once it has committed, the checkpoints `keep` (see `retention`)
+    no longer wants are deleted. Raises CheckpointError if this or an earlier save failed.
+    """
     with _save_errors_reported(mngr):
+        mngr.wait_until_finished()
+        delete_old_checkpoints(mngr, keep)
+        refuse_to_write_over(mngr, step)
         arrays = {item: ocp.args.StandardSave(getattr(state, item)) for item in array_items(state)}
         mngr.save(
             step,
@@ -174,15 +203,70 @@ def save(
 
 
 def raise_if_a_save_failed(mngr: ocp.CheckpointManager) -> None:
-    """Without waiting: raise CheckpointError if a save running in the background has failed."""
-    with _save_errors_reported(mngr):
-        mngr.check_for_errors()
+    """Without waiting: raise CheckpointError if a save that ran in the background has failed.
+
+    Asked only once the save is over: Orbax's finalize thread decides by the same error whether the save
+    committed, and reading the error clears it, so reading it earlier would hide it from that thread.
+    """
+    if not mngr.is_saving_in_progress():
+        finish_saves(mngr)
 
 
-def finish_saves(mngr: ocp.CheckpointManager) -> None:
-    """Wait for the save in flight to be committed; raise CheckpointError if it failed."""
+def finish_saves(mngr: ocp.CheckpointManager, keep=None) -> None:
+    """Wait for the save in flight to commit, then apply `keep`; raise CheckpointError if the save failed."""
     with _save_errors_reported(mngr):
         mngr.wait_until_finished()
+        if keep is not None:
+            delete_old_checkpoints(mngr, keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CheckpointInfo:  # what Orbax's preservation policies read of a checkpoint
+    step: int
+    time: datetime.datetime
+    metrics: dict | None
+
+
+def delete_old_checkpoints(mngr: ocp.CheckpointManager, keep) -> None:
+    """Delete the committed checkpoints that `keep` (a preservation policy) does not keep.
+
+    Called only between saves, when none is in flight. Only committed steps count, and the newest of them is
+    always kept, so a committed checkpoint is deleted only for a newer one that has committed too.
+    """
+    steps = committed_steps(epath.Path(mngr.directory).parent)
+    if len(steps) < 2:
+        return
+    infos = [_CheckpointInfo(step, _EPOCH, _saved_metrics(mngr, step)) for step in steps]
+    keeps = keep.should_preserve(infos, context=ocp.checkpoint_managers.PreservationContext())
+    # Every process lists the same committed steps of a shared directory; Orbax deletes on process 0.
+    for step, kept in zip(steps[:-1], keeps[:-1], strict=True):
+        if not kept:
+            if jax.process_index() == 0:
+                # Uncommitted first: a reader never takes a half-deleted step for a checkpoint, and one left by
+                # a kill mid-deletion is set aside at the next start like any step without its marker.
+                (step_dir(epath.Path(mngr.directory).parent, step) / COMMIT_MARKER).unlink()
+            mngr.delete(step)
+
+
+_EPOCH = datetime.datetime.fromtimestamp(0, datetime.UTC)  # the policies bigjax uses do not read times
+
+
+def _saved_metrics(mngr, step: int) -> dict | None:
+    """The eval metrics a step was saved with (early stopping ranks by them); None if it has none."""
+    if not (epath.Path(mngr.directory) / str(step) / "metrics").exists():
+        return None
+    return mngr.metadata(step).metrics
+
+
+def refuse_to_write_over(mngr, step: int) -> None:
+    """Orbax's save deletes a step directory that exists already; bigjax never lets it (a workdir lock keeps a
+    second trainer out, and this is the last check before the write)."""
+    path = epath.Path(mngr.directory) / str(step)
+    if path.exists() or path.with_name(path.name + TMP_SUFFIX).exists():
+        raise CheckpointError(
+            f"checkpoint {step} exists already at {path}: another trainer wrote it; this one stops without "
+            "touching it. Find the other trainer (see `lock.json` in the workdir) before running again"
+        )
 
 
 @contextlib.contextmanager
@@ -194,14 +278,29 @@ def _save_errors_reported(mngr):
         raise
     except Exception as error:
         workdir = epath.Path(mngr.directory).parent
-        kept = committed_steps(workdir)
+        kept = committed_steps(workdir)  # every deletion is done: they happen between saves, in this thread
         resume = f"rerun the same command to resume from step {kept[-1]}" if kept else "rerun the same command"
         raise CheckpointError(
             f"saving a checkpoint in {checkpoint_dir(workdir)} failed: {describe(error)}\n"
             f"Training stopped rather than go on without the checkpoints it was asked to keep. Committed "
-            f"checkpoints are kept (steps: {', '.join(map(str, kept)) or 'none'}); free disk space or make the "
-            f"directory writable, then {resume}."
+            f"checkpoints are kept (steps: {', '.join(map(str, kept)) or 'none'}); {remedy(error)}, then {resume}."
         ) from error
+
+
+# The OS reasons a save fails for, by what tensorstore or Python says, and what the user can do about each.
+_REMEDIES = (
+    (("No space left on device", "File too large", "Disk quota exceeded"), "free disk space"),
+    (("Permission denied", "Read-only file system", "Operation not permitted"), "make the directory writable"),
+)
+
+
+def remedy(error: BaseException) -> str:
+    """What to do about a failed save, by the OS reason found in the error (not a guess at the disk)."""
+    text = describe(error)
+    for reasons, advice in _REMEDIES:
+        if any(reason in text for reason in reasons):
+            return advice
+    return "fix the cause above"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,7 +455,8 @@ def refuse_if_incompatible(step: int, saved, config, layout: list[str]) -> None:
 
 
 def set_aside_uncommitted(workdir) -> None:
-    """Move every step Orbax began and never committed (killed mid-write, failed save) to the quarantine."""
+    """Move every step Orbax began and never committed (killed mid-write, failed save), and every step that has
+    lost its commit marker, to the quarantine."""
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():
         return
@@ -364,7 +464,10 @@ def set_aside_uncommitted(workdir) -> None:
         if path.name.endswith(TMP_SUFFIX):
             set_aside(workdir, path, "uncommitted", "is a save that never finished (killed or failed mid-write)")
         elif path.name.isdigit() and not (path / COMMIT_MARKER).exists():
-            set_aside(workdir, path, "uncommitted", f"has no {COMMIT_MARKER}: never committed, or partly deleted")
+            if paths.is_url(workdir):  # in a bucket Orbax writes STEP/ in place, and the marker commits it
+                set_aside(workdir, path, "uncommitted", f"has no {COMMIT_MARKER}: a save that never finished")
+            else:  # on a disk only a committed step is ever renamed to STEP/: this one was committed once
+                set_aside(workdir, path, "unmarked", f"has lost its {COMMIT_MARKER} (deleted, or partly deleted)")
 
 
 def set_aside(workdir, path: epath.Path, kind: str, why: str) -> None:
@@ -381,10 +484,17 @@ def set_aside(workdir, path: epath.Path, kind: str, why: str) -> None:
     _sync(f"bigjax_set_aside_{step}_{kind}")
 
 
+# Kinds of quarantined steps that had been committed: a workdir holding one of them had a run to resume.
+ONCE_COMMITTED = ("unreadable", "unmarked")
+
+
 def had_checkpoints(workdir) -> bool:
-    """Whether a checkpoint was ever committed here (in checkpoints/, or since set aside as unreadable)."""
+    """Whether a checkpoint was ever committed here (in checkpoints/, or since set aside as unreadable or as having
+    lost its commit marker). A save that never finished does not count: nothing was lost with it."""
     quarantine = quarantine_dir(workdir)
-    set_aside_committed = quarantine.is_dir() and any(".unreadable." in p.name for p in quarantine.iterdir())
+    set_aside_committed = quarantine.is_dir() and any(
+        f".{kind}." in p.name for p in quarantine.iterdir() for kind in ONCE_COMMITTED
+    )
     return bool(committed_steps(workdir)) or set_aside_committed
 
 

@@ -15,7 +15,6 @@ User errors (a bad config, a refused resume, a missing workdir) print one `error
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import traceback
@@ -23,13 +22,18 @@ import traceback
 
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "train":
+        from bigjax import signals
+
+        signals.catch()  # before JAX is imported: SIGTERM or Ctrl-C during start-up stops cleanly too
     # Imported after parsing so that `--help` is instant and errors in arguments need no JAX.
     from absl import logging as absl_logging
 
-    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's info/warning chatter drowns the training log
-    # After a failed save, Orbax leaves write futures nobody awaits, and asyncio prints each at exit, after
-    # the one `error:` line that reports the failure. bigjax itself does not use asyncio.
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    from bigjax import logs
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's info chatter would drown even the log file
+    # Library tracebacks (a failed save, a damaged checkpoint) go to a log file; the console gets bigjax's one line.
+    logs.send_library_logs_to_file(getattr(args, "workdir", None), args.command)
 
     from bigjax import xla_flags  # imports no jax: XLA reads XLA_FLAGS once, when its backend starts
 
@@ -47,7 +51,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from bigjax import bench, checkpoint, data, evaluate, finetune, generate, plan, train
+    from bigjax import bench, checkpoint, data, evaluate, finetune, generate, lock, plan, train
     from bigjax import config as config_lib
 
     user_errors = (
@@ -60,6 +64,7 @@ def main(argv=None) -> int:
         finetune.FinetuneError,
         plan.PlanError,
         bench.BenchError,
+        lock.LockError,
         FileNotFoundError,
     )
     try:
@@ -67,9 +72,11 @@ def main(argv=None) -> int:
     except user_errors as error:
         where = f" ({distributed.describe()})" if distributed.describe() else ""
         print(f"error{where}: {error}", file=sys.stderr)
+        _point_to_details()
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: stopped at once; checkpoints already committed are kept", file=sys.stderr)
+        _point_to_details()
         return 130
     except Exception as error:
         if not distributed.describe():
@@ -78,6 +85,13 @@ def main(argv=None) -> int:
         traceback.print_exc()
         print(f"error ({distributed.describe()}): {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+
+
+def _point_to_details() -> None:
+    from bigjax import logs
+
+    if logs.details():
+        print(f"details: {logs.details()}", file=sys.stderr)
 
 
 def parse_args(argv):

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from bigjax import checkpoint, data, evaluate, finetune, metrics, optim, paths, tasks
+from bigjax import checkpoint, data, evaluate, finetune, lock, metrics, optim, paths, signals, tasks
 from bigjax import config as config_lib
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
@@ -40,89 +40,100 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
     time-sliced jobs, and for testing that a resumed run matches an uninterrupted one. `fresh` starts again
     from step 0 in a workdir whose checkpoints are all unusable (without it, that is an error).
     """
-    workdir = paths.workdir(workdir)  # a directory, or a bucket URL (gs://...)
+    stop = PreemptionFlag()  # SIGTERM or Ctrl-C from here on: stop at the next safe point, with a checkpoint
+    try:
+        return train_until_stopped(config, paths.workdir(workdir), stop, stop_at_step, fresh)
+    finally:
+        stop.restore()
 
+
+def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: bool) -> Summary:
+    """`train`, with the signal handling in place; `workdir` is a directory or a bucket URL (gs://...)."""
     # Devices and mesh: the config is checked against them before anything is compiled.
     mesh = mesh_lib.make_mesh(config)
     rules = mesh_lib.logical_rules(config)
-    stopper = finetune.EarlyStopping.from_config(config)  # None unless config.early_stopping.metric is set
-    mngr = checkpoint.manager(
-        workdir,
-        keep=config.keep_checkpoints,
-        best_metric=config.early_stopping.metric,
-        best_mode=config.early_stopping.mode,
-    )
     metrics.say(f"mesh {mesh_lib.describe(mesh)} on {jax.devices()[0].device_kind}; workdir {workdir}")
 
-    # Model, task and data.
+    # Model, task and data: all checked before anything is written to the workdir.
     task = tasks.make_task(config)
     # Batches are copied to the devices `data.prefetch` steps ahead; checkpoints hold the position of the last used.
     train_batches = data.DeviceBatches(data.train_batches(config), mesh, config.data.prefetch)
     eval_data = data.eval_data(config) if config.eval_every else None
-
-    # Optimizer and state, restored from the newest checkpoint or freshly initialized into its shards.
     tx = optim.make_optimizer(config.optim, config.total_steps, freeze=config.freeze)
     abstract_state, state_shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-    state, counters = restore_or_init(
-        mngr, workdir, task, tx, config, mesh, rules, abstract_state, state_shardings, train_batches, fresh
-    )
-    write_config(workdir, config)  # only now: a refused resume must not overwrite the config of the checkpoints
-    non_finite = NonFiniteGuard(config, start_step=int(state.step), skipped=counters.get("nan_skips", 0))
-    start = int(state.step)
-    log_model_size(state.params)
-    if stopper is not None and start:
-        resume_early_stopping(stopper, mngr, start, config.eval_every)
 
-    # One compiled, sharded, donating step.
-    train_step, compile_seconds = compile_train_step(task, tx, config, mesh, rules, state, state_shardings)
-    metrics.say(f"compiled the train step in {compile_seconds:.1f}s")
-    eval_step = evaluate.make_eval_step(task, mesh, rules, model_variables(state_shardings)) if eval_data else None
+    # One trainer per workdir: a second one is refused here, before it has touched a file of the first.
+    with lock.held(workdir, say=metrics.say) as workdir_lock:
+        stopper = finetune.EarlyStopping.from_config(config)  # None unless config.early_stopping.metric is set
+        ranking = dict(best_metric=config.early_stopping.metric, best_mode=config.early_stopping.mode)
+        mngr = checkpoint.manager(workdir, **ranking)
+        keep = checkpoint.retention(config.keep_checkpoints, **ranking)  # the newest N, and the best for early stopping
 
-    writer = metrics.MetricWriter(workdir)
-    stop = PreemptionFlag()
-    throughput = Throughput(config.batch_size, task, mesh.devices.size)
-    pending = []  # per-step metrics still on device: fetched only at log time, never every step
-    last = {}
-    bar = metrics.progress_bar(start, config.total_steps)
+        # State: restored from the newest usable checkpoint or freshly initialized into its shards.
+        state, counters = restore_or_init(
+            mngr, workdir, task, tx, config, mesh, rules, abstract_state, state_shardings, train_batches, fresh
+        )
+        write_config(workdir, config)  # only now: a refused resume must not overwrite the config of the checkpoints
+        non_finite = NonFiniteGuard(config, start_step=int(state.step), skipped=counters.get("nan_skips", 0))
+        start = int(state.step)
+        log_model_size(state.params)
+        if stopper is not None and start:
+            resume_early_stopping(stopper, mngr, start, config.eval_every)
 
-    step = start
-    try:
-        while step < config.total_steps and not (stopper and stopper.should_stop):
-            state, step_metrics = train_step(state, next(train_batches))
-            pending.append(step_metrics)
-            step += 1
+        # One compiled, sharded, donating step.
+        train_step, compile_seconds = compile_train_step(task, tx, config, mesh, rules, state, state_shardings)
+        metrics.say(f"compiled the train step in {compile_seconds:.1f}s")
+        eval_step = evaluate.make_eval_step(task, mesh, rules, model_variables(state_shardings)) if eval_data else None
+        if stop.reached(start):  # a signal during start-up: nothing was trained, so there is nothing new to save
+            metrics.say(f"stopped by {stop.name} during start-up, at step {start}: nothing new to save")
+            return Summary(step=start, status="preempted", last_metrics={})
+
+        writer = metrics.MetricWriter(workdir)
+        throughput = Throughput(config.batch_size, task, mesh.devices.size)
+        pending = []  # per-step metrics still on device: fetched only at log time, never every step
+        last = {}
+        bar = metrics.progress_bar(start, config.total_steps)
+
+        step = start
+        try:
+            while step < config.total_steps and not (stopper and stopper.should_stop):
+                state, step_metrics = train_step(state, next(train_batches))
+                pending.append(step_metrics)
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+
+                if step % config.log_every == 0 or step == config.total_steps:
+                    last = log_metrics(writer, step, pending, throughput, non_finite)
+                    pending = []
+                    checkpoint.raise_if_a_save_failed(mngr)  # a background save that failed stops the run here
+                eval_metrics = None
+                if eval_step is not None and step % config.eval_every == 0:
+                    eval_metrics = evaluate.evaluate(eval_step, model_variables(state), eval_data, mesh, task)
+                    writer.write(step, prefixed("eval/", eval_metrics))
+                    if stopper is not None:
+                        stopper.update(step, eval_metrics)
+                stopping = stop.reached(step) or step == stop_at_step
+                checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
+                # With early stopping every evaluation is a checkpoint, ranked by its metrics: the best one is kept.
+                ranked = stopper is not None and eval_metrics is not None
+                if checkpoint_due or ranked or step == config.total_steps or stopping:
+                    # Never save a state that went non-finite: check the steps not yet logged first.
+                    non_finite.check(step, jax.device_get(pending))
+                    workdir_lock.check()  # never write into a workdir another trainer has taken over
+                    save(mngr, keep, step, state, train_batches, non_finite, config, eval_metrics if ranked else None)
+                if stopping:
+                    why = f"by {stop.name}" if stop.requested else "as asked (--stop-at-step)"
+                    metrics.say(f"stopped {why} at step {step} with a checkpoint; rerun the same command to resume")
+                    break
+        finally:
             if bar is not None:
-                bar.update(1)
-
-            if step % config.log_every == 0 or step == config.total_steps:
-                last = log_metrics(writer, step, pending, throughput, non_finite)
-                pending = []
-                checkpoint.raise_if_a_save_failed(mngr)  # a background save that failed stops the run here
-            eval_metrics = None
-            if eval_step is not None and step % config.eval_every == 0:
-                eval_metrics = evaluate.evaluate(eval_step, model_variables(state), eval_data, mesh, task)
-                writer.write(step, prefixed("eval/", eval_metrics))
-                if stopper is not None:
-                    stopper.update(step, eval_metrics)
-            stopping = stop.reached(step) or step == stop_at_step
-            checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
-            # With early stopping every evaluation is a checkpoint, ranked by its metrics: the best one is kept.
-            ranked = stopper is not None and eval_metrics is not None
-            if checkpoint_due or ranked or step == config.total_steps or stopping:
-                # Never save a state that went non-finite: check the steps not yet logged first.
-                non_finite.check(step, jax.device_get(pending))
-                save(mngr, step, state, train_batches, non_finite, config, eval_metrics if ranked else None)
-            if stopping:
-                why = "by a signal" if stop.requested else "as asked (--stop-at-step)"
-                metrics.say(f"stopped {why} at step {step} with a checkpoint; rerun the same command to resume")
-                break
-    finally:
-        stop.restore()
-        if bar is not None:
-            bar.close()
-        writer.close()
-        # Even on failure, finish a save still in flight: the last good checkpoint is what a rerun resumes.
-        checkpoint.finish_saves(mngr)
+                bar.close()
+            writer.close()
+            # Even on failure, finish a save still in flight: the last good checkpoint is what a rerun resumes.
+            checkpoint.finish_saves(mngr)
+        workdir_lock.check()
+        checkpoint.delete_old_checkpoints(mngr, keep)  # keep-N, now that the last save has committed
     status = "finished" if step >= config.total_steps else "preempted"
     if stopper is not None:
         if stopper.should_stop and step < config.total_steps:
@@ -140,14 +151,20 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
 
 def write_config(workdir, config) -> None:
     """Write DIR/config.json (the eval job and `generate` read it), atomically: a kill mid-write leaves the old."""
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() != 0:
+        return
+    try:
         if paths.is_url(workdir):  # an object upload is atomic already: never seen half-written
             (workdir / "config.json").write_text(config_lib.to_json(config))
             return
         partial = workdir / "config.json.partial"
         partial.write_text(config_lib.to_json(config))
         partial.replace(workdir / "config.json")
+    except OSError as error:
+        raise TrainingError(
+            f"cannot write {workdir / 'config.json'}: {error.strerror or error}; a trainer needs a workdir it can "
+            "write (the checkpoints there are untouched)"
+        ) from error
 
 
 def restore_or_init(mngr, workdir, task, tx, config, mesh, rules, abstract_state, shardings, train_batches, fresh):
@@ -376,10 +393,10 @@ class NonFiniteGuard:
         metrics.say(f"{what}: update skipped ({self.skipped} of at most {self.limit}, config.max_nan_skips)")
 
 
-def save(mngr, step: int, state, train_batches, non_finite: NonFiniteGuard, config, eval_metrics=None) -> None:
+def save(mngr, keep, step: int, state, train_batches, non_finite: NonFiniteGuard, config, eval_metrics=None) -> None:
     """Save what a resume needs: the state, where the data iterator is, and the run's counts."""
     counters = {"nan_skips": non_finite.skipped}
-    checkpoint.save(mngr, step, state, train_batches.get_state(), counters, config, eval_metrics)
+    checkpoint.save(mngr, keep, step, state, train_batches.get_state(), counters, config, eval_metrics)
 
 
 def prefixed(prefix: str, values: dict) -> dict:
@@ -387,30 +404,38 @@ def prefixed(prefix: str, values: dict) -> dict:
 
 
 class PreemptionFlag:
-    """SIGTERM (a preemption, `kill`, a scheduler's time limit) asks the loop to save and exit cleanly.
+    """SIGTERM (a preemption, `kill`, a scheduler's time limit) or Ctrl-C asks the loop to save and exit cleanly
+    (`bigjax.signals`; the CLI starts listening before JAX is even imported).
 
     With several processes all of them must stop at the same step: a process that saves alone waits forever for
     the others to join the save. A scheduler may signal one host only, or each at a different step, so there JAX's
     preemption service takes SIGTERM instead of Python: it tells every process that one was signalled, and they
     agree on the first step all of them can still reach (`multihost_utils.reached_preemption_sync_point`, asked
-    at every step; a local check until a notice arrives).
+    at every step; a local check until a notice arrives). Ctrl-C there stops the process at once.
     """
 
     def __init__(self):
-        self.requested = False
         self.shared = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
-        # JAX's service listens to SIGTERM itself: a Python handler would take the signal from it.
-        self.previous = None if self.shared else signal.signal(signal.SIGTERM, self._handle)
+        if self.shared:
+            # JAX's service took SIGTERM when the job formed (after the CLI began listening): a Python handler
+            # installed now would take the signal from it. Ctrl-C stops one process at once.
+            signals.release([signal.SIGINT])
+            self.request = None
+        else:
+            self.request = signals.catch()
+        self.requested = False
 
-    def _handle(self, signum, frame):
-        self.requested = True
+    @property
+    def name(self) -> str:
+        return "SIGTERM" if self.shared else self.request.name
 
     def reached(self, step: int) -> bool:
         """Whether this step is where the run stops for a signal (with several processes: every process's)."""
         if self.shared:
             self.requested = multihost_utils.reached_preemption_sync_point(step)
+        else:
+            self.requested = self.request.requested
         return self.requested
 
     def restore(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        signals.release([signal.SIGINT] if self.shared else signals.SIGNALS)

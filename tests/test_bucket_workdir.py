@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -22,10 +23,11 @@ BUCKET = "bigjax-test"
 
 
 def emulate_cloud_storage_more_closely():
-    """Two gaps in the emulator, where real Cloud Storage behaves as below.
+    """Three gaps in the emulator, where real Cloud Storage behaves as below.
 
     - It sends an object's generation (x-goog-generation) with its bytes, and TensorStore reads it. The emulator
       leaves it out, so reading an object written earlier in the run fails against the emulator alone.
+    - It honours ifGenerationMatch preconditions (answering 412 when the generation differs).
     - It knows `moveTo`. The emulator answers 501, which gcsfs retries for 40 s before it copies and deletes;
       a 400 makes it copy and delete at once.
     """
@@ -52,10 +54,34 @@ def emulate_cloud_storage_more_closely():
         return download(request, response, storage, *args, **kwargs)
 
     objects.download = download_with_generation  # objects.get calls it for ?alt=media
+
+    def with_preconditions(handler):
+        """Cloud Storage refuses a request whose ifGenerationMatch is not the object's generation (0: absent) with
+        412; the workdir lock's compare-and-swap relies on it."""
+
+        def checked(request, response, storage, *args, **kwargs):
+            wanted = request.query.get("ifGenerationMatch")
+            if wanted:
+                name = request.params.get("object_id") or request.query.get("name", [None])[0]
+                name = name or request.data["meta"].get("name")
+                try:
+                    current = str(storage.get_file_obj(request.params["bucket_name"], name)["generation"])
+                except NotFound:
+                    current = "0"
+                if current != wanted[0]:
+                    response.status = HTTPStatus.PRECONDITION_FAILED
+                    response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+                    return None
+            return handler(request, response, storage, *args, **kwargs)
+
+        return checked
+
+    replaced = {download: download_with_generation}
+    replaced.update({handler: with_preconditions(handler) for handler in (objects.insert, objects.delete, objects.get)})
     for _, handlers in server.HANDLERS:
         for method, handler in handlers.items():
-            if handler is download:
-                handlers[method] = download_with_generation
+            if handler in replaced:
+                handlers[method] = replaced[handler]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +124,7 @@ def test_a_bucket_workdir_trains_resumes_evaluates_and_generates(cli, bucket_env
     in_bucket(bucket_env, f"epath.Path('{run}/checkpoints/6/params/half-written').write_text('x')")
     resumed = cli("train", *args, "--workdir", run, env=bucket_env)
     assert "resumed from step 4" in resumed.stdout
-    assert "checkpoint 6 at gs://bigjax-test/run/checkpoints/6 has no commit_success.txt" in resumed.stdout
+    assert f"checkpoint 6 at {run}/checkpoints/6 has no commit_success.txt: a save that never" in resumed.stdout
     quarantined = in_bucket(bucket_env, f"[p.name for p in epath.Path('{run}/quarantine').iterdir() if p.is_dir()]")
     assert [name.split(".")[0] for name in quarantined] == ["6"]
 
@@ -119,3 +145,66 @@ def test_a_bucket_workdir_trains_resumes_evaluates_and_generates(cli, bucket_env
     local_losses = {row["step"]: row["loss"] for row in metrics.read_jsonl(local / "metrics.jsonl")}
     assert sorted(bucket_losses) == list(range(1, 9))
     np.testing.assert_array_equal([bucket_losses[s] for s in range(1, 9)], [local_losses[s] for s in range(1, 9)])
+
+
+def foreign_lock(heartbeat_age: float) -> dict:
+    now = time.time()
+    return dict(
+        host="other-host",
+        pid=4242,
+        pid_start=1,
+        machine="another-boot/pid:[1]",
+        command="bigjax train ...",
+        since=now - 3600,
+        heartbeat=now - heartbeat_age,
+        lease_seconds=120.0,
+        token="theirs",
+    )
+
+
+def test_a_bucket_workdir_is_locked_like_a_disk(cli, bucket_env):
+    run = f"gs://{BUCKET}/locked"
+    args = ["train", "--config", TINY, "--config.log_every=1", "--workdir", run]
+    in_bucket(bucket_env, f"epath.Path('{run}/lock.json').write_text({json.dumps(json.dumps(foreign_lock(5)))})")
+
+    refused = cli(*args, env=bucket_env, check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"error: {run} is in use by another trainer: pid 4242 on host other-host" in refused.stderr
+    assert in_bucket(bucket_env, f"json.loads(epath.Path('{run}/lock.json').read_text())['token']") == "theirs"
+
+    in_bucket(bucket_env, f"epath.Path('{run}/lock.json').write_text({json.dumps(json.dumps(foreign_lock(500)))})")
+    taken = cli(*args, env=bucket_env)
+    assert f"took over the lock of {run}: its holder is gone (pid 4242 on host other-host" in taken.stdout
+    assert not in_bucket(bucket_env, f"epath.Path('{run}/lock.json').exists()")  # given up at the end
+
+
+# Two changes of the lock's record made from the same read, the second one written last: refused, because the
+# first moved the object's generation on. Then a write from a fresh read goes through.
+CONCURRENT_CHANGES = """
+import json
+from etils import epath
+from bigjax import lock
+
+store = lock._BucketRecord(epath.Path("gs://bigjax-test/cas/lock.json"))
+outcomes = []
+with store.change() as (first_read, first_write):
+    with store.change() as (second_read, second_write):
+        second_write({"token": "second"})
+    try:
+        first_write({"token": "first"})
+        outcomes.append("first overwrote the second")
+    except lock.Conflict:
+        outcomes.append("first refused")
+with store.change() as (current, write):
+    outcomes.append(current["token"])
+    write(None)
+print(json.dumps(outcomes))
+"""
+
+
+def test_the_bucket_lock_record_is_changed_only_by_compare_and_swap(bucket_env):
+    result = subprocess.run(
+        [sys.executable, "-c", CONCURRENT_CHANGES], env=bucket_env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == ["first refused", "second"]

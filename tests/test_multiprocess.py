@@ -5,6 +5,7 @@ one process with 8 devices. Checkpoints move between process counts both ways; t
 multi-process run; a process that dies or never starts stops the others with an error instead of a hang.
 """
 
+import json
 import os
 import re
 import signal
@@ -203,7 +204,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step_with_a_che
     finally:
         returncodes = wait_for(processes, timeout=120)
     assert_succeeded(returncodes, logs)
-    stopped = re.search(r"stopped by a signal at step (\d+) with a checkpoint", log(logs, 0, "out"))
+    stopped = re.search(r"stopped by SIGTERM at step (\d+) with a checkpoint", log(logs, 0, "out"))
     assert stopped, log(logs, 0, "out")[-3000:]
     assert checkpoint.committed_steps(run) == [int(stopped[1])]
     assert max(losses(run)) == int(stopped[1])
@@ -221,3 +222,18 @@ def test_a_process_that_never_starts_fails_the_others_with_an_error_naming_it(tm
     assert "error (process 1 of 2): the job did not form within BIGJAX_INIT_TIMEOUT=3s: process 0 (the coordinator" in (
         log(tmp_path / "b", 1)
     )
+
+
+def test_a_job_takes_its_workdir_lock_once_and_is_refused_as_one(tmp_path):
+    """Process 0 holds the lock for the job (the tests above run two processes on one workdir); a workdir held by
+    a live trainer elsewhere stops every process of a new job, before any of them touches it."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    run.mkdir()
+    now = time.time()
+    held = dict(host="other-host", pid=4242, machine="another-boot/pid:[1]", since=now, heartbeat=now, token="x")
+    (run / "lock.json").write_text(json.dumps(held))
+    returncodes = wait_for(start_processes(TRAIN + ["--config", TINY, "--workdir", run], 2, logs), timeout=120)
+    assert returncodes == {0: 2, 1: 2}
+    assert f"error (process 0 of 2): {run} is in use by another trainer: pid 4242 on host other-host" in log(logs, 0)
+    assert f"error (process 1 of 2): {run} is in use by another trainer (process 0 says by whom)" in log(logs, 1)
+    assert sorted(p.name for p in run.iterdir()) == ["lock.json"]

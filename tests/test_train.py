@@ -169,7 +169,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
-    assert "stopped by a signal" in out
+    assert "stopped by SIGTERM at step" in out
     saved = checkpoint.manager(workdir, read_only=True).latest_step()
     assert saved is not None and 1 <= saved < 100000
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == 100000
+
+
+def test_a_start_refused_by_the_data_leaves_no_trace_in_the_workdir(tiny_config, tmp_path):
+    """The model, task and data are checked before the workdir is locked or written to."""
+    from bigjax.data import DataError
+
+    workdir = tmp_path / "run"
+    with pytest.raises(DataError, match="config.model.vocab_size=100"):
+        train.train(tiny_config("", "config.model.vocab_size=100"), workdir)
+    assert not workdir.exists()

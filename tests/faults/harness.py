@@ -59,7 +59,7 @@ class Attempt:
     stderr: str
     rows: list[dict]  # metrics rows this attempt appended
     resumed_from: int | None  # "resumed from step N"; None: started from step 0
-    stopped_at: int | None  # "stopped by a signal at step N"
+    stopped_at: int | None  # "stopped by SIGTERM at step N"
     interrupted_write: int | None  # the step whose uncommitted write the signal landed in
     committed_after: list[int]  # committed checkpoint steps once the process had exited
     uncommitted_after: list[int]  # steps left half-written once it had exited
@@ -153,7 +153,7 @@ def run_attempt(workdir, command: list[str], kill: Kill | None, env: dict, timeo
         stderr=stderr,
         rows=rows_since(metrics_file, offset),
         resumed_from=_number_after("resumed from step ", stdout),
-        stopped_at=_number_after("stopped by a signal at step ", stdout),
+        stopped_at=_number_after("stopped by SIGTERM at step ", stdout),
         interrupted_write=interrupted_write,
         committed_after=committed_steps(workdir),
         uncommitted_after=uncommitted_steps(workdir),

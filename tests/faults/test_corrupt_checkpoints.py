@@ -44,7 +44,7 @@ def good_run(config, tmp_path_factory):
 
 DAMAGE = {  # step -> (what is done to it, how it is set aside)
     8: (make_it_uncommitted, "uncommitted"),
-    7: (delete_the_commit_marker, "uncommitted"),
+    7: (delete_the_commit_marker, "unmarked"),
     6: (truncate_the_array_files, "unreadable"),
     5: (delete_the_array_files, "unreadable"),
     4: (delete_the_array_metadata, "unreadable"),
@@ -65,7 +65,8 @@ def test_bad_newest_checkpoints_are_set_aside_and_the_newest_good_one_resumed(co
         assert f"checkpoint {step} at {workdir.absolute() / 'checkpoints' / str(step)}" in out  # by step and path
     assert "resumed from step 3" in out
     # Moved aside as they were, for the user to inspect, with the reason beside each: nothing deleted or repaired.
-    assert set_aside(workdir, "uncommitted") == [7, 8] and set_aside(workdir, "unreadable") == [4, 5, 6]
+    assert set_aside(workdir, "uncommitted") == [8] and set_aside(workdir, "unmarked") == [7]
+    assert set_aside(workdir, "unreadable") == [4, 5, 6]
     for moved in (p for p in (workdir / "quarantine").iterdir() if p.is_dir()):
         step = int(moved.name.split(".")[0])
         assert still_damaged[step](moved), moved
@@ -114,3 +115,15 @@ def test_a_run_killed_before_its_first_checkpoint_just_starts(config, tmp_path):
     assert train.train(config, workdir, stop_at_step=2).step == 2
     assert set_aside(workdir, "uncommitted") == [2]
     assert checkpoint.committed_steps(workdir) == [1, 2]
+
+
+def test_a_workdir_whose_checkpoints_all_lost_their_commit_marker_is_not_started_over(config, good_run, tmp_path):
+    """They were committed once (only a committed step is renamed to STEP/), so a run was lost: say so."""
+    workdir = tmp_path / "run"
+    shutil.copytree(good_run, workdir)
+    for step in checkpoint.committed_steps(workdir):
+        delete_the_commit_marker(workdir / "checkpoints" / str(step))
+
+    with pytest.raises(train.TrainingError, match=r"no usable checkpoint is left .* --fresh"):
+        train.train(config, workdir)
+    assert set_aside(workdir, "unmarked") == [1, 2, 3, 4, 5, 6, 7, 8]

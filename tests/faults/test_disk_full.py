@@ -5,6 +5,8 @@ EFBIG ("File too large") inside tensorstore, as they would with ENOSPC on a full
 a read-only directory would not stop writes, and needs no mount.
 """
 
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -19,29 +21,79 @@ WITH_SMALL_FILES_ONLY = (
     "os.execv(sys.executable, [sys.executable, '-m', 'bigjax.cli', *sys.argv[1:]])"
 )
 
+# The same, with the bad ordering of issue 11 forced: Orbax's async-save thread, once it has recorded the save's
+# error, waits until the trainer's main thread has asked about the save (by either of the manager's two ways)
+# before it ends. Orbax's finalize thread decides by reading that error whether the save committed and whether
+# keep-N may delete older steps; a main thread that read (and so cleared) the error first made it delete them.
+WITH_SMALL_FILES_AND_THE_MAIN_THREAD_ASKING_FIRST = """
+import resource, sys, threading
+resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024))
+from orbax.checkpoint import checkpoint_manager
+from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+asked = threading.Event()
+thread_func = async_checkpointer._AsyncManager._thread_func
+
+def thread_func_that_lets_the_main_thread_ask_first(self, *args, **kwargs):
+    thread_func(self, *args, **kwargs)
+    if self._exception is not None:
+        asked.clear()
+        asked.wait(120)
+
+async_checkpointer._AsyncManager._thread_func = thread_func_that_lets_the_main_thread_ask_first
+for name in ("check_for_errors", "is_saving_in_progress"):
+    def asking(self, *args, _original=getattr(checkpoint_manager.CheckpointManager, name), **kwargs):
+        try:
+            return _original(self, *args, **kwargs)
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                asked.set()
+    setattr(checkpoint_manager.CheckpointManager, name, asking)
+
+from bigjax import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     return environment(tmp_path_factory.mktemp("compile-cache"))
 
 
-def test_a_failed_save_stops_training_and_keeps_the_committed_checkpoints(cli, env, tmp_path):
+def run_limited(wrapper: str, args, env, timeout=600) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", wrapper, *map(str, args)]
+    # No compilation cache for the limited process: its entries are larger than the limit, and a failed cache
+    # write must not be what this test sees.
+    limited = {key: value for key, value in env.items() if not key.startswith("JAX_COMPILATION_CACHE")}
+    return subprocess.run(command, cwd=REPO, env=limited, capture_output=True, text=True, timeout=timeout)
+
+
+def the_error(result) -> str:
+    """The `error:` line and what follows it on stderr."""
+    stderr = "\n" + result.stderr  # the error line may be the first one
+    assert "\nerror: " in stderr, result.stderr[-5000:]
+    return stderr[stderr.index("\nerror: ") + 1 :]
+
+
+@pytest.mark.parametrize(
+    "wrapper", [WITH_SMALL_FILES_ONLY, WITH_SMALL_FILES_AND_THE_MAIN_THREAD_ASKING_FIRST], ids=["plain", "asked-first"]
+)
+def test_a_failed_save_stops_training_and_keeps_the_committed_checkpoints(cli, env, tmp_path, wrapper):
     workdir = tmp_path / "run"
     args = ("train", "--config", TINY + ":steps=16", "--workdir", workdir, "--config.log_every=1")
     args += ("--config.keep_checkpoints=1",)  # keep-N must not delete step 4 for a step 8 that never commits
     cli(*args, "--stop-at-step", "4", env=env)
 
-    command = [sys.executable, "-c", WITH_SMALL_FILES_ONLY, *map(str, args)]
-    # No compilation cache for the limited process: its entries are larger than the limit, and a failed cache
-    # write must not be what this test sees.
-    limited = {key: value for key, value in env.items() if not key.startswith("JAX_COMPILATION_CACHE")}
-    result = subprocess.run(command, cwd=REPO, env=limited, capture_output=True, text=True, timeout=600)
+    result = run_limited(wrapper, args, env)
 
     assert result.returncode == 2, result.stderr[-3000:]
-    stderr = "\n" + result.stderr  # the error line may be the first one
-    error = stderr[stderr.index("\nerror: ") :]
+    error = the_error(result)
     assert "saving a checkpoint in" in error and "File too large" in error, result.stderr[-5000:]
     assert "Committed checkpoints are kept (steps: 4)" in error and "resume from step 4" in error
+    assert "free disk space" in error  # the OS reason seen (EFBIG) decides the advice
+    # One error, and where its details are: Orbax's tracebacks went to the workdir's log file, not the console.
+    assert "Traceback" not in result.stderr and error.splitlines()[-1].startswith("details: ")
+    assert "File too large" in pathlib.Path(error.splitlines()[-1].removeprefix("details: ")).read_text()
     # It stopped at the latest when the next save came due (step 12), rather than train on unprotected.
     assert 8 <= rows_since(workdir / "metrics.jsonl")[-1]["step"] <= 12
     assert committed_steps(workdir) == [4]
@@ -50,6 +102,65 @@ def test_a_failed_save_stops_training_and_keeps_the_committed_checkpoints(cli, e
     out = cli(*args, env=env).stdout
     assert "resumed from step 4" in out and "finished at step 16" in out
     assert set_aside(workdir, "uncommitted") == [8]
+    assert committed_steps(workdir) == [16]  # keep-N, once a newer step has committed
+
+
+# A save that cannot make its step directory (an unwritable checkpoints/, as a non-root user would see it):
+# the directory's creation is refused for step 8.
+WITH_STEP_8_UNWRITABLE = """
+import errno, os, sys
+from orbax.checkpoint._src.path import atomicity
+
+create = atomicity.AtomicRenameTemporaryPath.create
+
+async def create_refused_for_step_8(self, *args, **kwargs):
+    if os.path.basename(str(self.get_final())) == "8":
+        raise PermissionError(errno.EACCES, "Permission denied", str(self.get()))
+    return await create(self, *args, **kwargs)
+
+atomicity.AtomicRenameTemporaryPath.create = create_refused_for_step_8
+from bigjax import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_save_that_cannot_make_its_directory_stops_at_once_with_the_os_reason(cli, env, tmp_path):
+    workdir = tmp_path / "run"
+    args = ("train", "--config", TINY + ":steps=16", "--workdir", workdir, "--config.log_every=1")
+    cli(*args, "--stop-at-step", "4", env=env)
+
+    # Orbax's writers used to wait 300 s (its coordination timeout) for the directory after the error was shown.
+    result = run_limited(WITH_STEP_8_UNWRITABLE, args, env, timeout=120)
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = the_error(result)
+    assert "PermissionError: [Errno 13] Permission denied" in error and "make the directory writable" in error
+    assert "Traceback" not in result.stderr
+    assert committed_steps(workdir) == [4]
+
+
+def unprivileged(command: list) -> list:
+    """`command` run as a user without root's right to write anywhere: a user namespace where this process is
+    nobody, so a directory's permission bits hold for it (they do for any user but root already)."""
+    return ["unshare", "--user", "--map-user=65534", "--map-group=65534", *command] if os.geteuid() == 0 else command
+
+
+def test_a_read_only_workdir_with_checkpoints_is_one_error_and_left_as_it_was(cli, env, tmp_path):
+    workdir = tmp_path / "run"
+    args = ("train", "--config", TINY, "--workdir", workdir)
+    cli(*args, "--stop-at-step", "4", env=env)
+    workdir.chmod(0o555)
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    try:
+        command = unprivileged([sys.executable, "-m", "bigjax.cli", *map(str, args)])
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        workdir.chmod(0o755)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: cannot lock {workdir}/lock.json: Permission denied"), result.stderr
+    assert "a trainer needs a workdir it can write" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+    assert committed_steps(workdir) == [4]
 
 
 def test_a_workdir_that_cannot_be_created_is_a_clear_error(cli, tmp_path):
@@ -74,3 +185,11 @@ def test_the_reason_of_a_failed_write_survives_however_tensorstore_lays_out_its_
             text = describe(wrapped)
         assert text.startswith("ValueError: OUT_OF_RANGE") and text.endswith("File too large"), text
         assert len(text) < 650 and "source locations" not in text
+
+
+def test_the_advice_for_a_failed_save_follows_the_os_reason_not_a_guess():
+    from bigjax.checkpoint import remedy
+
+    assert remedy(OSError(28, "No space left on device")) == "free disk space"
+    assert remedy(OSError(30, "Read-only file system")) == "make the directory writable"
+    assert remedy(ValueError("Destination /w/checkpoints/8 already exists.")) == "fix the cause above"

@@ -1,0 +1,86 @@
+"""SIGTERM and Ctrl-C at every stage of a run: during start-up and compile (nothing to save: say so, exit 0), in
+the loop (finish the step, save, exit 0), and a second Ctrl-C (stop at once, exit 130, nothing committed lost).
+
+Each signal is sent by the trainer to itself from a wrapped bigjax function, so it arrives at exactly the stage
+under test, whatever the machine's speed.
+"""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, TINY
+from harness import committed_steps, environment, uncommitted_steps
+
+# Runs `bigjax ARGS` after wrapping bigjax.MODULE.FUNCTION so that its call number CALL (from 1) first sends this
+# process the signals SIGNALS (comma-separated names) — the stage the test is about.
+SIGNALLING_TRAINER = """
+import os, signal, sys
+module_name, function_name, call, names = sys.argv[1:5]
+import importlib
+module = importlib.import_module(module_name)
+function = getattr(module, function_name)
+calls = []
+
+def signalling(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(call):
+        for name in names.split(","):
+            os.kill(os.getpid(), getattr(signal, name))
+    return function(*args, **kwargs)
+
+setattr(module, function_name, signalling)
+from bigjax import cli
+sys.exit(cli.main(sys.argv[5:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return environment(tmp_path_factory.mktemp("compile-cache"))
+
+
+def train_args(workdir, steps=8):
+    return ["train", "--config", f"{TINY}:steps={steps}", "--workdir", workdir, "--config.log_every=1"]
+
+
+def run_signalled(where: str, call: int, signals: str, args, env) -> subprocess.CompletedProcess:
+    module, function = where.rsplit(".", 1)
+    command = [sys.executable, "-c", SIGNALLING_TRAINER, module, function, str(call), signals, *map(str, args)]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_config_is_read_stops_with_nothing_to_save_and_exit_zero(signal_name, env, tmp_path):
+    result = run_signalled("bigjax.config.load", 1, signal_name, train_args(tmp_path / "run"), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"stopped by {signal_name} during start-up, at step 0: nothing new to save" in result.stdout
+    assert committed_steps(tmp_path / "run") == []
+
+
+def test_sigterm_during_the_compile_of_a_resumed_run_keeps_its_checkpoint_and_exits_zero(cli, env, tmp_path):
+    workdir = tmp_path / "run"
+    cli(*train_args(workdir), "--stop-at-step", "4", env=env)
+    result = run_signalled("bigjax.train.compile_train_step", 1, "SIGTERM", train_args(workdir), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stopped by SIGTERM during start-up, at step 4: nothing new to save" in result.stdout
+    assert committed_steps(workdir) == [4] and not uncommitted_steps(workdir)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_zero_like_sigterm(env, tmp_path):
+    workdir = tmp_path / "run"
+    result = run_signalled("bigjax.train.log_metrics", 3, "SIGINT", train_args(workdir), env)  # at step 3
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stopped by SIGINT at step 3 with a checkpoint" in result.stdout
+    assert "Ctrl-C again to stop at once" in result.stderr
+    assert committed_steps(workdir) == [3]
+
+
+def test_a_second_ctrl_c_stops_at_once_keeping_what_is_committed(cli, env, tmp_path):
+    workdir = tmp_path / "run"
+    cli(*train_args(workdir), "--stop-at-step", "4", env=env)
+    result = run_signalled("bigjax.train.log_metrics", 2, "SIGINT,SIGINT", train_args(workdir), env)  # step 6
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "interrupted: stopped at once; checkpoints already committed are kept" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert committed_steps(workdir) == [4]

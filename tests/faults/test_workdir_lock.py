@@ -1,0 +1,207 @@
+"""One trainer per workdir: a second one is refused at once and touches nothing; a lock whose holder is gone is
+taken over (at once on the same machine, after its lease elsewhere); a holder taken over stops saving.
+
+The live trainer is frozen with SIGSTOP while the second one starts, so "alive while the other starts" is a fact,
+not a race; the races between two trainers are forced with a paused thread holding the lock's record.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import REPO, TINY
+from harness import committed_steps, environment, rows_since
+
+from bigjax import lock
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return environment(tmp_path_factory.mktemp("compile-cache"))
+
+
+def train_args(workdir, steps=100000):
+    return ["train", "--config", f"{TINY}:steps={steps}", "--workdir", workdir, "--config.log_every=1"]
+
+
+def start_trainer(workdir, env) -> subprocess.Popen:
+    """A trainer of many steps, returned once it has committed a checkpoint (the workdir holds a real run)."""
+    command = [sys.executable, "-m", "bigjax.cli", *map(str, train_args(workdir))]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not committed_steps(workdir):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the trainer committed no checkpoint in 300 s"
+        time.sleep(0.05)
+    return process
+
+
+def snapshot(workdir) -> dict:
+    """Every file and directory under workdir, with what changes when it is written, replaced or deleted."""
+    found = {}
+    for root, dirs, files in os.walk(workdir):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            info = os.stat(path)
+            found[os.path.relpath(path, workdir)] = (info.st_ino, info.st_size, info.st_mtime_ns)
+    return found
+
+
+def test_a_second_trainer_is_refused_at_once_and_touches_nothing_of_the_live_one(cli, env, tmp_path):
+    workdir = tmp_path / "run"
+    first = start_trainer(workdir, env)
+    first.send_signal(signal.SIGSTOP)  # alive, and unable to change anything while the second one starts
+    try:
+        before = snapshot(workdir)
+        second = cli(*train_args(workdir), env=env, check=False)
+        after = snapshot(workdir)
+    finally:
+        first.send_signal(signal.SIGCONT)
+
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert second.stderr.startswith("error: "), second.stderr[-3000:]
+    assert len(second.stderr.splitlines()) == 1, second.stderr  # one line, no traceback
+    assert f"{workdir} is in use by another trainer: pid {first.pid} on host {socket.gethostname()}" in second.stderr
+    assert f"kill {first.pid}" in second.stderr  # and how to tell whether it is alive, and stop it
+    assert after == before  # not a file of the live run touched, none added
+
+    # The first trainer never noticed: it saves where a signal stops it, and its run resumes from there.
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    stopped_at = rows_since(workdir / "metrics.jsonl")[-1]["step"]
+    assert f"stopped by SIGTERM at step {stopped_at}" in out and committed_steps(workdir)[-1] == stopped_at
+    assert not (workdir / lock.LOCK_FILE).exists()  # given up at exit
+    resumed = cli(*train_args(workdir, steps=stopped_at + 1), env=env)
+    assert f"resumed from step {stopped_at}" in resumed.stdout
+
+
+def test_the_lock_of_a_killed_trainer_is_taken_over_at_once(cli, env, tmp_path):
+    workdir = tmp_path / "run"
+    first = start_trainer(workdir, env)
+    first.kill()
+    first.wait()
+    held = json.loads((workdir / lock.LOCK_FILE).read_text())
+    assert held["pid"] == first.pid  # SIGKILL left the lock behind
+
+    second = cli(*train_args(workdir, steps=committed_steps(workdir)[-1] + 1), env=env)
+
+    assert f"took over the lock of {workdir}: its holder is gone (pid {first.pid} on host" in second.stdout
+    assert "resumed from step" in second.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Holders on other machines, lost locks and races: the lock itself, in this process
+
+
+def foreign_record(heartbeat_age: float, lease: float = 120.0) -> dict:
+    """A lock written by a trainer on another machine, whose heartbeat is `heartbeat_age` seconds old."""
+    now = time.time()
+    return {
+        "host": "other-host",
+        "pid": 4242,
+        "pid_start": 1,
+        "machine": "another-boot/pid:[1]",
+        "command": "bigjax train ...",
+        "since": now - 3600,
+        "heartbeat": now - heartbeat_age,
+        "lease_seconds": lease,
+        "token": "theirs",
+    }
+
+
+def write_record(workdir, record) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / lock.LOCK_FILE).write_text(json.dumps(record))
+
+
+def test_a_holder_on_another_machine_is_alive_while_its_heartbeat_is_within_its_lease(tmp_path):
+    write_record(tmp_path, foreign_record(heartbeat_age=30))
+    with pytest.raises(lock.LockError, match=r"in use by another trainer: pid 4242 on host other-host.*heartbeat 30 s"):
+        lock.acquire(tmp_path)
+    assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["token"] == "theirs"  # untouched
+
+
+def test_a_holder_on_another_machine_is_gone_once_its_lease_has_run_out(tmp_path):
+    write_record(tmp_path, foreign_record(heartbeat_age=121))
+    said = []
+    held = lock.acquire(tmp_path, say=said.append)
+    try:
+        assert said and "its holder is gone (pid 4242 on host other-host" in said[0]
+        assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+    finally:
+        held.release()
+    assert not (tmp_path / lock.LOCK_FILE).exists()
+
+
+def test_a_reused_process_id_on_this_machine_does_not_keep_a_dead_holders_lock(tmp_path):
+    record = lock.new_record(120.0)
+    record.update(pid_start=record["pid_start"] - 1, token="an earlier process with this pid")
+    write_record(tmp_path, record)
+    lock.acquire(tmp_path, say=lambda _: None).release()
+
+
+def test_a_holder_whose_lock_was_taken_over_stops_saving_and_leaves_the_new_lock_alone(tmp_path):
+    held = lock.acquire(tmp_path)
+    held.check()
+    write_record(tmp_path, foreign_record(heartbeat_age=0))  # taken over while this holder stalled
+    held.renew()
+    with pytest.raises(lock.LockError, match=r"lost its lock .*\(now held by pid 4242 on host other-host"):
+        held.check()
+    held.release()
+    assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["token"] == "theirs"
+
+
+def test_a_heartbeat_that_stalled_is_renewed_before_the_next_save_if_nobody_took_over(tmp_path):
+    held = lock.acquire(tmp_path, lease=120.0)
+    try:
+        held._stop.set()  # no more heartbeats from the thread: as if it had stalled
+        held._thread.join()
+        held._renewed -= 100  # last renewed 100 s ago, more than half the lease
+        before = json.loads((tmp_path / lock.LOCK_FILE).read_text())["heartbeat"]
+        held.check()  # renews, since the record is still this holder's
+        assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["heartbeat"] > before
+    finally:
+        held.release()
+
+
+def test_two_trainers_that_find_the_same_stale_lock_cannot_both_take_it(tmp_path, monkeypatch):
+    write_record(tmp_path, foreign_record(heartbeat_age=1000))
+    first_is_deciding, second_may_look = threading.Event(), threading.Event()
+    alive = lock.holder_is_alive
+
+    def pausing_holder_is_alive(record, now=None):
+        if threading.current_thread().name == "first":
+            first_is_deciding.set()
+            assert second_may_look.wait(60)
+        return alive(record, now)
+
+    monkeypatch.setattr(lock, "holder_is_alive", pausing_holder_is_alive)
+    results = {}
+
+    def take(name):
+        try:
+            results[name] = lock.acquire(tmp_path, say=lambda _: None)
+        except lock.LockError as error:
+            results[name] = error
+
+    first = threading.Thread(target=take, args=("first",), name="first")
+    first.start()
+    assert first_is_deciding.wait(60)  # the first has read the stale record, under its lock, and decides
+    second = threading.Thread(target=take, args=("second",), name="second")
+    second.start()
+    second.join(timeout=1)
+    assert second.is_alive()  # the second waits for the record: it cannot read it while the first decides
+    second_may_look.set()
+    first.join(60)
+    second.join(60)
+
+    assert isinstance(results["first"], lock.WorkdirLock)
+    assert isinstance(results["second"], lock.LockError) and "in use by another trainer" in str(results["second"])
+    results["first"].release()
