@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from bigjax import families
+
 
 class ConfigError(Exception):
     """A user error in an experiment or its overrides: printed as one line, no traceback."""
@@ -49,117 +51,10 @@ DEFAULT_SHARDING_RULES = (
 )
 
 
-def transformer_keys() -> dict:
-    """The keys of a Transformer stack, shared by every family built from one (GPT, BERT, ViT)."""
-    return dict(
-        num_layers=2,
-        d_model=128,
-        num_heads=4,
-        num_kv_heads=0,  # 0 = num_heads (multi-head); fewer = grouped-query attention
-        head_dim=0,  # 0 = d_model // num_heads
-        mlp_dim=0,  # 0 = 4 * d_model (gelu) or the Llama 8/3 rule rounded to 256 (swiglu)
-        norm="layernorm",  # layernorm | rmsnorm
-        norm_eps=1e-5,
-        mlp="gelu",  # gelu | swiglu
-        use_bias=True,
-        dropout=0.0,
-        dtype="float32",  # compute dtype: bfloat16 on accelerators
-        param_dtype="float32",
-        attention="xla",  # xla | cudnn | auto
-        scan_layers=True,
-        remat="none",  # none | full | dots | dots_no_batch
-        init_std=0.02,
-    )
-
-
-def gpt_model() -> dict:
-    """The decoder-only Transformer (GPT-2 and Llama are both settings of it)."""
-    return dict(family="gpt", **text_keys(), **transformer_keys())
-
-
-def text_keys() -> dict:
-    """The keys of the Transformer families that read tokens (GPT, BERT): vocabulary, positions, output layer."""
-    return dict(
-        vocab_size=260,  # >= the tokenizer's (bytes: 256 + 4 special tokens); padded up to vocab_multiple
-        vocab_multiple=128,
-        max_len=128,  # longest sequence the positions support
-        positions="learned",  # learned | rope
-        rope_theta=10_000.0,
-        tie_embeddings=True,
-    )
-
-
-def bert_model() -> dict:
-    """The bidirectional encoder (BERT): the Transformer keys plus where the LayerNorms go and token types."""
-    return dict(
-        family="bert",
-        **text_keys(),
-        **transformer_keys(),
-        norm_position="post",  # post (BERT) | pre
-        type_vocab_size=0,  # token-type (sentence A/B) embeddings; 0 = none
-    )
-
-
-def vit_model() -> dict:
-    """The Vision Transformer: patches of the image through a bidirectional Transformer stack, then a head."""
-    return dict(
-        family="vit",
-        patch_size=4,  # config.data.image_size must be a multiple of it
-        pooling="cls",  # cls (a class token) | gap (global average of the patch outputs)
-        position_embedding="learned",  # learned | sincos2d (fixed)
-        **transformer_keys(),
-    )
-
-
-def conv_keys() -> dict:
-    """The keys the convolutional families share: their norms and dtypes."""
-    return dict(
-        normalization="batchnorm",  # batchnorm | groupnorm | none
-        norm_groups=32,  # groupnorm: groups per layer; must divide every layer's channels
-        bn_momentum=0.9,  # batchnorm: running statistics = momentum * old + (1 - momentum) * batch
-        # batchnorm: normalize with the fixed running statistics in training too (a frozen backbone's features
-        # then stay those it was trained with)
-        freeze_batch_stats=False,
-        norm_eps=1e-5,
-        dtype="float32",
-        param_dtype="float32",
-    )
-
-
-def resnet_model() -> dict:
-    """ResNet v1.5 (the stride in the 3x3 convolution), basic blocks for 18/34, bottlenecks from 50."""
-    return dict(
-        family="resnet",
-        depth=50,  # 10 | 18 | 34 | 50 | 101 | 152
-        width=64,  # channels of the first stage; each later stage doubles them
-        stem="imagenet",  # imagenet (7x7/2 conv + 3x3/2 max-pool) | cifar (one 3x3/1 conv, for small images)
-        zero_init_residual=True,  # each block's last norm scale starts at 0: every block starts as the identity
-        scan_layers=True,  # scan over the identical blocks of each stage: one compiled block per stage
-        remat="none",  # none | full | dots | dots_no_batch
-        **conv_keys(),
-    )
-
-
-def cnn_model() -> dict:
-    """The small CNN of the Flax MNIST tutorial: conv-relu-avgpool twice, then two Dense layers."""
-    return dict(
-        family="cnn",
-        features=(32, 64),  # channels of each conv layer (each followed by a 2x2 average pool)
-        hidden_dim=256,
-        dropout=0.0,  # before the head
-        **{**conv_keys(), "normalization": "none"},  # the tutorial has no norm
-    )
-
-
-# Model family -> the keys of config.model (with defaults) that family understands. An experiment picks its
-# family with defaults(model=...); the schema check then holds config.model to that family's keys.
-MODEL_DEFAULTS = {"gpt": gpt_model, "bert": bert_model, "vit": vit_model, "resnet": resnet_model, "cnn": cnn_model}
-
-
 def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.ConfigDict:
     """Every key an experiment may set, with its default. Experiments start from here."""
-    if model not in MODEL_DEFAULTS:
-        raise ConfigError(f"unknown model family {model!r}; known: {', '.join(MODEL_DEFAULTS)}")
+    if model not in families.FAMILIES:
+        raise ConfigError(f"unknown model family {model!r}; known: {', '.join(families.FAMILIES)}")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 1000
@@ -186,7 +81,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             loss_chunk=0,
         )
     )
-    c.model = ml_collections.ConfigDict(MODEL_DEFAULTS[model]())
+    c.model = ml_collections.ConfigDict(families.FAMILIES[model].defaults())
 
     c.optim = ml_collections.ConfigDict(
         dict(
@@ -329,7 +224,7 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
     workdirs of older runs still evaluate and generate; a key bigjax does not know is still an error."""
     family = d.get("model", {}).get("family", "gpt")
     task = d.get("task", {}).get("name", "causal_lm")
-    base = defaults(model=family, task=task).to_dict() if family in MODEL_DEFAULTS else {}
+    base = defaults(model=family, task=task).to_dict() if family in families.FAMILIES else {}
     config = ml_collections.ConfigDict(_merged(base, d))
     check_schema(config, schema_for(config))
     return config
@@ -441,11 +336,38 @@ def _did_you_mean(key: str, known, prefix: str) -> str:
 
 def schema_for(config) -> ml_collections.ConfigDict:
     """The defaults of the config's model family: the keys it may and must have."""
-    model = config.get("model")
+    model, task = config.get("model"), config.get("task")
     family = model.get("family", "gpt") if isinstance(model, ml_collections.ConfigDict) else "gpt"
-    if family not in MODEL_DEFAULTS:
-        raise ConfigError(f"config.model.family={family!r} is not one of {', '.join(MODEL_DEFAULTS)}")
-    return defaults(model=family)
+    task_name = task.get("name", "causal_lm") if isinstance(task, ml_collections.ConfigDict) else "causal_lm"
+    return defaults(model=known_family(family, task_name).name)
+
+
+def known_family(name: str, task: str) -> families.Family:
+    """The family of that name from the table, or an error saying which families the task can use."""
+    if name not in families.FAMILIES:
+        raise ConfigError(
+            f"config.model.family={name!r} is not a model family (known: {', '.join(families.FAMILIES)}); "
+            f"for task.name={task!r} use: {', '.join(families.serving(task)) or 'none'}"
+        )
+    return families.FAMILIES[name]
+
+
+def check_family(config) -> None:
+    """The family serves the task, and config.model holds that family's keys (an override of model.family alone
+    would leave the other family's keys behind)."""
+    name, task = config.model.get("family", "gpt"), config.task.name
+    family = known_family(name, task)
+    if task not in family.tasks:
+        raise ConfigError(
+            f"config.model.family={name!r} does not serve task.name={task!r} ({name} serves "
+            f"{', '.join(family.tasks)}); families for {task}: {', '.join(families.serving(task))}"
+        )
+    differ = sorted(set(config.model.keys()) ^ set(family.defaults()))
+    if differ:
+        raise ConfigError(
+            f"config.model.family={name!r}, but config.model has another family's keys ({', '.join(differ)}); "
+            f"a family's keys come from defaults(model={name!r}, task=...) in the experiment file, not from an override"
+        )
 
 
 def check_schema(config, schema, prefix: str = "") -> None:
@@ -488,6 +410,7 @@ def check_values(config) -> None:
         group, key = dotted.split(".")
         if key in config[group] and config[group][key] not in allowed:
             raise ConfigError(f"config.{dotted}={config[group][key]!r} is not one of {', '.join(map(str, allowed))}")
+    check_family(config)
     positive = ["total_steps", "batch_size", "log_every", "eval_batches", "keep_checkpoints"]
     for key in positive:
         if config[key] <= 0:

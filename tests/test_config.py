@@ -140,3 +140,39 @@ def test_cli_user_errors_exit_2_with_one_line_and_no_traceback(cli, tmp_path, ar
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.model.family=bert", r"config\.model\.family='bert' does not serve task\.name='causal_lm'.*: gpt"),
+        ("--config.model.family=transformer", r"config\.model\.family='transformer' is not a model family.*: gpt"),
+    ],
+)
+def test_the_family_must_serve_the_task(tiny_config, override, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        tiny_config("", override)
+
+
+def test_every_family_validates_with_the_tasks_the_table_says_it_serves_and_no_other():
+    from bigjax import families
+
+    for name, family in families.FAMILIES.items():
+        for task in config_lib.CHOICES["task.name"]:
+            config = config_lib.defaults(model=name, task=task)
+            if task in family.tasks:
+                config_lib.check_values(config)
+            else:
+                with pytest.raises(config_lib.ConfigError, match=f"does not serve task.name='{task}'"):
+                    config_lib.check_values(config)
+
+
+def test_an_override_cannot_swap_the_family_under_another_familys_keys(tmp_path):
+    experiment = tmp_path / "classify.py"
+    experiment.write_text(
+        "from bigjax.config import defaults\n"
+        "def get_config(arg=None):\n"
+        "    return defaults(model='bert', task='classification')\n"
+    )
+    with pytest.raises(config_lib.ConfigError, match=r"family='gpt'.*norm_position.*defaults\(model='gpt'"):
+        config_lib.load(str(experiment), ["config.model.family=gpt"])

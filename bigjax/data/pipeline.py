@@ -25,7 +25,7 @@ import grain
 import jax
 import numpy as np
 
-from bigjax import metrics
+from bigjax import families, metrics
 from bigjax.data import images, packing, sources, tokenized, tokenizers
 from bigjax.data.errors import DataError
 from bigjax.data.packing import window_dataset  # noqa: F401  (re-exported: the causal-LM layout)
@@ -189,7 +189,7 @@ def check_labels(config, num_classes: int | None) -> None:
 def synthetic_dataset(config, seed: int) -> grain.MapDataset:
     """Random examples in the layout of config.task.name; long enough never to run out."""
     task, d = config.task.name, config.data
-    if task == "classification" and config.model.family in ("vit", "resnet", "cnn"):
+    if task == "classification" and families.is_image(config.model.family):
         shape = (d.image_size, d.image_size, d.channels)
         num_classes = config.task.num_classes
 
