@@ -411,19 +411,11 @@ def check_values(config) -> None:
         if key in config[group] and config[group][key] not in allowed:
             raise ConfigError(f"config.{dotted}={config[group][key]!r} is not one of {', '.join(map(str, allowed))}")
     check_family(config)
-    positive = ["total_steps", "batch_size", "log_every", "eval_batches", "keep_checkpoints"]
-    for key in positive:
-        if config[key] <= 0:
-            raise ConfigError(f"config.{key} must be positive, got {config[key]}")
+    check_sizes(config)
     if config.nan_policy not in NAN_POLICIES:
         raise ConfigError(f"config.nan_policy={config.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
-    for key in ("checkpoint_every", "eval_every", "max_nan_skips"):
-        if config[key] < 0:
-            raise ConfigError(f"config.{key} must be >= 0 (0 turns it off), got {config[key]}")
-    if config.data.prefetch < 0:
-        raise ConfigError(f"config.data.prefetch must be >= 0 (0 turns it off), got {config.data.prefetch}")
     check_model(config)
-    if config.optim.grad_accum <= 0 or config.batch_size % config.optim.grad_accum:
+    if config.batch_size % config.optim.grad_accum:
         raise ConfigError(
             f"config.batch_size={config.batch_size} is not divisible by config.optim.grad_accum="
             f"{config.optim.grad_accum}; each microbatch must be the same size"
@@ -441,11 +433,71 @@ def check_values(config) -> None:
     check_finetuning(config)
 
 
+# Sizes and counts, checked before anything divides by them or builds an array of them. A model key is checked
+# only where the family has it.
+POSITIVE_SIZES = (
+    "total_steps",
+    "batch_size",
+    "log_every",
+    "eval_batches",
+    "keep_checkpoints",
+    "data.seq_len",
+    "data.max_segments",
+    "optim.grad_accum",
+    "early_stopping.patience",
+    "model.num_layers",
+    "model.d_model",
+    "model.num_heads",
+    "model.vocab_size",
+    "model.max_len",
+    "model.vocab_multiple",
+    "model.patch_size",
+    "model.width",
+    "model.hidden_dim",
+    "model.norm_groups",
+)
+# The sizes for which 0 means something (said in the message), and a negative number nothing.
+NON_NEGATIVE_SIZES = {
+    "checkpoint_every": "only at the end",
+    "eval_every": "no inline eval",
+    "max_nan_skips": "stop at the first",
+    "data.prefetch": "just in time",
+    "data.image_size": "as stored",
+    "data.crop_padding": "no random crops",
+    "task.loss_chunk": "no chunking",
+    "optim.warmup_steps": "no warmup",
+    "init_from.step": "the newest",
+    "model.num_kv_heads": "num_heads",
+    "model.head_dim": "d_model // num_heads",
+    "model.mlp_dim": "derived from d_model",
+    "model.type_vocab_size": "no token types",
+}
+
+
+def check_sizes(config) -> None:
+    for dotted in POSITIVE_SIZES:
+        value = _get(config, dotted)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config.{dotted} must be a positive integer, got {value}")
+    for dotted, zero_means in NON_NEGATIVE_SIZES.items():
+        value = _get(config, dotted)
+        if value is not None and value < 0:
+            raise ConfigError(f"config.{dotted} must be >= 0 (0 = {zero_means}), got {value}")
+    features = config.model.get("features")
+    if features is not None and not all(isinstance(f, int) and f > 0 for f in features):
+        raise ConfigError(f"config.model.features must be positive integers, got {tuple(features)}")
+
+
+def _get(config, dotted: str):
+    """The value at `dotted`, or None where the config has no such key (a model key of another family)."""
+    group, _, key = dotted.rpartition(".")
+    node = config[group] if group else config
+    return node.get(key)
+
+
 def check_loss_chunk(config) -> None:
     """The chunked cross-entropy cuts the causal LM's sequence into equal pieces."""
     chunk, seq_len = config.task.loss_chunk, config.data.seq_len
-    if chunk < 0:
-        raise ConfigError(f"config.task.loss_chunk must be >= 0 (0 turns chunking off), got {chunk}")
     if chunk and config.task.name != "causal_lm":
         raise ConfigError(
             f"config.task.loss_chunk={chunk} applies to task.name='causal_lm', not {config.task.name!r}; set it to 0"
@@ -467,43 +519,20 @@ def check_finetuning(config) -> None:
             re.compile(pattern)
         except re.error as error:
             raise ConfigError(f"config.{dotted}={pattern!r} is not a valid regular expression: {error}") from None
-    if config.init_from.step < 0:
-        raise ConfigError(f"config.init_from.step must be >= 0 (0 = the newest), got {config.init_from.step}")
     stopping = config.early_stopping
     if stopping.metric and not config.eval_every:
         raise ConfigError(
             f"config.early_stopping.metric={stopping.metric!r} watches the inline evaluation, which is off; "
             "set config.eval_every"
         )
-    if stopping.patience < 1:
-        raise ConfigError(f"config.early_stopping.patience must be at least 1, got {stopping.patience}")
     for key in ("l1_penalty", "l2_penalty"):
         if config.optim[key] < 0:
             raise ConfigError(f"config.optim.{key} must be >= 0 (0 turns it off), got {config.optim[key]}")
 
 
-POSITIVE_MODEL_KEYS = (
-    "num_layers",
-    "d_model",
-    "num_heads",
-    "vocab_size",
-    "max_len",
-    "vocab_multiple",
-    "patch_size",
-    "width",
-    "hidden_dim",
-    "norm_groups",
-)
-
-
 def check_model(config) -> None:
     """Model values that cannot work. Each check applies to the families that have its keys."""
     m = config.model
-    for key in POSITIVE_MODEL_KEYS:
-        if key in m and m[key] <= 0:
-            raise ConfigError(f"config.model.{key} must be positive, got {m[key]}")
-    if m.get("type_vocab_size", 0) < 0:
-        raise ConfigError(f"config.model.type_vocab_size must be >= 0 (0 = no token types), got {m.type_vocab_size}")
     if "num_heads" in m:
         check_attention_shape(m)
     if "max_len" in m and config.data.seq_len > m.max_len:

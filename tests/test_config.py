@@ -176,3 +176,34 @@ def test_an_override_cannot_swap_the_family_under_another_familys_keys(tmp_path)
     )
     with pytest.raises(config_lib.ConfigError, match=r"family='gpt'.*norm_position.*defaults\(model='gpt'"):
         config_lib.load(str(experiment), ["config.model.family=gpt"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("config.data.seq_len=0", "config.data.seq_len must be a positive integer, got 0"),
+        ("config.data.max_segments=0", "config.data.max_segments must be a positive integer, got 0"),
+        ("config.optim.grad_accum=0", "config.optim.grad_accum must be a positive integer, got 0"),
+        ("config.model.num_heads=-4", "config.model.num_heads must be a positive integer, got -4"),
+        ("config.model.num_kv_heads=-1", "config.model.num_kv_heads must be >= 0 (0 = num_heads), got -1"),
+        ("config.model.head_dim=-8", "config.model.head_dim must be >= 0"),
+        ("config.model.mlp_dim=-1", "config.model.mlp_dim must be >= 0"),
+        ("config.data.image_size=-32", "config.data.image_size must be >= 0"),
+        ("config.optim.warmup_steps=-1", "config.optim.warmup_steps must be >= 0"),
+    ],
+)
+def test_sizes_must_be_positive(tiny_config, override, message):
+    with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny_config("", override)
+
+
+def test_the_sizes_of_every_family_are_checked():
+    for family, override, message in [
+        ("cnn", "config.model.features=(8, 0)", r"config\.model\.features must be positive integers, got \(8, 0\)"),
+        ("resnet", "config.model.width=0", r"config\.model\.width must be a positive integer"),
+        ("vit", "config.model.patch_size=0", r"config\.model\.patch_size must be a positive integer"),
+    ]:
+        config = config_lib.defaults(model=family, task="classification")
+        config_lib.apply_override(config, override)
+        with pytest.raises(config_lib.ConfigError, match=message):
+            config_lib.check_values(config)
