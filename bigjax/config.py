@@ -11,8 +11,10 @@ import ast
 import difflib
 import importlib.util
 import json
+import os
 import pathlib
 import re
+import traceback
 from typing import Any
 
 import ml_collections
@@ -202,16 +204,39 @@ def load_experiment(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path!r} not found; pass --config experiments/NAME.py[:ARG]")
     module_spec = importlib.util.spec_from_file_location(f"bigjax_experiment_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    _run_experiment_code(path, lambda: module_spec.loader.exec_module(module))
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} has no get_config(arg=None) function")
-    try:
-        config = module.get_config(arg or None)
-    except TypeError as error:  # ConfigDict refuses a value of the wrong type for an existing key
-        raise ConfigError(f"{path}: {error}") from None
+    config = _run_experiment_code(path, lambda: module.get_config(arg or None))
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
     return config
+
+
+def _run_experiment_code(path: str, run):
+    """run(), with a mistake in the experiment file turned into a ConfigError: which file and line, then the
+    traceback frames inside that file alone (bigjax's and importlib's say nothing about the mistake)."""
+    try:
+        return run()
+    except ConfigError:
+        raise  # already a message for the user (from parse_arg, defaults, a nested load_experiment)
+    except SyntaxError as error:
+        where = error.filename or path
+        code = (error.text or "").strip()
+        raise ConfigError(
+            f'{where} line {error.lineno}: SyntaxError: {error.msg}\n  File "{where}", line {error.lineno}\n    {code}'
+        ) from None
+    except Exception as error:
+        own = [frame for frame in traceback.extract_tb(error.__traceback__) if _same_file(frame.filename, path)]
+        line = own[-1].lineno if own else "?"
+        frames = [
+            f'  File "{path}", line {frame.lineno}, in {frame.name}\n    {(frame.line or "").strip()}' for frame in own
+        ]
+        raise ConfigError("\n".join([f"{path} line {line}: {type(error).__name__}: {error}", *frames])) from None
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

@@ -68,7 +68,9 @@ def test_wrong_type_in_an_experiment_file_is_reported(tmp_path):
         "    c.model.num_layers = '4'\n"
         "    return c\n"
     )
-    with pytest.raises(config_lib.ConfigError, match=r"wrong_type\.py: .*'num_layers'.*cannot be casted"):
+    with pytest.raises(
+        config_lib.ConfigError, match=r"wrong_type\.py line 4: TypeError: .*'num_layers'.*cannot be casted"
+    ):
         config_lib.load(str(experiment))
 
 
@@ -207,3 +209,33 @@ def test_the_sizes_of_every_family_are_checked():
         config_lib.apply_override(config, override)
         with pytest.raises(config_lib.ConfigError, match=message):
             config_lib.check_values(config)
+
+
+def test_an_experiment_that_raises_is_one_line_naming_the_file_and_line_then_its_own_frames(tmp_path):
+    experiment = tmp_path / "broken.py"
+    experiment.write_text(
+        "from bigjax.config import defaults\n"
+        "def model_size():\n"
+        "    return foo * 2\n"
+        "def get_config(arg=None):\n"
+        "    c = defaults()\n"
+        "    c.model.d_model = model_size()\n"
+        "    return c\n"
+    )
+    with pytest.raises(config_lib.ConfigError) as raised:
+        config_lib.load(str(experiment))
+    first, *frames = str(raised.value).splitlines()
+    assert first == f"{experiment} line 3: NameError: name 'foo' is not defined"
+    assert "c.model.d_model = model_size()" in frames[1] and "return foo * 2" in frames[-1]
+    assert all(str(experiment) in line for line in frames[::2])  # no frame of bigjax or importlib
+    assert "config.py" not in str(raised.value) and "importlib" not in str(raised.value)
+
+
+def test_an_experiment_with_a_syntax_error_names_the_file_and_line(tmp_path):
+    experiment = tmp_path / "typo.py"
+    experiment.write_text("from bigjax.config import defaults\ndef get_config(arg=None)\n    return defaults()\n")
+    with pytest.raises(config_lib.ConfigError) as raised:
+        config_lib.load(str(experiment))
+    first, *rest = str(raised.value).splitlines()
+    assert first.startswith(f"{experiment} line 2: SyntaxError: ")
+    assert "def get_config(arg=None)" in "\n".join(rest) and "importlib" not in str(raised.value)
