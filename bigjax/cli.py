@@ -190,18 +190,12 @@ def run_train(args, overrides) -> int:
 
 def run_eval(args, overrides) -> int:
     from bigjax import config as config_lib
-    from bigjax import evaluate, metrics, paths
+    from bigjax import evaluate, metrics
 
     if args.config:
         config = config_lib.load(args.config, overrides)
     else:
-        path = paths.workdir(args.workdir) / "config.json"
-        if not path.exists():
-            raise config_lib.ConfigError(f"no --config given and {path} does not exist yet; pass --config")
-        config = config_lib.from_json(path.read_text())
-        for override in overrides:
-            config_lib.apply_override(config, override)
-        config_lib.check_values(config)
+        config = config_lib.load_saved(args.workdir, overrides, alternative="; or pass --config")
     result = evaluate.run_eval_job(config, args.workdir, once=args.once, poll_seconds=args.poll, timeout=args.timeout)
     shown = "  ".join(f"{k}={v:.4f}" for k, v in result.items() if k != "step")
     metrics.say(f"validation at step {result['step']}: {shown}")

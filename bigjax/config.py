@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from bigjax import families
+from bigjax import families, paths
 
 
 class ConfigError(Exception):
@@ -239,6 +239,35 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def load_saved(workdir, overrides: list[str] = (), alternative: str = "") -> ml_collections.ConfigDict:
+    """The config a run saved in WORKDIR/config.json: read, parsed, upgraded (see `from_dict`) and validated, then
+    `overrides` applied and checked. `alternative` is appended to the fix a missing or bad file's error names.
+    The file is only read: a bad one is reported, never replaced."""
+    path = paths.workdir(workdir) / "config.json"
+    rewrite = f"`bigjax train --config EXPERIMENT --workdir {workdir}` writes it again when it resumes{alternative}"
+    if not path.exists():
+        raise ConfigError(f"{path} not found: no run has saved its config in {workdir}; train there first{alternative}")
+    try:
+        text = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path} cannot be read ({error})") from None
+    try:
+        saved = json.loads(text)  # bytes: text that is not UTF-8 is a ValueError here too
+    except ValueError as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}); {rewrite}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} holds a {type(saved).__name__}, not a config object; {rewrite}")
+    try:
+        config = from_dict(saved)
+        check_values(config)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}; {rewrite}") from None
+    for override in overrides:
+        apply_override(config, override)
+    check_values(config)
+    return config
+
+
 def from_json(text: str) -> ml_collections.ConfigDict:
     """The inverse of `to_json`: rebuild a config written to a workdir."""
     return from_dict(json.loads(text))
@@ -247,9 +276,10 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 def from_dict(d: dict) -> ml_collections.ConfigDict:
     """A config from its dict form. Keys added to bigjax since it was written take their defaults, so that the
     workdirs of older runs still evaluate and generate; a key bigjax does not know is still an error."""
-    family = d.get("model", {}).get("family", "gpt")
-    task = d.get("task", {}).get("name", "causal_lm")
-    base = defaults(model=family, task=task).to_dict() if family in families.FAMILIES else {}
+    model, task = d.get("model"), d.get("task")
+    family = model.get("family", "gpt") if isinstance(model, dict) else "gpt"
+    task_name = task.get("name", "causal_lm") if isinstance(task, dict) else "causal_lm"
+    base = defaults(model=family, task=task_name).to_dict() if _is_family(family) else {}
     config = ml_collections.ConfigDict(_merged(base, d))
     check_schema(config, schema_for(config))
     return config
@@ -369,12 +399,16 @@ def schema_for(config) -> ml_collections.ConfigDict:
 
 def known_family(name: str, task: str) -> families.Family:
     """The family of that name from the table, or an error saying which families the task can use."""
-    if name not in families.FAMILIES:
+    if not _is_family(name):
         raise ConfigError(
             f"config.model.family={name!r} is not a model family (known: {', '.join(families.FAMILIES)}); "
             f"for task.name={task!r} use: {', '.join(families.serving(task)) or 'none'}"
         )
     return families.FAMILIES[name]
+
+
+def _is_family(name) -> bool:
+    return isinstance(name, str) and name in families.FAMILIES
 
 
 def check_family(config) -> None:

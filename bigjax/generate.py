@@ -304,10 +304,7 @@ def load(workdir, step: int | None = None) -> Generator:
     in the workdir is moved or changed.
     """
     workdir = paths.workdir(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise GenerateError(f"{config_path} not found; is {workdir} a bigjax workdir? Train first.")
-    config = config_lib.from_json(config_path.read_text())
+    config = config_lib.load_saved(workdir)
     if config.task.name != "causal_lm":
         raise GenerateError(f"{workdir} trained a {config.task.name} model; generate samples from causal LMs only")
     committed = checkpoint.committed_steps(workdir)

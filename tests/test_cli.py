@@ -125,3 +125,15 @@ def test_eval_job_started_before_training_evaluates_every_checkpoint_once(cli, t
 def test_generate_without_a_run_is_a_clear_error(cli, tmp_path):
     result = cli("generate", "--workdir", tmp_path / "nothing", "--prompt", "x", check=False)
     assert result.returncode == 2 and "config.json not found" in result.stderr
+
+
+def test_eval_and_generate_on_a_garbage_config_json_say_which_file(cli, tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"seed": 0,')
+    for command in (["eval", "--once"], ["generate", "--prompt", "x"]):
+        result = cli(*command, "--workdir", workdir, check=False)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"error: {workdir / 'config.json'} is not valid JSON")
+        assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert (workdir / "config.json").read_text() == '{"seed": 0,'  # nothing changed

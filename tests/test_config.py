@@ -239,3 +239,37 @@ def test_an_experiment_with_a_syntax_error_names_the_file_and_line(tmp_path):
     first, *rest = str(raised.value).splitlines()
     assert first.startswith(f"{experiment} line 2: SyntaxError: ")
     assert "def get_config(arg=None)" in "\n".join(rest) and "importlib" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "is not valid JSON"),
+        ("", "is not valid JSON"),
+        (b"\xff\xfe{", "is not valid JSON"),
+        ("[1, 2]", "holds a list, not a config"),
+        ('{"model": 5}', r"config\.model must be a group of keys"),
+        ('{"model": {"family": ["gpt"]}}', r"config\.model\.family=\['gpt'\] is not a model family"),
+        ('{"data": {"seq_len": 0}}', r"config\.data\.seq_len must be a positive integer"),
+    ],
+)
+def test_a_bad_saved_config_is_one_error_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "config.json"
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+    with pytest.raises(config_lib.ConfigError, match=message) as raised:
+        config_lib.load_saved(tmp_path)
+    assert str(raised.value).startswith(str(tmp_path / "config.json")) and "\n" not in str(raised.value)
+
+
+def test_the_saved_config_is_upgraded_validated_and_overridden(tmp_path, tiny_config):
+    import json
+
+    with pytest.raises(config_lib.ConfigError, match=r"config\.json not found.*train there first; or pass --config"):
+        config_lib.load_saved(tmp_path, alternative="; or pass --config")
+    saved = json.loads(config_lib.to_json(tiny_config()))
+    del saved["optim"]["mu_dtype"]  # as written by an older bigjax
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = config_lib.load_saved(tmp_path, ["config.eval_batches=3"])
+    assert config.optim.mu_dtype == "float32" and config.eval_batches == 3
+    with pytest.raises(config_lib.ConfigError, match=r"^config\.data\.seq_len=64 exceeds"):  # the override's fault
+        config_lib.load_saved(tmp_path, ["config.data.seq_len=64"])
