@@ -301,12 +301,11 @@ def load(workdir, step: int | None = None) -> Generator:
 
     Only committed checkpoints are considered (checkpoint.committed_steps): Orbax's own latest step may be one a
     trainer is still writing, or one it never finished. One that cannot be read is reported and skipped; nothing
-    in the workdir is moved or changed.
+    in the workdir is moved or changed. Each checkpoint's model and tokenizer come from the config saved in it:
+    config.json says what the workdir's latest run was, which may have been another model.
     """
     workdir = paths.workdir(workdir)
-    config = config_lib.load_saved(workdir)
-    if config.task.name != "causal_lm":
-        raise GenerateError(f"{workdir} trained a {config.task.name} model; generate samples from causal LMs only")
+    check_causal_lm(config_lib.load_saved(workdir), workdir)  # before any checkpoint is read
     committed = checkpoint.committed_steps(workdir)
     if not committed:
         raise GenerateError(
@@ -317,13 +316,12 @@ def load(workdir, step: int | None = None) -> Generator:
         raise GenerateError(
             f"checkpoint {step} is not a committed checkpoint of {workdir}; committed: {', '.join(map(str, committed))}"
         )
-    tokenizer = data.make_tokenizer(config.data.tokenizer)
-    task = tasks.make_task(config)
-    target = _one_device_target(task, config)
     mngr = checkpoint.manager(workdir, read_only=True)
     for candidate in [step] if step is not None else reversed(committed):
         try:
-            params = checkpoint.restore_variables(mngr, candidate, target)["params"]
+            config, task, params = read_checkpoint(mngr, candidate, workdir)
+        except GenerateError:
+            raise
         except Exception as error:  # a truncated or missing file; Orbax and tensorstore raise many kinds
             why = f"checkpoint {candidate} at {checkpoint.step_dir(workdir, candidate)} cannot be read"
             if step is not None:
@@ -331,8 +329,22 @@ def load(workdir, step: int | None = None) -> Generator:
             note(f"{why} ({checkpoint.describe(error)}); trying the one before it")
             continue
         note(f"generating from checkpoint {candidate} of {workdir}")
-        return Generator(task.model_config, params, tokenizer, candidate)
+        return Generator(task.model_config, params, data.make_tokenizer(config.data.tokenizer), candidate)
     raise GenerateError(f"none of the committed checkpoints of {workdir} can be read: {', '.join(map(str, committed))}")
+
+
+def read_checkpoint(mngr, step: int, workdir):
+    """(config, task, params) of a checkpoint, its model built from the config saved with it."""
+    config = config_lib.from_dict(checkpoint.saved_config(mngr, step).to_dict())  # upgraded like config.json
+    task = tasks.make_task(check_causal_lm(config, checkpoint.step_dir(workdir, step)))
+    params = checkpoint.restore_variables(mngr, step, _one_device_target(task, config))["params"]
+    return config, task, params
+
+
+def check_causal_lm(config, where):
+    if config.task.name != "causal_lm":
+        raise GenerateError(f"{where} trained a {config.task.name} model; generate samples from causal LMs only")
+    return config
 
 
 def _one_device_target(task, config):
