@@ -103,9 +103,16 @@ def parse_args(argv):
     p.add_argument("--poll", type=float, default=2.0, help="seconds between looks for new checkpoints")
     p.set_defaults(run=run_eval)
 
-    p = commands.add_parser("generate", help="sample text from DIR's newest committed checkpoint (KV cache)")
+    p = commands.add_parser(
+        "generate",
+        help="sample text from DIR's newest committed checkpoint (KV cache)",
+        description="Sample text from DIR's newest committed checkpoint (KV cache). With no prompt at all: one "
+        "unconditional sample, starting from eos (the token that ends every training record).",
+    )
     p.add_argument("--workdir", required=True)
-    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat it for a batch of prompts")
+    p.add_argument(
+        "--prompt", action="append", default=[], help="a prompt; repeat it for a batch of prompts (none: unconditional)"
+    )
     p.add_argument(
         "--prompts-file", default=None, help='more prompts: one a line, or in a .jsonl file one {"prompt": TEXT} a line'
     )

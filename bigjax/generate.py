@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -86,8 +87,8 @@ class Sampling:
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens={self.max_new_tokens}: ask for at least 1")
-        if self.temperature < 0:
-            problems.append(f"temperature={self.temperature}: use 0 (greedy) or more")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            problems.append(f"temperature={self.temperature}: use 0 (greedy) or a finite number above it")
         if self.top_k < 0:
             problems.append(f"top_k={self.top_k}: use 0 (no limit) or more")
         if not 0 < self.top_p <= 1:
@@ -358,7 +359,8 @@ def _one_device_target(task, config):
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
     """The --prompt texts, then the file's: one prompt a line, or in a .jsonl file one {"prompt": TEXT} (or a JSON
-    string) a line, for prompts that span lines. Blank lines are skipped. No prompt at all: one empty prompt."""
+    string) a line, for prompts that span lines. Blank lines are skipped. No prompt at all: one empty prompt (an
+    unconditional sample, from eos), said on stderr."""
     prompts = list(prompts)
     if prompts_file:
         path = pathlib.Path(prompts_file)
@@ -367,6 +369,8 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
                 prompts.append(_jsonl_prompt(line, path, number) if path.suffix == ".jsonl" else line)
+    if not prompts:
+        note("no prompt given: one unconditional sample, starting from eos (the token that ends every record)")
     return prompts or [""]
 
 
