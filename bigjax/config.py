@@ -519,7 +519,7 @@ POSITIVE_SIZES = (
 NON_NEGATIVE_SIZES = {
     "checkpoint_every": "only at the end",
     "eval_every": "no inline eval",
-    "max_nan_skips": "stop at the first",
+    "max_nan_skips": "stop at the first skipped step",
     "data.prefetch": "just in time",
     "data.image_size": "as stored",
     "data.crop_padding": "no random crops",
