@@ -117,9 +117,16 @@ def parse_args(argv):
     p.add_argument("--poll", type=float, default=2.0, help="seconds between looks for new checkpoints")
     p.set_defaults(run=run_eval)
 
-    p = commands.add_parser("generate", help="sample text from DIR's newest committed checkpoint (KV cache)")
+    p = commands.add_parser(
+        "generate",
+        help="sample text from DIR's newest committed checkpoint (KV cache)",
+        description="Sample text from DIR's newest committed checkpoint (KV cache). With no prompt at all: one "
+        "unconditional sample, starting from eos (the token that ends every training record).",
+    )
     p.add_argument("--workdir", required=True)
-    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat it for a batch of prompts")
+    p.add_argument(
+        "--prompt", action="append", default=[], help="a prompt; repeat it for a batch of prompts (none: unconditional)"
+    )
     p.add_argument(
         "--prompts-file", default=None, help='more prompts: one a line, or in a .jsonl file one {"prompt": TEXT} a line'
     )
@@ -204,18 +211,12 @@ def run_train(args, overrides) -> int:
 
 def run_eval(args, overrides) -> int:
     from bigjax import config as config_lib
-    from bigjax import evaluate, metrics, paths
+    from bigjax import evaluate, metrics
 
     if args.config:
         config = config_lib.load(args.config, overrides)
     else:
-        path = paths.workdir(args.workdir) / "config.json"
-        if not path.exists():
-            raise config_lib.ConfigError(f"no --config given and {path} does not exist yet; pass --config")
-        config = config_lib.from_json(path.read_text())
-        for override in overrides:
-            config_lib.apply_override(config, override)
-        config_lib.check_values(config)
+        config = config_lib.load_saved(args.workdir, overrides, alternative="; or pass --config")
     result = evaluate.run_eval_job(config, args.workdir, once=args.once, poll_seconds=args.poll, timeout=args.timeout)
     shown = "  ".join(f"{k}={v:.4f}" for k, v in result.items() if k != "step")
     metrics.say(f"validation at step {result['step']}: {shown}")

@@ -11,11 +11,15 @@ import ast
 import difflib
 import importlib.util
 import json
+import os
 import pathlib
 import re
+import traceback
 from typing import Any
 
 import ml_collections
+
+from bigjax import families, paths
 
 
 class ConfigError(Exception):
@@ -49,117 +53,10 @@ DEFAULT_SHARDING_RULES = (
 )
 
 
-def transformer_keys() -> dict:
-    """The keys of a Transformer stack, shared by every family built from one (GPT, BERT, ViT)."""
-    return dict(
-        num_layers=2,
-        d_model=128,
-        num_heads=4,
-        num_kv_heads=0,  # 0 = num_heads (multi-head); fewer = grouped-query attention
-        head_dim=0,  # 0 = d_model // num_heads
-        mlp_dim=0,  # 0 = 4 * d_model (gelu) or the Llama 8/3 rule rounded to 256 (swiglu)
-        norm="layernorm",  # layernorm | rmsnorm
-        norm_eps=1e-5,
-        mlp="gelu",  # gelu | swiglu
-        use_bias=True,
-        dropout=0.0,
-        dtype="float32",  # compute dtype: bfloat16 on accelerators
-        param_dtype="float32",
-        attention="xla",  # xla | cudnn | auto
-        scan_layers=True,
-        remat="none",  # none | full | dots | dots_no_batch
-        init_std=0.02,
-    )
-
-
-def gpt_model() -> dict:
-    """The decoder-only Transformer (GPT-2 and Llama are both settings of it)."""
-    return dict(family="gpt", **text_keys(), **transformer_keys())
-
-
-def text_keys() -> dict:
-    """The keys of the Transformer families that read tokens (GPT, BERT): vocabulary, positions, output layer."""
-    return dict(
-        vocab_size=260,  # >= the tokenizer's (bytes: 256 + 4 special tokens); padded up to vocab_multiple
-        vocab_multiple=128,
-        max_len=128,  # longest sequence the positions support
-        positions="learned",  # learned | rope
-        rope_theta=10_000.0,
-        tie_embeddings=True,
-    )
-
-
-def bert_model() -> dict:
-    """The bidirectional encoder (BERT): the Transformer keys plus where the LayerNorms go and token types."""
-    return dict(
-        family="bert",
-        **text_keys(),
-        **transformer_keys(),
-        norm_position="post",  # post (BERT) | pre
-        type_vocab_size=0,  # token-type (sentence A/B) embeddings; 0 = none
-    )
-
-
-def vit_model() -> dict:
-    """The Vision Transformer: patches of the image through a bidirectional Transformer stack, then a head."""
-    return dict(
-        family="vit",
-        patch_size=4,  # config.data.image_size must be a multiple of it
-        pooling="cls",  # cls (a class token) | gap (global average of the patch outputs)
-        position_embedding="learned",  # learned | sincos2d (fixed)
-        **transformer_keys(),
-    )
-
-
-def conv_keys() -> dict:
-    """The keys the convolutional families share: their norms and dtypes."""
-    return dict(
-        normalization="batchnorm",  # batchnorm | groupnorm | none
-        norm_groups=32,  # groupnorm: groups per layer; must divide every layer's channels
-        bn_momentum=0.9,  # batchnorm: running statistics = momentum * old + (1 - momentum) * batch
-        # batchnorm: normalize with the fixed running statistics in training too (a frozen backbone's features
-        # then stay those it was trained with)
-        freeze_batch_stats=False,
-        norm_eps=1e-5,
-        dtype="float32",
-        param_dtype="float32",
-    )
-
-
-def resnet_model() -> dict:
-    """ResNet v1.5 (the stride in the 3x3 convolution), basic blocks for 18/34, bottlenecks from 50."""
-    return dict(
-        family="resnet",
-        depth=50,  # 10 | 18 | 34 | 50 | 101 | 152
-        width=64,  # channels of the first stage; each later stage doubles them
-        stem="imagenet",  # imagenet (7x7/2 conv + 3x3/2 max-pool) | cifar (one 3x3/1 conv, for small images)
-        zero_init_residual=True,  # each block's last norm scale starts at 0: every block starts as the identity
-        scan_layers=True,  # scan over the identical blocks of each stage: one compiled block per stage
-        remat="none",  # none | full | dots | dots_no_batch
-        **conv_keys(),
-    )
-
-
-def cnn_model() -> dict:
-    """The small CNN of the Flax MNIST tutorial: conv-relu-avgpool twice, then two Dense layers."""
-    return dict(
-        family="cnn",
-        features=(32, 64),  # channels of each conv layer (each followed by a 2x2 average pool)
-        hidden_dim=256,
-        dropout=0.0,  # before the head
-        **{**conv_keys(), "normalization": "none"},  # the tutorial has no norm
-    )
-
-
-# Model family -> the keys of config.model (with defaults) that family understands. An experiment picks its
-# family with defaults(model=...); the schema check then holds config.model to that family's keys.
-MODEL_DEFAULTS = {"gpt": gpt_model, "bert": bert_model, "vit": vit_model, "resnet": resnet_model, "cnn": cnn_model}
-
-
 def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.ConfigDict:
     """Every key an experiment may set, with its default. Experiments start from here."""
-    if model not in MODEL_DEFAULTS:
-        raise ConfigError(f"unknown model family {model!r}; known: {', '.join(MODEL_DEFAULTS)}")
+    if model not in families.FAMILIES:
+        raise ConfigError(f"unknown model family {model!r}; known: {', '.join(families.FAMILIES)}")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 1000
@@ -186,7 +83,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             loss_chunk=0,
         )
     )
-    c.model = ml_collections.ConfigDict(MODEL_DEFAULTS[model]())
+    c.model = ml_collections.ConfigDict(families.FAMILIES[model].defaults())
 
     c.optim = ml_collections.ConfigDict(
         dict(
@@ -307,15 +204,67 @@ def load_experiment(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path!r} not found; pass --config experiments/NAME.py[:ARG]")
     module_spec = importlib.util.spec_from_file_location(f"bigjax_experiment_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    _run_experiment_code(path, lambda: module_spec.loader.exec_module(module))
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} has no get_config(arg=None) function")
-    try:
-        config = module.get_config(arg or None)
-    except TypeError as error:  # ConfigDict refuses a value of the wrong type for an existing key
-        raise ConfigError(f"{path}: {error}") from None
+    config = _run_experiment_code(path, lambda: module.get_config(arg or None))
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+    return config
+
+
+def _run_experiment_code(path: str, run):
+    """run(), with a mistake in the experiment file turned into a ConfigError: which file and line, then the
+    traceback frames inside that file alone (bigjax's and importlib's say nothing about the mistake)."""
+    try:
+        return run()
+    except ConfigError:
+        raise  # already a message for the user (from parse_arg, defaults, a nested load_experiment)
+    except SyntaxError as error:
+        where = error.filename or path
+        code = (error.text or "").strip()
+        raise ConfigError(
+            f'{where} line {error.lineno}: SyntaxError: {error.msg}\n  File "{where}", line {error.lineno}\n    {code}'
+        ) from None
+    except Exception as error:
+        own = [frame for frame in traceback.extract_tb(error.__traceback__) if _same_file(frame.filename, path)]
+        line = own[-1].lineno if own else "?"
+        frames = [
+            f'  File "{path}", line {frame.lineno}, in {frame.name}\n    {(frame.line or "").strip()}' for frame in own
+        ]
+        raise ConfigError("\n".join([f"{path} line {line}: {type(error).__name__}: {error}", *frames])) from None
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def load_saved(workdir, overrides: list[str] = (), alternative: str = "") -> ml_collections.ConfigDict:
+    """The config a run saved in WORKDIR/config.json: read, parsed, upgraded (see `from_dict`) and validated, then
+    `overrides` applied and checked. `alternative` is appended to the fix a missing or bad file's error names.
+    The file is only read: a bad one is reported, never replaced."""
+    path = paths.workdir(workdir) / "config.json"
+    rewrite = f"`bigjax train --config EXPERIMENT --workdir {workdir}` writes it again when it resumes{alternative}"
+    if not path.exists():
+        raise ConfigError(f"{path} not found: no run has saved its config in {workdir}; train there first{alternative}")
+    try:
+        text = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path} cannot be read ({error})") from None
+    try:
+        saved = json.loads(text)  # bytes: text that is not UTF-8 is a ValueError here too
+    except ValueError as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}); {rewrite}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} holds a {type(saved).__name__}, not a config object; {rewrite}")
+    try:
+        config = from_dict(saved)
+        check_values(config)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}; {rewrite}") from None
+    for override in overrides:
+        apply_override(config, override)
+    check_values(config)
     return config
 
 
@@ -327,9 +276,10 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 def from_dict(d: dict) -> ml_collections.ConfigDict:
     """A config from its dict form. Keys added to bigjax since it was written take their defaults, so that the
     workdirs of older runs still evaluate and generate; a key bigjax does not know is still an error."""
-    family = d.get("model", {}).get("family", "gpt")
-    task = d.get("task", {}).get("name", "causal_lm")
-    base = defaults(model=family, task=task).to_dict() if family in MODEL_DEFAULTS else {}
+    model, task = d.get("model"), d.get("task")
+    family = model.get("family", "gpt") if isinstance(model, dict) else "gpt"
+    task_name = task.get("name", "causal_lm") if isinstance(task, dict) else "causal_lm"
+    base = defaults(model=family, task=task_name).to_dict() if _is_family(family) else {}
     config = ml_collections.ConfigDict(_merged(base, d))
     check_schema(config, schema_for(config))
     return config
@@ -441,11 +391,42 @@ def _did_you_mean(key: str, known, prefix: str) -> str:
 
 def schema_for(config) -> ml_collections.ConfigDict:
     """The defaults of the config's model family: the keys it may and must have."""
-    model = config.get("model")
+    model, task = config.get("model"), config.get("task")
     family = model.get("family", "gpt") if isinstance(model, ml_collections.ConfigDict) else "gpt"
-    if family not in MODEL_DEFAULTS:
-        raise ConfigError(f"config.model.family={family!r} is not one of {', '.join(MODEL_DEFAULTS)}")
-    return defaults(model=family)
+    task_name = task.get("name", "causal_lm") if isinstance(task, ml_collections.ConfigDict) else "causal_lm"
+    return defaults(model=known_family(family, task_name).name)
+
+
+def known_family(name: str, task: str) -> families.Family:
+    """The family of that name from the table, or an error saying which families the task can use."""
+    if not _is_family(name):
+        raise ConfigError(
+            f"config.model.family={name!r} is not a model family (known: {', '.join(families.FAMILIES)}); "
+            f"for task.name={task!r} use: {', '.join(families.serving(task)) or 'none'}"
+        )
+    return families.FAMILIES[name]
+
+
+def _is_family(name) -> bool:
+    return isinstance(name, str) and name in families.FAMILIES
+
+
+def check_family(config) -> None:
+    """The family serves the task, and config.model holds that family's keys (an override of model.family alone
+    would leave the other family's keys behind)."""
+    name, task = config.model.get("family", "gpt"), config.task.name
+    family = known_family(name, task)
+    if task not in family.tasks:
+        raise ConfigError(
+            f"config.model.family={name!r} does not serve task.name={task!r} ({name} serves "
+            f"{', '.join(family.tasks)}); families for {task}: {', '.join(families.serving(task))}"
+        )
+    differ = sorted(set(config.model.keys()) ^ set(family.defaults()))
+    if differ:
+        raise ConfigError(
+            f"config.model.family={name!r}, but config.model has another family's keys ({', '.join(differ)}); "
+            f"a family's keys come from defaults(model={name!r}, task=...) in the experiment file, not from an override"
+        )
 
 
 def check_schema(config, schema, prefix: str = "") -> None:
@@ -488,19 +469,12 @@ def check_values(config) -> None:
         group, key = dotted.split(".")
         if key in config[group] and config[group][key] not in allowed:
             raise ConfigError(f"config.{dotted}={config[group][key]!r} is not one of {', '.join(map(str, allowed))}")
-    positive = ["total_steps", "batch_size", "log_every", "eval_batches", "keep_checkpoints"]
-    for key in positive:
-        if config[key] <= 0:
-            raise ConfigError(f"config.{key} must be positive, got {config[key]}")
+    check_family(config)
+    check_sizes(config)
     if config.nan_policy not in NAN_POLICIES:
         raise ConfigError(f"config.nan_policy={config.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
-    for key in ("checkpoint_every", "eval_every", "max_nan_skips"):
-        if config[key] < 0:
-            raise ConfigError(f"config.{key} must be >= 0 (0 turns it off), got {config[key]}")
-    if config.data.prefetch < 0:
-        raise ConfigError(f"config.data.prefetch must be >= 0 (0 turns it off), got {config.data.prefetch}")
     check_model(config)
-    if config.optim.grad_accum <= 0 or config.batch_size % config.optim.grad_accum:
+    if config.batch_size % config.optim.grad_accum:
         raise ConfigError(
             f"config.batch_size={config.batch_size} is not divisible by config.optim.grad_accum="
             f"{config.optim.grad_accum}; each microbatch must be the same size"
@@ -518,11 +492,71 @@ def check_values(config) -> None:
     check_finetuning(config)
 
 
+# Sizes and counts, checked before anything divides by them or builds an array of them. A model key is checked
+# only where the family has it.
+POSITIVE_SIZES = (
+    "total_steps",
+    "batch_size",
+    "log_every",
+    "eval_batches",
+    "keep_checkpoints",
+    "data.seq_len",
+    "data.max_segments",
+    "optim.grad_accum",
+    "early_stopping.patience",
+    "model.num_layers",
+    "model.d_model",
+    "model.num_heads",
+    "model.vocab_size",
+    "model.max_len",
+    "model.vocab_multiple",
+    "model.patch_size",
+    "model.width",
+    "model.hidden_dim",
+    "model.norm_groups",
+)
+# The sizes for which 0 means something (said in the message), and a negative number nothing.
+NON_NEGATIVE_SIZES = {
+    "checkpoint_every": "only at the end",
+    "eval_every": "no inline eval",
+    "max_nan_skips": "stop at the first skipped step",
+    "data.prefetch": "just in time",
+    "data.image_size": "as stored",
+    "data.crop_padding": "no random crops",
+    "task.loss_chunk": "no chunking",
+    "optim.warmup_steps": "no warmup",
+    "init_from.step": "the newest",
+    "model.num_kv_heads": "num_heads",
+    "model.head_dim": "d_model // num_heads",
+    "model.mlp_dim": "derived from d_model",
+    "model.type_vocab_size": "no token types",
+}
+
+
+def check_sizes(config) -> None:
+    for dotted in POSITIVE_SIZES:
+        value = _get(config, dotted)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config.{dotted} must be a positive integer, got {value}")
+    for dotted, zero_means in NON_NEGATIVE_SIZES.items():
+        value = _get(config, dotted)
+        if value is not None and value < 0:
+            raise ConfigError(f"config.{dotted} must be >= 0 (0 = {zero_means}), got {value}")
+    features = config.model.get("features")
+    if features is not None and not all(isinstance(f, int) and f > 0 for f in features):
+        raise ConfigError(f"config.model.features must be positive integers, got {tuple(features)}")
+
+
+def _get(config, dotted: str):
+    """The value at `dotted`, or None where the config has no such key (a model key of another family)."""
+    group, _, key = dotted.rpartition(".")
+    node = config[group] if group else config
+    return node.get(key)
+
+
 def check_loss_chunk(config) -> None:
     """The chunked cross-entropy cuts the causal LM's sequence into equal pieces."""
     chunk, seq_len = config.task.loss_chunk, config.data.seq_len
-    if chunk < 0:
-        raise ConfigError(f"config.task.loss_chunk must be >= 0 (0 turns chunking off), got {chunk}")
     if chunk and config.task.name != "causal_lm":
         raise ConfigError(
             f"config.task.loss_chunk={chunk} applies to task.name='causal_lm', not {config.task.name!r}; set it to 0"
@@ -544,43 +578,20 @@ def check_finetuning(config) -> None:
             re.compile(pattern)
         except re.error as error:
             raise ConfigError(f"config.{dotted}={pattern!r} is not a valid regular expression: {error}") from None
-    if config.init_from.step < 0:
-        raise ConfigError(f"config.init_from.step must be >= 0 (0 = the newest), got {config.init_from.step}")
     stopping = config.early_stopping
     if stopping.metric and not config.eval_every:
         raise ConfigError(
             f"config.early_stopping.metric={stopping.metric!r} watches the inline evaluation, which is off; "
             "set config.eval_every"
         )
-    if stopping.patience < 1:
-        raise ConfigError(f"config.early_stopping.patience must be at least 1, got {stopping.patience}")
     for key in ("l1_penalty", "l2_penalty"):
         if config.optim[key] < 0:
             raise ConfigError(f"config.optim.{key} must be >= 0 (0 turns it off), got {config.optim[key]}")
 
 
-POSITIVE_MODEL_KEYS = (
-    "num_layers",
-    "d_model",
-    "num_heads",
-    "vocab_size",
-    "max_len",
-    "vocab_multiple",
-    "patch_size",
-    "width",
-    "hidden_dim",
-    "norm_groups",
-)
-
-
 def check_model(config) -> None:
     """Model values that cannot work. Each check applies to the families that have its keys."""
     m = config.model
-    for key in POSITIVE_MODEL_KEYS:
-        if key in m and m[key] <= 0:
-            raise ConfigError(f"config.model.{key} must be positive, got {m[key]}")
-    if m.get("type_vocab_size", 0) < 0:
-        raise ConfigError(f"config.model.type_vocab_size must be >= 0 (0 = no token types), got {m.type_vocab_size}")
     if "num_heads" in m:
         check_attention_shape(m)
     if "max_len" in m and config.data.seq_len > m.max_len:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -86,8 +87,8 @@ class Sampling:
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens={self.max_new_tokens}: ask for at least 1")
-        if self.temperature < 0:
-            problems.append(f"temperature={self.temperature}: use 0 (greedy) or more")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            problems.append(f"temperature={self.temperature}: use 0 (greedy) or a finite number above it")
         if self.top_k < 0:
             problems.append(f"top_k={self.top_k}: use 0 (no limit) or more")
         if not 0 < self.top_p <= 1:
@@ -301,15 +302,11 @@ def load(workdir, step: int | None = None) -> Generator:
 
     Only committed checkpoints are considered (checkpoint.committed_steps): Orbax's own latest step may be one a
     trainer is still writing, or one it never finished. One that cannot be read is reported and skipped; nothing
-    in the workdir is moved or changed.
+    in the workdir is moved or changed. Each checkpoint's model and tokenizer come from the config saved in it:
+    config.json says what the workdir's latest run was, which may have been another model.
     """
     workdir = paths.workdir(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise GenerateError(f"{config_path} not found; is {workdir} a bigjax workdir? Train first.")
-    config = config_lib.from_json(config_path.read_text())
-    if config.task.name != "causal_lm":
-        raise GenerateError(f"{workdir} trained a {config.task.name} model; generate samples from causal LMs only")
+    check_causal_lm(config_lib.load_saved(workdir), workdir)  # before any checkpoint is read
     committed = checkpoint.committed_steps(workdir)
     if not committed:
         raise GenerateError(
@@ -320,13 +317,12 @@ def load(workdir, step: int | None = None) -> Generator:
         raise GenerateError(
             f"checkpoint {step} is not a committed checkpoint of {workdir}; committed: {', '.join(map(str, committed))}"
         )
-    tokenizer = data.make_tokenizer(config.data.tokenizer)
-    task = tasks.make_task(config)
-    target = _one_device_target(task, config)
     mngr = checkpoint.manager(workdir, read_only=True)
     for candidate in [step] if step is not None else reversed(committed):
         try:
-            params = checkpoint.restore_variables(mngr, candidate, target)["params"]
+            config, task, params = read_checkpoint(mngr, candidate, workdir)
+        except GenerateError:
+            raise
         except Exception as error:  # a truncated or missing file; Orbax and tensorstore raise many kinds
             why = f"checkpoint {candidate} at {checkpoint.step_dir(workdir, candidate)} cannot be read"
             if step is not None:
@@ -334,8 +330,22 @@ def load(workdir, step: int | None = None) -> Generator:
             note(f"{why} ({checkpoint.describe(error)}); trying the one before it")
             continue
         note(f"generating from checkpoint {candidate} of {workdir}")
-        return Generator(task.model_config, params, tokenizer, candidate)
+        return Generator(task.model_config, params, data.make_tokenizer(config.data.tokenizer), candidate)
     raise GenerateError(f"none of the committed checkpoints of {workdir} can be read: {', '.join(map(str, committed))}")
+
+
+def read_checkpoint(mngr, step: int, workdir):
+    """(config, task, params) of a checkpoint, its model built from the config saved with it."""
+    config = config_lib.from_dict(checkpoint.saved_config(mngr, step).to_dict())  # upgraded like config.json
+    task = tasks.make_task(check_causal_lm(config, checkpoint.step_dir(workdir, step)))
+    params = checkpoint.restore_variables(mngr, step, _one_device_target(task, config))["params"]
+    return config, task, params
+
+
+def check_causal_lm(config, where):
+    if config.task.name != "causal_lm":
+        raise GenerateError(f"{where} trained a {config.task.name} model; generate samples from causal LMs only")
+    return config
 
 
 def _one_device_target(task, config):
@@ -349,7 +359,8 @@ def _one_device_target(task, config):
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
     """The --prompt texts, then the file's: one prompt a line, or in a .jsonl file one {"prompt": TEXT} (or a JSON
-    string) a line, for prompts that span lines. Blank lines are skipped. No prompt at all: one empty prompt."""
+    string) a line, for prompts that span lines. Blank lines are skipped. No prompt at all: one empty prompt (an
+    unconditional sample, from eos), said on stderr."""
     prompts = list(prompts)
     if prompts_file:
         path = pathlib.Path(prompts_file)
@@ -358,6 +369,8 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
                 prompts.append(_jsonl_prompt(line, path, number) if path.suffix == ".jsonl" else line)
+    if not prompts:
+        note("no prompt given: one unconditional sample, starting from eos (the token that ends every record)")
     return prompts or [""]
 
 

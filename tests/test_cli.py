@@ -1,5 +1,6 @@
 """End to end through the command line: train, the separate eval job, generate."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import time
 import pytest
 from conftest import REPO, TINY, run_cli
 
-from bigjax import checkpoint, metrics
+from bigjax import checkpoint, generate, metrics
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +126,26 @@ def test_eval_job_started_before_training_evaluates_every_checkpoint_once(cli, t
 def test_generate_without_a_run_is_a_clear_error(cli, tmp_path):
     result = cli("generate", "--workdir", tmp_path / "nothing", "--prompt", "x", check=False)
     assert result.returncode == 2 and "config.json not found" in result.stderr
+
+
+def test_eval_and_generate_on_a_garbage_config_json_say_which_file(cli, tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"seed": 0,')
+    for command in (["eval", "--once"], ["generate", "--prompt", "x"]):
+        result = cli(*command, "--workdir", workdir, check=False)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"error: {workdir / 'config.json'} is not valid JSON")
+        assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert (workdir / "config.json").read_text() == '{"seed": 0,'  # nothing changed
+
+
+def test_generate_builds_each_checkpoints_model_from_the_config_saved_in_it(trained, tmp_path, capsys):
+    workdir = copy_of(trained, tmp_path)
+    saved = json.loads((workdir / "config.json").read_text())
+    saved["model"].update(d_model=64, num_layers=3)  # as a later run of another model size leaves config.json
+    (workdir / "config.json").write_text(json.dumps(saved))
+    generator = generate.load(workdir)
+    assert generator.step == 8 and "cannot be read" not in capsys.readouterr().err
+    assert generator.params["embed"]["embedding"].shape[1] == 32  # the checkpoint's d_model
+    assert len(generator.complete(["ROMEO:"], generate.Sampling(max_new_tokens=4, temperature=0.0))) == 1

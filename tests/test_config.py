@@ -68,7 +68,9 @@ def test_wrong_type_in_an_experiment_file_is_reported(tmp_path):
         "    c.model.num_layers = '4'\n"
         "    return c\n"
     )
-    with pytest.raises(config_lib.ConfigError, match=r"wrong_type\.py: .*'num_layers'.*cannot be casted"):
+    with pytest.raises(
+        config_lib.ConfigError, match=r"wrong_type\.py line 4: TypeError: .*'num_layers'.*cannot be casted"
+    ):
         config_lib.load(str(experiment))
 
 
@@ -140,3 +142,134 @@ def test_cli_user_errors_exit_2_with_one_line_and_no_traceback(cli, tmp_path, ar
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.model.family=bert", r"config\.model\.family='bert' does not serve task\.name='causal_lm'.*: gpt"),
+        ("--config.model.family=transformer", r"config\.model\.family='transformer' is not a model family.*: gpt"),
+    ],
+)
+def test_the_family_must_serve_the_task(tiny_config, override, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        tiny_config("", override)
+
+
+def test_every_family_validates_with_the_tasks_the_table_says_it_serves_and_no_other():
+    from bigjax import families
+
+    for name, family in families.FAMILIES.items():
+        for task in config_lib.CHOICES["task.name"]:
+            config = config_lib.defaults(model=name, task=task)
+            if task in family.tasks:
+                config_lib.check_values(config)
+            else:
+                with pytest.raises(config_lib.ConfigError, match=f"does not serve task.name='{task}'"):
+                    config_lib.check_values(config)
+
+
+def test_an_override_cannot_swap_the_family_under_another_familys_keys(tmp_path):
+    experiment = tmp_path / "classify.py"
+    experiment.write_text(
+        "from bigjax.config import defaults\n"
+        "def get_config(arg=None):\n"
+        "    return defaults(model='bert', task='classification')\n"
+    )
+    with pytest.raises(config_lib.ConfigError, match=r"family='gpt'.*norm_position.*defaults\(model='gpt'"):
+        config_lib.load(str(experiment), ["config.model.family=gpt"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("config.data.seq_len=0", "config.data.seq_len must be a positive integer, got 0"),
+        ("config.data.max_segments=0", "config.data.max_segments must be a positive integer, got 0"),
+        ("config.optim.grad_accum=0", "config.optim.grad_accum must be a positive integer, got 0"),
+        ("config.model.num_heads=-4", "config.model.num_heads must be a positive integer, got -4"),
+        ("config.model.num_kv_heads=-1", "config.model.num_kv_heads must be >= 0 (0 = num_heads), got -1"),
+        ("config.model.head_dim=-8", "config.model.head_dim must be >= 0"),
+        ("config.model.mlp_dim=-1", "config.model.mlp_dim must be >= 0"),
+        ("config.data.image_size=-32", "config.data.image_size must be >= 0"),
+        ("config.optim.warmup_steps=-1", "config.optim.warmup_steps must be >= 0"),
+    ],
+)
+def test_sizes_must_be_positive(tiny_config, override, message):
+    with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny_config("", override)
+
+
+def test_the_sizes_of_every_family_are_checked():
+    for family, override, message in [
+        ("cnn", "config.model.features=(8, 0)", r"config\.model\.features must be positive integers, got \(8, 0\)"),
+        ("resnet", "config.model.width=0", r"config\.model\.width must be a positive integer"),
+        ("vit", "config.model.patch_size=0", r"config\.model\.patch_size must be a positive integer"),
+    ]:
+        config = config_lib.defaults(model=family, task="classification")
+        config_lib.apply_override(config, override)
+        with pytest.raises(config_lib.ConfigError, match=message):
+            config_lib.check_values(config)
+
+
+def test_an_experiment_that_raises_is_one_line_naming_the_file_and_line_then_its_own_frames(tmp_path):
+    experiment = tmp_path / "broken.py"
+    experiment.write_text(
+        "from bigjax.config import defaults\n"
+        "def model_size():\n"
+        "    return foo * 2\n"
+        "def get_config(arg=None):\n"
+        "    c = defaults()\n"
+        "    c.model.d_model = model_size()\n"
+        "    return c\n"
+    )
+    with pytest.raises(config_lib.ConfigError) as raised:
+        config_lib.load(str(experiment))
+    first, *frames = str(raised.value).splitlines()
+    assert first == f"{experiment} line 3: NameError: name 'foo' is not defined"
+    assert "c.model.d_model = model_size()" in frames[1] and "return foo * 2" in frames[-1]
+    assert all(str(experiment) in line for line in frames[::2])  # no frame of bigjax or importlib
+    assert "config.py" not in str(raised.value) and "importlib" not in str(raised.value)
+
+
+def test_an_experiment_with_a_syntax_error_names_the_file_and_line(tmp_path):
+    experiment = tmp_path / "typo.py"
+    experiment.write_text("from bigjax.config import defaults\ndef get_config(arg=None)\n    return defaults()\n")
+    with pytest.raises(config_lib.ConfigError) as raised:
+        config_lib.load(str(experiment))
+    first, *rest = str(raised.value).splitlines()
+    assert first.startswith(f"{experiment} line 2: SyntaxError: ")
+    assert "def get_config(arg=None)" in "\n".join(rest) and "importlib" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "is not valid JSON"),
+        ("", "is not valid JSON"),
+        (b"\xff\xfe{", "is not valid JSON"),
+        ("[1, 2]", "holds a list, not a config"),
+        ('{"model": 5}', r"config\.model must be a group of keys"),
+        ('{"model": {"family": ["gpt"]}}', r"config\.model\.family=\['gpt'\] is not a model family"),
+        ('{"data": {"seq_len": 0}}', r"config\.data\.seq_len must be a positive integer"),
+    ],
+)
+def test_a_bad_saved_config_is_one_error_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "config.json"
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+    with pytest.raises(config_lib.ConfigError, match=message) as raised:
+        config_lib.load_saved(tmp_path)
+    assert str(raised.value).startswith(str(tmp_path / "config.json")) and "\n" not in str(raised.value)
+
+
+def test_the_saved_config_is_upgraded_validated_and_overridden(tmp_path, tiny_config):
+    import json
+
+    with pytest.raises(config_lib.ConfigError, match=r"config\.json not found.*train there first; or pass --config"):
+        config_lib.load_saved(tmp_path, alternative="; or pass --config")
+    saved = json.loads(config_lib.to_json(tiny_config()))
+    del saved["optim"]["mu_dtype"]  # as written by an older bigjax
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = config_lib.load_saved(tmp_path, ["config.eval_batches=3"])
+    assert config.optim.mu_dtype == "float32" and config.eval_batches == 3
+    with pytest.raises(config_lib.ConfigError, match=r"^config\.data\.seq_len=64 exceeds"):  # the override's fault
+        config_lib.load_saved(tmp_path, ["config.data.seq_len=64"])

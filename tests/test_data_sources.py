@@ -364,3 +364,17 @@ def test_classification_needs_labels_and_enough_classes(tiny_config, text_dir):
     config = config_for(tiny_config, "shakespeare_genre", "--config.task.num_classes=1", task="classification")
     with pytest.raises(DataError, match="has 2 classes but config.task.num_classes=1"):
         pipeline.train_batches(config)
+
+
+def test_fewer_classes_than_the_head_has_are_a_warning(tiny_config, image_dir, capsys):
+    import shutil
+
+    for name in ("seven", "zero"):
+        shutil.rmtree(image_dir / name)
+    overrides = ["--config.data.image_size=8", "--config.data.channels=1", "--config.task.num_classes=10"]
+    config = config_for(tiny_config, f"imagefolder:{image_dir}", *overrides, task="classification")
+    pipeline.train_batches(config)
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1
+    assert f"warning: imagefolder:{image_dir} has 1 class but config.task.num_classes=10" in out
+    assert "one subfolder per class" in out

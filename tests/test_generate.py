@@ -172,6 +172,9 @@ def test_an_empty_prompt_starts_from_eos(tiny_config):
     "settings, message",
     [
         (dict(temperature=-1.0), "temperature=-1.0"),
+        (dict(temperature=float("nan")), "temperature=nan"),
+        (dict(temperature=float("inf")), "temperature=inf"),
+        (dict(top_p=float("nan")), "top_p=nan"),
         (dict(top_k=-2), "top_k=-2"),
         (dict(top_p=0.0), "top_p=0.0"),
         (dict(top_p=1.5), "top_p=1.5"),
@@ -197,3 +200,19 @@ def test_prompts_come_from_the_command_line_then_the_file(tmp_path):
         generate.read_prompts([], str(jsonl))
     with pytest.raises(generate.GenerateError, match="not found"):
         generate.read_prompts([], str(tmp_path / "missing.txt"))
+
+
+def test_no_prompt_is_said_to_sample_unconditionally_in_the_help_and_the_output(tmp_path, capsys):
+    from bigjax import cli
+
+    with pytest.raises(SystemExit):
+        cli.parse_args(["generate", "--help"])
+    assert "no prompt at all: one unconditional sample" in " ".join(capsys.readouterr().out.split())
+    assert generate.read_prompts([], None) == [""]
+    assert "no prompt given: one unconditional sample" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert generate.read_prompts([], str(empty)) == [""]
+    assert "no prompt given" in capsys.readouterr().err
+    generate.read_prompts(["ROMEO:"], None)
+    assert capsys.readouterr().err == ""

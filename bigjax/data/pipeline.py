@@ -25,7 +25,7 @@ import grain
 import jax
 import numpy as np
 
-from bigjax import metrics
+from bigjax import families, metrics
 from bigjax.data import images, packing, sources, tokenized, tokenizers
 from bigjax.data.errors import DataError
 from bigjax.data.packing import window_dataset  # noqa: F401  (re-exported: the causal-LM layout)
@@ -141,7 +141,7 @@ def split_examples(config, which: str):
     if split.kind == "image":
         if task != "classification":
             raise DataError(f"{config.data.source} holds images; config.task.name={task!r} needs text")
-        check_labels(config, split.num_classes)
+        check_labels(config, split.num_classes, which)
         records = grain.MapDataset.source(split.records)
         return records, images.ImageExamples(config, train=which == "train"), {}
     tokenizer = tokenizers.make_tokenizer(config.data.tokenizer)
@@ -149,7 +149,7 @@ def split_examples(config, which: str):
         tokenizers.check_vocab(config.model.vocab_size, tokenizer, config.data.tokenizer)
     tokens = tokenized.load_or_tokenize(config, split, tokenizer)
     if task == "classification":
-        check_labels(config, tokens.num_classes)
+        check_labels(config, tokens.num_classes, which)
     if task == "causal_lm":
         if len(tokens.tokens) <= config.data.seq_len:
             raise DataError(
@@ -169,7 +169,9 @@ def split_examples(config, which: str):
     return rows, None, {}
 
 
-def check_labels(config, num_classes: int | None) -> None:
+def check_labels(config, num_classes: int | None, which: str) -> None:
+    """The head must have a class for every label of the source. More classes than the source has are allowed, but
+    said (once, for the train split): a folder holding one class would otherwise train a 10-way head in silence."""
     if num_classes is None:
         raise DataError(
             f"{config.data.source} has no labels (config.data.label_field={config.data.label_field!r}); "
@@ -180,6 +182,19 @@ def check_labels(config, num_classes: int | None) -> None:
             f"{config.data.source} has {num_classes} classes but config.task.num_classes="
             f"{config.task.num_classes}; set --config.task.num_classes={num_classes}"
         )
+    if num_classes < config.task.num_classes and which == "train":
+        metrics.say(f"warning: {fewer_classes(config, num_classes)}")
+
+
+def fewer_classes(config, found: int) -> str:
+    head = config.task.num_classes
+    fewer = f"{config.data.source} has {found} class{'es' * (found != 1)} but config.task.num_classes={head}"
+    if found < 2:
+        layout = (
+            "; an image folder needs one subfolder per class" if config.data.source.startswith("imagefolder:") else ""
+        )
+        return f"{fewer}: a classifier learns from 2 classes at least{layout}"
+    return f"{fewer}: {head - found} of the head's classes never see an example; set --config.task.num_classes={found}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,7 +204,7 @@ def check_labels(config, num_classes: int | None) -> None:
 def synthetic_dataset(config, seed: int) -> grain.MapDataset:
     """Random examples in the layout of config.task.name; long enough never to run out."""
     task, d = config.task.name, config.data
-    if task == "classification" and config.model.family in ("vit", "resnet", "cnn"):
+    if task == "classification" and families.is_image(config.model.family):
         shape = (d.image_size, d.image_size, d.channels)
         num_classes = config.task.num_classes
 

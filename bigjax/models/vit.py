@@ -6,7 +6,7 @@ a bidirectional pre-LN Transformer, then a classification head on the class toke
     logits = model.apply(variables, images)          # float32 [batch, num_classes]
 
 The Transformer stack is GPT's (bigjax.models.gpt: the same blocks, scan and remat), built with causal=False; the
-config shares its Transformer keys (config.transformer_keys). Parameters carry logical axis names: the patch
+config shares its Transformer keys (families.transformer_keys). Parameters carry logical axis names: the patch
 embedding is a convolution whose output channels are `embed`; the class token and the position embedding are
 `embed` vectors.
 """
@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from bigjax import config as config_lib
+from bigjax import families
 from bigjax.models import gpt, layers
 
 
@@ -43,8 +43,8 @@ class ViTConfig:
 def encoder_config(m) -> gpt.GPTConfig:
     """The config of GPT's block stack. The Transformer keys come from the ViT config; the keys only a token
     model has (vocabulary, maximum length, rotary positions) keep GPT's defaults, which the blocks never read."""
-    shared = {key: m[key] for key in config_lib.transformer_keys()}
-    merged = ml_collections.ConfigDict({**config_lib.gpt_model(), **shared, "positions": "learned"})
+    shared = {key: m[key] for key in families.transformer_keys()}
+    merged = ml_collections.ConfigDict({**families.gpt_model(), **shared, "positions": "learned"})
     return gpt.GPTConfig.from_config(merged)
 
 

@@ -28,13 +28,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bigjax.config import ConfigError
+from bigjax.config import ConfigError, check_family
 
 NON_MEAN_SUMS = ("count",)
 
 
 def make_task(config):
     """The task named by config.task.name, with the model config.model describes."""
+    check_family(config)  # the family table (bigjax.families) says which families serve which task
     name = config.task.name
     if name == "causal_lm":
         from bigjax.tasks.causal_lm import CausalLM

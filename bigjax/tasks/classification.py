@@ -6,33 +6,25 @@ batches pack several examples per row: {"tokens", "segment_ids", "positions": in
 [b, s], "label_weights": float32 [b, s]}, where labels[:, k-1] is the class of segment k (see bigjax.data). The
 model returns logits of shape labels.shape + (num_classes,); weight 0 marks padding.
 
-The model comes from the family's module: every module in bigjax/models that can classify defines
+The model comes from the family's module (bigjax.families): every family's module in bigjax/models defines
 `make_classifier(model_config, num_classes) -> nn.Module`; text families also take `max_segments`, the number
 of examples a row may pack (they return that many rows of logits).
 """
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bigjax import families
 from bigjax.config import ConfigError
-
-IMAGE_FAMILIES = ("vit", "resnet", "cnn")
 
 
 def make_classifier(model_config, num_classes: int, **text_options):
-    try:
-        module = importlib.import_module(f"bigjax.models.{model_config.family}")
-    except ModuleNotFoundError:
-        module = None
-    if module is None or not hasattr(module, "make_classifier"):
-        raise ConfigError(f"config.model.family={model_config.family!r} has no classifier")
-    return module.make_classifier(model_config, num_classes, **text_options)
+    """The family's classifier (make_task has checked that the family serves classification)."""
+    return families.FAMILIES[model_config.family].models().make_classifier(model_config, num_classes, **text_options)
 
 
 class Classification:
@@ -41,7 +33,7 @@ class Classification:
             raise ConfigError(f"config.task.num_classes must be at least 2, got {config.task.num_classes}")
         self.num_classes = config.task.num_classes
         self.label_smoothing = config.task.label_smoothing
-        self.images = config.model.family in IMAGE_FAMILIES
+        self.images = families.is_image(config.model.family)
         if self.images and config.data.image_size <= 0:
             raise ConfigError(
                 f"config.data.image_size must be set for the image model {config.model.family!r} "

@@ -30,11 +30,6 @@ MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1  # of the chosen tokens; the remaining
 
 class MaskedLM:
     def __init__(self, config):
-        if config.model.family != "bert":
-            raise ConfigError(
-                f"task masked_lm needs a bidirectional encoder, but config.model.family={config.model.family!r}; "
-                "start the experiment from defaults(model='bert', task='masked_lm')"
-            )
         tokenizer = make_tokenizer(config.data.tokenizer)
         if config.model.vocab_size < tokenizer.vocab_size:
             raise ConfigError(

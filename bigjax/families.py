@@ -1,0 +1,155 @@
+"""Model families: the one table of what each family is and what it can be trained for.
+
+    family = FAMILIES["vit"]
+    family.defaults()            the keys of config.model, with their defaults: the family's config schema
+    family.kind                  "text" (reads tokens) or "image" (reads pixels)
+    family.tasks                 the config.task.name values it serves
+    family.models()              its module in bigjax/models, imported when first asked for; every family's
+                                 module has `make_classifier(model_config, num_classes, ...)`
+
+The config schema and checks, `tasks.make_task`, the classification task and the data pipeline all read this
+table, so a family is known in one place. It imports nothing of bigjax at load time (config.py imports it, and
+the models import config.py), only its models module when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+
+
+def transformer_keys() -> dict:
+    """The keys of a Transformer stack, shared by every family built from one (GPT, BERT, ViT)."""
+    return dict(
+        num_layers=2,
+        d_model=128,
+        num_heads=4,
+        num_kv_heads=0,  # 0 = num_heads (multi-head); fewer = grouped-query attention
+        head_dim=0,  # 0 = d_model // num_heads
+        mlp_dim=0,  # 0 = 4 * d_model (gelu) or the Llama 8/3 rule rounded to 256 (swiglu)
+        norm="layernorm",  # layernorm | rmsnorm
+        norm_eps=1e-5,
+        mlp="gelu",  # gelu | swiglu
+        use_bias=True,
+        dropout=0.0,
+        dtype="float32",  # compute dtype: bfloat16 on accelerators
+        param_dtype="float32",
+        attention="xla",  # xla | cudnn | auto
+        scan_layers=True,
+        remat="none",  # none | full | dots | dots_no_batch
+        init_std=0.02,
+    )
+
+
+def text_keys() -> dict:
+    """The keys of the Transformer families that read tokens (GPT, BERT): vocabulary, positions, output layer."""
+    return dict(
+        vocab_size=260,  # >= the tokenizer's (bytes: 256 + 4 special tokens); padded up to vocab_multiple
+        vocab_multiple=128,
+        max_len=128,  # longest sequence the positions support
+        positions="learned",  # learned | rope
+        rope_theta=10_000.0,
+        tie_embeddings=True,
+    )
+
+
+def gpt_model() -> dict:
+    """The decoder-only Transformer (GPT-2 and Llama are both settings of it)."""
+    return dict(family="gpt", **text_keys(), **transformer_keys())
+
+
+def bert_model() -> dict:
+    """The bidirectional encoder (BERT): the Transformer keys plus where the LayerNorms go and token types."""
+    return dict(
+        family="bert",
+        **text_keys(),
+        **transformer_keys(),
+        norm_position="post",  # post (BERT) | pre
+        type_vocab_size=0,  # token-type (sentence A/B) embeddings; 0 = none
+    )
+
+
+def vit_model() -> dict:
+    """The Vision Transformer: patches of the image through a bidirectional Transformer stack, then a head."""
+    return dict(
+        family="vit",
+        patch_size=4,  # config.data.image_size must be a multiple of it
+        pooling="cls",  # cls (a class token) | gap (global average of the patch outputs)
+        position_embedding="learned",  # learned | sincos2d (fixed)
+        **transformer_keys(),
+    )
+
+
+def conv_keys() -> dict:
+    """The keys the convolutional families share: their norms and dtypes."""
+    return dict(
+        normalization="batchnorm",  # batchnorm | groupnorm | none
+        norm_groups=32,  # groupnorm: groups per layer; must divide every layer's channels
+        bn_momentum=0.9,  # batchnorm: running statistics = momentum * old + (1 - momentum) * batch
+        # batchnorm: normalize with the fixed running statistics in training too (a frozen backbone's features
+        # then stay those it was trained with)
+        freeze_batch_stats=False,
+        norm_eps=1e-5,
+        dtype="float32",
+        param_dtype="float32",
+    )
+
+
+def resnet_model() -> dict:
+    """ResNet v1.5 (the stride in the 3x3 convolution), basic blocks for 18/34, bottlenecks from 50."""
+    return dict(
+        family="resnet",
+        depth=50,  # 10 | 18 | 34 | 50 | 101 | 152
+        width=64,  # channels of the first stage; each later stage doubles them
+        stem="imagenet",  # imagenet (7x7/2 conv + 3x3/2 max-pool) | cifar (one 3x3/1 conv, for small images)
+        zero_init_residual=True,  # each block's last norm scale starts at 0: every block starts as the identity
+        scan_layers=True,  # scan over the identical blocks of each stage: one compiled block per stage
+        remat="none",  # none | full | dots | dots_no_batch
+        **conv_keys(),
+    )
+
+
+def cnn_model() -> dict:
+    """The small CNN of the Flax MNIST tutorial: conv-relu-avgpool twice, then two Dense layers."""
+    return dict(
+        family="cnn",
+        features=(32, 64),  # channels of each conv layer (each followed by a 2x2 average pool)
+        hidden_dim=256,
+        dropout=0.0,  # before the head
+        **{**conv_keys(), "normalization": "none"},  # the tutorial has no norm
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    defaults: Callable[[], dict]  # config.model's keys with their defaults
+    kind: str  # "text" | "image": what the data pipeline feeds it
+    tasks: tuple[str, ...]  # the config.task.name values it serves
+
+    def models(self) -> ModuleType:
+        """bigjax.models.NAME, imported only now: building a config must not import Flax models."""
+        return importlib.import_module(f"bigjax.models.{self.name}")
+
+
+FAMILIES = {
+    family.name: family
+    for family in (
+        Family("gpt", gpt_model, kind="text", tasks=("causal_lm", "classification")),
+        Family("bert", bert_model, kind="text", tasks=("masked_lm", "classification")),
+        Family("vit", vit_model, kind="image", tasks=("classification",)),
+        Family("resnet", resnet_model, kind="image", tasks=("classification",)),
+        Family("cnn", cnn_model, kind="image", tasks=("classification",)),
+    )
+}
+
+
+def serving(task: str) -> list[str]:
+    """The families that can be trained for `task`."""
+    return [name for name, family in FAMILIES.items() if task in family.tasks]
+
+
+def is_image(family: str) -> bool:
+    return family in FAMILIES and FAMILIES[family].kind == "image"
