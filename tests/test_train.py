@@ -1,4 +1,5 @@
-"""The train loop: resume bit-for-bit, resume onto another mesh, gradient accumulation, NaN stop, SIGTERM."""
+"""The train loop: resume bit-for-bit, resume onto another mesh, gradient accumulation, the step's randomness,
+NaN stop and skip, SIGTERM."""
 
 import json
 import os
@@ -11,6 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import test_sharding
+import test_text_models
 from conftest import REPO, TINY
 
 from bigjax import checkpoint, metrics, optim, train
@@ -97,17 +100,23 @@ def test_resume_with_a_changed_model_is_refused(straight_run, tmp_path, tiny_con
     assert checkpoint.manager(tmp_path, read_only=True).latest_step() == 4  # nothing lost
 
 
+def compiled_train_step(config, task=None):
+    """(the compiled train step, a fresh state, the state's shardings, the mesh) for `config` (and `task`)."""
+    task = task or make_task(config)
+    tx = optim.make_optimizer(config.optim, config.total_steps)
+    mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
+    _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
+    state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
+    step, _ = train.compile_train_step(task, tx, config, mesh, rules, state, shardings)
+    return step, state, shardings, mesh
+
+
 def test_gradient_accumulation_equals_one_big_batch(tiny_config):
     """k microbatches inside the step give the same update as one batch k times larger."""
     results = []
     for accum in (1, 4):
         config = tiny_config("", f"config.optim.grad_accum={accum}", "config.batch_size=32")
-        task = make_task(config)
-        tx = optim.make_optimizer(config.optim, config.total_steps)
-        mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-        _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-        state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
-        step, _ = train.compile_train_step(task, tx, config, mesh, rules, state, shardings)
+        step, state, _, mesh = compiled_train_step(config)
         rng = np.random.default_rng(0)
         tokens = rng.integers(0, 256, (32, 33), dtype=np.int32)
         weights = (rng.random((32, 32)) > 0.2).astype(np.float32)  # uneven token counts per microbatch
@@ -118,6 +127,67 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p1, p4)
+
+
+def random_parts_of_the_task(tiny_config, which):
+    """(config, batch) whose training loss depends on the step's random key alone: dropout in a GPT, or the
+    masked LM's choice and corruption of tokens (its model without dropout)."""
+    if which == "dropout":
+        config = tiny_config("", "config.model.dropout=0.1")
+        return config, test_sharding.fixed_batch(config)
+    config = test_text_models.tiny("bert", "masked_lm")
+    assert config.model.dropout == 0  # the masks alone
+    return config, test_text_models.fixed_batch(config)
+
+
+@pytest.mark.parametrize("which", ["dropout", "masked_lm"])
+def test_the_compiled_step_draws_new_randomness_each_step_and_the_same_again_at_the_same_step(tiny_config, which):
+    """The same parameters and batch at step counts 3, 3 and 4: the loss (computed before the update, so a function
+    of the parameters, the batch and the step's key alone) repeats bit for bit at the same step and changes with
+    the step, i.e. the dropout masks / the masked-LM's chosen tokens of a row are drawn anew for every step."""
+    config, batch = random_parts_of_the_task(tiny_config, which)
+    step, state, shardings, mesh = compiled_train_step(config)
+    host_state, batch = jax.device_get(state), mesh_lib.global_batch_from_host(batch, mesh)
+
+    def loss_at(step_count: int) -> float:
+        at = jax.device_put(host_state.replace(step=np.asarray(step_count, host_state.step.dtype)), shardings)
+        return float(step(at, batch)[1]["loss"])  # the step donates its state: a fresh copy each call
+
+    assert loss_at(3) == loss_at(3)
+    assert loss_at(3) != loss_at(4)
+
+
+@jax.custom_vjp
+def overflow_backward(x):
+    """The identity, whose gradient comes out infinite (or NaN where it was 0): a backward pass that overflows."""
+    return x
+
+
+overflow_backward.defvjp(lambda x: (x, None), lambda _, g: (g * np.float32(np.inf),))
+
+
+class BackwardOverflow:
+    """The task, except that its gradients overflow while its loss stays finite."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def loss_sums(self, params, *args, **kwargs):
+        return self.task.loss_sums(jax.tree.map(overflow_backward, params), *args, **kwargs)
+
+
+def test_skip_policy_skips_a_step_whose_loss_is_finite_but_whose_gradient_is_not(tiny_config):
+    config = tiny_config("", "config.nan_policy=skip", "config.optim.warmup_steps=0")
+    step, state, _, mesh = compiled_train_step(config, BackwardOverflow(make_task(config)))
+    before, batch = jax.device_get(state), mesh_lib.global_batch_from_host(test_sharding.fixed_batch(config), mesh)
+    after, step_metrics = jax.device_get(step(state, batch))
+    assert np.isfinite(step_metrics["loss"]) and not np.isfinite(step_metrics["grad_norm"])
+    assert after.step == before.step + 1  # the batch is used up
+    unchanged = lambda path, new, old: np.testing.assert_array_equal(new, old, err_msg=jax.tree_util.keystr(path))
+    jax.tree_util.tree_map_with_path(unchanged, after.replace(step=before.step), before)  # nothing else moved
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config):
