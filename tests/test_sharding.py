@@ -4,6 +4,7 @@ Meshes are data x fsdp x tensor over the 8 simulated devices (1x1x1 uses one of 
 sharded reductions add in a different order, so values agree to rtol 2e-5 / atol 1e-7, not bitwise.
 """
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -72,20 +73,60 @@ def test_loss_and_gradients_match_on_every_mesh(tiny_config, variant):
         assert_trees_close(grads, reference[1], f"gradients on mesh {shape}")
 
 
-def test_parameters_really_are_sharded(tiny_config):
-    config = tiny_config()
+# What the default rules are meant to do, written out here rather than read from bigjax.config, so that a rule that
+# changes is caught: the model dimension splits over fsdp; heads, key/value heads, the MLP and the vocabulary over
+# tensor; layer stacks, the head dimension and positions stay whole.
+MESH_AXIS_OF = {
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "kv": None,
+    "layers": None,
+    "positions": None,
+}
+
+
+def padded(spec, rank: int) -> tuple:
+    """A PartitionSpec as one entry per dimension (a spec may leave out trailing unsplit dimensions)."""
+    return tuple(spec) + (None,) * (rank - len(spec))
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_every_parameter_is_sharded_as_its_logical_axes_say(tiny_config, variant):
+    config = tiny_config("llama=True" if variant == "llama" else "")
     task = make_task(config)
     mesh, rules = on_mesh(config, (2, 2, 2))
     tx = optim.make_optimizer(config.optim, config.total_steps)
     _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
     state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
-    up = state.params["layers"]["mlp"]["up"]["kernel"]  # [layers, embed, mlp]
-    assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-    # Each device holds a quarter of it: embed split over fsdp=2, mlp over tensor=2.
-    assert up.addressable_shards[0].data.shape == (up.shape[0], up.shape[1] // 2, up.shape[2] // 2)
+    logical = nn.get_partition_spec(jax.eval_shape(task.init_variables, jax.random.key(0))["params"])
+    names_seen = set()
+
+    def check(path, names, param):
+        where = jax.tree_util.keystr(path)
+        assert len(names) == param.ndim, f"{where}: logical names {names} for a parameter of shape {param.shape}"
+        expected = tuple(MESH_AXIS_OF[name] for name in names)
+        assert padded(param.sharding.spec, param.ndim) == expected, f"{where} {names}: {param.sharding.spec}"
+        # And each device really holds only its share: 2 ways along each split dimension.
+        shard = tuple(size // (2 if axis else 1) for size, axis in zip(param.shape, expected, strict=True))
+        assert param.addressable_shards[0].data.shape == shard, where
+        names_seen.update(names)
+
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    jax.tree_util.tree_map_with_path(check, logical, state.params, is_leaf=is_spec)
+    # Every kind of parameter was there: attention and MLP kernels, embeddings, norms.
+    assert {"embed", "heads", "kv_heads", "kv", "mlp", "vocab", "layers"} <= names_seen
     # Adam's moments are sharded like the parameters they belong to.
-    moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if getattr(leaf, "shape", None) == up.shape]
-    assert len(moments) == 2 and all(m.sharding.spec == up.sharding.spec for m in moments)  # mu and nu
+    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
+    assert len(adam) == 1
+    for moments in (adam[0].mu, adam[0].nu):
+        jax.tree.map(assert_same_spec, moments, state.params)
+
+
+def assert_same_spec(moment, param):
+    assert padded(moment.sharding.spec, moment.ndim) == padded(param.sharding.spec, param.ndim)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])
