@@ -2,11 +2,9 @@
 NaN stop and skip, SIGTERM."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -14,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 import test_sharding
 import test_text_models
-from conftest import REPO, TINY, init_params
+from conftest import REPO, TINY, init_params, read_until
 from tolerance import assert_sgd_params_close_after_reordering, float32_sum_tolerance, lm_sum_lengths, norm_atol
 
 from bigjax import checkpoint, metrics, optim, train
@@ -225,34 +223,21 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
-    workdir = tmp_path / "w"
-    env = dict(os.environ)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bigjax.cli",
-            "train",
-            "--config",
-            TINY + ":steps=100000",
-            "--workdir",
-            str(workdir),
-            "--config.log_every=1",
-            "--config.checkpoint_every=0",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 240
-    while not losses_by_step(workdir) and time.time() < deadline:
-        assert process.poll() is None, process.stderr.read()
-        time.sleep(0.5)
+    workdir, stderr = tmp_path / "w", tmp_path / "stderr"
+    command = [sys.executable, "-m", "bigjax.cli", "train", "--config", TINY + ":steps=100000", "--workdir", workdir]
+    with open(stderr, "w") as errors:
+        process = subprocess.Popen(
+            [*map(str, command), "--config.log_every=1", "--config.checkpoint_every=0"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+    # The first step's log line: the loop is running, with the SIGTERM handler in place since before it started.
+    out = read_until(process, "step 1:", stderr)
     process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
+    out += process.stdout.read()  # to the end: the process exits
+    assert process.wait() == 0, stderr.read_text()[-3000:]
     assert "stopped by a signal" in out
     saved = checkpoint.manager(workdir, read_only=True).latest_step()
     assert saved is not None and 1 <= saved < 100000
