@@ -66,6 +66,21 @@ def cli():
     return run_cli
 
 
+def read_until(process, marker: str, stderr_file) -> str:
+    """What `process` writes to its stdout (a text pipe) up to the first line that contains `marker`: a test waits
+    on the process's own word that it got there, not on a clock. Fails with its stderr (sent to the file
+    `stderr_file`, so that it never fills a pipe nobody reads) if the process ends first."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    process.wait()
+    raise AssertionError(
+        f"the process exited ({process.returncode}) before writing {marker!r}:\n{stderr_file.read_text()[-3000:]}"
+    )
+
+
 def init_params(task, seed=0):
     """A task's parameters, unboxed, initialized under jit (op-by-op init of a scanned model is slow)."""
     import flax.linen as nn

@@ -5,10 +5,9 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, read_until, run_cli
 
 from bigjax import checkpoint, generate, metrics
 
@@ -87,32 +86,21 @@ def test_generate_a_batch_with_stops_from_the_newest_committed_checkpoint(cli, t
 
 
 def test_eval_job_started_before_training_evaluates_every_checkpoint_once(cli, tmp_path):
-    workdir = tmp_path / "run"
-    evaluator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bigjax.cli",
-            "eval",
-            "--config",
-            TINY,
-            "--workdir",
-            str(workdir),
-            "--poll",
-            "0.2",
-            "--timeout",
-            "300",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(1)
-    assert evaluator.poll() is None  # waiting for checkpoints that do not exist yet
+    workdir, stderr = tmp_path / "run", tmp_path / "eval-stderr"
+    command = ["eval", "--config", TINY, "--workdir", workdir, "--poll", "0.2", "--timeout", "300"]
+    with open(stderr, "w") as errors:
+        evaluator = subprocess.Popen(
+            [sys.executable, "-m", "bigjax.cli", *map(str, command)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+    # Its word that it follows the workdir, before any checkpoint exists: then the trainer starts.
+    out = read_until(evaluator, "eval job: mesh", stderr)
     cli("train", "--config", TINY, "--workdir", workdir)
-    out, err = evaluator.communicate(timeout=300)
-    assert evaluator.returncode == 0, err
+    out += evaluator.stdout.read()  # to the end: the job exits after the final step
+    assert evaluator.wait() == 0, stderr.read_text()[-3000:]
     steps = [row["step"] for row in metrics.read_jsonl(workdir / "eval" / "metrics.jsonl")]
     assert steps == [4, 8]  # checkpoint_every=4, total_steps=8: each once, then it exited
     assert "validation at step 8" in out

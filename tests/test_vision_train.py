@@ -7,7 +7,9 @@ Configs come from the experiment files (as the CLI loads them), shrunk by overri
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, init_params
+from test_vision import vision_sum_lengths
+from tolerance import assert_close_after_reordering, assert_sgd_params_close_after_reordering, float32_sum_tolerance
 
 from bigjax import checkpoint, metrics, train
 from bigjax import config as config_lib
@@ -68,6 +70,10 @@ def batchnorm_run(tmp_path_factory):
         "config.model.hidden_dim=32",
         "config.checkpoint_every=4",
         "config.eval_every=0",
+        # SGD without clipping: its update is linear in the gradient, so a resume onto another mesh can be held to
+        # a bound (see test_sharding.test_train_steps_match_on_every_mesh).
+        "config.optim.name=sgd",
+        "config.optim.clip=0",
     )
     workdir = tmp_path_factory.mktemp("straight")
     assert train.train(config, workdir).step == 8
@@ -105,14 +111,17 @@ def test_batchnorm_run_resumes_onto_another_mesh(batchnorm_run, tmp_path):
     resharded.mesh.update(dict(data=2, fsdp=2, tensor=2))
     train.train(resharded, tmp_path)
 
+    # Steps 5-8 add their sums in another order: the losses, updates and statistics within the bounds of those sums.
+    tolerance = float32_sum_tolerance(*vision_sum_lengths(config))
     np.testing.assert_allclose(
-        [rows(tmp_path, "loss")[s] for s in range(1, 9)], [rows(straight, "loss")[s] for s in range(1, 9)], rtol=1e-5
+        [rows(tmp_path, "loss")[s] for s in range(1, 9)],
+        [rows(straight, "loss")[s] for s in range(1, 9)],
+        rtol=tolerance,
     )
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-        saved_variables(tmp_path, config),
-        saved_variables(straight, config),
-    )
+    resumed, reference = saved_variables(tmp_path, config), saved_variables(straight, config)
+    initial = jax.device_get(init_params(make_task(config), config.seed))
+    assert_sgd_params_close_after_reordering(resumed["params"], reference["params"], initial, tolerance, 8, "at 8")
+    assert_close_after_reordering(resumed["batch_stats"], reference["batch_stats"], tolerance, "statistics at 8")
 
 
 def test_transfer_loads_the_batch_statistics_with_the_backbone_and_keeps_both_fixed(batchnorm_run, tmp_path):

@@ -100,7 +100,7 @@ def _process(index: int | None, count: int | None) -> tuple[int, int]:
 
 def eval_data(config) -> EvalData:
     """The eval split in order, at most `eval_batches` batches of it, for this process. The last batch is padded
-    with rows of weight 0, so no example counts twice."""
+    with empty rows that weigh nothing, so no example counts twice."""
     if config.data.source == "synthetic":
         examples, stats = synthetic_dataset(config, config.seed + 1), {}
         count = config.eval_batches * config.batch_size
@@ -109,22 +109,22 @@ def eval_data(config) -> EvalData:
         examples = base.map_with_index(augment) if augment is not None else base
         count = min(len(examples), config.eval_batches * config.batch_size)
     num_batches = -(-count // config.batch_size)
-    padded = pad_with_zero_weight(examples, count, num_batches * config.batch_size)
+    padded = pad_with_empty_rows(examples, count, num_batches * config.batch_size)
     batches = HostBatches(padded, config.batch_size, jax.process_index(), jax.process_count())
     return EvalData([batches.batch_at(i) for i in range(num_batches)], stats)
 
 
-def pad_with_zero_weight(examples: grain.MapDataset, count: int, total: int) -> grain.MapDataset:
-    """The first `count` examples, then copies of the first one with every weight 0, up to `total`."""
+def pad_with_empty_rows(examples: grain.MapDataset, count: int, total: int) -> grain.MapDataset:
+    """The first `count` examples, then rows of zeros up to `total`.
+
+    Zero is padding in every layout: weight 0 (causal LM, classification) and segment 0 (packed rows, which a masked
+    LM scores by their segments, having no weights). A row of zeros is therefore scored by no task, where a copy of
+    a real row with its weights zeroed would still be scored by the masked LM.
+    """
     if count == total:
         return examples.slice(slice(0, count))
-
-    def example(i):
-        if i < count:
-            return examples[i]
-        return {key: np.zeros_like(value) if "weight" in key else value for key, value in examples[0].items()}
-
-    return grain.MapDataset.range(total).map(example)
+    empty = {key: np.zeros_like(value) for key, value in examples[0].items()}
+    return grain.MapDataset.range(total).map(lambda i: examples[i] if i < count else empty)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,12 +3,13 @@
 A batch packs several examples per row: {"tokens", "segment_ids", "positions": int32 [b, t]} (segment 0 is
 padding; see bigjax.data). The masking happens here, inside the jitted step, from an rng folded from (seed, step),
 never in the data pipeline: the data stays a pure function of the step, a resumed run masks exactly as the
-uninterrupted one would, and each epoch sees new masks.
+uninterrupted one would, and each epoch sees new masks. Evaluation masks each row by a key of its own tokens: the
+same masks at every evaluation, whatever the batch size.
 
 Like BERT, each row gets round(mask_rate x its real tokens) predictions (special tokens are never chosen), at
 most `max_predictions = ceil(mask_rate x seq_len)`; of the chosen tokens 80% become the mask token, 10% a random
 ordinary token and 10% stay as they are. Only the chosen positions go through the vocabulary projection, and loss
-and accuracy count them alone.
+and accuracy count them alone: a row of padding alone (segment 0 throughout) counts for nothing.
 """
 
 from __future__ import annotations
@@ -60,20 +61,18 @@ class MaskedLM:
         )
 
     def loss_sums(self, params, model_state, batch, rng=None, train: bool = False):
+        masking = (self.mask_rate, self.max_predictions, self.mask_id, self.special_ids, self.ordinary_ids)
         if rng is None:
-            # Evaluation: the same masks at every evaluation of the same batch, different masks for each batch.
-            rng = jax.random.fold_in(self.eval_key, jnp.sum(batch["tokens"]).astype(jnp.uint32))
-        mask_rng, dropout_rng = jax.random.split(rng)
-        corrupted, predict_at, targets, weights = mask_tokens(
-            mask_rng,
-            batch["tokens"],
-            batch["segment_ids"],
-            self.mask_rate,
-            self.max_predictions,
-            self.mask_id,
-            self.special_ids,
-            self.ordinary_ids,
-        )
+            # Evaluation: each row masked by a key of its own tokens, so an example gets the same masks at every
+            # evaluation whatever batch it is in, and the eval metrics do not depend on the batch size.
+            row_keys = jax.vmap(lambda row: jax.random.fold_in(self.eval_key, jnp.sum(row).astype(jnp.uint32)))
+            keys = row_keys(batch["tokens"])
+            masked = mask_each_row(keys, batch["tokens"], batch["segment_ids"], *masking)
+            dropout_rng = self.eval_key
+        else:
+            mask_rng, dropout_rng = jax.random.split(rng)
+            masked = mask_tokens(mask_rng, batch["tokens"], batch["segment_ids"], *masking)
+        corrupted, predict_at, targets, weights = masked
         logits = self.model.apply(
             {"params": params},
             corrupted,
@@ -95,6 +94,15 @@ class MaskedLM:
         per_token = 6 * parameter_count(c)["layers"] + 12 * c.num_layers * c.num_heads * c.head_dim * self.seq_len
         head = 6 * (c.d_model * c.d_model + c.d_model * c.vocab_size)
         return per_token * self.seq_len + head * self.max_predictions
+
+
+def mask_each_row(keys, tokens, segment_ids, *masking):
+    """`mask_tokens` with a key for each row [b]: a row's masks do not depend on the rows beside it."""
+
+    def one_row(key, row_tokens, row_segment_ids):
+        return tuple(x[0] for x in mask_tokens(key, row_tokens[None], row_segment_ids[None], *masking))
+
+    return jax.vmap(one_row)(keys, tokens, segment_ids)
 
 
 def mask_tokens(rng, tokens, segment_ids, rate, max_predictions, mask_id, special_ids, ordinary_ids):
