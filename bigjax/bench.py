@@ -3,7 +3,8 @@
     bigjax bench --config experiments/gpt2_124m.py [--steps 100] [--warmup 10] [--windows 5] [--json PATH]
                  [--config.a.b=VALUE ...]
 
-What is timed: the step `bigjax train` compiles (`train.compile_train_step`, the same shardings and donation),
+What is timed: the step `bigjax train` compiles (`step.compile_train_step` of the same `Setup`: the same
+optimizer and frozen parameters, shardings and donation; only the data source is synthetic),
 fed batches that already sit on the devices, so neither the input pipeline nor host-to-device copies are in the
 figure (`bigjax train` with `data.source=synthetic` measures the whole loop). No checkpoints, no eval.
 
@@ -34,9 +35,10 @@ import jax
 import numpy as np
 
 from bigjax import config as config_lib
-from bigjax import data, metrics, optim, tasks, train
-from bigjax import mesh as mesh_lib
+from bigjax import data, metrics
 from bigjax import state as state_lib
+from bigjax import step as step_lib
+from bigjax.setup import make_setup
 
 BATCHES_ON_DEVICE = 2  # distinct synthetic batches placed on the devices once and used in turn
 VERSIONS_REPORTED = ("jax", "jaxlib", "flax", "optax", "jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu")
@@ -71,25 +73,22 @@ def bench(config, steps: int = 100, warmup: int = 10, windows: int = 5, config_n
         raise BenchError(
             f"--steps={steps} --warmup={warmup} --windows={windows}: need steps >= windows >= 1 and warmup >= 0"
         )
-    config = synthetic(config)
-    mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-    task = tasks.make_task(config)
-    tx = optim.make_optimizer(config.optim, config.total_steps)
-    _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-    state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
+    setup = make_setup(synthetic(config))
+    config = setup.config
+    state = setup.init_state()
     parameters = state_lib.count_parameters(state.params)
     metrics.say(
-        f"bench: {config_name or 'config'} on {mesh_lib.describe(mesh)} x {jax.devices()[0].device_kind}, "
+        f"bench: {config_name or 'config'} on {setup.sharding.describe()} x {jax.devices()[0].device_kind}, "
         f"{parameters / 1e6:.2f}M parameters, batch {config.batch_size}"
     )
 
-    step, compile_seconds = train.compile_train_step(task, tx, config, mesh, rules, state, shardings)
+    step, compile_seconds = step_lib.compile_train_step(setup)
     metrics.say(f"bench: compiled in {compile_seconds:.1f}s; {warmup} warm-up steps, then {steps} timed")
     host_batches = data.train_batches(config)
-    batches = [mesh_lib.global_batch_from_host(next(host_batches), mesh) for _ in range(BATCHES_ON_DEVICE)]
+    batches = [setup.sharding.global_batch(next(host_batches)) for _ in range(BATCHES_ON_DEVICE)]
     state = run_steps(step, state, batches, warmup)
     timing = time_windows(step, state, batches, steps, windows, compile_seconds)
-    return report(config, task, mesh, timing, parameters, config_name, list(overrides), warmup)
+    return report(config, setup.task, setup.mesh, timing, parameters, config_name, list(overrides), warmup)
 
 
 def synthetic(config):

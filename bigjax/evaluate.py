@@ -19,57 +19,51 @@ import time
 import jax
 
 from bigjax import checkpoint, data, metrics, paths, tasks
-from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
+from bigjax.setup import Setup, make_setup
 
 
 class EvalError(Exception):
     """The eval job cannot go on: a message for the user."""
 
 
-def make_eval_step(task, mesh, rules, variable_shardings):
+def make_eval_step(setup: Setup):
     """jit: (variables, batch) -> the task's sums for one batch."""
 
     def sums(variables, batch):
         params, model_state = state_lib.split_variables(variables)
-        return task.loss_sums(params, model_state, batch, train=False)[0]
+        return setup.task.loss_sums(params, model_state, batch, train=False)[0]
 
-    step = jax.jit(
-        sums,
-        in_shardings=(variable_shardings, mesh_lib.batch_sharding(mesh)),
-        out_shardings=mesh_lib.replicated(mesh),
-    )
+    sharding = setup.sharding
+    step = jax.jit(sums, in_shardings=(setup.variable_shardings, sharding.batch), out_shardings=sharding.replicated)
 
     def run(variables, batch):
-        with mesh_lib.activate(mesh, rules):
+        with sharding.activate():
             return step(variables, batch)
 
     return run
 
 
-def evaluate(eval_step, variables, eval_data: data.EvalData, mesh, task) -> dict:
+def evaluate(setup: Setup, eval_step, variables, eval_data: data.EvalData) -> dict:
     """Metrics over all eval batches: sums are added on device and fetched once."""
     sums = None
     for host_batch in eval_data.batches:
-        sums = tasks.add_sums(sums, eval_step(variables, mesh_lib.global_batch_from_host(host_batch, mesh)))
-    return task.summarize(jax.device_get(sums), eval_data.stats)
+        sums = tasks.add_sums(sums, eval_step(variables, setup.sharding.global_batch(host_batch)))
+    return setup.task.summarize(jax.device_get(sums), eval_data.stats)
 
 
 def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0, timeout: float = 3600.0) -> dict:
     """Follow DIR's checkpoints until the final step is evaluated. Returns the newest step's metrics."""
     workdir = paths.workdir(workdir)
-    mesh = mesh_lib.make_mesh(config)
-    rules = mesh_lib.logical_rules(config)
-    task = tasks.make_task(config)
+    setup = make_setup(config)
     eval_data = data.eval_data(config)
-    abstract, shardings = state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)
-    target = state_lib.restore_target(abstract, shardings)
-    eval_step = make_eval_step(task, mesh, rules, shardings)
+    target = setup.variables_target()
+    eval_step = make_eval_step(setup)
 
     eval_dir = workdir / "eval"
     results = {row["step"]: row for row in metrics.read_jsonl(eval_dir / "metrics.jsonl")}
     writer = metrics.MetricWriter(eval_dir, console_prefix="eval ")
-    metrics.say(f"eval job: mesh {mesh_lib.describe(mesh)}; following {checkpoint.checkpoint_dir(workdir)}")
+    metrics.say(f"eval job: mesh {setup.sharding.describe()}; following {checkpoint.checkpoint_dir(workdir)}")
     unreadable = {}  # step -> its directory's identity (checkpoint.step_identity) when it could not be read
     last_progress = time.monotonic()
     newest = None
@@ -82,7 +76,7 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
                 variables = restore_variables_or_none(workdir, step, target, unreadable)
                 if variables is None:
                     continue
-                results[step] = evaluate(eval_step, variables, eval_data, mesh, task)
+                results[step] = evaluate(setup, eval_step, variables, eval_data)
                 writer.write(step, results[step])
                 newest, last_progress = step, time.monotonic()
                 if once:

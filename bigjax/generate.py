@@ -57,12 +57,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigjax import checkpoint, data, paths, tasks
+from bigjax import checkpoint, data, paths
 from bigjax import config as config_lib
-from bigjax import mesh as mesh_lib
-from bigjax import state as state_lib
 from bigjax.data import tokenizers
 from bigjax.models import gpt
+from bigjax.setup import make_setup
 
 MIN_PREFILL_WIDTH = 16
 CACHE_COLUMN_MULTIPLE = 64
@@ -337,24 +336,18 @@ def load(workdir, step: int | None = None) -> Generator:
 def read_checkpoint(mngr, step: int, workdir):
     """(config, task, params) of a checkpoint, its model built from the config saved with it."""
     config = config_lib.from_dict(checkpoint.saved_config(mngr, step).to_dict())  # upgraded like config.json
-    task = tasks.make_task(check_causal_lm(config, checkpoint.step_dir(workdir, step)))
-    params = checkpoint.restore_variables(mngr, step, _one_device_target(task, config))["params"]
-    return config, task, params
+    check_causal_lm(config, checkpoint.step_dir(workdir, step))
+    # Sampling needs no parallelism: one device, whatever mesh the run used.
+    config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+    setup = make_setup(config, devices=jax.devices()[:1])
+    params = checkpoint.restore_variables(mngr, step, setup.variables_target())["params"]
+    return config, setup.task, params
 
 
 def check_causal_lm(config, where):
     if config.task.name != "causal_lm":
         raise GenerateError(f"{where} trained a {config.task.name} model; generate samples from causal LMs only")
     return config
-
-
-def _one_device_target(task, config):
-    """What to restore the variables onto: sampling needs no parallelism, so one device, whatever the run used."""
-    config.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    mesh = mesh_lib.make_mesh(config, devices=jax.devices()[:1])
-    rules = mesh_lib.logical_rules(config)
-    abstract, shardings = state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)
-    return state_lib.restore_target(abstract, shardings)
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:

@@ -1,12 +1,15 @@
 """The device mesh, the logical-axis rules, and the shardings derived from them.
 
 Models name their axes logically (`embed`, `mlp`, `heads`, ...); the rules in the config map those names to
-the mesh axes `data`, `fsdp` and `tensor`. Nothing else in bigjax mentions a mesh axis.
+the mesh axes `data`, `fsdp` and `tensor`. Nothing else in bigjax mentions a mesh axis. The two travel together
+as one `Sharding`: `sharding.activate()` to trace, `.batch` and `.replicated` for inputs and outputs, `.of(tree)`
+for a tree of parameters, `.global_batch(host_batch)` for data.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -104,3 +107,38 @@ def global_batch_from_host(host_batch: dict, mesh) -> dict:
 
 def describe(mesh) -> str:
     return " x ".join(f"{name}={size}" for name, size in mesh.shape.items()) + f" ({mesh.devices.size} devices)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    """A mesh with its logical-axis rules: how every logical name lands on the devices."""
+
+    mesh: jax.sharding.Mesh | AbstractMesh
+    rules: tuple
+
+    @classmethod
+    def from_config(cls, config, devices=None, num_devices: int | None = None) -> Sharding:
+        """On `devices` (default: all), or on `num_devices` devices that need not exist (an AbstractMesh)."""
+        mesh = make_abstract_mesh(config, num_devices) if num_devices else make_mesh(config, devices)
+        return cls(mesh, logical_rules(config))
+
+    def activate(self):
+        return activate(self.mesh, self.rules)
+
+    @property
+    def batch(self) -> NamedSharding:
+        return batch_sharding(self.mesh)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return replicated(self.mesh)
+
+    def of(self, boxed_abstract_tree):
+        """The NamedShardings of a tree whose leaves carry logical axis names."""
+        return shardings_from_logical(boxed_abstract_tree, self.mesh, self.rules)
+
+    def global_batch(self, host_batch: dict) -> dict:
+        return global_batch_from_host(host_batch, self.mesh)
+
+    def describe(self) -> str:
+        return describe(self.mesh)

@@ -22,10 +22,11 @@ import jax
 import numpy as np
 
 from bigjax import config as config_lib
-from bigjax import data, metrics, optim, tasks, train
-from bigjax import mesh as mesh_lib
+from bigjax import data, metrics
 from bigjax import state as state_lib
+from bigjax import step as step_lib
 from bigjax.models.gpt import GPTConfig, parameter_count
+from bigjax.setup import make_setup
 
 GPU_MEMORY_FRACTION = 0.75  # JAX's default share of a GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION)
 ASSUMED_MFU = 0.4  # for the step-time estimate: what a well-tuned dense transformer step reaches
@@ -71,16 +72,15 @@ def make_plan(config, num_devices: int | None = None, device_kind: str | None = 
             "--measure runs the step on the devices present (without --devices/--device-kind), and they must "
             f"report their memory: GPUs and TPUs do, a CPU does not (here: {len(present)} x {present[0].device_kind})"
         )
-    mesh = mesh_lib.make_mesh(config) if compile_here else mesh_lib.make_abstract_mesh(config, num_devices)
-    rules = mesh_lib.logical_rules(config)
     attention = attention_on(kind, config.model)
     if not compile_here and "attention" in config.model:
         # The shapes do not depend on the attention kernel, and cuDNN's cannot be chosen without a GPU here.
         config = config_lib.from_dict(config.to_dict())
         config.model.attention = "xla"
-    task = tasks.make_task(config)
-    tx = optim.make_optimizer(config.optim, config.total_steps)
-    abstract_state, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
+    # The setup `bigjax train` builds (the same optimizer, frozen parameters included), on an AbstractMesh of
+    # `num_devices` when those are not the devices present.
+    setup = make_setup(config) if compile_here else make_setup(config, num_devices=num_devices)
+    task, mesh, abstract_state, shardings = setup.task, setup.mesh, setup.abstract_state, setup.state_shardings
 
     params = per_device_bytes(abstract_state.params, shardings.params)
     per_device = {
@@ -98,11 +98,11 @@ def make_plan(config, num_devices: int | None = None, device_kind: str | None = 
         )
     xla = xla_flops = measured = None
     if compile_here:
-        compiled, xla, xla_flops = compiled_analysis(task, tx, config, mesh, rules, abstract_state, shardings)
+        compiled, xla, xla_flops = compiled_analysis(setup)
         # XLA's temporaries hold the gradients, the activations and its scratch space: report its split.
         per_device["activations"] = max(xla["temporaries"] - per_device["gradients"], 0)
         if measure:
-            measured = measure_peak_bytes(compiled, task, tx, config, mesh, rules, shardings)
+            measured = measure_peak_bytes(compiled, setup)
     per_device["total"] = xla["peak"] if xla else sum(per_device.values())
 
     usable, note = usable_memory(kind, present[0] if compile_here else None)
@@ -125,7 +125,7 @@ def make_plan(config, num_devices: int | None = None, device_kind: str | None = 
         warnings=[],
         measured_peak=measured,
     )
-    plan.warnings += replication_warnings(config, plan, abstract_state, task, tx, rules)
+    plan.warnings += replication_warnings(config, plan)
     return plan
 
 
@@ -233,10 +233,9 @@ def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | No
 # Compiled: XLA's own figures for the devices present
 
 
-def compiled_analysis(task, tx, config, mesh, rules, abstract_state, shardings) -> tuple[dict, float | None]:
-    """Lower and compile the real train step with abstract inputs; XLA's per-device bytes and FLOPs."""
-    target = state_lib.restore_target(abstract_state, shardings)
-    compiled, _ = train.compile_train_step(task, tx, config, mesh, rules, target, shardings)
+def compiled_analysis(setup) -> tuple:
+    """Lower and compile the real train step with abstract inputs: (compiled, XLA's per-device bytes, FLOPs)."""
+    compiled, _ = step_lib.compile_train_step(setup)
     stats = compiled.memory_analysis()
     xla = {
         "arguments": int(stats.argument_size_in_bytes),
@@ -250,12 +249,12 @@ def compiled_analysis(task, tx, config, mesh, rules, abstract_state, shardings) 
     return compiled, xla, (float(cost["flops"]) if cost and "flops" in cost else None)
 
 
-def measure_peak_bytes(compiled_step, task, tx, config, mesh, rules, shardings, steps: int = 3) -> int:
+def measure_peak_bytes(compiled_step, setup, steps: int = 3) -> int:
     """Run a few real steps of the compiled step; the most memory any local device held meanwhile."""
-    state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
-    batches = data.train_batches(config)
+    state = setup.init_state()
+    batches = data.train_batches(setup.config)
     for _ in range(steps):
-        state, step_metrics = compiled_step(state, mesh_lib.global_batch_from_host(next(batches), mesh))
+        state, step_metrics = compiled_step(state, setup.sharding.global_batch(next(batches)))
     jax.block_until_ready(step_metrics)
     return max(int(device.memory_stats()["peak_bytes_in_use"]) for device in jax.local_devices())
 
@@ -279,15 +278,15 @@ def usable_memory(kind: str, device=None) -> tuple[float | None, str]:
 # Advice
 
 
-def replication_warnings(config, plan: Plan, abstract_state, task, tx, rules) -> list[str]:
+def replication_warnings(config, plan: Plan) -> list[str]:
     """Parameters and optimizer state copied on every data-parallel device: say what FSDP would save."""
     if plan.mesh["data"] == 1:
         return []
     state_now = plan.per_device["parameters"] + plan.per_device["optimizer_state"]
     fsdp_config = config_lib.from_dict(config.to_dict())
     fsdp_config.mesh.fsdp, fsdp_config.mesh.data = plan.mesh["data"] * plan.mesh["fsdp"], 1
-    fsdp_mesh = mesh_lib.make_abstract_mesh(fsdp_config, plan.num_devices)
-    abstract, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, fsdp_mesh, rules)
+    fsdp = make_setup(fsdp_config, num_devices=plan.num_devices)
+    abstract, shardings = fsdp.abstract_state, fsdp.state_shardings
     state_fsdp = per_device_bytes(abstract.params, shardings.params) + per_device_bytes(
         abstract.opt_state, shardings.opt_state
     )

@@ -46,19 +46,18 @@ def count_parameters(params) -> int:
     return int(sum(leaf.size for leaf in jax.tree.leaves(params)))
 
 
-def abstract_state_and_shardings(task, tx, seed: int, mesh, rules):
+def abstract_state_and_shardings(task, tx, seed: int, sharding: mesh_lib.Sharding):
     """Shapes/dtypes of the (unboxed) state, and the NamedSharding of each leaf. No FLOPs, no memory."""
     init = _boxed_init(task, tx, seed)
-    with mesh_lib.activate(mesh, rules):
+    with sharding.activate():
         boxed = jax.eval_shape(init)
-    shardings = mesh_lib.shardings_from_logical(boxed, mesh, rules)
-    return nn.unbox(boxed), shardings
+    return nn.unbox(boxed), sharding.of(boxed)
 
 
-def create_sharded_state(task, tx, seed: int, mesh, rules, shardings) -> TrainState:
+def create_sharded_state(task, tx, seed: int, sharding: mesh_lib.Sharding, shardings) -> TrainState:
     """Initialize the state directly into its shards."""
     init = _boxed_init(task, tx, seed)
-    with mesh_lib.activate(mesh, rules):
+    with sharding.activate():
         return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
 
 
@@ -71,9 +70,7 @@ def restore_target(abstract_state, shardings):
     )
 
 
-def abstract_variables_and_shardings(task, seed: int, mesh, rules):
-    """Like abstract_state_and_shardings, for the model's variables alone (eval, generation, fine-tuning):
-    ({"params": ..., other collections}, their shardings)."""
-    with mesh_lib.activate(mesh, rules):
-        boxed = jax.eval_shape(lambda: task.init_variables(jax.random.key(seed)))
-    return nn.unbox(boxed), mesh_lib.shardings_from_logical(boxed, mesh, rules)
+def model_variables(state) -> dict:
+    """The Flax variables of a TrainState (or of its shardings, or its abstract shapes): what the model is
+    applied with, and what eval, generation and fine-tuning restore alone."""
+    return {"params": state.params, **state.model_state}

@@ -1,7 +1,7 @@
 """The training loop, top to bottom in the order things happen:
 
-config -> devices and mesh -> data -> model and task -> optimizer -> state (restore or init)
--> compiled step -> loop (batch, step, log, eval, checkpoint) -> final save and summary.
+config -> setup (mesh, model and task, optimizer, the state's shapes) -> data -> workdir lock -> state (restore
+or init) -> compiled step -> loop (batch, step, log, eval, checkpoint) -> final save and summary.
 """
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
-from bigjax import checkpoint, data, evaluate, finetune, lock, metrics, optim, paths, signals, tasks
+from bigjax import checkpoint, data, evaluate, finetune, lock, metrics, paths, signals
 from bigjax import config as config_lib
-from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
+from bigjax import step as step_lib
+from bigjax.setup import Setup, make_setup
 
 
 class TrainingError(Exception):
@@ -49,18 +48,15 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
 
 def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: bool) -> Summary:
     """`train`, with the signal handling in place; `workdir` is a directory or a bucket URL (gs://...)."""
-    # Devices and mesh: the config is checked against them before anything is compiled.
-    mesh = mesh_lib.make_mesh(config)
-    rules = mesh_lib.logical_rules(config)
-    metrics.say(f"mesh {mesh_lib.describe(mesh)} on {jax.devices()[0].device_kind}; workdir {workdir}")
+    # Mesh, model and task, optimizer, the state's shapes and shardings: the config is checked against the
+    # devices before anything is compiled, and everything is checked before anything is written to the workdir.
+    setup = make_setup(config)
+    metrics.say(f"mesh {setup.sharding.describe()} on {jax.devices()[0].device_kind}; workdir {workdir}")
 
-    # Model, task and data: all checked before anything is written to the workdir.
-    task = tasks.make_task(config)
-    # Batches are copied to the devices `data.prefetch` steps ahead; checkpoints hold the position of the last used.
-    train_batches = data.DeviceBatches(data.train_batches(config), mesh, config.data.prefetch)
+    # Data. Batches are copied to the devices `data.prefetch` steps ahead; checkpoints hold the position of the
+    # last one used.
+    train_batches = data.DeviceBatches(data.train_batches(config), setup.mesh, config.data.prefetch)
     eval_data = data.eval_data(config) if config.eval_every else None
-    tx = optim.make_optimizer(config.optim, config.total_steps, freeze=config.freeze)
-    abstract_state, state_shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
 
     # One trainer per workdir: a second one is refused here, before it has touched a file of the first.
     with lock.held(workdir, say=metrics.say) as workdir_lock:
@@ -70,9 +66,7 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
         keep = checkpoint.retention(config.keep_checkpoints, **ranking)  # the newest N, and the best for early stopping
 
         # State: restored from the newest usable checkpoint or freshly initialized into its shards.
-        state, counters = restore_or_init(
-            mngr, workdir, task, tx, config, mesh, rules, abstract_state, state_shardings, train_batches, fresh
-        )
+        state, counters = restore_or_init(setup, mngr, workdir, train_batches, fresh)
         write_config(workdir, config)  # only now: a refused resume must not overwrite the config of the checkpoints
         non_finite = NonFiniteGuard(config, start_step=int(state.step), skipped=counters.get("nan_skips", 0))
         start = int(state.step)
@@ -81,15 +75,15 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
             resume_early_stopping(stopper, mngr, start, config.eval_every)
 
         # One compiled, sharded, donating step.
-        train_step, compile_seconds = compile_train_step(task, tx, config, mesh, rules, state, state_shardings)
+        train_step, compile_seconds = step_lib.compile_train_step(setup)
         metrics.say(f"compiled the train step in {compile_seconds:.1f}s")
-        eval_step = evaluate.make_eval_step(task, mesh, rules, model_variables(state_shardings)) if eval_data else None
+        eval_step = evaluate.make_eval_step(setup) if eval_data else None
         if stop.reached(start):  # a signal during start-up: nothing was trained, so there is nothing new to save
             metrics.say(f"stopped by {stop.name} during start-up, at step {start}: nothing new to save")
             return Summary(step=start, status="preempted", last_metrics={})
 
         writer = metrics.MetricWriter(workdir)
-        throughput = Throughput(config.batch_size, task, mesh.devices.size)
+        throughput = Throughput(config.batch_size, setup.task, setup.mesh.devices.size)
         pending = []  # per-step metrics still on device: fetched only at log time, never every step
         last = {}
         bar = metrics.progress_bar(start, config.total_steps)
@@ -109,7 +103,7 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
                     checkpoint.raise_if_a_save_failed(mngr)  # a background save that failed stops the run here
                 eval_metrics = None
                 if eval_step is not None and step % config.eval_every == 0:
-                    eval_metrics = evaluate.evaluate(eval_step, model_variables(state), eval_data, mesh, task)
+                    eval_metrics = evaluate.evaluate(setup, eval_step, state_lib.model_variables(state), eval_data)
                     writer.write(step, prefixed("eval/", eval_metrics))
                     if stopper is not None:
                         stopper.update(step, eval_metrics)
@@ -167,15 +161,15 @@ def write_config(workdir, config) -> None:
         ) from error
 
 
-def restore_or_init(mngr, workdir, task, tx, config, mesh, rules, abstract_state, shardings, train_batches, fresh):
+def restore_or_init(setup: Setup, mngr, workdir, train_batches, fresh: bool):
     """(state, counters) from the newest usable checkpoint, the data iterator moved to match; else a new state.
 
     A changed model or optimizer is refused (checkpoint.CheckpointError lists the differences); unusable
     checkpoints are set aside. A workdir whose checkpoints are all unusable is not silently started over:
     that needs `fresh` (`bigjax train --fresh`).
     """
-    target = state_lib.restore_target(abstract_state, shardings)
-    restored = checkpoint.restore_newest_usable(mngr, workdir, target, config)
+    config = setup.config
+    restored = checkpoint.restore_newest_usable(mngr, workdir, setup.state_target(), config)
     if restored is not None and fresh:
         raise TrainingError(
             f"--fresh starts over only in a workdir with no usable checkpoint, and {workdir} has one at step "
@@ -193,9 +187,9 @@ def restore_or_init(mngr, workdir, task, tx, config, mesh, rules, abstract_state
         )
     if fresh:
         metrics.say(f"starting again from step 0 in {workdir} (--fresh)")
-    state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
+    state = setup.init_state()
     if config.init_from.workdir:  # fine-tuning: parameters from another run, optimizer and data from scratch
-        state = finetune.load_pretrained_state(state, config.init_from, shardings)
+        state = finetune.load_pretrained_state(state, config.init_from, setup.state_shardings)
     return state, {}
 
 
@@ -210,109 +204,6 @@ def resume_early_stopping(stopper, mngr, step: int, eval_every: int) -> None:
 def log_model_size(params) -> None:
     count = state_lib.count_parameters(params)
     metrics.say(f"model: {count / 1e6:.2f}M parameters")
-
-
-def model_variables(state) -> dict:
-    """The Flax variables of a TrainState (or of its shardings): what the model is applied with."""
-    return {"params": state.params, **state.model_state}
-
-
-def make_train_step(task, tx, config):
-    """The pure step: (state, batch) -> (new state, metrics). Gradients are accumulated over
-    `optim.grad_accum` microbatches inside the step, as sums, so k microbatches equal one big batch."""
-    schedule = optim.make_schedule(config.optim, config.total_steps)
-    accum = config.optim.grad_accum
-    dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-
-    def loss_sum(params, model_state, batch, rng):
-        # Frozen parameters are constants to the gradient: XLA computes no gradient for them at all.
-        params = jax.tree.map(
-            lambda frozen, p: jax.lax.stop_gradient(p) if frozen else p, finetune.matches(params, config.freeze), params
-        )
-        sums, new_model_state = task.loss_sums(params, model_state, batch, rng, train=True)
-        return sums["loss"], (sums, new_model_state)
-
-    grad_of_sums = jax.grad(loss_sum, has_aux=True)
-
-    def grads_and_sums(params, model_state, batch, rng):
-        if accum == 1:
-            return grad_of_sums(params, model_state, batch, rng)
-        # Microbatch i takes rows i, i+k, i+2k, ...: each device keeps its own rows, no data moves.
-        micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
-
-        def add_microbatch(carry, inputs):
-            grads, sums, model_state = carry
-            index, microbatch = inputs
-            micro_grads, (micro_sums, model_state) = grad_of_sums(
-                params, model_state, microbatch, jax.random.fold_in(rng, index)
-            )
-            return (jax.tree.map(jnp.add, grads, micro_grads), tasks.add_sums(sums, micro_sums), model_state), None
-
-        shapes = jax.eval_shape(grad_of_sums, params, model_state, jax.tree.map(lambda x: x[0], micro), rng)
-        zero_grads, zero_sums = jax.tree.map(jnp.zeros_like, (shapes[0], shapes[1][0]))
-        # Model state (BatchNorm statistics) is threaded through the microbatches in order.
-        carry = (zero_grads, zero_sums, model_state)
-        (grads, sums, model_state), _ = jax.lax.scan(add_microbatch, carry, (jnp.arange(accum), micro))
-        return grads, (sums, model_state)
-
-    def train_step(state, batch):
-        rng = jax.random.fold_in(dropout_key, state.step)
-        grad_sums, (sums, model_state) = grads_and_sums(state.params, state.model_state, batch, rng)
-        count = jnp.maximum(sums["count"], 1.0)
-        grads = jax.tree.map(lambda g: g / count, grad_sums)  # the gradient of the mean loss
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        # Frozen parameters are kept as they are, not given a zero update: bit-identical even where p + 0 is not.
-        params = jax.tree.map(
-            lambda frozen, old, new: old if frozen else new,
-            finetune.matches(state.params, config.freeze),
-            state.params,
-            optax.apply_updates(state.params, updates),
-        )
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            model_state=model_state,
-        )
-        step_metrics = {
-            **tasks.means(sums),
-            "grad_norm": optax.tree.norm(grads),
-            "learning_rate": schedule(state.step),
-        }
-        if config.nan_policy == "skip":
-            # A non-finite loss or gradient leaves the state as it was, but for the step count (the batch is
-            # used up). Decided here, on device: the host only counts skips when it fetches metrics to log.
-            finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["grad_norm"])
-            unchanged = state.replace(step=new_state.step)
-            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, unchanged)
-        return new_state, step_metrics
-
-    return train_step
-
-
-def compile_train_step(task, tx, config, mesh, rules, state, state_shardings):
-    """jit with explicit shardings, donating the old state; compiled ahead of time to time the compile."""
-    started = time.perf_counter()
-    with mesh_lib.activate(mesh, rules):
-        compiled = lower_train_step(task, tx, config, mesh, rules, state, state_shardings).compile()
-    return compiled, time.perf_counter() - started
-
-
-def lower_train_step(task, tx, config, mesh, rules, state, state_shardings):
-    """The train step traced for these shapes and shardings (`state` may be abstract), not yet compiled."""
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    step_fn = jax.jit(
-        make_train_step(task, tx, config),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    abstract_batch = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=batch_sharding),
-        task.batch_spec(config.batch_size),
-    )
-    with mesh_lib.activate(mesh, rules):
-        return step_fn.lower(state, abstract_batch)
 
 
 class Throughput:

@@ -8,6 +8,8 @@ from conftest import TINY
 
 from bigjax import bench, metrics, tasks
 from bigjax import mesh as mesh_lib
+from bigjax import step as step_lib
+from bigjax.setup import make_setup
 
 
 def test_bench_command_reports_throughput_flops_and_environment(cli, tiny_config, tmp_path):
@@ -94,18 +96,29 @@ def test_peak_memory_is_stated_unavailable_on_cpu():
 def test_a_scanned_model_compiles_one_program_whatever_its_depth(tiny_config, scan):
     """Why compile time stays flat in depth: with scanned layers, 8 layers trace to the program of 2 (the layer
     body once, the layer count only in the loop bound); unrolled, the program grows with every layer."""
-    from bigjax import optim, train
-    from bigjax import state as state_lib
 
     def program_size(layers: int) -> int:
         config = tiny_config("", f"config.model.num_layers={layers}", f"config.model.scan_layers={scan}")
-        task, mesh, rules = tasks.make_task(config), mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-        tx = optim.make_optimizer(config.optim, config.total_steps)
-        state, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-        return len(train.lower_train_step(task, tx, config, mesh, rules, state, shardings).as_text())
+        return len(step_lib.lower_train_step(make_setup(config)).as_text())
 
     ratio = program_size(8) / program_size(2)
     if scan:
         assert ratio < 1.05, ratio
     else:
         assert ratio > 2.5, ratio
+
+
+def test_bench_lowers_the_program_train_runs(tiny_config):
+    """bench times `train`'s step on synthetic data of the same shapes: the same lowered program, for a config
+    with frozen parameters, gradient accumulation and a skip policy (the parts a bench of its own would drift on)."""
+    config = tiny_config(
+        "",
+        "config.freeze=^layers/",
+        "config.optim.grad_accum=2",
+        "config.batch_size=16",
+        "config.nan_policy=skip",
+        "config.mesh.fsdp=2",
+    )
+    trains = step_lib.lower_train_step(make_setup(config)).as_text()
+    benches = step_lib.lower_train_step(make_setup(bench.synthetic(config))).as_text()
+    assert benches == trains

@@ -23,9 +23,8 @@ from tolerance import (
 )
 
 from bigjax import config as config_lib
-from bigjax import mesh as mesh_lib
-from bigjax import optim, plan, train
-from bigjax import state as state_lib
+from bigjax import plan
+from bigjax import step as step_lib
 from bigjax.config import ConfigError
 from bigjax.tasks import make_task
 
@@ -33,19 +32,16 @@ CHUNK = 8  # tiny.py's sequences are 32 tokens: four pieces; fixed_batch's paddi
 MESHES = {"gpt2": [(1, 1, 1), (8, 1, 1), (2, 2, 2)], "llama": [(1, 1, 1), (2, 2, 2)]}
 
 
-def sums_and_grads(task, params, batch, mesh, rules, param_shardings):
-    """The loss sums and the gradient of the mean loss, jitted with the parameters sharded for `mesh`."""
+def sums_and_grads(setup, params, batch):
+    """The loss sums and the gradient of the mean loss, jitted with the parameters sharded for the setup's mesh."""
 
     def mean_loss(p, b):
-        sums, _ = task.loss_sums(p, {}, b)
+        sums, _ = setup.task.loss_sums(p, {}, b)
         return sums["loss"] / sums["count"], sums
 
-    fn = jax.jit(
-        jax.grad(mean_loss, has_aux=True),
-        in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh)),
-    )
-    with mesh_lib.activate(mesh, rules):
-        grads, sums = fn(params, mesh_lib.global_batch_from_host(batch, mesh))
+    fn = jax.jit(jax.grad(mean_loss, has_aux=True), in_shardings=(setup.state_shardings.params, setup.sharding.batch))
+    with setup.sharding.activate():
+        grads, sums = fn(params, setup.sharding.global_batch(batch))
     return jax.device_get((sums, grads))
 
 
@@ -62,22 +58,21 @@ def batch_half_predicted(task, params, config):
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])  # tied embedding; untied `unembed` layer
 def test_chunked_loss_and_gradients_match_the_full_logits(tiny_config, variant):
     arg = "llama=True" if variant == "llama" else ""
-    plain_task = make_task(tiny_config(arg))
+    plain = tiny_config(arg)
     config = tiny_config(arg, f"config.task.loss_chunk={CHUNK}")
-    chunked_task = make_task(config)
+    plain_task = make_task(plain)
     host_params = jax.device_get(init_params(plain_task))
     batch = batch_half_predicted(plain_task, host_params, config)
 
-    def on(task, shape):
-        mesh, rules = on_mesh(config, shape)
-        shardings = state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)[1]["params"]
-        return sums_and_grads(task, jax.device_put(host_params, shardings), batch, mesh, rules, shardings)
+    def on(config, shape):
+        setup = on_mesh(config, shape)
+        return sums_and_grads(setup, jax.device_put(host_params, setup.state_shardings.params), batch)
 
-    want_sums, want_grads = on(plain_task, (1, 1, 1))
+    want_sums, want_grads = on(plain, (1, 1, 1))
     assert want_sums["accuracy"] >= 128 - 3  # the predicted half is right, but for 3 padded tokens
     tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=batch["weights"].size))
     for shape in MESHES[variant]:
-        sums, grads = on(chunked_task, shape)
+        sums, grads = on(config, shape)
         assert sums.keys() == want_sums.keys()
         # The loss sum adds terms >= 0: relative to itself.
         np.testing.assert_allclose(sums["loss"], want_sums["loss"], rtol=tolerance, err_msg=f"loss sum on {shape}")
@@ -86,7 +81,7 @@ def test_chunked_loss_and_gradients_match_the_full_logits(tiny_config, variant):
 
 
 def test_one_train_step_gives_the_same_metrics_and_parameters(tiny_config):
-    """Through train.compile_train_step, with dropout on: the chunked path draws the same dropout masks.
+    """Through step.compile_train_step, with dropout on: the chunked path draws the same dropout masks.
 
     One SGD step at the full learning rate without clipping or weight decay: the update is -lr x the gradient, so
     the parameters differ as the gradients do, and the gradient (hence the bound of its norm) can be read off it.
@@ -95,13 +90,11 @@ def test_one_train_step_gives_the_same_metrics_and_parameters(tiny_config):
     sgd = ["config.optim.name=sgd", "config.optim.warmup_steps=0", "config.optim.clip=0", "config.optim.weight_decay=0"]
     for chunk in (0, CHUNK):
         config = tiny_config("", "config.model.dropout=0.1", f"config.task.loss_chunk={chunk}", *sgd)
-        task, tx = make_task(config), optim.make_optimizer(config.optim, config.total_steps)
-        mesh, rules = on_mesh(config, (2, 2, 2))
-        _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-        state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
+        setup = on_mesh(config, (2, 2, 2))
+        state = setup.init_state()
         initial = jax.device_get(state.params)
-        step, _ = train.compile_train_step(task, tx, config, mesh, rules, state, shardings)
-        state, step_metrics = step(state, mesh_lib.global_batch_from_host(fixed_batch(config), mesh))
+        step, _ = step_lib.compile_train_step(setup)
+        state, step_metrics = step(state, setup.sharding.global_batch(fixed_batch(config)))
         step_outputs.append(jax.device_get((step_metrics, state.params)))
     (plain_metrics, plain_params), (chunked_metrics, chunked_params) = step_outputs
     assert chunked_metrics.keys() == plain_metrics.keys() == {"loss", "accuracy", "grad_norm", "learning_rate"}
@@ -116,11 +109,7 @@ def test_one_train_step_gives_the_same_metrics_and_parameters(tiny_config):
 
 
 def compiled_temporaries(config) -> int:
-    task, tx = make_task(config), optim.make_optimizer(config.optim, config.total_steps)
-    mesh, rules = on_mesh(config, (1, 1, 1))
-    abstract_state, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-    target = state_lib.restore_target(abstract_state, shardings)
-    compiled, _ = train.compile_train_step(task, tx, config, mesh, rules, target, shardings)
+    compiled, _ = step_lib.compile_train_step(on_mesh(config, (1, 1, 1)))
     return compiled.memory_analysis().temp_size_in_bytes
 
 

@@ -1,6 +1,7 @@
 """Eval metrics count every example of the eval split once: the last batch's padding weighs nothing in any task,
 so the metrics over a split whose size the batch does not divide equal those over the same examples unpadded."""
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -11,9 +12,8 @@ from tolerance import float32_sum_tolerance
 
 from bigjax import config as config_lib
 from bigjax import data, evaluate
-from bigjax import mesh as mesh_lib
-from bigjax import state as state_lib
 from bigjax.data import corpus, pipeline
+from bigjax.setup import make_setup
 from bigjax.tasks import make_task
 
 # (model family, task, eval batch size): each batch size leaves the last batch of its split partly padding.
@@ -63,14 +63,10 @@ class Recorded:
 
 def eval_metrics(config, variables):
     """(metrics, sums) of the eval job's evaluation of `variables` on one device, at config.batch_size."""
-    mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
-    rules = mesh_lib.logical_rules(config)
-    task = make_task(config)
-    _, shardings = state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)
-    eval_step = evaluate.make_eval_step(task, mesh, rules, shardings)
-    recorded = Recorded(task)
-    metrics = evaluate.evaluate(eval_step, variables, data.eval_data(config), mesh, recorded)
-    return metrics, jax.device_get(recorded.sums)
+    setup = make_setup(config, jax.devices()[:1])
+    recorded = dataclasses.replace(setup, task=Recorded(setup.task))
+    metrics = evaluate.evaluate(recorded, evaluate.make_eval_step(setup), variables, data.eval_data(config))
+    return metrics, jax.device_get(recorded.task.sums)
 
 
 def random_variables(config):

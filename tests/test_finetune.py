@@ -11,9 +11,7 @@ from test_train import final_params
 
 from bigjax import checkpoint, finetune, metrics, optim, train
 from bigjax import config as config_lib
-from bigjax import mesh as mesh_lib
-from bigjax import state as state_lib
-from bigjax.tasks import make_task
+from bigjax.setup import make_setup
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +41,9 @@ def classifier_config(pretrained_workdir, *overrides):
 
 
 def fresh_and_loaded(config):
-    task = make_task(config)
-    tx = optim.make_optimizer(config.optim, config.total_steps, config.freeze)
-    mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-    _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-    state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
-    with mesh_lib.activate(mesh, rules):
+    setup = make_setup(config)
+    state, shardings = setup.init_state(), setup.state_shardings
+    with setup.sharding.activate():
         loaded = finetune.load_pretrained(state.params, config.init_from, shardings.params)
     return state.params, loaded, shardings.params
 
@@ -73,11 +68,9 @@ def test_init_from_loads_the_backbone_onto_another_mesh_and_leaves_the_new_head_
 def load_onto_abstract(config):
     """init_from into the abstract parameters of `config`'s model: loaded ones come back as arrays, the others
     stay ShapeDtypeStructs (no initialization is compiled: the checks run before any restore)."""
-    task = make_task(config)
-    tx = optim.make_optimizer(config.optim, config.total_steps, config.freeze)
-    mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-    abstract, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-    return finetune.by_path(finetune.load_pretrained(abstract.params, config.init_from, shardings.params))
+    setup = make_setup(config)
+    loaded = finetune.load_pretrained(setup.abstract_state.params, config.init_from, setup.state_shardings.params)
+    return finetune.by_path(loaded)
 
 
 def test_init_from_include_and_exclude_select_what_is_loaded(pretrained):
@@ -130,10 +123,7 @@ def test_fine_tuning_with_a_frozen_backbone_keeps_it_bit_identical(pretrained, t
     assert not np.array_equal(after["embed/embedding"], before["embed/embedding"])
 
     # Adam's moments exist for the two trained embeddings only.
-    task, tx = make_task(config), optim.make_optimizer(config.optim, config.total_steps, config.freeze)
-    mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-    abstract, _ = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-    shapes = [leaf.shape for leaf in jax.tree.leaves(abstract.opt_state) if leaf.ndim]
+    shapes = [leaf.shape for leaf in jax.tree.leaves(make_setup(config).abstract_state.opt_state) if leaf.ndim]
     assert sorted(shapes) == sorted(
         [after["embed/embedding"].shape] * 2 + [after["position_embed/embedding"].shape] * 2
     )

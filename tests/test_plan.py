@@ -9,19 +9,16 @@ import jax
 import pytest
 from conftest import REPO
 
-from bigjax import mesh as mesh_lib
-from bigjax import optim, plan, tasks
-from bigjax import state as state_lib
+from bigjax import plan
+from bigjax.setup import make_setup
 
 GPT2, LLAMA = str(REPO / "experiments" / "gpt2_124m.py"), str(REPO / "experiments" / "llama_1b.py")
 
 
 def real_state(config):
     """The train state as training creates it, on the 8 simulated devices, and its shardings."""
-    mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-    task, tx = tasks.make_task(config), optim.make_optimizer(config.optim, config.total_steps)
-    _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-    return state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings), shardings
+    setup = make_setup(config)
+    return setup.init_state(), setup.state_shardings
 
 
 def bytes_on_device_0(tree) -> int:
@@ -175,3 +172,15 @@ def test_byte_formatting():
     assert (
         plan.fmt_bytes(3 * 2**30) == "3.00 GiB" and plan.fmt_bytes(1536) == "1.50 KiB" and plan.fmt_bytes(12) == "12 B"
     )
+
+
+def test_a_frozen_backbone_is_planned_with_the_optimizer_state_training_keeps(tiny_config):
+    """`plan` builds the optimizer `train` builds: frozen parameters get no optimizer state (resnet50_transfer's
+    backbone, here a tiny GPT's blocks), so the planned bytes are those of the real state, not AdamW's moments for
+    every parameter."""
+    config = tiny_config("", "config.freeze=^(layers|final_norm)/", "config.mesh.data=2", "config.mesh.fsdp=4")
+    report = plan.make_plan(config)
+    state, _ = real_state(config)
+    assert report.per_device["optimizer_state"] == bytes_on_device_0(state.opt_state)
+    everything_trained = real_state(tiny_config("", "config.mesh.data=2", "config.mesh.fsdp=4"))[0]
+    assert bytes_on_device_0(state.opt_state) < bytes_on_device_0(everything_trained.opt_state) / 2

@@ -18,9 +18,8 @@ from tolerance import (
 )
 
 from bigjax import mesh as mesh_lib
-from bigjax import optim, train
-from bigjax import state as state_lib
-from bigjax.tasks import make_task
+from bigjax import step as step_lib
+from bigjax.setup import make_setup
 
 # data x fsdp x tensor: one device, pure data parallel, FSDP, and all three axes at once.
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]
@@ -35,37 +34,32 @@ def fixed_batch(config, seed=0):
 
 
 def on_mesh(config, shape):
+    """The setup of `config` on a data x fsdp x tensor mesh of that shape (over the first devices)."""
     config.mesh.update(dict(zip(mesh_lib.MESH_AXES, shape, strict=True)))
-    devices = jax.devices()[: int(np.prod(shape))]
-    return mesh_lib.make_mesh(config, devices), mesh_lib.logical_rules(config)
+    return make_setup(config, jax.devices()[: int(np.prod(shape))])
 
 
-def loss_and_grads(task, params, batch, mesh, rules, param_shardings):
+def loss_and_grads(setup, params, batch):
     def mean_loss(p, b):
-        sums, _ = task.loss_sums(p, {}, b)
+        sums, _ = setup.task.loss_sums(p, {}, b)
         return sums["loss"] / sums["count"]
 
-    fn = jax.jit(
-        jax.value_and_grad(mean_loss),
-        in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh)),
-    )
-    with mesh_lib.activate(mesh, rules):
-        return fn(params, mesh_lib.global_batch_from_host(batch, mesh))
+    fn = jax.jit(jax.value_and_grad(mean_loss), in_shardings=(setup.state_shardings.params, setup.sharding.batch))
+    with setup.sharding.activate():
+        return fn(params, setup.sharding.global_batch(batch))
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])
 def test_loss_and_gradients_match_on_every_mesh(tiny_config, variant):
     config = tiny_config("llama=True" if variant == "llama" else "")
-    task, batch = make_task(config), fixed_batch(config)
+    batch = fixed_batch(config)
     reference = None
     for shape in MESHES:
-        mesh, rules = on_mesh(config, shape)
-        _, shardings = state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)
-        shardings = shardings["params"]
+        setup = on_mesh(config, shape)
         if reference is None:
-            host_params = jax.device_get(init_params(task))
-        params = jax.device_put(host_params, shardings)
-        loss, grads = jax.device_get(loss_and_grads(task, params, batch, mesh, rules, shardings))
+            host_params = jax.device_get(init_params(setup.task))
+        params = jax.device_put(host_params, setup.state_shardings.params)
+        loss, grads = jax.device_get(loss_and_grads(setup, params, batch))
         if reference is None:
             reference = (loss, grads)
             continue
@@ -98,12 +92,9 @@ def padded(spec, rank: int) -> tuple:
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])
 def test_every_parameter_is_sharded_as_its_logical_axes_say(tiny_config, variant):
     config = tiny_config("llama=True" if variant == "llama" else "")
-    task = make_task(config)
-    mesh, rules = on_mesh(config, (2, 2, 2))
-    tx = optim.make_optimizer(config.optim, config.total_steps)
-    _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-    state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
-    logical = nn.get_partition_spec(jax.eval_shape(task.init_variables, jax.random.key(0))["params"])
+    setup = on_mesh(config, (2, 2, 2))
+    state = setup.init_state()
+    logical = nn.get_partition_spec(jax.eval_shape(setup.task.init_variables, jax.random.key(0))["params"])
     names_seen = set()
 
     def check(path, names, param):
@@ -142,20 +133,17 @@ def test_train_steps_match_on_every_mesh(tiny_config, variant):
     swamp the gradient's.
     """
     config = tiny_config("llama=True" if variant == "llama" else "", "config.optim.name=sgd", "config.optim.clip=0")
-    task = make_task(config)
-    tx = optim.make_optimizer(config.optim, config.total_steps)
     batches = [fixed_batch(config, seed) for seed in range(3)]
     reference = initial = None
     # Each mesh is a compile of its own (seconds on the CI's CPU): two per variant, between them every axis.
     for shape in [(1, 1, 1), (2, 2, 2)] if variant == "gpt2" else [(1, 1, 1), (1, 4, 2)]:
-        mesh, rules = on_mesh(config, shape)
-        _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-        state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
+        setup = on_mesh(config, shape)
+        state = setup.init_state()
         initial = jax.device_get(state.params) if initial is None else initial
-        step, _ = train.compile_train_step(task, tx, config, mesh, rules, state, shardings)
+        step, _ = step_lib.compile_train_step(setup)
         losses = []
         for batch in batches:
-            state, m = step(state, mesh_lib.global_batch_from_host(batch, mesh))
+            state, m = step(state, setup.sharding.global_batch(batch))
             losses.append(m["loss"])
         result = jax.device_get((losses, state.params))
         if reference is None:
@@ -175,7 +163,5 @@ def test_a_mesh_that_does_not_divide_a_parameter_is_a_clear_error(tiny_config):
     from bigjax.config import ConfigError
 
     config = tiny_config("llama=True")  # 2 key/value heads cannot split 4 ways
-    task = make_task(config)
-    mesh, rules = on_mesh(config, (1, 2, 4))
     with pytest.raises(ConfigError, match=r"layers/attention/key/kernel has size 2 in dimension 2.*tensor=4"):
-        state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)
+        on_mesh(config, (1, 2, 4))

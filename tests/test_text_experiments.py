@@ -8,10 +8,10 @@ from conftest import REPO
 from test_train import final_params, losses_by_step
 
 from bigjax import config as config_lib
-from bigjax import finetune, optim, train
-from bigjax import mesh as mesh_lib
-from bigjax import state as state_lib
+from bigjax import finetune, train
+from bigjax import step as step_lib
 from bigjax.models.gpt import parameter_count
+from bigjax.setup import make_setup
 from bigjax.tasks import make_task
 
 EXPERIMENTS = REPO / "experiments"
@@ -83,12 +83,9 @@ def test_full_size_text_experiments_compile_a_train_step(name):
     task = make_task(config)
     counts = parameter_count(task.model.cfg)
     assert 108e6 < counts["layers"] + counts["embedding"] < 112e6  # BERT-base: 110M
-    tx = optim.make_optimizer(config.optim, config.total_steps, config.freeze)
-    mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-    abstract, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-    state = state_lib.restore_target(abstract, shardings)  # shapes only: nothing is allocated
+    setup = make_setup(config)  # shapes only: nothing is allocated
     if name == "imdb_finetune":  # the same encoder under a classifier head (compiled at toy size elsewhere)
-        assert set(abstract.params) >= {"classifier", "pooler", "layers"}
+        assert set(setup.abstract_state.params) >= {"classifier", "pooler", "layers"}
         return
-    compiled, _ = train.compile_train_step(task, tx, config, mesh, rules, state, shardings)
+    compiled, _ = step_lib.compile_train_step(setup)
     assert compiled.cost_analysis() is not None

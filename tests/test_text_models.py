@@ -4,13 +4,13 @@ import jax
 import numpy as np
 import pytest
 from conftest import init_params
-from test_sharding import on_mesh
+from test_sharding import loss_and_grads, on_mesh
 from tolerance import assert_close_after_reordering, float32_sum_tolerance, lm_sum_lengths
 
 from bigjax import config as config_lib
-from bigjax import data, optim, train
-from bigjax import mesh as mesh_lib
-from bigjax import state as state_lib
+from bigjax import data
+from bigjax import step as step_lib
+from bigjax.setup import make_setup
 from bigjax.tasks import make_task
 from bigjax.tasks.masked_lm import mask_tokens
 
@@ -200,17 +200,9 @@ def test_loss_and_gradients_match_on_every_mesh(family, task_name):
     host_params = jax.tree.map(lambda p: p + 0.01, jax.device_get(init_params(task)))  # a nonzero head
     reference = None
     for shape in [(1, 1, 1), (2, 2, 2)]:  # (2, 2, 2) caught an XLA partitioning bug: see bert.py
-        mesh, rules = on_mesh(config, shape)
-        _, shardings = state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)
-        params = jax.device_put(host_params, shardings["params"])
-
-        def mean_loss(p, b):
-            sums, _ = task.loss_sums(p, {}, b)
-            return sums["loss"] / sums["count"]
-
-        fn = jax.jit(jax.value_and_grad(mean_loss), in_shardings=(shardings["params"], mesh_lib.batch_sharding(mesh)))
-        with mesh_lib.activate(mesh, rules):
-            result = jax.device_get(fn(params, mesh_lib.global_batch_from_host(batch, mesh)))
+        setup = on_mesh(config, shape)
+        params = jax.device_put(host_params, setup.state_shardings.params)
+        result = jax.device_get(loss_and_grads(setup, params, batch))
         if reference is None:
             reference = result
             continue
@@ -225,15 +217,12 @@ def test_loss_and_gradients_match_on_every_mesh(family, task_name):
 
 
 def train_steps(config, batches):
-    task = make_task(config)
-    tx = optim.make_optimizer(config.optim, config.total_steps)
-    mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-    _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-    state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
-    step, _ = train.compile_train_step(task, tx, config, mesh, rules, state, shardings)
+    setup = make_setup(config)
+    state = setup.init_state()
+    step, _ = step_lib.compile_train_step(setup)
     losses = []
     for batch in batches:
-        state, m = step(state, mesh_lib.global_batch_from_host(batch, mesh))
+        state, m = step(state, setup.sharding.global_batch(batch))
         losses.append(float(m["loss"]))
     return losses
 

@@ -1,6 +1,7 @@
 """The train loop: resume bit-for-bit, resume onto another mesh, gradient accumulation, the step's randomness,
 NaN stop and skip, SIGTERM."""
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -15,9 +16,10 @@ import test_text_models
 from conftest import REPO, TINY, init_params, read_until
 from tolerance import assert_sgd_params_close_after_reordering, float32_sum_tolerance, lm_sum_lengths, norm_atol
 
-from bigjax import checkpoint, metrics, optim, train
+from bigjax import checkpoint, metrics, train
 from bigjax import mesh as mesh_lib
-from bigjax import state as state_lib
+from bigjax import step as step_lib
+from bigjax.setup import make_setup
 from bigjax.tasks import make_task
 
 
@@ -29,13 +31,9 @@ def final_params(workdir, config):
     """The newest checkpoint's parameters, restored onto one device as numpy."""
     config = config.copy_and_resolve_references()
     config.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
-    rules = mesh_lib.logical_rules(config)
-    task = make_task(config)
-    abstract, shardings = state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)
+    target = make_setup(config, jax.devices()[:1]).variables_target()
     mngr = checkpoint.manager(workdir, read_only=True)
-    variables = checkpoint.restore_variables(mngr, mngr.latest_step(), state_lib.restore_target(abstract, shardings))
-    return jax.device_get(variables["params"])
+    return jax.device_get(checkpoint.restore_variables(mngr, mngr.latest_step(), target)["params"])
 
 
 # The runs that resume are trained by SGD without clipping, whose update is linear in the gradient, so that a run
@@ -103,14 +101,13 @@ def test_resume_with_a_changed_model_is_refused(straight_run, tmp_path, tiny_con
 
 
 def compiled_train_step(config, task=None):
-    """(the compiled train step, a fresh state, the state's shardings, the mesh) for `config` (and `task`)."""
-    task = task or make_task(config)
-    tx = optim.make_optimizer(config.optim, config.total_steps)
-    mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-    _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-    state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
-    step, _ = train.compile_train_step(task, tx, config, mesh, rules, state, shardings)
-    return step, state, shardings, mesh
+    """(the compiled train step, a fresh state, the state's shardings, the mesh) for `config` (and `task`, one
+    with the same variables as config's)."""
+    setup = make_setup(config)
+    if task is not None:
+        setup = dataclasses.replace(setup, task=task)
+    step, _ = step_lib.compile_train_step(setup)
+    return step, setup.init_state(), setup.state_shardings, setup.mesh
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_config):

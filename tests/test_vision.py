@@ -19,9 +19,8 @@ from tolerance import (
 )
 
 from bigjax import config as config_lib
-from bigjax import mesh as mesh_lib
-from bigjax import optim, train
 from bigjax import state as state_lib
+from bigjax import step as step_lib
 from bigjax.tasks import make_task
 
 # One device, pure data parallel (BatchNorm statistics averaged over 8), and every axis split at once.
@@ -100,24 +99,24 @@ def random_variables(task, seed=0):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def train_loss_grads_and_state(task, variables, batch, mesh, rules, shardings):
-    """Mean training loss, its gradients and the updated model state (BatchNorm statistics) on `mesh`."""
+def train_loss_grads_and_state(setup, variables, batch):
+    """Mean training loss, its gradients and the updated model state (BatchNorm statistics) on the setup's mesh."""
 
     def mean_loss(params, model_state, b):
-        sums, new_state = task.loss_sums(params, model_state, b, jax.random.key(1), train=True)
+        sums, new_state = setup.task.loss_sums(params, model_state, b, jax.random.key(1), train=True)
         return sums["loss"] / sums["count"], new_state
 
     params, model_state = state_lib.split_variables(variables)
-    param_shardings, state_shardings = state_lib.split_variables(shardings)
+    param_shardings, state_shardings = setup.state_shardings.params, setup.state_shardings.model_state
     fn = jax.jit(
         jax.value_and_grad(mean_loss, has_aux=True),
-        in_shardings=(param_shardings, state_shardings, mesh_lib.batch_sharding(mesh)),
+        in_shardings=(param_shardings, state_shardings, setup.sharding.batch),
     )
-    with mesh_lib.activate(mesh, rules):
+    with setup.sharding.activate():
         (loss, new_state), grads = fn(
             jax.device_put(params, param_shardings),
             jax.device_put(model_state, state_shardings),
-            mesh_lib.global_batch_from_host(batch, mesh),
+            setup.sharding.global_batch(batch),
         )
     return jax.device_get((loss, grads, new_state))
 
@@ -129,9 +128,7 @@ def test_loss_gradients_and_batch_statistics_match_on_every_mesh(variant):
     host_variables = random_variables(task)
     reference = None
     for shape in MESHES:
-        mesh, rules = on_mesh(config, shape)
-        _, shardings = state_lib.abstract_variables_and_shardings(task, config.seed, mesh, rules)
-        result = train_loss_grads_and_state(task, host_variables, batch, mesh, rules, shardings)
+        result = train_loss_grads_and_state(on_mesh(config, shape), host_variables, batch)
         if reference is None:
             reference = result
             continue
@@ -155,24 +152,21 @@ def test_scanned_resnet_train_steps_match_on_every_mesh_with_global_sharded_batc
     # SGD without clipping: the update is linear in the gradient (see test_sharding.test_train_steps_match_...).
     config = vision_config("resnet_scan", "config.optim.name=sgd", "config.optim.clip=0", image_size=16)
     tolerance = float32_sum_tolerance(*vision_sum_lengths(config))
-    task = make_task(config)
-    tx = optim.make_optimizer(config.optim, config.total_steps)
-    variables = random_variables(task)
+    variables = random_variables(make_task(config))
     batches = [image_batch(config, seed) for seed in range(2)]
     old_mean = variables["batch_stats"]["stem_norm"]["mean"]
     expected_mean = 0.9 * old_mean + 0.1 * stem_channel_mean(batches[0]["image"], variables["params"]["stem"]["kernel"])
     reference = None
     for shape in [(1, 1, 1), (2, 2, 2)]:
-        mesh, rules = on_mesh(config, shape)
-        _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-        state = state_from_variables(tx, variables, shardings)
-        step, _ = train.compile_train_step(task, tx, config, mesh, rules, state, shardings)
-        state, _ = step(state, mesh_lib.global_batch_from_host(batches[0], mesh))
+        setup = on_mesh(config, shape)
+        state = state_from_variables(setup.tx, variables, setup.state_shardings)
+        step, _ = step_lib.compile_train_step(setup)
+        state, _ = step(state, setup.sharding.global_batch(batches[0]))
         running_mean = state.model_state["batch_stats"]["stem_norm"]["mean"]
         assert_close_after_reordering(running_mean, expected_mean, tolerance, f"stem's running mean on mesh {shape}")
         if shape == (2, 2, 2):
             assert running_mean.sharding.spec == jax.sharding.PartitionSpec("fsdp")
-        state, _ = step(state, mesh_lib.global_batch_from_host(batches[1], mesh))
+        state, _ = step(state, setup.sharding.global_batch(batches[1]))
         result = jax.device_get((state.params, state.model_state))
         if reference is None:
             reference = result

@@ -13,8 +13,7 @@ from tolerance import assert_close_after_reordering, assert_sgd_params_close_aft
 
 from bigjax import checkpoint, metrics, train
 from bigjax import config as config_lib
-from bigjax import mesh as mesh_lib
-from bigjax import state as state_lib
+from bigjax.setup import make_setup
 from bigjax.tasks import make_task
 
 CNN_DIGITS = str(REPO / "experiments" / "cnn_digits.py")
@@ -84,10 +83,8 @@ def saved_variables(workdir, config):
     """The newest checkpoint's parameters and BatchNorm statistics, restored onto one device as numpy."""
     config = config.copy_and_resolve_references()
     config.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    mesh, rules = mesh_lib.make_mesh(config, jax.devices()[:1]), mesh_lib.logical_rules(config)
-    abstract, shardings = state_lib.abstract_variables_and_shardings(make_task(config), config.seed, mesh, rules)
+    target = make_setup(config, jax.devices()[:1]).variables_target()
     mngr = checkpoint.manager(workdir, read_only=True)
-    target = state_lib.restore_target(abstract, shardings)
     return jax.device_get(checkpoint.restore_variables(mngr, mngr.latest_step(), target))
 
 

@@ -235,20 +235,13 @@ def final_state(workdir, step: int = TOTAL_STEPS):
     """(params, opt_state) of the checkpoint at `step`, restored onto one device as numpy."""
     import jax
 
-    from bigjax import checkpoint, optim
+    from bigjax import checkpoint
     from bigjax import config as config_lib
-    from bigjax import mesh as mesh_lib
-    from bigjax import state as state_lib
-    from bigjax.tasks.causal_lm import CausalLM
+    from bigjax.setup import make_setup
 
     config = config_lib.load(TINY, ["config.mesh.data=1"])  # the state's layout does not depend on the length
-    mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
-    rules = mesh_lib.logical_rules(config)
-    task = CausalLM(config)
-    tx = optim.make_optimizer(config.optim, config.total_steps)
-    abstract, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
     mngr = checkpoint.manager(workdir, read_only=True)
-    restored = checkpoint.restore_train_state(mngr, step, state_lib.restore_target(abstract, shardings))
+    restored = checkpoint.restore_train_state(mngr, step, make_setup(config, jax.devices()[:1]).state_target())
     return jax.device_get((restored.state.params, restored.state.opt_state))
 
 

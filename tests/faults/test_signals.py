@@ -67,7 +67,7 @@ def test_a_signal_while_the_config_is_read_stops_with_nothing_to_save_and_exit_z
 def test_sigterm_during_the_compile_of_a_resumed_run_keeps_its_checkpoint_and_exits_zero(cli, env, tmp_path):
     workdir = tmp_path / "run"
     cli(*train_args(workdir), "--stop-at-step", "4", env=env)
-    result = run_signalled("bigjax.train:compile_train_step", 1, "SIGTERM", train_args(workdir), env)
+    result = run_signalled("bigjax.step:compile_train_step", 1, "SIGTERM", train_args(workdir), env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stopped by SIGTERM during start-up, at step 4: nothing new to save" in result.stdout
     assert committed_steps(workdir) == [4] and not uncommitted_steps(workdir)

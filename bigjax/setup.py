@@ -1,0 +1,61 @@
+"""A run's setup, built once from its config: where it runs (the mesh with its rules), what it learns (the task
+and its model), how (the optimizer, frozen parameters included), and the shapes and shardings of its state.
+
+    setup = make_setup(config)                      # on the devices present
+    setup = make_setup(config, num_devices=64)      # on devices that are not (an AbstractMesh: `bigjax plan`)
+
+`train`, `eval`, `generate`, `plan` and `bench` all start here, so what `plan` counts and `bench` times is the
+step `train` runs. Nothing is allocated: the state is abstract until `init_state()` creates it in its shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+import optax
+
+from bigjax import mesh as mesh_lib
+from bigjax import optim, tasks
+from bigjax import state as state_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    config: ml_collections.ConfigDict
+    sharding: mesh_lib.Sharding
+    task: Any  # bigjax.tasks: the model, the batch layout, the loss and the metrics
+    tx: optax.GradientTransformation
+    abstract_state: state_lib.TrainState  # ShapeDtypeStructs
+    state_shardings: state_lib.TrainState  # a NamedSharding for each leaf
+
+    @property
+    def mesh(self):
+        return self.sharding.mesh
+
+    def init_state(self) -> state_lib.TrainState:
+        """A fresh state, created directly in its shards."""
+        return state_lib.create_sharded_state(self.task, self.tx, self.config.seed, self.sharding, self.state_shardings)
+
+    def state_target(self) -> state_lib.TrainState:
+        """The state as ShapeDtypeStructs with their shardings: what a checkpoint is restored onto, or a step
+        lowered for."""
+        return state_lib.restore_target(self.abstract_state, self.state_shardings)
+
+    @property
+    def variable_shardings(self) -> dict:
+        return state_lib.model_variables(self.state_shardings)
+
+    def variables_target(self) -> dict:
+        """The model's variables alone, like `state_target`: what eval, generation and fine-tuning restore."""
+        return state_lib.model_variables(self.state_target())
+
+
+def make_setup(config, devices=None, num_devices: int | None = None) -> Setup:
+    """The setup of `config` on `devices` (default: all present), or on `num_devices` that need not exist."""
+    sharding = mesh_lib.Sharding.from_config(config, devices, num_devices)
+    task = tasks.make_task(config)
+    tx = optim.make_optimizer(config.optim, config.total_steps, freeze=config.freeze)
+    abstract_state, state_shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, sharding)
+    return Setup(config, sharding, task, tx, abstract_state, state_shardings)

@@ -1,0 +1,115 @@
+"""The train step: (state, batch) -> (new state, metrics), one jitted, sharded, donating program.
+
+`train` runs it, `bench` times it and `plan` compiles it for XLA's memory analysis: the same program, lowered
+from the same `Setup`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bigjax import finetune, optim, tasks
+from bigjax.setup import Setup
+
+
+def make_train_step(task, tx, config):
+    """The pure step: (state, batch) -> (new state, metrics). Gradients are accumulated over
+    `optim.grad_accum` microbatches inside the step, as sums, so k microbatches equal one big batch."""
+    schedule = optim.make_schedule(config.optim, config.total_steps)
+    accum = config.optim.grad_accum
+    dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+
+    def loss_sum(params, model_state, batch, rng):
+        # Frozen parameters are constants to the gradient: XLA computes no gradient for them at all.
+        params = jax.tree.map(
+            lambda frozen, p: jax.lax.stop_gradient(p) if frozen else p, finetune.matches(params, config.freeze), params
+        )
+        sums, new_model_state = task.loss_sums(params, model_state, batch, rng, train=True)
+        return sums["loss"], (sums, new_model_state)
+
+    grad_of_sums = jax.grad(loss_sum, has_aux=True)
+
+    def grads_and_sums(params, model_state, batch, rng):
+        if accum == 1:
+            return grad_of_sums(params, model_state, batch, rng)
+        # Microbatch i takes rows i, i+k, i+2k, ...: each device keeps its own rows, no data moves.
+        micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def add_microbatch(carry, inputs):
+            grads, sums, model_state = carry
+            index, microbatch = inputs
+            micro_grads, (micro_sums, model_state) = grad_of_sums(
+                params, model_state, microbatch, jax.random.fold_in(rng, index)
+            )
+            return (jax.tree.map(jnp.add, grads, micro_grads), tasks.add_sums(sums, micro_sums), model_state), None
+
+        shapes = jax.eval_shape(grad_of_sums, params, model_state, jax.tree.map(lambda x: x[0], micro), rng)
+        zero_grads, zero_sums = jax.tree.map(jnp.zeros_like, (shapes[0], shapes[1][0]))
+        # Model state (BatchNorm statistics) is threaded through the microbatches in order.
+        carry = (zero_grads, zero_sums, model_state)
+        (grads, sums, model_state), _ = jax.lax.scan(add_microbatch, carry, (jnp.arange(accum), micro))
+        return grads, (sums, model_state)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(dropout_key, state.step)
+        grad_sums, (sums, model_state) = grads_and_sums(state.params, state.model_state, batch, rng)
+        count = jnp.maximum(sums["count"], 1.0)
+        grads = jax.tree.map(lambda g: g / count, grad_sums)  # the gradient of the mean loss
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        # Frozen parameters are kept as they are, not given a zero update: bit-identical even where p + 0 is not.
+        params = jax.tree.map(
+            lambda frozen, old, new: old if frozen else new,
+            finetune.matches(state.params, config.freeze),
+            state.params,
+            optax.apply_updates(state.params, updates),
+        )
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            model_state=model_state,
+        )
+        step_metrics = {
+            **tasks.means(sums),
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": schedule(state.step),
+        }
+        if config.nan_policy == "skip":
+            # A non-finite loss or gradient leaves the state as it was, but for the step count (the batch is
+            # used up). Decided here, on device: the host only counts skips when it fetches metrics to log.
+            finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["grad_norm"])
+            unchanged = state.replace(step=new_state.step)
+            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, unchanged)
+        return new_state, step_metrics
+
+    return train_step
+
+
+def compile_train_step(setup: Setup):
+    """The step, compiled ahead of time (to time the compile): (compiled step, seconds)."""
+    started = time.perf_counter()
+    with setup.sharding.activate():
+        compiled = lower_train_step(setup).compile()
+    return compiled, time.perf_counter() - started
+
+
+def lower_train_step(setup: Setup):
+    """The step jitted with the setup's shardings, donating the old state, and traced for its shapes (the
+    state abstract: nothing is allocated); not yet compiled."""
+    sharding = setup.sharding
+    step_fn = jax.jit(
+        make_train_step(setup.task, setup.tx, setup.config),
+        in_shardings=(setup.state_shardings, sharding.batch),
+        out_shardings=(setup.state_shardings, sharding.replicated),
+        donate_argnums=(0,),
+    )
+    abstract_batch = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding.batch),
+        setup.task.batch_spec(setup.config.batch_size),
+    )
+    with sharding.activate():
+        return step_fn.lower(setup.state_target(), abstract_batch)
