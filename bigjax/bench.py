@@ -37,12 +37,13 @@ from bigjax import config as config_lib
 from bigjax import data, metrics, optim, tasks, train
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
+from bigjax.errors import UserError
 
 BATCHES_ON_DEVICE = 2  # distinct synthetic batches placed on the devices once and used in turn
 VERSIONS_REPORTED = ("jax", "jaxlib", "flax", "optax", "jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu")
 
 
-class BenchError(Exception):
+class BenchError(UserError):
     """Bench arguments that cannot work: a message for the user."""
 
 

@@ -36,10 +36,11 @@ def main(argv=None) -> int:
     logs.send_library_logs_to_file(getattr(args, "workdir", None), args.command)
 
     from bigjax import xla_flags  # imports no jax: XLA reads XLA_FLAGS once, when its backend starts
+    from bigjax.errors import UserError
 
     try:
         xla_flags.apply_gpu_defaults()
-    except xla_flags.XlaFlagsError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -47,29 +48,13 @@ def main(argv=None) -> int:
 
     try:
         distributed.initialize_if_multiprocess()  # before anything touches a device
-    except distributed.DistributedError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from bigjax import bench, checkpoint, data, evaluate, finetune, generate, lock, plan, train
-    from bigjax import config as config_lib
-
-    user_errors = (
-        config_lib.ConfigError,
-        data.DataError,
-        checkpoint.CheckpointError,
-        train.TrainingError,
-        evaluate.EvalError,
-        generate.GenerateError,
-        finetune.FinetuneError,
-        plan.PlanError,
-        bench.BenchError,
-        lock.LockError,
-        FileNotFoundError,
-    )
     try:
         return args.run(args, overrides)
-    except user_errors as error:
+    except (UserError, FileNotFoundError) as error:
         where = f" ({distributed.describe()})" if distributed.describe() else ""
         print(f"error{where}: {error}", file=sys.stderr)
         _point_to_details()

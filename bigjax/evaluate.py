@@ -21,9 +21,10 @@ import jax
 from bigjax import checkpoint, data, metrics, paths, tasks
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
+from bigjax.errors import UserError
 
 
-class EvalError(Exception):
+class EvalError(UserError):
     """The eval job cannot go on: a message for the user."""
 
 

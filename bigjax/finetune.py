@@ -30,9 +30,10 @@ import jax
 from flax.core.meta import AxisMetadata
 
 from bigjax import checkpoint, metrics
+from bigjax.errors import UserError
 
 
-class FinetuneError(Exception):
+class FinetuneError(UserError):
     """A fine-tuning setting that cannot work: a message for the user."""
 
 

@@ -62,13 +62,14 @@ from bigjax import config as config_lib
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
 from bigjax.data import tokenizers
+from bigjax.errors import UserError
 from bigjax.models import gpt
 
 MIN_PREFILL_WIDTH = 16
 CACHE_COLUMN_MULTIPLE = 64
 
 
-class GenerateError(Exception):
+class GenerateError(UserError):
     """A message for the user."""
 
 

@@ -25,13 +25,14 @@ from bigjax import config as config_lib
 from bigjax import data, metrics, optim, tasks, train
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
+from bigjax.errors import UserError
 from bigjax.models.gpt import GPTConfig, parameter_count
 
 GPU_MEMORY_FRACTION = 0.75  # JAX's default share of a GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION)
 ASSUMED_MFU = 0.4  # for the step-time estimate: what a well-tuned dense transformer step reaches
 
 
-class PlanError(Exception):
+class PlanError(UserError):
     """The plan cannot be made as asked (an unknown device kind, say): a message for the user."""
 
 

@@ -20,9 +20,10 @@ from bigjax import checkpoint, data, evaluate, finetune, lock, metrics, optim, p
 from bigjax import config as config_lib
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
+from bigjax.errors import UserError
 
 
-class TrainingError(Exception):
+class TrainingError(UserError):
     """The run cannot go on (non-finite loss, no usable checkpoint to resume): a message for the user."""
 
 
