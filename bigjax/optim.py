@@ -8,7 +8,7 @@ The entry points take the `optim` section of the experiment config
   (clipping, weight decay and the optimizer itself, in that order).
 * `decay_mask(params)`: which parameter leaves receive weight decay.
 
-With `freeze` (a regex over parameter paths, see bigjax.finetune) the matching parameters are routed to
+With `freeze` (a regex over parameter paths, see bigjax.params) the matching parameters are routed to
 `optax.set_to_zero()` by `optax.multi_transform`: they get no optimizer state (no moments), and since the clip
 and the optimizer only see the trainable ones, neither does the gradient norm.
 """
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bigjax import finetune
+from bigjax import params as params_lib
 
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad", "rmsprop", "adafactor", "lion")
@@ -79,13 +79,6 @@ def make_schedule(optim_config, total_steps: int) -> optax.Schedule:
 # --------------------------------------------------------------------------- #
 
 
-def _leaf_name(path) -> str:
-    # At init the params are still Flax boxes (nn.Partitioned), whose array sits under `.value`.
-    keys = [k for k in path if getattr(k, "name", None) != "value"]
-    last = keys[-1]
-    return str(getattr(last, "key", getattr(last, "name", last)))
-
-
 def decay_mask(params, decay_embeddings: bool = False):
     """True for the leaves that get weight decay.
 
@@ -95,7 +88,7 @@ def decay_mask(params, decay_embeddings: bool = False):
     """
 
     def should_decay(path, _leaf) -> bool:
-        name = _leaf_name(path)
+        name = params_lib.leaf_name(path)
         if name == "kernel":
             return True
         if name == "embedding":
@@ -182,7 +175,7 @@ def make_optimizer(optim_config, total_steps: int, freeze: str = "") -> optax.Gr
     if not freeze:
         return tx
     labels = lambda params: jax.tree.map(
-        lambda frozen: "frozen" if frozen else "trained", finetune.matches(params, freeze)
+        lambda frozen: "frozen" if frozen else "trained", params_lib.matches(params, freeze)
     )
     return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 

@@ -13,6 +13,7 @@ from bigjax import checkpoint, finetune, metrics, optim, train
 from bigjax import config as config_lib
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
+from bigjax.params import by_path
 from bigjax.tasks import make_task
 
 
@@ -57,8 +58,8 @@ def test_init_from_loads_the_backbone_onto_another_mesh_and_leaves_the_new_head_
     source_config, source = pretrained
     config = classifier_config(source)
     fresh, loaded, shardings = fresh_and_loaded(config)
-    pretrained_params = finetune.by_path(final_params(source, source_config))
-    fresh, loaded, shardings = finetune.by_path(fresh), finetune.by_path(loaded), finetune.by_path(shardings)
+    pretrained_params = by_path(final_params(source, source_config))
+    fresh, loaded, shardings = by_path(fresh), by_path(loaded), by_path(shardings)
 
     assert set(loaded) - set(pretrained_params) == {"classifier/kernel", "classifier/bias"}
     for name, value in loaded.items():
@@ -77,7 +78,7 @@ def load_onto_abstract(config):
     tx = optim.make_optimizer(config.optim, config.total_steps, config.freeze)
     mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
     abstract, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-    return finetune.by_path(finetune.load_pretrained(abstract.params, config.init_from, shardings.params))
+    return by_path(finetune.load_pretrained(abstract.params, config.init_from, shardings.params))
 
 
 def test_init_from_include_and_exclude_select_what_is_loaded(pretrained):
@@ -120,8 +121,8 @@ def test_fine_tuning_with_a_frozen_backbone_keeps_it_bit_identical(pretrained, t
     )
     assert train.train(config, tmp_path).status == "finished"
     before, after = (
-        finetune.by_path(final_params(source, source_config)),
-        finetune.by_path(final_params(tmp_path, config)),
+        by_path(final_params(source, source_config)),
+        by_path(final_params(tmp_path, config)),
     )
     frozen = [name for name in after if name.startswith(("layers/", "final_norm/"))]
     assert len(frozen) == 18  # 16 in the scanned blocks, 2 in the final norm
