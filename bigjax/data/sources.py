@@ -36,7 +36,9 @@ BUNDLED = ("shakespeare", "shakespeare_genre", "digits", "synthetic")
 PREFIXES = ("text", "jsonl", "imagefolder", "tfds")
 LOCAL_SPLITS = ("train", "eval")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-TEXT_UNITS = ("auto", "document", "paragraph", "line")
+# How a source's text is cut into records (config.data.text_records): the separator, or None to keep each document
+# whole. By the names config.CHOICES lists besides "auto"; config.check_values refuses any other.
+RECORD_SEPARATORS = {"document": None, "paragraph": "\n\n", "line": "\n"}
 
 
 class Split:
@@ -138,8 +140,6 @@ def open_split(config, which: str) -> Split:
 def text_unit(config) -> str:
     """What one text record is: a whole document for causal LM, a paragraph for packed examples, unless set."""
     unit = config.data.text_records
-    if unit not in TEXT_UNITS:
-        raise DataError(f"config.data.text_records={unit!r} is not one of {', '.join(TEXT_UNITS)}")
     if unit == "auto":
         return "document" if config.task.name == "causal_lm" else "paragraph"
     return unit
@@ -147,9 +147,9 @@ def text_unit(config) -> str:
 
 def split_text_records(split: Split, unit: str) -> Split:
     """Cut every record into paragraphs (blank-line separated) or non-empty lines; a piece keeps its label."""
-    if unit == "document":
+    separator = RECORD_SEPARATORS[unit]
+    if separator is None:
         return split
-    separator = "\n\n" if unit == "paragraph" else "\n"
 
     def cut(records):
         pieces = []
