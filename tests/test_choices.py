@@ -11,6 +11,7 @@ import bigjax.models
 from bigjax import optim, plan, tasks
 from bigjax.config import CHOICES
 from bigjax.data import sources
+from bigjax.data.split import Split
 
 
 def test_every_optimizer_name_has_an_implementation_and_every_implementation_a_name():
@@ -30,7 +31,7 @@ def test_every_text_record_unit_has_a_separator_and_every_separator_a_name():
 def test_every_text_record_unit_cuts_the_text(tiny_config, unit):
     config = tiny_config("", f"config.data.text_records={unit}", "config.task.name=causal_lm")
     document = {"text": "Enter ROMEO.\nROMEO: Ay me.\n\nEnter JULIET.\nJULIET: Romeo!"}
-    split = sources.Split("text", "test", "one document", lambda: [document])
+    split = Split("text", "test", "one document", lambda: [document])
     records = sources.split_text_records(split, sources.text_unit(config)).records
     expected = {"auto": 1, "document": 1, "paragraph": 2, "line": 4}[unit]  # auto: whole documents for causal LM
     assert len(records) == expected

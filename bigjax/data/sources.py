@@ -1,6 +1,6 @@
-"""Sources: where the records come from. `open_split(config, "train" | "eval")` gives one split as a `Split`: a
-random-access sequence of raw records, {"text": str[, "label": int]} or {"image": array | bytes | path, "label":
-int}, plus what the rest of the pipeline needs to know about it.
+"""Sources: where the records come from. `open_split(config, "train" | "eval")` gives one split as a `Split`
+(bigjax.data.split): a random-access sequence of raw records, {"text": str[, "label": int]} or {"image": array |
+bytes | path, "label": int}, plus what the rest of the pipeline needs to know about it.
 
 `config.data.source` is one of
     shakespeare            the bundled plays (text)
@@ -18,19 +18,18 @@ config.data.eval_fraction of every file (text), of the records (JSONL) or of eve
 
 from __future__ import annotations
 
-import functools
 import glob
 import hashlib
 import json
 import os
 import pathlib
-from collections.abc import Sequence
 
 import grain
 
 from bigjax import metrics
 from bigjax.data import corpus
 from bigjax.data.errors import DataError
+from bigjax.data.split import Split
 
 BUNDLED = ("shakespeare", "shakespeare_genre", "digits", "synthetic")
 PREFIXES = ("text", "jsonl", "imagefolder", "tfds")
@@ -39,41 +38,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 # How a source's text is cut into records (config.data.text_records): the separator, or None to keep each document
 # whole. By the names config.CHOICES lists besides "auto"; config.check_values refuses any other.
 RECORD_SEPARATORS = {"document": None, "paragraph": "\n\n", "line": "\n"}
-
-
-class Split:
-    """One split of a source. Its records are read when first used, so a split whose tokenized cache exists is
-    never read at all: training then needs only the cheap `fingerprint`."""
-
-    def __init__(self, kind: str, fingerprint: str, description: str, read, num_classes: int | None = None):
-        self.kind = kind  # "text" | "image"
-        self.fingerprint = fingerprint  # names this data exactly: the key of its tokenized cache
-        self.description = description  # for the log: what is read, and how
-        self._read = read  # () -> records, or (records, num_classes) when only the records know their classes
-        self._num_classes = num_classes
-        self.where = description  # "the train split of X": for messages
-
-    @functools.cached_property
-    def records(self) -> Sequence:
-        """Random access to the records: len() and [i] (a list or a grain.MapDataset)."""
-        records = self._read()
-        if isinstance(records, tuple):
-            records, self._num_classes = records
-        if len(records) == 0:
-            raise DataError(f"{self.where} is empty; point config.data.source at data, or change the split")
-        return records
-
-    @property
-    def num_classes(self) -> int | None:
-        """Classes of the labels; None when the records have none."""
-        if self._num_classes is None and self.kind == "text":
-            self.records  # noqa: B018  (reading the records tells)
-        return self._num_classes
-
-    def with_records(self, transform, fingerprint: str) -> Split:
-        """The same split, its records transformed when read."""
-        read = lambda: (transform(self.records), self.num_classes)
-        return Split(self.kind, fingerprint, self.description, read, self._num_classes)
 
 
 def parse_source(spec: str) -> tuple[str, str]:
