@@ -50,7 +50,7 @@ bench: install
 
 # Tokens/s (or images/s) of every input pipeline on this CPU; the pre-tokenized LM path must reach 3 M tokens/s.
 bench-data: install
-	$(BIN)/python -m bigjax.data.bench
+	$(BIN)/python -m bigjax.data.throughput
 
 lint: install
 	$(BIN)/ruff check bigjax tests experiments benchmarks
