@@ -8,6 +8,7 @@
     bigjax tokenizer train --config experiments/NAME.py --vocab-size N --out PATH.model|PATH.json
     bigjax plan --config experiments/NAME.py[:ARG] [--devices N] [--device-kind h100] [--config.a.b=VALUE ...]
     bigjax bench --config experiments/NAME.py[:ARG] [--steps N] [--warmup N] [--windows W] [--json PATH] [--config...]
+    bigjax plot --workdir DIR [DIR ...] [--out PATH.png]
 
 User errors (a bad config, a refused resume, a missing workdir) print one `error:` line and exit 2.
 """
@@ -159,10 +160,16 @@ def parse_args(argv):
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(run=run_bench)
 
+    p = commands.add_parser("plot", help="a PNG of the train and eval curves of one or more runs")
+    # dest "workdirs": main sends library logs to args.workdir, a single directory.
+    p.add_argument("--workdir", dest="workdirs", nargs="+", required=True, metavar="DIR", help="one or more runs")
+    p.add_argument("--out", default=None, help="PATH.png; default: DIR/plot.png for one run, ./runs.png for several")
+    p.set_defaults(run=run_plot)
+
     args, rest = parser.parse_known_args(argv)
     overrides = _config_overrides(rest, parser)
-    if overrides and args.command == "generate":
-        parser.error("generate takes no --config.* overrides")
+    if overrides and args.command in ("generate", "plot"):
+        parser.error(f"{args.command} takes no --config.* overrides")
     return args, overrides
 
 
@@ -268,6 +275,13 @@ def run_generate(args, overrides) -> int:
         if len(prompts) > 1:
             print(f"----- {i + 1} of {len(prompts)} -----")
         print(prompt + completion)
+    return 0
+
+
+def run_plot(args, overrides) -> int:
+    from bigjax import plot
+
+    print(f"wrote {plot.plot(args.workdirs, args.out)}")
     return 0
 
 
