@@ -8,7 +8,8 @@ import pkgutil
 import pytest
 
 import bigjax.models
-from bigjax import optim, plan, tasks
+from bigjax import config as config_lib
+from bigjax import families, optim, plan, tasks
 from bigjax.config import CHOICES
 from bigjax.data import sources
 from bigjax.data.split import Split
@@ -56,3 +57,12 @@ def test_the_plan_models_the_activations_of_every_remat_name(tiny_config, remat)
     config = tiny_config("", f"config.model.remat={remat}")
     kept = plan.activation_bytes(tasks.make_task(config), config, dict(data=8, fsdp=1, tensor=1), "xla")
     assert isinstance(kept, int) and kept > 0
+
+
+@pytest.mark.parametrize("task", CHOICES["task.name"])
+def test_every_task_name_makes_a_task(task):
+    family = next(name for name, family in families.FAMILIES.items() if task in family.tasks)
+    config = config_lib.defaults(model=family, task=task)
+    config.task.num_classes = 2  # a classifier needs classes; the others ignore it
+    made = tasks.make_task(config)
+    assert type(made).__module__ == f"bigjax.tasks.{task}"
