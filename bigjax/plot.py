@@ -48,7 +48,7 @@ def read_run(workdir: str) -> Run:
     logged = _read_rows(directory / "metrics.jsonl")
     # The trainer's inline evaluations sit in its own file as eval/NAME; the eval job writes plain names.
     train = [row for row in logged if not _is_inline_eval(row)]
-    inline = [{_strip_eval(key): value for key, value in row.items()} for row in logged if _is_inline_eval(row)]
+    inline = [{k.removeprefix("eval/"): value for k, value in row.items()} for row in logged if _is_inline_eval(row)]
     evals = inline + _read_rows(directory / "eval" / "metrics.jsonl")
     if not train and not evals:
         raise PlotError(
@@ -67,10 +67,6 @@ def _read_rows(path) -> list[dict]:
 
 def _is_inline_eval(row: dict) -> bool:
     return any(key.startswith("eval/") for key in row)
-
-
-def _strip_eval(key: str) -> str:
-    return key.removeprefix("eval/")
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -105,3 +105,11 @@ def test_plot_takes_no_config_overrides(two_runs, capsys):
     with pytest.raises(SystemExit):
         cli.main(["plot", "--workdir", two_runs[0], "--config.seed=1"])
     assert "plot takes no --config.* overrides" in capsys.readouterr().err
+
+
+def test_a_damaged_metrics_file_is_one_error_line(two_runs, quiet_logs, capsys):
+    a = plot.paths.workdir(two_runs[0])
+    (a / "metrics.jsonl").write_text('{"step": 2, "loss": 5.5}\n{"step": 4, "lo')  # cut short by a kill
+    assert cli.main(["plot", "--workdir", str(a)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {a}/metrics.jsonl is not JSON lines") and len(err.splitlines()) == 1
