@@ -2,7 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# Two installs, each with its stamp: what training needs (matplotlib besides, for the plot it ends with), and
+# everything the tests and lint need on top (TensorFlow, a Cloud Storage emulator, Jupyter, ruff). So `make test`
+# after `make train` upgrades the venv, and `make train` after `make test` installs nothing.
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+DEV_STAMP := $(VENV)/.installed-dev
 
 CONFIG ?= experiments/shakespeare_char.py
 WORKDIR ?= runs/shakespeare_char
@@ -11,22 +15,32 @@ BENCH_CONFIG ?= experiments/gpt2_124m.py
 BENCH_JSON ?= runs/bench/$(notdir $(basename $(BENCH_CONFIG))).json
 BENCH_ARGS ?=
 
-.PHONY: install train eval generate test test-slurm bench bench-data lint clean-venv
+.PHONY: install install-dev train eval generate test test-slurm bench bench-data lint clean-venv
 
-install: $(STAMP)
+install: $(RUNTIME_STAMP)
 
-$(STAMP): pyproject.toml
+install-dev: $(DEV_STAMP)
+
+$(RUNTIME_STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[plot]'
+	touch $@
+
+# [dev] includes [plot]: the runtime install is then up to date too.
+$(DEV_STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $@ $(RUNTIME_STAMP)
 
 # Train the default experiment on the bundled Shakespeare corpus, then run the separate eval job on the
-# checkpoints the trainer wrote, then sample from the newest one.
+# checkpoints the trainer wrote, then sample from the newest one, then plot the curves (WORKDIR/plot.png).
 train: install
 	$(BIN)/bigjax train --config $(CONFIG) --workdir $(WORKDIR)
 	$(BIN)/bigjax eval --config $(CONFIG) --workdir $(WORKDIR)
 	$(BIN)/bigjax generate --workdir $(WORKDIR) --prompt "$(PROMPT)" --max-new-tokens 300
+	$(BIN)/bigjax plot --workdir $(WORKDIR)
 
 eval: install
 	$(BIN)/bigjax eval --config $(CONFIG) --workdir $(WORKDIR)
@@ -34,12 +48,12 @@ eval: install
 generate: install
 	$(BIN)/bigjax generate --workdir $(WORKDIR) --prompt "$(PROMPT)"
 
-test: install
+test: install-dev
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 # launch/slurm.sbatch for real, on a one-node SLURM cluster this starts on the machine (installs slurm-wlm and
 # munge with apt; needs root or sudo). Not part of `make test`: see README, "SLURM".
-test-slurm: install
+test-slurm: install-dev
 	launch/slurm/test_local_slurm.sh
 
 # The train step's speed on synthetic data: tokens/s, MFU (PaLM and causal), step time, compile time, peak memory.
@@ -49,10 +63,10 @@ bench: install
 	$(BIN)/bigjax bench --config $(BENCH_CONFIG) --json $(BENCH_JSON) $(BENCH_ARGS)
 
 # Tokens/s (or images/s) of every input pipeline on this CPU; the pre-tokenized LM path must reach 3 M tokens/s.
-bench-data: install
-	$(BIN)/python -m bigjax.data.bench
+bench-data: install-dev  # its TFDS pipeline needs the [tfds] extra, which [dev] has
+	$(BIN)/python -m bigjax.data.throughput
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check bigjax tests experiments benchmarks
 	$(BIN)/ruff format --check bigjax tests experiments benchmarks
 	for script in launch/*.sh launch/slurm.sbatch launch/slurm/*.sh benchmarks/*.sh; do bash -n $$script || exit 1; done

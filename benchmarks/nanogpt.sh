@@ -20,7 +20,7 @@ for batch in "${@:-12}"; do
 import json, re, sys
 import torch
 
-from bigjax.metrics import peak_flops_of_kind
+from bigjax.devices import peak_flops_of_kind
 
 batch, log = int(sys.argv[1]), sys.argv[2]
 found = re.search(r"time per iteration: ([0-9.]+)ms, MFU: ([0-9.]+)%", log)

@@ -16,7 +16,7 @@ times; the step time's median and spread (min, max) are those of the windows' me
 syncs in all, none inside a window.
 
 MFU is model FLOPs (the task's count, not XLA's, which includes remat's recomputation) per second over the
-devices' dense bf16 peak from `metrics.PEAK_FLOPS`: by the PaLM formula (attention counted in full, as nanoGPT
+devices' dense bf16 peak from `bigjax.devices.PEAK_FLOPS`: by the PaLM formula (attention counted in full, as nanoGPT
 does) and, for causal LMs, with attention halved as a causal mask leaves it (as MaxText does).
 """
 
@@ -36,15 +36,17 @@ import numpy as np
 
 from bigjax import config as config_lib
 from bigjax import data, metrics
+from bigjax import devices as devices_lib
 from bigjax import state as state_lib
 from bigjax import step as step_lib
+from bigjax.errors import UserError
 from bigjax.setup import make_setup
 
 BATCHES_ON_DEVICE = 2  # distinct synthetic batches placed on the devices once and used in turn
 VERSIONS_REPORTED = ("jax", "jaxlib", "flax", "optax", "jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu")
 
 
-class BenchError(Exception):
+class BenchError(UserError):
     """Bench arguments that cannot work: a message for the user."""
 
 
@@ -159,7 +161,7 @@ def report(config, task, mesh, timing: Timing, parameters: int, config_name: str
         "flops_per_example": flops,
         "causal_flops_per_example": causal_flops,
         "model_flops_per_second": flops * examples_per_second,
-        "peak_flops_per_device": metrics.peak_flops(),
+        "peak_flops_per_device": devices_lib.peak_flops(),
         "mfu": metrics.mfu(flops * examples_per_second, devices),
         "mfu_causal": metrics.mfu(causal_flops * examples_per_second, devices) if causal_flops is not None else None,
         "peak_memory_bytes": peak_bytes,

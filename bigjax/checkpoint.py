@@ -46,6 +46,7 @@ from jax.experimental import multihost_utils
 
 from bigjax import config as config_lib
 from bigjax import metrics, paths
+from bigjax.errors import UserError
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it into a step just before the rename that commits it
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # a step Orbax started writing and never committed
@@ -58,7 +59,7 @@ def array_items(state) -> tuple[str, ...]:
     return tuple(item for item in ARRAY_ITEMS if item != "model_state" or state.model_state)
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be saved, or none can be resumed from: a message for the user."""
 
 

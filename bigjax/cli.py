@@ -8,6 +8,7 @@
     bigjax tokenizer train --config experiments/NAME.py --vocab-size N --out PATH.model|PATH.json
     bigjax plan --config experiments/NAME.py[:ARG] [--devices N] [--device-kind h100] [--config.a.b=VALUE ...]
     bigjax bench --config experiments/NAME.py[:ARG] [--steps N] [--warmup N] [--windows W] [--json PATH] [--config...]
+    bigjax plot --workdir DIR [DIR ...] [--out PATH.png]
 
 User errors (a bad config, a refused resume, a missing workdir) print one `error:` line and exit 2.
 """
@@ -36,10 +37,11 @@ def main(argv=None) -> int:
     logs.send_library_logs_to_file(getattr(args, "workdir", None), args.command)
 
     from bigjax import xla_flags  # imports no jax: XLA reads XLA_FLAGS once, when its backend starts
+    from bigjax.errors import UserError
 
     try:
         xla_flags.apply_gpu_defaults()
-    except xla_flags.XlaFlagsError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -47,29 +49,13 @@ def main(argv=None) -> int:
 
     try:
         distributed.initialize_if_multiprocess()  # before anything touches a device
-    except distributed.DistributedError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from bigjax import bench, checkpoint, data, evaluate, finetune, generate, lock, plan, train
-    from bigjax import config as config_lib
-
-    user_errors = (
-        config_lib.ConfigError,
-        data.DataError,
-        checkpoint.CheckpointError,
-        train.TrainingError,
-        evaluate.EvalError,
-        generate.GenerateError,
-        finetune.FinetuneError,
-        plan.PlanError,
-        bench.BenchError,
-        lock.LockError,
-        FileNotFoundError,
-    )
     try:
         return args.run(args, overrides)
-    except user_errors as error:
+    except (UserError, FileNotFoundError) as error:
         where = f" ({distributed.describe()})" if distributed.describe() else ""
         print(f"error{where}: {error}", file=sys.stderr)
         _point_to_details()
@@ -174,10 +160,16 @@ def parse_args(argv):
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(run=run_bench)
 
+    p = commands.add_parser("plot", help="a PNG of the train and eval curves of one or more runs")
+    # dest "workdirs": main sends library logs to args.workdir, a single directory.
+    p.add_argument("--workdir", dest="workdirs", nargs="+", required=True, metavar="DIR", help="one or more runs")
+    p.add_argument("--out", default=None, help="PATH.png; default: DIR/plot.png for one run, ./runs.png for several")
+    p.set_defaults(run=run_plot)
+
     args, rest = parser.parse_known_args(argv)
     overrides = _config_overrides(rest, parser)
-    if overrides and args.command == "generate":
-        parser.error("generate takes no --config.* overrides")
+    if overrides and args.command in ("generate", "plot"):
+        parser.error(f"{args.command} takes no --config.* overrides")
     return args, overrides
 
 
@@ -283,6 +275,13 @@ def run_generate(args, overrides) -> int:
         if len(prompts) > 1:
             print(f"----- {i + 1} of {len(prompts)} -----")
         print(prompt + completion)
+    return 0
+
+
+def run_plot(args, overrides) -> int:
+    from bigjax import plot
+
+    print(f"wrote {plot.plot(args.workdirs, args.out)}")
     return 0
 
 

@@ -20,9 +20,10 @@ from typing import Any
 import ml_collections
 
 from bigjax import families, paths
+from bigjax.errors import UserError
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A user error in an experiment or its overrides: printed as one line, no traceback."""
 
 

@@ -24,10 +24,12 @@ import threading
 
 import jax
 
+from bigjax.errors import UserError
+
 DEFAULT_TIMEOUTS = {"BIGJAX_INIT_TIMEOUT": 300, "BIGJAX_HEARTBEAT_TIMEOUT": 100, "BIGJAX_SHUTDOWN_TIMEOUT": 120}
 
 
-class DistributedError(Exception):
+class DistributedError(UserError):
     """The environment describes a job that cannot be joined: a message for the user."""
 
 

@@ -20,10 +20,11 @@ import jax
 
 from bigjax import checkpoint, data, metrics, paths, tasks
 from bigjax import state as state_lib
+from bigjax.errors import UserError
 from bigjax.setup import Setup, make_setup
 
 
-class EvalError(Exception):
+class EvalError(UserError):
     """The eval job cannot go on: a message for the user."""
 
 

@@ -4,8 +4,8 @@
     config.freeze = "regex"                                   # e.g. "^(?!classifier)" freezes all but the head
     config.early_stopping = dict(metric="accuracy", mode="max", patience=5)
 
-Parameters are named by their "/"-joined paths, e.g. `layers/attention/query/kernel` or `classifier/bias`
-(scanned layers are one stacked array each); every pattern is a `re.search` over those names.
+Parameters are named by their "/"-joined paths (bigjax.params), e.g. `layers/attention/query/kernel` or
+`classifier/bias` (scanned layers are one stacked array each); every pattern is a `re.search` over those names.
 
 - `init_from` loads, when a run starts from scratch, the parameters of another run's checkpoint, and its
   model state (BatchNorm statistics) where both runs have one (no optimizer state, no step, no data position),
@@ -24,39 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 import jax
-from flax.core.meta import AxisMetadata
 
 from bigjax import checkpoint, metrics
+from bigjax.errors import UserError
+from bigjax.params import by_path, matches, nest, param_path
 
 
-class FinetuneError(Exception):
+class FinetuneError(UserError):
     """A fine-tuning setting that cannot work: a message for the user."""
-
-
-def param_path(keypath) -> str:
-    """A jax key path -> "layers/attention/query/kernel" (Flax's boxing `.value` left out)."""
-    names = []
-    for key in keypath:
-        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-        if name != "value" or not isinstance(key, jax.tree_util.GetAttrKey):
-            names.append(str(name))
-    return "/".join(names)
-
-
-def matches(params, pattern: str):
-    """A tree like `params` of bools: does the parameter's path match `pattern` (re.search)? '' matches none.
-
-    Flax's logical-axis boxes count as leaves, so that optax's masks (freeze) replace a boxed parameter whole.
-    """
-    regex = re.compile(pattern) if pattern else None
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: bool(regex and regex.search(param_path(path))),
-        params,
-        is_leaf=lambda x: isinstance(x, AxisMetadata),
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,23 +111,6 @@ def load_pretrained(params, init_from, param_shardings, step: int | None = None,
         f"freshly initialized: {', '.join(fresh) if fresh else 'none'}"
     )
     return jax.tree_util.tree_map_with_path(lambda path, leaf: restored.get(param_path(path), leaf), params)
-
-
-def by_path(tree) -> dict:
-    """{"layers/attention/query/kernel": leaf, ...}"""
-    return {param_path(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def nest(flat: dict) -> dict:
-    """{"a/b/c": x} -> {"a": {"b": {"c": x}}}: the tree a "/"-named selection of parameters restores into."""
-    tree = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
 
 
 # --------------------------------------------------------------------------------------------------

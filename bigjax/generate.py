@@ -60,6 +60,7 @@ import numpy as np
 from bigjax import checkpoint, data, paths
 from bigjax import config as config_lib
 from bigjax.data import tokenizers
+from bigjax.errors import UserError
 from bigjax.models import gpt
 from bigjax.setup import make_setup
 
@@ -67,7 +68,7 @@ MIN_PREFILL_WIDTH = 16
 CACHE_COLUMN_MULTIPLE = 64
 
 
-class GenerateError(Exception):
+class GenerateError(UserError):
     """A message for the user."""
 
 

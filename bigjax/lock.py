@@ -38,12 +38,13 @@ import uuid
 from etils import epath
 
 from bigjax import paths
+from bigjax.errors import UserError
 
 LOCK_FILE = "lock.json"
 DEFAULT_LEASE_SECONDS = 120.0
 
 
-class LockError(Exception):
+class LockError(UserError):
     """The workdir is held by another trainer, or this one lost it: a message for the user."""
 
 

@@ -8,7 +8,7 @@ The entry points take the `optim` section of the experiment config
   (clipping, weight decay and the optimizer itself, in that order).
 * `decay_mask(params)`: which parameter leaves receive weight decay.
 
-With `freeze` (a regex over parameter paths, see bigjax.finetune) the matching parameters are routed to
+With `freeze` (a regex over parameter paths, see bigjax.params) the matching parameters are routed to
 `optax.set_to_zero()` by `optax.multi_transform`: they get no optimizer state (no moments), and since the clip
 and the optimizer only see the trainable ones, neither does the gradient norm.
 """
@@ -19,35 +19,29 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bigjax import finetune
-
-SCHEDULES = ("constant", "cosine", "linear", "wsd")
-OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad", "rmsprop", "adafactor", "lion")
-
-
-def _check_choice(kind: str, value: str, valid: tuple) -> None:
-    if value not in valid:
-        raise ValueError(f"Unknown {kind} {value!r}; valid choices: {', '.join(valid)}")
-
+from bigjax import params as params_lib
 
 # --------------------------------------------------------------------------- #
 # Schedules
 # --------------------------------------------------------------------------- #
 
 
-def _post_warmup_schedule(cfg, total_steps: int) -> optax.Schedule:
-    """The schedule that runs after warmup, counting its steps from 0."""
-    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+def _decay_steps(cfg, total_steps: int) -> int:
     # At least one step, so that degenerate configs (warmup >= total) still
     # yield a valid schedule instead of an optax error.
-    decay_steps = max(total_steps - cfg.warmup_steps, 1)
-    if cfg.schedule == "constant":
-        return optax.constant_schedule(peak)
-    if cfg.schedule == "cosine":
-        return optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.min_lr_ratio)
-    if cfg.schedule == "linear":
-        return optax.linear_schedule(peak, floor, decay_steps)
-    return _stable_then_decay(cfg, total_steps)
+    return max(total_steps - cfg.warmup_steps, 1)
+
+
+def _constant(cfg, total_steps: int) -> optax.Schedule:
+    return optax.constant_schedule(cfg.lr)
+
+
+def _cosine(cfg, total_steps: int) -> optax.Schedule:
+    return optax.cosine_decay_schedule(cfg.lr, _decay_steps(cfg, total_steps), alpha=cfg.min_lr_ratio)
+
+
+def _linear(cfg, total_steps: int) -> optax.Schedule:
+    return optax.linear_schedule(cfg.lr, cfg.lr * cfg.min_lr_ratio, _decay_steps(cfg, total_steps))
 
 
 def _stable_then_decay(cfg, total_steps: int) -> optax.Schedule:
@@ -64,10 +58,14 @@ def _stable_then_decay(cfg, total_steps: int) -> optax.Schedule:
     )
 
 
+# The schedule that runs after warmup (counting its steps from 0), by the names config.CHOICES["optim.schedule"]
+# lists; config.check_values refuses any other.
+SCHEDULES_AFTER_WARMUP = {"constant": _constant, "cosine": _cosine, "linear": _linear, "wsd": _stable_then_decay}
+
+
 def make_schedule(optim_config, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr`, followed by the configured schedule."""
-    _check_choice("schedule", optim_config.schedule, SCHEDULES)
-    body = _post_warmup_schedule(optim_config, total_steps)
+    body = SCHEDULES_AFTER_WARMUP[optim_config.schedule](optim_config, total_steps)
     if optim_config.warmup_steps <= 0:
         return body
     warmup = optax.linear_schedule(0.0, optim_config.lr, optim_config.warmup_steps)
@@ -79,13 +77,6 @@ def make_schedule(optim_config, total_steps: int) -> optax.Schedule:
 # --------------------------------------------------------------------------- #
 
 
-def _leaf_name(path) -> str:
-    # At init the params are still Flax boxes (nn.Partitioned), whose array sits under `.value`.
-    keys = [k for k in path if getattr(k, "name", None) != "value"]
-    last = keys[-1]
-    return str(getattr(last, "key", getattr(last, "name", last)))
-
-
 def decay_mask(params, decay_embeddings: bool = False):
     """True for the leaves that get weight decay.
 
@@ -95,7 +86,7 @@ def decay_mask(params, decay_embeddings: bool = False):
     """
 
     def should_decay(path, _leaf) -> bool:
-        name = _leaf_name(path)
+        name = params_lib.leaf_name(path)
         if name == "kernel":
             return True
         if name == "embedding":
@@ -157,11 +148,12 @@ def _rmsprop(cfg, lr):
     return optax.rmsprop(lr, eps=cfg.eps, momentum=_optional_momentum(cfg.momentum))
 
 
-# Optimizers that implement decoupled weight decay themselves (given the mask).
-_DECOUPLED_DECAY = {"adamw": _adamw, "lion": _lion, "adafactor": _adafactor}
-# Optimizers without their own decay: they get classic L2, i.e. wd * param added
+# The optimizers, by the names config.CHOICES["optim.name"] lists (config.check_values refuses any other), in two
+# tables. Those that implement decoupled weight decay themselves (given the mask):
+DECOUPLED_DECAY = {"adamw": _adamw, "lion": _lion, "adafactor": _adafactor}
+# Those without their own decay: they get classic L2, i.e. wd * param added
 # to the gradient before the optimizer, as torch's `weight_decay` does for them.
-_L2_DECAY = {"adam": _adam, "sgd": _sgd, "adagrad": _adagrad, "rmsprop": _rmsprop}
+L2_DECAY = {"adam": _adam, "sgd": _sgd, "adagrad": _adagrad, "rmsprop": _rmsprop}
 
 
 def penalty_gradients(l1: float, l2: float, mask) -> optax.GradientTransformation:
@@ -182,14 +174,13 @@ def make_optimizer(optim_config, total_steps: int, freeze: str = "") -> optax.Gr
     if not freeze:
         return tx
     labels = lambda params: jax.tree.map(
-        lambda frozen: "frozen" if frozen else "trained", finetune.matches(params, freeze)
+        lambda frozen: "frozen" if frozen else "trained", params_lib.matches(params, freeze)
     )
     return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def _trainable_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
     name = optim_config.name
-    _check_choice("optimizer", name, OPTIMIZERS)
     lr = make_schedule(optim_config, total_steps)
     wd = optim_config.weight_decay
     # A callable mask lets optax derive it from the params at init time.
@@ -204,10 +195,10 @@ def _trainable_optimizer(optim_config, total_steps: int) -> optax.GradientTransf
         chain.append(penalty_gradients(optim_config.l1_penalty, optim_config.l2_penalty, kernels))
     if optim_config.clip > 0:
         chain.append(optax.clip_by_global_norm(optim_config.clip))
-    if name in _L2_DECAY:
+    if name in L2_DECAY:
         if wd > 0:
             chain.append(optax.add_decayed_weights(wd, mask))
-        chain.append(_L2_DECAY[name](optim_config, lr))
+        chain.append(L2_DECAY[name](optim_config, lr))
     else:
-        chain.append(_DECOUPLED_DECAY[name](optim_config, lr, mask))
+        chain.append(DECOUPLED_DECAY[name](optim_config, lr, mask))
     return optax.chain(*chain)

@@ -22,9 +22,10 @@ import jax
 import numpy as np
 
 from bigjax import config as config_lib
-from bigjax import data, metrics
+from bigjax import data, devices
 from bigjax import state as state_lib
 from bigjax import step as step_lib
+from bigjax.errors import UserError
 from bigjax.models.gpt import GPTConfig, parameter_count
 from bigjax.setup import make_setup
 
@@ -32,7 +33,7 @@ GPU_MEMORY_FRACTION = 0.75  # JAX's default share of a GPU's memory (XLA_PYTHON_
 ASSUMED_MFU = 0.4  # for the step-time estimate: what a well-tuned dense transformer step reaches
 
 
-class PlanError(Exception):
+class PlanError(UserError):
     """The plan cannot be made as asked (an unknown device kind, say): a message for the user."""
 
 
@@ -107,7 +108,7 @@ def make_plan(config, num_devices: int | None = None, device_kind: str | None = 
 
     usable, note = usable_memory(kind, present[0] if compile_here else None)
     flops_per_step = task.flops_per_example() * config.batch_size
-    peak = metrics.peak_flops_of_kind(kind)
+    peak = devices.peak_flops_of_kind(kind)
     ideal = flops_per_step / (peak * num_devices * ASSUMED_MFU) if peak else None
     plan = Plan(
         source="compiled" if compile_here else "model",
@@ -141,11 +142,11 @@ def attention_on(device_kind: str, model_config) -> str:
 
 def resolve_device_kind(name: str) -> str:
     """`h100` -> the device_kind JAX reports for one; a full device_kind passes through if bigjax knows it."""
-    if name.lower() in metrics.DEVICE_KIND_NAMES:
-        return metrics.DEVICE_KIND_NAMES[name.lower()]
-    if metrics.device_memory(name) is not None:
+    if name.lower() in devices.DEVICE_KIND_NAMES:
+        return devices.DEVICE_KIND_NAMES[name.lower()]
+    if devices.device_memory(name) is not None:
         return name
-    raise PlanError(f"unknown --device-kind {name!r}; known: {', '.join(metrics.DEVICE_KIND_NAMES)}")
+    raise PlanError(f"unknown --device-kind {name!r}; known: {', '.join(devices.DEVICE_KIND_NAMES)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def usable_memory(kind: str, device=None) -> tuple[float | None, str]:
         stats = device.memory_stats() if hasattr(device, "memory_stats") else None
         if stats and stats.get("bytes_limit"):
             return float(stats["bytes_limit"]), f"{kind}: the allocator's limit on this device"
-    size = metrics.device_memory(kind)
+    size = devices.device_memory(kind)
     if size is None:
         return None, f"{kind}: memory size unknown to bigjax; pass --device-kind to compare"
     if "tpu" in kind.lower():

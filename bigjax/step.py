@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bigjax import finetune, optim, tasks
+from bigjax import optim, tasks
+from bigjax import params as params_lib
 from bigjax.setup import Setup
 
 
@@ -25,9 +26,8 @@ def make_train_step(task, tx, config):
 
     def loss_sum(params, model_state, batch, rng):
         # Frozen parameters are constants to the gradient: XLA computes no gradient for them at all.
-        params = jax.tree.map(
-            lambda frozen, p: jax.lax.stop_gradient(p) if frozen else p, finetune.matches(params, config.freeze), params
-        )
+        frozen = params_lib.matches(params, config.freeze)
+        params = jax.tree.map(lambda frozen, p: jax.lax.stop_gradient(p) if frozen else p, frozen, params)
         sums, new_model_state = task.loss_sums(params, model_state, batch, rng, train=True)
         return sums["loss"], (sums, new_model_state)
 
@@ -63,7 +63,7 @@ def make_train_step(task, tx, config):
         # Frozen parameters are kept as they are, not given a zero update: bit-identical even where p + 0 is not.
         params = jax.tree.map(
             lambda frozen, old, new: old if frozen else new,
-            finetune.matches(state.params, config.freeze),
+            params_lib.matches(state.params, config.freeze),
             state.params,
             optax.apply_updates(state.params, updates),
         )

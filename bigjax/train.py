@@ -18,10 +18,11 @@ from bigjax import checkpoint, data, evaluate, finetune, lock, metrics, paths, s
 from bigjax import config as config_lib
 from bigjax import state as state_lib
 from bigjax import step as step_lib
+from bigjax.errors import UserError
 from bigjax.setup import Setup, make_setup
 
 
-class TrainingError(Exception):
+class TrainingError(UserError):
     """The run cannot go on (non-finite loss, no usable checkpoint to resume): a message for the user."""
 
 

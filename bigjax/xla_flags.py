@@ -28,6 +28,8 @@ import importlib.metadata
 import os
 import re
 
+from bigjax.errors import UserError
+
 SWITCH = "BIGJAX_XLA_FLAGS"
 
 GPU_FLAGS = {
@@ -54,7 +56,7 @@ GPU_PLATFORMS = ("cuda", "gpu", "rocm")
 GPU_PLUGIN = re.compile(r"jax[-_](cuda|rocm)\d+[-_]plugin")
 
 
-class XlaFlagsError(Exception):
+class XlaFlagsError(UserError):
     """BIGJAX_XLA_FLAGS has a value bigjax does not know: a message for the user."""
 
 

@@ -6,7 +6,7 @@ import jax
 import pytest
 from conftest import TINY
 
-from bigjax import bench, metrics, tasks
+from bigjax import bench, devices, tasks
 from bigjax import mesh as mesh_lib
 from bigjax import step as step_lib
 from bigjax.setup import make_setup
@@ -45,7 +45,7 @@ def test_report_arithmetic_against_a_known_peak(tiny_config, monkeypatch):
     task = tasks.make_task(config)
     mesh = mesh_lib.make_mesh(config)
     timing = bench.Timing(compile_seconds=2.0, window_steps=[2, 2], window_seconds=[1.0, 3.0])
-    monkeypatch.setitem(metrics.PEAK_FLOPS, "cpu", 1e9)
+    monkeypatch.setitem(devices.PEAK_FLOPS, "cpu", 1e9)
     result = bench.report(config, task, mesh, timing, parameters=1, config_name="tiny", overrides=[], warmup=0)
     assert result["examples_per_second"] == 8 * 4 / 4.0
     assert result["window_step_times"] == [0.5, 1.5] and result["step_time_median"] == 1.0
@@ -83,7 +83,7 @@ def test_bad_bench_arguments_are_one_error_line(cli):
     ],
 )
 def test_one_peak_table_knows_the_benchmarked_devices(device_kind, peak):
-    assert metrics.peak_flops_of_kind(device_kind) == peak
+    assert devices.peak_flops_of_kind(device_kind) == peak
 
 
 def test_peak_memory_is_stated_unavailable_on_cpu():

@@ -208,3 +208,11 @@ def test_the_bucket_lock_record_is_changed_only_by_compare_and_swap(bucket_env):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == ["first refused", "second"]
+
+
+def test_a_bucket_workdir_is_plotted_into_the_bucket(cli, bucket_env):
+    run = f"gs://{BUCKET}/plotted"
+    rows = "".join(json.dumps({"step": step, "loss": 6.0 - step / 4}) + "\n" for step in (2, 4, 6))
+    in_bucket(bucket_env, f"epath.Path('{run}/metrics.jsonl').write_text({rows!r})")
+    assert cli("plot", "--workdir", run, env=bucket_env).stdout == f"wrote {run}/plot.png\n"
+    assert in_bucket(bucket_env, f"epath.Path('{run}/plot.png').read_bytes()[:8].hex()") == b"\x89PNG\r\n\x1a\n".hex()

@@ -378,3 +378,11 @@ def test_fewer_classes_than_the_head_has_are_a_warning(tiny_config, image_dir, c
     assert out.count("warning:") == 1
     assert f"warning: imagefolder:{image_dir} has 1 class but config.task.num_classes=10" in out
     assert "one subfolder per class" in out
+
+
+def test_the_throughput_measure_reads_whole_batches_of_a_pipeline(tmp_path):
+    from bigjax.data import throughput
+
+    config = throughput.bench_config(str(tmp_path / "cache"), str(tmp_path / "tfds"), source="synthetic", seq_len=128)
+    setup, examples_per_second, tokens_per_example = throughput.measure(config, seconds=0.05)
+    assert setup > 0 and examples_per_second > 0 and tokens_per_example == 128

@@ -11,6 +11,7 @@ from test_train import final_params
 
 from bigjax import checkpoint, finetune, metrics, optim, train
 from bigjax import config as config_lib
+from bigjax.params import by_path
 from bigjax.setup import make_setup
 
 
@@ -52,8 +53,8 @@ def test_init_from_loads_the_backbone_onto_another_mesh_and_leaves_the_new_head_
     source_config, source = pretrained
     config = classifier_config(source)
     fresh, loaded, shardings = fresh_and_loaded(config)
-    pretrained_params = finetune.by_path(final_params(source, source_config))
-    fresh, loaded, shardings = finetune.by_path(fresh), finetune.by_path(loaded), finetune.by_path(shardings)
+    pretrained_params = by_path(final_params(source, source_config))
+    fresh, loaded, shardings = by_path(fresh), by_path(loaded), by_path(shardings)
 
     assert set(loaded) - set(pretrained_params) == {"classifier/kernel", "classifier/bias"}
     for name, value in loaded.items():
@@ -70,7 +71,7 @@ def load_onto_abstract(config):
     stay ShapeDtypeStructs (no initialization is compiled: the checks run before any restore)."""
     setup = make_setup(config)
     loaded = finetune.load_pretrained(setup.abstract_state.params, config.init_from, setup.state_shardings.params)
-    return finetune.by_path(loaded)
+    return by_path(loaded)
 
 
 def test_init_from_include_and_exclude_select_what_is_loaded(pretrained):
@@ -113,8 +114,8 @@ def test_fine_tuning_with_a_frozen_backbone_keeps_it_bit_identical(pretrained, t
     )
     assert train.train(config, tmp_path).status == "finished"
     before, after = (
-        finetune.by_path(final_params(source, source_config)),
-        finetune.by_path(final_params(tmp_path, config)),
+        by_path(final_params(source, source_config)),
+        by_path(final_params(tmp_path, config)),
     )
     frozen = [name for name in after if name.startswith(("layers/", "final_norm/"))]
     assert len(frozen) == 18  # 16 in the scanned blocks, 2 in the final norm

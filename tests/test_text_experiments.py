@@ -8,9 +8,10 @@ from conftest import REPO
 from test_train import final_params, losses_by_step
 
 from bigjax import config as config_lib
-from bigjax import finetune, train
 from bigjax import step as step_lib
+from bigjax import train
 from bigjax.models.gpt import parameter_count
+from bigjax.params import by_path
 from bigjax.setup import make_setup
 from bigjax.tasks import make_task
 
@@ -56,8 +57,8 @@ def test_finetune_genre_from_the_bert_run_onto_another_mesh_with_a_frozen_backbo
     )
     summary = train.train(config, tmp_path)
     assert summary.status in ("finished", "stopped early")
-    before = finetune.by_path(final_params(source, config_mlm))
-    after = finetune.by_path(final_params(tmp_path, config))
+    before = by_path(final_params(source, config_mlm))
+    after = by_path(final_params(tmp_path, config))
     head = {name for name in after if name.startswith(("classifier/", "pooler/"))}
     assert head == {"classifier/kernel", "classifier/bias", "pooler/kernel", "pooler/bias"}
     for name in set(after) - head:  # the pretrained backbone, loaded onto 2x2x2 and frozen: exactly as saved

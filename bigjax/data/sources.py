@@ -1,6 +1,6 @@
-"""Sources: where the records come from. `open_split(config, "train" | "eval")` gives one split as a `Split`: a
-random-access sequence of raw records, {"text": str[, "label": int]} or {"image": array | bytes | path, "label":
-int}, plus what the rest of the pipeline needs to know about it.
+"""Sources: where the records come from. `open_split(config, "train" | "eval")` gives one split as a `Split`
+(bigjax.data.split): a random-access sequence of raw records, {"text": str[, "label": int]} or {"image": array |
+bytes | path, "label": int}, plus what the rest of the pipeline needs to know about it.
 
 `config.data.source` is one of
     shakespeare            the bundled plays (text)
@@ -18,60 +18,26 @@ config.data.eval_fraction of every file (text), of the records (JSONL) or of eve
 
 from __future__ import annotations
 
-import functools
 import glob
 import hashlib
 import json
 import os
 import pathlib
-from collections.abc import Sequence
 
 import grain
 
 from bigjax import metrics
 from bigjax.data import corpus
 from bigjax.data.errors import DataError
+from bigjax.data.split import Split
 
 BUNDLED = ("shakespeare", "shakespeare_genre", "digits", "synthetic")
 PREFIXES = ("text", "jsonl", "imagefolder", "tfds")
 LOCAL_SPLITS = ("train", "eval")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-TEXT_UNITS = ("auto", "document", "paragraph", "line")
-
-
-class Split:
-    """One split of a source. Its records are read when first used, so a split whose tokenized cache exists is
-    never read at all: training then needs only the cheap `fingerprint`."""
-
-    def __init__(self, kind: str, fingerprint: str, description: str, read, num_classes: int | None = None):
-        self.kind = kind  # "text" | "image"
-        self.fingerprint = fingerprint  # names this data exactly: the key of its tokenized cache
-        self.description = description  # for the log: what is read, and how
-        self._read = read  # () -> records, or (records, num_classes) when only the records know their classes
-        self._num_classes = num_classes
-        self.where = description  # "the train split of X": for messages
-
-    @functools.cached_property
-    def records(self) -> Sequence:
-        """Random access to the records: len() and [i] (a list or a grain.MapDataset)."""
-        records = self._read()
-        if isinstance(records, tuple):
-            records, self._num_classes = records
-        if len(records) == 0:
-            raise DataError(f"{self.where} is empty; point config.data.source at data, or change the split")
-        return records
-
-    @property
-    def num_classes(self) -> int | None:
-        """Classes of the labels; None when the records have none."""
-        if self._num_classes is None and self.kind == "text":
-            self.records  # noqa: B018  (reading the records tells)
-        return self._num_classes
-
-    def with_records(self, transform, fingerprint: str) -> Split:
-        """The same split, its records transformed when read."""
-        read = lambda: (transform(self.records), self.num_classes)
-        return Split(self.kind, fingerprint, self.description, read, self._num_classes)
+# How a source's text is cut into records (config.data.text_records): the separator, or None to keep each document
+# whole. By the names config.CHOICES lists besides "auto"; config.check_values refuses any other.
+RECORD_SEPARATORS = {"document": None, "paragraph": "\n\n", "line": "\n"}
 
 
 def parse_source(spec: str) -> tuple[str, str]:
@@ -138,8 +104,6 @@ def open_split(config, which: str) -> Split:
 def text_unit(config) -> str:
     """What one text record is: a whole document for causal LM, a paragraph for packed examples, unless set."""
     unit = config.data.text_records
-    if unit not in TEXT_UNITS:
-        raise DataError(f"config.data.text_records={unit!r} is not one of {', '.join(TEXT_UNITS)}")
     if unit == "auto":
         return "document" if config.task.name == "causal_lm" else "paragraph"
     return unit
@@ -147,9 +111,9 @@ def text_unit(config) -> str:
 
 def split_text_records(split: Split, unit: str) -> Split:
     """Cut every record into paragraphs (blank-line separated) or non-empty lines; a piece keeps its label."""
-    if unit == "document":
+    separator = RECORD_SEPARATORS[unit]
+    if separator is None:
         return split
-    separator = "\n\n" if unit == "paragraph" else "\n"
 
     def cut(records):
         pieces = []

@@ -21,7 +21,7 @@ import jax
 
 from bigjax import metrics
 from bigjax.data.errors import DataError
-from bigjax.data.sources import Split
+from bigjax.data.split import Split
 
 INSTALL_TFDS = "pip install 'bigjax[tfds]'"
 INSTALL_TF = "pip install 'bigjax[tf]'"

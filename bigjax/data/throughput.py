@@ -1,6 +1,6 @@
 """`make bench-data`: how fast each input pipeline delivers batches on this host's CPU (one process, one thread).
 
-    python -m bigjax.data.bench [--seconds 3]
+    python -m bigjax.data.throughput [--seconds 3]
 
 Prints tokens/s (text) or images/s (images) per pipeline, measured over whole batches after a warm-up batch, with
 the setup time (reading, tokenizing or loading a cache, packing) shown apart. The pre-tokenized LM path is what

@@ -1,0 +1,98 @@
+"""Errors meant for the user: one base class, and the command line turns any of them into one `error:` line."""
+
+import ast
+import importlib
+import inspect
+import pkgutil
+
+import pytest
+
+import bigjax
+from bigjax import cli, logs
+from bigjax.errors import UserError
+
+# Exceptions bigjax raises and catches itself, never shown to a user: each with the reason it is not a UserError.
+INTERNAL = {
+    "bigjax.lock.Conflict": "a compare-and-swap lost a race; lock.py catches it and reads the record again",
+}
+
+
+def bigjax_modules():
+    return [importlib.import_module(m.name) for m in pkgutil.walk_packages(bigjax.__path__, "bigjax.")]
+
+
+def exceptions_defined_in_bigjax() -> dict:
+    """{"bigjax.module.Name": class} of every exception class a bigjax module defines."""
+    found = {}
+    for module in bigjax_modules():
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, BaseException) and cls.__module__ == module.__name__:
+                found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return found
+
+
+def user_error_classes() -> list[type]:
+    return [cls for name, cls in exceptions_defined_in_bigjax().items() if name not in INTERNAL]
+
+
+def test_every_exception_meant_for_users_derives_from_user_error():
+    found = exceptions_defined_in_bigjax()
+    # The walk reaches the errors of the whole package, the data package's included.
+    for name in ("config.ConfigError", "data.errors.DataError", "train.TrainingError", "xla_flags.XlaFlagsError"):
+        assert f"bigjax.{name}" in found
+    assert set(INTERNAL) <= set(found), "an INTERNAL entry names a class that no longer exists"
+    not_user_errors = [name for name, cls in found.items() if name not in INTERNAL and not issubclass(cls, UserError)]
+    assert not not_user_errors, (
+        f"derive them from bigjax.errors.UserError (or list them in INTERNAL): {not_user_errors}"
+    )
+
+
+def test_the_errors_module_imports_nothing_so_every_module_can_import_it():
+    import bigjax.errors
+
+    tree = ast.parse(inspect.getsource(bigjax.errors))
+    assert not [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+
+
+class ANewError(UserError):
+    """An error class the command line has never heard of."""
+
+
+@pytest.mark.parametrize("error_class", [ANewError, *user_error_classes()], ids=lambda cls: cls.__name__)
+def test_any_user_error_reaches_the_user_as_one_line(error_class, monkeypatch, capsys):
+    def run_that_fails(args, overrides):
+        raise error_class("the batch does not divide; set config.batch_size to a multiple of 8")
+
+    monkeypatch.setattr(cli, "run_plan", run_that_fails)
+    monkeypatch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)  # keep pytest's logging
+    monkeypatch.setattr(logs, "_handler", None)
+
+    assert cli.main(["plan", "--config", "experiments/tiny.py"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: the batch does not divide; set config.batch_size to a multiple of 8\n"
+    assert captured.out == ""
+
+
+def test_a_user_error_points_to_the_log_file_when_a_library_wrote_one(monkeypatch, capsys, tmp_path):
+    class Handler:
+        path = str(tmp_path / "logs" / "plan.log")
+
+    def run_that_fails(args, overrides):
+        raise ANewError("saving failed; free some space")
+
+    monkeypatch.setattr(cli, "run_plan", run_that_fails)
+    monkeypatch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)
+    monkeypatch.setattr(logs, "_handler", Handler())
+
+    assert cli.main(["plan", "--config", "experiments/tiny.py"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: saving failed; free some space", f"details: {Handler.path}"]
+
+
+def test_a_bug_is_still_a_traceback(monkeypatch):
+    def run_with_a_bug(args, overrides):
+        raise KeyError("not a user error")
+
+    monkeypatch.setattr(cli, "run_plan", run_with_a_bug)
+    monkeypatch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)
+    with pytest.raises(KeyError):
+        cli.main(["plan", "--config", "experiments/tiny.py"])
