@@ -17,7 +17,6 @@ import optax
 from jax.experimental import multihost_utils
 
 from bigjax import checkpoint, data, evaluate, finetune, lock, metrics, optim, paths, signals, tasks
-from bigjax import config as config_lib
 from bigjax import mesh as mesh_lib
 from bigjax import state as state_lib
 
@@ -73,7 +72,9 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
         state, counters = restore_or_init(
             mngr, workdir, task, tx, config, mesh, rules, abstract_state, state_shardings, train_batches, fresh
         )
-        write_config(workdir, config)  # only now: a refused resume must not overwrite the config of the checkpoints
+        checkpoint.write_config(
+            workdir, config
+        )  # only now: a refused resume must not overwrite the config of the checkpoints
         non_finite = NonFiniteGuard(config, start_step=int(state.step), skipped=counters.get("nan_skips", 0))
         start = int(state.step)
         log_model_size(state.params)
@@ -147,24 +148,6 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
 
 # --------------------------------------------------------------------------------------------------
 # The steps of the story
-
-
-def write_config(workdir, config) -> None:
-    """Write DIR/config.json (the eval job and `generate` read it), atomically: a kill mid-write leaves the old."""
-    if jax.process_index() != 0:
-        return
-    try:
-        if paths.is_url(workdir):  # an object upload is atomic already: never seen half-written
-            (workdir / "config.json").write_text(config_lib.to_json(config))
-            return
-        partial = workdir / "config.json.partial"
-        partial.write_text(config_lib.to_json(config))
-        partial.replace(workdir / "config.json")
-    except OSError as error:
-        raise TrainingError(
-            f"cannot write {workdir / 'config.json'}: {error.strerror or error}; a trainer needs a workdir it can "
-            "write (the checkpoints there are untouched)"
-        ) from error
 
 
 def restore_or_init(mngr, workdir, task, tx, config, mesh, rules, abstract_state, shardings, train_batches, fresh):
