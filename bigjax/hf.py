@@ -179,7 +179,22 @@ class TensorReader:
         if stored is None:
             raise HFError(f"{self.hf_dir} has no tensor {name} (a model of another architecture, or a damaged file?)")
         with safe_open(self.files[stored], framework="numpy") as f:
+            if f.get_slice(stored).get_dtype() == "BF16":  # most released Llama weights
+                return np.asarray(read_bfloat16(self.files[stored], stored), dtype=np.float32)
             return np.asarray(f.get_tensor(stored), dtype=np.float32)
+
+
+def read_bfloat16(file, name: str) -> np.ndarray:
+    """One bfloat16 tensor of a safetensors file. numpy has no bfloat16, so safetensors' numpy API refuses it: read
+    it by the file's own layout (8 bytes of header length, a JSON header, the data) as ml_dtypes.bfloat16 (jax's)."""
+    import ml_dtypes
+
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(length))[name]
+    start, end = entry["data_offsets"]
+    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + length + start, shape=(end - start,))
+    return data.view(ml_dtypes.bfloat16).reshape(entry["shape"])
 
 
 # --------------------------------------------------------------------------------------------------

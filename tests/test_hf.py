@@ -78,7 +78,26 @@ def llama_model():
     return model
 
 
-MODELS = {"gpt2": gpt2_model, "llama": llama_model}
+def mistral_model():
+    """Mistral without a sliding window is Llama under another name."""
+    torch.manual_seed(1)
+    config = transformers.MistralConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=96,
+        vocab_size=HF_VOCAB,
+        max_position_embeddings=128,
+        sliding_window=None,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.MistralForCausalLM(config).eval()
+
+
+MODELS = {"gpt2": gpt2_model, "llama": llama_model, "mistral": mistral_model}
 
 
 def save(model, directory, tokenizer_file, sharded=False):
@@ -107,7 +126,7 @@ def assert_logits_match(ours, theirs, num_layers):
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["one_file", "sharded"])
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
 def test_import_matches_transformers_logits_greedy_tokens_and_exports_back(arch, sharded, tokenizer_file, tmp_path):
     model = MODELS[arch]()
     hf_dir = save(model, tmp_path / "hf", tokenizer_file, sharded)
@@ -137,7 +156,8 @@ def test_import_matches_transformers_logits_greedy_tokens_and_exports_back(arch,
     assert hf.export(workdir, out) == 0
     assert (out / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(reloaded) is type(model)
+    # Mistral without a sliding window comes back as the Llama it is.
+    assert type(reloaded).__name__ == {"gpt2": "GPT2LMHeadModel"}.get(arch, "LlamaForCausalLM")
     assert reloaded.config.vocab_size == HF_VOCAB
     np.testing.assert_array_equal(torch_logits(reloaded, ids), theirs)
 
@@ -216,3 +236,22 @@ def test_init_from_hf_loads_the_backbone_of_a_classifier(tokenizer_file, tmp_pat
             np.testing.assert_array_equal(np.asarray(array), np.asarray(expected[name]), err_msg=name)
             assert array.sharding == finetune.by_path(shardings.params)[name], name
     assert len(jax.tree.leaves(state.params)) == len(loaded)
+
+
+def test_bfloat16_weights_are_read_exactly(tokenizer_file, tmp_path):
+    """numpy has no bfloat16: bigjax reads such tensors by the file's layout, and widens them exactly to float32."""
+    model = llama_model().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf")
+    read = hf.TensorReader(tmp_path / "hf")
+    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.weight", "model.norm.weight"):
+        expected = dict(model.named_parameters())[name].detach().float().numpy()
+        np.testing.assert_array_equal(read(name), expected, err_msg=name)
+
+
+def test_mistral_with_a_sliding_window_is_refused(tokenizer_file, tmp_path):
+    hf_dir = save(mistral_model(), tmp_path / "hf", tokenizer_file)
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["sliding_window"] = 16
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.HFError, match="sliding_window=16"):
+        hf.config_from_hf(hf_dir)
