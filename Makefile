@@ -31,6 +31,8 @@ $(RUNTIME_STAMP): pyproject.toml
 $(DEV_STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	# torch's CPU build (192 MB) where this machine has it; elsewhere what PyPI's `torch` resolves to.
+	$(BIN)/pip install --quiet 'torch==2.13.0' || $(BIN)/pip install --quiet torch
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@ $(RUNTIME_STAMP)
 

@@ -143,6 +143,24 @@ def step_identity(path) -> object | None:
         return None
 
 
+def write_config(workdir, config) -> None:
+    """Write DIR/config.json (the eval job and `generate` read it), atomically: a kill mid-write leaves the old."""
+    if jax.process_index() != 0:
+        return
+    try:
+        if paths.is_url(workdir):  # an object upload is atomic already: never seen half-written
+            (workdir / "config.json").write_text(config_lib.to_json(config))
+            return
+        partial = workdir / "config.json.partial"
+        partial.write_text(config_lib.to_json(config))
+        partial.replace(workdir / "config.json")
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot write {workdir / 'config.json'}: {error.strerror or error}; a trainer needs a workdir it can "
+            "write (the checkpoints there are untouched)"
+        ) from error
+
+
 def committed_steps(workdir) -> list[int]:
     """The committed steps in WORKDIR/checkpoints, oldest first: the only ones anything reads."""
     directory = checkpoint_dir(workdir)

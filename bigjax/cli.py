@@ -4,6 +4,8 @@
     bigjax eval --config experiments/NAME.py --workdir DIR [--once] [--timeout SECONDS]
     bigjax generate --workdir DIR --prompt TEXT [--prompt TEXT ...] [--prompts-file F] [--temperature T] [--top-k K]
                     [--top-p P] [--stop S ...] [--max-new-tokens N] [--seed S] [--step N]
+    bigjax import --hf HF_DIR --workdir DIR [--config.a.b=VALUE ...]
+    bigjax export --hf OUT_DIR --workdir DIR [--step N]
     bigjax data prepare --config experiments/NAME.py [--config.a.b=VALUE ...]
     bigjax tokenizer train --config experiments/NAME.py --vocab-size N --out PATH.model|PATH.json
     bigjax plan --config experiments/NAME.py[:ARG] [--devices N] [--device-kind h100] [--config.a.b=VALUE ...]
@@ -85,7 +87,7 @@ def parse_args(argv):
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="train an experiment; resumes from DIR's newest checkpoint")
-    p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]")
+    p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG], or a workdir's config.json")
     p.add_argument("--workdir", required=True)
     p.add_argument("--stop-at-step", type=int, default=None, help="save and stop at this step (resume later)")
     p.add_argument(
@@ -132,6 +134,17 @@ def parse_args(argv):
     p.add_argument("--step", type=int, default=None, help="a committed checkpoint step; default: the newest")
     p.set_defaults(run=run_generate)
 
+    p = commands.add_parser("import", help="a Hugging Face GPT-2 or Llama directory -> a bigjax workdir at step 0")
+    p.add_argument("--hf", required=True, help="a directory with config.json and model.safetensors (or shards)")
+    p.add_argument("--workdir", required=True)
+    p.set_defaults(run=run_import)
+
+    p = commands.add_parser("export", help="a checkpoint of DIR -> a Hugging Face directory transformers loads")
+    p.add_argument("--hf", required=True, help="the directory to write (new or empty)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int, default=None, help="a committed checkpoint step; default: the newest")
+    p.set_defaults(run=run_export)
+
     p = commands.add_parser("data", help="prepare the configured data: TFDS download, tokenized cache")
     p.add_argument("action", choices=["prepare"])
     p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]")
@@ -168,7 +181,7 @@ def parse_args(argv):
 
     args, rest = parser.parse_known_args(argv)
     overrides = _config_overrides(rest, parser)
-    if overrides and args.command in ("generate", "plot"):
+    if overrides and args.command in ("generate", "plot", "export"):
         parser.error(f"{args.command} takes no --config.* overrides")
     return args, overrides
 
@@ -212,6 +225,25 @@ def run_eval(args, overrides) -> int:
     result = evaluate.run_eval_job(config, args.workdir, once=args.once, poll_seconds=args.poll, timeout=args.timeout)
     shown = "  ".join(f"{k}={v:.4f}" for k, v in result.items() if k != "step")
     metrics.say(f"validation at step {result['step']}: {shown}")
+    return 0
+
+
+def run_import(args, overrides) -> int:
+    from bigjax import hf, metrics
+
+    count = hf.import_hf(args.hf, args.workdir, overrides)
+    metrics.say(
+        f"imported {args.hf} ({count / 1e6:.2f}M parameters) into {args.workdir} at step 0; "
+        f"continue with `bigjax train --config {os.path.join(args.workdir, 'config.json')} --workdir {args.workdir}`"
+    )
+    return 0
+
+
+def run_export(args, overrides) -> int:
+    from bigjax import hf, metrics
+
+    step = hf.export(args.workdir, args.hf, args.step)
+    metrics.say(f"exported step {step} of {args.workdir} to {args.hf}")
     return 0
 
 

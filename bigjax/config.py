@@ -203,6 +203,11 @@ def load_experiment(spec: str) -> ml_collections.ConfigDict:
     file = pathlib.Path(path)
     if not file.is_file():
         raise ConfigError(f"config file {path!r} not found; pass --config experiments/NAME.py[:ARG]")
+    if file.suffix == ".json":  # a config a workdir saved (e.g. one `bigjax import` wrote): train on from it
+        try:
+            return from_json(file.read_text())
+        except ValueError as error:
+            raise ConfigError(f"{path} is not valid JSON ({error})") from None
     module_spec = importlib.util.spec_from_file_location(f"bigjax_experiment_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     _run_experiment_code(path, lambda: module_spec.loader.exec_module(module))

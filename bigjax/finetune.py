@@ -13,6 +13,8 @@ Parameters are named by their "/"-joined paths (bigjax.params), e.g. `layers/att
   `stage1/norm1/mean`, so one pattern selects a layer's parameters and its statistics alike. An array is loaded
   when its name matches `include`, does not match `exclude`, and the checkpoint has it; the others (a new head)
   keep their fresh initialization. A name that matches but has another shape in the checkpoint is an error: exclude it.
+  `init_from.workdir=hf:PATH` loads a Hugging Face model directory instead (GPT-2, Llama; bigjax.hf), with the
+  same include/exclude.
 - `freeze` (see bigjax.optim) keeps the matching parameters bit-identical: they get no gradient computation,
   no optimizer state and no update.
 - Early stopping watches one inline-eval metric: each evaluation saves a checkpoint carrying its metrics, Orbax
@@ -31,6 +33,8 @@ from bigjax import checkpoint, metrics
 from bigjax.errors import UserError
 from bigjax.params import by_path, matches, nest, param_path
 
+HF_PREFIX = "hf:"  # init_from.workdir=hf:PATH loads a Hugging Face model directory (bigjax.hf)
+
 
 class FinetuneError(UserError):
     """A fine-tuning setting that cannot work: a message for the user."""
@@ -42,6 +46,8 @@ class FinetuneError(UserError):
 
 def load_pretrained_state(state, init_from, shardings):
     """A new TrainState with its parameters (and model state) loaded from `init_from` as configured."""
+    if init_from.workdir.startswith(HF_PREFIX):
+        return state.replace(params=load_from_hf(state.params, init_from, shardings.params))
     step = newest_or_given_step(init_from)
     state = state.replace(params=load_pretrained(state.params, init_from, shardings.params, step))
     if state.model_state:
@@ -53,6 +59,28 @@ def load_pretrained_state(state, init_from, shardings):
         }
         state = state.replace(model_state=loaded)
     return state
+
+
+def load_from_hf(params, init_from, param_shardings):
+    """`params` with the selected arrays replaced by a Hugging Face model's (init_from.workdir=hf:PATH).
+    Model state (BatchNorm statistics) has no HF counterpart here: GPT models have none."""
+    from bigjax import hf
+
+    hf_dir = init_from.workdir.removeprefix(HF_PREFIX)
+    wanted, unwanted = by_path(matches(params, init_from.include)), by_path(matches(params, init_from.exclude))
+    selected = {name: wanted[name] and not unwanted[name] for name in wanted}
+    params, loaded = hf.load_selected(params, hf_dir, selected, param_shardings)
+    if not loaded:
+        raise FinetuneError(
+            f"config.init_from: no parameter of the Hugging Face model {hf_dir} matches this model "
+            f"(include={init_from.include!r}, exclude={init_from.exclude!r})"
+        )
+    fresh = [name for name in by_path(params) if name not in loaded]
+    metrics.say(
+        f"init_from: loaded {len(loaded)} parameters from {hf_dir}; "
+        f"freshly initialized: {', '.join(fresh) if fresh else 'none'}"
+    )
+    return params
 
 
 def newest_or_given_step(init_from) -> int:

@@ -64,11 +64,12 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
         stopper = finetune.EarlyStopping.from_config(config)  # None unless config.early_stopping.metric is set
         ranking = dict(best_metric=config.early_stopping.metric, best_mode=config.early_stopping.mode)
         mngr = checkpoint.manager(workdir, **ranking)
-        keep = checkpoint.retention(config.keep_checkpoints, **ranking)  # the newest N, and the best for early stopping
+        keep = checkpoint.retention(config.keep_checkpoints, **ranking)  # the newest N, and the best
 
         # State: restored from the newest usable checkpoint or freshly initialized into its shards.
         state, counters = restore_or_init(setup, mngr, workdir, train_batches, fresh)
-        write_config(workdir, config)  # only now: a refused resume must not overwrite the config of the checkpoints
+        # Only now: a refused resume must not overwrite the config of the checkpoints.
+        checkpoint.write_config(workdir, config)
         non_finite = NonFiniteGuard(config, start_step=int(state.step), skipped=counters.get("nan_skips", 0))
         start = int(state.step)
         log_model_size(state.params)

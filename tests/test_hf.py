@@ -1,0 +1,257 @@
+"""Hugging Face interop (bigjax.hf) against transformers itself, in float32 on the CPU: tiny random GPT-2 and Llama
+models saved with save_pretrained (nothing is downloaded), imported, compared logit for logit and token for token,
+exported back and loaded by transformers again."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import tokenizers
+import torch
+import transformers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from bigjax import config as config_lib
+from bigjax import finetune, generate, hf, optim, tasks
+from bigjax import mesh as mesh_lib
+from bigjax import state as state_lib
+from bigjax.models import gpt
+
+HF_VOCAB = 300  # the tokenizer's own ids; bigjax appends pad/cls/mask (303) and pads to 384
+EPS32 = float(np.finfo(np.float32).eps)
+# Both sides compute the same float32 sums in different orders (XLA's fused einsums vs torch's matmuls), so each
+# logit differs by rounding alone: a few eps per reduction of length d, through every layer. A relative bound of
+# 64 * eps32 per layer (+1 for the embedding and head), against the largest logit, allows that with room and is
+# still ~1e4 times smaller than what any mapping mistake (a transposed kernel, a wrong rotary half) gives.
+RELATIVE_TOLERANCE_PER_LAYER = 64 * EPS32
+PROMPT = "To be, or not to be, that is the question"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    """A byte-level BPE with HF_VOCAB ids, trained here on a few lines (GPT-2's kind of tokenizer, small)."""
+    tokenizer = tokenizers.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=HF_VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator([PROMPT, "whether 'tis nobler in the mind to suffer"] * 20, trainer=trainer)
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    tokenizer.save(str(path))
+    assert tokenizer.get_vocab_size() == HF_VOCAB
+    return path
+
+
+def gpt2_model():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=HF_VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def llama_model():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention
+        intermediate_size=96,
+        vocab_size=HF_VOCAB,
+        max_position_embeddings=128,
+        rope_theta=5e5,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms start at exactly 1: make them random too, so that a misplaced one shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def mistral_model():
+    """Mistral without a sliding window is Llama under another name."""
+    torch.manual_seed(1)
+    config = transformers.MistralConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=96,
+        vocab_size=HF_VOCAB,
+        max_position_embeddings=128,
+        sliding_window=None,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.MistralForCausalLM(config).eval()
+
+
+MODELS = {"gpt2": gpt2_model, "llama": llama_model, "mistral": mistral_model}
+
+
+def save(model, directory, tokenizer_file, sharded=False):
+    model.save_pretrained(directory, max_shard_size="20KB" if sharded else "5GB")
+    (directory / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    return directory
+
+
+def torch_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def bigjax_logits(workdir, ids) -> np.ndarray:
+    generator = generate.load(workdir)
+    model_config = config_lib.load_saved(workdir).model
+    model = gpt.GPT(gpt.GPTConfig.from_config(model_config))
+    logits = model.apply({"params": generator.params}, np.asarray([ids], np.int32))
+    return np.asarray(logits)[0]
+
+
+def assert_logits_match(ours, theirs, num_layers):
+    rel = np.abs(ours[:, :HF_VOCAB] - theirs).max() / np.abs(theirs).max()
+    print(f"max relative logit difference {rel:.2e}")
+    assert rel <= RELATIVE_TOLERANCE_PER_LAYER * (num_layers + 1), rel
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one_file", "sharded"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+def test_import_matches_transformers_logits_greedy_tokens_and_exports_back(arch, sharded, tokenizer_file, tmp_path):
+    model = MODELS[arch]()
+    hf_dir = save(model, tmp_path / "hf", tokenizer_file, sharded)
+    assert (hf_dir / hf.INDEX_FILE).exists() == sharded
+    workdir = tmp_path / "run"
+    hf.import_hf(hf_dir, workdir)  # on the tests' 8-device mesh
+    ids = [int(i) for i in tokenizers.Tokenizer.from_file(str(tokenizer_file)).encode(PROMPT).ids]
+
+    # Logits: the imported checkpoint (restored onto one device) against transformers.
+    ours, theirs = bigjax_logits(workdir, ids), torch_logits(model, ids)
+    assert_logits_match(ours, theirs, model.config.num_hidden_layers)
+    # The ids bigjax added beyond the HF vocabulary have zero weights.
+    assert np.all(ours[:, HF_VOCAB:] == 0)
+
+    # Greedy decoding with bigjax's KV cache continues the prompt as transformers' greedy generate does.
+    new = generate.load(workdir).generate_ids([ids], generate.Sampling(max_new_tokens=12, temperature=0.0))[0]
+    with torch.no_grad():
+        expected = model.generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    expected = expected[0, len(ids) :].tolist()
+    assert 0 not in expected, "the reference stopped token is generated: pick another seed"
+    assert new == expected
+
+    # Export: transformers loads it and computes the very same logits as the original (the same float32 weights).
+    out = tmp_path / "exported"
+    assert hf.export(workdir, out) == 0
+    assert (out / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    # Mistral without a sliding window comes back as the Llama it is.
+    assert type(reloaded).__name__ == {"gpt2": "GPT2LMHeadModel"}.get(arch, "LlamaForCausalLM")
+    assert reloaded.config.vocab_size == HF_VOCAB
+    np.testing.assert_array_equal(torch_logits(reloaded, ids), theirs)
+
+
+def test_cli_import_then_generate_and_train_resumes_at_step_0(cli, tokenizer_file, tmp_path):
+    hf_dir = save(gpt2_model(), tmp_path / "hf", tokenizer_file)
+    workdir = tmp_path / "run"
+    out = cli("import", "--hf", hf_dir, "--workdir", workdir, "--config.data.seq_len=32").stdout
+    assert "into" in out and "step 0" in out
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["data"]["tokenizer"] == f"hf:{(workdir / 'tokenizer.json').resolve()}"
+    assert saved["data"]["seq_len"] == 32 and saved["model"]["vocab_size"] == HF_VOCAB + 3
+
+    prompt = "To be, or"
+    result = cli("generate", "--workdir", workdir, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "5")
+    assert result.stdout.strip().startswith(prompt)
+    assert "generating from checkpoint 0" in result.stderr + result.stdout
+
+    args = ["--config", workdir / "config.json", "--workdir", workdir]
+    result = cli("train", *args, "--config.total_steps=2", "--config.batch_size=8", "--config.log_every=1")
+    assert "resumed from step 0" in result.stdout and "finished at step 2" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("rope_scaling", {"rope_type": "llama3", "factor": 8.0}), ("attention_bias", True), ("hidden_act", "gelu")],
+)
+def test_a_field_bigjax_cannot_represent_is_one_error_line(cli, field, value, tokenizer_file, tmp_path):
+    hf_dir = save(llama_model(), tmp_path / "hf", tokenizer_file)
+    config = json.loads((hf_dir / "config.json").read_text())
+    config[field] = value
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    result = cli("import", "--hf", hf_dir, "--workdir", tmp_path / "run", check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and field in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_architecture_is_refused(tokenizer_file, tmp_path):
+    hf_dir = save(gpt2_model(), tmp_path / "hf", tokenizer_file)
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["architectures"] = ["Qwen2ForCausalLM"]
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.HFError, match="architectures"):
+        hf.config_from_hf(hf_dir)
+
+
+def test_init_from_hf_loads_the_backbone_of_a_classifier(tokenizer_file, tmp_path):
+    hf_dir = save(llama_model(), tmp_path / "hf", tokenizer_file)
+    imported = tmp_path / "imported"
+    hf.import_hf(hf_dir, imported)
+    expected = finetune.by_path(generate.load(imported).params)
+
+    config = config_lib.defaults("gpt", "classification")
+    config.model.update(hf.config_from_hf(hf_dir).model)
+    config.model.vocab_size = HF_VOCAB + 3
+    config.task.num_classes = 3
+    config.init_from.workdir = f"hf:{hf_dir}"
+    config.init_from.exclude = "mlp_norm"  # these keep their fresh initialization (ones)
+    mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
+    task = tasks.make_task(config)
+    tx = optim.make_optimizer(config.optim, config.total_steps)
+    _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
+    state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
+    state = finetune.load_pretrained_state(state, config.init_from, shardings)
+
+    loaded = finetune.by_path(state.params)
+    assert set(loaded) == set(expected) - {"unembed/kernel"} | {"classifier/kernel", "classifier/bias"}
+    for name, array in loaded.items():
+        if name.startswith("classifier"):
+            assert not np.any(np.asarray(array)), name  # the new head: zero-initialized
+        elif "mlp_norm" in name:
+            np.testing.assert_array_equal(np.asarray(array), 1.0)  # excluded: fresh
+        else:
+            np.testing.assert_array_equal(np.asarray(array), np.asarray(expected[name]), err_msg=name)
+            assert array.sharding == finetune.by_path(shardings.params)[name], name
+    assert len(jax.tree.leaves(state.params)) == len(loaded)
+
+
+def test_bfloat16_weights_are_read_exactly(tokenizer_file, tmp_path):
+    """numpy has no bfloat16: bigjax reads such tensors by the file's layout, and widens them exactly to float32."""
+    model = llama_model().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf")
+    read = hf.TensorReader(tmp_path / "hf")
+    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.weight", "model.norm.weight"):
+        expected = dict(model.named_parameters())[name].detach().float().numpy()
+        np.testing.assert_array_equal(read(name), expected, err_msg=name)
+
+
+def test_mistral_with_a_sliding_window_is_refused(tokenizer_file, tmp_path):
+    hf_dir = save(mistral_model(), tmp_path / "hf", tokenizer_file)
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["sliding_window"] = 16
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.HFError, match="sliding_window=16"):
+        hf.config_from_hf(hf_dir)
