@@ -13,10 +13,10 @@ import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from bigjax import config as config_lib
-from bigjax import finetune, generate, hf, optim, tasks
-from bigjax import mesh as mesh_lib
-from bigjax import state as state_lib
+from bigjax import finetune, generate, hf
 from bigjax.models import gpt
+from bigjax.params import by_path
+from bigjax.setup import make_setup
 
 HF_VOCAB = 300  # the tokenizer's own ids; bigjax appends pad/cls/mask (303) and pads to 384
 EPS32 = float(np.finfo(np.float32).eps)
@@ -210,7 +210,7 @@ def test_init_from_hf_loads_the_backbone_of_a_classifier(tokenizer_file, tmp_pat
     hf_dir = save(llama_model(), tmp_path / "hf", tokenizer_file)
     imported = tmp_path / "imported"
     hf.import_hf(hf_dir, imported)
-    expected = finetune.by_path(generate.load(imported).params)
+    expected = by_path(generate.load(imported).params)
 
     config = config_lib.defaults("gpt", "classification")
     config.model.update(hf.config_from_hf(hf_dir).model)
@@ -218,14 +218,11 @@ def test_init_from_hf_loads_the_backbone_of_a_classifier(tokenizer_file, tmp_pat
     config.task.num_classes = 3
     config.init_from.workdir = f"hf:{hf_dir}"
     config.init_from.exclude = "mlp_norm"  # these keep their fresh initialization (ones)
-    mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-    task = tasks.make_task(config)
-    tx = optim.make_optimizer(config.optim, config.total_steps)
-    _, shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, mesh, rules)
-    state = state_lib.create_sharded_state(task, tx, config.seed, mesh, rules, shardings)
-    state = finetune.load_pretrained_state(state, config.init_from, shardings)
+    setup = make_setup(config)
+    shardings = setup.state_shardings
+    state = finetune.load_pretrained_state(setup.init_state(), config.init_from, shardings)
 
-    loaded = finetune.by_path(state.params)
+    loaded = by_path(state.params)
     assert set(loaded) == set(expected) - {"unembed/kernel"} | {"classifier/kernel", "classifier/bias"}
     for name, array in loaded.items():
         if name.startswith("classifier"):
@@ -234,7 +231,7 @@ def test_init_from_hf_loads_the_backbone_of_a_classifier(tokenizer_file, tmp_pat
             np.testing.assert_array_equal(np.asarray(array), 1.0)  # excluded: fresh
         else:
             np.testing.assert_array_equal(np.asarray(array), np.asarray(expected[name]), err_msg=name)
-            assert array.sharding == finetune.by_path(shardings.params)[name], name
+            assert array.sharding == by_path(shardings.params)[name], name
     assert len(jax.tree.leaves(state.params)) == len(loaded)
 
 
