@@ -90,7 +90,7 @@ def bench(config, steps: int = 100, warmup: int = 10, windows: int = 5, config_n
     batches = [setup.sharding.global_batch(next(host_batches)) for _ in range(BATCHES_ON_DEVICE)]
     state = run_steps(step, state, batches, warmup)
     timing = time_windows(step, state, batches, steps, windows, compile_seconds)
-    return report(config, setup.task, setup.mesh, timing, parameters, config_name, list(overrides), warmup)
+    return report(setup, timing, parameters, config_name, list(overrides), warmup)
 
 
 def synthetic(config):
@@ -126,7 +126,8 @@ def window_sizes(steps: int, windows: int) -> list[int]:
     return [len(part) for part in np.array_split(np.arange(steps), windows)]
 
 
-def report(config, task, mesh, timing: Timing, parameters: int, config_name: str, overrides, warmup) -> dict:
+def report(setup, timing: Timing, parameters: int, config_name: str, overrides, warmup) -> dict:
+    config, task, mesh = setup.config, setup.task, setup.mesh
     devices = mesh.devices.size
     examples_per_second = config.batch_size * timing.steps / timing.seconds
     flops = task.flops_per_example()

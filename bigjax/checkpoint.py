@@ -189,54 +189,53 @@ def retention(keep: int, best_metric: str = "", best_mode: str = "max"):
     return policies.AnyPreservationPolicy([latest, best])
 
 
-def save(
-    mngr: ocp.CheckpointManager,
-    keep,
-    step: int,
-    state,
-    data_state: dict,
-    counters: dict,
-    config,
-    eval_metrics=None,
-) -> None:
-    """Start an async save of everything a resume needs (and the eval metrics early stopping ranks it by).
+@dataclasses.dataclass(frozen=True)
+class Writer:
+    """The trainer's side of WORKDIR/checkpoints: Orbax's async manager (which deletes nothing) and keep-N."""
 
-    The save before it is waited for first, and once it has committed, the checkpoints `keep` (see `retention`)
-    no longer wants are deleted. Raises CheckpointError if this or an earlier save failed.
-    """
-    with _save_errors_reported(mngr):
-        mngr.wait_until_finished()
-        delete_old_checkpoints(mngr, keep)
-        refuse_to_write_over(mngr, step)
-        arrays = {item: ocp.args.StandardSave(getattr(state, item)) for item in array_items(state)}
-        mngr.save(
-            step,
-            args=ocp.args.Composite(
-                **arrays,
-                data=ocp.args.JsonSave(data_state),
-                counters=ocp.args.JsonSave(counters),
-                config=ocp.args.JsonSave(config.to_dict()),
-            ),
-            metrics=eval_metrics,
-        )
+    mngr: ocp.CheckpointManager
+    keep: Any  # an Orbax preservation policy, from `retention`
+
+    def save(self, step: int, state, data_state: dict, counters: dict, config, eval_metrics=None) -> None:
+        """Start an async save of everything a resume needs (and the eval metrics early stopping ranks it by).
+
+        The save before it is waited for first, and once it has committed, the checkpoints `keep` no longer
+        wants are deleted. Raises CheckpointError if this or an earlier save failed.
+        """
+        mngr = self.mngr
+        with _save_errors_reported(mngr):
+            mngr.wait_until_finished()
+            delete_old_checkpoints(mngr, self.keep)
+            refuse_to_write_over(mngr, step)
+            arrays = {item: ocp.args.StandardSave(getattr(state, item)) for item in array_items(state)}
+            json_items = dict(data=data_state, counters=counters, config=config.to_dict())
+            items = {**arrays, **{name: ocp.args.JsonSave(value) for name, value in json_items.items()}}
+            mngr.save(step, args=ocp.args.Composite(**items), metrics=eval_metrics)
+
+    def raise_if_a_save_failed(self) -> None:
+        """Without waiting: raise CheckpointError if a save that ran in the background has failed.
+
+        Asked only once the save is over: Orbax's finalize thread decides by the same error whether the save
+        committed, and reading the error clears it, so reading it earlier would hide it from that thread.
+        """
+        if not self.mngr.is_saving_in_progress():
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for the save in flight to commit; raise CheckpointError if it failed."""
+        with _save_errors_reported(self.mngr):
+            self.mngr.wait_until_finished()
+
+    def delete_old(self) -> None:
+        """keep-N, once no save is in flight (see `delete_old_checkpoints`)."""
+        with _save_errors_reported(self.mngr):
+            delete_old_checkpoints(self.mngr, self.keep)
 
 
-def raise_if_a_save_failed(mngr: ocp.CheckpointManager) -> None:
-    """Without waiting: raise CheckpointError if a save that ran in the background has failed.
-
-    Asked only once the save is over: Orbax's finalize thread decides by the same error whether the save
-    committed, and reading the error clears it, so reading it earlier would hide it from that thread.
-    """
-    if not mngr.is_saving_in_progress():
-        finish_saves(mngr)
-
-
-def finish_saves(mngr: ocp.CheckpointManager, keep=None) -> None:
-    """Wait for the save in flight to commit, then apply `keep`; raise CheckpointError if the save failed."""
-    with _save_errors_reported(mngr):
-        mngr.wait_until_finished()
-        if keep is not None:
-            delete_old_checkpoints(mngr, keep)
+def writer(workdir, keep: int, best_metric: str = "", best_mode: str = "max") -> Writer:
+    """The trainer's Writer of WORKDIR/checkpoints: keep the newest `keep`, and the best by `best_metric`."""
+    mngr = manager(workdir, best_metric=best_metric, best_mode=best_mode)
+    return Writer(mngr, retention(keep, best_metric, best_mode))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -469,10 +469,9 @@ def import_hf(hf_dir, workdir, overrides=()) -> int:
         )(params)
         data_state = data.train_batches(config).get_state()
 
-        mngr = checkpoint.manager(workdir)
-        keep = checkpoint.retention(config.keep_checkpoints)
-        checkpoint.save(mngr, keep, 0, state, data_state, {"nan_skips": 0}, config)
-        checkpoint.finish_saves(mngr)
+        saves = checkpoint.writer(workdir, config.keep_checkpoints)
+        saves.save(0, state, data_state, {"nan_skips": 0}, config)
+        saves.finish()
         checkpoint.write_config(workdir, config)
         (workdir / SOURCE_FILE).write_text(json.dumps({"source": str(hf_dir), "vocab_size": hf_vocab}, indent=2))
     return state_lib.count_parameters(params)

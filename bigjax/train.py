@@ -62,9 +62,10 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
     # One trainer per workdir: a second one is refused here, before it has touched a file of the first.
     with lock.held(workdir, say=metrics.say) as workdir_lock:
         stopper = finetune.EarlyStopping.from_config(config)  # None unless config.early_stopping.metric is set
-        ranking = dict(best_metric=config.early_stopping.metric, best_mode=config.early_stopping.mode)
-        mngr = checkpoint.manager(workdir, **ranking)
-        keep = checkpoint.retention(config.keep_checkpoints, **ranking)  # the newest N, and the best
+        # The newest keep_checkpoints are kept, and for early stopping the best one too.
+        ranking = config.early_stopping.metric, config.early_stopping.mode
+        saves = checkpoint.writer(workdir, config.keep_checkpoints, *ranking)
+        mngr = saves.mngr
 
         # State: restored from the newest usable checkpoint or freshly initialized into its shards.
         state, counters = restore_or_init(setup, mngr, workdir, train_batches, fresh)
@@ -102,7 +103,7 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
                 if step % config.log_every == 0 or step == config.total_steps:
                     last = log_metrics(writer, step, pending, throughput, non_finite)
                     pending = []
-                    checkpoint.raise_if_a_save_failed(mngr)  # a background save that failed stops the run here
+                    saves.raise_if_a_save_failed()  # a background save that failed stops the run here
                 eval_metrics = None
                 if eval_step is not None and step % config.eval_every == 0:
                     eval_metrics = evaluate.evaluate(setup, eval_step, state_lib.model_variables(state), eval_data)
@@ -117,7 +118,9 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
                     # Never save a state that went non-finite: check the steps not yet logged first.
                     non_finite.check(step, jax.device_get(pending))
                     workdir_lock.check()  # never write into a workdir another trainer has taken over
-                    save(mngr, keep, step, state, train_batches, non_finite, config, eval_metrics if ranked else None)
+                    counters = {"nan_skips": non_finite.skipped}  # run-level counts a resume must carry on
+                    ranks = eval_metrics if ranked else None
+                    saves.save(step, state, train_batches.get_state(), counters, config, ranks)
                 if stopping:
                     why = f"by {stop.name}" if stop.requested else "as asked (--stop-at-step)"
                     metrics.say(f"stopped {why} at step {step} with a checkpoint; rerun the same command to resume")
@@ -127,9 +130,9 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
                 bar.close()
             writer.close()
             # Even on failure, finish a save still in flight: the last good checkpoint is what a rerun resumes.
-            checkpoint.finish_saves(mngr)
+            saves.finish()
         workdir_lock.check()
-        checkpoint.delete_old_checkpoints(mngr, keep)  # keep-N, now that the last save has committed
+        saves.delete_old()  # keep-N, now that the last save has committed
     status = "finished" if step >= config.total_steps else "preempted"
     if stopper is not None:
         if stopper.should_stop and step < config.total_steps:
@@ -284,12 +287,6 @@ class NonFiniteGuard:
                 f"stopping. {advice}"
             )
         metrics.say(f"{what}: update skipped ({self.skipped} of at most {self.limit}, config.max_nan_skips)")
-
-
-def save(mngr, keep, step: int, state, train_batches, non_finite: NonFiniteGuard, config, eval_metrics=None) -> None:
-    """Save what a resume needs: the state, where the data iterator is, and the run's counts."""
-    counters = {"nan_skips": non_finite.skipped}
-    checkpoint.save(mngr, keep, step, state, train_batches.get_state(), counters, config, eval_metrics)
 
 
 def prefixed(prefix: str, values: dict) -> dict:

@@ -7,7 +7,6 @@ import pytest
 from conftest import TINY
 
 from bigjax import bench, devices, tasks
-from bigjax import mesh as mesh_lib
 from bigjax import step as step_lib
 from bigjax.setup import make_setup
 
@@ -42,11 +41,11 @@ def test_bench_command_reports_throughput_flops_and_environment(cli, tiny_config
 
 def test_report_arithmetic_against_a_known_peak(tiny_config, monkeypatch):
     config = tiny_config()
-    task = tasks.make_task(config)
-    mesh = mesh_lib.make_mesh(config)
+    setup = make_setup(config)
+    task = setup.task
     timing = bench.Timing(compile_seconds=2.0, window_steps=[2, 2], window_seconds=[1.0, 3.0])
     monkeypatch.setitem(devices.PEAK_FLOPS, "cpu", 1e9)
-    result = bench.report(config, task, mesh, timing, parameters=1, config_name="tiny", overrides=[], warmup=0)
+    result = bench.report(setup, timing, parameters=1, config_name="tiny", overrides=[], warmup=0)
     assert result["examples_per_second"] == 8 * 4 / 4.0
     assert result["window_step_times"] == [0.5, 1.5] and result["step_time_median"] == 1.0
     assert result["mfu"] == pytest.approx(task.flops_per_example() * 8.0 / (1e9 * 8))
