@@ -15,7 +15,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from bigjax import checkpoint, data, evaluate, finetune, lock, metrics, paths, signals
-from bigjax import config as config_lib
 from bigjax import state as state_lib
 from bigjax import step as step_lib
 from bigjax.errors import UserError
@@ -146,24 +145,6 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
 
 # --------------------------------------------------------------------------------------------------
 # The steps of the story
-
-
-def write_config(workdir, config) -> None:
-    """Write DIR/config.json (the eval job and `generate` read it), atomically: a kill mid-write leaves the old."""
-    if jax.process_index() != 0:
-        return
-    try:
-        if paths.is_url(workdir):  # an object upload is atomic already: never seen half-written
-            (workdir / "config.json").write_text(config_lib.to_json(config))
-            return
-        partial = workdir / "config.json.partial"
-        partial.write_text(config_lib.to_json(config))
-        partial.replace(workdir / "config.json")
-    except OSError as error:
-        raise TrainingError(
-            f"cannot write {workdir / 'config.json'}: {error.strerror or error}; a trainer needs a workdir it can "
-            "write (the checkpoints there are untouched)"
-        ) from error
 
 
 def restore_or_init(setup: Setup, mngr, workdir, train_batches, fresh: bool):
