@@ -127,3 +127,14 @@ def test_a_workdir_whose_checkpoints_all_lost_their_commit_marker_is_not_started
     with pytest.raises(train.TrainingError, match=r"no usable checkpoint is left .* --fresh"):
         train.train(config, workdir)
     assert set_aside(workdir, "unmarked") == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_a_truncated_checkpoint_is_one_line_on_the_console_with_the_details_in_the_log(cli, good_run, tmp_path):
+    """The line that reports it stands alone: the tracebacks Orbax and TensorStore log go to WORKDIR/logs."""
+    workdir = tmp_path / "run"
+    shutil.copytree(good_run, workdir)
+    truncate_the_array_files(workdir / "checkpoints" / "8")
+    result = cli("train", "--config", TINY, "--workdir", workdir, "--config.log_every=1", "--stop-at-step", "8")
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert f"checkpoint 8 at {workdir / 'checkpoints' / '8'} cannot be read" in result.stdout
+    assert "resumed from step 7" in result.stdout
