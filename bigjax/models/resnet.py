@@ -22,7 +22,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bigjax.models import layers
-from bigjax.models.gpt import REMAT_POLICIES
 
 # depth -> (block kind, blocks per stage)
 DEPTHS = {
@@ -109,26 +108,6 @@ class Block(nn.Module):
         return layers.constrain(out, "activation_batch", None, None, "activation_conv"), None
 
 
-def block_class(cfg: ResNetConfig):
-    """Block, wrapped in remat by policy. (The dots policies save matmul outputs only, so for convolutions they
-    recompute about as much as "full".)"""
-    if cfg.remat == "none":
-        return Block
-    # prevent_cse only matters outside scan, where XLA could otherwise undo the rematerialization.
-    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-
-
-def scanned_blocks(cfg: ResNetConfig, count: int):
-    """`count` identical blocks as one nn.scan: stacked parameters and statistics, one compiled block."""
-    return nn.scan(
-        block_class(cfg),
-        variable_axes={"params": 0, "batch_stats": 0},
-        split_rngs={"params": True},
-        length=count,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-
-
 class ResNet(nn.Module):
     cfg: ResNetConfig
     num_classes: int
@@ -164,20 +143,25 @@ class ResNet(nn.Module):
             x = nn.relu(norm(name="stem_norm")(stem(x)))
         x = layers.constrain(x, "activation_batch", None, None, "activation_conv")
 
-        block = block_class(c)
+        # Rematerialized by policy (the dots policies save matmul outputs only, so for convolutions they recompute
+        # about as much as "full"); a stage's identical blocks scanned: stacked parameters and statistics.
+        block = layers.remat_and_scan(Block, c.remat)
         for stage, count in enumerate(c.stage_sizes):
             features, name = c.width * 2**stage, f"stage{stage + 1}"
             # The first block of a stage changes the shape (more channels; from the second stage, stride 2).
             x, _ = block(c, features, 1 if stage == 0 else 2, train, name=f"{name}_block1")(x)
             if c.scan_layers and count > 1:
-                x, _ = scanned_blocks(c, count - 1)(c, features, 1, train, name=f"{name}_rest")(x)
+                rest = layers.remat_and_scan(Block, c.remat, count - 1)
+                x, _ = rest(c, features, 1, train, name=f"{name}_rest")(x)
             else:
                 for i in range(1, count):
                     x, _ = block(c, features, 1, train, name=f"{name}_block{i + 1}")(x)
 
         pooled = jnp.mean(x, axis=(1, 2))
-        logits = layers.classifier_head(self.num_classes, "conv_in", dtype, param_dtype)(pooled)
-        return layers.constrain(logits.astype(jnp.float32), "activation_batch", None)
+        logits = layers.classifier_head(
+            pooled, self.num_classes, in_name="conv_in", dtype=dtype, param_dtype=param_dtype
+        )
+        return layers.constrain(logits, "activation_batch", None)
 
 
 def make_classifier(model_config, num_classes: int) -> ResNet:
