@@ -410,29 +410,19 @@ def channel_norm(
     `zero_init` starts the scale at 0: the last norm of a residual branch, so that every block begins as the
     identity (Goyal et al., "Accurate, Large Minibatch SGD").
     """
-    scale_init = logical(nn.initializers.zeros if zero_init else nn.initializers.ones, "conv_out")
-    bias_init = logical(nn.initializers.zeros, "conv_out")
+    scale = nn.initializers.zeros if zero_init else nn.initializers.ones
+    common = dict(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=logical(scale, "conv_out"),
+        bias_init=logical(nn.initializers.zeros, "conv_out"),
+        name=name,
+    )
     if kind == "batchnorm":
-        return BatchNorm(
-            use_running_average=not train,
-            momentum=momentum,
-            epsilon=eps,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            scale_init=scale_init,
-            bias_init=bias_init,
-            name=name,
-        )
+        return BatchNorm(use_running_average=not train, momentum=momentum, **common)
     if kind == "groupnorm":
-        return nn.GroupNorm(
-            num_groups=groups,
-            epsilon=eps,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            scale_init=scale_init,
-            bias_init=bias_init,
-            name=name,
-        )
+        return nn.GroupNorm(num_groups=groups, **common)
     return lambda x: x
 
 

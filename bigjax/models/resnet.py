@@ -65,6 +65,19 @@ class ResNetConfig:
     def stage_sizes(self) -> tuple[int, ...]:
         return DEPTHS[self.depth][1]
 
+    def norm(self, train: bool):
+        """The norm after each convolution, by name: `norm(name="norm1")`; BatchNorm statistics frozen on request."""
+        return functools.partial(
+            layers.channel_norm,
+            self.normalization,
+            train and not self.freeze_batch_stats,
+            groups=self.norm_groups,
+            momentum=self.bn_momentum,
+            eps=self.norm_eps,
+            dtype=jnp.dtype(self.dtype),
+            param_dtype=jnp.dtype(self.param_dtype),
+        )
+
 
 class Block(nn.Module):
     """One residual block: x -> (relu(shortcut(x) + branch(x)), None), the signature nn.scan stacks."""
@@ -79,16 +92,7 @@ class Block(nn.Module):
         c = self.cfg
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         conv = functools.partial(layers.conv, init=CONV_INIT, dtype=dtype, param_dtype=param_dtype)
-        norm = functools.partial(
-            layers.channel_norm,
-            c.normalization,
-            self.train and not c.freeze_batch_stats,
-            groups=c.norm_groups,
-            momentum=c.bn_momentum,
-            eps=c.norm_eps,
-            dtype=dtype,
-            param_dtype=param_dtype,
-        )
+        norm = c.norm(self.train)
         last_norm = functools.partial(norm, zero_init=c.zero_init_residual)
 
         if c.block == "basic":
@@ -116,16 +120,7 @@ class ResNet(nn.Module):
     def __call__(self, images, train: bool = False):
         c = self.cfg
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        norm = functools.partial(
-            layers.channel_norm,
-            c.normalization,
-            train and not c.freeze_batch_stats,
-            groups=c.norm_groups,
-            momentum=c.bn_momentum,
-            eps=c.norm_eps,
-            dtype=dtype,
-            param_dtype=param_dtype,
-        )
+        norm = c.norm(train)
         x = images.astype(dtype)
         x = layers.constrain(x, "activation_batch", None, None, None)
 
