@@ -27,6 +27,7 @@ from bigjax import state as state_lib
 from bigjax import step as step_lib
 from bigjax.errors import UserError
 from bigjax.models.gpt import GPTConfig, parameter_count
+from bigjax.models.layers import resolve_attention
 from bigjax.setup import make_setup
 
 GPU_MEMORY_FRACTION = 0.75  # JAX's default share of a GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION)
@@ -131,13 +132,10 @@ def make_plan(config, num_devices: int | None = None, device_kind: str | None = 
 
 
 def attention_on(device_kind: str, model_config) -> str:
-    """The attention kernel `model.attention` picks on that device (as models.gpt.resolve_attention does)."""
-    on_gpu = "nvidia" in device_kind.lower()
+    """The attention kernel `model.attention` picks on that device ("none" for a family without attention)."""
     if "attention" not in model_config:
         return "none"
-    if model_config.attention == "auto":
-        return "cudnn" if on_gpu and model_config.dtype in ("bfloat16", "float16") else "xla"
-    return model_config.attention
+    return resolve_attention(model_config.attention, model_config.dtype, device_kind)
 
 
 def resolve_device_kind(name: str) -> str:

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bigjax.models import layers
-from bigjax.models.gpt import GPTConfig, classifier_head, run_blocks
+from bigjax.models.gpt import GPTConfig, embedder, norm, run_blocks, text_classifier_head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,35 +36,16 @@ class BertEncoder(nn.Module):
     cfg: BertConfig
 
     def encode(self, tokens, segment_ids, positions, train: bool, token_types=None):
-        """Hidden states [batch, length, d] and the token embedding (the tied masked-LM output layer)."""
+        """Hidden states [batch, length, d] and the Embedder (whose `attend` is the masked-LM output layer)."""
         c = self.cfg
-        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         post_norm = c.norm_position == "post"
-        norm = lambda name: layers.Norm(c.norm, c.norm_eps, c.use_bias, dtype, param_dtype, name=name)
-        embedding = lambda size, names, name: nn.Embed(
-            size,
-            c.d_model,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=layers.logical(layers.normal(c.init_std), *names),
-            name=name,
-        )
-
-        embed = embedding(c.vocab_size, ("vocab", "embed"), "embed")
-        x = embed(tokens)
-        if c.positions == "learned":
-            x = x + embedding(c.max_len, ("positions", "embed"), "position_embed")(positions)
-        if c.type_vocab_size:
-            types = jnp.zeros_like(tokens) if token_types is None else token_types
-            x = x + embedding(c.type_vocab_size, (None, "embed"), "token_type_embed")(types)
+        embed = embedder(c, c.type_vocab_size)
+        x = embed(tokens, positions, token_types)
         if post_norm:  # BERT normalizes the summed embeddings; a pre-norm stack normalizes at the end instead
-            x = norm("embed_norm")(x)
+            x = norm(c, "embed_norm")(x)
         x = nn.Dropout(c.dropout, deterministic=not train)(x)
-        x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
-        x = run_blocks(c, x, positions, segment_ids, train, causal=False, post_norm=post_norm)
-        if not post_norm:
-            x = norm("final_norm")(x)
-        return x, embed
+        x = run_blocks(c, layers.constrain_hidden(x), positions, segment_ids, train, causal=False, post_norm=post_norm)
+        return (x if post_norm else norm(c, "final_norm")(x)), embed
 
 
 class BertMLM(BertEncoder):
@@ -77,35 +58,16 @@ class BertMLM(BertEncoder):
     @nn.compact
     def __call__(self, tokens, segment_ids, positions, train: bool = False, predict_at=None, token_types=None):
         c = self.cfg
-        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         x, embed = self.encode(tokens, segment_ids, positions, train, token_types)
         if predict_at is not None:
             x = jnp.take_along_axis(x, predict_at[..., None], axis=1)
-        x = nn.Dense(
-            c.d_model,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=layers.logical(layers.normal(c.init_std), "embed", "mlp"),
-            bias_init=layers.logical(nn.initializers.zeros, "mlp"),
-            name="mlm_transform",
-        )(x)
-        x = layers.Norm(c.norm, c.norm_eps, c.use_bias, dtype, param_dtype, name="mlm_norm")(nn.gelu(x))
+        x = norm(c, "mlm_norm")(nn.gelu(hidden_dense(c, "mlm_transform")(x)))
         # Features whole again before the vocabulary projection, as GPT's hidden states are. Without this, XLA's
         # SPMD partitioner (jax 0.10) gets the gradients wrong on a data x fsdp x tensor mesh for small
         # prediction counts: the test of the meshes in tests/test_text_models.py fails.
-        x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
-        if c.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.Dense(
-                c.vocab_size,
-                use_bias=False,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                kernel_init=layers.logical(layers.normal(c.init_std), "embed", "vocab"),
-                name="unembed",
-            )(x)
-        bias = self.param("mlm_bias", layers.logical(nn.initializers.zeros, "vocab"), (c.vocab_size,), param_dtype)
+        logits = embed.attend(layers.constrain_hidden(x))
+        bias_init = layers.logical(nn.initializers.zeros, "vocab")
+        bias = self.param("mlm_bias", bias_init, (c.vocab_size,), jnp.dtype(c.param_dtype))
         logits = logits + bias.astype(logits.dtype)
         logits = layers.constrain(logits, "activation_batch", "activation_length", "activation_vocab")
         return logits.astype(jnp.float32)
@@ -123,18 +85,22 @@ class BertClassifier(BertEncoder):
         c = self.cfg
         x, _ = self.encode(tokens, segment_ids, positions, train, token_types)
         pooled = layers.pool_segments(x, segment_ids, positions, self.max_segments, token="first")
-        pooled = nn.Dense(
-            c.d_model,
-            dtype=jnp.dtype(c.dtype),
-            param_dtype=jnp.dtype(c.param_dtype),
-            kernel_init=layers.logical(layers.normal(c.init_std), "embed", "mlp"),
-            bias_init=layers.logical(nn.initializers.zeros, "mlp"),
-            name="pooler",
-        )(pooled)
+        pooled = jnp.tanh(hidden_dense(c, "pooler")(pooled))
         # Whole features into the head (see BertMLM): XLA partitions the gradient wrongly otherwise.
-        pooled = layers.constrain(jnp.tanh(pooled), "activation_batch", "activation_length", "activation_embed")
-        pooled = nn.Dropout(c.dropout, deterministic=not train)(pooled)
-        return classifier_head(c, self.num_classes, pooled)
+        pooled = nn.Dropout(c.dropout, deterministic=not train)(layers.constrain_hidden(pooled))
+        return text_classifier_head(c, pooled, self.num_classes)
+
+
+def hidden_dense(c: BertConfig, name: str) -> nn.Dense:
+    """A d_model -> d_model Dense of a head (the masked-LM transform, the pooler)."""
+    return nn.Dense(
+        c.d_model,
+        dtype=jnp.dtype(c.dtype),
+        param_dtype=jnp.dtype(c.param_dtype),
+        kernel_init=layers.logical(layers.normal(c.init_std), "embed", "mlp"),
+        bias_init=layers.logical(nn.initializers.zeros, "mlp"),
+        name=name,
+    )
 
 
 def make_classifier(model_config, num_classes: int, max_segments: int = 1) -> BertClassifier:

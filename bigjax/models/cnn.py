@@ -68,8 +68,8 @@ class CNN(nn.Module):
         )(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
         x = layers.constrain(x, "activation_batch", "activation_mlp")
-        logits = layers.classifier_head(self.num_classes, "mlp", dtype, param_dtype)(x)
-        return layers.constrain(logits.astype(jnp.float32), "activation_batch", None)
+        logits = layers.classifier_head(x, self.num_classes, in_name="mlp", dtype=dtype, param_dtype=param_dtype)
+        return layers.constrain(logits, "activation_batch", None)
 
 
 def make_classifier(m, num_classes: int) -> CNN:

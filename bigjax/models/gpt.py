@@ -13,17 +13,9 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from bigjax.config import ConfigError
 from bigjax.models import layers
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole block
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -74,23 +66,28 @@ class GPTConfig:
             head_dim=head_dim,
             mlp_dim=mlp_dim,
         )
-        values["attention"] = resolve_attention(m.attention, m.dtype)
+        values["attention"] = layers.resolve_attention(m.attention, m.dtype)
         return cls(**values)
 
 
-def resolve_attention(choice: str, dtype: str) -> str:
-    """ "auto" -> cuDNN flash attention on a GPU with 16-bit compute, XLA's attention elsewhere."""
-    on_gpu = jax.default_backend() == "gpu"
-    if choice == "auto":
-        return "cudnn" if on_gpu and dtype in ("bfloat16", "float16") else "xla"
-    if choice == "cudnn" and not on_gpu:
-        raise ConfigError(
-            f"config.model.attention='cudnn' needs a GPU, but the backend is {jax.default_backend()}; "
-            "use 'auto' or 'xla'"
-        )
-    if choice == "cudnn" and dtype not in ("bfloat16", "float16"):
-        raise ConfigError("cuDNN attention needs config.model.dtype='bfloat16' (or float16); use 'auto' or 'xla'")
-    return choice
+def norm(c: GPTConfig, name: str) -> layers.Norm:
+    """The LayerNorm or RMSNorm of c, as every norm of the family (blocks, final, BERT's embedding and head) is."""
+    return layers.Norm(c.norm, c.norm_eps, c.use_bias, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), name=name)
+
+
+def embedder(c: GPTConfig, type_vocab_size: int = 0) -> layers.Embedder:
+    """The token (and position, and token-type) embeddings and the output layer of c's model."""
+    return layers.Embedder(
+        vocab_size=c.vocab_size,
+        d_model=c.d_model,
+        num_positions=c.max_len if c.positions == "learned" else 0,
+        type_vocab_size=type_vocab_size,
+        tie=c.tie_embeddings,
+        init_std=c.init_std,
+        dtype=jnp.dtype(c.dtype),
+        param_dtype=jnp.dtype(c.param_dtype),
+        name="embedder",
+    )
 
 
 class Block(nn.Module):
@@ -113,7 +110,6 @@ class Block(nn.Module):
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         # GPT-2's scaled init of the projections back into the residual stream.
         out_std = c.init_std / (2 * c.num_layers) ** 0.5
-        norm = lambda name: layers.Norm(c.norm, c.norm_eps, c.use_bias, dtype, param_dtype, name=name)
         dropout = nn.Dropout(c.dropout, deterministic=not self.train)
 
         attention = layers.Attention(
@@ -122,7 +118,7 @@ class Block(nn.Module):
             head_dim=c.head_dim,
             use_bias=c.use_bias,
             rope_theta=c.rope_theta if c.positions == "rope" else None,
-            implementation=None if c.attention == "auto" else c.attention,
+            implementation=c.attention,
             init_std=c.init_std,
             out_init_std=out_std,
             dtype=dtype,
@@ -133,48 +129,20 @@ class Block(nn.Module):
         )
         mlp = layers.Mlp(c.mlp, c.mlp_dim, c.use_bias, c.init_std, out_std, dtype, param_dtype, name="mlp")
         if self.post_norm:
-            x = norm("attention_norm")(x + dropout(attention(x, positions, segment_ids)))
-            x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
-            x = norm("mlp_norm")(x + dropout(mlp(x)))
+            x = norm(c, "attention_norm")(x + dropout(attention(x, positions, segment_ids)))
+            x = layers.constrain_hidden(x)
+            x = norm(c, "mlp_norm")(x + dropout(mlp(x)))
         else:
-            x = x + dropout(attention(norm("attention_norm")(x), positions, segment_ids))
-            x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
-            x = x + dropout(mlp(norm("mlp_norm")(x)))
-        x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
-        return x, None
+            x = x + dropout(attention(norm(c, "attention_norm")(x), positions, segment_ids))
+            x = layers.constrain_hidden(x)
+            x = x + dropout(mlp(norm(c, "mlp_norm")(x)))
+        return layers.constrain_hidden(x), None
 
 
-def stacked_blocks(cfg: GPTConfig):
-    """The Block class wrapped in remat (by policy) and scan (one compiled layer, stacked weights; a KV cache
-    is stacked over layers the same way)."""
-    block = Block
-    if cfg.remat != "none":
-        # prevent_cse only matters outside scan, where XLA could otherwise undo the rematerialization.
-        block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-        block = nn.scan(
-            block,
-            variable_axes={"params": 0, "cache": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-    return block
-
-
-def run_blocks(
-    cfg: GPTConfig,
-    x,
-    positions,
-    segment_ids,
-    train: bool,
-    causal: bool = True,
-    post_norm: bool = False,
-    decode: bool = False,
-):
-    """The stack of blocks, scanned or unrolled; called from inside a module's compact method."""
-    blocks = stacked_blocks(cfg)
+def run_blocks(cfg: GPTConfig, x, positions, segment_ids, train: bool, *, causal=True, post_norm=False, decode=False):
+    """The stack of blocks, scanned (one compiled layer; weights and a KV cache stacked over layers) or unrolled,
+    rematerialized by cfg.remat; called from inside a module's compact method."""
+    blocks = layers.remat_and_scan(Block, cfg.remat, cfg.num_layers if cfg.scan_layers else 0)
     if cfg.scan_layers:
         return blocks(cfg, train, causal, post_norm, decode, name="layers")(x, positions, segment_ids)[0]
     for i in range(cfg.num_layers):
@@ -194,59 +162,26 @@ class GPT(nn.Module):
     decode: bool = False
 
     def hidden_states(self, tokens, positions, segment_ids, train: bool):
-        """The final-normed hidden states [batch, length, d] and the token embedding (the tied output layer).
+        """The final-normed hidden states [batch, length, d] and the Embedder (whose `attend` is the output layer).
 
         Shared with GPTClassifier, so that a classifier's backbone parameters have the language model's paths.
         """
         c = self.cfg
-        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-
-        embed = nn.Embed(
-            c.vocab_size,
-            c.d_model,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=layers.logical(layers.normal(c.init_std), "vocab", "embed"),
-            name="embed",
-        )
-        x = embed(tokens)
-        if c.positions == "learned":
-            x = x + nn.Embed(
-                c.max_len,
-                c.d_model,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                embedding_init=layers.logical(layers.normal(c.init_std), "positions", "embed"),
-                name="position_embed",
-            )(positions)
-        x = nn.Dropout(c.dropout, deterministic=not train)(x)
-        x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
-        x = run_blocks(c, x, positions, segment_ids, train, decode=self.decode)
-        x = layers.Norm(c.norm, c.norm_eps, c.use_bias, dtype, param_dtype, name="final_norm")(x)
-        return x, embed
+        embed = embedder(c)
+        x = nn.Dropout(c.dropout, deterministic=not train)(embed(tokens, positions))
+        x = run_blocks(c, layers.constrain_hidden(x), positions, segment_ids, train, decode=self.decode)
+        return norm(c, "final_norm")(x), embed
 
     @nn.compact
     def __call__(self, tokens, train: bool = False, positions=None, last_token=None):
         """Logits [batch, length, vocab]; with `last_token` ([batch] index of each row's last real token), the
         next-token logits there alone, [batch, 1, vocab]: a prefill needs no others."""
-        c = self.cfg
         x, embed = self.hidden_states(tokens, positions, None, train)
         if last_token is not None:
             x = jnp.take_along_axis(x, last_token[:, None, None], axis=1)
-        if c.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.Dense(
-                c.vocab_size,
-                use_bias=False,
-                dtype=jnp.dtype(c.dtype),
-                param_dtype=jnp.dtype(c.param_dtype),
-                kernel_init=layers.logical(layers.normal(c.init_std), "embed", "vocab"),
-                name="unembed",
-            )(x)
-        logits = layers.constrain(logits, "activation_batch", "activation_length", "activation_vocab")
+        logits = layers.constrain(embed.attend(x), "activation_batch", "activation_length", "activation_vocab")
         return logits.astype(jnp.float32)
 
 
@@ -273,21 +208,19 @@ class GPTClassifier(GPT):
         x, _ = self.hidden_states(tokens, positions, segment_ids, train)
         pooled = layers.pool_segments(x, segment_ids, positions, self.max_segments, token="last")
         pooled = nn.Dropout(c.dropout, deterministic=not train)(pooled)
-        return classifier_head(c, self.num_classes, pooled)
+        return text_classifier_head(c, pooled, self.num_classes)
 
 
-def classifier_head(cfg: GPTConfig, num_classes: int, x):
-    """A new linear layer onto the classes, zero-initialized so fine-tuning starts from uniform predictions;
-    fp32 logits. Called from inside a compact method."""
-    logits = nn.Dense(
+def text_classifier_head(c: GPTConfig, x, num_classes: int):
+    """The text families' head (GPT's, BERT's): fp32 logits from `embed` features, its parameters `classifier`."""
+    return layers.classifier_head(
+        x,
         num_classes,
-        dtype=jnp.dtype(cfg.dtype),
-        param_dtype=jnp.dtype(cfg.param_dtype),
-        kernel_init=layers.logical(nn.initializers.zeros, "embed", "classes"),
-        bias_init=layers.logical(nn.initializers.zeros, "classes"),
+        in_name="embed",
+        dtype=jnp.dtype(c.dtype),
+        param_dtype=jnp.dtype(c.param_dtype),
         name="classifier",
-    )(x)
-    return logits.astype(jnp.float32)
+    )
 
 
 def make_classifier(model_config, num_classes: int, max_segments: int = 1) -> GPTClassifier:
@@ -306,9 +239,7 @@ class GPTHiddenStates(GPT):
     @nn.compact
     def __call__(self, tokens, train: bool = False):
         x, embed = self.hidden_states(tokens, None, None, train)
-        if self.cfg.tie_embeddings:
-            return x, embed.embedding.T
-        return x, self.get_variable("params", "unembed")["kernel"]  # GPT's output Dense layer, not called here
+        return x, embed.output_kernel()
 
 
 def parameter_count(cfg: GPTConfig) -> dict[str, int]:

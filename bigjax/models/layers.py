@@ -1,4 +1,5 @@
-"""Transformer pieces shared by every model family: attention, MLP, norms, rotary positions.
+"""Pieces shared by every model family: embeddings and the output layer, attention, MLP, norms, rotary positions,
+the layer stack (remat and scan), convolutions, the classifier head.
 
 Every parameter is created with logical axis names (`embed`, `heads`, `kv_heads`, `kv`, `mlp`, `vocab`) and
 key activations carry `activation_*` names; `bigjax.mesh` maps both onto the device mesh. No mesh here.
@@ -12,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigjax.config import ConfigError
+
 Dtype = Any
 
 
@@ -22,6 +25,12 @@ def logical(init, *names):
 
 def constrain(x, *names):
     return nn.with_logical_constraint(x, names)
+
+
+def constrain_hidden(x):
+    """The [batch, length, d_model] activations between layers: features whole (the default rules), the layout
+    every layer starts from."""
+    return constrain(x, "activation_batch", "activation_length", "activation_embed")
 
 
 def normal(std: float):
@@ -57,6 +66,62 @@ class Norm(nn.Module):
         return norm(x)
 
 
+class Embedder(nn.Module):
+    """Token embeddings plus learned positions and token types (each optional), and the output layer onto the
+    vocabulary: the token embedding itself (tied) or a Dense of its own. GPT and BERT share it, so a classifier
+    built on either loads a pretrained model's embeddings by path (init_from).
+
+    Its parameters sit in its caller's scope, under the names GPT and BERT have always given them (`embed`,
+    `position_embed`, `token_type_embed`, `unembed`), not under a name of its own: checkpoints keep their paths.
+    """
+
+    vocab_size: int
+    d_model: int
+    num_positions: int  # rows of the learned position table; 0 = none (rotary, or no positions)
+    type_vocab_size: int  # token types (BERT's sentence A/B); 0 = none
+    tie: bool
+    init_std: float
+    dtype: Dtype
+    param_dtype: Dtype
+
+    def setup(self):
+        nn.share_scope(self.parent, self)  # first, so that the tables below are created in the caller's scope
+        self.embed = self._table(self.vocab_size, "vocab")
+        if self.num_positions:
+            self.position_embed = self._table(self.num_positions, "positions")
+        if self.type_vocab_size:
+            self.token_type_embed = self._table(self.type_vocab_size, None)
+        if not self.tie:
+            self.unembed = nn.Dense(
+                self.vocab_size,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=logical(normal(self.init_std), "embed", "vocab"),
+            )
+
+    def _table(self, rows: int, row_name: str | None) -> nn.Embed:
+        init = logical(normal(self.init_std), row_name, "embed")
+        return nn.Embed(rows, self.d_model, dtype=self.dtype, param_dtype=self.param_dtype, embedding_init=init)
+
+    def __call__(self, tokens, positions, token_types=None):
+        x = self.embed(tokens)
+        if self.num_positions:
+            x = x + self.position_embed(positions)
+        if self.type_vocab_size:
+            x = x + self.token_type_embed(jnp.zeros_like(tokens) if token_types is None else token_types)
+        return x
+
+    def attend(self, x):
+        """Logits [..., vocab] of hidden states x [..., d_model], in the compute dtype."""
+        return self.embed.attend(x) if self.tie else self.unembed(x)
+
+    def output_kernel(self):
+        """The [d_model, vocab] kernel `attend` multiplies by, for a loss that takes the vocabulary a piece at a time.
+        Reads the parameters without calling the layer: apply only."""
+        return self.embed.embedding.T if self.tie else self.get_variable("params", "unembed")["kernel"]
+
+
 def rotary(x, positions, theta: float):
     """Rotary position embedding of x: [batch, length, heads, head_dim] at integer `positions`: [batch, length]."""
     half = x.shape[-1] // 2
@@ -87,7 +152,7 @@ class Attention(nn.Module):
     head_dim: int
     use_bias: bool
     rope_theta: float | None  # None = no rotary (learned absolute positions are added elsewhere)
-    implementation: str | None  # "xla", "cudnn", or None to let JAX choose
+    implementation: str | None  # "xla", "cudnn" (see resolve_attention), or None to let JAX choose
     init_std: float
     out_init_std: float
     dtype: Dtype
@@ -150,6 +215,24 @@ class Attention(nn.Module):
         cached_k.value = write(cached_k.value, k, positions[:, 0])
         cached_v.value = write(cached_v.value, v, positions[:, 0])
         return cached_k.value, cached_v.value
+
+
+def resolve_attention(choice: str, dtype: str, device_kind: str | None = None) -> str:
+    """The attention implementation `model.attention` names: "auto" -> cuDNN flash attention on an NVIDIA GPU with
+    16-bit compute, XLA's attention elsewhere; "cudnn" where it cannot run is an error. `device_kind` (bigjax plan)
+    asks about a device that may not be here; by default, this process's backend."""
+    if device_kind is None:
+        on_gpu, where = jax.default_backend() == "gpu", f"the backend is {jax.default_backend()}"
+    else:
+        on_gpu, where = "nvidia" in device_kind.lower(), f"the device is {device_kind}"
+    sixteen_bit = dtype in ("bfloat16", "float16")
+    if choice == "auto":
+        return "cudnn" if on_gpu and sixteen_bit else "xla"
+    if choice == "cudnn" and not on_gpu:
+        raise ConfigError(f"config.model.attention='cudnn' needs a GPU, but {where}; use 'auto' or 'xla'")
+    if choice == "cudnn" and not sixteen_bit:
+        raise ConfigError("cuDNN attention needs config.model.dtype='bfloat16' (or float16); use 'auto' or 'xla'")
+    return choice
 
 
 def visible_in_cache(positions, columns: int):
@@ -218,6 +301,33 @@ class Mlp(nn.Module):
             hidden = nn.gelu(up, approximate=True)
         hidden = constrain(hidden, "activation_batch", "activation_length", "activation_mlp")
         return self._dense(hidden, d_model, ("mlp", "embed"), self.out_init_std, "down")
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_and_scan(block, remat: str, length: int = 0):
+    """The module class `block`, whose call returns (x, None), rematerialized by policy (`remat`: "none" or a key of
+    REMAT_POLICIES) and, with a `length`, scanned: `length` layers compiled once, each variable (parameters, a KV
+    cache, BatchNorm statistics) stacked along a leading `layers` axis. The scanned layers all get the same
+    arguments after x (positions, masks)."""
+    if remat != "none":
+        # prevent_cse only matters outside scan, where XLA could otherwise undo the rematerialization.
+        block = nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=not length)
+    if not length:
+        return block
+    return nn.scan(
+        block,
+        variable_axes={"params": 0, "cache": 0, "batch_stats": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,40 +410,32 @@ def channel_norm(
     `zero_init` starts the scale at 0: the last norm of a residual branch, so that every block begins as the
     identity (Goyal et al., "Accurate, Large Minibatch SGD").
     """
-    scale_init = logical(nn.initializers.zeros if zero_init else nn.initializers.ones, "conv_out")
-    bias_init = logical(nn.initializers.zeros, "conv_out")
+    scale = nn.initializers.zeros if zero_init else nn.initializers.ones
+    common = dict(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=logical(scale, "conv_out"),
+        bias_init=logical(nn.initializers.zeros, "conv_out"),
+        name=name,
+    )
     if kind == "batchnorm":
-        return BatchNorm(
-            use_running_average=not train,
-            momentum=momentum,
-            epsilon=eps,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            scale_init=scale_init,
-            bias_init=bias_init,
-            name=name,
-        )
+        return BatchNorm(use_running_average=not train, momentum=momentum, **common)
     if kind == "groupnorm":
-        return nn.GroupNorm(
-            num_groups=groups,
-            epsilon=eps,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            scale_init=scale_init,
-            bias_init=bias_init,
-            name=name,
-        )
+        return nn.GroupNorm(num_groups=groups, **common)
     return lambda x: x
 
 
-def classifier_head(num_classes: int, in_name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
-    """The final Dense to class logits, initialized to zero (big_vision's default): training starts from the
-    uniform prediction, and a new head on a fine-tuned backbone starts without noise."""
-    return nn.Dense(
+def classifier_head(x, num_classes: int, *, in_name: str, dtype: Dtype, param_dtype: Dtype, name: str = "head"):
+    """fp32 class logits from a new Dense initialized to zero (big_vision's default): training starts from the
+    uniform prediction, and a new head on a fine-tuned backbone starts without noise. `in_name` is the logical name
+    of x's features. Called inside a compact method."""
+    head = nn.Dense(
         num_classes,
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=logical(nn.initializers.zeros, in_name, "classes"),
         bias_init=logical(nn.initializers.zeros, "classes"),
-        name="head",
+        name=name,
     )
+    return head(x).astype(jnp.float32)

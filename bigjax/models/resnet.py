@@ -22,7 +22,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bigjax.models import layers
-from bigjax.models.gpt import REMAT_POLICIES
 
 # depth -> (block kind, blocks per stage)
 DEPTHS = {
@@ -66,6 +65,19 @@ class ResNetConfig:
     def stage_sizes(self) -> tuple[int, ...]:
         return DEPTHS[self.depth][1]
 
+    def norm(self, train: bool):
+        """The norm after each convolution, by name: `norm(name="norm1")`; BatchNorm statistics frozen on request."""
+        return functools.partial(
+            layers.channel_norm,
+            self.normalization,
+            train and not self.freeze_batch_stats,
+            groups=self.norm_groups,
+            momentum=self.bn_momentum,
+            eps=self.norm_eps,
+            dtype=jnp.dtype(self.dtype),
+            param_dtype=jnp.dtype(self.param_dtype),
+        )
+
 
 class Block(nn.Module):
     """One residual block: x -> (relu(shortcut(x) + branch(x)), None), the signature nn.scan stacks."""
@@ -80,16 +92,7 @@ class Block(nn.Module):
         c = self.cfg
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         conv = functools.partial(layers.conv, init=CONV_INIT, dtype=dtype, param_dtype=param_dtype)
-        norm = functools.partial(
-            layers.channel_norm,
-            c.normalization,
-            self.train and not c.freeze_batch_stats,
-            groups=c.norm_groups,
-            momentum=c.bn_momentum,
-            eps=c.norm_eps,
-            dtype=dtype,
-            param_dtype=param_dtype,
-        )
+        norm = c.norm(self.train)
         last_norm = functools.partial(norm, zero_init=c.zero_init_residual)
 
         if c.block == "basic":
@@ -109,26 +112,6 @@ class Block(nn.Module):
         return layers.constrain(out, "activation_batch", None, None, "activation_conv"), None
 
 
-def block_class(cfg: ResNetConfig):
-    """Block, wrapped in remat by policy. (The dots policies save matmul outputs only, so for convolutions they
-    recompute about as much as "full".)"""
-    if cfg.remat == "none":
-        return Block
-    # prevent_cse only matters outside scan, where XLA could otherwise undo the rematerialization.
-    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-
-
-def scanned_blocks(cfg: ResNetConfig, count: int):
-    """`count` identical blocks as one nn.scan: stacked parameters and statistics, one compiled block."""
-    return nn.scan(
-        block_class(cfg),
-        variable_axes={"params": 0, "batch_stats": 0},
-        split_rngs={"params": True},
-        length=count,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-
-
 class ResNet(nn.Module):
     cfg: ResNetConfig
     num_classes: int
@@ -137,16 +120,7 @@ class ResNet(nn.Module):
     def __call__(self, images, train: bool = False):
         c = self.cfg
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        norm = functools.partial(
-            layers.channel_norm,
-            c.normalization,
-            train and not c.freeze_batch_stats,
-            groups=c.norm_groups,
-            momentum=c.bn_momentum,
-            eps=c.norm_eps,
-            dtype=dtype,
-            param_dtype=param_dtype,
-        )
+        norm = c.norm(train)
         x = images.astype(dtype)
         x = layers.constrain(x, "activation_batch", None, None, None)
 
@@ -164,20 +138,25 @@ class ResNet(nn.Module):
             x = nn.relu(norm(name="stem_norm")(stem(x)))
         x = layers.constrain(x, "activation_batch", None, None, "activation_conv")
 
-        block = block_class(c)
+        # Rematerialized by policy (the dots policies save matmul outputs only, so for convolutions they recompute
+        # about as much as "full"); a stage's identical blocks scanned: stacked parameters and statistics.
+        block = layers.remat_and_scan(Block, c.remat)
         for stage, count in enumerate(c.stage_sizes):
             features, name = c.width * 2**stage, f"stage{stage + 1}"
             # The first block of a stage changes the shape (more channels; from the second stage, stride 2).
             x, _ = block(c, features, 1 if stage == 0 else 2, train, name=f"{name}_block1")(x)
             if c.scan_layers and count > 1:
-                x, _ = scanned_blocks(c, count - 1)(c, features, 1, train, name=f"{name}_rest")(x)
+                rest = layers.remat_and_scan(Block, c.remat, count - 1)
+                x, _ = rest(c, features, 1, train, name=f"{name}_rest")(x)
             else:
                 for i in range(1, count):
                     x, _ = block(c, features, 1, train, name=f"{name}_block{i + 1}")(x)
 
         pooled = jnp.mean(x, axis=(1, 2))
-        logits = layers.classifier_head(self.num_classes, "conv_in", dtype, param_dtype)(pooled)
-        return layers.constrain(logits.astype(jnp.float32), "activation_batch", None)
+        logits = layers.classifier_head(
+            pooled, self.num_classes, in_name="conv_in", dtype=dtype, param_dtype=param_dtype
+        )
+        return layers.constrain(logits, "activation_batch", None)
 
 
 def make_classifier(model_config, num_classes: int) -> ResNet:

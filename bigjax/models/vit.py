@@ -92,15 +92,14 @@ class ViT(nn.Module):
                 "cls", layers.logical(nn.initializers.zeros, None, None, "embed"), (1, 1, e.d_model), param_dtype
             )
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (batch, 1, e.d_model)), x], axis=1)
-        x = nn.Dropout(e.dropout, deterministic=not train)(x)
-        x = layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
+        x = layers.constrain_hidden(nn.Dropout(e.dropout, deterministic=not train)(x))
 
         x = gpt.run_blocks(e, x, None, None, train, causal=False)  # no positions: they were added above
-        x = layers.Norm(e.norm, e.norm_eps, e.use_bias, dtype, param_dtype, name="encoder_norm")(x)
+        x = gpt.norm(e, "encoder_norm")(x)
 
         pooled = x[:, 0] if c.pooling == "cls" else jnp.mean(x, axis=1)
-        logits = layers.classifier_head(self.num_classes, "embed", dtype, param_dtype)(pooled)
-        return layers.constrain(logits.astype(jnp.float32), "activation_batch", None)
+        logits = layers.classifier_head(pooled, self.num_classes, in_name="embed", dtype=dtype, param_dtype=param_dtype)
+        return layers.constrain(logits, "activation_batch", None)
 
     def position_embeddings(self, rows: int, cols: int, dtype, param_dtype):
         dim = self.cfg.encoder.d_model
