@@ -42,6 +42,26 @@ def start_trainer(workdir, env) -> subprocess.Popen:
     return process
 
 
+def freeze(process) -> None:
+    """SIGSTOP, then wait until every thread of the process has stopped (the signal is delivered asynchronously: a
+    thread may still write for a few milliseconds after `send_signal` returns)."""
+    process.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 60
+    while not all(
+        thread_state(process.pid, tid) in ("T", "t", None) for tid in os.listdir(f"/proc/{process.pid}/task")
+    ):
+        assert time.monotonic() < deadline, "the trainer did not stop"
+        time.sleep(0.001)
+
+
+def thread_state(pid: int, tid: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:  # the thread ended
+        return None
+
+
 def snapshot(workdir) -> dict:
     """Every file and directory under workdir, with what changes when it is written, replaced or deleted."""
     found = {}
@@ -56,7 +76,7 @@ def snapshot(workdir) -> dict:
 def test_a_second_trainer_is_refused_at_once_and_touches_nothing_of_the_live_one(cli, env, tmp_path):
     workdir = tmp_path / "run"
     first = start_trainer(workdir, env)
-    first.send_signal(signal.SIGSTOP)  # alive, and unable to change anything while the second one starts
+    freeze(first)  # alive, and unable to change anything while the second one starts
     try:
         before = snapshot(workdir)
         second = cli(*train_args(workdir), env=env, check=False)
