@@ -134,13 +134,14 @@ def parse_args(argv):
     p.add_argument("--step", type=int, default=None, help="a committed checkpoint step; default: the newest")
     p.set_defaults(run=run_generate)
 
-    p = commands.add_parser("import", help="a Hugging Face GPT-2 or Llama directory -> a bigjax workdir at step 0")
+    p = commands.add_parser("import", help="a Hugging Face model directory -> a bigjax workdir at step 0")
     p.add_argument("--hf", required=True, help="a directory with config.json and model.safetensors (or shards)")
     p.add_argument("--workdir", required=True)
     p.set_defaults(run=run_import)
 
     p = commands.add_parser("export", help="a checkpoint of DIR -> a Hugging Face directory transformers loads")
-    p.add_argument("--hf", required=True, help="the directory to write (new or empty)")
+    p.add_argument("--out", required=True, help="the directory to write (new or empty)")
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: config.json + safetensors (transformers)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=None, help="a committed checkpoint step; default: the newest")
     p.set_defaults(run=run_export)
@@ -242,8 +243,8 @@ def run_import(args, overrides) -> int:
 def run_export(args, overrides) -> int:
     from bigjax import hf, metrics
 
-    step = hf.export(args.workdir, args.hf, args.step)
-    metrics.say(f"exported step {step} of {args.workdir} to {args.hf}")
+    step = hf.export(args.workdir, args.out, args.step)
+    metrics.say(f"exported step {step} of {args.workdir} to {args.out}")
     return 0
 
 

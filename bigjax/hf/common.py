@@ -1,0 +1,42 @@
+"""What every Hugging Face family module uses: the error, the refusals, and the view of a run's parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bigjax.errors import UserError
+
+
+class HFError(UserError):
+    """A Hugging Face directory bigjax cannot read or represent, or a run it cannot export: a message for the user."""
+
+
+def refuse(field: str, value, why: str):
+    raise HFError(f"config.json {field}={value!r}: {why}; bigjax cannot import this model")
+
+
+def require(hf: dict, field: str, allowed, default, why: str):
+    value = hf.get(field, default)
+    if value not in allowed:
+        refuse(field, value, why)
+
+
+class Params:
+    """A run's parameters by "/" path, brought to the host as numpy arrays when first read (`fetch`: a gather
+    across processes for arrays split over several hosts); `layer(i, sub)` reads layer i's whether the layers are
+    scanned (one array stacked over a leading axis, `layers/...`) or unrolled (`layers_I/...`)."""
+
+    def __init__(self, flat: dict, fetch=np.asarray):
+        self.flat, self.fetch, self.fetched = flat, fetch, {}
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        if path not in self.fetched:  # once each: a stacked array serves every layer
+            self.fetched[path] = np.asarray(self.fetch(self.flat[path]))
+        return self.fetched[path]
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.flat
+
+    def layer(self, i: int, sub: str) -> np.ndarray:
+        stacked = f"layers/{sub}"
+        return self[stacked][i] if stacked in self.flat else self[f"layers_{i}/{sub}"]

@@ -1,0 +1,42 @@
+"""The Hugging Face architectures bigjax maps, one module each. A family module has:
+
+ARCHITECTURES                       the config.json `architectures` it imports
+bigjax_config(hf) -> ConfigDict     the bigjax config of that model (refuses, naming the field, what it cannot be)
+exports(config) -> bool             whether a bigjax run's config is this family's, for export
+layer_tensors(read, i, config)      bigjax sub-path under a layer -> View of HF tensors, for layer i
+global_tensors(read, config)        bigjax path -> View, for everything outside the layers
+hf_tensors(params, config, vocab)   {HF name: array} of a run's parameters (common.Params)
+hf_config(config, vocab, special)   config.json for transformers (`special`: bos/eos ids that exist)
+"""
+
+from __future__ import annotations
+
+from bigjax.hf import gpt2, llama
+from bigjax.hf.common import HFError
+
+FAMILIES = (gpt2, llama)
+
+
+def for_architectures(hf: dict):
+    names = hf.get("architectures") or []
+    for name in names:
+        for family in FAMILIES:
+            if name in family.ARCHITECTURES:
+                return family
+    known = ", ".join(name for family in FAMILIES for name in family.ARCHITECTURES)
+    raise HFError(f"config.json architectures={names}: bigjax imports {known} only")
+
+
+def for_config(config):
+    for family in FAMILIES:
+        if family.exports(config):
+            return family
+    m, exported = config.model, ", ".join(family.ARCHITECTURES[0] for family in FAMILIES)
+    detail = (
+        f", positions={m.positions}, norm={m.norm}, mlp={m.mlp}, use_bias={m.use_bias}" if m.family == "gpt" else ""
+    )
+    raise HFError(
+        f"this run ({m.family} {config.task.name}{detail}) is none of the Hugging Face architectures bigjax "
+        f"exports ({exported}); GPT-2 has learned positions, layernorm, gelu and biases, Llama rope, rmsnorm, "
+        "swiglu and no biases"
+    )
