@@ -142,6 +142,7 @@ def parse_args(argv):
     p = commands.add_parser("export", help="a checkpoint of DIR -> a Hugging Face directory transformers loads")
     p.add_argument("--out", required=True, help="the directory to write (new or empty)")
     p.add_argument("--format", choices=["hf"], default="hf", help="hf: config.json + safetensors (transformers)")
+    p.add_argument("--max-shard-size", default="5GB", help="split the weights into files of at most this (e.g. 2GB)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=None, help="a committed checkpoint step; default: the newest")
     p.set_defaults(run=run_export)
@@ -243,7 +244,7 @@ def run_import(args, overrides) -> int:
 def run_export(args, overrides) -> int:
     from bigjax import hf, metrics
 
-    step = hf.export(args.workdir, args.out, args.step)
+    step = hf.export(args.workdir, args.out, args.step, max_shard_size=args.max_shard_size)
     metrics.say(f"exported step {step} of {args.workdir} to {args.out}")
     return 0
 

@@ -14,6 +14,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from bigjax import config as config_lib
 from bigjax import finetune, generate, hf
+from bigjax.hf import files
 from bigjax.models import gpt
 from bigjax.params import by_path
 from bigjax.setup import make_setup
@@ -252,3 +253,77 @@ def test_mistral_with_a_sliding_window_is_refused(tokenizer_file, tmp_path):
     (hf_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(hf.HFError, match="sliding_window=16"):
         hf.config_from_hf(hf_dir)
+
+
+def test_each_device_reads_only_its_own_block(tokenizer_file, tmp_path, monkeypatch):
+    """On an fsdp x tensor mesh, import reads from the safetensors files exactly the blocks the devices hold: of a
+    split parameter, no device reads the whole tensor, and every element is read once per device holding it."""
+    reads = []  # (HF name, elements read)
+    original = files.TensorReader.__call__
+
+    def recording(self, name):
+        view = original(self, name)
+
+        def read(index):
+            block = view.read(index)
+            reads.append((name, block.size))
+            return block
+
+        return files.View(view.shape, read)
+
+    monkeypatch.setattr(files.TensorReader, "__call__", recording)
+    model = llama_model()
+    hf_dir = save(model, tmp_path / "hf", tokenizer_file)
+    overrides = ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"]
+    hf.import_hf(hf_dir, tmp_path / "run", overrides)
+
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    read_per_tensor = {}
+    for name, size in reads:
+        assert size < sizes[name], f"{name}: a device read the whole tensor ({size} elements)"
+        read_per_tensor[name] = read_per_tensor.get(name, 0) + size
+    # q_proj [h*hd, d] is split 4 ways (embed over fsdp) and 2 ways (heads over tensor): each of the 8 devices holds
+    # 1/8 of it, so the whole tensor is read exactly once, in 8 blocks. A norm scale [d] is split 4 ways (embed)
+    # and held twice (tensor): read twice.
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert read_per_tensor[q] == sizes[q]
+    assert read_per_tensor["model.norm.weight"] == 2 * sizes["model.norm.weight"]
+    assert set(read_per_tensor) == set(sizes)
+
+
+def test_export_writes_shards_above_the_size_limit_and_transformers_loads_them(cli, tokenizer_file, tmp_path):
+    model = gpt2_model()
+    hf_dir = save(model, tmp_path / "hf", tokenizer_file)
+    cli("import", "--hf", hf_dir, "--workdir", tmp_path / "run")
+    out = tmp_path / "exported"
+    args = ["export", "--workdir", tmp_path / "run", "--out", out]
+    assert "exported step 0" in cli(*args, "--max-shard-size", "40KB").stdout  # a few tensors per file
+    index = json.loads((out / hf.INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) > 2 and not (out / hf.SINGLE_FILE).exists()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = list(range(1, 20))
+    np.testing.assert_array_equal(torch_logits(reloaded, ids), torch_logits(model, ids))
+
+    refused = cli(*args, check=False)
+    assert refused.returncode == 2 and refused.stderr.startswith("error:") and "not empty" in refused.stderr
+
+
+def test_views_read_the_blocks_numpy_would_cut():
+    """The lazy views against numpy doing the same reshapes, transposes and slices on the whole array."""
+    whole = np.arange(6 * 12, dtype=np.float32).reshape(6, 12)
+    view = files.View(whole.shape, lambda index: whole[index])
+    cases = [
+        (view.T.split_axis(1, (3, 2)), whole.T.reshape(12, 3, 2)),
+        (view.split_axis(1, (4, 3)), whole.reshape(6, 4, 3)),
+        (view.columns(4, 8).split_axis(1, (2, 2)), whole[:, 4:8].reshape(6, 2, 2)),
+        (view.padded(0, 9), np.pad(whole, ((0, 3), (0, 0)))),
+        (files.stack([view, view.padded(0, 6)]), np.stack([whole, whole])),
+        (view.split_axis(1, (4, 3)).merge_axes(1, 2), whole),
+    ]
+    for lazy, expected in cases:
+        assert lazy.shape == expected.shape
+        for index in np.ndindex(*(2,) * len(expected.shape)):  # every combination of halves of each axis
+            block = tuple(
+                slice(0, n // 2) if h == 0 else slice(n // 2, n) for h, n in zip(index, expected.shape, strict=True)
+            )
+            np.testing.assert_array_equal(lazy[block], expected[block])

@@ -152,7 +152,7 @@ def import_hf(hf_dir, workdir, overrides=()) -> int:
 # `bigjax export`
 
 
-def export(workdir, out, step: int | None = None) -> int:
+def export(workdir, out, step: int | None = None, max_shard_size: int | str = files.MAX_SHARD_SIZE) -> int:
     """Write `out` (config.json, the safetensors weights, the tokenizer files) from a committed checkpoint of a run
     whose model is a Hugging Face architecture; returns the step exported.
 
@@ -166,6 +166,7 @@ def export(workdir, out, step: int | None = None) -> int:
     workdir = paths.workdir(workdir)
     config = config_lib.load_saved(workdir)
     family = family_lib.for_config(config)  # or refused before anything is read
+    max_shard_bytes = files.shard_bytes(max_shard_size)
     committed = checkpoint.committed_steps(workdir)
     if not committed or (step is not None and step not in committed):
         raise HFError(f"{workdir}: no committed checkpoint {step if step is not None else ''} (committed: {committed})")
@@ -192,7 +193,7 @@ def export(workdir, out, step: int | None = None) -> int:
     hf_config = family.hf_config(config, hf_vocab, special_ids(tokenizer, hf_vocab)) | dict(torch_dtype="float32")
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        files.save_weights(tensors, out)
+        files.save_weights(tensors, out, max_shard_bytes)
         (out / "config.json").write_text(json.dumps(hf_config, indent=2))
         copy_tokenizer(config.data.tokenizer, out)
     return step

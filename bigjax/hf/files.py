@@ -24,7 +24,7 @@ from bigjax.hf.common import HFError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_PATTERN = "model{suffix}.safetensors"  # transformers' names: model-00001-of-00003.safetensors
-MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
+MAX_SHARD_SIZE = "5GB"  # transformers' default max_shard_size
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 Index = tuple[slice, ...]  # one slice per axis, step 1 (what jax.make_array_from_callback asks for)
@@ -214,7 +214,18 @@ def bfloat16_tensor(file, name: str) -> np.ndarray:
 # Writing
 
 
-def save_weights(tensors: dict[str, np.ndarray], out: pathlib.Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> int:
+def shard_bytes(size: int | str) -> int:
+    """ "5GB", "40KB" or a number of bytes (transformers' units: GB = 10**9) -> bytes."""
+    # The parser split_state_dict_into_shards_factory itself uses (not exported by huggingface_hub's __init__).
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        return int(size) if isinstance(size, int) or size.isdigit() else parse_size_to_int(size)
+    except ValueError:
+        raise HFError(f"--max-shard-size {size!r} is not a size; use e.g. 5GB, 500MB or a number of bytes") from None
+
+
+def save_weights(tensors: dict[str, np.ndarray], out: pathlib.Path, max_shard_bytes: int) -> int:
     """model.safetensors, or above `max_shard_bytes` transformers' shards and their index (split by
     huggingface_hub, as save_pretrained does). Returns the number of files written."""
     from huggingface_hub import split_state_dict_into_shards_factory
