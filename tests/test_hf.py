@@ -3,6 +3,7 @@ models saved with save_pretrained (nothing is downloaded), imported, compared lo
 exported back and loaded by transformers again."""
 
 import json
+import sys
 
 import jax
 import numpy as np
@@ -327,3 +328,18 @@ def test_views_read_the_blocks_numpy_would_cut():
                 slice(0, n // 2) if h == 0 else slice(n // 2, n) for h, n in zip(index, expected.shape, strict=True)
             )
             np.testing.assert_array_equal(lazy[block], expected[block])
+
+
+def test_a_two_process_job_exports_the_same_files_as_one_process(cli, tokenizer_file, tmp_path):
+    """Each parameter split over both processes' devices is gathered one tensor at a time; process 0 writes."""
+    from test_multiprocess import assert_succeeded, start_processes, wait_for
+
+    hf_dir = save(llama_model(), tmp_path / "hf", tokenizer_file)
+    cli("import", "--hf", hf_dir, "--workdir", tmp_path / "run")
+    cli("export", "--workdir", tmp_path / "run", "--out", tmp_path / "one")
+    logs = tmp_path / "logs"
+    command = [sys.executable, "-m", "bigjax.cli", "export", "--workdir", tmp_path / "run", "--out", tmp_path / "two"]
+    assert_succeeded(wait_for(start_processes(command, 2, logs), timeout=120), logs)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    for name in (hf.SINGLE_FILE, "config.json", "tokenizer.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name

@@ -65,7 +65,7 @@ def place(path: str, view: files.View, leaf, sharding) -> jax.Array:
         view = view.padded(VOCAB_AXES[path], leaf.shape[VOCAB_AXES[path]])
     if view.shape != tuple(leaf.shape):
         raise HFError(f"{path}: the weights have shape {view.shape} but the model needs {tuple(leaf.shape)}")
-    return jax.make_array_from_callback(view.shape, sharding, lambda index: view[index].astype(leaf.dtype))
+    return jax.make_array_from_callback(view.shape, sharding, lambda index: view[index].astype(leaf.dtype, copy=False))
 
 
 def load_params(hf_dir, config, abstract_params, param_shardings) -> dict:
