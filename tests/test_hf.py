@@ -343,3 +343,21 @@ def test_a_two_process_job_exports_the_same_files_as_one_process(cli, tokenizer_
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     for name in (hf.SINGLE_FILE, "config.json", "tokenizer.json"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_gpt2_124m_pretrains_on_the_plays_with_a_gpt2_style_tokenizer_json(cli, tokenizer_file, tmp_path):
+    """experiments/gpt2_124m.py:tokenizer=PATH reads real text through that tokenizer (shrunk to run here)."""
+    experiment = f"experiments/gpt2_124m.py:tokenizer={tokenizer_file},seq=32,batch=8,steps=2"
+    small = ["num_layers=1", "d_model=32", "num_heads=2", "dtype=float32", "attention=xla"]
+    result = cli(
+        "train",
+        "--config",
+        experiment,
+        "--workdir",
+        tmp_path / "run",
+        "--config.log_every=1",
+        *[f"--config.model.{o}" for o in small],
+    )
+    assert "the bundled plays" in result.stdout and "finished at step 2" in result.stdout
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"]["tokenizer"] == f"hf:{tokenizer_file}" and saved["data"]["source"] == "shakespeare"
