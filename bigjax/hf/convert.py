@@ -190,11 +190,15 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
         name: np.ascontiguousarray(array, dtype=np.float32)
         for name, array in family.hf_tensors(params, config, hf_vocab).items()
     }
-    hf_config = family.hf_config(config, hf_vocab, special_ids(tokenizer, hf_vocab)) | dict(torch_dtype="float32")
+    special = special_ids(tokenizer, hf_vocab)
+    hf_config = family.hf_config(config, hf_vocab, special) | dict(torch_dtype="float32")
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         files.save_weights(tensors, out, max_shard_bytes)
         (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+        if config.task.name == "causal_lm":  # what generate() stops at; pad as eos, as GPT-2's own file does
+            generation = special | ({"pad_token_id": special["eos_token_id"]} if special else {})
+            (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
         copy_tokenizer(config.data.tokenizer, out)
     return step
 
@@ -208,15 +212,28 @@ def special_ids(tokenizer, hf_vocab: int) -> dict:
     return dict(eos_token_id=eos, bos_token_id=cls if cls < hf_vocab else eos)
 
 
+# transformers' LlamaTokenizer reads a SentencePiece model (tokenizer.model); bigjax adds no bos/eos when encoding.
+SENTENCEPIECE_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "add_bos_token": False,
+    "add_eos_token": False,
+    "legacy": False,
+}
+
+
 def copy_tokenizer(spec: str, out: pathlib.Path):
-    """The run's tokenizer files, when it is a Hugging Face tokenizer.json."""
+    """The run's tokenizer files for transformers: a Hugging Face tokenizer.json as it is, a SentencePiece model as
+    the tokenizer.model of a LlamaTokenizer. The byte tokenizer has no Hugging Face form."""
     from bigjax.data import tokenizers
 
     kind, path = tokenizers.parse_spec(spec)
-    if kind != "hf":
+    if kind == "byte":
         return
     path = pathlib.Path(path)
-    if path.name == "tokenizer.json":
+    if kind == "sentencepiece":
+        shutil.copyfile(path, out / "tokenizer.model")
+        (out / "tokenizer_config.json").write_text(json.dumps(SENTENCEPIECE_CONFIG, indent=2))
+    elif path.name == "tokenizer.json":
         files.copy_tokenizer_files(path.parent, out)  # with tokenizer_config.json and special_tokens_map.json
     else:
         shutil.copyfile(path, out / "tokenizer.json")
