@@ -389,3 +389,8 @@ def test_a_trained_llama_run_with_a_sentencepiece_tokenizer_exports_for_transfor
     assert_logits_match(bigjax_logits(run, ids), torch_logits(reloaded.eval(), ids), 2)
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == ours.special_ids["eos"] == reloaded.generation_config.eos_token_id
+
+    # The README's way to serve an export.
+    pipe = transformers.pipeline("text-generation", model=str(out), device="cpu")
+    reply = pipe("ROMEO:", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert reply.startswith("ROMEO:") and len(reply) > len("ROMEO:")
