@@ -50,13 +50,15 @@ from bigjax.errors import UserError
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it into a step just before the rename that commits it
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # a step Orbax started writing and never committed
-# The items holding arrays; the others are JSON. model_state is saved only when the model has one (Orbax refuses
-# an empty item), so the items of a state are array_items(state).
+# The items holding arrays; the others are JSON. model_state is saved only when the model has one, and opt_state
+# only when the optimizer has one (a quantized run has none): Orbax refuses an empty item, so the items of a state
+# are array_items(state).
 ARRAY_ITEMS = ("params", "opt_state", "model_state")
+OPTIONAL_ITEMS = ("opt_state", "model_state")
 
 
 def array_items(state) -> tuple[str, ...]:
-    return tuple(item for item in ARRAY_ITEMS if item != "model_state" or state.model_state)
+    return tuple(item for item in ARRAY_ITEMS if item not in OPTIONAL_ITEMS or jax.tree.leaves(getattr(state, item)))
 
 
 class CheckpointError(UserError):
@@ -441,7 +443,7 @@ def layout_differences(path: epath.Path, target_state, shown: int = 4) -> list[s
 
 def _saved_arrays(item_dir: epath.Path) -> dict:
     """{flat name: array metadata} of one saved item; {} if the checkpoint has no such item."""
-    if item_dir.name == "model_state" and not item_dir.exists():
+    if item_dir.name in OPTIONAL_ITEMS and not item_dir.exists():
         return {}
     return ocp.tree.to_flat_dict(ocp.StandardCheckpointHandler().metadata(item_dir).tree, sep=".")
 

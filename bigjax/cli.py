@@ -6,6 +6,7 @@
                     [--top-p P] [--stop S ...] [--max-new-tokens N] [--seed S] [--step N]
     bigjax import --hf HF_DIR --workdir DIR [--config.a.b=VALUE ...]
     bigjax export --hf OUT_DIR --workdir DIR [--step N]
+    bigjax quantize --workdir DIR --out DIR2 [--bits 8|4] [--mode weight_only|dynamic] [--sub-channel N] [--step N]
     bigjax data prepare --config experiments/NAME.py [--config.a.b=VALUE ...]
     bigjax tokenizer train --config experiments/NAME.py --vocab-size N --out PATH.model|PATH.json
     bigjax plan --config experiments/NAME.py[:ARG] [--devices N] [--device-kind h100] [--config.a.b=VALUE ...]
@@ -147,6 +148,25 @@ def parse_args(argv):
     p.add_argument("--step", type=int, default=None, help="a committed checkpoint step; default: the newest")
     p.set_defaults(run=run_export)
 
+    p = commands.add_parser(
+        "quantize",
+        help="a checkpoint of DIR -> a new workdir of int8/int4 weights that eval, generate and bench run",
+    )
+    p.add_argument("--workdir", required=True, help="a trained run (read only)")
+    p.add_argument("--out", required=True, help="the quantized run's workdir to write (new or empty)")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="8: per-channel scales; 4: sub-channel")
+    p.add_argument(
+        "--mode",
+        choices=["weight_only", "dynamic"],
+        default="weight_only",
+        help="dynamic: the activations are quantized to int8 at run time too",
+    )
+    p.add_argument(
+        "--sub-channel", type=int, default=None, help="--bits 4: input channels per scale (default config.quant's)"
+    )
+    p.add_argument("--step", type=int, default=None, help="a committed checkpoint step; default: the newest")
+    p.set_defaults(run=run_quantize)
+
     p = commands.add_parser("data", help="prepare the configured data: TFDS download, tokenized cache")
     p.add_argument("action", choices=["prepare"])
     p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]")
@@ -183,7 +203,7 @@ def parse_args(argv):
 
     args, rest = parser.parse_known_args(argv)
     overrides = _config_overrides(rest, parser)
-    if overrides and args.command in ("generate", "plot", "export"):
+    if overrides and args.command in ("generate", "plot", "export", "quantize"):
         parser.error(f"{args.command} takes no --config.* overrides")
     return args, overrides
 
@@ -246,6 +266,18 @@ def run_export(args, overrides) -> int:
 
     step = hf.export(args.workdir, args.out, args.step, max_shard_size=args.max_shard_size)
     metrics.say(f"exported step {step} of {args.workdir} to {args.out}")
+    return 0
+
+
+def run_quantize(args, overrides) -> int:
+    from bigjax import metrics, quantize
+
+    done = quantize.quantize(args.workdir, args.out, args.bits, args.mode, args.sub_channel, args.step)
+    metrics.say(
+        f"quantized step {done['step']} of {args.workdir} to int{args.bits} ({args.mode}): {len(done['kernels'])} "
+        f"kernels as integers, the rest float; written to {args.out}. "
+        f"Evaluate it with `bigjax eval --workdir {args.out} --once`"
+    )
     return 0
 
 

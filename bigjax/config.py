@@ -154,6 +154,15 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             patience=5,  # stop after this many evaluations without improvement
         )
     )
+    # Quantized weights (bigjax.models.quantized, through Qwix). `bigjax quantize` writes a workdir with bits set;
+    # eval, generate and bench then run its integer weights. 0 = off: float weights, the model as it always was.
+    c.quant = ml_collections.ConfigDict(
+        dict(
+            bits=0,  # 0 (off) | 8: int8 kernels, one scale per output channel | 4: int4 kernels, sub-channel scales
+            mode="weight_only",  # weight_only | dynamic: also the activations into int8, per token, at run time
+            sub_channel=32,  # bits=4: one scale per this many input channels of a kernel; must divide them
+        )
+    )
     return c
 
 
@@ -181,6 +190,8 @@ CHOICES = {
     "optim.mu_dtype": ("float32", "bfloat16"),
     "data.text_records": ("auto", "document", "paragraph", "line"),
     "early_stopping.mode": ("max", "min"),
+    "quant.bits": (0, 8, 4),
+    "quant.mode": ("weight_only", "dynamic"),
 }
 
 
@@ -520,6 +531,7 @@ POSITIVE_SIZES = (
     "model.width",
     "model.hidden_dim",
     "model.norm_groups",
+    "quant.sub_channel",
 )
 # The sizes for which 0 means something (said in the message), and a negative number nothing.
 NON_NEGATIVE_SIZES = {

@@ -62,6 +62,7 @@ from bigjax import config as config_lib
 from bigjax.data import tokenizers
 from bigjax.errors import UserError
 from bigjax.models import gpt
+from bigjax.models.quantized import quantized
 from bigjax.setup import make_setup
 
 MIN_PREFILL_WIDTH = 16
@@ -103,9 +104,10 @@ class Generator:
     """A causal LM ready to sample: its parameters on one device, the tokenizer it was trained with, and the
     compiled prefill, decode step and sampler (jitted once here; each compiles once per shape)."""
 
-    def __init__(self, model_config: gpt.GPTConfig, params, tokenizer, step: int | None = None):
+    def __init__(self, model_config: gpt.GPTConfig, params, tokenizer, step: int | None = None, quant=None):
         tokenizers.check_vocab(model_config.vocab_size, tokenizer, "the run's tokenizer")
-        self.model = gpt.decoding_model(model_config)
+        # A quantized run's parameters hold integer kernels: the decoding model runs them as its config.quant says.
+        self.model = quantized(gpt.decoding_model(model_config), quant)
         self.context = model_config.max_len
         self.params = params
         self.tokenizer = tokenizer
@@ -330,7 +332,8 @@ def load(workdir, step: int | None = None) -> Generator:
             note(f"{why} ({checkpoint.describe(error)}); trying the one before it")
             continue
         note(f"generating from checkpoint {candidate} of {workdir}")
-        return Generator(task.model_config, params, data.make_tokenizer(config.data.tokenizer), candidate)
+        tokenizer = data.make_tokenizer(config.data.tokenizer)
+        return Generator(task.model_config, params, tokenizer, candidate, quant=config.quant)
     raise GenerateError(f"none of the committed checkpoints of {workdir} can be read: {', '.join(map(str, committed))}")
 
 

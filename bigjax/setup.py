@@ -19,6 +19,7 @@ import optax
 from bigjax import mesh as mesh_lib
 from bigjax import optim, tasks
 from bigjax import state as state_lib
+from bigjax.models import quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,10 @@ def make_setup(config, devices=None, num_devices: int | None = None) -> Setup:
     """The setup of `config` on `devices` (default: all present), or on `num_devices` that need not exist."""
     sharding = mesh_lib.Sharding.from_config(config, devices, num_devices)
     task = tasks.make_task(config)
-    tx = optim.make_optimizer(config.optim, config.total_steps, freeze=config.freeze)
+    if quantized.is_on(config.get("quant")):
+        # Integer weights are run, never trained: no optimizer state (a quantized workdir holds parameters alone).
+        tx = optax.set_to_zero()
+    else:
+        tx = optim.make_optimizer(config.optim, config.total_steps, freeze=config.freeze)
     abstract_state, state_shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, sharding)
     return Setup(config, sharding, task, tx, abstract_state, state_shardings)

@@ -39,11 +39,24 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
     time-sliced jobs, and for testing that a resumed run matches an uninterrupted one. `fresh` starts again
     from step 0 in a workdir whose checkpoints are all unusable (without it, that is an error).
     """
+    refuse_quantized(config)
     stop = PreemptionFlag()  # SIGTERM or Ctrl-C from here on: stop at the next safe point, with a checkpoint
     try:
         return train_until_stopped(config, paths.workdir(workdir), stop, stop_at_step, fresh)
     finally:
         stop.restore()
+
+
+def refuse_quantized(config) -> None:
+    """A quantized run (`bigjax quantize`) holds integer weights with no optimizer state: evaluated, sampled and
+    benchmarked, never trained."""
+    quant = config.get("quant")
+    if quant is not None and quant.bits:
+        raise TrainingError(
+            f"config.quant.bits={quant.bits}: this is a quantized run, whose checkpoint holds integer weights and "
+            "no optimizer state; `bigjax eval`, `generate` and `bench` run it. Train the float run it was quantized "
+            "from (config.quant.bits=0)"
+        )
 
 
 def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: bool) -> Summary:

@@ -19,12 +19,14 @@ import optax
 
 from bigjax.models.gpt import GPT, GPTConfig, GPTHiddenStates, parameter_count
 from bigjax.models.layers import constrain
+from bigjax.models.quantized import quantized
 
 
 class CausalLM:
     def __init__(self, config):
         self.model_config = GPTConfig.from_config(config.model)
-        self.model = GPT(self.model_config)
+        self.quant = config.get("quant")
+        self.model = quantized(GPT(self.model_config), self.quant)
         self.seq_len = config.data.seq_len
         self.tokens_per_example = self.seq_len
         self.loss_chunk = config.task.loss_chunk
@@ -47,7 +49,7 @@ class CausalLM:
             logits = self.model.apply({"params": params}, batch["inputs"], train=train, rngs=rngs)
             return token_loss_sums(logits, batch["targets"], batch["weights"]), model_state
         # Same parameter paths, so the same parameters and the same dropout masks as self.model.
-        hidden, kernel = GPTHiddenStates(self.model_config).apply(
+        hidden, kernel = quantized(GPTHiddenStates(self.model_config), self.quant).apply(
             {"params": params}, batch["inputs"], train=train, rngs=rngs
         )
         # Cast as GPT's output layer casts, once, outside the loop over pieces; and gather an FSDP-split kernel

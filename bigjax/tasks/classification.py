@@ -20,6 +20,7 @@ import optax
 
 from bigjax import families
 from bigjax.config import ConfigError
+from bigjax.models.quantized import quantized
 
 
 def make_classifier(model_config, num_classes: int, **text_options):
@@ -40,7 +41,7 @@ class Classification:
                 "(the height and width the data pipeline resizes images to)"
             )
         text_options = {} if self.images else dict(max_segments=config.data.max_segments)
-        self.model = make_classifier(config.model, self.num_classes, **text_options)
+        self.model = quantized(make_classifier(config.model, self.num_classes, **text_options), config.get("quant"))
         self.seq_len = config.data.seq_len
         self.max_segments = config.data.max_segments
         self.image_shape = (config.data.image_size, config.data.image_size, config.data.channels)

@@ -24,6 +24,7 @@ from bigjax.config import ConfigError
 from bigjax.data import make_tokenizer
 from bigjax.models.bert import BertConfig, BertMLM
 from bigjax.models.gpt import parameter_count
+from bigjax.models.quantized import quantized
 from bigjax.tasks import causal_lm
 
 MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1  # of the chosen tokens; the remaining 10% are kept
@@ -38,7 +39,7 @@ class MaskedLM:
                 f"{config.data.tokenizer!r} ({tokenizer.vocab_size} with its special tokens); raise it"
             )
         self.model_config = BertConfig.from_config(config.model)
-        self.model = BertMLM(self.model_config)
+        self.model = quantized(BertMLM(self.model_config), config.get("quant"))
         self.seq_len = config.data.seq_len
         self.tokens_per_example = self.seq_len
         self.mask_rate = config.task.mask_rate

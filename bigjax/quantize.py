@@ -1,0 +1,120 @@
+"""`bigjax quantize`: post-training quantization of a trained run into a new workdir.
+
+    bigjax quantize --workdir DIR --out DIR2 [--bits 8|4] [--mode weight_only|dynamic] [--sub-channel N] [--step N]
+
+DIR2 is a workdir like any run's, holding a committed checkpoint of the quantized parameters at the step quantized:
+the kernels as int8 or int4 arrays with their float32 scales (integers on disk, not float values rounded to a
+grid), and everything that stays float (bigjax.models.quantized says what and why) as it was. Its config.json is
+DIR's with `quant` set, so `bigjax eval`, `generate` and `bench` build the quantized model from it and run it
+unchanged:
+
+    bigjax eval --workdir DIR2 --once
+    bigjax generate --workdir DIR2 --prompt "ROMEO:"
+    bigjax bench --config DIR2/config.json
+
+What DIR2 does not hold: optimizer state (integer weights are not trained; `bigjax train` refuses a quantized
+config with one line) and the data iterator's position. Its `total_steps` is the step quantized, so the eval job
+that follows it stops after that step. `quantized.json` records where it came from.
+
+The float parameters are restored onto this process's mesh (DIR's mesh config), quantized shard by shard inside
+one jit whose outputs have the quantized tree's shardings, and saved by the trainer's checkpoint writer under the
+workdir lock; DIR is only read.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+
+from bigjax import checkpoint, lock, metrics, paths
+from bigjax import config as config_lib
+from bigjax import state as state_lib
+from bigjax.errors import UserError
+from bigjax.models import quantized
+from bigjax.setup import make_setup
+
+SOURCE_FILE = "quantized.json"  # in DIR2: the run, step and settings it was quantized from
+
+
+class QuantizeError(UserError):
+    """A quantization that cannot be done: a message for the user."""
+
+
+def quantize(workdir, out, bits: int = 8, mode: str = "weight_only", sub_channel: int | None = None, step=None):
+    """Write `out` as the quantized run of `workdir`'s newest committed checkpoint (or `step`); returns a dict of
+    what was done (step, the kernels quantized, parameters)."""
+    workdir, out = paths.workdir(workdir), paths.workdir(out)
+    config = config_lib.load_saved(workdir)
+    if quantized.is_on(config.quant):
+        raise QuantizeError(
+            f"{workdir} is a quantized run already (config.quant.bits={config.quant.bits}); quantize the float run "
+            "it came from"
+        )
+    step = pick_step(workdir, step)
+    if out.exists() and any(out.iterdir()):
+        raise QuantizeError(f"--out {out} is not empty; quantize into a new or empty directory")
+
+    target = quantized_config(config, bits, mode, sub_channel, step)
+    float_setup = make_setup(config)
+    quant_setup = make_setup(target)  # a sub_channel that does not divide a kernel is refused here
+    with quant_setup.sharding.activate():
+        boxed = jax.eval_shape(quant_setup.task.init_variables, jax.random.key(target.seed))
+    kernels = quantized.quantized_paths(boxed["params"])
+    if not kernels:
+        raise QuantizeError(
+            f"{config.model.family}: no layer of this model is quantized (convolutions, embeddings and the output "
+            "layer stay float; see `bigjax/models/quantized.py`), so quantizing it would change nothing"
+        )
+
+    mngr = checkpoint.manager(workdir, read_only=True)
+    variables = checkpoint.restore_variables(mngr, step, float_setup.variables_target())
+    float_params, model_state = state_lib.split_variables(variables)
+    to_integers = jax.jit(
+        lambda params: quantized.quantize_params(params, boxed["params"]),
+        out_shardings=quant_setup.state_shardings.params,
+    )
+    with quant_setup.sharding.activate():
+        params = to_integers(float_params)
+    state = state_lib.TrainState(
+        step=jnp.int32(step), params=params, opt_state=quant_setup.abstract_state.opt_state, model_state=model_state
+    )
+
+    with lock.held(out, say=metrics.say):
+        saves = checkpoint.writer(out, keep=1)
+        saves.save(step, state, {}, {}, target)
+        saves.finish()
+        checkpoint.write_config(out, target)
+        if jax.process_index() == 0:
+            source = dict(workdir=str(workdir), step=step, **target.quant.to_dict(), kernels=kernels)
+            (out / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    return dict(step=step, kernels=kernels, parameters=state_lib.count_parameters(float_params))
+
+
+def pick_step(workdir, step: int | None) -> int:
+    committed = checkpoint.committed_steps(workdir)
+    if not committed:
+        raise QuantizeError(
+            f"no committed checkpoint in {checkpoint.checkpoint_dir(workdir)}; train first, or wait for the first save"
+        )
+    if step is None:
+        return committed[-1]
+    if step not in committed:
+        raise QuantizeError(
+            f"checkpoint {step} is not a committed checkpoint of {workdir}; committed: {', '.join(map(str, committed))}"
+        )
+    return step
+
+
+def quantized_config(config, bits: int, mode: str, sub_channel: int | None, step: int):
+    """`config` with its quant section set (checked like any config), ending at `step`."""
+    target = config_lib.from_dict(config.to_dict())
+    target.quant.bits, target.quant.mode = bits, mode
+    if sub_channel is not None:
+        target.quant.sub_channel = sub_channel
+    if bits == 0:
+        raise QuantizeError("--bits 0 is no quantization; use --bits 8 or --bits 4")
+    target.total_steps = step or target.total_steps  # the eval job that follows DIR2 ends after this checkpoint
+    config_lib.check_values(target)
+    return target
