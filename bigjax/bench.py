@@ -15,6 +15,12 @@ the last one being ready means all are done. Tokens/s and examples/s are all tim
 times; the step time's median and spread (min, max) are those of the windows' mean step times: W windows, W host
 syncs in all, none inside a window.
 
+`--eval` times the eval step instead (the forward pass and loss of `bigjax eval`, no gradient or update; its
+FLOPs a third of the train step's, the forward share of 6N), in the same windows. A quantized config
+(`config.quant.bits`, a workdir of `bigjax quantize`) is always timed so: integer weights are run, not trained. So
+`bigjax bench --config DIR/config.json --eval` against `--config DIR2/config.json` is the speed of the float run's
+eval against the quantized one's, on the same shapes.
+
 MFU is model FLOPs (the task's count, not XLA's, which includes remat's recomputation) per second over the
 devices' dense bf16 peak from `bigjax.devices.PEAK_FLOPS`: by the PaLM formula (attention counted in full, as nanoGPT
 does) and, for causal LMs, with attention halved as a causal mask leaves it (as MaxText does).
@@ -40,6 +46,7 @@ from bigjax import devices as devices_lib
 from bigjax import state as state_lib
 from bigjax import step as step_lib
 from bigjax.errors import UserError
+from bigjax.models import quantized
 from bigjax.setup import make_setup
 
 BATCHES_ON_DEVICE = 2  # distinct synthetic batches placed on the devices once and used in turn
@@ -69,8 +76,11 @@ class Timing:
         return [seconds / steps for seconds, steps in zip(self.window_seconds, self.window_steps, strict=True)]
 
 
-def bench(config, steps: int = 100, warmup: int = 10, windows: int = 5, config_name: str = "", overrides=()) -> dict:
-    """Compile and time the train step of `config` on synthetic data; the report as a JSON-ready dict."""
+def bench(
+    config, steps: int = 100, warmup: int = 10, windows: int = 5, config_name: str = "", overrides=(), eval_step=False
+) -> dict:
+    """Compile and time the train step of `config` (or its eval step) on synthetic data; the report as a JSON-ready
+    dict."""
     if warmup < 0 or steps < 1 or not 1 <= windows <= steps:
         raise BenchError(
             f"--steps={steps} --warmup={warmup} --windows={windows}: need steps >= windows >= 1 and warmup >= 0"
@@ -84,13 +94,39 @@ def bench(config, steps: int = 100, warmup: int = 10, windows: int = 5, config_n
         f"{parameters / 1e6:.2f}M parameters, batch {config.batch_size}"
     )
 
-    step, compile_seconds = step_lib.compile_train_step(setup)
+    forward_only = eval_step or quantized.is_on(config.quant)
+    step, compile_seconds = compile_eval_step(setup) if forward_only else step_lib.compile_train_step(setup)
     metrics.say(f"bench: compiled in {compile_seconds:.1f}s; {warmup} warm-up steps, then {steps} timed")
     host_batches = data.train_batches(config)
     batches = [setup.sharding.global_batch(next(host_batches)) for _ in range(BATCHES_ON_DEVICE)]
     state = run_steps(step, state, batches, warmup)
     timing = time_windows(step, state, batches, steps, windows, compile_seconds)
-    return report(setup, timing, parameters, config_name, list(overrides), warmup)
+    return report(setup, timing, parameters, config_name, list(overrides), warmup, forward_only)
+
+
+def compile_eval_step(setup):
+    """The eval job's step (the task's loss sums, train=False) as a (state, batch) -> (state, sums) step like the
+    train step, so that the same windows time it; compiled ahead of time: (compiled step, seconds). The state is
+    donated and returned unchanged (aliased, not copied)."""
+
+    def forward(state, batch):
+        return state, setup.task.loss_sums(state.params, state.model_state, batch, train=False)[0]
+
+    sharding = setup.sharding
+    jitted = jax.jit(
+        forward,
+        in_shardings=(setup.state_shardings, sharding.batch),
+        out_shardings=(setup.state_shardings, sharding.replicated),
+        donate_argnums=(0,),
+    )
+    abstract_batch = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding.batch),
+        setup.task.batch_spec(setup.config.batch_size),
+    )
+    started = time.perf_counter()
+    with sharding.activate():
+        compiled = jitted.lower(setup.state_target(), abstract_batch).compile()
+    return compiled, time.perf_counter() - started
 
 
 def synthetic(config):
@@ -126,18 +162,21 @@ def window_sizes(steps: int, windows: int) -> list[int]:
     return [len(part) for part in np.array_split(np.arange(steps), windows)]
 
 
-def report(setup, timing: Timing, parameters: int, config_name: str, overrides, warmup) -> dict:
+def report(setup, timing: Timing, parameters: int, config_name: str, overrides, warmup, forward_only=False) -> dict:
     config, task, mesh = setup.config, setup.task, setup.mesh
     devices = mesh.devices.size
     examples_per_second = config.batch_size * timing.steps / timing.seconds
-    flops = task.flops_per_example()
-    causal_flops = task.causal_flops_per_example() if hasattr(task, "causal_flops_per_example") else None
+    share = 1 / 3 if forward_only else 1  # the forward pass is 2N of the 6N a trained token costs
+    flops = task.flops_per_example() * share
+    causal_flops = task.causal_flops_per_example() * share if hasattr(task, "causal_flops_per_example") else None
     step_times = timing.window_step_times
     peak_bytes, memory_note = peak_memory()
     return {
         "config": config_name,
         "overrides": overrides,
         "data_source": config.data.source,
+        "step": "eval (forward only)" if forward_only else "train",
+        "quant": config.quant.to_dict(),
         "input": f"{BATCHES_ON_DEVICE} synthetic batches resident on the devices (input pipeline not timed)",
         "device_kind": jax.devices()[0].device_kind,
         "num_devices": devices,
@@ -199,6 +238,8 @@ def format_report(result: dict) -> str:
     memory = result["peak_memory_bytes"]
     lines = [
         f"{result['config']} {' '.join('--' + o for o in result['overrides'])}".rstrip(),
+        f"  step           {result['step']}"
+        + (f", int{result['quant']['bits']} {result['quant']['mode']}" if result["quant"]["bits"] else ""),
         f"  devices        {result['num_devices']} x {result['device_kind']}, mesh {result['mesh']}",
         f"  tokens/s       {rate(result['tokens_per_second'], 'tokens/s')}",
         f"  examples/s     {rate(result['examples_per_second'], 'examples/s')}",

@@ -193,6 +193,9 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=10, help="steps run and waited for before timing")
     p.add_argument("--windows", type=int, default=5, help="the timed steps in this many windows, one sync each")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument(
+        "--eval", action="store_true", help="time the eval step (forward only); a quantized config always is"
+    )
     p.set_defaults(run=run_bench)
 
     p = commands.add_parser("plot", help="a PNG of the train and eval curves of one or more runs")
@@ -315,7 +318,7 @@ def run_bench(args, overrides) -> int:
     from bigjax import config as config_lib
 
     config = config_lib.load(args.config, overrides)
-    result = bench.bench(config, args.steps, args.warmup, args.windows, args.config, overrides)
+    result = bench.bench(config, args.steps, args.warmup, args.windows, args.config, overrides, eval_step=args.eval)
     metrics.say(bench.format_report(result))
     if args.json:
         bench.write_json(result, args.json)
