@@ -12,6 +12,7 @@ for int4; the bounds below are those, and the loss must move at all (the integer
 """
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +104,7 @@ def _flat(tree, prefix=()):
 
 
 def _size(path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in pathlib.Path(path).rglob("*") if p.is_file())
 
 
 def test_generation_runs_the_quantized_weights_through_the_kv_cache(runs):
