@@ -95,19 +95,26 @@ def bench(
     )
 
     forward_only = eval_step or quantized.is_on(config.quant)
-    step, compile_seconds = compile_eval_step(setup) if forward_only else step_lib.compile_train_step(setup)
-    metrics.say(f"bench: compiled in {compile_seconds:.1f}s; {warmup} warm-up steps, then {steps} timed")
     host_batches = data.train_batches(config)
     batches = [setup.sharding.global_batch(next(host_batches)) for _ in range(BATCHES_ON_DEVICE)]
+    if forward_only:
+        step, state, compile_seconds = start_eval_step(setup, state, batches[0])
+    else:
+        step, compile_seconds = step_lib.compile_train_step(setup)
+    metrics.say(f"bench: compiled in {compile_seconds:.1f}s; {warmup} warm-up steps, then {steps} timed")
     state = run_steps(step, state, batches, warmup)
     timing = time_windows(step, state, batches, steps, windows, compile_seconds)
     return report(setup, timing, parameters, config_name, list(overrides), warmup, forward_only)
 
 
-def compile_eval_step(setup):
+def start_eval_step(setup, state, batch):
     """The eval job's step (the task's loss sums, train=False) as a (state, batch) -> (state, sums) step like the
-    train step, so that the same windows time it; compiled ahead of time: (compiled step, seconds). The state is
-    donated and returned unchanged (aliased, not copied)."""
+    train step, so that the same windows time it; the state is donated and returned unchanged (aliased, not
+    copied). Compiled by its first call, whose time is the compile time (and one step's):
+    (jitted step, the state after it, seconds).
+
+    Called through jit rather than compiled ahead of time: on the CPU, jax 0.10's ahead-of-time executable wants
+    int4 arguments packed two to a byte, while the arrays jit makes carry the unpacked layout, and it refuses them."""
 
     def forward(state, batch):
         return state, setup.task.loss_sums(state.params, state.model_state, batch, train=False)[0]
@@ -119,14 +126,14 @@ def compile_eval_step(setup):
         out_shardings=(setup.state_shardings, sharding.replicated),
         donate_argnums=(0,),
     )
-    abstract_batch = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding.batch),
-        setup.task.batch_spec(setup.config.batch_size),
-    )
+
+    def step(state, batch):
+        with sharding.activate():
+            return jitted(state, batch)
+
     started = time.perf_counter()
-    with sharding.activate():
-        compiled = jitted.lower(setup.state_target(), abstract_batch).compile()
-    return compiled, time.perf_counter() - started
+    state = jax.block_until_ready(step(state, batch))[0]
+    return step, state, time.perf_counter() - started
 
 
 def synthetic(config):

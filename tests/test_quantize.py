@@ -268,3 +268,14 @@ def test_a_model_with_nothing_to_quantize_is_refused(tmp_path):
     (workdir / "checkpoints" / "1" / checkpoint.COMMIT_MARKER).write_text("")
     with pytest.raises(QuantizeError, match="no layer of this model is quantized"):
         quantize(workdir, tmp_path / "out", bits=8)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bench_times_the_forward_pass_of_a_quantized_run(runs, bits):
+    """No figure is checked (timings are not tests): that a quantized run's config is benchmarked as the eval step
+    on its integer weights, int4 included (which jax's ahead-of-time executable refuses on the CPU)."""
+    from bigjax import bench
+
+    result = bench.bench(config_lib.load_saved(runs[bits]), steps=2, warmup=1, windows=1)
+    assert result["step"] == "eval (forward only)" and result["quant"]["bits"] == bits
+    assert result["tokens_per_second"] > 0
