@@ -20,9 +20,9 @@ Decisions:
 - Random access by row without reading the corpus into Python: the row counts come from the Parquet footers (and
   from the memory-mapped Arrow files), and row i is found by its chunk, a Parquet row group or an Arrow record
   batch. Only the text column of that one chunk is read and decoded, and it is kept until a row of another chunk is
-  asked for: the tokenizer reads the records in order, so every chunk is read once. Arrow IPC files are
-  memory-mapped: nothing is copied until a chunk is decoded. Labels are one small integer array, read once (the
-  label column only), because the number of classes must be known before training starts.
+  asked for: the tokenizer reads the records in order, so every chunk is read once (see ColumnRecords). Arrow IPC
+  files are memory-mapped: nothing is copied until a chunk is decoded. Labels are one small integer array, read once
+  (the label column only), because the number of classes must be known before training starts.
 - Per-host sharding and exact resume are the pipeline's (bigjax.data.pipeline): the records form a
   grain.MapDataset with a fixed order, so global example k is the same on every host and after every restart.
 """
@@ -33,8 +33,8 @@ import bisect
 import functools
 import json
 import pathlib
+from collections.abc import Sequence
 
-import grain
 import numpy as np
 
 from bigjax.data.errors import DataError
@@ -119,11 +119,14 @@ def _arrow_batches(path: pathlib.Path):
 # Records
 
 
-class ColumnRecords:
-    """Rows [start, stop) of the chunks as {"text": str[, "label": int]}: len() and [i], for grain.MapDataset.source.
+class ColumnRecords(Sequence):
+    """Rows [start, stop) of the chunks as {"text": str[, "label": int]}: len() and [i].
 
-    Grain's MapDataset asks its source only for __len__ and __getitem__; holding decoded text for one chunk at a
-    time keeps a FineWeb-sized corpus out of memory while the tokenizer walks through it in order."""
+    This is what grain.MapDataset.source takes (it asks only for __len__ and __getitem__), and what Split.records
+    promises. It is handed over as it is, not wrapped in a MapDataset: iterating a MapDataset reads ahead on a pool
+    of threads, out of order, which would decode the same chunk again and again; iterating this reads in order.
+    Holding the decoded text of one chunk at a time keeps a FineWeb-sized corpus out of memory while the tokenizer
+    walks through it."""
 
     def __init__(self, chunks: list[Chunk], text_field: str, labels, start: int, stop: int):
         self.chunks, self.text_field, self.labels = chunks, text_field, labels
@@ -287,7 +290,7 @@ def columnar_split(config, kind: str, files: list[pathlib.Path], split: str, des
         rows = sum(c.rows for c in chunks)
         cut = int(rows * (1 - d.eval_fraction))
         start, stop = {"train": (0, cut), "eval": (cut, rows), "all": (0, rows)}[split]
-        return grain.MapDataset.source(ColumnRecords(chunks, d.text_field, labels, start, stop)), num_classes
+        return ColumnRecords(chunks, d.text_field, labels, start, stop), num_classes
 
     fingerprint = fingerprint_of(kind, files, config, split)
     if label_files:  # string labels are numbered over every split
