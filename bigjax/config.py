@@ -112,18 +112,18 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
     c.data = ml_collections.ConfigDict(
         dict(
             # shakespeare | shakespeare_genre | digits | synthetic (bundled) | text:PATH | jsonl:PATH |
-            # imagefolder:PATH | tfds:NAME[/CONFIG]  (see bigjax.data.sources)
+            # parquet:PATH | arrow:PATH | imagefolder:PATH | tfds:NAME[/CONFIG]  (see bigjax.data.sources)
             source="shakespeare",
-            train_split="train",  # tfds split syntax for tfds sources, e.g. "train[:95%]"
-            eval_split="",  # "" = the source's own: "eval" (bundled, local), "validation" or "test" (tfds)
+            train_split="train",  # tfds split syntax for tfds sources, e.g. "train[:95%]"; a DatasetDict's split
+            eval_split="",  # "" = the source's own: "eval" (bundled, local), "validation" or "test" (tfds, arrow:)
             data_dir="",  # tfds: where prepared datasets live ("" = tfds's default, ~/tensorflow_datasets)
             cache_dir="",  # tokenized caches of `bigjax data prepare` ("" = ~/.cache/bigjax/tokenized)
             tokenizer="byte",  # byte | sentencepiece:PATH | hf:PATH (or a PATH ending in .model / .json)
             seq_len=128,
             prefetch=2,  # training batches copied to the devices this many steps ahead (0 = just in time)
             eval_fraction=0.1,  # bundled and local sources: the last fraction of every play/file/class is eval
-            text_field="text",  # JSONL and tfds: the feature that holds the text
-            label_field="label",  # JSONL and tfds: the feature that holds the class
+            text_field="text",  # JSONL, Parquet, Arrow and tfds: the field/column/feature that holds the text
+            label_field="label",  # JSONL, Parquet, Arrow and tfds: the one that holds the class
             image_field="image",  # tfds: the feature that holds the image
             text_records="auto",  # auto | document | paragraph | line: what one text example is
             skip_bad=False,  # skip (and count) undecodable images and bad JSONL lines instead of stopping
