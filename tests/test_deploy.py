@@ -50,7 +50,7 @@ def saved_run(workdir, name: str, noise: float = 0.1):
     setup = make_setup(config)
     state = setup.init_state()
     keys = iter(jax.random.split(jax.random.key(1), 1000))
-    shaken = lambda tree: jax.tree.map(lambda a: a + noise * jax.random.normal(next(keys), a.shape, a.dtype), tree)  # noqa: E731
+    shaken = lambda tree: jax.tree.map(lambda a: a + noise * jax.random.normal(next(keys), a.shape, a.dtype), tree)
     model_state = {c: jax.tree.map(lambda a: abs(a) + 0.5, shaken(v)) for c, v in state.model_state.items()}
     state = state.replace(params=shaken(state.params), model_state=model_state)
     saves = checkpoint.writer(workdir, config.keep_checkpoints)
@@ -96,6 +96,19 @@ def test_gpt_onnx_gives_bigjax_logits_at_any_batch_and_length(gpt_run, tmp_path)
         assert theirs.shape == (batch, length, vocab)
         assert relative_difference(theirs, ours) < bound, (relative_difference(theirs, ours), bound)
     assert described["checked"]["max_relative_difference"] < bound
+
+    snippet = readme_snippet("onnxruntime.InferenceSession").replace("out/model.onnx", str(out / "model.onnx"))
+    ran = {}
+    exec(snippet, ran)
+    tokens = np.array([[72, 105, 33]], np.int32)
+    ours = np.asarray(task.model.apply(variables, tokens))[..., :vocab]
+    assert relative_difference(ran["logits"], ours) < bound
+
+
+def readme_snippet(containing: str) -> str:
+    """The README's python block that contains `containing`."""
+    blocks = (REPO / "README.md").read_text().split("```python\n")[1:]
+    return next(block.split("```")[0] for block in blocks if containing in block)
 
 
 def image_sum_lengths(config) -> list:

@@ -84,7 +84,8 @@ def export(config, mngr, step: int, out) -> dict:
 
     model = convert(forward, spec, inputs, outputs, to_onnx, onnx)
     onnx.save_model(model, str(out / ONNX_FILE))
-    difference = max_relative_difference(run_onnx(out / ONNX_FILE, {inputs[0]: check_input})[0], jax.jit(forward)(check_input))
+    from_onnx = run_onnx(out / ONNX_FILE, {inputs[0]: check_input})[0]
+    difference = max_relative_difference(from_onnx, jax.jit(forward)(check_input))
     return {
         "format": "onnx",
         "file": ONNX_FILE,

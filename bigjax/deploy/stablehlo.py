@@ -86,7 +86,7 @@ def export(config, mngr, step: int, out: pathlib.Path, platforms=("cpu", "cuda")
         tokenizer_file = "tokenizer.model" if kind == "sentencepiece" else "tokenizer.json"
         shutil.copyfile(path, out / tokenizer_file)
 
-    shape = lambda array: [str(d) for d in array.shape]  # noqa: E731
+    shape = lambda array: [str(d) for d in array.shape]
     return {
         "format": "stablehlo",
         "files": {"prefill": PREFILL_FILE, "decode_step": DECODE_STEP_FILE, "params": PARAMS_FILE},
@@ -134,7 +134,7 @@ def load(directory) -> Served:
     """The exported functions, their parameters and the manifest of an `--format stablehlo` directory."""
     directory = pathlib.Path(directory)
     manifest = json.loads((directory / "manifest.json").read_text())
-    read = lambda name: jax.export.deserialize(bytearray((directory / manifest["files"][name]).read_bytes()))  # noqa: E731
+    read = lambda name: jax.export.deserialize(bytearray((directory / manifest["files"][name]).read_bytes()))
     with np.load(directory / manifest["files"]["params"]) as arrays:
         params = nest({path: arrays[path] for path in arrays.files})
     return Served(read("prefill"), read("decode_step"), params, manifest)
