@@ -220,7 +220,8 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
     source = json.loads(source.read_text()) if source.exists() else {}
     hf_vocab = source.get("vocab_size", config.model.vocab_size) if text else None
     tensors = {
-        name: np.ascontiguousarray(array, dtype=np.float32 if np.issubdtype(array.dtype, np.floating) else None)
+        # np.array, not ascontiguousarray: that makes a 0-d array (num_batches_tracked) 1-d
+        name: np.array(array, dtype=np.float32 if np.issubdtype(array.dtype, np.floating) else None, order="C")
         for name, array in family.hf_tensors(params, config, hf_vocab).items()
     }
     special = special_ids(data.make_tokenizer(config.data.tokenizer), hf_vocab) if text else {}
