@@ -427,3 +427,20 @@ def test_vit_transfer_recipe_starts_from_a_local_hf_vit(cli, tmp_path):
     )
     assert "finished at step 2" in result.stdout, result.stdout
     assert "freshly initialized: head/bias, head/kernel" in result.stdout
+
+
+def test_init_from_hf_loads_a_resnets_batch_stats_with_its_parameters(tmp_path):
+    from bigjax import finetune
+    from bigjax.params import by_path
+
+    model = randomize(transformers.ResNetForImageClassification(resnet_config("basic")))
+    hf_dir = save(model, tmp_path / "hf")
+    config = hf.config_from_hf(hf_dir, ["--config.data.image_size=32", "--config.task.num_classes=3"])
+    config.init_from.update(dict(workdir=f"hf:{hf_dir}", exclude="^head/"))
+    setup = make_setup(config)
+    state = finetune.load_pretrained_state(setup.init_state(), config.init_from, setup.state_shardings)
+    stats = by_path(state.model_state["batch_stats"])
+    norm = model.resnet.encoder.stages[1].layers[0].shortcut.normalization
+    np.testing.assert_array_equal(np.asarray(stats["stage2_block1/shortcut_norm/mean"]), norm.running_mean.numpy())
+    np.testing.assert_array_equal(np.asarray(stats["stage2_block1/shortcut_norm/var"]), norm.running_var.numpy())
+    assert not np.any(np.asarray(state.params["head"]["kernel"]))  # excluded: a new head

@@ -254,7 +254,9 @@ def forward_digest(config) -> tuple[str, str]:
         init_hash.update(f"{path}{array.shape}{array.dtype}".encode() + array.tobytes())
     leaves, tree = jax.tree.flatten(variables)
     keys = jax.random.split(jax.random.key(1), len(leaves))
-    variables = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    variables = jax.tree.unflatten(
+        tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    )
     rng = np.random.default_rng(0)
     if config.model.family in ("gpt", "bert"):
         tokens = rng.integers(0, 200, (2, config.data.seq_len)).astype(np.int32)
