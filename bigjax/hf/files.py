@@ -190,10 +190,6 @@ class View:
         return View(shape, read)
 
 
-def zeros(shape: tuple[int, ...]) -> View:
-    return View(tuple(shape), lambda index: np.zeros(tuple(s.stop - s.start for s in index), np.float32))
-
-
 def stack(views: list[View]) -> View:
     """Views of equal shape stacked on a new leading axis (the scanned layers)."""
 
