@@ -31,7 +31,9 @@ def transformer_keys() -> dict:
         mlp_dim=0,  # 0 = 4 * d_model (gelu) or the Llama 8/3 rule rounded to 256 (swiglu)
         norm="layernorm",  # layernorm | rmsnorm
         norm_eps=1e-5,
-        mlp="gelu",  # gelu | swiglu
+        # LayerNorm's variance: one_pass, E[x^2]-E[x]^2 (Flax's) | two_pass, E[(x-E[x])^2] (torch's: imported models)
+        norm_variance="one_pass",
+        mlp="gelu",  # gelu (tanh approximation, GPT-2's) | gelu_exact (erf: BERT's, ViT's) | swiglu
         use_bias=True,
         dropout=0.0,
         dtype="float32",  # compute dtype: bfloat16 on accelerators
@@ -104,6 +106,9 @@ def resnet_model() -> dict:
         depth=50,  # 10 | 18 | 34 | 50 | 101 | 152
         width=64,  # channels of the first stage; each later stage doubles them
         stem="imagenet",  # imagenet (7x7/2 conv + 3x3/2 max-pool) | cifar (one 3x3/1 conv, for small images)
+        # same (XLA's SAME: a strided layer's extra padding at the end, as Flax's ImageNet example) | symmetric
+        # (kernel//2 on every side, as torchvision and transformers' ResNet: imported models)
+        conv_padding="same",
         zero_init_residual=True,  # each block's last norm scale starts at 0: every block starts as the identity
         scan_layers=True,  # scan over the identical blocks of each stage: one compiled block per stage
         remat="none",  # none | full | dots | dots_no_batch

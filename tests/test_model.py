@@ -200,3 +200,86 @@ def test_rotary_attention_scores_depend_on_relative_positions_only(monkeypatch):
     assert (np.abs(shifted - scores) <= bound).all(), f"off by up to {np.max(np.abs(shifted - scores) / bound):.3g}x"
     stretched, _ = attention_scores(monkeypatch, attention, params, x, positions * 2)
     assert np.abs(stretched - scores).max() > 0.1 * norms.max()
+
+
+# --------------------------------------------------------------------------------------------------
+# The defaults of every family stay bit-identical: the parameter tree (paths, shapes, initial values) and the
+# forward pass of a small model of each. The digests were recorded with the code before the Hugging Face encoder
+# settings (model.mlp="gelu_exact", model.norm_variance, model.conv_padding) existed; a setting whose default
+# changed anything makes them differ. They hold for this jax/XLA on a CPU: after a jax upgrade that changes
+# rounding, record them again from a commit known to be unchanged (print `digests` below).
+
+
+def small_default_configs() -> dict:
+    transformer = dict(num_layers=2, d_model=32, num_heads=4)
+    configs = {}
+    for name, (family, task) in {
+        "gpt": ("gpt", "causal_lm"),
+        "bert_mlm": ("bert", "masked_lm"),
+        "bert_classifier": ("bert", "classification"),
+        "vit": ("vit", "classification"),
+        "resnet": ("resnet", "classification"),
+    }.items():
+        c = config_lib.defaults(family, task)
+        c.task.num_classes = 3
+        c.data.seq_len = 16
+        if family in ("gpt", "bert"):
+            c.model.update(transformer, max_len=16)
+        if family == "bert":
+            c.model.type_vocab_size = 2
+        if family == "vit":
+            c.model.update(transformer, patch_size=4)
+            c.data.image_size = 8
+        if family == "resnet":
+            c.model.update(depth=10, width=8, stem="cifar")
+            c.data.image_size = 8
+        configs[name] = c
+    llama = config_lib.load(TINY + ":llama=True")
+    configs["llama"] = llama
+    return configs
+
+
+def forward_digest(config) -> tuple[str, str]:
+    """(sha256 of the initial variables, sha256 of the logits after every parameter is perturbed at random)."""
+    import hashlib
+
+    from bigjax import tasks
+    from bigjax.params import by_path
+
+    task = tasks.make_task(config)
+    variables = jax.jit(lambda: nn.unbox(task.init_variables(jax.random.key(0))))()
+    init_hash = hashlib.sha256()
+    for path, leaf in sorted(by_path(variables).items()):
+        array = np.asarray(leaf)
+        init_hash.update(f"{path}{array.shape}{array.dtype}".encode() + array.tobytes())
+    leaves, tree = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    variables = jax.tree.unflatten(
+        tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    )
+    rng = np.random.default_rng(0)
+    if config.model.family in ("gpt", "bert"):
+        tokens = rng.integers(0, 200, (2, config.data.seq_len)).astype(np.int32)
+        segments = np.ones_like(tokens)
+        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+        inputs = (tokens,) if config.task.name == "causal_lm" else (tokens, segments, positions)
+    else:
+        inputs = (rng.normal(size=(2, 8, 8, 3)).astype(np.float32),)
+    logits = np.asarray(jax.jit(lambda v, *x: task.model.apply(v, *x))(variables, *inputs))
+    return init_hash.hexdigest()[:16], hashlib.sha256(logits.tobytes()).hexdigest()[:16]
+
+
+DEFAULT_DIGESTS = {
+    "gpt": ("6b8f9fe44763e21f", "09c7311f68021535"),
+    "bert_mlm": ("f0101386625ed1e9", "001626cf12687d33"),
+    "bert_classifier": ("400ba44e50165e9d", "08c9f8da2132933c"),
+    "vit": ("105683549e67798f", "54719cd998518d37"),
+    "resnet": ("74c1d5723a386831", "634f14335de38fcb"),
+    "llama": ("88193356f651c385", "b1b1d449abb91059"),
+}
+
+
+def test_every_familys_defaults_are_bit_identical():
+    digests = {name: forward_digest(config) for name, config in small_default_configs().items()}
+    print(digests)
+    assert digests == DEFAULT_DIGESTS

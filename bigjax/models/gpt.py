@@ -38,6 +38,7 @@ class GPTConfig:
     rope_theta: float
     norm: str
     norm_eps: float
+    norm_variance: str
     mlp: str
     use_bias: bool
     tie_embeddings: bool
@@ -72,7 +73,8 @@ class GPTConfig:
 
 def norm(c: GPTConfig, name: str) -> layers.Norm:
     """The LayerNorm or RMSNorm of c, as every norm of the family (blocks, final, BERT's embedding and head) is."""
-    return layers.Norm(c.norm, c.norm_eps, c.use_bias, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), name=name)
+    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    return layers.Norm(c.norm, c.norm_eps, c.use_bias, dtype, param_dtype, variance=c.norm_variance, name=name)
 
 
 def embedder(c: GPTConfig, type_vocab_size: int = 0) -> layers.Embedder:

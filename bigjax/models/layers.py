@@ -38,13 +38,18 @@ def normal(std: float):
 
 
 class Norm(nn.Module):
-    """LayerNorm (GPT-2) or RMSNorm (Llama); statistics in fp32 whatever the compute dtype."""
+    """LayerNorm (GPT-2) or RMSNorm (Llama); statistics in fp32 whatever the compute dtype.
+
+    `variance` is how LayerNorm computes the variance: "one_pass", E[x^2] - E[x]^2 (Flax's default, one reduction
+    fewer), or "two_pass", E[(x - E[x])^2] (torch's: what a BERT or ViT trained in PyTorch saw).
+    """
 
     kind: str
     eps: float
     use_bias: bool
     dtype: Dtype
     param_dtype: Dtype
+    variance: str = "one_pass"
 
     @nn.compact
     def __call__(self, x):
@@ -57,6 +62,7 @@ class Norm(nn.Module):
             norm = nn.LayerNorm(
                 epsilon=self.eps,
                 use_bias=self.use_bias,
+                use_fast_variance=self.variance == "one_pass",
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 scale_init=scale_init,
@@ -268,8 +274,14 @@ def pool_segments(x, segment_ids, positions, num_segments: int, token: str):
     return jnp.einsum("bst,btd->bsd", select.astype(x.dtype), x)
 
 
+def gelu(kind: str, x):
+    """The GELU of `model.mlp`: "gelu_exact" is the erf form (transformers' "gelu": BERT, ViT); any other kind the
+    tanh approximation (GPT-2's "gelu_new", bigjax's default)."""
+    return nn.gelu(x, approximate=kind != "gelu_exact")
+
+
 class Mlp(nn.Module):
-    """GELU MLP (GPT-2) or SwiGLU (Llama)."""
+    """GELU MLP (GPT-2: tanh GELU; BERT, ViT: exact GELU) or SwiGLU (Llama)."""
 
     kind: str
     hidden_dim: int
@@ -298,7 +310,7 @@ class Mlp(nn.Module):
             gate = self._dense(x, self.hidden_dim, ("embed", "mlp"), self.init_std, "gate")
             hidden = nn.silu(gate) * up
         else:
-            hidden = nn.gelu(up, approximate=True)
+            hidden = gelu(self.kind, up)
         hidden = constrain(hidden, "activation_batch", "activation_length", "activation_mlp")
         return self._dense(hidden, d_model, ("mlp", "embed"), self.out_init_std, "down")
 
