@@ -146,16 +146,17 @@ def rotary_tolerance(max_angle: float) -> float:
 
 
 def test_rotary_rotates_each_pair_of_halves_forward_by_position_times_frequency():
-    from bigjax.models.layers import rotary
+    from bigjax.models.layers import rope_frequencies, rotary
 
     # By hand, one pair (d=2, frequency 1): (1, 0) at position 1 turns to (cos 1, sin 1), counterclockwise.
-    turned = rotary(np.array([[[[1.0, 0.0]]]], np.float32), np.array([[1]]), 10_000.0)
+    turned = rotary(np.array([[[[1.0, 0.0]]]], np.float32), np.array([[1]]), rope_frequencies(2, 10_000.0))
     np.testing.assert_allclose(turned[0, 0, 0], [np.cos(1.0), np.sin(1.0)], atol=rotary_tolerance(1.0))
     # And the convention at a real head size: 2 rows of 6 positions up to 60, 3 heads of 16.
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 6, 3, 16)).astype(np.float32)
     positions = rng.integers(0, 61, (2, 6))
-    got, want = np.asarray(rotary(x, positions, 10_000.0), np.float64), rotary_reference(x, positions, 10_000.0)
+    got = np.asarray(rotary(x, positions, rope_frequencies(16, 10_000.0)), np.float64)
+    want = rotary_reference(x, positions, 10_000.0)
     pair_norm = np.sqrt(np.sum(np.stack(np.split(x.astype(np.float64) ** 2, 2, axis=-1)), axis=0))  # [..., d/2]
     bound = rotary_tolerance(positions.max()) * np.concatenate([pair_norm, pair_norm], -1)
     assert (np.abs(got - want) <= bound).all(), np.max(np.abs(got - want) / bound)
