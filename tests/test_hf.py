@@ -72,12 +72,16 @@ def llama_model():
         bos_token_id=0,
         eos_token_id=0,
     )
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # norms start at exactly 1: make them random too, so that a misplaced one shows
+    return randomized(transformers.LlamaForCausalLM(config))
+
+
+def randomized(model):
+    """Norms start at exactly 1 and biases at 0: make them random too, so that a misplaced one shows."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or "bias" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    return model
+    return model.eval()
 
 
 def mistral_model():
@@ -99,7 +103,70 @@ def mistral_model():
     return transformers.MistralForCausalLM(config).eval()
 
 
-MODELS = {"gpt2": gpt2_model, "llama": llama_model, "mistral": mistral_model}
+# The scaled RoPE variants: pretrained on 32 positions, tested on prompts longer than that (LONG_PROMPT), with a
+# head of 16 (8 pairs, wavelengths 2 pi * 10^(i/2)) so that llama3's three bands all have pairs: kept (i=0, 6.3 <
+# 32/4), blended (i=1, 19.9) and divided by factor (i >= 2, above 32/1).
+SMALL_CONTEXT = dict(
+    num_hidden_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    vocab_size=HF_VOCAB,
+    max_position_embeddings=128,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+ORIGINAL_CONTEXT = 32
+
+
+def llama3_model():
+    """Llama 3.1's RoPE scaling, with q/k/v/o biases (attention_bias) and MLP biases (mlp_bias)."""
+    torch.manual_seed(2)
+    rope = dict(rope_type="llama3", rope_theta=10_000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+    config = transformers.LlamaConfig(
+        **SMALL_CONTEXT,
+        rope_parameters=rope | dict(original_max_position_embeddings=ORIGINAL_CONTEXT),
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+    )
+    return randomized(transformers.LlamaForCausalLM(config))
+
+
+def qwen2_model():
+    """Qwen2 (biases on q/k/v only) with YaRN, whose cos and sin are scaled by 0.1 ln(4) + 1."""
+    torch.manual_seed(3)
+    rope = dict(rope_type="yarn", rope_theta=10_000.0, factor=4.0, original_max_position_embeddings=ORIGINAL_CONTEXT)
+    config = transformers.Qwen2Config(**SMALL_CONTEXT, rope_parameters=rope, tie_word_embeddings=True)
+    return randomized(transformers.Qwen2ForCausalLM(config))
+
+
+def llama_linear_model():
+    """Linear RoPE scaling, its config.json rewritten below in the older form (rope_scaling with `type`)."""
+    torch.manual_seed(4)
+    rope = dict(rope_type="linear", rope_theta=10_000.0, factor=2.0)
+    return randomized(transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL_CONTEXT, rope_parameters=rope)))
+
+
+def older_rope_config(config: dict) -> dict:
+    """A config.json as transformers 4 wrote it: rope_theta at the top, the scaling in rope_scaling with `type`."""
+    rope = config.pop("rope_parameters")
+    return config | dict(rope_theta=rope.pop("rope_theta"), rope_scaling=dict(type=rope.pop("rope_type"), **rope))
+
+
+MODELS = {
+    "gpt2": gpt2_model,
+    "llama": llama_model,
+    "mistral": mistral_model,
+    "llama3_biases": llama3_model,
+    "qwen2_yarn": qwen2_model,
+    "linear_older_config": llama_linear_model,
+}
+SCALED = {"llama3_biases", "qwen2_yarn", "linear_older_config"}
+REWRITE_CONFIG = {"linear_older_config": older_rope_config}
+EXPORTED_AS = {"gpt2": "GPT2LMHeadModel", "qwen2_yarn": "Qwen2ForCausalLM"}  # the others as LlamaForCausalLM
+LONG_PROMPT = PROMPT + " the slings and arrows of outrageous fortune"
 
 
 def save(model, directory, tokenizer_file, sharded=False):
@@ -113,35 +180,57 @@ def torch_logits(model, ids) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-def bigjax_logits(workdir, ids) -> np.ndarray:
+def bigjax_logits(workdir, ids, rope_scaling: str | None = None) -> np.ndarray:
+    """The logits of the run's newest checkpoint; with `rope_scaling`, of its parameters in a model whose
+    model.rope_scaling.type is that instead."""
     generator = generate.load(workdir)
     model_config = config_lib.load_saved(workdir).model
+    if rope_scaling is not None:
+        model_config.rope_scaling.type = rope_scaling
     model = gpt.GPT(gpt.GPTConfig.from_config(model_config))
     logits = model.apply({"params": generator.params}, np.asarray([ids], np.int32))
     return np.asarray(logits)[0]
 
 
+def relative_difference(ours, theirs) -> float:
+    return float(np.abs(ours[:, : theirs.shape[1]] - theirs).max() / np.abs(theirs).max())
+
+
 def assert_logits_match(ours, theirs, num_layers):
-    rel = np.abs(ours[:, : theirs.shape[1]] - theirs).max() / np.abs(theirs).max()
+    rel = relative_difference(ours, theirs)
     print(f"max relative logit difference {rel:.2e}")
     assert rel <= RELATIVE_TOLERANCE_PER_LAYER * (num_layers + 1), rel
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["one_file", "sharded"])
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+CASES = [(arch, sharded) for arch in ("gpt2", "llama", "mistral") for sharded in (False, True)]
+CASES += [(arch, False) for arch in sorted(SCALED)]
+
+
+@pytest.mark.parametrize(
+    "arch, sharded", CASES, ids=[f"{arch}-{'sharded' if sharded else 'one_file'}" for arch, sharded in CASES]
+)
 def test_import_matches_transformers_logits_greedy_tokens_and_exports_back(arch, sharded, tokenizer_file, tmp_path):
     model = MODELS[arch]()
     hf_dir = save(model, tmp_path / "hf", tokenizer_file, sharded)
     assert (hf_dir / hf.INDEX_FILE).exists() == sharded
+    if arch in REWRITE_CONFIG:
+        config_file = hf_dir / "config.json"
+        config_file.write_text(json.dumps(REWRITE_CONFIG[arch](json.loads(config_file.read_text()))))
     workdir = tmp_path / "run"
     hf.import_hf(hf_dir, workdir)  # on the tests' 8-device mesh
-    ids = [int(i) for i in tokenizers.Tokenizer.from_file(str(tokenizer_file)).encode(PROMPT).ids]
+    prompt = LONG_PROMPT if arch in SCALED else PROMPT
+    ids = [int(i) for i in tokenizers.Tokenizer.from_file(str(tokenizer_file)).encode(prompt).ids]
 
     # Logits: the imported checkpoint (restored onto one device) against transformers.
     ours, theirs = bigjax_logits(workdir, ids), torch_logits(model, ids)
     assert_logits_match(ours, theirs, model.config.num_hidden_layers)
     # The ids bigjax added beyond the HF vocabulary have zero weights.
     assert np.all(ours[:, HF_VOCAB:] == 0)
+    if arch in SCALED:  # the scaling is what made them match: the plain RoPE is far off
+        assert len(ids) > ORIGINAL_CONTEXT
+        unscaled = relative_difference(bigjax_logits(workdir, ids, rope_scaling="none"), theirs)
+        print(f"max relative logit difference with the plain RoPE {unscaled:.2e}")
+        assert unscaled > 10 * RELATIVE_TOLERANCE_PER_LAYER * (model.config.num_hidden_layers + 1), unscaled
 
     # Greedy decoding with bigjax's KV cache continues the prompt as transformers' greedy generate does.
     new = generate.load(workdir).generate_ids([ids], generate.Sampling(max_new_tokens=12, temperature=0.0))[0]
@@ -161,7 +250,7 @@ def test_import_matches_transformers_logits_greedy_tokens_and_exports_back(arch,
     assert not any(info.values()), info  # no missing, unexpected or mismatched weights
     reloaded.eval()
     # Mistral without a sliding window comes back as the Llama it is.
-    assert type(reloaded).__name__ == {"gpt2": "GPT2LMHeadModel"}.get(arch, "LlamaForCausalLM")
+    assert type(reloaded).__name__ == EXPORTED_AS.get(arch, "LlamaForCausalLM")
     assert reloaded.config.vocab_size == HF_VOCAB
     np.testing.assert_array_equal(torch_logits(reloaded, ids), theirs)
 
