@@ -462,9 +462,8 @@ def check_schema(config, schema, prefix: str = "") -> None:
                 raise ConfigError(f"config.{dotted} must be a group of keys, got {value!r}")
             check_schema(value, expected, f"{dotted}.")
         elif not _same_kind(value, expected):
-            raise ConfigError(
-                f"config.{dotted} must be {type(expected).__name__} (like the default {expected!r}), got {value!r}"
-            )
+            kind = "True, False or None" if expected is None else type(expected).__name__
+            raise ConfigError(f"config.{dotted} must be {kind} (like the default {expected!r}), got {value!r}")
     for key in schema.keys():
         if key not in config:
             raise ConfigError(

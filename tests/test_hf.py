@@ -15,7 +15,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from bigjax import config as config_lib
 from bigjax import finetune, generate, hf
-from bigjax.hf import files
+from bigjax.hf import family, files
 from bigjax.models import gpt
 from bigjax.params import by_path
 from bigjax.setup import make_setup
@@ -276,7 +276,7 @@ def test_cli_import_then_generate_and_train_resumes_at_step_0(cli, tokenizer_fil
 
 @pytest.mark.parametrize(
     "field, value",
-    [("rope_scaling", {"rope_type": "llama3", "factor": 8.0}), ("attention_bias", True), ("hidden_act", "gelu")],
+    [("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}), ("partial_rotary_factor", 0.5), ("hidden_act", "gelu")],
 )
 def test_a_field_bigjax_cannot_represent_is_one_error_line(cli, field, value, tokenizer_file, tmp_path):
     hf_dir = save(llama_model(), tmp_path / "hf", tokenizer_file)
@@ -293,10 +293,73 @@ def test_a_field_bigjax_cannot_represent_is_one_error_line(cli, field, value, to
 def test_an_unknown_architecture_is_refused(tokenizer_file, tmp_path):
     hf_dir = save(gpt2_model(), tmp_path / "hf", tokenizer_file)
     config = json.loads((hf_dir / "config.json").read_text())
-    config["architectures"] = ["Qwen2ForCausalLM"]
+    config["architectures"] = ["Qwen3ForCausalLM"]
     (hf_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(hf.HFError, match="architectures"):
         hf.config_from_hf(hf_dir)
+
+
+def hf_config_dir(tmp_path, architecture: str, **fields):
+    """A directory holding only a config.json (enough for config_from_hf): a small model of `architecture`."""
+    config = dict(architectures=[architecture], model_type=architecture.removesuffix("ForCausalLM").lower())
+    config.update(SMALL_CONTEXT, rope_parameters=dict(rope_type="default", rope_theta=10_000.0))
+    config.update(fields)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "architecture, fields, message",
+    [
+        (
+            "Qwen2ForCausalLM",
+            dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
+            "use_sliding_window",
+        ),
+        ("LlamaForCausalLM", dict(rope_parameters=dict(rope_type="longrope", factor=4.0)), "rope_parameters.rope_type"),
+        ("LlamaForCausalLM", dict(rope_scaling=dict(type="linear", factor=1.0)), "rope_scaling.factor=1.0"),
+        (
+            "LlamaForCausalLM",
+            dict(rope_parameters=dict(rope_type="yarn", factor=4.0, truncate=False)),
+            "rope_parameters.truncate=False",
+        ),
+    ],
+)
+def test_what_bigjax_cannot_represent_is_refused_naming_the_field(architecture, fields, message, tmp_path):
+    with pytest.raises(hf.HFError, match=message):
+        hf.config_from_hf(hf_config_dir(tmp_path, architecture, **fields))
+
+
+def test_each_architecture_gets_its_own_biases_and_rope_fields(tmp_path):
+    """Mistral and Qwen2 have no attention_bias or mlp_bias (transformers ignores them there); Qwen2's sliding window
+    on no layer is no window; transformers' defaults fill what a rope type leaves out."""
+
+    def read(architecture, **fields):
+        m = hf.config_from_hf(hf_config_dir(tmp_path, architecture, **fields)).model
+        return config_lib.linear_biases(m), m.rope_scaling.to_dict()
+
+    ignored = dict(attention_bias=True, mlp_bias=True)
+    assert read("MistralForCausalLM", **ignored)[0] == (False, False, False)
+    assert read("Qwen2ForCausalLM", **ignored, use_sliding_window=True, sliding_window=16, max_window_layers=2)[0] == (
+        True,
+        False,
+        False,
+    )
+    assert read("LlamaForCausalLM", attention_bias=True)[0] == (True, True, False)
+    yarn = read("LlamaForCausalLM", rope_scaling=dict(rope_type="yarn", factor=4.0, mscale=1.0, mscale_all_dim=0.5))[1]
+    assert yarn["original_max_len"] == 128 and (yarn["beta_fast"], yarn["beta_slow"]) == (32.0, 1.0)
+    assert yarn["attention_factor"] == pytest.approx((0.1 * np.log(4) + 1) / (0.05 * np.log(4) + 1))
+
+
+def test_a_run_whose_biases_no_architecture_has_is_refused_at_export():
+    config = config_lib.defaults("gpt", "causal_lm")
+    config.model.update(positions="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, out_bias=True)
+    with pytest.raises(hf.HFError, match=r"q/k/v=False o=True MLP=False.*Qwen2 is Llama with biases on q/k/v only"):
+        family.for_config(config)
+    config.model.update(use_bias=True, qkv_bias=False)  # GPT-2 needs every bias
+    config.model.update(positions="learned", norm="layernorm", mlp="gelu")
+    with pytest.raises(hf.HFError, match=r"q/k/v=False o=True MLP=True"):
+        family.for_config(config)
 
 
 def test_init_from_hf_loads_the_backbone_of_a_classifier(tokenizer_file, tmp_path):
