@@ -546,3 +546,41 @@ def test_a_trained_llama_run_with_a_sentencepiece_tokenizer_exports_for_transfor
     pipe = transformers.pipeline("text-generation", model=str(out), device="cpu")
     reply = pipe("ROMEO:", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert reply.startswith("ROMEO:") and len(reply) > len("ROMEO:")
+
+
+LLAMA3 = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+DEEPSEEK_YARN = dict(original_max_position_embeddings=4096, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        dict(rope_type="linear", factor=4.0),
+        dict(rope_type="llama3", factor=8.0, **LLAMA3),
+        dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768),
+        dict(rope_type="yarn", factor=40.0, **DEEPSEEK_YARN),
+    ],
+    ids=["linear", "llama3", "yarn", "yarn_mscale"],
+)
+def test_scaled_rope_frequencies_are_transformers_at_real_sizes(rope):
+    """Llama 3.1 8B's, Qwen2.5's and DeepSeek V3's RoPE (head 128, theta 5e5 or 1e6): the frequencies and the
+    cos/sin factor of transformers' rope initializers, to float32 rounding. XLA's float32 power is exp(y ln x),
+    off by up to about y ln(theta) eps (y < 1), more than torch's: that is the bound."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from bigjax.models.layers import RopeScaling, rope_frequencies
+
+    theta = 5e5 if rope["rope_type"] == "llama3" else 1e6
+    positions = int(rope.get("original_max_position_embeddings", 32768) * rope["factor"])
+    hf_config = transformers.LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        max_position_embeddings=positions,
+        rope_parameters=rope | {"rope_theta": theta},
+    )
+    expected, expected_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_config)
+    _, scaling = hf.llama.rope_from_hf(hf_config.to_dict())
+    defaults = config_lib.defaults().model.rope_scaling.to_dict()
+    inv_freq, factor = rope_frequencies(128, theta, RopeScaling(**(defaults | scaling)))
+    np.testing.assert_allclose(np.asarray(inv_freq), expected.numpy(), rtol=(np.log(theta) + 4) * EPS32, atol=0)
+    assert factor == pytest.approx(expected_factor, rel=1e-15)

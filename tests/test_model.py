@@ -1,4 +1,5 @@
-"""Model details: FLOPs accounting matches the real parameters, presets, remat, dropout, precision, rotary positions."""
+"""Model details: FLOPs accounting matches the real parameters, presets, remat, dropout, precision, rotary positions
+(and their scaling), bias switches."""
 
 import flax.linen as nn
 import jax
@@ -201,3 +202,44 @@ def test_rotary_attention_scores_depend_on_relative_positions_only(monkeypatch):
     assert (np.abs(shifted - scores) <= bound).all(), f"off by up to {np.max(np.abs(shifted - scores) / bound):.3g}x"
     stretched, _ = attention_scores(monkeypatch, attention, params, x, positions * 2)
     assert np.abs(stretched - scores).max() > 0.1 * norms.max()
+
+
+def test_default_rope_and_biases_compute_what_they_did_before_scaling_and_switches_existed(tiny_config):
+    """No scaling is the expression bigjax always used, bit for bit; switches set to what use_bias says give the
+    default's parameter tree and logits, bit for bit. (The whole models of tiny, shakespeare_char, llama_1b,
+    gpt2_124m, bert_tiny_mlm and vit_digits were compared once against the code before, bit for bit.)"""
+    from bigjax.models.layers import rope_frequencies, rotary
+
+    inv_freq, factor = rope_frequencies(16, 5e5)
+    before = 1.0 / (5e5 ** (jnp.arange(8, dtype=jnp.float32) / 8))  # the code before rope_scaling
+    assert factor == 1.0 and np.array_equal(inv_freq, before)
+    x, positions = np.random.default_rng(0).normal(size=(2, 6, 3, 16)).astype(np.float32), np.arange(12).reshape(2, 6)
+    angles = positions[..., None].astype(jnp.float32) * before
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    first, second = jnp.split(x, 2, axis=-1)
+    np.testing.assert_array_equal(
+        rotary(x, positions, (inv_freq, factor)),
+        jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1),
+    )
+    tokens = np.arange(32, dtype=np.int32)[None] % 200
+    for arg in ("", "llama=True"):
+        default = tiny_config(arg)
+        use_bias = default.model.use_bias
+        explicit = tiny_config(arg, *[f"--config.model.{key}={use_bias}" for key in config_lib.BIAS_SWITCHES])
+        params = init_params(CausalLM(default))
+        assert jax.tree.structure(params) == jax.tree.structure(init_params(CausalLM(explicit)))
+        np.testing.assert_array_equal(
+            CausalLM(explicit).model.apply({"params": params}, tokens),
+            CausalLM(default).model.apply({"params": params}, tokens),
+        )
+
+
+def test_bias_switches_add_exactly_their_biases(tiny_config):
+    """Qwen2's q/k/v biases on the tiny Llama (no biases): three bias arrays per layer more, with the paths GPT-2's
+    biases have, so that checkpoints keep their layout."""
+    plain = nn.unbox(jax.eval_shape(lambda: CausalLM(tiny_config("llama=True")).init_variables(jax.random.key(0))))
+    qwen2 = tiny_config("llama=True", "--config.model.qkv_bias=True")
+    biased = nn.unbox(jax.eval_shape(lambda: CausalLM(qwen2).init_variables(jax.random.key(0))))
+    paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(biased["params"])[0]}
+    before = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(plain["params"])[0]}
+    assert paths - before == {f"['layers']['attention']['{n}']['bias']" for n in ("query", "key", "value")}
