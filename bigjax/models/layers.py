@@ -127,7 +127,7 @@ class Embedder(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """How the rotary frequencies are stretched for contexts longer than the model was pretrained on
-    (config.model.rope_scaling; see bigjax.families.text_keys for what each field means)."""
+    (config.model.rope_scaling; bigjax.families.rope_scaling says what each field means)."""
 
     type: str  # none | linear | llama3 | yarn
     factor: float
@@ -149,7 +149,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
     kind = "none" if scaling is None else scaling.type
     if kind == "none":
         return 1.0 / powers, 1.0
-    if kind == "linear":  # positions divided by factor: every frequency is
+    if kind == "linear":  # positions divided by factor, as every frequency is
         return (1.0 / powers) / scaling.factor, 1.0
     if kind == "llama3":
         return llama3_frequencies(1.0 / powers, scaling), 1.0
@@ -190,7 +190,7 @@ def yarn_frequencies(powers, head_dim: int, theta: float, s: RopeScaling):
 
 
 def yarn_attention_factor(s: RopeScaling) -> float:
-    """YaRN scales cos and sin (so the attention logits, twice) by 0.1 ln(factor) + 1, unless set explicitly."""
+    """YaRN scales cos and sin (so the attention logits by its square) by 0.1 ln(factor) + 1, unless set explicitly."""
     return s.attention_factor or 0.1 * math.log(s.factor) + 1.0
 
 
