@@ -158,6 +158,9 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
 
 
 NAN_POLICIES = ("stop", "skip")
+# Switches whose default None means "as model.use_bias": True, False or None.
+BIAS_SWITCHES = ("qkv_bias", "out_bias", "mlp_bias")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 FIRST_MOMENT_OPTIMIZERS = ("adamw", "adam", "lion")  # the optax optimizers with a `mu_dtype`
 
 # Keys with a closed set of values. A model key is checked only where the family has it.
@@ -335,7 +338,17 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
         raise ConfigError(
             f"config.{dotted} is a group; set one of its keys, e.g. config.{dotted}.{next(iter(current.keys()))}"
         )
-    parent[leaf] = _parse_as(value, current, dotted)
+    if leaf in BIAS_SWITCHES and dotted.startswith("model."):
+        parent[leaf] = _parse_switch(value, dotted)
+    else:
+        parent[leaf] = _parse_as(value, current, dotted)
+
+
+def _parse_switch(value: str, dotted: str) -> bool | None:
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "none": None, "null": None}
+    if value.lower() not in words:
+        raise ConfigError(f"config.{dotted}={value!r} is not True, False or None (None = as model.use_bias)")
+    return words[value.lower()]
 
 
 def _lookup_parent(config, dotted: str):
@@ -451,9 +464,8 @@ def check_schema(config, schema, prefix: str = "") -> None:
                 raise ConfigError(f"config.{dotted} must be a group of keys, got {value!r}")
             check_schema(value, expected, f"{dotted}.")
         elif not _same_kind(value, expected):
-            raise ConfigError(
-                f"config.{dotted} must be {type(expected).__name__} (like the default {expected!r}), got {value!r}"
-            )
+            kind = "True, False or None" if expected is None else type(expected).__name__
+            raise ConfigError(f"config.{dotted} must be {kind} (like the default {expected!r}), got {value!r}")
     for key in schema.keys():
         if key not in config:
             raise ConfigError(
@@ -462,6 +474,8 @@ def check_schema(config, schema, prefix: str = "") -> None:
 
 
 def _same_kind(value, expected) -> bool:
+    if expected is None:  # a switch whose None means "derived from another key" (BIAS_SWITCHES)
+        return value is None or isinstance(value, bool)
     if isinstance(expected, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(expected, bool)
     if isinstance(expected, float):
@@ -607,10 +621,52 @@ def check_model(config) -> None:
             f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len={m.max_len}; "
             "raise model.max_len or shorten the sequences"
         )
+    if "rope_scaling" in m:
+        check_rope_scaling(m)
+    for key in BIAS_SWITCHES:
+        if key in m and m[key] is not None and not isinstance(m[key], bool):
+            raise ConfigError(f"config.model.{key} must be True, False or None (None = as use_bias), got {m[key]!r}")
     if "patch_size" in m:
         check_patches(m, config.data.image_size)
     if m.get("normalization") == "groupnorm":
         check_groups(m)
+
+
+def linear_biases(m) -> tuple[bool, bool, bool]:
+    """Whether the (query/key/value, attention output, MLP) projections of a Transformer config have biases."""
+    return tuple(m.use_bias if m[key] is None else m[key] for key in BIAS_SWITCHES)
+
+
+def check_rope_scaling(m) -> None:
+    s, where = m.rope_scaling, "config.model.rope_scaling"
+    if s.type not in ROPE_SCALINGS:
+        raise ConfigError(f"{where}.type={s.type!r} is not one of {', '.join(ROPE_SCALINGS)}")
+    if s.type == "none":
+        return
+    if m.positions != "rope":
+        raise ConfigError(
+            f"{where}.type={s.type!r} stretches rotary positions, but config.model.positions={m.positions!r}; "
+            "set positions='rope' or rope_scaling.type='none'"
+        )
+    if not s.factor > 1:
+        raise ConfigError(f"{where}.factor must be > 1 for type={s.type!r}, got {s.factor} (no scaling: type='none')")
+    if s.type in ("llama3", "yarn") and s.original_max_len <= 0:
+        raise ConfigError(
+            f"{where}.original_max_len must be the pretraining context length (> 0) for type={s.type!r}, "
+            f"got {s.original_max_len}"
+        )
+    if s.type == "llama3" and not 0 < s.low_freq_factor < s.high_freq_factor:
+        raise ConfigError(
+            f"{where} needs 0 < low_freq_factor < high_freq_factor for type='llama3', got "
+            f"{s.low_freq_factor} and {s.high_freq_factor} (Llama 3.1: 1 and 4)"
+        )
+    if s.type == "yarn" and not 0 < s.beta_slow < s.beta_fast:
+        raise ConfigError(
+            f"{where} needs 0 < beta_slow < beta_fast for type='yarn', got {s.beta_slow} and {s.beta_fast} "
+            "(YaRN's: 1 and 32)"
+        )
+    if s.attention_factor < 0:
+        raise ConfigError(f"{where}.attention_factor must be >= 0 (0 = 0.1 ln(factor) + 1), got {s.attention_factor}")
 
 
 def check_patches(m, image_size: int) -> None:
