@@ -88,7 +88,7 @@ def test_before_start_step_a_pruned_run_is_bit_identical_to_an_unpruned_one(tiny
 
 
 def test_unstructured_sparsity_follows_the_schedule_and_ends_exactly_at_the_target(tiny_config):
-    sparsity, start, end, every = 0.7, 1, 5, 2
+    sparsity, start, end, every = 0.7, 1, 5, 3  # updates at counts 1, 4 and 5 (the end, off the grid)
     setup = make_setup(pruning_config(tiny_config, start=start, end=end, every=every, sparsity=sparsity))
     pruning = prune.from_config(setup.config, setup.task)
     assert set(pruning.layouts) == {  # kernels only: no embedding, norm or bias
@@ -323,7 +323,7 @@ def test_eval_on_a_pruned_run(cli, tmp_path):
     assert rows[-1]["step"] == 8 and np.isfinite(rows[-1]["loss"])
 
 
-def test_the_pruning_transformation_leaves_pruned_weights_at_zero_under_freeze():
+def test_under_freeze_pruned_weights_are_zero_and_their_gradients_never_reach_the_optimizer():
     """With a freeze, the pruning wrapper sits in multi_transform's trained branch and still keeps its masks."""
     params = {"frozen": {"kernel": np.ones((4, 4), np.float32)}, "dense": {"kernel": np.arange(16.0).reshape(4, 4)}}
     layout = prune.layout_of(params["dense"]["kernel"])
@@ -338,6 +338,10 @@ def test_the_pruning_transformation_leaves_pruned_weights_at_zero_under_freeze()
     assert (np.asarray(new["dense"]["kernel"]).ravel()[8:] != 0).all()
     np.testing.assert_array_equal(new["frozen"]["kernel"], params["frozen"]["kernel"])
     assert set(prune.masks_of(opt_state)) == {"dense/kernel"}
+    # The optimizer never saw the pruned weights' gradients: their first moments are 0, the kept ones' are not.
+    (adam,) = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
+    mu = np.asarray(adam.mu["dense"]["kernel"]).ravel()
+    assert (mu[:8] == 0).all() and (mu[8:] != 0).all()
 
 
 def optim_config():
