@@ -59,7 +59,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.core.meta import AxisMetadata
 
@@ -298,9 +297,3 @@ def masks_of(opt_state) -> dict:
         if is_prune_state(node):
             found.update(params_lib.by_path(node.masks))
     return found
-
-
-def sparsity_report(params, masks: dict) -> dict:
-    """{path: fraction of exact zeros} of the pruned parameters (host arrays)."""
-    flat = params_lib.by_path(params)
-    return {name: float(np.mean(np.asarray(flat[name]) == 0)) for name in masks}
