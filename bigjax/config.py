@@ -147,6 +147,19 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
         )
     )
     c.freeze = ""  # regex over parameter paths: those stay bit-identical and get no optimizer state; "" = none
+    # Magnitude pruning during training (bigjax.prune): unstructured to a sparsity target on Zhu & Gupta's schedule,
+    # or 2:4 for sparse tensor cores. Steps count optimizer updates; masks are kept in the optimizer state.
+    c.prune = ml_collections.ConfigDict(
+        dict(
+            kind="none",  # none | unstructured | 2:4
+            sparsity=0.5,  # unstructured: the fraction of each pruned kernel (each layer of it) that is zero at the end
+            start_step=0,  # the first mask update (2:4: the one pruning)
+            end_step=0,  # the last: the sparsity reaches its target here (cubic ramp from start_step); < total_steps
+            every=100,  # masks are recomputed every this many steps between start_step and end_step
+            include="kernel$",  # regex (re.search) over parameter paths: the kernels of every Dense/Einsum/Conv
+            exclude="",  # regex of paths never pruned, e.g. "unembed|head"; "" = none
+        )
+    )
     c.early_stopping = ml_collections.ConfigDict(
         dict(
             metric="",  # an inline-eval metric, e.g. "accuracy" or "loss"; "" = off (needs eval_every > 0)
@@ -186,6 +199,7 @@ CHOICES = {
     "optim.mu_dtype": ("float32", "bfloat16"),
     "data.text_records": ("auto", "document", "paragraph", "line"),
     "early_stopping.mode": ("max", "min"),
+    "prune.kind": ("none", "unstructured", "2:4"),
 }
 
 
@@ -512,6 +526,7 @@ def check_values(config) -> None:
         raise ConfigError(f"config.task.mask_rate must be in (0, 1), got {config.task.mask_rate}")
     check_loss_chunk(config)
     check_finetuning(config)
+    check_pruning(config.prune)
 
 
 # Sizes and counts, checked before anything divides by them or builds an array of them. A model key is checked
@@ -609,6 +624,28 @@ def check_finetuning(config) -> None:
     for key in ("l1_penalty", "l2_penalty"):
         if config.optim[key] < 0:
             raise ConfigError(f"config.optim.{key} must be >= 0 (0 turns it off), got {config.optim[key]}")
+
+
+def check_pruning(p) -> None:
+    """What is wrong with config.prune on its own; bigjax.prune checks it against the model's parameters."""
+    for key in ("include", "exclude"):
+        try:
+            re.compile(p[key])
+        except re.error as error:
+            raise ConfigError(f"config.prune.{key}={p[key]!r} is not a valid regular expression: {error}") from None
+    if not 0 <= p.sparsity < 1:
+        raise ConfigError(f"config.prune.sparsity must be in [0, 1), got {p.sparsity}")
+    if p.kind == "2:4" and p.sparsity != 0.5:
+        raise ConfigError(
+            f"config.prune.kind='2:4' keeps 2 of every 4 weights, a sparsity of 0.5, but config.prune.sparsity="
+            f"{p.sparsity}; set sparsity=0.5 or use kind='unstructured'"
+        )
+    if p.every < 1:
+        raise ConfigError(f"config.prune.every must be a positive number of steps, got {p.every}")
+    if p.start_step < 0 or p.end_step < p.start_step:
+        raise ConfigError(
+            f"config.prune needs 0 <= start_step <= end_step, got start_step={p.start_step}, end_step={p.end_step}"
+        )
 
 
 def check_model(config) -> None:
@@ -748,7 +785,19 @@ def _mesh_str(shape) -> str:
 
 
 # Changing these on resume would load weights or optimizer moments into a model they do not fit.
-RESUME_MUST_MATCH = ("model", "optim.name", "data.tokenizer", "data.seq_len", "task.name", "task.num_classes", "freeze")
+# Which parameters are pruned, and how, shape the optimizer state (its masks): those must match too.
+RESUME_MUST_MATCH = (
+    "model",
+    "optim.name",
+    "data.tokenizer",
+    "data.seq_len",
+    "task.name",
+    "task.num_classes",
+    "freeze",
+    "prune.kind",
+    "prune.include",
+    "prune.exclude",
+)
 
 
 def resume_conflicts(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
