@@ -5,7 +5,7 @@
     bigjax generate --workdir DIR --prompt TEXT [--prompt TEXT ...] [--prompts-file F] [--temperature T] [--top-k K]
                     [--top-p P] [--stop S ...] [--max-new-tokens N] [--seed S] [--step N]
     bigjax import --hf HF_DIR --workdir DIR [--config.a.b=VALUE ...]
-    bigjax export --hf OUT_DIR --workdir DIR [--step N]
+    bigjax export --workdir DIR --out OUT [--step N] [--format hf|onnx|stablehlo] [--platforms cpu,cuda]
     bigjax quantize --workdir DIR --out DIR2 [--bits 8|4] [--mode weight_only|dynamic] [--sub-channel N] [--step N]
     bigjax data prepare --config experiments/NAME.py [--config.a.b=VALUE ...]
     bigjax tokenizer train --config experiments/NAME.py --vocab-size N --out PATH.model|PATH.json
@@ -140,9 +140,22 @@ def parse_args(argv):
     p.add_argument("--workdir", required=True)
     p.set_defaults(run=run_import)
 
-    p = commands.add_parser("export", help="a checkpoint of DIR -> a Hugging Face directory transformers loads")
+    p = commands.add_parser(
+        "export", help="a checkpoint of DIR -> a Hugging Face directory, an ONNX model or StableHLO decode functions"
+    )
     p.add_argument("--out", required=True, help="the directory to write (new or empty)")
-    p.add_argument("--format", choices=["hf"], default="hf", help="hf: config.json + safetensors (transformers)")
+    p.add_argument(
+        "--format",
+        choices=["hf", "onnx", "stablehlo"],
+        default="hf",
+        help="hf: config.json + safetensors (transformers); onnx: the forward pass for onnxruntime (GPT causal LM, "
+        "cnn/resnet/vit classifiers); stablehlo: jax.export of a GPT's prefill and KV-cache decode step",
+    )
+    p.add_argument(
+        "--platforms",
+        default="cpu,cuda",
+        help="stablehlo: the platforms the functions are lowered for (cpu, cuda, rocm, tpu), comma-separated",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="split the weights into files of at most this (e.g. 2GB)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=None, help="a committed checkpoint step; default: the newest")
@@ -265,9 +278,17 @@ def run_import(args, overrides) -> int:
 
 
 def run_export(args, overrides) -> int:
-    from bigjax import hf, metrics
+    from bigjax import metrics
 
-    step = hf.export(args.workdir, args.out, args.step, max_shard_size=args.max_shard_size)
+    if args.format == "hf":
+        from bigjax import hf
+
+        step = hf.export(args.workdir, args.out, args.step, max_shard_size=args.max_shard_size)
+    else:
+        from bigjax import deploy
+
+        platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
+        step = deploy.export(args.workdir, args.out, args.format, args.step, platforms=platforms)
     metrics.say(f"exported step {step} of {args.workdir} to {args.out}")
     return 0
 

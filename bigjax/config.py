@@ -112,18 +112,18 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
     c.data = ml_collections.ConfigDict(
         dict(
             # shakespeare | shakespeare_genre | digits | synthetic (bundled) | text:PATH | jsonl:PATH |
-            # imagefolder:PATH | tfds:NAME[/CONFIG]  (see bigjax.data.sources)
+            # parquet:PATH | arrow:PATH | imagefolder:PATH | tfds:NAME[/CONFIG]  (see bigjax.data.sources)
             source="shakespeare",
-            train_split="train",  # tfds split syntax for tfds sources, e.g. "train[:95%]"
-            eval_split="",  # "" = the source's own: "eval" (bundled, local), "validation" or "test" (tfds)
+            train_split="train",  # tfds split syntax for tfds sources, e.g. "train[:95%]"; a DatasetDict's split
+            eval_split="",  # "" = the source's own: "eval" (bundled, local), "validation" or "test" (tfds, arrow:)
             data_dir="",  # tfds: where prepared datasets live ("" = tfds's default, ~/tensorflow_datasets)
             cache_dir="",  # tokenized caches of `bigjax data prepare` ("" = ~/.cache/bigjax/tokenized)
             tokenizer="byte",  # byte | sentencepiece:PATH | hf:PATH (or a PATH ending in .model / .json)
             seq_len=128,
             prefetch=2,  # training batches copied to the devices this many steps ahead (0 = just in time)
             eval_fraction=0.1,  # bundled and local sources: the last fraction of every play/file/class is eval
-            text_field="text",  # JSONL and tfds: the feature that holds the text
-            label_field="label",  # JSONL and tfds: the feature that holds the class
+            text_field="text",  # JSONL, Parquet, Arrow and tfds: the field/column/feature that holds the text
+            label_field="label",  # JSONL, Parquet, Arrow and tfds: the one that holds the class
             image_field="image",  # tfds: the feature that holds the image
             text_records="auto",  # auto | document | paragraph | line: what one text example is
             skip_bad=False,  # skip (and count) undecodable images and bad JSONL lines instead of stopping
@@ -147,6 +147,19 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
         )
     )
     c.freeze = ""  # regex over parameter paths: those stay bit-identical and get no optimizer state; "" = none
+    # Magnitude pruning during training (bigjax.prune): unstructured to a sparsity target on Zhu & Gupta's schedule,
+    # or 2:4 for sparse tensor cores. Steps count optimizer updates; masks are kept in the optimizer state.
+    c.prune = ml_collections.ConfigDict(
+        dict(
+            kind="none",  # none | unstructured | 2:4
+            sparsity=0.5,  # unstructured: the fraction of each pruned kernel (each layer of it) that is zero at the end
+            start_step=0,  # the first mask update (2:4: the one pruning)
+            end_step=0,  # the last: the sparsity reaches its target here (cubic ramp from start_step); < total_steps
+            every=100,  # masks are recomputed every this many steps between start_step and end_step
+            include="kernel$",  # regex (re.search) over parameter paths: the kernels of every Dense/Einsum/Conv
+            exclude="",  # regex of paths never pruned, e.g. "unembed|head"; "" = none
+        )
+    )
     c.early_stopping = ml_collections.ConfigDict(
         dict(
             metric="",  # an inline-eval metric, e.g. "accuracy" or "loss"; "" = off (needs eval_every > 0)
@@ -167,6 +180,9 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
 
 
 NAN_POLICIES = ("stop", "skip")
+# Switches whose default None means "as model.use_bias": True, False or None.
+BIAS_SWITCHES = ("qkv_bias", "out_bias", "mlp_bias")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 FIRST_MOMENT_OPTIMIZERS = ("adamw", "adam", "lion")  # the optax optimizers with a `mu_dtype`
 
 # Keys with a closed set of values. A model key is checked only where the family has it.
@@ -175,7 +191,9 @@ CHOICES = {
     "model.positions": ("learned", "rope"),
     "model.norm_position": ("post", "pre"),
     "model.norm": ("layernorm", "rmsnorm"),
-    "model.mlp": ("gelu", "swiglu"),
+    "model.mlp": ("gelu", "gelu_exact", "swiglu"),
+    "model.norm_variance": ("one_pass", "two_pass"),
+    "model.conv_padding": ("same", "symmetric"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "cudnn", "auto"),
@@ -190,6 +208,7 @@ CHOICES = {
     "optim.mu_dtype": ("float32", "bfloat16"),
     "data.text_records": ("auto", "document", "paragraph", "line"),
     "early_stopping.mode": ("max", "min"),
+    "prune.kind": ("none", "unstructured", "2:4"),
     "quant.bits": (0, 8, 4),
     "quant.mode": ("weight_only", "dynamic"),
 }
@@ -344,7 +363,17 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
         raise ConfigError(
             f"config.{dotted} is a group; set one of its keys, e.g. config.{dotted}.{next(iter(current.keys()))}"
         )
-    parent[leaf] = _parse_as(value, current, dotted)
+    if leaf in BIAS_SWITCHES and dotted.startswith("model."):
+        parent[leaf] = _parse_switch(value, dotted)
+    else:
+        parent[leaf] = _parse_as(value, current, dotted)
+
+
+def _parse_switch(value: str, dotted: str) -> bool | None:
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "none": None, "null": None}
+    if value.lower() not in words:
+        raise ConfigError(f"config.{dotted}={value!r} is not True, False or None (None = as model.use_bias)")
+    return words[value.lower()]
 
 
 def _lookup_parent(config, dotted: str):
@@ -460,9 +489,8 @@ def check_schema(config, schema, prefix: str = "") -> None:
                 raise ConfigError(f"config.{dotted} must be a group of keys, got {value!r}")
             check_schema(value, expected, f"{dotted}.")
         elif not _same_kind(value, expected):
-            raise ConfigError(
-                f"config.{dotted} must be {type(expected).__name__} (like the default {expected!r}), got {value!r}"
-            )
+            kind = "True, False or None" if expected is None else type(expected).__name__
+            raise ConfigError(f"config.{dotted} must be {kind} (like the default {expected!r}), got {value!r}")
     for key in schema.keys():
         if key not in config:
             raise ConfigError(
@@ -471,6 +499,8 @@ def check_schema(config, schema, prefix: str = "") -> None:
 
 
 def _same_kind(value, expected) -> bool:
+    if expected is None:  # a switch whose None means "derived from another key" (BIAS_SWITCHES)
+        return value is None or isinstance(value, bool)
     if isinstance(expected, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(expected, bool)
     if isinstance(expected, float):
@@ -507,6 +537,7 @@ def check_values(config) -> None:
         raise ConfigError(f"config.task.mask_rate must be in (0, 1), got {config.task.mask_rate}")
     check_loss_chunk(config)
     check_finetuning(config)
+    check_pruning(config.prune)
 
 
 # Sizes and counts, checked before anything divides by them or builds an array of them. A model key is checked
@@ -607,6 +638,28 @@ def check_finetuning(config) -> None:
             raise ConfigError(f"config.optim.{key} must be >= 0 (0 turns it off), got {config.optim[key]}")
 
 
+def check_pruning(p) -> None:
+    """What is wrong with config.prune on its own; bigjax.prune checks it against the model's parameters."""
+    for key in ("include", "exclude"):
+        try:
+            re.compile(p[key])
+        except re.error as error:
+            raise ConfigError(f"config.prune.{key}={p[key]!r} is not a valid regular expression: {error}") from None
+    if not 0 <= p.sparsity < 1:
+        raise ConfigError(f"config.prune.sparsity must be in [0, 1), got {p.sparsity}")
+    if p.kind == "2:4" and p.sparsity != 0.5:
+        raise ConfigError(
+            f"config.prune.kind='2:4' keeps 2 of every 4 weights, a sparsity of 0.5, but config.prune.sparsity="
+            f"{p.sparsity}; set sparsity=0.5 or use kind='unstructured'"
+        )
+    if p.every < 1:
+        raise ConfigError(f"config.prune.every must be a positive number of steps, got {p.every}")
+    if p.start_step < 0 or p.end_step < p.start_step:
+        raise ConfigError(
+            f"config.prune needs 0 <= start_step <= end_step, got start_step={p.start_step}, end_step={p.end_step}"
+        )
+
+
 def check_model(config) -> None:
     """Model values that cannot work. Each check applies to the families that have its keys."""
     m = config.model
@@ -617,10 +670,52 @@ def check_model(config) -> None:
             f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len={m.max_len}; "
             "raise model.max_len or shorten the sequences"
         )
+    if "rope_scaling" in m:
+        check_rope_scaling(m)
+    for key in BIAS_SWITCHES:
+        if key in m and m[key] is not None and not isinstance(m[key], bool):
+            raise ConfigError(f"config.model.{key} must be True, False or None (None = as use_bias), got {m[key]!r}")
     if "patch_size" in m:
         check_patches(m, config.data.image_size)
     if m.get("normalization") == "groupnorm":
         check_groups(m)
+
+
+def linear_biases(m) -> tuple[bool, bool, bool]:
+    """Whether the (query/key/value, attention output, MLP) projections of a Transformer config have biases."""
+    return tuple(m.use_bias if m[key] is None else m[key] for key in BIAS_SWITCHES)
+
+
+def check_rope_scaling(m) -> None:
+    s, where = m.rope_scaling, "config.model.rope_scaling"
+    if s.type not in ROPE_SCALINGS:
+        raise ConfigError(f"{where}.type={s.type!r} is not one of {', '.join(ROPE_SCALINGS)}")
+    if s.type == "none":
+        return
+    if m.positions != "rope":
+        raise ConfigError(
+            f"{where}.type={s.type!r} stretches rotary positions, but config.model.positions={m.positions!r}; "
+            "set positions='rope' or rope_scaling.type='none'"
+        )
+    if not s.factor > 1:
+        raise ConfigError(f"{where}.factor must be > 1 for type={s.type!r}, got {s.factor} (no scaling: type='none')")
+    if s.type in ("llama3", "yarn") and s.original_max_len <= 0:
+        raise ConfigError(
+            f"{where}.original_max_len must be the pretraining context length (> 0) for type={s.type!r}, "
+            f"got {s.original_max_len}"
+        )
+    if s.type == "llama3" and not 0 < s.low_freq_factor < s.high_freq_factor:
+        raise ConfigError(
+            f"{where} needs 0 < low_freq_factor < high_freq_factor for type='llama3', got "
+            f"{s.low_freq_factor} and {s.high_freq_factor} (Llama 3.1: 1 and 4)"
+        )
+    if s.type == "yarn" and not 0 < s.beta_slow < s.beta_fast:
+        raise ConfigError(
+            f"{where} needs 0 < beta_slow < beta_fast for type='yarn', got {s.beta_slow} and {s.beta_fast} "
+            "(YaRN's: 1 and 32)"
+        )
+    if s.attention_factor < 0:
+        raise ConfigError(f"{where}.attention_factor must be >= 0 (0 = 0.1 ln(factor) + 1), got {s.attention_factor}")
 
 
 def check_patches(m, image_size: int) -> None:
@@ -702,7 +797,19 @@ def _mesh_str(shape) -> str:
 
 
 # Changing these on resume would load weights or optimizer moments into a model they do not fit.
-RESUME_MUST_MATCH = ("model", "optim.name", "data.tokenizer", "data.seq_len", "task.name", "task.num_classes", "freeze")
+# Which parameters are pruned, and how, shape the optimizer state (its masks): those must match too.
+RESUME_MUST_MATCH = (
+    "model",
+    "optim.name",
+    "data.tokenizer",
+    "data.seq_len",
+    "task.name",
+    "task.num_classes",
+    "freeze",
+    "prune.kind",
+    "prune.include",
+    "prune.exclude",
+)
 
 
 def resume_conflicts(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:

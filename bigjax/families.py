@@ -31,8 +31,13 @@ def transformer_keys() -> dict:
         mlp_dim=0,  # 0 = 4 * d_model (gelu) or the Llama 8/3 rule rounded to 256 (swiglu)
         norm="layernorm",  # layernorm | rmsnorm
         norm_eps=1e-5,
-        mlp="gelu",  # gelu | swiglu
-        use_bias=True,
+        # LayerNorm's variance: one_pass, E[x^2]-E[x]^2 (Flax's) | two_pass, E[(x-E[x])^2] (torch's: imported models)
+        norm_variance="one_pass",
+        mlp="gelu",  # gelu (tanh approximation, GPT-2's) | gelu_exact (erf: BERT's, ViT's) | swiglu
+        use_bias=True,  # biases on the norms and every projection (unless a switch below says otherwise)
+        qkv_bias=None,  # biases on the query/key/value projections: True | False | None = use_bias (Qwen2: True)
+        out_bias=None,  # a bias on the attention output projection: True | False | None = use_bias
+        mlp_bias=None,  # biases on the MLP's projections: True | False | None = use_bias
         dropout=0.0,
         dtype="float32",  # compute dtype: bfloat16 on accelerators
         param_dtype="float32",
@@ -51,7 +56,25 @@ def text_keys() -> dict:
         max_len=128,  # longest sequence the positions support
         positions="learned",  # learned | rope
         rope_theta=10_000.0,
+        rope_scaling=rope_scaling(),
         tie_embeddings=True,
+    )
+
+
+def rope_scaling() -> dict:
+    """How rotary frequencies are stretched for a longer context than pretraining's (positions=rope), as transformers
+    computes them: `linear` divides every frequency by factor; `llama3` (Llama 3.1 and later) divides the low
+    frequencies by factor, keeps the high ones and blends between; `yarn` does the same by how often each pair turns
+    within original_max_len, and scales cos and sin by attention_factor."""
+    return dict(
+        type="none",  # none | linear | llama3 | yarn
+        factor=1.0,  # linear, llama3, yarn: > 1
+        original_max_len=0,  # llama3, yarn: the context length of pretraining (> 0)
+        low_freq_factor=1.0,  # llama3: wavelengths above original_max_len / low_freq_factor are divided by factor
+        high_freq_factor=4.0,  # llama3: those below original_max_len / high_freq_factor are kept
+        beta_fast=32.0,  # yarn: pairs turning more often than this within original_max_len are kept
+        beta_slow=1.0,  # yarn: pairs turning less often than this are divided by factor
+        attention_factor=0.0,  # yarn: cos and sin are multiplied by it; 0 = 0.1 * ln(factor) + 1
     )
 
 
@@ -104,6 +127,9 @@ def resnet_model() -> dict:
         depth=50,  # 10 | 18 | 34 | 50 | 101 | 152
         width=64,  # channels of the first stage; each later stage doubles them
         stem="imagenet",  # imagenet (7x7/2 conv + 3x3/2 max-pool) | cifar (one 3x3/1 conv, for small images)
+        # same (XLA's SAME: a strided layer's extra padding at the end, as Flax's ImageNet example) | symmetric
+        # (kernel//2 on every side, as torchvision and transformers' ResNet: imported models)
+        conv_padding="same",
         zero_init_residual=True,  # each block's last norm scale starts at 0: every block starts as the identity
         scan_layers=True,  # scan over the identical blocks of each stage: one compiled block per stage
         remat="none",  # none | full | dots | dots_no_batch

@@ -13,8 +13,8 @@ Parameters are named by their "/"-joined paths (bigjax.params), e.g. `layers/att
   `stage1/norm1/mean`, so one pattern selects a layer's parameters and its statistics alike. An array is loaded
   when its name matches `include`, does not match `exclude`, and the checkpoint has it; the others (a new head)
   keep their fresh initialization. A name that matches but has another shape in the checkpoint is an error: exclude it.
-  `init_from.workdir=hf:PATH` loads a Hugging Face model directory instead (GPT-2, Llama; bigjax.hf), with the
-  same include/exclude.
+  `init_from.workdir=hf:PATH` loads a Hugging Face model directory instead (GPT-2, Llama, BERT, ViT, ResNet with
+  its BatchNorm statistics; bigjax.hf), with the same include/exclude.
 - `freeze` (see bigjax.optim) keeps the matching parameters bit-identical: they get no gradient computation,
   no optimizer state and no update.
 - Early stopping watches one inline-eval metric: each evaluation saves a checkpoint carrying its metrics, Orbax
@@ -47,7 +47,14 @@ class FinetuneError(UserError):
 def load_pretrained_state(state, init_from, shardings):
     """A new TrainState with its parameters (and model state) loaded from `init_from` as configured."""
     if init_from.workdir.startswith(HF_PREFIX):
-        return state.replace(params=load_from_hf(state.params, init_from, shardings.params))
+        state = state.replace(params=load_from_hf(state.params, init_from, shardings.params))
+        if state.model_state:  # a ResNet's BatchNorm statistics
+            loaded = {
+                collection: load_from_hf(arrays, init_from, shardings.model_state[collection], collection)
+                for collection, arrays in state.model_state.items()
+            }
+            state = state.replace(model_state=loaded)
+        return state
     step = newest_or_given_step(init_from)
     state = state.replace(params=load_pretrained(state.params, init_from, shardings.params, step))
     if state.model_state:
@@ -61,26 +68,28 @@ def load_pretrained_state(state, init_from, shardings):
     return state
 
 
-def load_from_hf(params, init_from, param_shardings):
-    """`params` with the selected arrays replaced by a Hugging Face model's (init_from.workdir=hf:PATH).
-    Model state (BatchNorm statistics) has no HF counterpart here: GPT models have none."""
+def load_from_hf(tree, init_from, shardings, collection: str = ""):
+    """`tree` (the parameters, or the model-state `collection`, e.g. batch_stats) with the selected arrays replaced
+    by a Hugging Face model's (init_from.workdir=hf:PATH)."""
     from bigjax import hf
 
     hf_dir = init_from.workdir.removeprefix(HF_PREFIX)
-    wanted, unwanted = by_path(matches(params, init_from.include)), by_path(matches(params, init_from.exclude))
+    wanted, unwanted = by_path(matches(tree, init_from.include)), by_path(matches(tree, init_from.exclude))
     selected = {name: wanted[name] and not unwanted[name] for name in wanted}
-    params, loaded = hf.load_selected(params, hf_dir, selected, param_shardings)
-    if not loaded:
+    prefix = f"{collection}/" if collection else ""
+    tree, loaded = hf.load_selected(tree, hf_dir, selected, shardings, prefix)
+    what = collection or "parameters"
+    if not loaded and not collection:
         raise FinetuneError(
             f"config.init_from: no parameter of the Hugging Face model {hf_dir} matches this model "
             f"(include={init_from.include!r}, exclude={init_from.exclude!r})"
         )
-    fresh = [name for name in by_path(params) if name not in loaded]
+    fresh = [name for name in by_path(tree) if name not in loaded]
     metrics.say(
-        f"init_from: loaded {len(loaded)} parameters from {hf_dir}; "
+        f"init_from: loaded {len(loaded)} {what} from {hf_dir}; "
         f"freshly initialized: {', '.join(fresh) if fresh else 'none'}"
     )
-    return params
+    return tree
 
 
 def newest_or_given_step(init_from) -> int:

@@ -11,6 +11,9 @@ The entry points take the `optim` section of the experiment config
 With `freeze` (a regex over parameter paths, see bigjax.params) the matching parameters are routed to
 `optax.set_to_zero()` by `optax.multi_transform`: they get no optimizer state (no moments), and since the clip
 and the optimizer only see the trainable ones, neither does the gradient norm.
+
+With `prune` (a bigjax.prune.Pruning, from config.prune) the trainable optimizer is wrapped by `prune.pruned`: it
+then trains the sparse model and keeps its masks in its state (inside the "trained" branch when there is a freeze).
 """
 
 import functools
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from bigjax import params as params_lib
+from bigjax import prune as prune_lib
 
 # --------------------------------------------------------------------------- #
 # Schedules
@@ -167,10 +171,12 @@ def penalty_gradients(l1: float, l2: float, mask) -> optax.GradientTransformatio
     return optax.masked(optax.stateless(add_penalties), mask)
 
 
-def make_optimizer(optim_config, total_steps: int, freeze: str = "") -> optax.GradientTransformation:
-    """(Penalties) -> clip -> (L2 decay) -> optimizer, with the lr following `make_schedule`; parameters
-    matching `freeze` get none of it."""
+def make_optimizer(optim_config, total_steps: int, freeze: str = "", prune=None) -> optax.GradientTransformation:
+    """(Penalties) -> clip -> (L2 decay) -> optimizer, with the lr following `make_schedule`, pruned as `prune` (a
+    bigjax.prune.Pruning or None) says; parameters matching `freeze` get none of it."""
     tx = _trainable_optimizer(optim_config, total_steps)
+    if prune is not None:
+        tx = prune_lib.pruned(tx, prune)
     if not freeze:
         return tx
     labels = lambda params: jax.tree.map(

@@ -17,7 +17,7 @@ import ml_collections
 import optax
 
 from bigjax import mesh as mesh_lib
-from bigjax import optim, tasks
+from bigjax import optim, prune, tasks
 from bigjax import state as state_lib
 from bigjax.models import quantized
 
@@ -58,9 +58,11 @@ def make_setup(config, devices=None, num_devices: int | None = None) -> Setup:
     sharding = mesh_lib.Sharding.from_config(config, devices, num_devices)
     task = tasks.make_task(config)
     if quantized.is_on(config.get("quant")):
-        # Integer weights are run, never trained: no optimizer state (a quantized workdir holds parameters alone).
+        # Integer weights are run, never trained: no optimizer state (a quantized workdir holds parameters alone),
+        # and no pruning (a pruned run's zeros quantize to exact zeros).
         tx = optax.set_to_zero()
     else:
-        tx = optim.make_optimizer(config.optim, config.total_steps, freeze=config.freeze)
+        pruning = prune.from_config(config, task)  # None unless config.prune.kind is set
+        tx = optim.make_optimizer(config.optim, config.total_steps, freeze=config.freeze, prune=pruning)
     abstract_state, state_shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, sharding)
     return Setup(config, sharding, task, tx, abstract_state, state_shardings)

@@ -4,6 +4,12 @@ BERT-base of experiments/bert_base_mlm.py. For a GPU or TPU.
     bigjax train --config experiments/imdb_finetune.py --workdir runs/imdb
     bigjax train --config experiments/imdb_finetune.py:init=gs://bucket/runs/bert_base_mlm --workdir runs/imdb
     bigjax train --config experiments/imdb_finetune.py:init=none --workdir runs/imdb_scratch    # no pretraining
+    bigjax train --config experiments/imdb_finetune.py:hf=models/bert-base-uncased --workdir runs/imdb_hf
+
+`hf=PATH` fine-tunes a Hugging Face BERT directory instead (bert-base-uncased saved with save_pretrained, or any
+BertForMaskedLM / BertModel / BertForSequenceClassification): its model settings, its WordPiece tokenizer.json
+and, through init_from.workdir=hf:PATH, its weights (all but the classifier; a BertForMaskedLM has no pooler, which
+then starts fresh).
 
 BERT's fine-tuning recipe: Adam at 2e-5, 10% warmup then linear decay, batch 32, dropout 0.1, a few epochs;
 reviews cut to 512 tokens (one per row; shorter ones packed up to 2 per row). The new head starts at zero,
@@ -20,8 +26,8 @@ PRETRAINING = Path(__file__).parent / "bert_base_mlm.py"
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, init="runs/bert_base_mlm", epochs=3, batch=32, seq=512)
-    pretraining = config_lib.load_experiment(str(PRETRAINING))
+    args = parse_arg(arg, init="runs/bert_base_mlm", hf="", epochs=3, batch=32, seq=512)
+    pretraining = from_hf(args["hf"]) if args["hf"] else config_lib.load_experiment(str(PRETRAINING))
     steps = args["epochs"] * 25_000 // args["batch"]
 
     c = defaults(model="bert", task="classification")
@@ -49,6 +55,8 @@ def get_config(arg=None):
         )
     )
     c.init_from.workdir = "" if args["init"] == "none" else args["init"]
+    if args["hf"]:
+        c.init_from.update(dict(workdir=f"hf:{args['hf']}", exclude="^classifier/"))
     c.early_stopping.update(dict(metric="accuracy", mode="max", patience=5))
     c.optim.update(
         dict(
@@ -64,3 +72,15 @@ def get_config(arg=None):
         )
     )
     return c
+
+
+def from_hf(path: str):
+    """The model and tokenizer of a Hugging Face BERT directory, as a pretraining run's config would give them."""
+    from bigjax import hf
+    from bigjax.data import make_tokenizer
+
+    config = hf.config_from_hf(path)
+    config.data.tokenizer = f"hf:{Path(path) / 'tokenizer.json'}"
+    # Special tokens a WordPiece vocabulary lacks (bigjax's eos) get ids after its last: rows for them too.
+    config.model.vocab_size = max(config.model.vocab_size, make_tokenizer(config.data.tokenizer).vocab_size)
+    return config

@@ -273,3 +273,68 @@ def test_the_saved_config_is_upgraded_validated_and_overridden(tmp_path, tiny_co
     assert config.optim.mu_dtype == "float32" and config.eval_batches == 3
     with pytest.raises(config_lib.ConfigError, match=r"^config\.data\.seq_len=64 exceeds"):  # the override's fault
         config_lib.load_saved(tmp_path, ["config.data.seq_len=64"])
+
+
+# --------------------------------------------------------------------------------------------------
+# RoPE scaling and the bias switches (model.rope_scaling, model.qkv_bias / out_bias / mlp_bias)
+
+
+def test_rope_scaling_and_bias_switches_are_set_by_overrides(tiny_config):
+    c = tiny_config(
+        "llama=True",
+        "--config.model.rope_scaling.type=llama3",
+        "--config.model.rope_scaling.factor=8",
+        "--config.model.rope_scaling.original_max_len=16",
+        "--config.model.qkv_bias=True",
+        "--config.model.mlp_bias=none",
+    )
+    assert c.model.rope_scaling.type == "llama3" and c.model.rope_scaling.factor == 8.0
+    assert (c.model.qkv_bias, c.model.out_bias, c.model.mlp_bias) == (True, None, None)
+    assert config_lib.linear_biases(c.model) == (True, False, False)  # None: as use_bias (False in tiny's Llama)
+    assert config_lib.linear_biases(tiny_config().model) == (True, True, True)  # GPT-2's use_bias=True
+    again = config_lib.from_json(config_lib.to_json(c))
+    assert config_lib.harmless_changes(c, again) == []
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["rope_scaling.type=ntk"], "config.model.rope_scaling.type='ntk' is not one of none, linear, llama3, yarn"),
+        (["rope_scaling.type=linear"], "config.model.rope_scaling.factor must be > 1 for type='linear', got 1.0"),
+        (["rope_scaling.type=llama3", "rope_scaling.factor=8"], "original_max_len must be the pretraining context"),
+        (
+            ["rope_scaling.type=llama3", "rope_scaling.factor=8", "rope_scaling.original_max_len=16",
+             "rope_scaling.low_freq_factor=4"],
+            "needs 0 < low_freq_factor < high_freq_factor",
+        ),
+        (
+            ["rope_scaling.type=yarn", "rope_scaling.factor=4", "rope_scaling.original_max_len=16",
+             "rope_scaling.beta_slow=64"],
+            "needs 0 < beta_slow < beta_fast",
+        ),
+        (
+            ["rope_scaling.type=yarn", "rope_scaling.factor=4", "rope_scaling.original_max_len=16",
+             "rope_scaling.attention_factor=-1"],
+            "attention_factor must be >= 0",
+        ),
+        (["positions=learned", "rope_scaling.type=linear", "rope_scaling.factor=2"], "set positions='rope'"),
+        (["qkv_bias=maybe"], "config.model.qkv_bias='maybe' is not True, False or None"),
+        (["rope_scaling=linear"], "is a group"),
+    ],
+)  # fmt: skip
+def test_bad_rope_scaling_and_bias_switches_name_the_key(tiny_config, overrides, message):
+    with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        tiny_config("llama=True", *[f"--config.model.{o}" for o in overrides])
+
+
+def test_a_bias_switch_in_an_experiment_file_must_be_a_bool_or_none(tmp_path):
+    experiment = tmp_path / "switch.py"
+    experiment.write_text(
+        "from bigjax.config import defaults\n"
+        "def get_config(arg=None):\n"
+        "    c = defaults()\n"
+        "    c.model.out_bias = 'yes'\n"
+        "    return c\n"
+    )
+    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.out_bias must be True, False or None"):
+        config_lib.load(str(experiment))

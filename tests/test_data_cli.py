@@ -1,9 +1,17 @@
-"""The data commands: `bigjax tokenizer train`, `bigjax data prepare` (then training reads the cache), and bad data
-input reported as one `error:` line with exit status 2."""
+"""The data commands: `bigjax tokenizer train`, `bigjax data prepare` (then training reads the cache), training on
+Parquet, and bad data input reported as one `error:` line with exit status 2."""
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from conftest import TINY
 
 from bigjax.data import corpus
+
+
+def write_speeches_parquet(path):
+    texts, labels = corpus.shakespeare_genre("eval", 0.1)
+    pq.write_table(pa.table({"speech": texts, "genre": labels}), path, row_group_size=64)
+    return path
 
 
 def test_train_a_tokenizer_prepare_the_cache_and_train_from_it(cli, tmp_path):
@@ -23,6 +31,21 @@ def test_train_a_tokenizer_prepare_the_cache_and_train_from_it(cli, tmp_path):
     assert "reading the tokenized cache" in result.stdout and "finished at step 2" in result.stdout
 
 
+def test_train_on_parquet_files(cli, tmp_path):
+    source = write_speeches_parquet(tmp_path / "speeches.parquet")
+    overrides = [
+        f"--config.data.source=parquet:{tmp_path}/*.parquet",
+        "--config.data.text_field=speech",
+        "--config.total_steps=2",
+        "--config.checkpoint_every=0",
+        "--config.eval_every=2",
+    ]
+    result = cli("train", "--config", TINY, "--workdir", tmp_path / "run", *overrides)
+    assert f"1 Parquet file(s) from {tmp_path}/*.parquet, read by row group with pyarrow" in result.stdout
+    assert "finished at step 2" in result.stdout
+    assert source.exists() and (tmp_path / "run" / "metrics.jsonl").read_text().count('"eval/loss"') == 1
+
+
 def test_bad_data_input_is_one_error_line(cli, tmp_path):
     result = cli(
         "train",
@@ -37,6 +60,13 @@ def test_bad_data_input_is_one_error_line(cli, tmp_path):
     assert (
         result.stderr.strip()
         == f"error: JSONL source {tmp_path}/missing.jsonl: no such file or directory (config.data.source)"
+    )
+    speeches = write_speeches_parquet(tmp_path / "speeches.parquet")
+    source = f"--config.data.source=parquet:{speeches}"
+    result = cli("train", "--config", TINY, "--workdir", tmp_path / "run", source, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: {speeches} has no column 'text' (config.data.text_field); its columns are speech, genre"
     )
     result = cli("data", "prepare", "--config", TINY, "--config.data.tokenizer=gpt2", check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: config.data.tokenizer='gpt2' is not a tokenizer")

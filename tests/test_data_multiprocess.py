@@ -9,11 +9,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 from conftest import REPO, TINY, xla_flags
 from multihost_batches import digest
 
 from bigjax import config as config_lib
 from bigjax import data
+from bigjax.data import corpus
 
 FIRST, STEPS = 2, 3  # resume at step 2 (as if one process had run steps 0 and 1), read three batches
 
@@ -58,9 +62,20 @@ def run_two_processes(out, overrides, timeout=240):
     return [json.loads(open(f"{out}.{index}").read()) for index in range(2)]
 
 
-def test_two_processes_read_their_shards_and_assemble_the_global_batches(tmp_path):
+def source_overrides(source: str, tmp_path) -> list[str]:
+    if source == "parquet":  # the same speeches in a Parquet file, the genre as a string
+        texts, labels = corpus.shakespeare_genre("train", 0.1)
+        table = pa.table({"speech": texts, "genre": [corpus.GENRE_NAMES[y] for y in labels]})
+        pq.write_table(table, tmp_path / "speeches.parquet", row_group_size=100)
+        columns = ["--config.data.text_field=speech", "--config.data.label_field=genre"]
+        return [f"--config.data.source=parquet:{tmp_path / 'speeches.parquet'}", *columns]
+    return [f"--config.data.source={source}"]
+
+
+@pytest.mark.parametrize("source", ["shakespeare_genre", "parquet"])
+def test_two_processes_read_their_shards_and_assemble_the_global_batches(tmp_path, source):
     overrides = [
-        "--config.data.source=shakespeare_genre",
+        *source_overrides(source, tmp_path),
         "--config.task.name=classification",
         "--config.task.num_classes=2",
         "--config.batch_size=16",

@@ -6,6 +6,8 @@ import json
 
 import jax
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -32,6 +34,17 @@ def make_sources(tmp_path) -> dict:
     texts, labels = corpus.shakespeare_genre("eval", 0.1)
     jsonl = tmp_path / "genre.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels, strict=True)))
+    # The same speeches as Parquet (labels as strings, in row groups of 50) and as a save_to_disk Dataset (Arrow).
+    genre = pa.table({"speech": texts, "genre": [corpus.GENRE_NAMES[y] for y in labels]})
+    pq.write_table(genre, tmp_path / "genre.parquet", row_group_size=50)
+    (tmp_path / "saved").mkdir()
+    with pa.OSFile(str(tmp_path / "saved" / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, genre.schema) as writer:
+            writer.write_table(genre, max_chunksize=50)
+    (tmp_path / "saved" / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]})
+    )
+    columns = ["--config.data.text_field=speech", "--config.data.label_field=genre", "--config.task.num_classes=2"]
     images, digit_labels = corpus.digits("eval")
     for i in range(40):
         folder = tmp_path / "images" / str(digit_labels[i])
@@ -46,6 +59,9 @@ def make_sources(tmp_path) -> dict:
         "tfds": ("tfds:bigjax_shakespeare", "causal_lm", [f"--config.data.data_dir={tmp_path / 'tfds'}"]),
         "text_files": (f"text:{text}", "causal_lm", []),
         "jsonl": (f"jsonl:{jsonl}", "classification", ["--config.task.num_classes=2"]),
+        "parquet": (f"parquet:{tmp_path / 'genre.parquet'}", "classification", columns),
+        "parquet_lm": (f"parquet:{tmp_path / 'genre.parquet'}", "causal_lm", columns[:1]),
+        "arrow": (f"arrow:{tmp_path / 'saved'}", "classification", columns),
         "imagefolder": (f"imagefolder:{tmp_path / 'images'}", "classification", [classes, *image]),
         "digits": ("digits", "classification", [classes, "--config.data.channels=1", *image]),
     }
@@ -65,7 +81,19 @@ def config_of(tiny_config, spec):
 
 @pytest.mark.parametrize(
     "name",
-    ["shakespeare", "shakespeare_masked", "shakespeare_genre", "tfds", "text_files", "jsonl", "imagefolder", "digits"],
+    [
+        "shakespeare",
+        "shakespeare_masked",
+        "shakespeare_genre",
+        "tfds",
+        "text_files",
+        "jsonl",
+        "parquet",
+        "parquet_lm",
+        "arrow",
+        "imagefolder",
+        "digits",
+    ],
 )
 def test_stop_and_resume_gives_the_same_batches(tiny_config, all_sources, name):
     config = config_of(tiny_config, all_sources[name])

@@ -1,15 +1,28 @@
 """Sources, tokenizers and the tokenized cache, on small local files made by the tests and the bundled data:
-plain text, JSONL, image folders, TFDS (a local dataset built from the bundled corpus, read through
-tfds.data_source; and the TFRecord path through TensorFlow), SentencePiece and Hugging Face tokenizers, and every
-bad input with its one clear error."""
+plain text, JSONL, Parquet and datasets' save_to_disk directories (written with pyarrow), image folders, TFDS (a
+local dataset built from the bundled corpus, read through tfds.data_source; and the TFRecord path through
+TensorFlow), SentencePiece and Hugging Face tokenizers, and every bad input with its one clear error."""
 
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from bigjax.data import DataError, corpus, pipeline, prepare, sources, tfds_builders, tfds_source, tokenized, tokenizers
+from bigjax.data import (
+    DataError,
+    corpus,
+    parquet_source,
+    pipeline,
+    prepare,
+    sources,
+    tfds_builders,
+    tfds_source,
+    tokenized,
+    tokenizers,
+)
 
 PARAGRAPHS = [f"Paragraph {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 4) for i in range(60)]
 
@@ -48,6 +61,50 @@ def image_dir(tmp_path):
         folder.mkdir(parents=True)
         for k, i in enumerate(np.flatnonzero(labels == digit)[:10]):
             Image.fromarray(images[i][..., 0]).resize((8 + k, 8 + k)).save(folder / f"{k:02d}.png")
+    return root
+
+
+@pytest.fixture
+def parquet_dir(tmp_path):
+    """The paragraphs as two Parquet files of 40 and 20 rows, in row groups of 16 rows, with string labels."""
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    labels = [["neg", "pos", "mixed"][i % 3] for i in range(len(PARAGRAPHS))]
+    for name, rows in (("part-0.parquet", slice(0, 40)), ("part-1.parquet", slice(40, 60))):
+        table = pa.table({"id": list(range(60))[rows], "body": PARAGRAPHS[rows], "sentiment": labels[rows]})
+        pq.write_table(table, folder / name, row_group_size=16)
+    (folder / "README.md").write_text("not data")  # a directory source reads only the .parquet files
+    return folder
+
+
+def write_saved_dataset(folder, columns: dict, files: int = 2, class_names=None):
+    """What datasets' `Dataset.save_to_disk(folder)` writes, made with pyarrow alone: Arrow IPC stream files
+    data-0000i-of-0000N.arrow (schema metadata as datasets writes it), dataset_info.json and state.json."""
+    folder.mkdir(parents=True)
+    features = {name: {"dtype": "string", "_type": "Value"} for name in columns}
+    if class_names:
+        features["label"] = {"names": class_names, "_type": "ClassLabel"}
+    metadata = {"huggingface": json.dumps({"info": {"features": features}})}
+    table = pa.table(columns).replace_schema_metadata(metadata)
+    rows = len(next(iter(columns.values())))
+    names = []
+    for i in range(files):
+        names.append(f"data-{i:05d}-of-{files:05d}.arrow")
+        part = table.slice(i * rows // files, (i + 1) * rows // files - i * rows // files)
+        with pa.OSFile(str(folder / names[-1]), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            for batch in part.to_batches(max_chunksize=7):
+                writer.write_batch(batch)
+    (folder / "dataset_info.json").write_text(json.dumps({"features": features}))
+    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": "0", "_split": None}
+    (folder / "state.json").write_text(json.dumps(state))
+    return folder
+
+
+def write_dataset_dict(root, splits: dict, class_names=None):
+    """What `DatasetDict.save_to_disk(root)` writes: dataset_dict.json and one saved Dataset per split."""
+    for name, columns in splits.items():
+        write_saved_dataset(root / name, columns, class_names=class_names)
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
     return root
 
 
@@ -127,6 +184,149 @@ def test_image_folder_with_train_and_val_subfolders(tiny_config, image_dir, tmp_
     config = config_for(tiny_config, f"imagefolder:{root}", "--config.data.image_size=8", task="classification")
     assert len(sources.open_split(config, "train").records) == 29
     assert [r["label"] for r in sources.open_split(config, "eval").records] == [0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parquet and datasets' save_to_disk (Arrow)
+
+
+@pytest.mark.parametrize("form", ["file", "directory", "glob"])
+def test_parquet_by_file_directory_or_glob_with_chosen_columns(tiny_config, parquet_dir, form, monkeypatch):
+    pattern = {"file": parquet_dir / "part-0.parquet", "directory": parquet_dir, "glob": parquet_dir / "part-*"}[form]
+    rows = 40 if form == "file" else 60
+    overrides = ["--config.data.text_field=body", "--config.data.label_field=sentiment", "--config.task.num_classes=3"]
+    config = config_for(tiny_config, f"parquet:{pattern}", *overrides, task="classification")
+    config.data.text_records = "document"
+    train, evals = sources.open_split(config, "train"), sources.open_split(config, "eval")
+    reads = []
+    read_row_group = parquet_source._read_row_group
+    monkeypatch.setattr(parquet_source, "_read_row_group", lambda *a: reads.append(a) or read_row_group(*a))
+    cut = int(rows * 0.9)  # the last tenth of the rows is eval
+    assert len(train.records) == cut and len(evals.records) == rows - cut
+    assert train.num_classes == 3
+    names = sorted({"neg", "pos", "mixed"})
+    expected = [{"text": PARAGRAPHS[i], "label": names.index(["neg", "pos", "mixed"][i % 3])} for i in range(rows)]
+    assert list(train.records) + list(evals.records) == expected
+    # Reading the records in order reads each row group of the text column once per split (row groups of 16 rows:
+    # 3 in the first file, 2 in the second), and the one the train/eval cut falls in once for each split.
+    text_reads = [r for r in reads if r[2] == "body"]
+    groups = 3 if form == "file" else 5
+    assert len(set(text_reads)) == groups and len(text_reads) == groups + 1
+    batch = next(pipeline.train_batches(config))
+    assert batch["labels"].shape == (8, 8) and set(batch["labels"][batch["label_weights"] > 0]) <= {0, 1, 2}
+
+
+def test_parquet_for_causal_lm_and_its_cache(tiny_config, parquet_dir, tmp_path, monkeypatch):
+    overrides = ["--config.data.text_field=body", f"--config.data.cache_dir={tmp_path / 'cache'}"]
+    config = config_for(tiny_config, f"parquet:{parquet_dir}", *overrides)
+    in_memory = next(pipeline.train_batches(config))["inputs"]
+    assert in_memory.shape == (8, 32)
+    text = bytes(np.concatenate([r[r < 256] for r in in_memory]).astype(np.uint8)).decode("utf-8", "replace")
+    assert "the quick brown fox" in text
+    assert "train: tokenized 54 records" in prepare.prepare(config)[0]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Parquet files were read again")
+
+    monkeypatch.setattr(parquet_source, "parquet_chunks", fail)
+    np.testing.assert_array_equal(next(pipeline.train_batches(config))["inputs"], in_memory)
+    # Another text column is other data: another cache key.
+    other = config_for(tiny_config, f"parquet:{parquet_dir}", "--config.data.text_field=sentiment")
+    assert sources.open_split(other, "train").fingerprint != sources.open_split(config, "train").fingerprint
+
+
+def test_arrow_save_to_disk_dataset(tiny_config, tmp_path):
+    labels = [i % 2 for i in range(60)]
+    folder = write_saved_dataset(tmp_path / "saved", {"text": PARAGRAPHS, "label": labels}, class_names=["a", "b", "c"])
+    config = config_for(tiny_config, f"arrow:{folder}", "--config.task.num_classes=3", task="classification")
+    config.data.text_records = "document"
+    train, evals = sources.open_split(config, "train"), sources.open_split(config, "eval")
+    assert "2 Arrow file(s)" in train.description
+    assert [r["text"] for r in train.records] == PARAGRAPHS[:54]
+    assert [r["label"] for r in evals.records] == labels[54:]
+    assert train.num_classes == 3  # the ClassLabel's names, though label 2 never occurs
+    assert next(pipeline.train_batches(config))["labels"].shape == (8, 8)
+    # The rows come in the order state.json lists the files, not in the order of their names.
+    state = json.loads((folder / "state.json").read_text())
+    state["_data_files"].reverse()
+    (folder / "state.json").write_text(json.dumps(state))
+    assert sources.open_split(config, "train").records[0]["text"] == PARAGRAPHS[30]
+    with pytest.raises(DataError, match=r"saved is a directory written by datasets' save_to_disk .*arrow:"):
+        sources.open_split(config_for(tiny_config, f"parquet:{folder}"), "train")
+
+
+def test_arrow_dataset_dict_maps_train_and_eval_splits(tiny_config, tmp_path):
+    def columns(lo, hi):
+        return {"text": PARAGRAPHS[lo:hi], "label": [["x", "y", "z"][i % 3] for i in range(lo, hi)]}
+
+    root = write_dataset_dict(tmp_path / "dict", {"train": columns(0, 40), "test": columns(40, 50)})
+    config = config_for(tiny_config, f"arrow:{root}", "--config.task.num_classes=3", task="classification")
+    config.data.text_records = "document"
+    train, evals = sources.open_split(config, "train"), sources.open_split(config, "eval")
+    assert [r["text"] for r in train.records] == PARAGRAPHS[:40]  # the whole train split
+    assert [r["text"] for r in evals.records] == PARAGRAPHS[40:50]  # "" = its test split
+    assert evals.where.startswith("the eval split (test) of arrow:")
+    assert [r["label"] for r in evals.records] == [i % 3 for i in range(40, 50)]
+
+    # Only string labels of another split: numbered over both, so "y" is 1 in either.
+    only = write_dataset_dict(
+        tmp_path / "other", {"train": {"text": ["a", "b"], "label": ["y", "y"]}, "test": columns(0, 3)}
+    )
+    config.data.source = f"arrow:{only}"
+    assert [r["label"] for r in sources.open_split(config, "train").records] == [1, 1]
+
+    config.data.source = f"arrow:{root}"
+    config.data.eval_split = "train"
+    assert len(sources.open_split(config, "eval").records) == 40
+    config.data.eval_split = "validation"
+    with pytest.raises(DataError, match=r"config.data.eval_split='validation': .* has the splits train, test"):
+        sources.open_split(config, "eval")
+
+    no_eval = write_dataset_dict(tmp_path / "train_only", {"train": columns(0, 40)})
+    config = config_for(tiny_config, f"arrow:{no_eval}", "--config.task.num_classes=3", task="classification")
+    config.data.text_records = "document"
+    train, evals = sources.open_split(config, "train"), sources.open_split(config, "eval")
+    assert [r["text"] for r in train.records] + [r["text"] for r in evals.records] == PARAGRAPHS[:40]
+    assert len(evals.records) == 4 and train.fingerprint != evals.fingerprint
+
+
+def test_bad_parquet_and_arrow_input(tiny_config, parquet_dir, tmp_path):
+    def records(source, *overrides):
+        return sources.open_split(config_for(tiny_config, source, *overrides), "train").records
+
+    with pytest.raises(DataError, match=r"part-0.parquet has no column 'text' .*its columns are id, body, sentiment"):
+        records(f"parquet:{parquet_dir}")
+    with pytest.raises(DataError, match=r"the column 'id' .* holds int64, not text"):
+        records(f"parquet:{parquet_dir}", "--config.data.text_field=id")
+    with pytest.raises(DataError, match=f"Parquet source {tmp_path}/nope: no such file or directory"):
+        records(f"parquet:{tmp_path}/nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no parquet here")
+    with pytest.raises(DataError, match=f"Parquet source {tmp_path}/empty: no files found"):
+        records(f"parquet:{tmp_path}/empty")
+    with pytest.raises(DataError, match=r"notes.txt is not a Parquet file .*leave it out of"):
+        records(f"parquet:{tmp_path}/empty/notes.txt")
+    with pytest.raises(DataError, match=r"notes.txt is not an Arrow IPC file"):
+        records(f"arrow:{tmp_path}/empty/notes.txt")
+    with pytest.raises(DataError, match=r"no .arrow files found"):
+        records(f"arrow:{tmp_path}/empty")
+
+    floats = tmp_path / "floats.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [0.0, 1.5]}), floats)
+    with pytest.raises(DataError, match=r"the column 'label' .* holds double values, not class labels"):
+        records(f"parquet:{floats}")
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "label": [0, None, 1]}), nulls)
+    with pytest.raises(DataError, match=r"nulls.parquet: 1 row\(s\) have no label"):
+        records(f"parquet:{nulls}")
+    negative = tmp_path / "negative.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [0, -1]}), negative)
+    with pytest.raises(DataError, match=r"negative label -1"):
+        records(f"parquet:{negative}")
+    no_text = tmp_path / "no_text.parquet"
+    pq.write_table(pa.table({"text": ["a", None, "c"] * 4}), no_text)
+    with pytest.raises(DataError, match=r"no_text.parquet: row 1 .* has no text \(null in column 'text'\)"):
+        list(records(f"parquet:{no_text}", "--config.data.text_records=document"))
 
 
 # --------------------------------------------------------------------------------------------------

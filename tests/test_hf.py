@@ -15,7 +15,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from bigjax import config as config_lib
 from bigjax import finetune, generate, hf
-from bigjax.hf import files
+from bigjax.hf import family, files
 from bigjax.models import gpt
 from bigjax.params import by_path
 from bigjax.setup import make_setup
@@ -72,12 +72,16 @@ def llama_model():
         bos_token_id=0,
         eos_token_id=0,
     )
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # norms start at exactly 1: make them random too, so that a misplaced one shows
+    return randomized(transformers.LlamaForCausalLM(config))
+
+
+def randomized(model):
+    """Norms start at exactly 1 and biases at 0: make them random too, so that a misplaced one shows."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or "bias" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    return model
+    return model.eval()
 
 
 def mistral_model():
@@ -99,7 +103,70 @@ def mistral_model():
     return transformers.MistralForCausalLM(config).eval()
 
 
-MODELS = {"gpt2": gpt2_model, "llama": llama_model, "mistral": mistral_model}
+# The scaled RoPE variants: pretrained on 32 positions, tested on prompts longer than that (LONG_PROMPT), with a
+# head of 16 (8 pairs, wavelengths 2 pi * 10^(i/2)) so that llama3's three bands all have pairs: kept (i=0, 6.3 <
+# 32/4), blended (i=1, 19.9) and divided by factor (i >= 2, above 32/1).
+SMALL_CONTEXT = dict(
+    num_hidden_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    vocab_size=HF_VOCAB,
+    max_position_embeddings=128,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+ORIGINAL_CONTEXT = 32
+
+
+def llama3_model():
+    """Llama 3.1's RoPE scaling, with q/k/v/o biases (attention_bias) and MLP biases (mlp_bias)."""
+    torch.manual_seed(2)
+    rope = dict(rope_type="llama3", rope_theta=10_000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+    config = transformers.LlamaConfig(
+        **SMALL_CONTEXT,
+        rope_parameters=rope | dict(original_max_position_embeddings=ORIGINAL_CONTEXT),
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+    )
+    return randomized(transformers.LlamaForCausalLM(config))
+
+
+def qwen2_model():
+    """Qwen2 (biases on q/k/v only) with YaRN, whose cos and sin are scaled by 0.1 ln(4) + 1."""
+    torch.manual_seed(3)
+    rope = dict(rope_type="yarn", rope_theta=10_000.0, factor=4.0, original_max_position_embeddings=ORIGINAL_CONTEXT)
+    config = transformers.Qwen2Config(**SMALL_CONTEXT, rope_parameters=rope, tie_word_embeddings=True)
+    return randomized(transformers.Qwen2ForCausalLM(config))
+
+
+def llama_linear_model():
+    """Linear RoPE scaling, its config.json rewritten below in the older form (rope_scaling with `type`)."""
+    torch.manual_seed(4)
+    rope = dict(rope_type="linear", rope_theta=10_000.0, factor=2.0)
+    return randomized(transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL_CONTEXT, rope_parameters=rope)))
+
+
+def older_rope_config(config: dict) -> dict:
+    """A config.json as transformers 4 wrote it: rope_theta at the top, the scaling in rope_scaling with `type`."""
+    rope = config.pop("rope_parameters")
+    return config | dict(rope_theta=rope.pop("rope_theta"), rope_scaling=dict(type=rope.pop("rope_type"), **rope))
+
+
+MODELS = {
+    "gpt2": gpt2_model,
+    "llama": llama_model,
+    "mistral": mistral_model,
+    "llama3_biases": llama3_model,
+    "qwen2_yarn": qwen2_model,
+    "linear_older_config": llama_linear_model,
+}
+SCALED = {"llama3_biases", "qwen2_yarn", "linear_older_config"}
+REWRITE_CONFIG = {"linear_older_config": older_rope_config}
+EXPORTED_AS = {"gpt2": "GPT2LMHeadModel", "qwen2_yarn": "Qwen2ForCausalLM"}  # the others as LlamaForCausalLM
+LONG_PROMPT = PROMPT + " the slings and arrows of outrageous fortune"
 
 
 def save(model, directory, tokenizer_file, sharded=False):
@@ -113,35 +180,57 @@ def torch_logits(model, ids) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-def bigjax_logits(workdir, ids) -> np.ndarray:
+def bigjax_logits(workdir, ids, rope_scaling: str | None = None) -> np.ndarray:
+    """The logits of the run's newest checkpoint; with `rope_scaling`, of its parameters in a model whose
+    model.rope_scaling.type is that instead."""
     generator = generate.load(workdir)
     model_config = config_lib.load_saved(workdir).model
+    if rope_scaling is not None:
+        model_config.rope_scaling.type = rope_scaling
     model = gpt.GPT(gpt.GPTConfig.from_config(model_config))
     logits = model.apply({"params": generator.params}, np.asarray([ids], np.int32))
     return np.asarray(logits)[0]
 
 
+def relative_difference(ours, theirs) -> float:
+    return float(np.abs(ours[:, : theirs.shape[1]] - theirs).max() / np.abs(theirs).max())
+
+
 def assert_logits_match(ours, theirs, num_layers):
-    rel = np.abs(ours[:, : theirs.shape[1]] - theirs).max() / np.abs(theirs).max()
+    rel = relative_difference(ours, theirs)
     print(f"max relative logit difference {rel:.2e}")
     assert rel <= RELATIVE_TOLERANCE_PER_LAYER * (num_layers + 1), rel
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["one_file", "sharded"])
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+CASES = [(arch, sharded) for arch in ("gpt2", "llama", "mistral") for sharded in (False, True)]
+CASES += [(arch, False) for arch in sorted(SCALED)]
+
+
+@pytest.mark.parametrize(
+    "arch, sharded", CASES, ids=[f"{arch}-{'sharded' if sharded else 'one_file'}" for arch, sharded in CASES]
+)
 def test_import_matches_transformers_logits_greedy_tokens_and_exports_back(arch, sharded, tokenizer_file, tmp_path):
     model = MODELS[arch]()
     hf_dir = save(model, tmp_path / "hf", tokenizer_file, sharded)
     assert (hf_dir / hf.INDEX_FILE).exists() == sharded
+    if arch in REWRITE_CONFIG:
+        config_file = hf_dir / "config.json"
+        config_file.write_text(json.dumps(REWRITE_CONFIG[arch](json.loads(config_file.read_text()))))
     workdir = tmp_path / "run"
     hf.import_hf(hf_dir, workdir)  # on the tests' 8-device mesh
-    ids = [int(i) for i in tokenizers.Tokenizer.from_file(str(tokenizer_file)).encode(PROMPT).ids]
+    prompt = LONG_PROMPT if arch in SCALED else PROMPT
+    ids = [int(i) for i in tokenizers.Tokenizer.from_file(str(tokenizer_file)).encode(prompt).ids]
 
     # Logits: the imported checkpoint (restored onto one device) against transformers.
     ours, theirs = bigjax_logits(workdir, ids), torch_logits(model, ids)
     assert_logits_match(ours, theirs, model.config.num_hidden_layers)
     # The ids bigjax added beyond the HF vocabulary have zero weights.
     assert np.all(ours[:, HF_VOCAB:] == 0)
+    if arch in SCALED:  # the scaling is what made them match: the plain RoPE is far off
+        assert len(ids) > ORIGINAL_CONTEXT
+        unscaled = relative_difference(bigjax_logits(workdir, ids, rope_scaling="none"), theirs)
+        print(f"max relative logit difference with the plain RoPE {unscaled:.2e}")
+        assert unscaled > 10 * RELATIVE_TOLERANCE_PER_LAYER * (model.config.num_hidden_layers + 1), unscaled
 
     # Greedy decoding with bigjax's KV cache continues the prompt as transformers' greedy generate does.
     new = generate.load(workdir).generate_ids([ids], generate.Sampling(max_new_tokens=12, temperature=0.0))[0]
@@ -161,7 +250,7 @@ def test_import_matches_transformers_logits_greedy_tokens_and_exports_back(arch,
     assert not any(info.values()), info  # no missing, unexpected or mismatched weights
     reloaded.eval()
     # Mistral without a sliding window comes back as the Llama it is.
-    assert type(reloaded).__name__ == {"gpt2": "GPT2LMHeadModel"}.get(arch, "LlamaForCausalLM")
+    assert type(reloaded).__name__ == EXPORTED_AS.get(arch, "LlamaForCausalLM")
     assert reloaded.config.vocab_size == HF_VOCAB
     np.testing.assert_array_equal(torch_logits(reloaded, ids), theirs)
 
@@ -187,7 +276,7 @@ def test_cli_import_then_generate_and_train_resumes_at_step_0(cli, tokenizer_fil
 
 @pytest.mark.parametrize(
     "field, value",
-    [("rope_scaling", {"rope_type": "llama3", "factor": 8.0}), ("attention_bias", True), ("hidden_act", "gelu")],
+    [("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}), ("partial_rotary_factor", 0.5), ("hidden_act", "gelu")],
 )
 def test_a_field_bigjax_cannot_represent_is_one_error_line(cli, field, value, tokenizer_file, tmp_path):
     hf_dir = save(llama_model(), tmp_path / "hf", tokenizer_file)
@@ -204,10 +293,73 @@ def test_a_field_bigjax_cannot_represent_is_one_error_line(cli, field, value, to
 def test_an_unknown_architecture_is_refused(tokenizer_file, tmp_path):
     hf_dir = save(gpt2_model(), tmp_path / "hf", tokenizer_file)
     config = json.loads((hf_dir / "config.json").read_text())
-    config["architectures"] = ["Qwen2ForCausalLM"]
+    config["architectures"] = ["Qwen3ForCausalLM"]
     (hf_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(hf.HFError, match="architectures"):
         hf.config_from_hf(hf_dir)
+
+
+def hf_config_dir(tmp_path, architecture: str, **fields):
+    """A directory holding only a config.json (enough for config_from_hf): a small model of `architecture`."""
+    config = dict(architectures=[architecture], model_type=architecture.removesuffix("ForCausalLM").lower())
+    config.update(SMALL_CONTEXT, rope_parameters=dict(rope_type="default", rope_theta=10_000.0))
+    config.update(fields)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "architecture, fields, message",
+    [
+        (
+            "Qwen2ForCausalLM",
+            dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
+            "use_sliding_window",
+        ),
+        ("LlamaForCausalLM", dict(rope_parameters=dict(rope_type="longrope", factor=4.0)), "rope_parameters.rope_type"),
+        ("LlamaForCausalLM", dict(rope_scaling=dict(type="linear", factor=1.0)), "rope_scaling.factor=1.0"),
+        (
+            "LlamaForCausalLM",
+            dict(rope_parameters=dict(rope_type="yarn", factor=4.0, truncate=False)),
+            "rope_parameters.truncate=False",
+        ),
+    ],
+)
+def test_what_bigjax_cannot_represent_is_refused_naming_the_field(architecture, fields, message, tmp_path):
+    with pytest.raises(hf.HFError, match=message):
+        hf.config_from_hf(hf_config_dir(tmp_path, architecture, **fields))
+
+
+def test_each_architecture_gets_its_own_biases_and_rope_fields(tmp_path):
+    """Mistral and Qwen2 have no attention_bias or mlp_bias (transformers ignores them there); Qwen2's sliding window
+    on no layer is no window; transformers' defaults fill what a rope type leaves out."""
+
+    def read(architecture, **fields):
+        m = hf.config_from_hf(hf_config_dir(tmp_path, architecture, **fields)).model
+        return config_lib.linear_biases(m), m.rope_scaling.to_dict()
+
+    ignored = dict(attention_bias=True, mlp_bias=True)
+    assert read("MistralForCausalLM", **ignored)[0] == (False, False, False)
+    assert read("Qwen2ForCausalLM", **ignored, use_sliding_window=True, sliding_window=16, max_window_layers=2)[0] == (
+        True,
+        False,
+        False,
+    )
+    assert read("LlamaForCausalLM", attention_bias=True)[0] == (True, True, False)
+    yarn = read("LlamaForCausalLM", rope_scaling=dict(rope_type="yarn", factor=4.0, mscale=1.0, mscale_all_dim=0.5))[1]
+    assert yarn["original_max_len"] == 128 and (yarn["beta_fast"], yarn["beta_slow"]) == (32.0, 1.0)
+    assert yarn["attention_factor"] == pytest.approx((0.1 * np.log(4) + 1) / (0.05 * np.log(4) + 1))
+
+
+def test_a_run_whose_biases_no_architecture_has_is_refused_at_export():
+    config = config_lib.defaults("gpt", "causal_lm")
+    config.model.update(positions="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, out_bias=True)
+    with pytest.raises(hf.HFError, match=r"q/k/v=False o=True MLP=False.*Qwen2 is Llama with biases on q/k/v only"):
+        family.for_config(config)
+    config.model.update(use_bias=True, qkv_bias=False)  # GPT-2 needs every bias
+    config.model.update(positions="learned", norm="layernorm", mlp="gelu")
+    with pytest.raises(hf.HFError, match=r"q/k/v=False o=True MLP=True"):
+        family.for_config(config)
 
 
 def test_init_from_hf_loads_the_backbone_of_a_classifier(tokenizer_file, tmp_path):
@@ -394,3 +546,41 @@ def test_a_trained_llama_run_with_a_sentencepiece_tokenizer_exports_for_transfor
     pipe = transformers.pipeline("text-generation", model=str(out), device="cpu")
     reply = pipe("ROMEO:", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert reply.startswith("ROMEO:") and len(reply) > len("ROMEO:")
+
+
+LLAMA3 = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+DEEPSEEK_YARN = dict(original_max_position_embeddings=4096, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        dict(rope_type="linear", factor=4.0),
+        dict(rope_type="llama3", factor=8.0, **LLAMA3),
+        dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768),
+        dict(rope_type="yarn", factor=40.0, **DEEPSEEK_YARN),
+    ],
+    ids=["linear", "llama3", "yarn", "yarn_mscale"],
+)
+def test_scaled_rope_frequencies_are_transformers_at_real_sizes(rope):
+    """Llama 3.1 8B's, Qwen2.5's and DeepSeek V3's RoPE (head 128, theta 5e5 or 1e6): the frequencies and the
+    cos/sin factor of transformers' rope initializers, to float32 rounding. XLA's float32 power is exp(y ln x),
+    off by up to about y ln(theta) eps (y < 1), more than torch's: that is the bound."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from bigjax.models.layers import RopeScaling, rope_frequencies
+
+    theta = 5e5 if rope["rope_type"] == "llama3" else 1e6
+    positions = int(rope.get("original_max_position_embeddings", 32768) * rope["factor"])
+    hf_config = transformers.LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        max_position_embeddings=positions,
+        rope_parameters=rope | {"rope_theta": theta},
+    )
+    expected, expected_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_config)
+    _, scaling = hf.llama.rope_from_hf(hf_config.to_dict())
+    defaults = config_lib.defaults().model.rope_scaling.to_dict()
+    inv_freq, factor = rope_frequencies(128, theta, RopeScaling(**(defaults | scaling)))
+    np.testing.assert_allclose(np.asarray(inv_freq), expected.numpy(), rtol=(np.log(theta) + 4) * EPS32, atol=0)
+    assert factor == pytest.approx(expected_factor, rel=1e-15)

@@ -1,4 +1,5 @@
-"""Model details: FLOPs accounting matches the real parameters, presets, remat, dropout, precision, rotary positions."""
+"""Model details: FLOPs accounting matches the real parameters, presets, remat, dropout, precision, rotary positions
+(and their scaling), bias switches."""
 
 import flax.linen as nn
 import jax
@@ -146,16 +147,17 @@ def rotary_tolerance(max_angle: float) -> float:
 
 
 def test_rotary_rotates_each_pair_of_halves_forward_by_position_times_frequency():
-    from bigjax.models.layers import rotary
+    from bigjax.models.layers import rope_frequencies, rotary
 
     # By hand, one pair (d=2, frequency 1): (1, 0) at position 1 turns to (cos 1, sin 1), counterclockwise.
-    turned = rotary(np.array([[[[1.0, 0.0]]]], np.float32), np.array([[1]]), 10_000.0)
+    turned = rotary(np.array([[[[1.0, 0.0]]]], np.float32), np.array([[1]]), rope_frequencies(2, 10_000.0))
     np.testing.assert_allclose(turned[0, 0, 0], [np.cos(1.0), np.sin(1.0)], atol=rotary_tolerance(1.0))
     # And the convention at a real head size: 2 rows of 6 positions up to 60, 3 heads of 16.
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 6, 3, 16)).astype(np.float32)
     positions = rng.integers(0, 61, (2, 6))
-    got, want = np.asarray(rotary(x, positions, 10_000.0), np.float64), rotary_reference(x, positions, 10_000.0)
+    got = np.asarray(rotary(x, positions, rope_frequencies(16, 10_000.0)), np.float64)
+    want = rotary_reference(x, positions, 10_000.0)
     pair_norm = np.sqrt(np.sum(np.stack(np.split(x.astype(np.float64) ** 2, 2, axis=-1)), axis=0))  # [..., d/2]
     bound = rotary_tolerance(positions.max()) * np.concatenate([pair_norm, pair_norm], -1)
     assert (np.abs(got - want) <= bound).all(), np.max(np.abs(got - want) / bound)
@@ -200,3 +202,127 @@ def test_rotary_attention_scores_depend_on_relative_positions_only(monkeypatch):
     assert (np.abs(shifted - scores) <= bound).all(), f"off by up to {np.max(np.abs(shifted - scores) / bound):.3g}x"
     stretched, _ = attention_scores(monkeypatch, attention, params, x, positions * 2)
     assert np.abs(stretched - scores).max() > 0.1 * norms.max()
+
+
+# --------------------------------------------------------------------------------------------------
+# The defaults of every family stay bit-identical: the parameter tree (paths, shapes, initial values) and the
+# forward pass of a small model of each. The digests were recorded with the code before the Hugging Face encoder
+# settings (model.mlp="gelu_exact", model.norm_variance, model.conv_padding) existed; a setting whose default
+# changed anything makes them differ. They hold for this jax/XLA on a CPU: after a jax upgrade that changes
+# rounding, record them again from a commit known to be unchanged (print `digests` below).
+
+
+def small_default_configs() -> dict:
+    transformer = dict(num_layers=2, d_model=32, num_heads=4)
+    configs = {}
+    for name, (family, task) in {
+        "gpt": ("gpt", "causal_lm"),
+        "bert_mlm": ("bert", "masked_lm"),
+        "bert_classifier": ("bert", "classification"),
+        "vit": ("vit", "classification"),
+        "resnet": ("resnet", "classification"),
+    }.items():
+        c = config_lib.defaults(family, task)
+        c.task.num_classes = 3
+        c.data.seq_len = 16
+        if family in ("gpt", "bert"):
+            c.model.update(transformer, max_len=16)
+        if family == "bert":
+            c.model.type_vocab_size = 2
+        if family == "vit":
+            c.model.update(transformer, patch_size=4)
+            c.data.image_size = 8
+        if family == "resnet":
+            c.model.update(depth=10, width=8, stem="cifar")
+            c.data.image_size = 8
+        configs[name] = c
+    llama = config_lib.load(TINY + ":llama=True")
+    configs["llama"] = llama
+    return configs
+
+
+def forward_digest(config) -> tuple[str, str]:
+    """(sha256 of the initial variables, sha256 of the logits after every parameter is perturbed at random)."""
+    import hashlib
+
+    from bigjax import tasks
+    from bigjax.params import by_path
+
+    task = tasks.make_task(config)
+    variables = jax.jit(lambda: nn.unbox(task.init_variables(jax.random.key(0))))()
+    init_hash = hashlib.sha256()
+    for path, leaf in sorted(by_path(variables).items()):
+        array = np.asarray(leaf)
+        init_hash.update(f"{path}{array.shape}{array.dtype}".encode() + array.tobytes())
+    leaves, tree = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    variables = jax.tree.unflatten(
+        tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    )
+    rng = np.random.default_rng(0)
+    if config.model.family in ("gpt", "bert"):
+        tokens = rng.integers(0, 200, (2, config.data.seq_len)).astype(np.int32)
+        segments = np.ones_like(tokens)
+        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+        inputs = (tokens,) if config.task.name == "causal_lm" else (tokens, segments, positions)
+    else:
+        inputs = (rng.normal(size=(2, 8, 8, 3)).astype(np.float32),)
+    logits = np.asarray(jax.jit(lambda v, *x: task.model.apply(v, *x))(variables, *inputs))
+    return init_hash.hexdigest()[:16], hashlib.sha256(logits.tobytes()).hexdigest()[:16]
+
+
+DEFAULT_DIGESTS = {
+    "gpt": ("6b8f9fe44763e21f", "09c7311f68021535"),
+    "bert_mlm": ("f0101386625ed1e9", "001626cf12687d33"),
+    "bert_classifier": ("400ba44e50165e9d", "08c9f8da2132933c"),
+    "vit": ("105683549e67798f", "54719cd998518d37"),
+    "resnet": ("74c1d5723a386831", "634f14335de38fcb"),
+    "llama": ("88193356f651c385", "b1b1d449abb91059"),
+}
+
+
+def test_every_familys_defaults_are_bit_identical():
+    digests = {name: forward_digest(config) for name, config in small_default_configs().items()}
+    print(digests)
+    assert digests == DEFAULT_DIGESTS
+
+
+def test_default_rope_and_biases_compute_what_they_did_before_scaling_and_switches_existed(tiny_config):
+    """No scaling is the expression bigjax always used, bit for bit; switches set to what use_bias says give the
+    default's parameter tree and logits, bit for bit. (The whole models of tiny, shakespeare_char, llama_1b,
+    gpt2_124m, bert_tiny_mlm and vit_digits were compared once against the code before, bit for bit.)"""
+    from bigjax.models.layers import rope_frequencies, rotary
+
+    inv_freq, factor = rope_frequencies(16, 5e5)
+    before = 1.0 / (5e5 ** (jnp.arange(8, dtype=jnp.float32) / 8))  # the code before rope_scaling
+    assert factor == 1.0 and np.array_equal(inv_freq, before)
+    x, positions = np.random.default_rng(0).normal(size=(2, 6, 3, 16)).astype(np.float32), np.arange(12).reshape(2, 6)
+    angles = positions[..., None].astype(jnp.float32) * before
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    first, second = jnp.split(x, 2, axis=-1)
+    np.testing.assert_array_equal(
+        rotary(x, positions, (inv_freq, factor)),
+        jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1),
+    )
+    tokens = np.arange(32, dtype=np.int32)[None] % 200
+    for arg in ("", "llama=True"):
+        default = tiny_config(arg)
+        use_bias = default.model.use_bias
+        explicit = tiny_config(arg, *[f"--config.model.{key}={use_bias}" for key in config_lib.BIAS_SWITCHES])
+        params = init_params(CausalLM(default))
+        assert jax.tree.structure(params) == jax.tree.structure(init_params(CausalLM(explicit)))
+        np.testing.assert_array_equal(
+            CausalLM(explicit).model.apply({"params": params}, tokens),
+            CausalLM(default).model.apply({"params": params}, tokens),
+        )
+
+
+def test_bias_switches_add_exactly_their_biases(tiny_config):
+    """Qwen2's q/k/v biases on the tiny Llama (no biases): three bias arrays per layer more, with the paths GPT-2's
+    biases have, so that checkpoints keep their layout."""
+    plain = nn.unbox(jax.eval_shape(lambda: CausalLM(tiny_config("llama=True")).init_variables(jax.random.key(0))))
+    qwen2 = tiny_config("llama=True", "--config.model.qkv_bias=True")
+    biased = nn.unbox(jax.eval_shape(lambda: CausalLM(qwen2).init_variables(jax.random.key(0))))
+    paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(biased["params"])[0]}
+    before = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(plain["params"])[0]}
+    assert paths - before == {f"['layers']['attention']['{n}']['bias']" for n in ("query", "key", "value")}

@@ -21,7 +21,7 @@ import pytest
 from conftest import TINY, init_params, run_cli
 from tolerance import assert_close_after_reordering, float32_sum_tolerance, lm_sum_lengths
 
-from bigjax import checkpoint, generate
+from bigjax import checkpoint, deploy, generate
 from bigjax import config as config_lib
 from bigjax.models import gpt, quantized
 from bigjax.setup import make_setup
@@ -184,6 +184,7 @@ def test_quantization_off_builds_the_model_and_state_of_today(tiny_config):
     from bigjax.tasks.causal_lm import token_loss_sums
 
     assert float(sums["loss"]) == float(token_loss_sums(logits, batch["targets"], batch["weights"])["loss"])
+    deploy.check_exportable(config, "onnx", "a float run")  # quant.bits=0 is no quantized run to the exporters
 
 
 def one_error_line(result) -> str:
@@ -216,6 +217,11 @@ def test_bad_quantizations_are_one_error_line(runs, tmp_path):
 
     line = one_error_line(run_cli("train", "--config", runs[8] / "config.json", "--workdir", runs[8], check=False))
     assert "config.quant.bits=8: this is a quantized run" in line
+
+    for export_format in ("hf", "onnx"):
+        export = ["export", "--workdir", runs[8], "--out", tmp_path / export_format, "--format", export_format]
+        line = one_error_line(run_cli(*export, check=False))
+        assert "is a quantized run" in line, line
 
 
 def vision_task(family: str, bits: int):

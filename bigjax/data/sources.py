@@ -9,30 +9,32 @@ bytes | path, "label": int}, plus what the rest of the pipeline needs to know ab
     synthetic              random tokens or images (handled by the pipeline: no records)
     text:PATH              plain text: a file, a directory (every file under it) or a glob
     jsonl:PATH             JSON lines, the text in config.data.text_field (labels in config.data.label_field)
+    parquet:PATH           Parquet files (a file, a directory or a glob), the columns named as for JSONL
+    arrow:PATH             a datasets.save_to_disk directory (Dataset or DatasetDict) or .arrow files (see
+                           bigjax.data.parquet_source for both)
     imagefolder:PATH       PATH/CLASS/IMAGE, one subdirectory per class (optionally PATH/train and PATH/val)
     tfds:NAME[/CONFIG]     a TensorFlow Datasets dataset (see bigjax.data.tfds_source)
 
 The bundled and local sources have the splits "train" and "eval": the eval split is the last
-config.data.eval_fraction of every file (text), of the records (JSONL) or of every class (image folders).
+config.data.eval_fraction of every file (text), of the records (JSONL, Parquet, Arrow) or of every class (image
+folders). A DatasetDict directory has its own splits, named by config.data.train_split and eval_split.
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
-import os
 import pathlib
 
 import grain
 
 from bigjax import metrics
-from bigjax.data import corpus
+from bigjax.data import corpus, parquet_source
 from bigjax.data.errors import DataError
+from bigjax.data.files import expand_paths, files_fingerprint
 from bigjax.data.split import Split
 
 BUNDLED = ("shakespeare", "shakespeare_genre", "digits", "synthetic")
-PREFIXES = ("text", "jsonl", "imagefolder", "tfds")
+PREFIXES = ("text", "jsonl", "parquet", "arrow", "imagefolder", "tfds")
 LOCAL_SPLITS = ("train", "eval")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # How a source's text is cut into records (config.data.text_records): the separator, or None to keep each document
@@ -79,6 +81,8 @@ def open_split(config, which: str) -> Split:
         from bigjax.data import tfds_source
 
         split = tfds_source.open_split(config, arg, name or None)
+    elif kind == "arrow" and parquet_source.is_dataset_dict(arg):  # a DatasetDict: splits of its own
+        split, name = parquet_source.dataset_dict_split(config, arg, which)
     else:
         name = name or "eval"
         if name not in LOCAL_SPLITS:
@@ -92,6 +96,8 @@ def open_split(config, which: str) -> Split:
             "digits": _digits,
             "text": _text_files,
             "jsonl": _jsonl,
+            "parquet": parquet_source.parquet_split,
+            "arrow": parquet_source.arrow_split,
             "imagefolder": _image_folder,
         }[kind]
         split = opener(config, arg, name)
@@ -155,34 +161,6 @@ def _digits(config, _, split: str) -> Split:
 
 # --------------------------------------------------------------------------------------------------
 # Local files
-
-
-def expand_paths(pattern: str, what: str, suffixes: tuple[str, ...] = ()) -> list[pathlib.Path]:
-    """A file, every file under a directory, or a glob -> the files, sorted; a clear error when there are none."""
-    path = pathlib.Path(pattern).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = [p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith(".")]
-    elif glob.has_magic(pattern):
-        files = [pathlib.Path(p) for p in sorted(glob.glob(os.path.expanduser(pattern), recursive=True))]
-        files = [p for p in files if p.is_file()]
-    else:
-        raise DataError(f"{what} {pattern}: no such file or directory (config.data.source)")
-    if suffixes:
-        files = [p for p in files if p.suffix.lower() in suffixes]
-    if not files:
-        raise DataError(f"{what} {pattern}: no files found (config.data.source)")
-    return files
-
-
-def files_fingerprint(files: list[pathlib.Path]) -> str:
-    """Changes when any file is added, removed, resized or rewritten."""
-    digest = hashlib.sha256()
-    for f in files:
-        stat = f.stat()
-        digest.update(f"{f.absolute()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def _cut(text: str, split: str, eval_fraction: float) -> str:

@@ -6,7 +6,8 @@
     hf.load_selected(params, hf_dir, ...)       # init_from.workdir=hf:PATH
 
 Modules: `files` (the directory on disk, lazy tensor views, sharded safetensors), `family` (which architectures
-map, and the interface each family module has), one module per family (`gpt2`, `llama`), `convert` (the above).
+map, and the interface each family module has), one module per family (`gpt2`, `llama`, `bert`, `vit`, `resnet`),
+`convert` (the above).
 """
 
 from bigjax.hf.common import HFError

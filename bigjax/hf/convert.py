@@ -22,7 +22,7 @@ from bigjax.hf.common import HFError, Params
 from bigjax.params import by_path, nest, param_path
 
 SOURCE_FILE = "hf_source.json"  # written by `bigjax import`: the HF vocabulary size export cuts back to
-VOCAB_AXES = {"embed/embedding": 0, "unembed/kernel": 1}  # the axes bigjax pads the vocabulary along
+VOCAB_AXES = {"embed/embedding": 0, "unembed/kernel": 1, "mlm_bias": 0}  # the axes bigjax pads the vocabulary along
 
 
 def config_from_hf(hf_dir, overrides=()):
@@ -31,6 +31,9 @@ def config_from_hf(hf_dir, overrides=()):
     config = family_lib.for_architectures(hf).bigjax_config(hf)
     if "max_len" in config.model:
         config.data.seq_len = min(config.data.seq_len, config.model.max_len)
+    normalization = files.read_image_normalization(hf_dir)
+    if normalization and "vocab_size" not in config.model:  # the pixels the model was trained on
+        config.data.image_mean, config.data.image_std = normalization
     for override in overrides:
         config_lib.apply_override(config, override)
     config_lib.check_values(config)
@@ -68,36 +71,45 @@ def place(path: str, view: files.View, leaf, sharding) -> jax.Array:
     return jax.make_array_from_callback(view.shape, sharding, lambda index: view[index].astype(leaf.dtype, copy=False))
 
 
-def load_params(hf_dir, config, abstract_params, param_shardings) -> dict:
-    """The HF weights as bigjax's parameter tree, each array made straight onto its sharding."""
-    read = files.TensorReader(hf_dir)
-    shardings = by_path(param_shardings)
-    loaded = {
-        path: place(path, parameter_view(path, read, config), leaf, shardings[path])
-        for path, leaf in by_path(abstract_params).items()
-    }
-    return nest(loaded)
-
-
-def load_selected(params, hf_dir, selected: dict, param_shardings) -> tuple[dict, list[str]]:
-    """`params` with the arrays of the "/"-paths in `selected` that the HF model has replaced by its weights (the
-    HF model's own layout, from its config.json; the vocabulary padded to this run's). Returns (params, loaded)."""
-    hf_config = config_from_hf(hf_dir)
-    read = files.TensorReader(hf_dir)
-    layer_views, global_views = hf_views(read, hf_config)
-    shardings = by_path(param_shardings)
+def available_paths(read, config):
+    """A test of which bigjax paths the HF model in `read` has weights for. Model-state arrays (BatchNorm
+    statistics) are named `COLLECTION/path` (`batch_stats/stem_norm/mean`), parameters by their path alone."""
+    layer_views, global_views = hf_views(read, config)
 
     def available(path: str) -> bool:
         if path.startswith("layers/") or path.startswith("layers_"):
             return path.partition("/")[2] in layer_views
         return path in global_views
 
+    return available
+
+
+def load_tree(read, config, abstract, shardings, prefix: str = "") -> tuple[dict, list[str]]:
+    """({path: array} of the arrays of `abstract` (the parameters, or one model-state collection with `prefix`
+    "COLLECTION/") that the HF model has, each made straight onto its sharding; [the paths it lacks])."""
+    available, shardings = available_paths(read, config), by_path(shardings)
+    loaded, missing = {}, []
+    for path, leaf in by_path(abstract).items():
+        if available(prefix + path):
+            loaded[path] = place(prefix + path, parameter_view(prefix + path, read, config), leaf, shardings[path])
+        else:
+            missing.append(path)
+    return loaded, missing
+
+
+def load_selected(tree, hf_dir, selected: dict, shardings, prefix: str = "") -> tuple[dict, list[str]]:
+    """`tree` (the parameters, or a model-state collection with `prefix` "COLLECTION/") with the arrays of the
+    "/"-paths in `selected` that the HF model has replaced by its weights (the HF model's own layout, from its
+    config.json; the vocabulary padded to this run's). Returns (tree, the paths loaded)."""
+    hf_config = config_from_hf(hf_dir)
+    read = files.TensorReader(hf_dir)
+    available, shardings = available_paths(read, hf_config), by_path(shardings)
     loaded = {
-        path: place(path, parameter_view(path, read, hf_config), leaf, shardings[path])
-        for path, leaf in by_path(params).items()
-        if selected[path] and available(path)
+        path: place(prefix + path, parameter_view(prefix + path, read, hf_config), leaf, shardings[path])
+        for path, leaf in by_path(tree).items()
+        if selected[path] and available(prefix + path)
     }
-    merged = jax.tree_util.tree_map_with_path(lambda keypath, leaf: loaded.get(param_path(keypath), leaf), params)
+    merged = jax.tree_util.tree_map_with_path(lambda keypath, leaf: loaded.get(param_path(keypath), leaf), tree)
     return merged, sorted(loaded)
 
 
@@ -114,38 +126,53 @@ def import_hf(hf_dir, workdir, overrides=()) -> int:
     from bigjax.setup import make_setup
 
     config = config_from_hf(hf_dir, overrides)  # every refusal before anything is written
-    hf_vocab = files.read_hf_config(hf_dir)["vocab_size"]
-    files.TensorReader(hf_dir)  # the weights are there, in a form we read
+    text = "vocab_size" in config.model
+    hf_vocab = files.read_hf_config(hf_dir)["vocab_size"] if text else None
+    read = files.TensorReader(hf_dir)  # the weights are there, in a form we read
     workdir = paths.workdir(workdir)
     with lock.held(workdir, say=metrics.say):
         if checkpoint.had_checkpoints(workdir):
             raise HFError(f"{workdir} already holds checkpoints; import into a new --workdir")
-        if files.copy_tokenizer_files(hf_dir, workdir) and config.data.tokenizer == "byte":
-            config.data.tokenizer = f"hf:{pathlib.Path(workdir).resolve() / 'tokenizer.json'}"
-        # A tokenizer lacking a special token bigjax needs (pad, cls, mask) gets it appended after its last id:
-        # the model needs rows for those too (zero rows; export cuts back to the HF vocabulary).
-        tokenizer = data.make_tokenizer(config.data.tokenizer)
-        config.model.vocab_size = max(hf_vocab, tokenizer.vocab_size)
-        config_lib.check_values(config)
+        if text:
+            if files.copy_tokenizer_files(hf_dir, workdir) and config.data.tokenizer == "byte":
+                config.data.tokenizer = f"hf:{pathlib.Path(workdir).resolve() / 'tokenizer.json'}"
+            # A tokenizer lacking a special token bigjax needs (pad, cls, mask) gets it appended after its last id:
+            # the model needs rows for those too (zero rows; export cuts back to the HF vocabulary).
+            tokenizer = data.make_tokenizer(config.data.tokenizer)
+            config.model.vocab_size = max(hf_vocab, tokenizer.vocab_size)
+            config_lib.check_values(config)
 
         setup = make_setup(config)
-        params = load_params(hf_dir, config, setup.abstract_state.params, setup.state_shardings.params)
+        params, fresh = load_tree(read, config, setup.abstract_state.params, setup.state_shardings.params)
+        model_state = {}
+        for collection, arrays in setup.abstract_state.model_state.items():
+            loaded, missing = load_tree(
+                read, config, arrays, setup.state_shardings.model_state[collection], f"{collection}/"
+            )
+            if missing:
+                raise HFError(f"{hf_dir} has no weights for {collection} {', '.join(missing)}")
+            model_state[collection] = nest(loaded)
+        if fresh:  # the head a bare model (BertModel, ViTModel) lacks: bigjax's own initialization
+            initialized = by_path(setup.init_state().params)
+            params.update({path: initialized[path] for path in fresh})
+            metrics.say(f"import: {hf_dir} has no {', '.join(fresh)}: initialized as a new run's")
         tx = setup.tx
         state = jax.jit(
-            lambda p: state_lib.TrainState(
-                step=jax.numpy.zeros((), jax.numpy.int32), params=p, opt_state=tx.init(p), model_state={}
+            lambda p, s: state_lib.TrainState(
+                step=jax.numpy.zeros((), jax.numpy.int32), params=p, opt_state=tx.init(p), model_state=s
             ),
             out_shardings=setup.state_shardings,
-            donate_argnums=0,
-        )(params)
+            donate_argnums=(0, 1),
+        )(nest(params), model_state)
         data_state = data.train_batches(config).get_state()
 
         saves = checkpoint.writer(workdir, config.keep_checkpoints)
         saves.save(0, state, data_state, {"nan_skips": 0}, config)
         saves.finish()
         checkpoint.write_config(workdir, config)
-        (workdir / SOURCE_FILE).write_text(json.dumps({"source": str(hf_dir), "vocab_size": hf_vocab}, indent=2))
-    return state_lib.count_parameters(params)
+        source = {"source": str(hf_dir)} | ({"vocab_size": hf_vocab} if text else {})
+        (workdir / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+    return state_lib.count_parameters(state.params)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,6 +192,11 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
 
     workdir = paths.workdir(workdir)
     config = config_lib.load_saved(workdir)
+    if config.quant.bits:
+        raise HFError(
+            f"{workdir} is a quantized run (config.quant.bits={config.quant.bits}); Hugging Face export writes float "
+            "weights: export the float run it was quantized from"
+        )
     family = family_lib.for_config(config)  # or refused before anything is read
     max_shard_bytes = files.shard_bytes(max_shard_size)
     committed = checkpoint.committed_steps(workdir)
@@ -180,17 +212,24 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
     config.batch_size = config.optim.grad_accum * jax.device_count()
     target = make_setup(config).variables_target()
     mngr = checkpoint.manager(workdir, read_only=True)
-    restored = by_path(checkpoint.restore_variables(mngr, step, target)["params"])
+    variables = checkpoint.restore_variables(mngr, step, target)
+    # The parameters by path, and the model state (BatchNorm statistics) as COLLECTION/path.
+    restored = by_path(variables.pop("params"))
+    restored |= {
+        f"{collection}/{path}": leaf for collection, tree in variables.items() for path, leaf in by_path(tree).items()
+    }
     params = Params(restored, fetch=lambda array: multihost_utils.process_allgather(array, tiled=True))
 
+    text = "vocab_size" in config.model
     source = workdir / SOURCE_FILE
-    hf_vocab = json.loads(source.read_text())["vocab_size"] if source.exists() else config.model.vocab_size
-    tokenizer = data.make_tokenizer(config.data.tokenizer)
+    source = json.loads(source.read_text()) if source.exists() else {}
+    hf_vocab = source.get("vocab_size", config.model.vocab_size) if text else None
     tensors = {
-        name: np.ascontiguousarray(array, dtype=np.float32)
+        # np.array, not ascontiguousarray: that makes a 0-d array (num_batches_tracked) 1-d
+        name: np.array(array, dtype=np.float32 if np.issubdtype(array.dtype, np.floating) else None, order="C")
         for name, array in family.hf_tensors(params, config, hf_vocab).items()
     }
-    special = special_ids(tokenizer, hf_vocab)
+    special = special_ids(data.make_tokenizer(config.data.tokenizer), hf_vocab) if text else {}
     hf_config = family.hf_config(config, hf_vocab, special) | dict(torch_dtype="float32")
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -199,7 +238,10 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
         if config.task.name == "causal_lm":  # what generate() stops at; pad as eos, as GPT-2's own file does
             generation = special | ({"pad_token_id": special["eos_token_id"]} if special else {})
             (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        copy_tokenizer(config.data.tokenizer, out)
+        if text:
+            copy_tokenizer(config.data.tokenizer, out)
+        else:  # how transformers' image processor should prepare pixels: as bigjax's data pipeline does
+            (out / files.PREPROCESSOR_FILE).write_text(json.dumps(files.image_processor_config(config), indent=2))
     return step
 
 

@@ -1,20 +1,26 @@
 """The Hugging Face architectures bigjax maps, one module each. A family module has:
 
 ARCHITECTURES                       the config.json `architectures` it imports
-bigjax_config(hf) -> ConfigDict     the bigjax config of that model (refuses, naming the field, what it cannot be)
-exports(config) -> bool             whether a bigjax run's config is this family's, for export
+bigjax_config(hf) -> ConfigDict     the bigjax config (family and task) of that model (refuses, naming the field,
+                                    what it cannot be)
+exports(config) -> bool             whether a bigjax run's config is this family's, for export (may refuse a run of
+                                    the family whose settings transformers lacks, naming the setting)
 layer_tensors(read, i, config)      bigjax sub-path under a layer -> View of HF tensors, for layer i
-global_tensors(read, config)        bigjax path -> View, for everything outside the layers
-hf_tensors(params, config, vocab)   {HF name: array} of a run's parameters (common.Params)
+global_tensors(read, config)        bigjax path -> View, for everything outside the layers; model-state arrays
+                                    (BatchNorm statistics) as COLLECTION/path, e.g. batch_stats/stem_norm/mean
+hf_tensors(params, config, vocab)   {HF name: array} of a run's parameters and model state (common.Params, the
+                                    model state under the same COLLECTION/path names); vocab is None for images
 hf_config(config, vocab, special)   config.json for transformers (`special`: bos/eos ids that exist)
+EXPORTS (optional)                  the architectures export writes, where not just ARCHITECTURES[0]
 """
 
 from __future__ import annotations
 
-from bigjax.hf import gpt2, llama
+from bigjax import config as config_lib
+from bigjax.hf import bert, gpt2, llama, resnet, vit
 from bigjax.hf.common import HFError
 
-FAMILIES = (gpt2, llama)
+FAMILIES = (gpt2, llama, bert, vit, resnet)
 
 
 def for_architectures(hf: dict):
@@ -31,12 +37,22 @@ def for_config(config):
     for family in FAMILIES:
         if family.exports(config):
             return family
-    m, exported = config.model, ", ".join(family.ARCHITECTURES[0] for family in FAMILIES)
-    detail = (
-        f", positions={m.positions}, norm={m.norm}, mlp={m.mlp}, use_bias={m.use_bias}" if m.family == "gpt" else ""
-    )
+    m, exported = config.model, ", ".join(name for family in FAMILIES for name in exported_architectures(family))
+    detail = ""
+    if m.family == "gpt":
+        qkv, out, mlp = config_lib.linear_biases(m)
+        detail = (
+            f", positions={m.positions}, norm={m.norm}, mlp={m.mlp}, use_bias={m.use_bias}, biases on "
+            f"q/k/v={qkv} o={out} MLP={mlp}"
+        )
     raise HFError(
         f"this run ({m.family} {config.task.name}{detail}) is none of the Hugging Face architectures bigjax "
-        f"exports ({exported}); GPT-2 has learned positions, layernorm, gelu and biases, Llama rope, rmsnorm, "
-        "swiglu and no biases"
+        f"exports ({exported}); GPT-2 has learned positions, layernorm, gelu and biases everywhere; Llama rope, "
+        "rmsnorm, swiglu, biases on all of q/k/v/o or none, on the MLP or not; Qwen2 is Llama with biases on q/k/v "
+        "only; a BERT, ViT or ResNet exports as its family's classifier or masked LM"
     )
+
+
+def exported_architectures(family) -> tuple[str, ...]:
+    """What a family's export writes: its EXPORTS where it writes several, else its first architecture."""
+    return getattr(family, "EXPORTS", family.ARCHITECTURES[:1])

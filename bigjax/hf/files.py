@@ -2,10 +2,10 @@
 index), the tokenizer files.
 
 Weights are read lazily: `TensorReader(dir)(name)` is a `View` of a tensor, and the family modules describe each
-bigjax parameter as views of HF tensors (transposed, an axis split, a column range, layers stacked, the vocabulary
-padded). Nothing is read until a device asks for its block, `view[index]`, and then only that block is read from
-the file (safetensors' slices; bfloat16 through a memory map). So a host reads only what its own devices hold, and
-never more than one parameter's blocks at a time.
+bigjax parameter as views of HF tensors (transposed or axes permuted, an axis split, a range, two summed, layers
+stacked, the vocabulary padded). Nothing is read until a device asks for its block, `view[index]`, and then only
+that block is read from the file (safetensors' slices; bfloat16 through a memory map). So a host reads only what its
+own devices hold, and never more than one parameter's blocks at a time.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SHARD_PATTERN = "model{suffix}.safetensors"  # transformers' names: model-00001-of-00003.safetensors
 MAX_SHARD_SIZE = "5GB"  # transformers' default max_shard_size
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+PREPROCESSOR_FILE = "preprocessor_config.json"  # an image model's image processor: resize, rescale, normalize
 
 Index = tuple[slice, ...]  # one slice per axis, step 1 (what jax.make_array_from_callback asks for)
 
@@ -38,6 +39,38 @@ def read_hf_config(hf_dir) -> dict:
         return json.loads(path.read_text())
     except ValueError as error:
         raise HFError(f"{path} is not valid JSON ({error})") from None
+
+
+def read_image_normalization(hf_dir) -> tuple[tuple, tuple] | None:
+    """(image_mean, image_std) of the image processor saved beside an image model, if there is one."""
+    path = pathlib.Path(hf_dir) / PREPROCESSOR_FILE
+    if not path.is_file():
+        return None
+    processor = json.loads(path.read_text())
+    if not processor.get("do_normalize", True) or "image_mean" not in processor:
+        return None
+    return tuple(map(float, processor["image_mean"])), tuple(map(float, processor["image_std"]))
+
+
+def image_processor_config(config) -> dict:
+    """A ViTImageProcessor's preprocessor_config.json that prepares pixels as bigjax's pipeline does: resize to
+    data.image_size, x / 255, then (x - data.image_mean) / data.image_std per channel."""
+    d = config.data
+
+    def per_channel(values):
+        return [float(v) for v in values] * (d.channels if len(values) == 1 else 1)
+
+    return dict(
+        image_processor_type="ViTImageProcessor",
+        do_resize=True,
+        size=dict(height=d.image_size, width=d.image_size),
+        resample=2,  # bilinear
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=per_channel(d.image_mean),
+        image_std=per_channel(d.image_std),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,6 +103,33 @@ class View:
     @property
     def T(self) -> View:  # noqa: N802 (numpy's name)
         return View(self.shape[::-1], lambda index: self.read(index[::-1]).T)
+
+    def transpose(self, *axes: int) -> View:
+        """The axes permuted as numpy's transpose(axes): torch's conv kernel [out, in, kh, kw] is
+        `.transpose(2, 3, 1, 0)`, Flax's [kh, kw, in, out]. A block reads the same block of the source."""
+        assert sorted(axes) == list(range(len(self.shape))), (axes, self.shape)
+
+        def read(index: Index) -> np.ndarray:
+            source = [None] * len(axes)
+            for out_axis, in_axis in enumerate(axes):
+                source[in_axis] = index[out_axis]
+            return self.read(tuple(source)).transpose(axes)
+
+        return View(tuple(self.shape[a] for a in axes), read)
+
+    def range(self, axis: int, start: int, stop: int) -> View:
+        """Axis `axis` cut to [start, stop) (ViT's class-token row of the position table, and the rest)."""
+
+        def read(index: Index) -> np.ndarray:
+            cut = index[axis]
+            return self.read(index[:axis] + (slice(start + cut.start, start + cut.stop),) + index[axis + 1 :])
+
+        return View(self.shape[:axis] + (stop - start,) + self.shape[axis + 1 :], read)
+
+    def plus(self, other: View) -> View:
+        """The elementwise sum of two views of one shape (a table folded into another)."""
+        assert self.shape == other.shape, (self.shape, other.shape)
+        return View(self.shape, lambda index: self.read(index) + other.read(index))
 
     def split_axis(self, axis: int, sizes: tuple[int, ...]) -> View:
         """Axis `axis` reshaped into `sizes` (row-major, as numpy's reshape): [d, h*hd] -> [d, h, hd]. A block that
@@ -109,12 +169,7 @@ class View:
 
     def columns(self, start: int, stop: int) -> View:
         """The last axis' range [start, stop): one of q|k|v in a fused projection."""
-
-        def read(index: Index) -> np.ndarray:
-            last = index[-1]
-            return self.read(index[:-1] + (slice(start + last.start, start + last.stop),))
-
-        return View(self.shape[:-1] + (stop - start,), read)
+        return self.range(len(self.shape) - 1, start, stop)
 
     def padded(self, axis: int, size: int) -> View:
         """Zeros appended along `axis` up to `size` (the vocabulary rows bigjax adds)."""

@@ -47,6 +47,7 @@ def exports(config) -> bool:
         m.family == "gpt"
         and config.task.name == "causal_lm"
         and (m.positions, m.norm, m.mlp, m.use_bias) == ("learned", "layernorm", "gelu", True)
+        and config_lib.linear_biases(m) == (True, True, True)
     )
 
 

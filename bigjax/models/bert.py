@@ -49,7 +49,8 @@ class BertEncoder(nn.Module):
 
 
 class BertMLM(BertEncoder):
-    """The encoder with BERT's masked-LM head (dense, GELU, LayerNorm, then the tied embedding plus a bias).
+    """The encoder with BERT's masked-LM head (dense, GELU, LayerNorm, then the tied embedding plus a bias); the
+    head's GELU is the MLP's (exact with `model.mlp="gelu_exact"`, as transformers' BERT applies `hidden_act` to both).
 
     `predict_at` [batch, P] picks the positions to predict, so the vocabulary projection runs on the ~15% of
     tokens that are scored rather than on all of them; without it every position gets logits.
@@ -61,7 +62,7 @@ class BertMLM(BertEncoder):
         x, embed = self.encode(tokens, segment_ids, positions, train, token_types)
         if predict_at is not None:
             x = jnp.take_along_axis(x, predict_at[..., None], axis=1)
-        x = norm(c, "mlm_norm")(nn.gelu(hidden_dense(c, "mlm_transform")(x)))
+        x = norm(c, "mlm_norm")(layers.gelu(c.mlp, hidden_dense(c, "mlm_transform")(x)))
         # Features whole again before the vocabulary projection, as GPT's hidden states are. Without this, XLA's
         # SPMD partitioner (jax 0.10) gets the gradients wrong on a data x fsdp x tensor mesh for small
         # prediction counts: the test of the meshes in tests/test_text_models.py fails.

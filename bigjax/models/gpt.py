@@ -1,5 +1,5 @@
 """Decoder-only Transformer: GPT-2 (learned positions, LayerNorm, GELU) and Llama (RoPE, RMSNorm, SwiGLU,
-grouped-query attention) are the same module with different config values.
+grouped-query attention; scaled RoPE, Qwen2's q/k/v-only biases) are the same module with different config values.
 
     model = GPT(GPTConfig.from_config(config.model))
     variables = model.init(rng, tokens)            # tokens: int32 [batch, length]
@@ -15,6 +15,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bigjax import config as config_lib
 from bigjax.models import layers
 
 
@@ -36,10 +37,15 @@ class GPTConfig:
     mlp_dim: int
     positions: str
     rope_theta: float
+    rope_scaling: layers.RopeScaling
     norm: str
     norm_eps: float
+    norm_variance: str
     mlp: str
-    use_bias: bool
+    use_bias: bool  # the norms' biases (the projections' are the three below)
+    qkv_bias: bool
+    out_bias: bool
+    mlp_bias: bool
     tie_embeddings: bool
     dropout: float
     dtype: str
@@ -60,11 +66,16 @@ class GPTConfig:
             mlp_dim = 4 * m.d_model
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in m.items() if k in fields}
+        qkv_bias, out_bias, mlp_bias = config_lib.linear_biases(m)
         values.update(
             vocab_size=round_up(m.vocab_size, m.vocab_multiple),
             num_kv_heads=m.num_kv_heads or m.num_heads,
             head_dim=head_dim,
             mlp_dim=mlp_dim,
+            rope_scaling=layers.RopeScaling(**m.rope_scaling),
+            qkv_bias=qkv_bias,
+            out_bias=out_bias,
+            mlp_bias=mlp_bias,
         )
         values["attention"] = layers.resolve_attention(m.attention, m.dtype)
         return cls(**values)
@@ -72,7 +83,8 @@ class GPTConfig:
 
 def norm(c: GPTConfig, name: str) -> layers.Norm:
     """The LayerNorm or RMSNorm of c, as every norm of the family (blocks, final, BERT's embedding and head) is."""
-    return layers.Norm(c.norm, c.norm_eps, c.use_bias, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), name=name)
+    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    return layers.Norm(c.norm, c.norm_eps, c.use_bias, dtype, param_dtype, variance=c.norm_variance, name=name)
 
 
 def embedder(c: GPTConfig, type_vocab_size: int = 0) -> layers.Embedder:
@@ -117,7 +129,10 @@ class Block(nn.Module):
             num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim,
             use_bias=c.use_bias,
+            qkv_bias=c.qkv_bias,
+            out_bias=c.out_bias,
             rope_theta=c.rope_theta if c.positions == "rope" else None,
+            rope_scaling=c.rope_scaling,
             implementation=c.attention,
             init_std=c.init_std,
             out_init_std=out_std,
@@ -127,7 +142,7 @@ class Block(nn.Module):
             decode=self.decode,
             name="attention",
         )
-        mlp = layers.Mlp(c.mlp, c.mlp_dim, c.use_bias, c.init_std, out_std, dtype, param_dtype, name="mlp")
+        mlp = layers.Mlp(c.mlp, c.mlp_dim, c.mlp_bias, c.init_std, out_std, dtype, param_dtype, name="mlp")
         if self.post_norm:
             x = norm(c, "attention_norm")(x + dropout(attention(x, positions, segment_ids)))
             x = layers.constrain_hidden(x)

@@ -7,6 +7,8 @@ key activations carry `activation_*` names; `bigjax.mesh` maps both onto the dev
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -38,13 +40,18 @@ def normal(std: float):
 
 
 class Norm(nn.Module):
-    """LayerNorm (GPT-2) or RMSNorm (Llama); statistics in fp32 whatever the compute dtype."""
+    """LayerNorm (GPT-2) or RMSNorm (Llama); statistics in fp32 whatever the compute dtype.
+
+    `variance` is how LayerNorm computes the variance: "one_pass", E[x^2] - E[x]^2 (Flax's default, one reduction
+    fewer), or "two_pass", E[(x - E[x])^2] (torch's: what a BERT or ViT trained in PyTorch saw).
+    """
 
     kind: str
     eps: float
     use_bias: bool
     dtype: Dtype
     param_dtype: Dtype
+    variance: str = "one_pass"
 
     @nn.compact
     def __call__(self, x):
@@ -57,6 +64,7 @@ class Norm(nn.Module):
             norm = nn.LayerNorm(
                 epsilon=self.eps,
                 use_bias=self.use_bias,
+                use_fast_variance=self.variance == "one_pass",
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 scale_init=scale_init,
@@ -122,12 +130,84 @@ class Embedder(nn.Module):
         return self.embed.embedding.T if self.tie else self.get_variable("params", "unembed")["kernel"]
 
 
-def rotary(x, positions, theta: float):
-    """Rotary position embedding of x: [batch, length, heads, head_dim] at integer `positions`: [batch, length]."""
-    half = x.shape[-1] // 2
-    freqs = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angles = positions[..., None].astype(jnp.float32) * freqs  # [b, t, half]
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """How the rotary frequencies are stretched for contexts longer than the model was pretrained on
+    (config.model.rope_scaling; bigjax.families.rope_scaling says what each field means)."""
+
+    type: str  # none | linear | llama3 | yarn
+    factor: float
+    original_max_len: int
+    low_freq_factor: float
+    high_freq_factor: float
+    beta_fast: float
+    beta_slow: float
+    attention_factor: float  # yarn; 0 = 0.1 ln(factor) + 1
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None):
+    """(inverse frequencies [head_dim // 2] float32, the factor on cos and sin) of the rotary embedding: pair i turns
+    by position * theta^(-2i/head_dim), stretched as `scaling` says. The same float32 arithmetic as transformers'
+    rope initializers (modeling_rope_utils), so that an imported model turns its pairs by the same angles. A function
+    of the config alone: inside jit, XLA folds it into a constant."""
+    half = head_dim // 2
+    powers = theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    kind = "none" if scaling is None else scaling.type
+    if kind == "none":
+        return 1.0 / powers, 1.0
+    if kind == "linear":  # positions divided by factor, as every frequency is
+        return (1.0 / powers) / scaling.factor, 1.0
+    if kind == "llama3":
+        return llama3_frequencies(1.0 / powers, scaling), 1.0
+    if kind == "yarn":
+        return yarn_frequencies(powers, head_dim, theta, scaling), yarn_attention_factor(scaling)
+    raise ConfigError(f"config.model.rope_scaling.type={kind!r} is not one of none, linear, llama3, yarn")
+
+
+def llama3_frequencies(inv_freq, s: RopeScaling):
+    """Llama 3.1's scaling: wavelengths shorter than original_max_len / high_freq_factor keep their frequency, those
+    longer than original_max_len / low_freq_factor are divided by factor, and those between move smoothly from one
+    to the other."""
+    wavelength = 2 * jnp.pi / inv_freq
+    stretched = jnp.where(wavelength > s.original_max_len / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_len / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * stretched / s.factor + smooth * stretched
+    between = (wavelength >= s.original_max_len / s.high_freq_factor) & (
+        wavelength <= s.original_max_len / s.low_freq_factor
+    )
+    return jnp.where(between, smoothed, stretched)
+
+
+def yarn_frequencies(powers, head_dim: int, theta: float, s: RopeScaling):
+    """YaRN (Peng et al. 2023): pairs that turn more than beta_fast times within original_max_len keep their
+    frequency (extrapolation), those that turn fewer than beta_slow times are divided by factor (interpolation),
+    and a linear ramp over the pairs between mixes the two."""
+
+    def pair_turning(turns: float) -> float:  # the pair index that turns `turns` times within original_max_len
+        return head_dim * math.log(s.original_max_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(pair_turning(s.beta_fast)), 0)
+    high = min(math.ceil(pair_turning(s.beta_slow)), head_dim - 1)
+    if low == high:
+        high += 0.001  # no ramp of width zero
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # the weight of the unscaled frequency
+    return (1.0 / (s.factor * powers)) * (1 - keep) + (1.0 / powers) * keep
+
+
+def yarn_attention_factor(s: RopeScaling) -> float:
+    """YaRN scales cos and sin (so the attention logits by its square) by 0.1 ln(factor) + 1, unless set explicitly."""
+    return s.attention_factor or 0.1 * math.log(s.factor) + 1.0
+
+
+def rotary(x, positions, frequencies):
+    """Rotary position embedding of x: [batch, length, heads, head_dim] at integer `positions`: [batch, length], with
+    `frequencies` = rope_frequencies(head_dim, theta, scaling)."""
+    inv_freq, cos_sin_factor = frequencies
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, half]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    if cos_sin_factor != 1.0:
+        sin, cos = sin * cos_sin_factor, cos * cos_sin_factor
     first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return rotated.astype(x.dtype)
@@ -150,7 +230,7 @@ class Attention(nn.Module):
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    use_bias: bool
+    use_bias: bool  # biases on every projection, unless qkv_bias / out_bias say otherwise
     rope_theta: float | None  # None = no rotary (learned absolute positions are added elsewhere)
     implementation: str | None  # "xla", "cudnn" (see resolve_attention), or None to let JAX choose
     init_std: float
@@ -159,12 +239,15 @@ class Attention(nn.Module):
     param_dtype: Dtype
     causal: bool = True
     decode: bool = False
+    qkv_bias: bool | None = None  # biases on the query, key and value projections; None = use_bias
+    out_bias: bool | None = None  # a bias on the output projection; None = use_bias
+    rope_scaling: RopeScaling | None = None  # None = the plain rotary embedding
 
     def _project(self, x, heads: int, head_names: str, name: str):
         return nn.Einsum(
             shape=(x.shape[-1], heads, self.head_dim),
             einsum_str="btd,dnh->btnh",
-            use_bias=self.use_bias,
+            use_bias=self.use_bias if self.qkv_bias is None else self.qkv_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=logical(normal(self.init_std), "embed", head_names, "kv"),
@@ -178,7 +261,8 @@ class Attention(nn.Module):
         k = self._project(x, self.num_kv_heads, "kv_heads", "key")
         v = self._project(x, self.num_kv_heads, "kv_heads", "value")
         if self.rope_theta is not None:
-            q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
+            frequencies = rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+            q, k = rotary(q, positions, frequencies), rotary(k, positions, frequencies)
         q = constrain(q, "activation_batch", "activation_length", "activation_heads", None)
         k = constrain(k, "activation_batch", "activation_length", "activation_kv_heads", None)
         v = constrain(v, "activation_batch", "activation_length", "activation_kv_heads", None)
@@ -192,7 +276,7 @@ class Attention(nn.Module):
         return nn.Einsum(
             shape=(self.num_heads, self.head_dim, x.shape[-1]),
             einsum_str="btnh,nhd->btd",
-            use_bias=self.use_bias,
+            use_bias=self.use_bias if self.out_bias is None else self.out_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=logical(normal(self.out_init_std), "heads", "kv", "embed"),
@@ -268,8 +352,14 @@ def pool_segments(x, segment_ids, positions, num_segments: int, token: str):
     return jnp.einsum("bst,btd->bsd", select.astype(x.dtype), x)
 
 
+def gelu(kind: str, x):
+    """The GELU of `model.mlp`: "gelu_exact" is the erf form (transformers' "gelu": BERT, ViT); any other kind the
+    tanh approximation (GPT-2's "gelu_new", bigjax's default)."""
+    return nn.gelu(x, approximate=kind != "gelu_exact")
+
+
 class Mlp(nn.Module):
-    """GELU MLP (GPT-2) or SwiGLU (Llama)."""
+    """GELU MLP (GPT-2: tanh GELU; BERT, ViT: exact GELU) or SwiGLU (Llama)."""
 
     kind: str
     hidden_dim: int
@@ -298,7 +388,7 @@ class Mlp(nn.Module):
             gate = self._dense(x, self.hidden_dim, ("embed", "mlp"), self.init_std, "gate")
             hidden = nn.silu(gate) * up
         else:
-            hidden = nn.gelu(up, approximate=True)
+            hidden = gelu(self.kind, up)
         hidden = constrain(hidden, "activation_batch", "activation_length", "activation_mlp")
         return self._dense(hidden, d_model, ("mlp", "embed"), self.out_init_std, "down")
 

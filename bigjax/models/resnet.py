@@ -42,6 +42,7 @@ class ResNetConfig:
     depth: int
     width: int
     stem: str
+    conv_padding: str
     zero_init_residual: bool
     scan_layers: bool
     remat: str
@@ -64,6 +65,12 @@ class ResNetConfig:
     @property
     def stage_sizes(self) -> tuple[int, ...]:
         return DEPTHS[self.depth][1]
+
+    def padding(self, kernel_size: int):
+        """ "SAME", or kernel//2 on each side (torch's): the two differ only where a stride meets an even size."""
+        if self.conv_padding == "same":
+            return "SAME"
+        return ((kernel_size // 2, kernel_size // 2),) * 2
 
     def norm(self, train: bool):
         """The norm after each convolution, by name: `norm(name="norm1")`; BatchNorm statistics frozen on request."""
@@ -91,7 +98,11 @@ class Block(nn.Module):
     def __call__(self, x):
         c = self.cfg
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        conv = functools.partial(layers.conv, init=CONV_INIT, dtype=dtype, param_dtype=param_dtype)
+
+        def conv(features, kernel_size, **kwargs):
+            common = dict(padding=c.padding(kernel_size), init=CONV_INIT, dtype=dtype, param_dtype=param_dtype)
+            return layers.conv(features, kernel_size, **common, **kwargs)
+
         norm = c.norm(self.train)
         last_norm = functools.partial(norm, zero_init=c.zero_init_residual)
 
@@ -125,17 +136,14 @@ class ResNet(nn.Module):
         x = layers.constrain(x, "activation_batch", None, None, None)
 
         # The stem sees the 1 or 3 image channels, which no mesh axis divides: its input channels stay whole.
+        stem = functools.partial(
+            layers.conv, c.width, init=CONV_INIT, in_name=None, dtype=dtype, param_dtype=param_dtype, name="stem"
+        )
         if c.stem == "imagenet":
-            stem = layers.conv(
-                c.width, 7, strides=2, init=CONV_INIT, in_name=None, dtype=dtype, param_dtype=param_dtype, name="stem"
-            )
-            x = nn.relu(norm(name="stem_norm")(stem(x)))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            x = nn.relu(norm(name="stem_norm")(stem(7, strides=2, padding=c.padding(7))(x)))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=c.padding(3))  # max_pool pads with -inf
         else:
-            stem = layers.conv(
-                c.width, 3, init=CONV_INIT, in_name=None, dtype=dtype, param_dtype=param_dtype, name="stem"
-            )
-            x = nn.relu(norm(name="stem_norm")(stem(x)))
+            x = nn.relu(norm(name="stem_norm")(stem(3, padding=c.padding(3))(x)))
         x = layers.constrain(x, "activation_batch", None, None, "activation_conv")
 
         # Rematerialized by policy (the dots policies save matmul outputs only, so for convolutions they recompute

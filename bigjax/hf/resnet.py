@@ -1,0 +1,191 @@
+"""ResNetForImageClassification (transformers' modeling_resnet: microsoft/resnet-*) <-> bigjax's ResNet family.
+
+transformers' layout is bigjax's ResNet v1.5: a 7x7/2 conv + BatchNorm + ReLU "embedder" and a 3x3/2 max-pool (the
+imagenet stem), four stages of basic or bottleneck layers whose stride sits in the 3x3 convolution
+(downsample_in_bottleneck=False), a 1x1 conv + BatchNorm shortcut where the shape changes, no stride in the first
+stage (downsample_in_first_stage=False), average pooling and a linear classifier. What must hold besides:
+
+- depths are one of bigjax's (basic: 10, 18, 34; bottleneck: 50, 101, 152), and hidden_sizes are width x 2^stage
+  (x 4 for bottlenecks) with width = embedding_size: bigjax derives every stage's channels from one width;
+- torch pads each convolution and the max-pool by kernel//2 on every side: model.conv_padding="symmetric" (bigjax's
+  default "same" puts a strided layer's padding at the end instead, which samples other pixels).
+
+BatchNorm's running mean and variance are bigjax's `batch_stats` collection (TrainState.model_state), under the
+norm's path: import writes them there, export reads them back (`num_batches_tracked` is written as 0: transformers
+uses it only for a BatchNorm without momentum). Stages' later blocks are stacked when model.scan_layers is set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bigjax import config as config_lib
+from bigjax.hf import files
+from bigjax.hf.common import HFError, refuse, require
+from bigjax.hf.vit import labels
+from bigjax.models.resnet import DEPTHS
+
+ARCHITECTURES = ("ResNetForImageClassification",)
+# ConvNextImageProcessor's defaults, which microsoft/resnet-* use: ImageNet's mean and standard deviation.
+IMAGE_MEAN, IMAGE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+EXPANSION = {"basic": 1, "bottleneck": 4}  # a layer's output channels per inner channel
+
+
+def bigjax_config(hf: dict):
+    require(hf, "hidden_act", ("relu",), "relu", "bigjax's ResNet uses ReLU")
+    require(hf, "downsample_in_first_stage", (False,), False, "bigjax's first stage keeps the stem's resolution")
+    require(hf, "downsample_in_bottleneck", (False,), False, "bigjax's bottleneck strides in its 3x3 convolution")
+    layer_type, depths = hf.get("layer_type", "bottleneck"), tuple(hf.get("depths", (3, 4, 6, 3)))
+    require(hf, "layer_type", tuple(EXPANSION), "bottleneck", "bigjax has basic and bottleneck blocks")
+    depth = next((d for d, (kind, stages) in DEPTHS.items() if (kind, stages) == (layer_type, depths)), None)
+    if depth is None:
+        known = ", ".join(f"{kind} {list(stages)}" for kind, stages in DEPTHS.values())
+        refuse("depths", list(depths), f"bigjax's ResNet depths are {known}")
+    width = int(hf.get("embedding_size", 64))
+    expected = [EXPANSION[layer_type] * width * 2**stage for stage in range(len(depths))]
+    if list(hf.get("hidden_sizes", expected)) != expected:
+        refuse(
+            "hidden_sizes",
+            hf.get("hidden_sizes"),
+            f"bigjax's stages have width x 2^stage{' x 4' if layer_type == 'bottleneck' else ''} channels, "
+            f"{expected} for embedding_size={width}",
+        )
+    num_classes = len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
+    if num_classes < 2:
+        refuse("num_labels", num_classes, "bigjax classifies into two classes or more")
+    config = config_lib.defaults("resnet", "classification")
+    config.model.update(
+        depth=depth,
+        width=width,
+        stem="imagenet",
+        conv_padding="symmetric",
+        normalization="batchnorm",
+        norm_eps=1e-5,  # torch's BatchNorm2d
+        bn_momentum=0.9,  # torch's momentum=0.1 weighs the new batch 0.1
+    )
+    config.task.num_classes = num_classes
+    config.data.update(
+        source="synthetic",  # name the images when training (--config.data.source=...)
+        image_size=224,
+        channels=int(hf.get("num_channels", 3)),
+        image_mean=IMAGE_MEAN,  # or the model's preprocessor_config.json (bigjax.hf.convert)
+        image_std=IMAGE_STD,
+    )
+    return config
+
+
+def exports(config) -> bool:
+    """Whether the run is a ResNet; one without a transformers equivalent is refused here, naming the setting."""
+    m = config.model
+    if m.family != "resnet":
+        return False
+    why = {
+        "stem": "transformers' ResNet has the imagenet stem (7x7/2 conv and a 3x3/2 max-pool)",
+        "normalization": "transformers' ResNet has BatchNorm",
+        "conv_padding": "torch pads by kernel//2 on every side; a model trained with 'same' computes other numbers",
+    }
+    for key, value in dict(stem="imagenet", normalization="batchnorm", conv_padding="symmetric").items():
+        if m[key] != value:
+            raise HFError(f"config.model.{key}={m[key]!r}: {why[key]}; this run cannot be exported")
+    return True
+
+
+def blocks(config):
+    """(stage, layer, bigjax block name, index in its stack or None) of every residual block."""
+    m = config.model
+    for stage, count in enumerate(DEPTHS[m.depth][1]):
+        for layer in range(count):
+            if layer == 0:
+                yield stage, layer, f"stage{stage + 1}_block1", None
+            elif m.scan_layers and count > 1:
+                yield stage, layer, f"stage{stage + 1}_rest", layer - 1
+            else:
+                yield stage, layer, f"stage{stage + 1}_block{layer + 1}", None
+
+
+def convs(config, stage: int, layer: int):
+    """(HF module under the layer, bigjax conv name, bigjax norm name) of one block's convolutions."""
+    kind = DEPTHS[config.model.depth][0]
+    pairs = [(f"layer.{k}", f"conv{k + 1}", f"norm{k + 1}") for k in range(2 if kind == "basic" else 3)]
+    if layer == 0 and (stage > 0 or EXPANSION[kind] > 1):  # the shape changes: a projection shortcut
+        pairs.append(("shortcut", "shortcut", "shortcut_norm"))
+    return pairs
+
+
+def conv_norm(read, hf: str, conv: str, norm: str) -> dict:
+    """The views of one HF ResNetConvLayer (or shortcut): its kernel, BatchNorm parameters and statistics."""
+    return {
+        f"{conv}/kernel": read(f"{hf}.convolution.weight").transpose(2, 3, 1, 0),  # [out, in, kh, kw] -> Flax's
+        f"{norm}/scale": read(f"{hf}.normalization.weight"),
+        f"{norm}/bias": read(f"{hf}.normalization.bias"),
+        f"batch_stats/{norm}/mean": read(f"{hf}.normalization.running_mean"),
+        f"batch_stats/{norm}/var": read(f"{hf}.normalization.running_var"),
+    }
+
+
+def layer_tensors(read, i: int, config) -> dict:
+    return {}  # no Transformer layers: every path is in global_tensors
+
+
+def global_tensors(read, config) -> dict:
+    tensors = conv_norm(read, "resnet.embedder.embedder", "stem", "stem_norm")
+    stacks = {}  # (bigjax name, path) -> the views of its stacked blocks, in order
+    for stage, layer, name, index in blocks(config):
+        for hf, conv, norm in convs(config, stage, layer):
+            hf_name = f"resnet.encoder.stages.{stage}.layers.{layer}.{hf}"
+            for path, view in conv_norm(read, hf_name, f"{name}/{conv}", f"{name}/{norm}").items():
+                if index is None:
+                    tensors[path] = view
+                else:
+                    stacks.setdefault(path, []).append(view)
+    tensors |= {path: files.stack(views) for path, views in stacks.items()}
+    if read.has("classifier.1.weight"):
+        tensors["head/kernel"] = read("classifier.1.weight").T
+        tensors["head/bias"] = read("classifier.1.bias")
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------------
+# Export: bigjax parameters and BatchNorm statistics -> HF tensors and config.json
+
+
+def hf_tensors(params, config, hf_vocab=None) -> dict:
+    def conv_norm_out(hf: str, conv: str, norm: str, index):
+        def get(path):
+            return params[path] if index is None else params[path][index]
+
+        return {
+            f"{hf}.convolution.weight": get(f"{conv}/kernel").transpose(3, 2, 0, 1),
+            f"{hf}.normalization.weight": get(f"{norm}/scale"),
+            f"{hf}.normalization.bias": get(f"{norm}/bias"),
+            f"{hf}.normalization.running_mean": get(f"batch_stats/{norm}/mean"),
+            f"{hf}.normalization.running_var": get(f"batch_stats/{norm}/var"),
+            f"{hf}.normalization.num_batches_tracked": np.zeros((), np.int64),
+        }
+
+    out = conv_norm_out("resnet.embedder.embedder", "stem", "stem_norm", None)
+    for stage, layer, name, index in blocks(config):
+        for hf, conv, norm in convs(config, stage, layer):
+            hf_name = f"resnet.encoder.stages.{stage}.layers.{layer}.{hf}"
+            out |= conv_norm_out(hf_name, f"{name}/{conv}", f"{name}/{norm}", index)
+    out["classifier.1.weight"] = params["head/kernel"].T
+    out["classifier.1.bias"] = params["head/bias"]
+    return out
+
+
+def hf_config(config, hf_vocab=None, special=None) -> dict:
+    m = config.model
+    kind, depths = DEPTHS[m.depth]
+    return dict(
+        architectures=["ResNetForImageClassification"],
+        model_type="resnet",
+        num_channels=config.data.channels,
+        embedding_size=m.width,
+        hidden_sizes=[EXPANSION[kind] * m.width * 2**stage for stage in range(len(depths))],
+        depths=list(depths),
+        layer_type=kind,
+        hidden_act="relu",
+        downsample_in_first_stage=False,
+        downsample_in_bottleneck=False,
+        **labels(config.task.num_classes),
+    )

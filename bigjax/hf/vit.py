@@ -1,0 +1,209 @@
+"""ViTForImageClassification and ViTModel <-> bigjax's ViT family (a class token, learned positions, pre-LN blocks).
+
+    ViTForImageClassification    task classification, num_classes = num_labels: the head on the class token
+    ViTModel                     task classification too, with a new zero head of num_labels classes (bigjax's
+                                 initialization of a head). Its pooler (dense, tanh on the class token) is not
+                                 read: bigjax's ViT has none, and ViTForImageClassification does not use one either
+
+A run exports as ViTForImageClassification. Positions: transformers adds a table of 1 + patches rows after putting
+the class token first; bigjax adds its table to the patches and then puts its class token first. The class
+token's row folds into bigjax's class token exactly (cls + row 0: the same single float32 addition transformers
+does); export writes bigjax's class token and a zero row 0. torch's Conv2d kernel [out, in, kh, kw] becomes Flax's
+[kh, kw, in, out]. HF takes NCHW pixel_values, bigjax NHWC images: the same numbers, transposed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bigjax import config as config_lib
+from bigjax.hf.bert import ACTIVATIONS, num_labels
+from bigjax.hf.common import HFError, refuse, require
+
+ARCHITECTURES = ("ViTForImageClassification", "ViTModel")
+IMAGE_MEAN, IMAGE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
+
+
+def square(hf: dict, field: str) -> int:
+    value = hf[field]
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            refuse(field, value, "bigjax's ViT takes square images and patches")
+        value = value[0]
+    return int(value)
+
+
+def bigjax_config(hf: dict):
+    require(hf, "hidden_act", tuple(ACTIVATIONS), "gelu", "bigjax's ViT has the exact or the tanh GELU only")
+    require(hf, "qkv_bias", (True,), True, "bigjax's ViT has biases on every projection")
+    require(hf, "problem_type", (None, "single_label_classification"), None, "bigjax classifies into one class")
+    if num_labels(hf) < 2:
+        refuse("num_labels", num_labels(hf), "bigjax classifies into two classes or more (no regression head)")
+    image_size, patch_size = square(hf, "image_size"), square(hf, "patch_size")
+    config = config_lib.defaults("vit", "classification")
+    config.model.update(
+        patch_size=patch_size,
+        pooling="cls",
+        position_embedding="learned",
+        num_layers=hf["num_hidden_layers"],
+        d_model=hf["hidden_size"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=0,
+        head_dim=0,
+        mlp_dim=hf["intermediate_size"],
+        norm="layernorm",
+        norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        norm_variance="two_pass",
+        mlp=ACTIVATIONS[hf.get("hidden_act", "gelu")],
+        use_bias=True,
+        dropout=float(hf.get("hidden_dropout_prob", 0.0)),
+    )
+    config.task.num_classes = num_labels(hf)
+    config.data.update(
+        source="synthetic",  # name the images when training (--config.data.source=...)
+        image_size=image_size,
+        channels=int(hf.get("num_channels", 3)),
+        image_mean=IMAGE_MEAN,  # or the model's preprocessor_config.json (bigjax.hf.convert)
+        image_std=IMAGE_STD,
+    )
+    return config
+
+
+def exports(config) -> bool:
+    """Whether the run is a ViT; one without a transformers equivalent is refused here, naming the setting."""
+    m = config.model
+    if m.family != "vit":
+        return False
+    fixed = dict(pooling="cls", position_embedding="learned", norm="layernorm", use_bias=True)
+    for key, value in fixed.items():
+        if m[key] != value:
+            raise HFError(
+                f"config.model.{key}={m[key]!r}: transformers' ViT has {key}={value!r}; this run cannot be exported"
+            )
+    if m.mlp == "swiglu":
+        raise HFError("config.model.mlp='swiglu': transformers' ViT has a GELU MLP; this run cannot be exported")
+    if (m.num_kv_heads or m.num_heads) != m.num_heads or (m.head_dim and m.head_dim * m.num_heads != m.d_model):
+        raise HFError(
+            "config.model.num_kv_heads / head_dim: transformers' ViT has d_model // num_heads per head and as many "
+            "key/value heads as heads; this run cannot be exported"
+        )
+    return True
+
+
+def sizes(m):
+    return m.num_heads, m.head_dim or m.d_model // m.num_heads, m.d_model
+
+
+def prefix(read) -> str:
+    """ViTForImageClassification keeps the model under `vit.`; ViTModel's own files have no prefix."""
+    return "vit." if read.has("vit.embeddings.cls_token") else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Import: bigjax path -> a view of the HF tensors
+
+
+def layer_tensors(read, i: int, config) -> dict:
+    h, hd, _ = sizes(config.model)
+    p = f"{prefix(read)}encoder.layer.{i}."
+
+    def linear(name):  # torch's nn.Linear is [out, in]
+        return read(p + name + ".weight").T
+
+    layer = {
+        "attention/out/kernel": linear("attention.output.dense").split_axis(0, (h, hd)),
+        "attention/out/bias": read(p + "attention.output.dense.bias"),
+        "mlp/up/kernel": linear("intermediate.dense"),
+        "mlp/up/bias": read(p + "intermediate.dense.bias"),
+        "mlp/down/kernel": linear("output.dense"),
+        "mlp/down/bias": read(p + "output.dense.bias"),
+    }
+    for name in ("query", "key", "value"):
+        layer[f"attention/{name}/kernel"] = linear(f"attention.attention.{name}").split_axis(1, (h, hd))
+        layer[f"attention/{name}/bias"] = read(f"{p}attention.attention.{name}.bias").split_axis(0, (h, hd))
+    for norm, hf_norm in (("attention_norm", "layernorm_before"), ("mlp_norm", "layernorm_after")):
+        layer[f"{norm}/norm/scale"] = read(f"{p}{hf_norm}.weight")
+        layer[f"{norm}/norm/bias"] = read(f"{p}{hf_norm}.bias")
+    return layer
+
+
+def global_tensors(read, config) -> dict:
+    v = prefix(read)
+    positions = read(v + "embeddings.position_embeddings")  # [1, 1 + patches, d]
+    rows = positions.shape[1]
+    tensors = {
+        "patch_embed/kernel": read(v + "embeddings.patch_embeddings.projection.weight").transpose(2, 3, 1, 0),
+        "patch_embed/bias": read(v + "embeddings.patch_embeddings.projection.bias"),
+        "cls": read(v + "embeddings.cls_token").plus(positions.range(1, 0, 1)),
+        "position_embed": positions.range(1, 1, rows),
+        "encoder_norm/norm/scale": read(v + "layernorm.weight"),
+        "encoder_norm/norm/bias": read(v + "layernorm.bias"),
+    }
+    if read.has("classifier.weight"):
+        tensors["head/kernel"] = read("classifier.weight").T
+        tensors["head/bias"] = read("classifier.bias")
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------------
+# Export: bigjax parameters -> HF tensors and config.json
+
+
+def hf_tensors(params, config, hf_vocab=None) -> dict:
+    m = config.model
+    h, hd, d = sizes(m)
+    out = {}
+    for i in range(m.num_layers):
+        p = f"vit.encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            out[f"{p}attention.attention.{name}.weight"] = (
+                params.layer(i, f"attention/{name}/kernel").reshape(d, h * hd).T
+            )
+            out[f"{p}attention.attention.{name}.bias"] = params.layer(i, f"attention/{name}/bias").reshape(h * hd)
+        out[p + "attention.output.dense.weight"] = params.layer(i, "attention/out/kernel").reshape(h * hd, d).T
+        out[p + "attention.output.dense.bias"] = params.layer(i, "attention/out/bias")
+        for name, sub in (("intermediate.dense", "up"), ("output.dense", "down")):
+            out[f"{p}{name}.weight"] = params.layer(i, f"mlp/{sub}/kernel").T
+            out[f"{p}{name}.bias"] = params.layer(i, f"mlp/{sub}/bias")
+        for name, norm in (("layernorm_before", "attention_norm"), ("layernorm_after", "mlp_norm")):
+            out[f"{p}{name}.weight"] = params.layer(i, f"{norm}/norm/scale")
+            out[f"{p}{name}.bias"] = params.layer(i, f"{norm}/norm/bias")
+    e = "vit.embeddings."
+    out[e + "patch_embeddings.projection.weight"] = params["patch_embed/kernel"].transpose(3, 2, 0, 1)
+    out[e + "patch_embeddings.projection.bias"] = params["patch_embed/bias"]
+    out[e + "cls_token"] = params["cls"]  # its position is folded in: row 0 of the table is zero
+    positions = params["position_embed"]
+    out[e + "position_embeddings"] = np.concatenate([np.zeros((1, 1, d), positions.dtype), positions], axis=1)
+    out["vit.layernorm.weight"] = params["encoder_norm/norm/scale"]
+    out["vit.layernorm.bias"] = params["encoder_norm/norm/bias"]
+    out["classifier.weight"] = params["head/kernel"].T
+    out["classifier.bias"] = params["head/bias"]
+    return out
+
+
+def labels(num_classes: int) -> dict:
+    return dict(
+        id2label={str(i): f"LABEL_{i}" for i in range(num_classes)},
+        label2id={f"LABEL_{i}": i for i in range(num_classes)},
+    )
+
+
+def hf_config(config, hf_vocab=None, special=None) -> dict:
+    m = config.model
+    return dict(
+        architectures=["ViTForImageClassification"],
+        model_type="vit",
+        hidden_size=m.d_model,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        intermediate_size=m.mlp_dim or 4 * m.d_model,
+        hidden_act="gelu" if m.mlp == "gelu_exact" else "gelu_new",
+        layer_norm_eps=m.norm_eps,
+        image_size=config.data.image_size,
+        patch_size=m.patch_size,
+        num_channels=config.data.channels,
+        qkv_bias=True,
+        hidden_dropout_prob=m.dropout,
+        attention_probs_dropout_prob=0.0,  # bigjax drops no attention probabilities
+        **labels(config.task.num_classes),
+    )

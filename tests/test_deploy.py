@@ -1,0 +1,183 @@
+"""`bigjax export --format onnx|stablehlo` (bigjax.deploy): the ONNX files run in onnxruntime and give bigjax's own
+logits; the StableHLO prefill and decode step, deserialized, decode greedily what `bigjax generate` does.
+
+Each run is a committed checkpoint at step 0 written as `bigjax import` writes one (no train step to compile), of a
+shrunk experiment in its trained layout (layers scanned where the experiment scans them: the unstacking path),
+with noise added to every parameter and BatchNorm statistic so that no layer is the identity and no statistic is
+(0, 1): a parameter in the wrong place, or BatchNorm in training mode, changes the logits."""
+
+import json
+
+import jax
+import numpy as np
+import onnxruntime
+import pytest
+from conftest import REPO
+from tolerance import float32_sum_tolerance, transformer_sum_lengths
+
+from bigjax import checkpoint, data, deploy, generate
+from bigjax import config as config_lib
+from bigjax.deploy import onnx_export, stablehlo
+from bigjax.models import gpt
+from bigjax.setup import make_setup
+
+# The models, shrunk; each keeps what makes its export path differ (scanned layers, BatchNorm, max-pool stem).
+RUNS = {
+    "gpt": ("tiny.py", []),  # scanned layers
+    "cnn": ("cnn_digits.py:norm=batchnorm", ["model.features=(4, 8)", "model.hidden_dim=16"]),
+    "vit": ("vit_digits.py:layers=2,d=16", ["model.scan_layers=True"]),
+    "resnet": (
+        "resnet18_cifar10.py",
+        [
+            "model.width=4",
+            "model.stem=imagenet",  # its max-pool is one of the nodes rewritten for onnxruntime
+            "model.dtype=float32",
+            "data.source=digits",
+            "data.image_size=8",
+            "data.channels=1",
+            "data.image_mean=(0.5,)",
+            "data.image_std=(0.5,)",
+        ],
+    ),
+}
+
+
+def saved_run(workdir, name: str, noise: float = 0.1):
+    """A workdir with a committed checkpoint at step 0 of RUNS[name]; returns (config, the variables saved)."""
+    experiment, overrides = RUNS[name]
+    config = config_lib.load(str(REPO / "experiments" / experiment), [f"config.{o}" for o in overrides])
+    config.batch_size = 8
+    setup = make_setup(config)
+    state = setup.init_state()
+    keys = iter(jax.random.split(jax.random.key(1), 1000))
+    shaken = lambda tree: jax.tree.map(lambda a: a + noise * jax.random.normal(next(keys), a.shape, a.dtype), tree)
+    model_state = {c: jax.tree.map(lambda a: abs(a) + 0.5, shaken(v)) for c, v in state.model_state.items()}
+    state = state.replace(params=shaken(state.params), model_state=model_state)
+    saves = checkpoint.writer(workdir, config.keep_checkpoints)
+    saves.save(0, state, data.train_batches(config).get_state(), {"nan_skips": 0}, config)
+    saves.finish()
+    checkpoint.write_config(workdir, config)
+    variables = jax.tree.map(np.asarray, {"params": state.params, **state.model_state})
+    return config, setup.task, variables
+
+
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("gpt")
+    config, task, variables = saved_run(workdir, "gpt", noise=0.5)
+    return workdir, config, task, variables
+
+
+def onnx_logits(out, feed: dict) -> np.ndarray:
+    """model.onnx of `out` in onnxruntime, as README's snippet runs it."""
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"))
+    return session.run(None, feed)[0]
+
+
+def relative_difference(values, reference) -> float:
+    return float(np.max(np.abs(values - reference)) / np.max(np.abs(reference)))
+
+
+def test_gpt_onnx_gives_bigjax_logits_at_any_batch_and_length(gpt_run, tmp_path):
+    workdir, config, task, variables = gpt_run
+    out = tmp_path / "onnx"
+    assert deploy.export(workdir, out, "onnx") == 0
+    described = json.loads((out / "model.json").read_text())
+    assert described["inputs"][0] == {"name": "tokens", "dtype": "int32", "shape": ["batch", "length"]}
+    vocab = config.model.vocab_size
+    c = gpt.GPTConfig.from_config(config.model)
+    # onnxruntime and XLA add the same float32 terms in other orders (tests/tolerance.py).
+    bound = float32_sum_tolerance(*transformer_sum_lengths(1, c.vocab_size, c.d_model, c.mlp_dim, c.max_len, 2))
+    rng = np.random.default_rng(0)
+    for batch, length in [(3, config.model.max_len), (1, 5)]:  # both dimensions are dynamic
+        tokens = rng.integers(0, vocab, (batch, length), np.int32)
+        ours = np.asarray(task.model.apply(variables, tokens))[..., :vocab]  # bigjax's model, layers scanned
+        theirs = onnx_logits(out, {"tokens": tokens})
+        assert theirs.shape == (batch, length, vocab)
+        difference = relative_difference(theirs, ours)
+        print(f"gpt {batch}x{length}: max relative difference {difference:.3g} (bound {bound:.3g})")
+        assert difference < bound, (difference, bound)
+    assert described["checked"]["max_relative_difference"] < bound
+
+    snippet = readme_snippet("onnxruntime.InferenceSession").replace("out/model.onnx", str(out / "model.onnx"))
+    ran = {}
+    exec(snippet, ran)
+    tokens = np.array([[72, 105, 33]], np.int32)
+    ours = np.asarray(task.model.apply(variables, tokens))[..., :vocab]
+    assert relative_difference(ran["logits"], ours) < bound
+
+
+def readme_snippet(containing: str) -> str:
+    """The README's python block that contains `containing`."""
+    blocks = (REPO / "README.md").read_text().split("```python\n")[1:]
+    return next(block.split("```")[0] for block in blocks if containing in block)
+
+
+def image_sum_lengths(config) -> list:
+    """The float32 sums an image classifier's logits go through (convolution windows, dense widths, attention),
+    counted generously: each layer's longest."""
+    m, image = config.model, config.data.image_size
+    if m.family == "vit":
+        d = m.d_model
+        return [m.patch_size**2 * config.data.channels, d] + [3 * d + m.mlp_dim + image**2] * m.num_layers
+    if m.family == "cnn":
+        widths = [config.data.channels, *m.features]
+        return [9 * w for w in widths[:-1]] + [widths[-1] * (image // 2 ** len(m.features)) ** 2, m.hidden_dim]
+    return [49 * config.data.channels] + [9 * m.width * 8] * 2 * 8 + [image**2, m.width * 8]
+
+
+@pytest.mark.parametrize("name", ["cnn", "vit", "resnet"])
+def test_image_classifier_onnx_gives_bigjax_logits(name, tmp_path):
+    config, task, variables = saved_run(tmp_path / "run", name)
+    out = tmp_path / "onnx"
+    deploy.export(tmp_path / "run", out, "onnx")
+    described = json.loads((out / "model.json").read_text())
+    assert described["inputs"][0]["shape"] == ["batch", 8, 8, 1]
+    assert described["preprocessing"]["mean"] == [0.5]
+    images = np.random.default_rng(0).standard_normal((3, 8, 8, 1), np.float32)
+    ours = np.asarray(task.model.apply(variables, images, train=False))  # eval mode: BatchNorm's running stats
+    theirs = onnx_logits(out, {"images": images})
+    bound = float32_sum_tolerance(*image_sum_lengths(config))
+    print(f"{name}: max relative difference {relative_difference(theirs, ours):.3g} (bound {bound:.3g})")
+    assert theirs.shape == (3, 10)
+    assert relative_difference(theirs, ours) < bound, (relative_difference(theirs, ours), bound)
+
+
+def test_stablehlo_greedy_decoding_is_bigjax_generate(gpt_run, tmp_path):
+    workdir, config, _, _ = gpt_run
+    out = tmp_path / "stablehlo"
+    deploy.export(workdir, out, "stablehlo", platforms=("cpu",))
+    served = stablehlo.load(out)
+    assert served.manifest["cache_columns"] == config.model.max_len
+    # Rows of different lengths (right-padded prefill), one that stops short of max_new_tokens at most.
+    prompts = [[72, 105, 33], list(range(40, 51)), [259]]
+    # 20 new tokens: the cache generate sizes is max_len columns too (one width of the same sums).
+    ours = generate.load(workdir).generate_ids(prompts, generate.Sampling(max_new_tokens=20, temperature=0))
+    assert stablehlo.greedy(served, prompts, max_new_tokens=20) == ours
+    assert len({tuple(row) for row in ours}) == len(ours)  # the rows differ: the cache is per row
+
+
+def test_refused_runs_say_so_in_one_line(tmp_path, cli):
+    config = config_lib.load(str(REPO / "experiments" / "bert_tiny_mlm.py"))
+    checkpoint.write_config(tmp_path, config)
+    result = cli("export", "--workdir", tmp_path, "--out", tmp_path / "out", "--format", "onnx", check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().startswith("error:") and "masked_lm" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists()
+
+    with pytest.raises(deploy.DeployError, match="stablehlo exports the decode step of a GPT causal LM"):
+        deploy.check_exportable(config_lib.load(str(REPO / "experiments" / "cnn_digits.py")), "stablehlo", "run")
+    quantized = config_lib.load(str(REPO / "experiments" / "tiny.py"))
+    quantized.quant = dict(mode="int8")
+    with pytest.raises(deploy.DeployError, match="quantized"):
+        deploy.check_exportable(quantized, "onnx", "run")
+    quantized.quant = dict(mode="none")
+    deploy.check_exportable(quantized, "onnx", "run")
+
+
+def test_unstack_layers_names_each_layer_as_the_unrolled_model():
+    stacked = {"layers": {"mlp": {"kernel": np.arange(6).reshape(3, 2)}}, "stage2_rest": {"bias": np.ones((2, 1))}}
+    unrolled = onnx_export.unstack_layers(stacked)
+    assert sorted(unrolled) == ["layers_0", "layers_1", "layers_2", "stage2_block2", "stage2_block3"]
+    np.testing.assert_array_equal(unrolled["layers_2"]["mlp"]["kernel"], [4, 5])
