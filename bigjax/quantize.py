@@ -17,8 +17,9 @@ config with one line) and the data iterator's position. Its `total_steps` is the
 that follows it stops after that step. `quantized.json` records where it came from.
 
 The float parameters are restored onto this process's mesh (DIR's mesh config), quantized shard by shard inside
-one jit whose outputs have the quantized tree's shardings, and saved by the trainer's checkpoint writer under the
-workdir lock; DIR is only read.
+one jit whose outputs have the quantized tree's shardings, and saved by the trainer's checkpoint writer under
+DIR2's workdir lock. DIR's checkpoints and config are only read (library warnings go to DIR/logs, as for export).
+A pruned run's zeros stay exact zeros (absmax rounding maps 0 to 0).
 """
 
 from __future__ import annotations
