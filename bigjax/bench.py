@@ -86,6 +86,8 @@ def bench(config, steps: int = 100, warmup: int = 10, windows: int = 5, config_n
 
     step, compile_seconds = step_lib.compile_train_step(setup)
     metrics.say(f"bench: compiled in {compile_seconds:.1f}s; {warmup} warm-up steps, then {steps} timed")
+    if setup.teacher is not None:  # distillation: the teacher's forward pass is part of the step timed
+        step = step_lib.with_teacher(step, setup.teacher.load())
     host_batches = data.train_batches(config)
     batches = [setup.sharding.global_batch(next(host_batches)) for _ in range(BATCHES_ON_DEVICE)]
     state = run_steps(step, state, batches, warmup)
