@@ -97,6 +97,7 @@ def make_train_step(task, tx, config, teacher=None):
 def compile_train_step(setup: Setup):
     """The step, compiled ahead of time (to time the compile): (compiled step, seconds)."""
     started = time.perf_counter()
+    _ = setup.teacher  # a teacher's shapes are traced outside the mesh context, as the state's were (bigjax.state)
     with setup.sharding.activate():
         compiled = lower_train_step(setup).compile()
     return compiled, time.perf_counter() - started
