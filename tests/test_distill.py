@@ -25,7 +25,7 @@ from bigjax.config import ConfigError
 from bigjax.setup import make_setup
 
 BERT = str(REPO / "experiments" / "bert_tiny_mlm.py") + ":layers=2,d=32,seq=32,steps=2"
-BERT_SMALL = ["config.batch_size=8", "config.log_every=1"]
+BERT_SMALL = ["config.batch_size=8", "config.log_every=1", "config.optim.warmup_steps=0"]
 # A teacher wider and deeper than the tiny student (2 layers of 32, 4 heads): its hidden states cannot stand in for
 # the student's anywhere by mistake.
 LM_TEACHER = ["config.model.num_layers=3", "config.model.d_model=64", "config.model.num_heads=2"]
