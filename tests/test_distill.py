@@ -22,6 +22,7 @@ from bigjax import checkpoint, data, distill, metrics, train
 from bigjax import config as config_lib
 from bigjax import step as step_lib
 from bigjax.config import ConfigError
+from bigjax.params import by_path
 from bigjax.setup import make_setup
 
 BERT = str(REPO / "experiments" / "bert_tiny_mlm.py") + ":layers=2,d=32,seq=32,steps=2"
@@ -121,8 +122,14 @@ def test_distilled_loss_and_gradients_match_numpy_and_every_mesh_in_one_piece_or
     for shape, chunk in [((8, 1, 1), 0), ((2, 4, 1), 0), ((2, 2, 2), 0), ((2, 2, 2), 8)]:
         setup = on_mesh(student(lm_teacher, *knobs, f"config.task.loss_chunk={chunk}"), shape)
         params = jax.device_put(host_params, setup.state_shardings.params)
-        sums, grads = sums_and_grads(setup, params, setup.teacher.load(), batch)
+        teacher_variables = setup.teacher.load()
         what = f"mesh {shape}, loss_chunk={chunk}"
+        # Restored into its shards, each by its logical names as the student's are: the embedding as the student's.
+        teacher_params, wanted = by_path(teacher_variables["params"]), by_path(setup.teacher.variable_shardings)
+        assert all(array.sharding == wanted[f"params/{name}"] for name, array in teacher_params.items()), what
+        embedding = by_path(setup.state_shardings.params)["embed/embedding"]
+        assert teacher_params["embed/embedding"].sharding.spec == embedding.spec != jax.sharding.PartitionSpec(), what
+        sums, grads = sums_and_grads(setup, params, teacher_variables, batch)
         assert sums.keys() == want_sums.keys(), what
         for key in ("loss", "hard_loss", "distill_kl"):  # sums of terms >= 0: relative to themselves
             np.testing.assert_allclose(sums[key], want_sums[key], rtol=tolerance, err_msg=f"{key} on {what}")
