@@ -101,6 +101,8 @@ def bench(
         step, state, compile_seconds = start_eval_step(setup, state, batches[0])
     else:
         step, compile_seconds = step_lib.compile_train_step(setup)
+        if setup.teacher is not None:  # distillation: the teacher's forward pass is part of the step timed
+            step = step_lib.with_teacher(step, setup.teacher.load())
     metrics.say(f"bench: compiled in {compile_seconds:.1f}s; {warmup} warm-up steps, then {steps} timed")
     state = run_steps(step, state, batches, warmup)
     timing = time_windows(step, state, batches, steps, windows, compile_seconds)

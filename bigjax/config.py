@@ -146,6 +146,15 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             exclude="",  # regex of paths not to load (they keep their fresh initialization); "" = none
         )
     )
+    # Distillation (bigjax.distill): a teacher run's soft targets besides the data's hard ones.
+    c.distill = ml_collections.ConfigDict(
+        dict(
+            teacher="",  # another run's workdir whose model teaches this one (same task and vocabulary); "" = off
+            step=0,  # its checkpoint; 0 = its newest when this run starts (then kept: a resume uses the same one)
+            temperature=1.0,  # T: both distributions are softmax(logits / T); the soft loss is scaled by T^2
+            alpha=0.5,  # loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * the task's own loss
+        )
+    )
     c.freeze = ""  # regex over parameter paths: those stay bit-identical and get no optimizer state; "" = none
     # Magnitude pruning during training (bigjax.prune): unstructured to a sparsity target on Zhu & Gupta's schedule,
     # or 2:4 for sparse tensor cores. Steps count optimizer updates; masks are kept in the optimizer state.
@@ -538,6 +547,7 @@ def check_values(config) -> None:
     check_loss_chunk(config)
     check_finetuning(config)
     check_pruning(config.prune)
+    check_distill(config)
 
 
 # Sizes and counts, checked before anything divides by them or builds an array of them. A model key is checked
@@ -575,6 +585,7 @@ NON_NEGATIVE_SIZES = {
     "task.loss_chunk": "no chunking",
     "optim.warmup_steps": "no warmup",
     "init_from.step": "the newest",
+    "distill.step": "the newest",
     "model.num_kv_heads": "num_heads",
     "model.head_dim": "d_model // num_heads",
     "model.mlp_dim": "derived from d_model",
@@ -657,6 +668,18 @@ def check_pruning(p) -> None:
     if p.start_step < 0 or p.end_step < p.start_step:
         raise ConfigError(
             f"config.prune needs 0 <= start_step <= end_step, got start_step={p.start_step}, end_step={p.end_step}"
+        )
+
+
+def check_distill(config) -> None:
+    """The distillation knobs that cannot work whatever the teacher (the teacher itself is checked against this
+    run by bigjax.distill, when the run's setup is made)."""
+    d = config.distill
+    if not d.temperature > 0:
+        raise ConfigError(f"config.distill.temperature must be > 0 (1 = the plain softmax), got {d.temperature}")
+    if not 0 <= d.alpha <= 1:
+        raise ConfigError(
+            f"config.distill.alpha must be in [0, 1] (the weight of the teacher's soft targets), got {d.alpha}"
         )
 
 

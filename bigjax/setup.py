@@ -11,13 +11,14 @@ step `train` runs. Nothing is allocated: the state is abstract until `init_state
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import ml_collections
 import optax
 
+from bigjax import distill, optim, prune, tasks
 from bigjax import mesh as mesh_lib
-from bigjax import optim, prune, tasks
 from bigjax import state as state_lib
 from bigjax.models import quantized
 
@@ -34,6 +35,13 @@ class Setup:
     @property
     def mesh(self):
         return self.sharding.mesh
+
+    @functools.cached_property
+    def teacher(self) -> distill.Teacher | None:
+        """config.distill's teacher on this mesh (its task, its variables' shapes and shardings), or None when
+        distillation is off. Made, and checked against this run, when first asked for: by the train step that
+        train, plan and bench build; eval and generation never need the teacher's workdir."""
+        return distill.make_teacher(self.config, self.sharding, self.task)
 
     def init_state(self) -> state_lib.TrainState:
         """A fresh state, created directly in its shards."""

@@ -17,25 +17,29 @@ from bigjax import params as params_lib
 from bigjax.setup import Setup
 
 
-def make_train_step(task, tx, config):
+def make_train_step(task, tx, config, teacher=None):
     """The pure step: (state, batch) -> (new state, metrics). Gradients are accumulated over
-    `optim.grad_accum` microbatches inside the step, as sums, so k microbatches equal one big batch."""
+    `optim.grad_accum` microbatches inside the step, as sums, so k microbatches equal one big batch.
+
+    With a `teacher` (bigjax.distill.Teacher) the step is (state, batch, teacher_variables) -> (new state,
+    metrics): the teacher's variables are an argument, not part of the state, and not differentiated."""
     schedule = optim.make_schedule(config.optim, config.total_steps)
     accum = config.optim.grad_accum
     dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
-    def loss_sum(params, model_state, batch, rng):
+    def loss_sum(params, model_state, batch, rng, teacher_variables):
         # Frozen parameters are constants to the gradient: XLA computes no gradient for them at all.
         frozen = params_lib.matches(params, config.freeze)
         params = jax.tree.map(lambda frozen, p: jax.lax.stop_gradient(p) if frozen else p, frozen, params)
-        sums, new_model_state = task.loss_sums(params, model_state, batch, rng, train=True)
+        teaching = {} if teacher is None else {"teacher": teacher.in_step(teacher_variables)}
+        sums, new_model_state = task.loss_sums(params, model_state, batch, rng, train=True, **teaching)
         return sums["loss"], (sums, new_model_state)
 
-    grad_of_sums = jax.grad(loss_sum, has_aux=True)
+    grad_of_sums = jax.grad(loss_sum, has_aux=True)  # of the student's parameters alone
 
-    def grads_and_sums(params, model_state, batch, rng):
+    def grads_and_sums(params, model_state, batch, rng, teacher_variables):
         if accum == 1:
-            return grad_of_sums(params, model_state, batch, rng)
+            return grad_of_sums(params, model_state, batch, rng, teacher_variables)
         # Microbatch i takes rows i, i+k, i+2k, ...: each device keeps its own rows, no data moves.
         micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
@@ -43,20 +47,21 @@ def make_train_step(task, tx, config):
             grads, sums, model_state = carry
             index, microbatch = inputs
             micro_grads, (micro_sums, model_state) = grad_of_sums(
-                params, model_state, microbatch, jax.random.fold_in(rng, index)
+                params, model_state, microbatch, jax.random.fold_in(rng, index), teacher_variables
             )
             return (jax.tree.map(jnp.add, grads, micro_grads), tasks.add_sums(sums, micro_sums), model_state), None
 
-        shapes = jax.eval_shape(grad_of_sums, params, model_state, jax.tree.map(lambda x: x[0], micro), rng)
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(grad_of_sums, params, model_state, first, rng, teacher_variables)
         zero_grads, zero_sums = jax.tree.map(jnp.zeros_like, (shapes[0], shapes[1][0]))
         # Model state (BatchNorm statistics) is threaded through the microbatches in order.
         carry = (zero_grads, zero_sums, model_state)
         (grads, sums, model_state), _ = jax.lax.scan(add_microbatch, carry, (jnp.arange(accum), micro))
         return grads, (sums, model_state)
 
-    def train_step(state, batch):
+    def train_step(state, batch, teacher_variables=None):
         rng = jax.random.fold_in(dropout_key, state.step)
-        grad_sums, (sums, model_state) = grads_and_sums(state.params, state.model_state, batch, rng)
+        grad_sums, (sums, model_state) = grads_and_sums(state.params, state.model_state, batch, rng, teacher_variables)
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grad_sums)  # the gradient of the mean loss
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -92,6 +97,7 @@ def make_train_step(task, tx, config):
 def compile_train_step(setup: Setup):
     """The step, compiled ahead of time (to time the compile): (compiled step, seconds)."""
     started = time.perf_counter()
+    _ = setup.teacher  # a teacher's shapes are traced outside the mesh context, as the state's were (bigjax.state)
     with setup.sharding.activate():
         compiled = lower_train_step(setup).compile()
     return compiled, time.perf_counter() - started
@@ -99,11 +105,13 @@ def compile_train_step(setup: Setup):
 
 def lower_train_step(setup: Setup):
     """The step jitted with the setup's shardings, donating the old state, and traced for its shapes (the
-    state abstract: nothing is allocated); not yet compiled."""
-    sharding = setup.sharding
+    state abstract: nothing is allocated); not yet compiled. Distilling, the teacher's variables are a third
+    argument, sharded on the same mesh and never donated: (state, batch, teacher_variables)."""
+    sharding, teacher = setup.sharding, setup.teacher
+    teacher_shardings = () if teacher is None else (teacher.variable_shardings,)
     step_fn = jax.jit(
-        make_train_step(setup.task, setup.tx, setup.config),
-        in_shardings=(setup.state_shardings, sharding.batch),
+        make_train_step(setup.task, setup.tx, setup.config, teacher),
+        in_shardings=(setup.state_shardings, sharding.batch, *teacher_shardings),
         out_shardings=(setup.state_shardings, sharding.replicated),
         donate_argnums=(0,),
     )
@@ -111,5 +119,11 @@ def lower_train_step(setup: Setup):
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding.batch),
         setup.task.batch_spec(setup.config.batch_size),
     )
+    teacher_target = () if teacher is None else (teacher.variables_target(),)
     with sharding.activate():
-        return step_fn.lower(setup.state_target(), abstract_batch)
+        return step_fn.lower(setup.state_target(), abstract_batch, *teacher_target)
+
+
+def with_teacher(train_step, teacher_variables):
+    """A distillation's compiled step (state, batch, teacher_variables) as the loop calls it: (state, batch)."""
+    return lambda state, batch: train_step(state, batch, teacher_variables)

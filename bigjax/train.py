@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bigjax import checkpoint, data, evaluate, finetune, lock, metrics, paths, signals
+from bigjax import checkpoint, data, distill, evaluate, finetune, lock, metrics, paths, signals
 from bigjax import state as state_lib
 from bigjax import step as step_lib
 from bigjax.errors import UserError
@@ -61,9 +61,13 @@ def refuse_quantized(config) -> None:
 
 def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: bool) -> Summary:
     """`train`, with the signal handling in place; `workdir` is a directory or a bucket URL (gs://...)."""
-    # Mesh, model and task, optimizer, the state's shapes and shardings: the config is checked against the
-    # devices before anything is compiled, and everything is checked before anything is written to the workdir.
+    # Distillation: the teacher checkpoint this run started with stays its teacher when it resumes.
+    config = distill.pin_teacher_step(config, workdir)
+    # Mesh, model and task, optimizer, the state's shapes and shardings (and a teacher's): the config is checked
+    # against the devices before anything is compiled, and everything is checked before anything is written to
+    # the workdir.
     setup = make_setup(config)
+    teacher = setup.teacher  # None unless config.distill.teacher is set
     metrics.say(f"mesh {setup.sharding.describe()} on {jax.devices()[0].device_kind}; workdir {workdir}")
 
     # Data. Batches are copied to the devices `data.prefetch` steps ahead; checkpoints hold the position of the
@@ -92,6 +96,8 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
         # One compiled, sharded, donating step.
         train_step, compile_seconds = step_lib.compile_train_step(setup)
         metrics.say(f"compiled the train step in {compile_seconds:.1f}s")
+        if teacher is not None:  # its variables go into every step, never into the state or its checkpoints
+            train_step = step_lib.with_teacher(train_step, teacher.load())
         eval_step = evaluate.make_eval_step(setup) if eval_data else None
         if stop.reached(start):  # a signal during start-up: nothing was trained, so there is nothing new to save
             metrics.say(f"stopped by {stop.name} during start-up, at step {start}: nothing new to save")

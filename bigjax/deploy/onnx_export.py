@@ -44,7 +44,7 @@ from jax.extend.core import jaxpr_as_fun
 
 from bigjax import config as config_lib
 from bigjax import tasks
-from bigjax.deploy import DeployError, restore_on_one_device
+from bigjax.deploy.common import DeployError, restore_on_one_device
 from bigjax.params import by_path
 
 ONNX_FILE = "model.onnx"

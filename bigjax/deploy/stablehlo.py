@@ -45,7 +45,7 @@ def export(config, mngr, step: int, out: pathlib.Path, platforms=("cpu", "cuda")
     """Write the two functions and the parameters of checkpoint `step` into `out`; returns manifest.json's content."""
     from bigjax import data, generate
     from bigjax.data import tokenizers
-    from bigjax.deploy import DeployError, restore_on_one_device
+    from bigjax.deploy.common import DeployError, restore_on_one_device
 
     platforms = tuple(platforms or ("cpu", "cuda"))
     unknown = [p for p in platforms if p not in PLATFORMS]

@@ -6,8 +6,11 @@ the train loop, the eval job and the checkpoints know only this interface.
     task.init_variables(rng)                     {"params": ..., other collections (e.g. "batch_stats")}, still
                                                  boxed with their logical axis names
     task.batch_spec(batch_size)                  {key: ShapeDtypeStruct} of one batch of that many examples
-    task.loss_sums(params, model_state, batch, rng, train)
-                                                 -> (sums, new_model_state) for one (micro)batch
+    task.loss_sums(params, model_state, batch, rng, train, teacher=None)
+                                                 -> (sums, new_model_state) for one (micro)batch; with a
+                                                 teacher (bigjax.distill), "loss" is the distilled loss and
+                                                 "hard_loss", "distill_kl" are added
+    task.logits(...)                             the model's fp32 logits, as a distillation teacher's are read
     task.summarize(sums, data_stats)             host side: sums over any number of batches -> metrics
     task.flops_per_example()                     training FLOPs (forward and backward) of one example
     task.causal_flops_per_example()              optional, causal LMs: the same with attention counted only

@@ -43,21 +43,37 @@ class CausalLM:
             "weights": jax.ShapeDtypeStruct(shape, jnp.float32),
         }
 
-    def loss_sums(self, params, model_state, batch, rng=None, train: bool = False):
+    def loss_sums(self, params, model_state, batch, rng=None, train: bool = False, teacher=None):
+        """`teacher` (a bigjax.distill.TeacherInStep, in the train step of a distillation) adds its soft targets
+        at the same weighted tokens: in one piece, or `loss_chunk` positions at a time alike."""
         rngs = {"dropout": rng} if train and rng is not None else {}
+        inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
         if not self.loss_chunk:
-            logits = self.model.apply({"params": params}, batch["inputs"], train=train, rngs=rngs)
-            return token_loss_sums(logits, batch["targets"], batch["weights"]), model_state
-        # Same parameter paths, so the same parameters and the same dropout masks as self.model.
+            logits = self.logits(params, inputs, train, rngs)
+            sums = token_loss_sums(logits, targets, weights)
+            if teacher is not None:
+                sums = teacher.distilled_sums(sums, logits, teacher.task.logits(teacher.params, inputs), weights)
+            return sums, model_state
+        hidden, kernel = self.hidden_and_kernel(params, inputs, train, rngs)
+        teacher_pieces = None if teacher is None else teacher.task.hidden_and_kernel(teacher.params, inputs)
+        sums = chunked_token_loss_sums(hidden, kernel, targets, weights, self.loss_chunk, teacher, teacher_pieces)
+        return sums, model_state
+
+    def logits(self, params, inputs, train: bool = False, rngs=None):
+        """fp32 logits [b, t, padded_vocab] of the tokens `inputs` [b, t]."""
+        return self.model.apply({"params": params}, inputs, train=train, rngs=rngs or {})
+
+    def hidden_and_kernel(self, params, inputs, train: bool = False, rngs=None):
+        """The final hidden states [b, t, d] and the output kernel [d, padded_vocab], in the compute dtype: what the
+        chunked loss multiplies a piece at a time. The same parameter paths as `self.model`, so the same parameters
+        and the same dropout masks."""
         hidden, kernel = quantized(GPTHiddenStates(self.model_config), self.quant).apply(
-            {"params": params}, batch["inputs"], train=train, rngs=rngs
+            {"params": params}, inputs, train=train, rngs=rngs or {}
         )
         # Cast as GPT's output layer casts, once, outside the loop over pieces; and gather an FSDP-split kernel
         # there too, or XLA gathers it inside the loop, once per piece.
         hidden, kernel = hidden.astype(self.model_config.dtype), kernel.astype(self.model_config.dtype)
-        kernel = constrain(kernel, "activation_embed", "activation_vocab")
-        sums = chunked_token_loss_sums(hidden, kernel, batch["targets"], batch["weights"], self.loss_chunk)
-        return sums, model_state
+        return hidden, constrain(kernel, "activation_embed", "activation_vocab")
 
     def summarize(self, sums: dict, data_stats: dict | None = None) -> dict:
         return summarize(sums, **(data_stats or {}))
@@ -77,7 +93,7 @@ def token_loss_sums(logits, targets, weights) -> dict:
     return {"loss": jnp.sum(losses * weights), "accuracy": jnp.sum(correct), "count": jnp.sum(weights)}
 
 
-def chunked_token_loss_sums(hidden, kernel, targets, weights, chunk: int) -> dict:
+def chunked_token_loss_sums(hidden, kernel, targets, weights, chunk: int, teacher=None, teacher_pieces=None) -> dict:
     """`token_loss_sums` of the logits `hidden @ kernel`, computed `chunk` positions at a time.
 
     hidden: [b, t, d], kernel: [d, vocab], both in the compute dtype; t must be a multiple of `chunk`. A scan over
@@ -85,22 +101,35 @@ def chunked_token_loss_sums(hidden, kernel, targets, weights, chunk: int) -> dic
     backward pass keeps only the piece's hidden states and recomputes its logits (one extra [b, chunk, d] x
     [d, vocab] matmul per piece) instead of keeping the fp32 logits of the whole sequence. Pieces are cut along
     the sequence, so the batch stays split over the data-parallel axes and the vocabulary over `tensor`.
+
+    Distilling, `teacher_pieces` are the teacher's (hidden [b, t, d_teacher], kernel): its logits are made a piece
+    at a time beside the student's, so that neither model's full logits ever exist.
     """
     b, t = targets.shape
 
     def pieces(x):  # [b, t, ...] -> [t / chunk, b, chunk, ...]: the scan runs over the leading axis
         return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
 
+    def piece_logits(x, kernel):
+        x = constrain(x, "activation_batch", "activation_length", "activation_embed")
+        return constrain(x @ kernel, "activation_batch", "activation_length", "activation_vocab")
+
     @jax.checkpoint
     def add_piece(sums, piece):
-        x, piece_targets, piece_weights = piece
-        x = constrain(x, "activation_batch", "activation_length", "activation_embed")
-        logits = constrain(x @ kernel, "activation_batch", "activation_length", "activation_vocab")
+        x, piece_targets, piece_weights, *teacher_x = piece
+        logits = piece_logits(x, kernel)
         piece_sums = token_loss_sums(logits.astype(jnp.float32), piece_targets, piece_weights)
+        if teacher is not None:
+            teacher_logits = piece_logits(teacher_x[0], teacher_pieces[1])
+            piece_sums = teacher.distilled_sums(piece_sums, logits, teacher_logits, piece_weights)
         return jax.tree.map(jnp.add, sums, piece_sums), None
 
-    zeros = {key: jnp.zeros((), jnp.float32) for key in ("loss", "accuracy", "count")}
-    sums, _ = jax.lax.scan(add_piece, zeros, (pieces(hidden), pieces(targets), pieces(weights)))
+    keys = ("loss", "accuracy", "count") + (teacher.SUMS if teacher is not None else ())
+    zeros = {key: jnp.zeros((), jnp.float32) for key in keys}
+    scanned = (pieces(hidden), pieces(targets), pieces(weights))
+    if teacher is not None:
+        scanned += (pieces(teacher_pieces[0]),)
+    sums, _ = jax.lax.scan(add_piece, zeros, scanned)
     return sums
 
 

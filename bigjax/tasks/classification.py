@@ -72,7 +72,9 @@ class Classification:
         batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.batch_spec(1))
         return self.model.init({"params": rng, "dropout": rng}, *self._inputs(batch), train=False)
 
-    def loss_sums(self, params, model_state, batch, rng=None, train: bool = False):
+    def loss_sums(self, params, model_state, batch, rng=None, train: bool = False, teacher=None):
+        """`teacher` (a bigjax.distill.TeacherInStep, in the train step of a distillation) classifies the same
+        examples in inference mode (its BatchNorm statistics as saved): soft targets for each weighted label."""
         rngs = {"dropout": rng} if train and rng is not None else {}
         variables = {"params": params, **model_state}
         inputs = self._inputs(batch)
@@ -84,7 +86,14 @@ class Classification:
         sums = classification_sums(
             logits, batch["labels"], batch["label_weights"], self.num_classes, self.label_smoothing
         )
+        if teacher is not None:
+            teacher_logits = teacher.task.logits(teacher.variables, batch)
+            sums = teacher.distilled_sums(sums, logits, teacher_logits, batch["label_weights"])
         return sums, model_state
+
+    def logits(self, variables, batch):
+        """fp32 logits [..., num_classes] of a batch, in inference mode (a teacher's: no dropout, saved statistics)."""
+        return self.model.apply(variables, *self._inputs(batch), train=False)
 
     def summarize(self, sums: dict, data_stats: dict | None = None) -> dict:
         count = max(float(sums["count"]), 1.0)

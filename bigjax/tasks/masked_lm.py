@@ -61,7 +61,9 @@ class MaskedLM:
             {"params": rng}, batch["tokens"], batch["segment_ids"], batch["positions"], predict_at=predict_at
         )
 
-    def loss_sums(self, params, model_state, batch, rng=None, train: bool = False):
+    def loss_sums(self, params, model_state, batch, rng=None, train: bool = False, teacher=None):
+        """`teacher` (a bigjax.distill.TeacherInStep, in the train step of a distillation) reads the same corrupted
+        rows and predicts at the same chosen positions: its soft targets are for exactly the tokens scored."""
         masking = (self.mask_rate, self.max_predictions, self.mask_id, self.special_ids, self.ordinary_ids)
         if rng is None:
             # Evaluation: each row masked by a key of its own tokens, so an example gets the same masks at every
@@ -74,16 +76,24 @@ class MaskedLM:
             mask_rng, dropout_rng = jax.random.split(rng)
             masked = mask_tokens(mask_rng, batch["tokens"], batch["segment_ids"], *masking)
         corrupted, predict_at, targets, weights = masked
-        logits = self.model.apply(
+        rows = (corrupted, batch["segment_ids"], batch["positions"], predict_at)
+        logits = self.logits(params, *rows, train=train, rngs={"dropout": dropout_rng} if train else {})
+        sums = causal_lm.token_loss_sums(logits, targets, weights)
+        if teacher is not None:
+            sums = teacher.distilled_sums(sums, logits, teacher.task.logits(teacher.params, *rows), weights)
+        return sums, model_state
+
+    def logits(self, params, tokens, segment_ids, positions, predict_at, train: bool = False, rngs=None):
+        """fp32 logits [b, P, padded_vocab] at the positions `predict_at` [b, P] of the (corrupted) rows."""
+        return self.model.apply(
             {"params": params},
-            corrupted,
-            batch["segment_ids"],
-            batch["positions"],
+            tokens,
+            segment_ids,
+            positions,
             train=train,
             predict_at=predict_at,
-            rngs={"dropout": dropout_rng} if train else {},
+            rngs=rngs or {},
         )
-        return causal_lm.token_loss_sums(logits, targets, weights), model_state
 
     def summarize(self, sums: dict, data_stats: dict | None = None) -> dict:
         return causal_lm.summarize(sums)  # per-byte/char figures mean nothing when 15% of tokens are scored

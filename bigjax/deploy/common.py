@@ -1,0 +1,73 @@
+"""What both export formats share: the refusals, the step, restoring a checkpoint onto one device."""
+
+from __future__ import annotations
+
+import jax
+
+from bigjax import checkpoint
+from bigjax import config as config_lib
+from bigjax.errors import UserError
+
+# Sections other work in progress adds to a config: a run that uses them trains a model these exports do not build.
+UNSUPPORTED_SECTIONS = {"quant": "a quantized run", "lora": "a LoRA run"}
+
+
+class DeployError(UserError):
+    """A run or a request that cannot be exported: a message for the user."""
+
+
+def check_exportable(config, fmt: str, where) -> None:
+    """Refuse, with what can be exported, a run the format does not cover."""
+    for section, what in UNSUPPORTED_SECTIONS.items():
+        if is_set(config.get(section)):
+            raise DeployError(
+                f"{where} is {what} (config.{section}); --format {fmt} exports unquantized, merged models only"
+            )
+    family, task = config.model.family, config.task.name
+    causal_lm = family == "gpt" and task == "causal_lm"
+    if fmt == "stablehlo" and not causal_lm:
+        raise DeployError(
+            f"{where} trained a {family} {task} model; --format stablehlo exports the decode step of a GPT causal LM"
+        )
+    if fmt == "onnx" and not (causal_lm or (task == "classification" and family in ("cnn", "resnet", "vit"))):
+        raise DeployError(
+            f"{where} trained a {family} {task} model; --format onnx exports a GPT causal LM or an image "
+            "classifier (cnn, resnet, vit)"
+        )
+
+
+def is_set(section) -> bool:
+    """Is a config section present and switched on? Empty, None, `enabled=False`, `mode="none"` or `bits=0` mean
+    off."""
+    if not section:
+        return False
+    if hasattr(section, "get") and "bits" in section:  # config.quant (bigjax.models.quantized): bits=0 is off
+        return bool(section["bits"])
+    if hasattr(section, "get"):
+        return bool(section.get("enabled", True)) and section.get("mode", section.get("method", "on")) not in (
+            "none",
+            "",
+            None,
+        )
+    return True
+
+
+def committed_step(workdir, step: int | None) -> int:
+    committed = checkpoint.committed_steps(workdir)
+    if not committed:
+        raise DeployError(f"no committed checkpoint in {checkpoint.checkpoint_dir(workdir)} yet; train first")
+    if step is not None and step not in committed:
+        raise DeployError(
+            f"checkpoint {step} is not a committed checkpoint of {workdir}; committed: {', '.join(map(str, committed))}"
+        )
+    return committed[-1] if step is None else step
+
+
+def restore_on_one_device(config, mngr, step: int):
+    """(setup, variables) of checkpoint `step`, restored onto one device: serving needs no parallelism."""
+    from bigjax.setup import make_setup
+
+    config = config_lib.from_dict(config.to_dict())
+    config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+    setup = make_setup(config, devices=jax.devices()[:1])
+    return setup, checkpoint.restore_variables(mngr, step, setup.variables_target())
