@@ -8,18 +8,37 @@ variance), the pixel normalization from its preprocessor_config.json, and the we
 init_from.workdir=hf:PATH, all but the classifier: the new 37-class head starts at zero. The ViT paper's fine-tuning
 recipe: SGD with momentum 0.9, no weight decay, clipping at 1, a short warmup and cosine decay, at the
 pretraining resolution. Early stopping watches the eval accuracy and keeps the best checkpoint.
+
+Until the directory exists (the default, models/vit-base-patch16-224, is not shipped), the config is built from
+vit-base-patch16-224's own settings, so that it loads, plans and validates; training then asks for the weights.
 """
 
-from bigjax.config import ConfigError, defaults, parse_arg
+import pathlib
+
+from bigjax.config import defaults, parse_arg
+
+# google/vit-base-patch16-224's config.json, the fields bigjax reads.
+VIT_B16 = dict(
+    architectures=["ViTModel"],
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    image_size=224,
+    patch_size=16,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+)
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, hf="", steps=2_000, batch=128)
-    if not args["hf"]:
-        raise ConfigError("experiments/vit_transfer.py needs the Hugging Face ViT directory: :hf=PATH")
-    from bigjax import hf
+    args = parse_arg(arg, hf="models/vit-base-patch16-224", steps=2_000, batch=128)
+    from bigjax.hf import config_from_hf, vit
 
-    imported = hf.config_from_hf(args["hf"])
+    if (pathlib.Path(args["hf"]) / "config.json").is_file():
+        imported = config_from_hf(args["hf"])
+    else:
+        imported = vit.bigjax_config(VIT_B16)
     c = defaults(model="vit", task="classification")
     c.total_steps = args["steps"]
     c.batch_size = args["batch"]

@@ -34,7 +34,7 @@ Index = tuple[slice, ...]  # one slice per axis, step 1 (what jax.make_array_fro
 def read_hf_config(hf_dir) -> dict:
     path = pathlib.Path(hf_dir) / "config.json"
     if not path.is_file():
-        raise HFError(f"{path} not found: --hf must name a Hugging Face model directory (save_pretrained's output)")
+        raise HFError(f"{path} not found: {hf_dir} is not a Hugging Face model directory (what save_pretrained writes)")
     try:
         return json.loads(path.read_text())
     except ValueError as error:
