@@ -19,11 +19,14 @@ from __future__ import annotations
 import numpy as np
 
 from bigjax import config as config_lib
-from bigjax.hf.common import HFError, refuse, require
+from bigjax.hf import encoder
+from bigjax.hf.common import refuse, require
 
 ARCHITECTURES = ("BertForMaskedLM", "BertForSequenceClassification", "BertModel")
 # transformers' hidden_act -> bigjax's model.mlp
 ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
+
+NAMES = encoder.Names("BERT", "attention.self", ("attention.output.LayerNorm", "output.LayerNorm"))
 
 
 def num_labels(hf: dict) -> int:
@@ -72,24 +75,8 @@ def exports(config) -> bool:
     m = config.model
     if m.family != "bert":
         return False
-    fixed = dict(norm_position="post", positions="learned", norm="layernorm", use_bias=True)
-    for key, value in fixed.items():
-        if m[key] != value:
-            raise HFError(
-                f"config.model.{key}={m[key]!r}: transformers' BERT has {key}={value!r}; this run cannot be exported"
-            )
-    if m.mlp == "swiglu":
-        raise HFError("config.model.mlp='swiglu': transformers' BERT has a GELU MLP; this run cannot be exported")
-    if (m.num_kv_heads or m.num_heads) != m.num_heads or (m.head_dim and m.head_dim * m.num_heads != m.d_model):
-        raise HFError(
-            "config.model.num_kv_heads / head_dim: transformers' BERT has d_model // num_heads per head and as many "
-            "key/value heads as heads; this run cannot be exported"
-        )
+    encoder.check_exportable(m, NAMES, dict(norm_position="post", positions="learned", norm="layernorm", use_bias=True))
     return True
-
-
-def sizes(m):
-    return m.num_heads, m.head_dim or m.d_model // m.num_heads, m.d_model
 
 
 def prefix(read) -> str:
@@ -102,27 +89,7 @@ def prefix(read) -> str:
 
 
 def layer_tensors(read, i: int, config) -> dict:
-    h, hd, _ = sizes(config.model)
-    p = f"{prefix(read)}encoder.layer.{i}."
-
-    def linear(name):  # torch's nn.Linear is [out, in]
-        return read(p + name + ".weight").T
-
-    layer = {
-        "attention/out/kernel": linear("attention.output.dense").split_axis(0, (h, hd)),
-        "attention/out/bias": read(p + "attention.output.dense.bias"),
-        "mlp/up/kernel": linear("intermediate.dense"),
-        "mlp/up/bias": read(p + "intermediate.dense.bias"),
-        "mlp/down/kernel": linear("output.dense"),
-        "mlp/down/bias": read(p + "output.dense.bias"),
-    }
-    for name in ("query", "key", "value"):
-        layer[f"attention/{name}/kernel"] = linear(f"attention.self.{name}").split_axis(1, (h, hd))
-        layer[f"attention/{name}/bias"] = read(f"{p}attention.self.{name}.bias").split_axis(0, (h, hd))
-    for norm, hf_norm in (("attention_norm", "attention.output.LayerNorm"), ("mlp_norm", "output.LayerNorm")):
-        layer[f"{norm}/norm/scale"] = read(f"{p}{hf_norm}.weight")
-        layer[f"{norm}/norm/bias"] = read(f"{p}{hf_norm}.bias")
-    return layer
+    return encoder.layer_tensors(read, f"{prefix(read)}encoder.layer.{i}.", config.model, NAMES)
 
 
 def global_tensors(read, config) -> dict:
@@ -159,21 +126,10 @@ def global_tensors(read, config) -> dict:
 
 def hf_tensors(params, config, hf_vocab: int) -> dict:
     m = config.model
-    h, hd, d = sizes(m)
+    d = m.d_model
     out = {}
     for i in range(m.num_layers):
-        p = f"bert.encoder.layer.{i}."
-        for name in ("query", "key", "value"):
-            out[f"{p}attention.self.{name}.weight"] = params.layer(i, f"attention/{name}/kernel").reshape(d, h * hd).T
-            out[f"{p}attention.self.{name}.bias"] = params.layer(i, f"attention/{name}/bias").reshape(h * hd)
-        out[p + "attention.output.dense.weight"] = params.layer(i, "attention/out/kernel").reshape(h * hd, d).T
-        out[p + "attention.output.dense.bias"] = params.layer(i, "attention/out/bias")
-        for name, sub in (("intermediate.dense", "up"), ("output.dense", "down")):
-            out[f"{p}{name}.weight"] = params.layer(i, f"mlp/{sub}/kernel").T
-            out[f"{p}{name}.bias"] = params.layer(i, f"mlp/{sub}/bias")
-        for name, norm in (("attention.output.LayerNorm", "attention_norm"), ("output.LayerNorm", "mlp_norm")):
-            out[f"{p}{name}.weight"] = params.layer(i, f"{norm}/norm/scale")
-            out[f"{p}{name}.bias"] = params.layer(i, f"{norm}/norm/bias")
+        out |= encoder.layer_hf_tensors(params, i, f"bert.encoder.layer.{i}.", m, NAMES)
     e = "bert.embeddings."
     out[e + "word_embeddings.weight"] = params["embed/embedding"][:hf_vocab]
     out[e + "position_embeddings.weight"] = params["position_embed/embedding"]

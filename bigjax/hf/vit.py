@@ -17,11 +17,14 @@ from __future__ import annotations
 import numpy as np
 
 from bigjax import config as config_lib
+from bigjax.hf import encoder
 from bigjax.hf.bert import ACTIVATIONS, num_labels
-from bigjax.hf.common import HFError, refuse, require
+from bigjax.hf.common import refuse, require
 
 ARCHITECTURES = ("ViTForImageClassification", "ViTModel")
 IMAGE_MEAN, IMAGE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
+
+NAMES = encoder.Names("ViT", "attention.attention", ("layernorm_before", "layernorm_after"))
 
 
 def square(hf: dict, field: str) -> int:
@@ -74,24 +77,10 @@ def exports(config) -> bool:
     m = config.model
     if m.family != "vit":
         return False
-    fixed = dict(pooling="cls", position_embedding="learned", norm="layernorm", use_bias=True)
-    for key, value in fixed.items():
-        if m[key] != value:
-            raise HFError(
-                f"config.model.{key}={m[key]!r}: transformers' ViT has {key}={value!r}; this run cannot be exported"
-            )
-    if m.mlp == "swiglu":
-        raise HFError("config.model.mlp='swiglu': transformers' ViT has a GELU MLP; this run cannot be exported")
-    if (m.num_kv_heads or m.num_heads) != m.num_heads or (m.head_dim and m.head_dim * m.num_heads != m.d_model):
-        raise HFError(
-            "config.model.num_kv_heads / head_dim: transformers' ViT has d_model // num_heads per head and as many "
-            "key/value heads as heads; this run cannot be exported"
-        )
+    encoder.check_exportable(
+        m, NAMES, dict(pooling="cls", position_embedding="learned", norm="layernorm", use_bias=True)
+    )
     return True
-
-
-def sizes(m):
-    return m.num_heads, m.head_dim or m.d_model // m.num_heads, m.d_model
 
 
 def prefix(read) -> str:
@@ -104,27 +93,7 @@ def prefix(read) -> str:
 
 
 def layer_tensors(read, i: int, config) -> dict:
-    h, hd, _ = sizes(config.model)
-    p = f"{prefix(read)}encoder.layer.{i}."
-
-    def linear(name):  # torch's nn.Linear is [out, in]
-        return read(p + name + ".weight").T
-
-    layer = {
-        "attention/out/kernel": linear("attention.output.dense").split_axis(0, (h, hd)),
-        "attention/out/bias": read(p + "attention.output.dense.bias"),
-        "mlp/up/kernel": linear("intermediate.dense"),
-        "mlp/up/bias": read(p + "intermediate.dense.bias"),
-        "mlp/down/kernel": linear("output.dense"),
-        "mlp/down/bias": read(p + "output.dense.bias"),
-    }
-    for name in ("query", "key", "value"):
-        layer[f"attention/{name}/kernel"] = linear(f"attention.attention.{name}").split_axis(1, (h, hd))
-        layer[f"attention/{name}/bias"] = read(f"{p}attention.attention.{name}.bias").split_axis(0, (h, hd))
-    for norm, hf_norm in (("attention_norm", "layernorm_before"), ("mlp_norm", "layernorm_after")):
-        layer[f"{norm}/norm/scale"] = read(f"{p}{hf_norm}.weight")
-        layer[f"{norm}/norm/bias"] = read(f"{p}{hf_norm}.bias")
-    return layer
+    return encoder.layer_tensors(read, f"{prefix(read)}encoder.layer.{i}.", config.model, NAMES)
 
 
 def global_tensors(read, config) -> dict:
@@ -151,23 +120,10 @@ def global_tensors(read, config) -> dict:
 
 def hf_tensors(params, config, hf_vocab=None) -> dict:
     m = config.model
-    h, hd, d = sizes(m)
+    d = m.d_model
     out = {}
     for i in range(m.num_layers):
-        p = f"vit.encoder.layer.{i}."
-        for name in ("query", "key", "value"):
-            out[f"{p}attention.attention.{name}.weight"] = (
-                params.layer(i, f"attention/{name}/kernel").reshape(d, h * hd).T
-            )
-            out[f"{p}attention.attention.{name}.bias"] = params.layer(i, f"attention/{name}/bias").reshape(h * hd)
-        out[p + "attention.output.dense.weight"] = params.layer(i, "attention/out/kernel").reshape(h * hd, d).T
-        out[p + "attention.output.dense.bias"] = params.layer(i, "attention/out/bias")
-        for name, sub in (("intermediate.dense", "up"), ("output.dense", "down")):
-            out[f"{p}{name}.weight"] = params.layer(i, f"mlp/{sub}/kernel").T
-            out[f"{p}{name}.bias"] = params.layer(i, f"mlp/{sub}/bias")
-        for name, norm in (("layernorm_before", "attention_norm"), ("layernorm_after", "mlp_norm")):
-            out[f"{p}{name}.weight"] = params.layer(i, f"{norm}/norm/scale")
-            out[f"{p}{name}.bias"] = params.layer(i, f"{norm}/norm/bias")
+        out |= encoder.layer_hf_tensors(params, i, f"vit.encoder.layer.{i}.", m, NAMES)
     e = "vit.embeddings."
     out[e + "patch_embeddings.projection.weight"] = params["patch_embed/kernel"].transpose(3, 2, 0, 1)
     out[e + "patch_embeddings.projection.bias"] = params["patch_embed/bias"]
