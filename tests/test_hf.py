@@ -272,6 +272,8 @@ def test_cli_import_then_generate_and_train_resumes_at_step_0(cli, tokenizer_fil
     args = ["--config", workdir / "config.json", "--workdir", workdir]
     result = cli("train", *args, "--config.total_steps=2", "--config.batch_size=8", "--config.log_every=1")
     assert "resumed from step 0" in result.stdout and "finished at step 2" in result.stdout
+    result = cli("eval", "--workdir", workdir, "--once", "--config.eval_batches=2", "--config.batch_size=8")
+    assert "validation at step 2" in result.stdout and "loss=" in result.stdout
 
 
 @pytest.mark.parametrize(
