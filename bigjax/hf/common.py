@@ -21,6 +21,19 @@ def require(hf: dict, field: str, allowed, default, why: str):
         refuse(field, value, why)
 
 
+def set_image_data(config, hf: dict, image_size: int, mean, std) -> None:
+    """An imported image model's data settings: its resolution, channels and pixel normalization (the model's own
+    preprocessor_config.json overrides mean and std in bigjax.hf.convert); the images themselves are named when
+    training."""
+    config.data.update(
+        source="synthetic",  # name the images when training (--config.data.source=...)
+        image_size=image_size,
+        channels=int(hf.get("num_channels", 3)),
+        image_mean=mean,
+        image_std=std,
+    )
+
+
 class Params:
     """A run's parameters by "/" path, brought to the host as numpy arrays when first read (`fetch`: a gather
     across processes for arrays split over several hosts); `layer(i, sub)` reads layer i's whether the layers are

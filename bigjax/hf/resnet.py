@@ -21,7 +21,7 @@ import numpy as np
 
 from bigjax import config as config_lib
 from bigjax.hf import files
-from bigjax.hf.common import HFError, refuse, require
+from bigjax.hf.common import HFError, refuse, require, set_image_data
 from bigjax.hf.vit import labels
 from bigjax.models.resnet import DEPTHS
 
@@ -64,13 +64,7 @@ def bigjax_config(hf: dict):
         bn_momentum=0.9,  # torch's momentum=0.1 weighs the new batch 0.1
     )
     config.task.num_classes = num_classes
-    config.data.update(
-        source="synthetic",  # name the images when training (--config.data.source=...)
-        image_size=224,
-        channels=int(hf.get("num_channels", 3)),
-        image_mean=IMAGE_MEAN,  # or the model's preprocessor_config.json (bigjax.hf.convert)
-        image_std=IMAGE_STD,
-    )
+    set_image_data(config, hf, 224, IMAGE_MEAN, IMAGE_STD)
     return config
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from bigjax import config as config_lib
 from bigjax.hf import encoder
 from bigjax.hf.bert import ACTIVATIONS, num_labels
-from bigjax.hf.common import refuse, require
+from bigjax.hf.common import refuse, require, set_image_data
 
 ARCHITECTURES = ("ViTForImageClassification", "ViTModel")
 IMAGE_MEAN, IMAGE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
@@ -62,13 +62,7 @@ def bigjax_config(hf: dict):
         dropout=float(hf.get("hidden_dropout_prob", 0.0)),
     )
     config.task.num_classes = num_labels(hf)
-    config.data.update(
-        source="synthetic",  # name the images when training (--config.data.source=...)
-        image_size=image_size,
-        channels=int(hf.get("num_channels", 3)),
-        image_mean=IMAGE_MEAN,  # or the model's preprocessor_config.json (bigjax.hf.convert)
-        image_std=IMAGE_STD,
-    )
+    set_image_data(config, hf, image_size, IMAGE_MEAN, IMAGE_STD)
     return config
 
 
