@@ -10,11 +10,11 @@
 #   * on disk: the bytes of the newest checkpoint's params/ directory (`du -sb`, Orbax's files as written);
 #   * quality: `bigjax eval --once` (accuracy and loss over the whole eval split), read from DIR/eval/metrics.jsonl;
 #   * speed: benchmarks/compression_speed.py, the eval step (forward + loss, synthetic batches of the run's shapes)
-#     of each run of one experiment, timed alternately in one process, median of two rounds, as a ratio to the float32
-#     run's examples/s.
+#     of each run of one experiment, timed alternately in one process, median of three rounds, as a ratio to the
+#     float32 run's examples/s (bench builds each run's model from its config.json; it does not read the weights).
 # The share of zeros in the kernels is printed too (the pruned runs': 50%).
-# It also re-times shakespeare_char's eval step in float32, int8 weight-only and int8 dynamic (the 400-step run the
-# README's first rows come from, retrained here when RUNS/shakespeare_char is missing).
+# It also re-times shakespeare_char's eval step in float32, int8 weight-only and int8 dynamic (the README's
+# Quantization table's speed figures), from a 20-step run of that experiment's shapes.
 #
 # CPU only, one seed, a few minutes a training; run it on an idle machine (`uptime` is printed before each speed
 # measurement: the ratios are of runs timed in the same process, but a loaded machine makes them noisy).
