@@ -17,7 +17,8 @@ syncs in all, none inside a window.
 
 `--eval` times the eval step instead (the forward pass and loss of `bigjax eval`, no gradient or update; its
 FLOPs a third of the train step's, the forward share of 6N), in the same windows. A quantized config
-(`config.quant.bits`, a workdir of `bigjax quantize`) is always timed so: integer weights are run, not trained. So
+(`config.quant.bits` without QAT or LoRA, a workdir of `bigjax quantize`) is always timed so: integer weights are
+run, not trained. So
 `bigjax bench --config DIR/config.json --eval` against `--config DIR2/config.json` is the speed of the float run's
 eval against the quantized one's, on the same shapes.
 
@@ -94,7 +95,7 @@ def bench(
         f"{parameters / 1e6:.2f}M parameters, batch {config.batch_size}"
     )
 
-    forward_only = eval_step or quantized.is_on(config.quant)
+    forward_only = eval_step or quantized.inference_only(config)
     host_batches = data.train_batches(config)
     batches = [setup.sharding.global_batch(next(host_batches)) for _ in range(BATCHES_ON_DEVICE)]
     if forward_only:

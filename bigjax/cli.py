@@ -7,6 +7,8 @@
     bigjax import --hf HF_DIR --workdir DIR [--config.a.b=VALUE ...]
     bigjax export --workdir DIR --out OUT [--step N] [--format hf|onnx|stablehlo] [--platforms cpu,cuda]
     bigjax quantize --workdir DIR --out DIR2 [--bits 8|4] [--mode weight_only|dynamic] [--sub-channel N] [--step N]
+    bigjax lora save --workdir DIR --out ADAPTERS [--step N]       (a LoRA run's adapters on their own)
+    bigjax lora merge --workdir DIR --out DIR2 [--step N]          (a float run with the adapters merged in)
     bigjax data prepare --config experiments/NAME.py [--config.a.b=VALUE ...]
     bigjax tokenizer train --config experiments/NAME.py --vocab-size N --out PATH.model|PATH.json
     bigjax plan --config experiments/NAME.py[:ARG] [--devices N] [--device-kind h100] [--config.a.b=VALUE ...]
@@ -167,18 +169,31 @@ def parse_args(argv):
     )
     p.add_argument("--workdir", required=True, help="a trained run (read only)")
     p.add_argument("--out", required=True, help="the quantized run's workdir to write (new or empty)")
-    p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="8: per-channel scales; 4: sub-channel")
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=[8, 4],
+        default=None,
+        help="8: per-channel scales; 4: sub-channel (default: what a QAT run trained for, else 8)",
+    )
     p.add_argument(
         "--mode",
         choices=["weight_only", "dynamic"],
-        default="weight_only",
-        help="dynamic: the activations are quantized to int8 at run time too",
+        default=None,
+        help="dynamic: the activations are quantized to int8 at run time too (default: a QAT run's, else weight_only)",
     )
     p.add_argument(
         "--sub-channel", type=int, default=None, help="--bits 4: input channels per scale (default config.quant's)"
     )
     p.add_argument("--step", type=int, default=None, help="a committed checkpoint step; default: the newest")
     p.set_defaults(run=run_quantize)
+
+    p = commands.add_parser("lora", help="a LoRA run's adapters: saved on their own, or merged into its base weights")
+    p.add_argument("action", choices=["save", "merge"], help="save: ADAPTERS/adapters.safetensors; merge: a float run")
+    p.add_argument("--workdir", required=True, help="a LoRA or QLoRA run (read only)")
+    p.add_argument("--out", required=True, help="save: the adapters' directory; merge: the merged run's new workdir")
+    p.add_argument("--step", type=int, default=None, help="a committed checkpoint step; default: the newest")
+    p.set_defaults(run=run_lora)
 
     p = commands.add_parser("data", help="prepare the configured data: TFDS download, tokenized cache")
     p.add_argument("action", choices=["prepare"])
@@ -219,7 +234,7 @@ def parse_args(argv):
 
     args, rest = parser.parse_known_args(argv)
     overrides = _config_overrides(rest, parser)
-    if overrides and args.command in ("generate", "plot", "export", "quantize"):
+    if overrides and args.command in ("generate", "plot", "export", "quantize", "lora"):
         parser.error(f"{args.command} takes no --config.* overrides")
     return args, overrides
 
@@ -298,10 +313,28 @@ def run_quantize(args, overrides) -> int:
 
     done = quantize.quantize(args.workdir, args.out, args.bits, args.mode, args.sub_channel, args.step)
     metrics.say(
-        f"quantized step {done['step']} of {args.workdir} to int{args.bits} ({args.mode}): {len(done['kernels'])} "
-        f"kernels as integers, the rest float; written to {args.out}. "
+        f"quantized step {done['step']} of {args.workdir} to int{done['bits']} ({done['mode']}): "
+        f"{len(done['kernels'])} kernels as integers, the rest float; written to {args.out}. "
         f"Evaluate it with `bigjax eval --workdir {args.out} --once`"
     )
+    return 0
+
+
+def run_lora(args, overrides) -> int:
+    from bigjax import lora, metrics
+
+    if args.action == "save":
+        done = lora.save(args.workdir, args.out, args.step)
+        metrics.say(
+            f"saved the {len(done['names'])} trained parameters ({done['numbers']:,} numbers) of step {done['step']} "
+            f"of {args.workdir} to {args.out}; a run starts from them with --config.lora.adapters={args.out}"
+        )
+    else:
+        done = lora.merge(args.workdir, args.out, args.step)
+        metrics.say(
+            f"merged the adapters of {len(done['kernels'])} kernels of step {done['step']} of {args.workdir} into a "
+            f"float run in {args.out}; evaluate it with `bigjax eval --workdir {args.out} --once`"
+        )
     return 0
 
 

@@ -183,6 +183,19 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             bits=0,  # 0 (off) | 8: int8 kernels, one scale per output channel | 4: int4 kernels, sub-channel scales
             mode="weight_only",  # weight_only | dynamic: also the activations into int8, per token, at run time
             sub_channel=32,  # bits=4: one scale per this many input channels of a kernel; must divide them
+            qat=False,  # True: quantization-aware training: float weights trained through the integer rounding
+        )
+    )
+    # Low-rank adapters (bigjax.lora, through Qwix): the base weights frozen, a trained rank-r update beside each
+    # targeted kernel. With quant.bits as well, the base is held as integers (QLoRA). rank 0 = off.
+    c.lora = ml_collections.ConfigDict(
+        dict(
+            rank=0,  # r: the adapters' inner size; 0 = off
+            alpha=16.0,  # the update is (alpha / rank) * x A B
+            targets=".*",  # regex (re.search) over quantizable matmuls' module paths, e.g. "attention/(query|value)"
+            dropout=0.0,  # on the adapters' input, in training
+            train="^(classifier|head|pooler)/",  # regex over parameter paths trained whole besides the adapters
+            adapters="",  # a directory of `bigjax lora save`: a run starting from scratch starts from these adapters
         )
     )
     return c
@@ -548,6 +561,7 @@ def check_values(config) -> None:
     check_finetuning(config)
     check_pruning(config.prune)
     check_distill(config)
+    check_lora(config)
 
 
 # Sizes and counts, checked before anything divides by them or builds an array of them. A model key is checked
@@ -680,6 +694,29 @@ def check_distill(config) -> None:
     if not 0 <= d.alpha <= 1:
         raise ConfigError(
             f"config.distill.alpha must be in [0, 1] (the weight of the teacher's soft targets), got {d.alpha}"
+        )
+
+
+def check_lora(config) -> None:
+    """LoRA settings that cannot work whatever the model (bigjax.lora checks the targets against its layers)."""
+    lora, quant = config.lora, config.quant
+    if lora.rank < 0:
+        raise ConfigError(f"config.lora.rank must be >= 0 (0 turns LoRA off), got {lora.rank}")
+    for key in ("targets", "train"):
+        try:
+            re.compile(lora[key])
+        except re.error as error:
+            raise ConfigError(f"config.lora.{key}={lora[key]!r} is not a valid regular expression: {error}") from None
+    if not lora.rank:
+        return
+    if not lora.alpha > 0:
+        raise ConfigError(f"config.lora.alpha must be > 0 (the update is scaled by alpha / rank), got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"config.lora.dropout must be in [0, 1), got {lora.dropout}")
+    if quant.bits and quant.qat:
+        raise ConfigError(
+            "config.lora with config.quant.qat=True: QLoRA holds its frozen base as integers; set quant.qat=False "
+            "for QLoRA, or lora.rank=0 for quantization-aware training of the whole model"
         )
 
 
@@ -820,7 +857,8 @@ def _mesh_str(shape) -> str:
 
 
 # Changing these on resume would load weights or optimizer moments into a model they do not fit.
-# Which parameters are pruned, and how, shape the optimizer state (its masks): those must match too.
+# Which parameters are pruned, and how, shape the optimizer state (its masks): those must match too; so do the
+# quantization (integer or float kernels, and the rounding trained through) and the adapters (which train).
 RESUME_MUST_MATCH = (
     "model",
     "optim.name",
@@ -832,6 +870,11 @@ RESUME_MUST_MATCH = (
     "prune.kind",
     "prune.include",
     "prune.exclude",
+    "quant",
+    "lora.rank",
+    "lora.alpha",
+    "lora.targets",
+    "lora.train",
 )
 
 

@@ -68,6 +68,29 @@ def load_pretrained_state(state, init_from, shardings):
     return state
 
 
+def load_pretrained_into(setup, state):
+    """`state`, a run's fresh one, with init_from's parameters loaded as `load_pretrained_state` does. A QLoRA run's
+    integer kernels are loaded as the float kernels they stand for, then quantized again (bigjax.models.quantized):
+    the float base exists whole on the mesh for that moment, as in a float fine-tune."""
+    from bigjax.models import quantized
+
+    config, shardings = setup.config, setup.state_shardings
+    if not quantized.holds_integers(config):
+        return load_pretrained_state(state, config.init_from, shardings)
+    boxed = setup.boxed_params()
+    float_shardings = quantized.float_shardings(shardings.params)
+    with setup.sharding.activate():
+        floats = jax.jit(lambda p: quantized.dequantize_params(p, boxed), out_shardings=float_shardings)(state.params)
+    float_state = load_pretrained_state(
+        state.replace(params=floats), config.init_from, shardings.replace(params=float_shardings)
+    )
+    with setup.sharding.activate():
+        params = jax.jit(lambda p: quantized.quantize_params(p, boxed), out_shardings=shardings.params)(
+            float_state.params
+        )
+    return float_state.replace(params=params)
+
+
 def load_from_hf(tree, init_from, shardings, collection: str = ""):
     """`tree` (the parameters, or the model-state `collection`, e.g. batch_stats) with the selected arrays replaced
     by a Hugging Face model's (init_from.workdir=hf:PATH)."""

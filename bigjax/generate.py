@@ -104,10 +104,11 @@ class Generator:
     """A causal LM ready to sample: its parameters on one device, the tokenizer it was trained with, and the
     compiled prefill, decode step and sampler (jitted once here; each compiles once per shape)."""
 
-    def __init__(self, model_config: gpt.GPTConfig, params, tokenizer, step: int | None = None, quant=None):
+    def __init__(self, model_config: gpt.GPTConfig, params, tokenizer, step: int | None = None, run_config=None):
         tokenizers.check_vocab(model_config.vocab_size, tokenizer, "the run's tokenizer")
-        # A quantized run's parameters hold integer kernels: the decoding model runs them as its config.quant says.
-        self.model = quantized(gpt.decoding_model(model_config), quant)
+        # A quantized or LoRA run's parameters hold integer kernels or adapters: the decoding model runs them as the
+        # run's config.quant and config.lora say.
+        self.model = quantized(gpt.decoding_model(model_config), run_config)
         self.context = model_config.max_len
         self.params = params
         self.tokenizer = tokenizer
@@ -333,7 +334,7 @@ def load(workdir, step: int | None = None) -> Generator:
             continue
         note(f"generating from checkpoint {candidate} of {workdir}")
         tokenizer = data.make_tokenizer(config.data.tokenizer)
-        return Generator(task.model_config, params, tokenizer, candidate, quant=config.quant)
+        return Generator(task.model_config, params, tokenizer, candidate, run_config=config)
     raise GenerateError(f"none of the committed checkpoints of {workdir} can be read: {', '.join(map(str, committed))}")
 
 

@@ -8,7 +8,7 @@ The entry points take the `optim` section of the experiment config
   (clipping, weight decay and the optimizer itself, in that order).
 * `decay_mask(params)`: which parameter leaves receive weight decay.
 
-With `freeze` (a regex over parameter paths, see bigjax.params) the matching parameters are routed to
+With `frozen` (bigjax.params.frozen: config.freeze, LoRA's base) the parameters it marks are routed to
 `optax.set_to_zero()` by `optax.multi_transform`: they get no optimizer state (no moments), and since the clip
 and the optimizer only see the trainable ones, neither does the gradient norm.
 
@@ -17,6 +17,7 @@ then trains the sparse model and keeps its masks in its state (inside the "train
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,7 @@ def decay_mask(params, decay_embeddings: bool = False):
 
     def should_decay(path, _leaf) -> bool:
         name = params_lib.leaf_name(path)
-        if name == "kernel":
+        if name == "kernel" or re.search(params_lib.ADAPTERS, name):  # LoRA's adapters are kernels too
             return True
         if name == "embedding":
             return decay_embeddings
@@ -171,17 +172,16 @@ def penalty_gradients(l1: float, l2: float, mask) -> optax.GradientTransformatio
     return optax.masked(optax.stateless(add_penalties), mask)
 
 
-def make_optimizer(optim_config, total_steps: int, freeze: str = "", prune=None) -> optax.GradientTransformation:
+def make_optimizer(optim_config, total_steps: int, frozen=None, prune=None) -> optax.GradientTransformation:
     """(Penalties) -> clip -> (L2 decay) -> optimizer, with the lr following `make_schedule`, pruned as `prune` (a
-    bigjax.prune.Pruning or None) says; parameters matching `freeze` get none of it."""
+    bigjax.prune.Pruning or None) says; the parameters `frozen` (params -> a tree of bools, bigjax.params.frozen)
+    marks get none of it."""
     tx = _trainable_optimizer(optim_config, total_steps)
     if prune is not None:
         tx = prune_lib.pruned(tx, prune)
-    if not freeze:
+    if frozen is None:
         return tx
-    labels = lambda params: jax.tree.map(
-        lambda frozen: "frozen" if frozen else "trained", params_lib.matches(params, freeze)
-    )
+    labels = lambda params: jax.tree.map(lambda fixed: "frozen" if fixed else "trained", frozen(params))
     return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
 

@@ -3,7 +3,8 @@
     layers/attention/query/kernel      classifier/bias      embed/embedding
 
 Fine-tuning (`init_from.include/exclude`, `freeze`) and the optimizer (weight-decay masks, frozen parameters)
-name parameters this way. Scanned layers are one stacked array each, so one name covers every layer.
+name parameters this way. Scanned layers are one stacked array each, so one name covers every layer. A LoRA
+adapter is named after its kernel: `layers/attention/query/kernel_lora_a` and `..._lora_b`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def by_path(tree) -> dict:
     return {param_path(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def boxes_by_path(tree) -> dict:
+    """Like `by_path`, for a tree of Flax's logical-axis boxes: {"layers/mlp/up/kernel": LogicallyPartitioned}."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, AxisMetadata))[0]
+    return {param_path(path): leaf for path, leaf in leaves}
+
+
 def nest(flat: dict) -> dict:
     """{"a/b/c": x} -> {"a": {"b": {"c": x}}}: the tree a "/"-named selection of parameters restores into."""
     tree = {}
@@ -57,3 +64,23 @@ def nest(flat: dict) -> dict:
             node = node.setdefault(key, {})
         node[leaf] = value
     return tree
+
+
+ADAPTERS = r"_lora_[ab]$"  # the paths of LoRA's adapters (bigjax.models.quantized)
+
+
+def freezes_any(config) -> bool:
+    """Does the run keep any parameter fixed (config.freeze, or LoRA's base)?"""
+    lora = config.get("lora")
+    return bool(config.freeze or (lora is not None and lora.rank))
+
+
+def frozen(params, config):
+    """A tree like `params` of bools: is the parameter kept fixed? Those `config.freeze` matches, and in a LoRA run
+    all but the adapters and `lora.train`'s: they get no gradient, no optimizer state and no update."""
+    fixed = matches(params, config.freeze)
+    lora = config.get("lora")
+    if lora is None or not lora.rank:
+        return fixed
+    trained = matches(params, ADAPTERS + (f"|{lora.train}" if lora.train else ""))
+    return jax.tree.map(lambda fixed, trained: fixed or not trained, fixed, trained)

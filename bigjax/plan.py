@@ -234,7 +234,7 @@ def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | No
 
 def compiled_analysis(setup) -> tuple:
     """Lower and compile the real train step with abstract inputs: (compiled, XLA's per-device bytes, FLOPs)."""
-    compiled, _ = step_lib.compile_train_step(setup)
+    compiled = step_lib.lower_train_step(setup).compile()
     stats = compiled.memory_analysis()
     xla = {
         "arguments": int(stats.argument_size_in_bytes),

@@ -43,16 +43,23 @@ class QuantizeError(UserError):
     """A quantization that cannot be done: a message for the user."""
 
 
-def quantize(workdir, out, bits: int = 8, mode: str = "weight_only", sub_channel: int | None = None, step=None):
+def quantize(workdir, out, bits=None, mode=None, sub_channel: int | None = None, step=None):
     """Write `out` as the quantized run of `workdir`'s newest committed checkpoint (or `step`); returns a dict of
-    what was done (step, the kernels quantized, parameters)."""
+    what was done (step, the kernels quantized, parameters, bits, mode). `bits`, `mode` and `sub_channel` default to
+    those a quantization-aware run trained for, else to int8 weight-only."""
     workdir, out = paths.workdir(workdir), paths.workdir(out)
     config = config_lib.load_saved(workdir)
-    if quantized.is_on(config.quant):
+    if quantized.lora_on(config):
+        raise QuantizeError(
+            f"{workdir} is a LoRA run (config.lora.rank={config.lora.rank}); merge its adapters first (`bigjax lora "
+            "merge --workdir RUN --out MERGED`) and quantize MERGED"
+        )
+    if quantized.holds_integers(config):
         raise QuantizeError(
             f"{workdir} is a quantized run already (config.quant.bits={config.quant.bits}); quantize the float run "
             "it came from"
         )
+    bits, mode, sub_channel = settings_for(config, bits, mode, sub_channel)
     step = pick_step(workdir, step)
     if out.exists() and any(out.iterdir()):
         raise QuantizeError(f"--out {out} is not empty; quantize into a new or empty directory")
@@ -90,7 +97,24 @@ def quantize(workdir, out, bits: int = 8, mode: str = "weight_only", sub_channel
         if jax.process_index() == 0:
             source = dict(workdir=str(workdir), step=step, **target.quant.to_dict(), kernels=kernels)
             (out / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-    return dict(step=step, kernels=kernels, parameters=state_lib.count_parameters(float_params))
+    return dict(step=step, kernels=kernels, parameters=state_lib.count_parameters(float_params), bits=bits, mode=mode)
+
+
+def settings_for(config, bits, mode, sub_channel) -> tuple:
+    """(bits, mode, sub_channel): as asked, else as a quantization-aware run trained for, else int8 weight-only. A
+    QAT run is quantized only as it was trained: its weights learned that rounding, not another."""
+    if not config.quant.qat:
+        return bits or 8, mode or "weight_only", sub_channel
+    trained = config.quant
+    asked = dict(bits=bits, mode=mode, sub_channel=sub_channel)
+    differ = [f"--{key.replace('_', '-')} {value}" for key, value in asked.items() if value not in (None, trained[key])]
+    if differ:
+        raise QuantizeError(
+            f"this run was trained for int{trained.bits} {trained.mode} (sub-channel {trained.sub_channel}) by "
+            f"quantization-aware training (config.quant.qat); {' '.join(differ)} is another rounding than it learned. "
+            "Leave those flags out to quantize it as trained"
+        )
+    return trained.bits, trained.mode, trained.sub_channel
 
 
 def pick_step(workdir, step: int | None) -> int:
@@ -111,7 +135,7 @@ def pick_step(workdir, step: int | None) -> int:
 def quantized_config(config, bits: int, mode: str, sub_channel: int | None, step: int):
     """`config` with its quant section set (checked like any config), ending at `step`."""
     target = config_lib.from_dict(config.to_dict())
-    target.quant.bits, target.quant.mode = bits, mode
+    target.quant.bits, target.quant.mode, target.quant.qat = bits, mode, False
     if sub_channel is not None:
         target.quant.sub_channel = sub_channel
     if bits == 0:

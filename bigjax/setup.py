@@ -14,11 +14,13 @@ import dataclasses
 import functools
 from typing import Any
 
+import jax
 import ml_collections
 import optax
 
-from bigjax import distill, optim, prune, tasks
+from bigjax import distill, lora, optim, prune, tasks
 from bigjax import mesh as mesh_lib
+from bigjax import params as params_lib
 from bigjax import state as state_lib
 from bigjax.models import quantized
 
@@ -43,6 +45,12 @@ class Setup:
         train, plan and bench build; eval and generation never need the teacher's workdir."""
         return distill.make_teacher(self.config, self.sharding, self.task)
 
+    def boxed_params(self) -> dict:
+        """The parameters' shapes with their logical-axis boxes (and a quantized model's Qwix `WithAux` nodes,
+        which say how each kernel is quantized): what bigjax.models.quantized converts by."""
+        with self.sharding.activate():
+            return jax.eval_shape(self.task.init_variables, jax.random.key(self.config.seed))["params"]
+
     def init_state(self) -> state_lib.TrainState:
         """A fresh state, created directly in its shards."""
         return state_lib.create_sharded_state(self.task, self.tx, self.config.seed, self.sharding, self.state_shardings)
@@ -65,12 +73,14 @@ def make_setup(config, devices=None, num_devices: int | None = None) -> Setup:
     """The setup of `config` on `devices` (default: all present), or on `num_devices` that need not exist."""
     sharding = mesh_lib.Sharding.from_config(config, devices, num_devices)
     task = tasks.make_task(config)
-    if quantized.is_on(config.get("quant")):
+    if quantized.inference_only(config):
         # Integer weights are run, never trained: no optimizer state (a quantized workdir holds parameters alone),
         # and no pruning (a pruned run's zeros quantize to exact zeros).
         tx = optax.set_to_zero()
     else:
         pruning = prune.from_config(config, task)  # None unless config.prune.kind is set
-        tx = optim.make_optimizer(config.optim, config.total_steps, freeze=config.freeze, prune=pruning)
+        frozen = functools.partial(params_lib.frozen, config=config) if params_lib.freezes_any(config) else None
+        tx = optim.make_optimizer(config.optim, config.total_steps, frozen=frozen, prune=pruning)
     abstract_state, state_shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, sharding)
+    lora.check_against_model(config, abstract_state.params)
     return Setup(config, sharding, task, tx, abstract_state, state_shardings)

@@ -29,13 +29,19 @@ def make_train_step(task, tx, config, teacher=None):
 
     def loss_sum(params, model_state, batch, rng, teacher_variables):
         # Frozen parameters are constants to the gradient: XLA computes no gradient for them at all.
-        frozen = params_lib.matches(params, config.freeze)
+        frozen = params_lib.frozen(params, config)
         params = jax.tree.map(lambda frozen, p: jax.lax.stop_gradient(p) if frozen else p, frozen, params)
         teaching = {} if teacher is None else {"teacher": teacher.in_step(teacher_variables)}
         sums, new_model_state = task.loss_sums(params, model_state, batch, rng, train=True, **teaching)
         return sums["loss"], (sums, new_model_state)
 
-    grad_of_sums = jax.grad(loss_sum, has_aux=True)  # of the student's parameters alone
+    # Of the student's parameters alone. Integer ones (QLoRA's frozen base) get jax's float0 "no gradient",
+    # replaced by float zeros so that every gradient adds up and reaches the optimizer like a frozen float one's.
+    grad_with_integers = jax.grad(loss_sum, has_aux=True, allow_int=True)
+
+    def grad_of_sums(params, *args):
+        grads, aux = grad_with_integers(params, *args)
+        return jax.tree.map(zero_if_integer, grads, params), aux
 
     def grads_and_sums(params, model_state, batch, rng, teacher_variables):
         if accum == 1:
@@ -65,12 +71,13 @@ def make_train_step(task, tx, config, teacher=None):
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grad_sums)  # the gradient of the mean loss
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        # Frozen parameters are kept as they are, not given a zero update: bit-identical even where p + 0 is not.
+        # Frozen parameters are kept as they are, not given a zero update: bit-identical even where p + 0 is not,
+        # and an integer one (QLoRA's base) has nothing to add a float to.
         params = jax.tree.map(
-            lambda frozen, old, new: old if frozen else new,
-            params_lib.matches(state.params, config.freeze),
+            lambda frozen, old, update: old if frozen else optax.apply_updates(old, update),
+            params_lib.frozen(state.params, config),
             state.params,
-            optax.apply_updates(state.params, updates),
+            updates,
         )
         new_state = state.replace(
             step=state.step + 1,
@@ -94,19 +101,46 @@ def make_train_step(task, tx, config, teacher=None):
     return train_step
 
 
+def zero_if_integer(grad, param):
+    return jnp.zeros(param.shape, jnp.float32) if grad.dtype == jax.dtypes.float0 else grad
+
+
 def compile_train_step(setup: Setup):
-    """The step, compiled ahead of time (to time the compile): (compiled step, seconds)."""
+    """The step, compiled ahead of time (to time the compile): (the step to call, seconds)."""
     started = time.perf_counter()
     _ = setup.teacher  # a teacher's shapes are traced outside the mesh context, as the state's were (bigjax.state)
+    step_fn, args = jit_train_step(setup)
     with setup.sharding.activate():
-        compiled = lower_train_step(setup).compile()
-    return compiled, time.perf_counter() - started
+        compiled = step_fn.lower(*args).compile()
+    seconds = time.perf_counter() - started
+    if not holds_int4(setup.abstract_state):
+        return compiled, seconds
+
+    # XLA's CPU backend reports a program's int4 outputs (QLoRA's base) as laid out unpacked while the compiled
+    # program wants them packed, and a compiled program refuses that mismatch at every call. The jitted function
+    # takes them (and finds the program just compiled in jax's cache), called in the mesh context it was traced in.
+    def step(*args):
+        with setup.sharding.activate():
+            return step_fn(*args)
+
+    return step, seconds
+
+
+def holds_int4(tree) -> bool:
+    return any(leaf.dtype == jnp.int4 for leaf in jax.tree.leaves(tree))
 
 
 def lower_train_step(setup: Setup):
-    """The step jitted with the setup's shardings, donating the old state, and traced for its shapes (the
-    state abstract: nothing is allocated); not yet compiled. Distilling, the teacher's variables are a third
-    argument, sharded on the same mesh and never donated: (state, batch, teacher_variables)."""
+    """The step jitted and traced for its shapes (the state abstract: nothing is allocated); not yet compiled."""
+    step_fn, args = jit_train_step(setup)
+    with setup.sharding.activate():
+        return step_fn.lower(*args)
+
+
+def jit_train_step(setup: Setup):
+    """(the step jitted with the setup's shardings, donating the old state; the abstract arguments to lower it
+    for). Distilling, the teacher's variables are a third argument, sharded on the same mesh and never donated:
+    (state, batch, teacher_variables)."""
     sharding, teacher = setup.sharding, setup.teacher
     teacher_shardings = () if teacher is None else (teacher.variable_shardings,)
     step_fn = jax.jit(
@@ -120,8 +154,7 @@ def lower_train_step(setup: Setup):
         setup.task.batch_spec(setup.config.batch_size),
     )
     teacher_target = () if teacher is None else (teacher.variables_target(),)
-    with sharding.activate():
-        return step_fn.lower(setup.state_target(), abstract_batch, *teacher_target)
+    return step_fn, (setup.state_target(), abstract_batch, *teacher_target)
 
 
 def with_teacher(train_step, teacher_variables):

@@ -14,10 +14,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bigjax import checkpoint, data, distill, evaluate, finetune, lock, metrics, paths, signals
+from bigjax import checkpoint, data, distill, evaluate, finetune, lock, lora, metrics, paths, signals
 from bigjax import state as state_lib
 from bigjax import step as step_lib
 from bigjax.errors import UserError
+from bigjax.models import quantized
 from bigjax.setup import Setup, make_setup
 
 
@@ -49,13 +50,13 @@ def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False)
 
 def refuse_quantized(config) -> None:
     """A quantized run (`bigjax quantize`) holds integer weights with no optimizer state: evaluated, sampled and
-    benchmarked, never trained."""
-    quant = config.get("quant")
-    if quant is not None and quant.bits:
+    benchmarked, never trained (QLoRA trains adapters beside them; QAT trains float weights)."""
+    if quantized.inference_only(config):
         raise TrainingError(
-            f"config.quant.bits={quant.bits}: this is a quantized run, whose checkpoint holds integer weights and "
-            "no optimizer state; `bigjax eval`, `generate` and `bench` run it. Train the float run it was quantized "
-            "from (config.quant.bits=0)"
+            f"config.quant.bits={config.quant.bits}: this is a quantized run, whose checkpoint holds integer weights "
+            "and no optimizer state; `bigjax eval`, `generate` and `bench` run it. To train a model for int"
+            f"{config.quant.bits}, set config.quant.qat=True (quantization-aware training) or config.lora.rank "
+            "(QLoRA); or train the float run it was quantized from (config.quant.bits=0)"
         )
 
 
@@ -194,7 +195,9 @@ def restore_or_init(setup: Setup, mngr, workdir, train_batches, fresh: bool):
         metrics.say(f"starting again from step 0 in {workdir} (--fresh)")
     state = setup.init_state()
     if config.init_from.workdir:  # fine-tuning: parameters from another run, optimizer and data from scratch
-        state = finetune.load_pretrained_state(state, config.init_from, setup.state_shardings)
+        state = finetune.load_pretrained_into(setup, state)
+    if config.lora.adapters:  # LoRA: its trained parameters from a `bigjax lora save`
+        state = lora.load(state, setup)
     return state, {}
 
 

@@ -168,12 +168,15 @@ def test_refused_runs_say_so_in_one_line(tmp_path, cli):
 
     with pytest.raises(deploy.DeployError, match="stablehlo exports the decode step of a GPT causal LM"):
         deploy.check_exportable(config_lib.load(str(REPO / "experiments" / "cnn_digits.py")), "stablehlo", "run")
-    quantized = config_lib.load(str(REPO / "experiments" / "tiny.py"))
-    quantized.quant = dict(mode="int8")
-    with pytest.raises(deploy.DeployError, match="quantized"):
-        deploy.check_exportable(quantized, "onnx", "run")
-    quantized.quant = dict(mode="none")
-    deploy.check_exportable(quantized, "onnx", "run")
+    run = config_lib.load(str(REPO / "experiments" / "tiny.py"))
+    run.quant.bits = 8
+    with pytest.raises(deploy.DeployError, match="quantized run .* export the float run"):
+        deploy.check_exportable(run, "onnx", "run")
+    run.quant.qat = True  # quantization-aware training keeps float weights: exported as they are
+    deploy.check_exportable(run, "onnx", "run")
+    run.quant.bits, run.lora.rank = 0, 4
+    with pytest.raises(deploy.DeployError, match="LoRA run .* bigjax lora merge"):
+        deploy.check_exportable(run, "onnx", "run")
 
 
 def test_unstack_layers_names_each_layer_as_the_unrolled_model():

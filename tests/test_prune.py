@@ -62,7 +62,7 @@ def test_prune_off_adds_nothing_and_trains_bit_identically_to_the_plain_optimize
     config = tiny_config("", "config.optim.warmup_steps=0")
     assert config.prune.kind == "none"
     setup = make_setup(config)
-    plain = optim.make_optimizer(config.optim, config.total_steps, freeze=config.freeze)  # as before bigjax.prune
+    plain = optim.make_optimizer(config.optim, config.total_steps)  # as before bigjax.prune
     assert jax.tree.structure(setup.abstract_state.opt_state) == jax.tree.structure(
         jax.eval_shape(plain.init, setup.abstract_state.params)
     )
@@ -330,7 +330,7 @@ def test_under_freeze_pruned_weights_are_zero_and_their_gradients_never_reach_th
     layout = prune.layout_of(params["dense"]["kernel"])
     pruning = prune.Pruning("unstructured", 0.5, 0, 0, 1, {"dense/kernel": layout})
     config = optim_config()
-    tx = optim.make_optimizer(config, 10, freeze="frozen", prune=pruning)
+    tx = optim.make_optimizer(config, 10, frozen=lambda params: params_lib.matches(params, "frozen"), prune=pruning)
     opt_state = tx.init(params)
     grads = jax.tree.map(np.ones_like, params)
     updates, opt_state = tx.update(grads, opt_state, params)

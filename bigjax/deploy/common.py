@@ -7,9 +7,7 @@ import jax
 from bigjax import checkpoint
 from bigjax import config as config_lib
 from bigjax.errors import UserError
-
-# Sections other work in progress adds to a config: a run that uses them trains a model these exports do not build.
-UNSUPPORTED_SECTIONS = {"quant": "a quantized run", "lora": "a LoRA run"}
+from bigjax.models import quantized
 
 
 class DeployError(UserError):
@@ -18,11 +16,9 @@ class DeployError(UserError):
 
 def check_exportable(config, fmt: str, where) -> None:
     """Refuse, with what can be exported, a run the format does not cover."""
-    for section, what in UNSUPPORTED_SECTIONS.items():
-        if is_set(config.get(section)):
-            raise DeployError(
-                f"{where} is {what} (config.{section}); --format {fmt} exports unquantized, merged models only"
-            )
+    refusal = quantized.float_export_refusal(config, where)
+    if refusal:
+        raise DeployError(f"{refusal} (--format {fmt} exports float models)")
     family, task = config.model.family, config.task.name
     causal_lm = family == "gpt" and task == "causal_lm"
     if fmt == "stablehlo" and not causal_lm:
@@ -34,22 +30,6 @@ def check_exportable(config, fmt: str, where) -> None:
             f"{where} trained a {family} {task} model; --format onnx exports a GPT causal LM or an image "
             "classifier (cnn, resnet, vit)"
         )
-
-
-def is_set(section) -> bool:
-    """Is a config section present and switched on? Empty, None, `enabled=False`, `mode="none"` or `bits=0` mean
-    off."""
-    if not section:
-        return False
-    if hasattr(section, "get") and "bits" in section:  # config.quant (bigjax.models.quantized): bits=0 is off
-        return bool(section["bits"])
-    if hasattr(section, "get"):
-        return bool(section.get("enabled", True)) and section.get("mode", section.get("method", "on")) not in (
-            "none",
-            "",
-            None,
-        )
-    return True
 
 
 def committed_step(workdir, step: int | None) -> int:

@@ -19,6 +19,7 @@ from bigjax import config as config_lib
 from bigjax.hf import family as family_lib
 from bigjax.hf import files
 from bigjax.hf.common import HFError, Params
+from bigjax.models import quantized
 from bigjax.params import by_path, nest, param_path
 
 SOURCE_FILE = "hf_source.json"  # written by `bigjax import`: the HF vocabulary size export cuts back to
@@ -192,11 +193,9 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
 
     workdir = paths.workdir(workdir)
     config = config_lib.load_saved(workdir)
-    if config.quant.bits:
-        raise HFError(
-            f"{workdir} is a quantized run (config.quant.bits={config.quant.bits}); Hugging Face export writes float "
-            "weights: export the float run it was quantized from"
-        )
+    refusal = quantized.float_export_refusal(config, workdir)
+    if refusal:
+        raise HFError(refusal)
     family = family_lib.for_config(config)  # or refused before anything is read
     max_shard_bytes = files.shard_bytes(max_shard_size)
     committed = checkpoint.committed_steps(workdir)

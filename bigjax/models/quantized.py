@@ -1,13 +1,28 @@
-"""Quantized weights through Qwix (Google's JAX quantization library, which MaxText uses): the rules that say which
-layers hold integers, the model that runs them, and the float -> integer conversion of a trained parameter tree.
+"""Quantized weights and low-rank adapters through Qwix (Google's JAX quantization library, which MaxText uses):
+the rules that say which layers hold integers or adapters, the model that runs them, and the float <-> integer
+conversion of a parameter tree.
 
-    model = quantized(GPT(cfg), config.quant)           # the same module when config.quant.bits is 0
+    model = quantized(GPT(cfg), config)                 # the same module when config.quant and config.lora are off
     abstract = jax.eval_shape(model.init, rng, tokens)  # kernels are now {qvalue: int8/int4, scale: float32}
     params = quantize_params(float_params, abstract)    # a trained float tree in that form
     logits = model.apply({"params": params}, tokens)
 
-`config.quant` (bigjax.config.defaults) is the one description of a quantization, written into a quantized
-workdir's config.json, so that every command that builds the model from that config builds the quantized one:
+`config.quant` (bigjax.config.defaults) is the one description of a quantization and `config.lora` of the adapters,
+written into a run's config.json, so that every command that builds the model from that config builds the same one.
+Four models come out of them, each through its Qwix provider:
+
+* post-training quantization (`quant.bits` set, `quant.qat=False`, no LoRA; a workdir of `bigjax quantize`):
+  integer kernels run, never trained (`PtqProvider`).
+* quantization-aware training (`quant.qat=True`): float kernels, trained, whose forward pass rounds them to the
+  integer grid as `quant` says and whose gradient passes the rounding straight through (`QtProvider`, the same
+  rules). `bigjax quantize` then turns the trained run into integers. The int4 tiling of a kernel contracted over
+  two axes (attention's output projection) is along its first such axis in QAT and its last in PTQ (Qwix's
+  choices), so for int4 the two differ there; int8 is per channel in both.
+* LoRA (`lora.rank` > 0): the kernels of the targeted layers frozen, and beside each a pair of trained low-rank
+  matrices `kernel_lora_a` [inputs, rank] and `kernel_lora_b` [rank, outputs] whose product, times alpha/rank, is
+  added to its output (`LoraProvider`). B starts at zero, so a LoRA run starts as its base model.
+* QLoRA (`lora.rank` > 0 and `quant.bits` set): LoRA over integer base kernels (every quantized layer, targeted or
+  not, as in the QLoRA paper): the base is stored and run as integers, the adapters stay float.
 
 * bits=8: int8 kernels with one float32 scale per output channel (absmax, symmetric: w ~ q * scale).
 * bits=4: int4 kernels with one scale per `sub_channel` input channels of each output channel (sub-channel: a
@@ -17,25 +32,24 @@ workdir's config.json, so that every command that builds the model from that con
   mode=dynamic: activations are also quantized to int8 at run time, per token (an integer x integer matmul where
   the backend has one).
 
-What stays float, and why:
+What stays float (and gets no adapter), and why:
 
 * token, position and token-type embeddings: a table lookup, not a matmul; Qwix quantizes the operands of
   matmuls and convolutions only. With tied embeddings the output layer is the same table.
 * the output layers (an untied `unembed`, the classifiers' `classifier`/`head`): their errors go straight into
-  the logits, and they are one matrix among many (the classic recipe keeps the first and last layers float).
+  the logits, and they are one matrix among many (the classic recipe keeps the first and last layers float). A
+  classifier's new head is trained whole in a LoRA run instead (`lora.train`).
 * norms and biases: vectors, a rounding error of the size, and the norms are precision-sensitive.
 * attention's own products (q.k and the weighted sum of v): activations against activations, not weights.
 * convolutions (ViT's patch embedding, the CNN's and ResNet's layers): Qwix's PTQ quantizes a convolution only
   together with its input at the same type (`PtqProvider.conv_general_dilated` refuses a weight-only one), and
   the first layer, which sees pixels, is kept float by every recipe anyway. The CNN's Dense layer is quantized.
 
-The rules are Qwix `QtRule`s, which quantization-aware training (`QtProvider`) and QLoRA (`LoraProvider`) take as
-they are: a later `config.quant` user builds its provider from `rules(config.quant)`.
-
 Scanned layers: a kernel of `nn.scan`ned blocks is stacked [layers, ...]; Qwix computes how to quantize one layer's
 kernel, so `quantize_params` maps that over the leading `layers` axis (named by the scan's partitioning metadata).
-Every integer array keeps its kernel's logical axis names, and each scale those of the axes it spans, so the
-quantized tree is sharded by the same rules as the float one and restores onto any mesh.
+Every integer array keeps its kernel's logical axis names, each scale those of the axes it spans, and each adapter
+those of the kernel's axes it keeps (Qwix carries them over), so these trees are sharded by the same rules as the
+float one and restore onto any mesh.
 """
 
 from __future__ import annotations
@@ -59,6 +73,39 @@ def is_on(quant) -> bool:
     return bool(quant is not None and quant.bits)
 
 
+def lora_on(config) -> bool:
+    lora = config.get("lora")
+    return bool(lora is not None and lora.rank)
+
+
+def holds_integers(config) -> bool:
+    """Are the run's quantized kernels integer arrays (post-training quantization, QLoRA's base), rather than the
+    float kernels of quantization-aware training?"""
+    quant = config.get("quant")
+    return is_on(quant) and not quant.qat
+
+
+def inference_only(config) -> bool:
+    """A workdir of `bigjax quantize`: integer weights with nothing to train (QLoRA trains its adapters)."""
+    return holds_integers(config) and not lora_on(config)
+
+
+def float_export_refusal(config, where) -> str | None:
+    """Why a float exporter (Hugging Face, ONNX, StableHLO) cannot take this run as it is, with the way out; None
+    when it can (a float run, or a QAT one: its weights are float)."""
+    if lora_on(config):
+        return (
+            f"{where} is a LoRA run (config.lora.rank={config.lora.rank}): merge its adapters into the base first, "
+            f"`bigjax lora merge --workdir RUN --out MERGED`, and export MERGED"
+        )
+    if holds_integers(config):
+        return (
+            f"{where} is a quantized run (config.quant.bits={config.quant.bits}) whose weights are integers; export "
+            "writes float weights: export the float run it was quantized from"
+        )
+    return None
+
+
 def qtype(bits: int):
     return {8: jnp.int8, 4: jnp.int4}[bits]
 
@@ -67,33 +114,67 @@ def rules(quant) -> list:
     """Qwix's rules for `quant` (config.quant): the first that matches a module path wins."""
     import qwix
 
-    return [
-        qwix.QtRule(module_path=rf"(.*/)?({'|'.join(FLOAT_MODULES)})", weight_qtype=None),
-        qwix.QtRule(
-            module_path=".*",
-            op_names=QUANTIZED_OPS,
-            weight_qtype=qtype(quant.bits),
-            act_qtype=jnp.int8 if quant.mode == "dynamic" else None,
-            tile_size=quant.sub_channel if quant.bits == 4 else None,
-        ),
-    ]
+    return [_float_rule(), _quantized_rule(quant, qwix.QtRule)]
 
 
-def quantized(model: nn.Module, quant) -> nn.Module:
-    """`model` running Qwix's post-training-quantized kernels as `quant` says; `model` itself when quant is off
-    (or None), so that a float run builds exactly the module it always did."""
-    if not is_on(quant):
+def _float_rule():
+    import qwix
+
+    return qwix.QtRule(module_path=rf"(.*/)?({'|'.join(FLOAT_MODULES)})", weight_qtype=None)
+
+
+def _quantized_rule(quant, rule_type, module_path: str = ".*", **settings):
+    """The rule for the quantized (and LoRA's targeted) matmuls; float kernels when `quant` is off."""
+    bits = quant.bits if is_on(quant) else 0
+    return rule_type(
+        module_path=module_path,
+        op_names=QUANTIZED_OPS,
+        weight_qtype=qtype(bits) if bits else None,
+        act_qtype=jnp.int8 if bits and quant.mode == "dynamic" else None,
+        tile_size=quant.sub_channel if bits == 4 else None,
+        **settings,
+    )
+
+
+def lora_rules(config) -> list:
+    """Adapters on the quantizable matmuls whose module path `lora.targets` finds (re.search); with `quant.bits`
+    the base kernels, targeted or not, are integers (QLoRA)."""
+    import qwix
+
+    lora, quant = config.lora, config.get("quant")
+    targeted = _quantized_rule(
+        quant,
+        qwix.LoraRule,
+        module_path=f".*(?:{lora.targets}).*",
+        rank=lora.rank,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+    )
+    rules = [_float_rule(), targeted]
+    if is_on(quant):
+        rules.append(_quantized_rule(quant, qwix.QtRule))
+    return rules
+
+
+def quantized(model: nn.Module, config) -> nn.Module:
+    """`model` as `config.quant` and `config.lora` say (see the module docstring); `model` itself when both are
+    off (or `config` is None), so that a float run builds exactly the module it always did."""
+    provider = _provider(config) if config is not None else None
+    if provider is None:
         return model
     import qwix
 
-    return qwix.quantize_model(model, _provider(quant))
+    return qwix.quantize_model(model, provider)
 
 
-def _provider(quant):
+def _provider(config):
     import qwix
+    from qwix._src.utils import flax_util
 
-    class Provider(qwix.PtqProvider):
-        """Qwix's PTQ provider, whose shape errors name the layer and the config key to change."""
+    quant = config.get("quant")
+
+    class Named:
+        """A Qwix provider whose shape errors name the layer and the config key to change."""
 
         def dot_general(self, *args, **kwargs):
             with _named_errors(quant):
@@ -103,7 +184,37 @@ def _provider(quant):
             with _named_errors(quant):
                 return super().einsum(*args, **kwargs)
 
-    return Provider(rules(quant))
+    class Lora(Named, qwix.LoraProvider):
+        """Two workarounds for Qwix 0.1.8 under Linen. Making an adapter, Qwix reads the kernel's box unboxed with
+        the adapter's value in it, which under logical-axis rules constrains a rank-2 array to the kernel's rank-3
+        names and fails: the rules are lifted inside the op (the adapters keep their names, and get their
+        shardings from them like every parameter). And its einsum records its einsum string on the module with
+        setattr, which a Linen module allows only in setup(): let it (nothing reads it)."""
+
+        def dot_general(self, *args, **kwargs):
+            with nn.logical_axis_rules(()):
+                return super().dot_general(*args, **kwargs)
+
+        def einsum(self, *args, **kwargs):
+            state = flax_util.get_current_module()._state
+            in_setup, state.in_setup = state.in_setup, True
+            try:
+                with nn.logical_axis_rules(()):
+                    return super().einsum(*args, **kwargs)
+            finally:
+                state.in_setup = in_setup
+
+    class Ptq(Named, qwix.PtqProvider):
+        pass
+
+    class Qat(Named, qwix.QtProvider):
+        pass
+
+    if lora_on(config):
+        return Lora(lora_rules(config))
+    if not is_on(quant):
+        return None
+    return (Qat if quant.qat else Ptq)(rules(quant))
 
 
 @contextlib.contextmanager
@@ -130,19 +241,45 @@ def quantize_params(params: dict, abstract_params: dict) -> dict:
     from qwix._src.core import qarray
     from qwix._src.providers import ptq
 
-    flat_abstract = flax.traverse_util.flatten_dict(
-        abstract_params, is_leaf=lambda _, node: isinstance(node, ptq.WithAux)
-    )
-    out = {}
-    for path, value in flax.traverse_util.flatten_dict(params).items():
-        target = flat_abstract[path]
-        if isinstance(target, ptq.WithAux):
-            quantize = lambda w, how=target.how: qarray.quantize(w, how)  # noqa: E731
-            if _axis_names(target.array.qvalue)[:1] == (SCAN_AXIS,):
-                quantize = jax.vmap(quantize)
-            value = ptq.WithAux(quantize(value), target.how)
-        out[path] = value
+    def quantize(value, target):
+        return ptq.WithAux(_per_layer(lambda w: qarray.quantize(w, target.how), target)(value), target.how)
+
+    return _map_quantized(quantize, params, abstract_params)
+
+
+def dequantize_params(params: dict, abstract_params: dict) -> dict:
+    """The float parameter tree a quantized one stands for (each integer kernel times its scales): what a float
+    checkpoint is loaded into, to be quantized again (QLoRA from a float run), or what LoRA merges into."""
+    from qwix._src.core import qarray
+
+    dequantize = lambda value, target: _per_layer(qarray.dequantize, target)(value.array)  # noqa: E731
+    return _map_quantized(dequantize, params, abstract_params)
+
+
+def float_shardings(shardings: dict) -> dict:
+    """A quantized parameter tree's shardings -> the float tree's: a kernel is sharded like its integers."""
+    from qwix._src.providers import ptq
+
+    is_quantized = lambda node: isinstance(node, ptq.WithAux)  # noqa: E731
+    return jax.tree.map(lambda node: node.array.qvalue if is_quantized(node) else node, shardings, is_leaf=is_quantized)
+
+
+def _map_quantized(fn, params: dict, abstract_params: dict) -> dict:
+    """`params` with fn(value, its WithAux in abstract_params) at each kernel the quantized model holds as integers
+    (nested dicts are walked; a WithAux, like an array, is a leaf)."""
+    from qwix._src.providers import ptq
+
+    targets = flax.traverse_util.flatten_dict(abstract_params)
+    out = {
+        path: fn(value, targets[path]) if isinstance(targets[path], ptq.WithAux) else value
+        for path, value in flax.traverse_util.flatten_dict(params).items()
+    }
     return flax.traverse_util.unflatten_dict(out)
+
+
+def _per_layer(fn, target):
+    """`fn` of one layer's kernel, mapped over the leading `layers` axis of a stacked (scanned) one."""
+    return jax.vmap(fn) if _axis_names(target.array.qvalue)[:1] == (SCAN_AXIS,) else fn
 
 
 def quantized_paths(abstract_params: dict) -> list[str]:

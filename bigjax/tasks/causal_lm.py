@@ -25,8 +25,8 @@ from bigjax.models.quantized import quantized
 class CausalLM:
     def __init__(self, config):
         self.model_config = GPTConfig.from_config(config.model)
-        self.quant = config.get("quant")
-        self.model = quantized(GPT(self.model_config), self.quant)
+        self.run_config = config  # its quant and lora sections say how the model is built (bigjax.models.quantized)
+        self.model = quantized(GPT(self.model_config), config)
         self.seq_len = config.data.seq_len
         self.tokens_per_example = self.seq_len
         self.loss_chunk = config.task.loss_chunk
@@ -67,7 +67,7 @@ class CausalLM:
         """The final hidden states [b, t, d] and the output kernel [d, padded_vocab], in the compute dtype: what the
         chunked loss multiplies a piece at a time. The same parameter paths as `self.model`, so the same parameters
         and the same dropout masks."""
-        hidden, kernel = quantized(GPTHiddenStates(self.model_config), self.quant).apply(
+        hidden, kernel = quantized(GPTHiddenStates(self.model_config), self.run_config).apply(
             {"params": params}, inputs, train=train, rngs=rngs or {}
         )
         # Cast as GPT's output layer casts, once, outside the loop over pieces; and gather an FSDP-split kernel

@@ -41,7 +41,7 @@ class Classification:
                 "(the height and width the data pipeline resizes images to)"
             )
         text_options = {} if self.images else dict(max_segments=config.data.max_segments)
-        self.model = quantized(make_classifier(config.model, self.num_classes, **text_options), config.get("quant"))
+        self.model = quantized(make_classifier(config.model, self.num_classes, **text_options), config)
         self.seq_len = config.data.seq_len
         self.max_segments = config.data.max_segments
         self.image_shape = (config.data.image_size, config.data.image_size, config.data.channels)

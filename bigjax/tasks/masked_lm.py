@@ -39,7 +39,7 @@ class MaskedLM:
                 f"{config.data.tokenizer!r} ({tokenizer.vocab_size} with its special tokens); raise it"
             )
         self.model_config = BertConfig.from_config(config.model)
-        self.model = quantized(BertMLM(self.model_config), config.get("quant"))
+        self.model = quantized(BertMLM(self.model_config), config)
         self.seq_len = config.data.seq_len
         self.tokens_per_example = self.seq_len
         self.mask_rate = config.task.mask_rate

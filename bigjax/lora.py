@@ -1,0 +1,254 @@
+"""LoRA and QLoRA runs: their checks, their adapters saved and loaded on their own, and merging them into the base.
+
+    c.lora = dict(rank=8, alpha=16.0, targets=".*")           # + c.init_from.workdir=DIR (or hf:PATH) to adapt
+    c.quant.bits = 4                                          # QLoRA: the frozen base held as int4
+    bigjax lora save  --workdir DIR --out ADAPTERS            # the trained parameters alone: adapters.safetensors
+    bigjax train ... --config.lora.adapters=ADAPTERS          # a new run starting from them
+    bigjax lora merge --workdir DIR --out DIR2                # a plain float run: W + (alpha/rank) A B
+
+The model is bigjax.models.quantized's (Qwix's LoraProvider): beside every targeted kernel `kernel_lora_a`
+[inputs, rank] and `kernel_lora_b` [rank, outputs], B zero at the start. bigjax.params.frozen keeps every other
+parameter fixed but `lora.train`'s (a classifier's new head): no gradient, no optimizer state, no update. So only
+the adapters (and those) get optimizer state; the checkpoint holds the base too, so a LoRA run resumes, evaluates
+and generates like any run.
+
+The adapters file is safetensors, one array per "/"-named parameter (`layers/mlp/up/kernel_lora_a`, stacked over
+the layers as bigjax holds them), with `adapters.json` beside it: the LoRA settings (a run loading them must have
+the same), the model they were trained on, and where they came from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from bigjax import checkpoint, lock, metrics, paths
+from bigjax import config as config_lib
+from bigjax import params as params_lib
+from bigjax import state as state_lib
+from bigjax.errors import UserError
+from bigjax.models import quantized
+
+WEIGHTS_FILE = "adapters.safetensors"
+SETTINGS_FILE = "adapters.json"
+MERGED_FILE = "merged.json"  # in a merged workdir: the LoRA run, step and settings it came from
+MUST_MATCH = ("rank", "alpha", "targets", "train")  # the settings a run loading adapters must share with theirs
+
+
+class LoraError(UserError):
+    """A LoRA setting or request that cannot work: a message for the user."""
+
+
+def check_against_model(config, abstract_params) -> None:
+    """The targets must reach some layer, and no adapter may be frozen (config.freeze): one error line each."""
+    if not quantized.lora_on(config):
+        return
+    names = params_lib.by_path(abstract_params)
+    adapters = [name for name in names if re.search(params_lib.ADAPTERS, name)]
+    if not adapters:
+        kernels = sorted({name.rpartition("/")[0] for name in names if name.endswith("kernel")})
+        raise LoraError(
+            f"config.lora.targets={config.lora.targets!r} matches no layer that takes adapters (the matmuls of "
+            f"{', '.join(kernels[:8])}{', ...' if len(kernels) > 8 else ''}; embeddings, output layers, heads and "
+            "convolutions take none); change the targets"
+        )
+    frozen = [name for name in adapters if re.search(config.freeze, name)] if config.freeze else []
+    if frozen:
+        raise LoraError(
+            f"config.freeze={config.freeze!r} freezes the LoRA adapters {', '.join(frozen[:4])}"
+            f"{', ...' if len(frozen) > 4 else ''}: they would never train. LoRA already freezes the base; leave "
+            "config.freeze empty or exclude these layers with config.lora.targets"
+        )
+
+
+def trained_names(config, params) -> list[str]:
+    """The "/"-names of what a LoRA run trains: the adapters and lora.train's parameters."""
+    frozen = params_lib.by_path(params_lib.frozen(params, config))
+    return [name for name, fixed in frozen.items() if not fixed]
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapters on their own
+
+
+def save(workdir, out, step: int | None = None) -> dict:
+    """Write the trained parameters of `workdir`'s checkpoint (the newest, or `step`) to `out`; returns what was
+    written. Every process takes part (the arrays are gathered); process 0 writes."""
+    from safetensors.numpy import save_file
+
+    from bigjax.quantize import pick_step
+    from bigjax.setup import make_setup
+
+    workdir, out = paths.workdir(workdir), paths.workdir(out)
+    config = lora_run_config(workdir, "save its adapters")
+    step = pick_step(workdir, step)
+    setup = make_setup(config)
+    params, _ = restore(setup, workdir, step)
+    names = trained_names(config, params)
+    flat = params_lib.by_path(params)
+    arrays = {name: np.asarray(multihost_utils.process_allgather(flat[name], tiled=True)) for name in names}
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(arrays, str(out / WEIGHTS_FILE))
+        settings = dict(
+            lora={key: config.lora[key] for key in MUST_MATCH},
+            model=config.model.to_dict(),
+            quant=config.quant.to_dict(),
+            workdir=str(workdir),
+            step=step,
+            shapes={name: list(array.shape) for name, array in arrays.items()},
+        )
+        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    return dict(step=step, names=names, numbers=int(sum(a.size for a in arrays.values())))
+
+
+def load(state, setup):
+    """`state` (a run starting from scratch) with its trained parameters from config.lora.adapters."""
+    from safetensors import safe_open
+
+    config, directory = setup.config, paths.workdir(setup.config.lora.adapters)
+    settings = read_settings(directory)
+    differences = [
+        f"lora.{key}: {settings['lora'][key]!r} there, {config.lora[key]!r} here"
+        for key in MUST_MATCH
+        if config_lib._normalize(settings["lora"][key]) != config_lib._normalize(config.lora[key])
+    ]
+    if differences:
+        raise LoraError(
+            f"config.lora.adapters={directory} were trained with other LoRA settings ({'; '.join(differences)}); "
+            "set this run's config.lora to theirs"
+        )
+    shardings = params_lib.by_path(setup.state_shardings.params)
+    flat = params_lib.by_path(state.params)
+    wanted = trained_names(config, state.params)
+    with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as f:
+        stored = set(f.keys())
+        missing = [name for name in wanted if name not in stored]
+        if missing:
+            raise LoraError(
+                f"config.lora.adapters={directory} has no {', '.join(missing[:4])}"
+                f"{', ...' if len(missing) > 4 else ''} that this model trains: they were saved from another model"
+            )
+        loaded = {}
+        for name in wanted:
+            array = f.get_tensor(name)
+            if tuple(array.shape) != tuple(flat[name].shape):
+                raise LoraError(
+                    f"config.lora.adapters={directory}: {name} has shape {tuple(array.shape)} there but "
+                    f"{tuple(flat[name].shape)} here; the adapters were saved from another model"
+                )
+            loaded[name] = jax.device_put(array.astype(flat[name].dtype), shardings[name])
+    metrics.say(f"lora: loaded {len(loaded)} trained parameters from {directory}")
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: loaded.get(params_lib.param_path(path), leaf), state.params
+    )
+    return state.replace(params=params)
+
+
+def read_settings(directory) -> dict:
+    path = directory / SETTINGS_FILE
+    if not path.exists() or not (directory / WEIGHTS_FILE).exists():
+        raise LoraError(
+            f"config.lora.adapters={directory} holds no {WEIGHTS_FILE} and {SETTINGS_FILE}; write them with "
+            "`bigjax lora save --workdir RUN --out DIR`"
+        )
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise LoraError(f"{path} is not valid JSON ({error}); save the adapters again") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Merging
+
+
+def merge(workdir, out, step: int | None = None) -> dict:
+    """Write `out` as a plain float run (lora and quant off) whose kernels are the base's plus (alpha/rank) A B,
+    at `workdir`'s newest checkpoint (or `step`); it evaluates, generates and exports like any run."""
+    from bigjax.quantize import pick_step
+    from bigjax.setup import make_setup
+
+    workdir, out = paths.workdir(workdir), paths.workdir(out)
+    config = lora_run_config(workdir, "merge")
+    step = pick_step(workdir, step)
+    if out.exists() and any(out.iterdir()):
+        raise LoraError(f"--out {out} is not empty; merge into a new or empty directory")
+    setup = make_setup(config)
+    target = merged_config(config, step)
+    merged_setup = make_setup(target)
+    params, model_state = restore(setup, workdir, step)
+    boxed = setup.boxed_params()
+    boxes = params_lib.boxes_by_path(boxed)
+
+    def merged(params):
+        floats = quantized.dequantize_params(params, boxed)
+        return merge_adapters(floats, boxes, config.lora.alpha / config.lora.rank)
+
+    with merged_setup.sharding.activate():
+        params = jax.jit(merged, out_shardings=merged_setup.state_shardings.params)(params)
+        opt_state = jax.jit(merged_setup.tx.init, out_shardings=merged_setup.state_shardings.opt_state)(params)
+    state = state_lib.TrainState(step=jnp.int32(step), params=params, opt_state=opt_state, model_state=model_state)
+    with lock.held(out, say=metrics.say):
+        saves = checkpoint.writer(out, keep=1)
+        saves.save(step, state, {}, {}, target)
+        saves.finish()
+        checkpoint.write_config(out, target)
+        if jax.process_index() == 0:
+            source = dict(workdir=str(workdir), step=step, lora=config.lora.to_dict(), quant=config.quant.to_dict())
+            (out / MERGED_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    return dict(step=step, kernels=adapted_kernels(boxes))
+
+
+def merge_adapters(floats: dict, boxes: dict, scale: float) -> dict:
+    """The float parameters with each adapted kernel replaced by kernel + scale * A B and the adapters dropped.
+    A is [contracted..., rank] (Einsum) or [prod(contracted), rank] (Dense), B [rank, kept...] or [rank,
+    prod(kept)]: both layouts put the contracted axes first, as the kernel does, so A B reshapes to the kernel."""
+    flat = params_lib.by_path(floats)
+    for kernel in adapted_kernels(boxes):
+        a, b = flat.pop(kernel + "_lora_a"), flat.pop(kernel + "_lora_b")
+        update = lambda a, b, shape: jnp.tensordot(a, b, axes=1).reshape(shape)  # noqa: E731
+        names = tuple(getattr(boxes[kernel + "_lora_a"], "names", ()))
+        if names[:1] == (quantized.SCAN_AXIS,):  # stacked over scanned layers: one update per layer
+            layer_shape = flat[kernel].shape[1:]
+            update = jax.vmap(lambda a, b, update=update, shape=layer_shape: update(a, b, shape))
+            delta = update(a, b)
+        else:
+            delta = update(a, b, flat[kernel].shape)
+        flat[kernel] = (flat[kernel] + scale * delta).astype(flat[kernel].dtype)
+    return params_lib.nest(flat)
+
+
+def adapted_kernels(boxes: dict) -> list[str]:
+    return [name.removesuffix("_lora_a") for name in boxes if name.endswith("_lora_a")]
+
+
+def merged_config(config, step: int):
+    target = config_lib.from_dict(config.to_dict())
+    target.lora.rank, target.lora.adapters = 0, ""
+    target.quant.bits, target.quant.qat = 0, False
+    target.init_from.workdir = ""
+    target.total_steps = step  # the eval job that follows DIR2 ends after this checkpoint
+    config_lib.check_values(target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared
+
+
+def lora_run_config(workdir, what: str):
+    config = config_lib.load_saved(workdir)
+    if not quantized.lora_on(config):
+        raise LoraError(f"{workdir} is not a LoRA run (config.lora.rank=0): there are no adapters to {what}")
+    return config
+
+
+def restore(setup, workdir, step: int) -> tuple[dict, dict]:
+    """(params, model state) of `workdir`'s checkpoint `step`, on `setup`'s mesh."""
+    mngr = checkpoint.manager(workdir, read_only=True)
+    return state_lib.split_variables(checkpoint.restore_variables(mngr, step, setup.variables_target()))

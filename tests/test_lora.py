@@ -1,0 +1,307 @@
+"""Training through quantization and adapters (bigjax/models/quantized.py, bigjax/lora.py): quantization-aware
+training (`config.quant.qat`), LoRA (`config.lora`) and QLoRA (both, the base held as int4).
+
+What is proven: QAT's forward pass runs the kernels rounded as post-training int8 quantization rounds them, and a
+QAT run quantizes as it trained; a LoRA run starts as its base, trains the adapters alone (the base bit for bit
+unchanged, optimizer state for the adapters only); one train step of QAT, LoRA and QLoRA gives the same loss and
+parameters on every mesh (within tests/tolerance.py's bounds); QAT and QLoRA runs resume bit for bit; the adapters
+save and load on their own and merge into the base; a QLoRA run restores onto another mesh; every bad combination
+is one error.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import test_sharding
+from conftest import TINY, init_params, run_cli
+from tolerance import (
+    assert_sgd_params_close_after_reordering,
+    float32_sum_tolerance,
+    lm_sum_lengths,
+)
+
+from bigjax import checkpoint, finetune, lora, metrics, quantize, train
+from bigjax import config as config_lib
+from bigjax import params as params_lib
+from bigjax import step as step_lib
+from bigjax.config import ConfigError
+from bigjax.models import quantized
+from bigjax.setup import make_setup
+
+SUB_CHANNEL = 8  # divides the tiny GPT's widths (d_model 32, head_dim 8, mlp 128)
+# QAT tiles attention's output kernel [heads, head_dim, d_model] along its heads (4), PTQ along head_dim (8).
+QAT_SUB_CHANNEL = 4
+QAT = ("config.quant.bits=8", "config.quant.qat=True")
+LORA = ("config.lora.rank=4",)
+QLORA = ("config.lora.rank=4", "config.quant.bits=4", f"config.quant.sub_channel={SUB_CHANNEL}")
+VARIANTS = {"qat": QAT, "lora": LORA, "qlora": QLORA}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A trained tiny GPT (8 steps): the base every LoRA run here adapts."""
+    workdir = tmp_path_factory.mktemp("lora") / "base"
+    assert train.train(config_lib.load(TINY), workdir).step == 8
+    return workdir
+
+
+def adapted(tiny_config, base, *overrides):
+    return tiny_config("", *overrides, f"config.init_from.workdir={base}")
+
+
+def started(setup):
+    """A run's state as `bigjax train` starts it from scratch: fresh, then init_from's and the adapters' weights."""
+    state = finetune.load_pretrained_into(setup, setup.init_state())
+    return lora.load(state, setup) if setup.config.lora.adapters else state
+
+
+def saved_params(workdir, config=None, step=None):
+    config = config or config_lib.load_saved(workdir)
+    setup = make_setup(config)
+    step = step or checkpoint.committed_steps(workdir)[-1]
+    return jax.device_get(lora.restore(setup, workdir, step)[0])
+
+
+def batch_on(setup, seed=0):
+    return setup.sharding.global_batch(test_sharding.fixed_batch(setup.config, seed))
+
+
+def mean_loss(setup, params, seed=0):
+    with setup.sharding.activate():
+        sums = jax.jit(lambda p, b: setup.task.loss_sums(p, {}, b)[0])(params, batch_on(setup, seed))
+    return float(sums["loss"] / sums["count"])
+
+
+def loss_tolerance(config) -> float:
+    return float32_sum_tolerance(*lm_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization-aware training
+
+
+def test_qat_runs_the_kernels_rounded_as_int8_quantization_rounds_them(tiny_config):
+    """The QAT model on float weights gives the logits of the post-training int8 model on those weights quantized
+    (the same per-channel absmax grid; the sums in another order), not the float model's: those differ by more than
+    ten times the bound of another order of the sums. And its gradient reaches every kernel through the rounding
+    (straight through)."""
+    qat = make_setup(tiny_config("", *QAT))
+    ptq = make_setup(tiny_config("", "config.quant.bits=8"))
+    plain = make_setup(tiny_config())
+    params = init_params(plain.task)
+    tokens = test_sharding.fixed_batch(plain.config)["inputs"]
+    logits = {
+        "qat": qat.task.model.apply({"params": params}, tokens),
+        "ptq": ptq.task.model.apply({"params": quantized.quantize_params(params, ptq.boxed_params())}, tokens),
+        "float": plain.task.model.apply({"params": params}, tokens),
+    }
+    scale, tolerance = float(np.abs(logits["float"]).max()), loss_tolerance(qat.config)
+    assert float(np.abs(logits["qat"] - logits["ptq"]).max()) <= tolerance * scale
+    assert float(np.abs(logits["qat"] - logits["float"]).max()) > 10 * tolerance * scale, "no rounding in QAT"
+
+    grads = jax.grad(lambda p: qat.task.loss_sums(p, {}, batch_on(qat))[0]["loss"])(params)
+    for name, grad in params_lib.by_path(grads).items():
+        if name.endswith("kernel"):
+            assert np.all(np.isfinite(grad)) and np.any(grad != 0), name
+
+
+def test_a_qat_run_resumes_bit_exact_and_quantizes_as_it_trained(tiny_config, tmp_path):
+    config = tiny_config(
+        "", "config.quant.bits=4", "config.quant.qat=True", f"config.quant.sub_channel={QAT_SUB_CHANNEL}"
+    )
+    assert_resumes_bit_exact(config, tmp_path)
+
+    done = quantize.quantize(tmp_path / "straight", tmp_path / "int4")  # no flags: the settings it trained for
+    assert (done["bits"], done["mode"]) == (4, "weight_only")
+    saved = config_lib.load_saved(tmp_path / "int4")
+    assert (saved.quant.bits, saved.quant.sub_channel, saved.quant.qat) == (4, QAT_SUB_CHANNEL, False)
+    with pytest.raises(quantize.QuantizeError, match="another rounding than it learned"):
+        quantize.quantize(tmp_path / "straight", tmp_path / "int8", bits=8)
+
+
+def assert_resumes_bit_exact(config, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train.train(config, straight).step == 8
+    assert train.train(config, resumed, stop_at_step=4).status == "preempted"
+    assert train.train(config, resumed).step == 8
+    losses = lambda workdir: {r["step"]: r["loss"] for r in metrics.read_jsonl(workdir / "metrics.jsonl")}  # noqa: E731
+    assert losses(resumed) == losses(straight)  # every step, bitwise
+    setup = make_setup(config)
+    states = [
+        jax.device_get(
+            checkpoint.restore_train_state(checkpoint.manager(w, read_only=True), 8, setup.state_target()).state
+        )
+        for w in (resumed, straight)
+    ]
+    jax.tree.map(np.testing.assert_array_equal, *states)  # params (integers too), adapters' moments, counts
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def test_a_lora_run_starts_as_its_base_and_trains_the_adapters_alone(tiny_config, base):
+    config = adapted(tiny_config, base, *LORA)
+    setup = make_setup(config)
+    state = started(setup)
+    params = params_lib.by_path(jax.device_get(state.params))
+    adapters = sorted(name for name in params if name.endswith(("_lora_a", "_lora_b")))
+    assert len(adapters) == 12  # a pair for each of q, k, v, out, up, down
+    base_params = saved_params(base)
+    plain = make_setup(config_lib.load_saved(base))
+    assert mean_loss(setup, state.params) == mean_loss(plain, jax.device_put(base_params, plain.state_shardings.params))
+
+    # Optimizer state for the adapters alone: every array in it belongs to one (the rest are AdamW's step counts).
+    moments = {name for name, leaf in params_lib.by_path(state.opt_state).items() if np.ndim(leaf) > 0}
+    assert moments and all(name.endswith(("_lora_a", "_lora_b")) for name in moments), sorted(moments)
+
+    step, _ = step_lib.compile_train_step(setup)
+    for seed in range(3):
+        state, _ = step(state, batch_on(setup, seed))
+    after = params_lib.by_path(jax.device_get(state.params))
+    for name, value in params_lib.by_path(base_params).items():
+        np.testing.assert_array_equal(after[name], value, err_msg=f"{name} changed: the base must stay frozen")
+    assert all(np.any(after[name] != params[name]) for name in adapters)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_one_train_step_matches_on_every_mesh(tiny_config, variant):
+    """One SGD step from the same weights (the adapters random, so that both A and B have a gradient) on each mesh:
+    the same loss, and the same parameters up to the order of the sums. The quantized kernels are the same integers
+    on every mesh (absmax and rounding of the same weights), so only the sums move."""
+    config = tiny_config("", *VARIANTS[variant], "config.optim.name=sgd", "config.optim.clip=0")
+    reference = None
+    for shape in test_sharding.MESHES:
+        setup = test_sharding.on_mesh(config, shape)
+        if reference is None:
+            initial = with_random_adapters(jax.device_get(setup.init_state().params))
+        state = setup.init_state().replace(params=jax.device_put(initial, setup.state_shardings.params))
+        step, _ = step_lib.compile_train_step(setup)
+        state, m = step(state, batch_on(setup))
+        result = float(m["loss"]), trained(config, jax.device_get(state.params))
+        if reference is None:
+            reference = result
+            continue
+        tolerance = loss_tolerance(config)
+        assert result[0] == pytest.approx(reference[0], rel=tolerance, abs=0), f"loss on mesh {shape}"
+        assert_sgd_params_close_after_reordering(
+            result[1], reference[1], trained(config, initial), tolerance, 1, f"params on mesh {shape}"
+        )
+
+
+def with_random_adapters(params):
+    rng = np.random.default_rng(0)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: (
+            rng.normal(0, 0.1, leaf.shape).astype(leaf.dtype)
+            if params_lib.param_path(path).endswith("_lora_b")
+            else leaf
+        ),
+        params,
+    )
+
+
+def trained(config, params) -> dict:
+    """What a step changes: every float parameter of a QAT run; a LoRA run's adapters."""
+    flat = params_lib.by_path(params)
+    if not quantized.lora_on(config):
+        return flat
+    return {name: flat[name] for name in lora.trained_names(config, params)}
+
+
+def test_a_qlora_run_resumes_bit_exact_holding_int4(tiny_config, base, tmp_path):
+    config = adapted(tiny_config, base, *QLORA)
+    assert_resumes_bit_exact(config, tmp_path)
+    params = params_lib.by_path(saved_params(tmp_path / "straight"))
+    assert params["layers/mlp/up/kernel/array/qvalue"].dtype == jnp.int4
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line: save, load, merge, restore elsewhere
+
+
+@pytest.mark.parametrize("variant", ["lora", "qlora"])
+def test_adapters_save_load_and_merge_from_the_command_line(tiny_config, base, tmp_path, variant):
+    overrides = [f"--{o}" for o in VARIANTS[variant]] + [f"--config.init_from.workdir={base}"]
+    run, adapters, merged = tmp_path / "run", tmp_path / "adapters", tmp_path / "merged"
+    run_cli("train", "--config", TINY, "--workdir", run, *overrides)
+    run_cli("lora", "save", "--workdir", run, "--out", adapters)
+    shapes = json.loads((adapters / lora.SETTINGS_FILE).read_text())["shapes"]
+    assert sorted(shapes) == sorted(lora.trained_names(config_lib.load_saved(run), saved_params(run)))
+
+    # A new run from the same base and the saved adapters starts where the LoRA run ended.
+    again = make_setup(adapted(tiny_config, base, *VARIANTS[variant], f"config.lora.adapters={adapters}"))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(started(again).params), saved_params(run))
+
+    run_cli("lora", "merge", "--workdir", run, "--out", merged)
+    merged_config = config_lib.load_saved(merged)
+    assert not quantized.lora_on(merged_config) and not quantized.is_on(merged_config.quant)
+    assert not any(name.endswith("_lora_a") for name in params_lib.by_path(saved_params(merged)))
+    lora_loss, merged_loss = eval_loss(run), eval_loss(merged)
+    # x (W + s A B) against x W + s (x A) B: the same sums in another order.
+    assert merged_loss == pytest.approx(lora_loss, rel=loss_tolerance(merged_config), abs=0)
+    if variant == "lora":
+        assert "ROMEO" in run_cli("generate", "--workdir", run, "--prompt", "ROMEO", "--max-new-tokens", 4).stdout
+
+
+def eval_loss(workdir, *overrides) -> float:
+    run_cli("eval", "--workdir", workdir, "--once", *overrides)
+    rows = [json.loads(line) for line in (workdir / "eval" / "metrics.jsonl").read_text().splitlines()]
+    return rows[-1]["loss"]
+
+
+def test_a_qlora_run_restores_onto_another_mesh(tiny_config, base, tmp_path):
+    """Trained on 8 x 1 x 1, read onto 1 x 4 x 2: the int4 base and the adapters split as their logical names say,
+    and the loss is the same up to the order of the sums."""
+    config = adapted(tiny_config, base, *QLORA)
+    train.train(config, tmp_path / "run")
+    losses = []
+    for shape in [(8, 1, 1), (1, 4, 2)]:
+        setup = test_sharding.on_mesh(config_lib.load_saved(tmp_path / "run"), shape)
+        params = lora.restore(setup, tmp_path / "run", 8)[0]
+        if shape == (1, 4, 2):
+            a = params["layers"]["attention"]["query"]["kernel_lora_a"]  # [layers, embed, rank]
+            assert tuple(a.sharding.spec)[:2] == (None, "fsdp"), a.sharding.spec
+            qvalue = params["layers"]["attention"]["query"]["kernel"].array.qvalue
+            assert qvalue.addressable_shards[0].data.shape == (2, 32 // 4, 4 // 2, 8)
+        losses.append(mean_loss(setup, params))
+    assert losses[1] == pytest.approx(losses[0], rel=loss_tolerance(config), abs=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusals
+
+
+def test_bad_combinations_are_one_error(tiny_config, base, tmp_path):
+    with pytest.raises(lora.LoraError, match="freezes the LoRA adapters layers/attention"):
+        make_setup(tiny_config("", *LORA, "config.freeze=attention"))
+    with pytest.raises(lora.LoraError, match="matches no layer that takes adapters"):
+        make_setup(tiny_config("", *LORA, "config.lora.targets=nothing_is_called_this"))
+    with pytest.raises(ConfigError, match="QLoRA holds its frozen base as integers"):
+        tiny_config("", *QLORA, "config.quant.qat=True")
+    with pytest.raises(ConfigError, match="config.lora.rank must be >= 0"):
+        tiny_config("", "config.lora.rank=-1")
+    with pytest.raises(lora.LoraError, match="is not a LoRA run"):
+        lora.save(base, tmp_path / "adapters")
+
+    run = tmp_path / "run"
+    train.train(adapted(tiny_config, base, *LORA, "config.total_steps=2"), run)
+    lora.save(run, tmp_path / "adapters")
+    other_rank = make_setup(
+        adapted(tiny_config, base, "config.lora.rank=2", f"config.lora.adapters={tmp_path}/adapters")
+    )
+    with pytest.raises(lora.LoraError, match="lora.rank: 4 there, 2 here"):
+        started(other_rank)
+    with pytest.raises(quantize.QuantizeError, match="merge its adapters first"):
+        quantize.quantize(run, tmp_path / "int8")
+
+    # On the command line: one `error:` line, exit 2; the run refused is left as it was.
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    result = run_cli("export", "--workdir", run, "--out", tmp_path / "hf", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "bigjax lora merge" in errors[0], result.stderr[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
