@@ -15,6 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from bigjax import checkpoint, data, distill, evaluate, finetune, lock, lora, metrics, paths, signals
+from bigjax import params as params_lib
 from bigjax import state as state_lib
 from bigjax import step as step_lib
 from bigjax.errors import UserError
@@ -90,7 +91,7 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
         checkpoint.write_config(workdir, config)
         non_finite = NonFiniteGuard(config, start_step=int(state.step), skipped=counters.get("nan_skips", 0))
         start = int(state.step)
-        log_model_size(state.params)
+        log_model_size(state.params, config)
         if stopper is not None and start:
             resume_early_stopping(stopper, mngr, start, config.eval_every)
 
@@ -209,9 +210,14 @@ def resume_early_stopping(stopper, mngr, step: int, eval_every: int) -> None:
         metrics.say(f"early stopping: {stopper.describe()}, {stopper.since_best} evaluations since")
 
 
-def log_model_size(params) -> None:
+def log_model_size(params, config) -> None:
     count = state_lib.count_parameters(params)
-    metrics.say(f"model: {count / 1e6:.2f}M parameters")
+    trained = ""
+    if params_lib.freezes_any(config):  # a freeze, or LoRA: say how much of it trains
+        frozen = jax.tree.leaves(params_lib.frozen(params, config))
+        numbers = sum(leaf.size for leaf, fixed in zip(jax.tree.leaves(params), frozen, strict=True) if not fixed)
+        trained = f", {numbers / 1e6:.3f}M of them trained"
+    metrics.say(f"model: {count / 1e6:.2f}M parameters{trained}")
 
 
 class Throughput:

@@ -15,15 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_hf
 import test_sharding
 from conftest import TINY, init_params, run_cli
+from test_hf import tokenizer_file  # noqa: F401  (the fixture: a small byte-level BPE)
 from tolerance import (
     assert_sgd_params_close_after_reordering,
     float32_sum_tolerance,
     lm_sum_lengths,
 )
 
-from bigjax import checkpoint, finetune, lora, metrics, quantize, train
+from bigjax import checkpoint, finetune, hf, lora, metrics, quantize, train
 from bigjax import config as config_lib
 from bigjax import params as params_lib
 from bigjax import step as step_lib
@@ -305,3 +307,24 @@ def test_bad_combinations_are_one_error(tiny_config, base, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "bigjax lora merge" in errors[0], result.stderr[-2000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_lora_and_qlora_start_from_a_hugging_face_model(tokenizer_file, tmp_path):  # noqa: F811 (the fixture)
+    """init_from.workdir=hf:PATH under LoRA: the base's weights are the HF model's (imported as `bigjax import`
+    reads them), bit for bit, the adapters fresh; under QLoRA its kernels are those weights quantized, exactly as
+    post-training quantization quantizes them."""
+    hf_dir, imported = tmp_path / "hf", tmp_path / "imported"
+    test_hf.save(test_hf.llama_model(), hf_dir, tokenizer_file)
+    hf.import_hf(hf_dir, imported)
+    expected = saved_params(imported)
+
+    for overrides in (LORA, QLORA):
+        config = config_lib.load_saved(imported, [*overrides, f"config.init_from.workdir=hf:{hf_dir}"])
+        setup = make_setup(config)
+        params = params_lib.by_path(jax.device_get(started(setup).params))
+        want = expected
+        if quantized.is_on(config.quant):
+            want = jax.device_get(quantized.quantize_params(expected, setup.boxed_params()))
+        for name, value in params_lib.by_path(want).items():
+            np.testing.assert_array_equal(params[name], value, err_msg=f"{name} ({' '.join(overrides)})")
+        assert all(not np.any(value) for name, value in params.items() if name.endswith("_lora_b"))
