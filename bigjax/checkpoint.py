@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import re
@@ -45,7 +46,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from bigjax import config as config_lib
-from bigjax import metrics, paths
+from bigjax import lock, metrics, paths
 from bigjax.errors import UserError
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it into a step just before the rename that commits it
@@ -245,6 +246,20 @@ class _CheckpointInfo:  # what Orbax's preservation policies read of a checkpoin
     step: int
     time: datetime.datetime
     metrics: dict | None
+
+
+def write_derived_run(out, state, config, note_file: str, note: dict) -> None:
+    """Write `out` (new or empty) as a run made from another one (`bigjax quantize`, `bigjax lora merge`): one
+    committed checkpoint of `state` at its step, its config.json, and `note_file` saying where it came from (JSON),
+    under the workdir lock like any run's writes."""
+    step = int(state.step)
+    with lock.held(out, say=metrics.say):
+        saves = writer(out, keep=1)
+        saves.save(step, state, {}, {}, config)
+        saves.finish()
+        write_config(out, config)
+        if jax.process_index() == 0:
+            (paths.workdir(out) / note_file).write_text(json.dumps(note, indent=2) + "\n")
 
 
 def delete_old_checkpoints(mngr: ocp.CheckpointManager, keep) -> None:

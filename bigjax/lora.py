@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bigjax import checkpoint, lock, metrics, paths
+from bigjax import checkpoint, metrics, paths
 from bigjax import config as config_lib
 from bigjax import params as params_lib
 from bigjax import state as state_lib
@@ -193,14 +193,8 @@ def merge(workdir, out, step: int | None = None) -> dict:
         params = jax.jit(merged, out_shardings=merged_setup.state_shardings.params)(params)
         opt_state = jax.jit(merged_setup.tx.init, out_shardings=merged_setup.state_shardings.opt_state)(params)
     state = state_lib.TrainState(step=jnp.int32(step), params=params, opt_state=opt_state, model_state=model_state)
-    with lock.held(out, say=metrics.say):
-        saves = checkpoint.writer(out, keep=1)
-        saves.save(step, state, {}, {}, target)
-        saves.finish()
-        checkpoint.write_config(out, target)
-        if jax.process_index() == 0:
-            source = dict(workdir=str(workdir), step=step, lora=config.lora.to_dict(), quant=config.quant.to_dict())
-            (out / MERGED_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    source = dict(workdir=str(workdir), step=step, lora=config.lora.to_dict(), quant=config.quant.to_dict())
+    checkpoint.write_derived_run(out, state, target, MERGED_FILE, source)
     return dict(step=step, kernels=adapted_kernels(boxes))
 
 

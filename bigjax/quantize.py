@@ -24,12 +24,10 @@ A pruned run's zeros stay exact zeros (absmax rounding maps 0 to 0).
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 
-from bigjax import checkpoint, lock, metrics, paths
+from bigjax import checkpoint, paths
 from bigjax import config as config_lib
 from bigjax import state as state_lib
 from bigjax.errors import UserError
@@ -89,14 +87,8 @@ def quantize(workdir, out, bits=None, mode=None, sub_channel: int | None = None,
         step=jnp.int32(step), params=params, opt_state=quant_setup.abstract_state.opt_state, model_state=model_state
     )
 
-    with lock.held(out, say=metrics.say):
-        saves = checkpoint.writer(out, keep=1)
-        saves.save(step, state, {}, {}, target)
-        saves.finish()
-        checkpoint.write_config(out, target)
-        if jax.process_index() == 0:
-            source = dict(workdir=str(workdir), step=step, **target.quant.to_dict(), kernels=kernels)
-            (out / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    source = dict(workdir=str(workdir), step=step, **target.quant.to_dict(), kernels=kernels)
+    checkpoint.write_derived_run(out, state, target, SOURCE_FILE, source)
     return dict(step=step, kernels=kernels, parameters=state_lib.count_parameters(float_params), bits=bits, mode=mode)
 
 

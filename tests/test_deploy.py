@@ -175,7 +175,7 @@ def test_refused_runs_say_so_in_one_line(tmp_path, cli):
     run.quant.qat = True  # quantization-aware training keeps float weights: exported as they are
     deploy.check_exportable(run, "onnx", "run")
     run.quant.bits, run.lora.rank = 0, 4
-    with pytest.raises(deploy.DeployError, match="LoRA run .* bigjax lora merge"):
+    with pytest.raises(deploy.DeployError, match="LoRA run .* `bigjax lora merge"):
         deploy.check_exportable(run, "onnx", "run")
 
 

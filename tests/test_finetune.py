@@ -11,6 +11,7 @@ from test_train import final_params
 
 from bigjax import checkpoint, finetune, metrics, optim, train
 from bigjax import config as config_lib
+from bigjax import params as params_lib
 from bigjax.params import by_path
 from bigjax.setup import make_setup
 
@@ -133,7 +134,7 @@ def test_fine_tuning_with_a_frozen_backbone_keeps_it_bit_identical(pretrained, t
 def test_frozen_parameters_get_no_update_even_from_weight_decay_or_penalties():
     params = {"backbone": {"kernel": jnp.full((4, 4), -0.0)}, "head": {"kernel": jnp.ones((4, 2))}}
     config = make_config(name="adamw", lr=0.1, weight_decay=0.1, l1_penalty=0.1, l2_penalty=0.1)
-    tx = optim.make_optimizer(config, 10, freeze="^backbone/")
+    tx = optim.make_optimizer(config, 10, frozen=lambda params: params_lib.matches(params, "^backbone/"))
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     assert not np.any(updates["backbone"]["kernel"]) and np.all(updates["head"]["kernel"] < 0)
