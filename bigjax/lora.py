@@ -45,7 +45,8 @@ class LoraError(UserError):
 
 
 def check_against_model(config, abstract_params) -> None:
-    """The targets must reach some layer, and no adapter may be frozen (config.freeze): one error line each."""
+    """The targets must reach some layer, lora.train must not name integers (QLoRA's base), and no adapter may be
+    frozen (config.freeze): one error line each."""
     if not quantized.lora_on(config):
         return
     names = params_lib.by_path(abstract_params)
@@ -54,16 +55,31 @@ def check_against_model(config, abstract_params) -> None:
         kernels = sorted({name.rpartition("/")[0] for name in names if name.endswith("kernel")})
         raise LoraError(
             f"config.lora.targets={config.lora.targets!r} matches no layer that takes adapters (the matmuls of "
-            f"{', '.join(kernels[:8])}{', ...' if len(kernels) > 8 else ''}; embeddings, output layers, heads and "
+            f"{listed(kernels, 8)}; embeddings, output layers, heads and "
             "convolutions take none); change the targets"
+        )
+    integers = [
+        name
+        for name in params_lib.trained_whole(abstract_params, config)
+        if not jnp.issubdtype(names[name].dtype, jnp.floating)
+    ]
+    if integers:
+        raise LoraError(
+            f"config.lora.train={config.lora.train!r} names {listed(integers)}, held as int{config.quant.bits} in "
+            "this QLoRA run: integers do not train. Name only float parameters "
+            "(the heads, norms, embeddings), or leave those layers out of the quantization (config.quant.bits=0)"
         )
     frozen = [name for name in adapters if re.search(config.freeze, name)] if config.freeze else []
     if frozen:
         raise LoraError(
-            f"config.freeze={config.freeze!r} freezes the LoRA adapters {', '.join(frozen[:4])}"
-            f"{', ...' if len(frozen) > 4 else ''}: they would never train. LoRA already freezes the base; leave "
+            f"config.freeze={config.freeze!r} freezes the LoRA adapters {listed(frozen)}: they would never train. "
+            "LoRA already freezes the base; leave "
             "config.freeze empty or exclude these layers with config.lora.targets"
         )
+
+
+def listed(names, shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def trained_names(config, params) -> list[str]:
@@ -131,8 +147,8 @@ def load(state, setup):
         missing = [name for name in wanted if name not in stored]
         if missing:
             raise LoraError(
-                f"config.lora.adapters={directory} has no {', '.join(missing[:4])}"
-                f"{', ...' if len(missing) > 4 else ''} that this model trains: they were saved from another model"
+                f"config.lora.adapters={directory} has no {listed(missing)} that this model trains: they were saved "
+                "from another model"
             )
         loaded = {}
         for name in wanted:

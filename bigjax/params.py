@@ -84,3 +84,11 @@ def frozen(params, config):
         return fixed
     trained = matches(params, ADAPTERS + (f"|{lora.train}" if lora.train else ""))
     return jax.tree.map(lambda fixed, trained: fixed or not trained, fixed, trained)
+
+
+def trained_whole(params, config) -> list[str]:
+    """The "/"-names of the parameters `lora.train` names (besides the adapters)."""
+    lora = config.get("lora")
+    if lora is None or not lora.rank or not lora.train:
+        return []
+    return [name for name, named in by_path(matches(params, lora.train)).items() if named]

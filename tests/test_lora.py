@@ -282,6 +282,8 @@ def test_bad_combinations_are_one_error(tiny_config, base, tmp_path):
         make_setup(tiny_config("", *LORA, "config.freeze=attention"))
     with pytest.raises(lora.LoraError, match="matches no layer that takes adapters"):
         make_setup(tiny_config("", *LORA, "config.lora.targets=nothing_is_called_this"))
+    with pytest.raises(lora.LoraError, match="names layers/mlp/down/kernel/array/qvalue, .*held as int4"):
+        make_setup(tiny_config("", *QLORA, "config.lora.train=layers/mlp/"))
     with pytest.raises(ConfigError, match="QLoRA holds its frozen base as integers"):
         tiny_config("", *QLORA, "config.quant.qat=True")
     with pytest.raises(ConfigError, match="config.lora.rank must be >= 0"):
@@ -328,3 +330,30 @@ def test_lora_and_qlora_start_from_a_hugging_face_model(tokenizer_file, tmp_path
         for name, value in params_lib.by_path(want).items():
             np.testing.assert_array_equal(params[name], value, err_msg=f"{name} ({' '.join(overrides)})")
         assert all(not np.any(value) for name, value in params.items() if name.endswith("_lora_b"))
+
+
+@pytest.mark.parametrize("variant", ["lora", "qlora"])
+def test_a_bert_classifier_adapts_with_its_new_head_and_pooler_trained_float(variant):
+    """A text classifier under LoRA/QLoRA: the encoder's projections take adapters (int4 under QLoRA), the new head
+    and BERT's pooler (lora.train's default) stay float and train whole; a train step moves them and the adapters,
+    and nothing else."""
+    import test_text_models
+
+    config = test_text_models.tiny("bert", "classification")
+    for override in VARIANTS[variant]:
+        config_lib.apply_override(config, override)
+    config_lib.check_values(config)
+    setup = make_setup(config)
+    state = setup.init_state()
+    before = params_lib.by_path(jax.device_get(state.params))
+    trains = set(lora.trained_names(config, state.params))
+    assert {"classifier/kernel", "pooler/kernel"} <= trains and any(n.endswith("_lora_b") for n in trains)
+    # Three steps: the head starts at zero, so the encoder has a gradient from step 2, and A (B starting at zero) from
+    # step 3.
+    step, _ = step_lib.compile_train_step(setup)
+    for seed in range(3):
+        state, m = step(state, setup.sharding.global_batch(test_text_models.fixed_batch(config, seed)))
+        assert np.isfinite(float(m["loss"]))
+    after = params_lib.by_path(jax.device_get(state.params))
+    for name, value in before.items():
+        assert bool(np.any(after[name] != value)) == (name in trains), name

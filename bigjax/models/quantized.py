@@ -36,9 +36,10 @@ What stays float (and gets no adapter), and why:
 
 * token, position and token-type embeddings: a table lookup, not a matmul; Qwix quantizes the operands of
   matmuls and convolutions only. With tied embeddings the output layer is the same table.
-* the output layers (an untied `unembed`, the classifiers' `classifier`/`head`): their errors go straight into
-  the logits, and they are one matrix among many (the classic recipe keeps the first and last layers float). A
-  classifier's new head is trained whole in a LoRA run instead (`lora.train`).
+* the output layers (an untied `unembed`, the classifiers' `classifier`/`head` and BERT's `pooler` before it):
+  their errors go straight into the logits, and they are one matrix among many (the classic recipe keeps the first
+  and last layers float). A classifier's new head is trained whole in a LoRA run instead (`lora.train`), so it must
+  be float in QLoRA too.
 * norms and biases: vectors, a rounding error of the size, and the norms are precision-sensitive.
 * attention's own products (q.k and the weighted sum of v): activations against activations, not weights.
 * convolutions (ViT's patch embedding, the CNN's and ResNet's layers): Qwix's PTQ quantizes a convolution only
@@ -64,7 +65,7 @@ import jax.numpy as jnp
 from bigjax.config import ConfigError
 
 # Module names (the last part of a module path) whose matmuls stay float; see the module docstring for why.
-FLOAT_MODULES = ("embed", "position_embed", "token_type_embed", "unembed", "classifier", "head", "attention")
+FLOAT_MODULES = ("embed", "position_embed", "token_type_embed", "unembed", "classifier", "head", "pooler", "attention")
 QUANTIZED_OPS = ("dot_general", "einsum")  # Dense and Einsum layers; not conv_general_dilated (docstring)
 SCAN_AXIS = "layers"  # the logical name nn.scan gives the stacking axis (bigjax.models.layers.remat_and_scan)
 
