@@ -451,7 +451,7 @@ def test_each_device_reads_only_its_own_block(tokenizer_file, tmp_path, monkeypa
 def test_export_writes_shards_above_the_size_limit_and_transformers_loads_them(cli, tokenizer_file, tmp_path):
     model = gpt2_model()
     hf_dir = save(model, tmp_path / "hf", tokenizer_file)
-    cli("import", "--hf", hf_dir, "--workdir", tmp_path / "run")
+    hf.import_hf(hf_dir, tmp_path / "run")  # in this process: `bigjax import` is the test above's
     out = tmp_path / "exported"
     args = ["export", "--workdir", tmp_path / "run", "--out", out]
     assert "exported step 0" in cli(*args, "--max-shard-size", "40KB").stdout  # a few tensors per file
@@ -486,13 +486,13 @@ def test_views_read_the_blocks_numpy_would_cut():
             np.testing.assert_array_equal(lazy[block], expected[block])
 
 
-def test_a_two_process_job_exports_the_same_files_as_one_process(cli, tokenizer_file, tmp_path):
+def test_a_two_process_job_exports_the_same_files_as_one_process(tokenizer_file, tmp_path):
     """Each parameter split over both processes' devices is gathered one tensor at a time; process 0 writes."""
     from test_multiprocess import assert_succeeded, start_processes, wait_for
 
     hf_dir = save(llama_model(), tmp_path / "hf", tokenizer_file)
-    cli("import", "--hf", hf_dir, "--workdir", tmp_path / "run")
-    cli("export", "--workdir", tmp_path / "run", "--out", tmp_path / "one")
+    hf.import_hf(hf_dir, tmp_path / "run")
+    hf.export(tmp_path / "run", tmp_path / "one")  # one process (this one) with all 8 devices
     logs = tmp_path / "logs"
     command = [sys.executable, "-m", "bigjax.cli", "export", "--workdir", tmp_path / "run", "--out", tmp_path / "two"]
     assert_succeeded(wait_for(start_processes(command, 2, logs), timeout=120), logs)
@@ -531,7 +531,7 @@ def test_a_trained_llama_run_with_a_sentencepiece_tokenizer_exports_for_transfor
     tokenizer_args = [f"--config.data.tokenizer=sentencepiece:{spm}", "--config.model.vocab_size=416"]
     cli("train", "--config", "experiments/tiny.py:llama=True,steps=2", "--workdir", run, *tokenizer_args)
     out = tmp_path / "exported"
-    cli("export", "--workdir", run, "--out", out)
+    hf.export(run, out)  # in this process: `bigjax export` is test_export_writes_shards_...'s
 
     reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info  # missing, unexpected, mismatched keys, error messages

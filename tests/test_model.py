@@ -256,8 +256,12 @@ def forward_digest(config) -> tuple[str, str]:
         init_hash.update(f"{path}{array.shape}{array.dtype}".encode() + array.tobytes())
     leaves, tree = jax.tree.flatten(variables)
     keys = jax.random.split(jax.random.key(1), len(leaves))
+    # The noise drawn compiled, one program per shape, and added in numpy: the same float32 bits as drawing and
+    # adding op by op, without compiling each of normal's operations for each shape.
+    normal = jax.jit(jax.random.normal, static_argnums=1)
+    noise = [np.asarray(normal(k, x.shape)) for x, k in zip(leaves, keys, strict=True)]
     variables = jax.tree.unflatten(
-        tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+        tree, [np.asarray(x) + np.float32(0.3) * n for x, n in zip(leaves, noise, strict=True)]
     )
     rng = np.random.default_rng(0)
     if config.model.family in ("gpt", "bert"):

@@ -7,6 +7,7 @@ a read-only directory would not stop writes, and needs no mount.
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -75,14 +76,30 @@ def the_error(result) -> str:
     return stderr[stderr.index("\nerror: ") + 1 :]
 
 
+def keeping_one(workdir) -> tuple:
+    args = ("train", "--config", TINY + ":steps=16", "--workdir", workdir, "--config.log_every=1")
+    return args + ("--config.keep_checkpoints=1",)  # keep-N must not delete step 4 for a step 8 that never commits
+
+
+@pytest.fixture(scope="module")
+def stopped_at_step_4(env, tmp_path_factory):
+    """A run of `keeping_one` stopped at step 4 (a committed checkpoint), trained once: each test below gets a copy."""
+    from conftest import run_cli
+
+    workdir = tmp_path_factory.mktemp("stopped") / "run"
+    run_cli(*keeping_one(workdir), "--stop-at-step", "4", env=env)
+    return workdir
+
+
 @pytest.mark.parametrize(
     "wrapper", [WITH_SMALL_FILES_ONLY, WITH_SMALL_FILES_AND_THE_MAIN_THREAD_ASKING_FIRST], ids=["plain", "asked-first"]
 )
-def test_a_failed_save_stops_training_and_keeps_the_committed_checkpoints(cli, env, tmp_path, wrapper):
+def test_a_failed_save_stops_training_and_keeps_the_committed_checkpoints(
+    cli, env, tmp_path, wrapper, stopped_at_step_4
+):
     workdir = tmp_path / "run"
-    args = ("train", "--config", TINY + ":steps=16", "--workdir", workdir, "--config.log_every=1")
-    args += ("--config.keep_checkpoints=1",)  # keep-N must not delete step 4 for a step 8 that never commits
-    cli(*args, "--stop-at-step", "4", env=env)
+    shutil.copytree(stopped_at_step_4, workdir)
+    args = keeping_one(workdir)
 
     result = run_limited(wrapper, args, env)
 

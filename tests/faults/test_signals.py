@@ -5,6 +5,7 @@ Each signal is sent by the trainer to itself from a wrapped bigjax function, so 
 under test, whatever the machine's speed.
 """
 
+import shutil
 import subprocess
 import sys
 
@@ -51,6 +52,16 @@ def train_args(workdir, steps=8):
     return ["train", "--config", f"{TINY}:steps={steps}", "--workdir", workdir, "--config.log_every=1"]
 
 
+@pytest.fixture(scope="module")
+def stopped_at_step_4(env, tmp_path_factory):
+    """`train_args` stopped at step 4 (checkpoint 4), trained once: the tests that resume it each get a copy."""
+    from conftest import run_cli
+
+    workdir = tmp_path_factory.mktemp("stopped") / "run"
+    run_cli(*train_args(workdir), "--stop-at-step", "4", env=env)
+    return workdir
+
+
 def run_signalled(where: str, call: int, signals: str, args, env) -> subprocess.CompletedProcess:
     command = [sys.executable, "-c", SIGNALLING_TRAINER, where, str(call), signals, *map(str, args)]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -64,9 +75,11 @@ def test_a_signal_while_the_config_is_read_stops_with_nothing_to_save_and_exit_z
     assert committed_steps(tmp_path / "run") == []
 
 
-def test_sigterm_during_the_compile_of_a_resumed_run_keeps_its_checkpoint_and_exits_zero(cli, env, tmp_path):
+def test_sigterm_during_the_compile_of_a_resumed_run_keeps_its_checkpoint_and_exits_zero(
+    env, tmp_path, stopped_at_step_4
+):
     workdir = tmp_path / "run"
-    cli(*train_args(workdir), "--stop-at-step", "4", env=env)
+    shutil.copytree(stopped_at_step_4, workdir)
     result = run_signalled("bigjax.step:compile_train_step", 1, "SIGTERM", train_args(workdir), env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stopped by SIGTERM during start-up, at step 4: nothing new to save" in result.stdout
@@ -87,9 +100,9 @@ ASYNC_SAVE = "orbax.checkpoint._src.checkpointers.async_checkpointer:_AsyncManag
 
 
 @pytest.mark.parametrize("during", ["step", "save"])
-def test_a_second_ctrl_c_stops_at_once_keeping_what_is_committed(during, cli, env, tmp_path):
+def test_a_second_ctrl_c_stops_at_once_keeping_what_is_committed(during, env, tmp_path, stopped_at_step_4):
     workdir = tmp_path / "run"
-    cli(*train_args(workdir), "--stop-at-step", "4", env=env)
+    shutil.copytree(stopped_at_step_4, workdir)
     # At step 6 of the resumed run, or while the save of step 8 is being written.
     where = ASYNC_SAVE if during == "save" else "bigjax.train:log_metrics"
     result = run_signalled(where, 1 if during == "save" else 2, "SIGINT,SIGINT", train_args(workdir, 12), env)
