@@ -33,15 +33,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "experiments" / "tiny.py")
 
 
-def pytest_configure(config):
-    """The processes the tests start (bigjax's, and any other Python) run subprocess_site/sitecustomize.py first:
-    no torch there. Set where tests run (an xdist worker, or pytest without -n), not in an xdist controller, whose
-    workers are the pytest processes that need torch for transformers."""
-    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
-        site = str(pathlib.Path(__file__).resolve().parent / "subprocess_site")
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
-
-
 @pytest.fixture
 def tiny_config():
     """The toy experiment's config, loaded as the CLI would, with overrides."""
