@@ -5,7 +5,7 @@
 #
 # For each of experiments/cnn_digits.py, vit_digits.py and finetune_genre.py (from a short bert_tiny_mlm
 # pretraining): a float32 run; its int8 and int4 weight-only copies (`bigjax quantize`); the same training with 50%
-# unstructured magnitude pruning (config.prune); for cnn_digits a quarter-width student trained alone and distilled
+# unstructured magnitude pruning (config.prune); for finetune_genre also LoRA, QLoRA and int8 QAT; for cnn_digits a quarter-width student trained alone and distilled
 # from the float run (config.distill). Then, for each run:
 #   * on disk: the bytes of the newest checkpoint's params/ directory (`du -sb`, Orbax's files as written);
 #   * quality: `bigjax eval --once` (accuracy and loss over the whole eval split), read from DIR/eval/metrics.jsonl;
@@ -97,7 +97,15 @@ quantize "$RUNS/genre" "$RUNS/genre_int8"
 quantize "$RUNS/genre" "$RUNS/genre_int4" --bits 4
 train "$RUNS/genre_pruned" "$G" "${GENRE[@]}" --config.prune.kind=unstructured --config.prune.sparsity=0.5 \
       --config.prune.start_step=50 --config.prune.end_step=200 --config.prune.every=25
-report finetune_genre 100 "$RUNS/genre" "$RUNS/genre_int8" "$RUNS/genre_int4" "$RUNS/genre_pruned"
+# LoRA (rank 8, the head and pooler trained whole), QLoRA over an int4 base, and int8 quantization-aware training.
+train "$RUNS/genre_lora" "$G" "${GENRE[@]}" --config.lora.rank=8 --config.optim.lr=1e-3
+train "$RUNS/genre_qlora" "$G" "${GENRE[@]}" --config.lora.rank=8 --config.quant.bits=4 --config.optim.lr=1e-3
+train "$RUNS/genre_qat8" "$G" "${GENRE[@]}" --config.quant.bits=8 --config.quant.qat=True
+quantize "$RUNS/genre_qat8" "$RUNS/genre_qat8_int8"  # as it trained: int8
+[ -d "$RUNS/genre_lora_adapters" ] || "$BIGJAX" lora save --workdir "$RUNS/genre_lora" --out "$RUNS/genre_lora_adapters"
+du -sb "$RUNS/genre_lora_adapters"/* "$RUNS"/genre*/checkpoints/300/opt_state
+report finetune_genre 100 "$RUNS/genre" "$RUNS/genre_int8" "$RUNS/genre_int4" "$RUNS/genre_pruned" \
+       "$RUNS/genre_lora" "$RUNS/genre_qlora" "$RUNS/genre_qat8" "$RUNS/genre_qat8_int8"
 
 # --- shakespeare_char: the int8 dynamic speed ratio, re-timed -------------------------------------------------------
 # Only the speed is wanted here, and the eval step's speed does not depend on the weights' values (bench runs

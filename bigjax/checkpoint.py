@@ -248,6 +248,20 @@ class _CheckpointInfo:  # what Orbax's preservation policies read of a checkpoin
     metrics: dict | None
 
 
+def committed_step(workdir, step: int | None = None) -> int:
+    """`step` if it is a committed checkpoint of `workdir`, else (None) the newest; one error otherwise."""
+    committed = committed_steps(workdir)
+    if not committed:
+        raise CheckpointError(
+            f"no committed checkpoint in {checkpoint_dir(workdir)}; train first, or wait for the first save"
+        )
+    if step is not None and step not in committed:
+        raise CheckpointError(
+            f"checkpoint {step} is not a committed checkpoint of {workdir}; committed: {', '.join(map(str, committed))}"
+        )
+    return committed[-1] if step is None else step
+
+
 def write_derived_run(out, state, config, note_file: str, note: dict) -> None:
     """Write `out` (new or empty) as a run made from another one (`bigjax quantize`, `bigjax lora merge`): one
     committed checkpoint of `state` at its step, its config.json, and `note_file` saying where it came from (JSON),

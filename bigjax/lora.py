@@ -20,7 +20,6 @@ the same), the model they were trained on, and where they came from.
 from __future__ import annotations
 
 import json
-import re
 
 import jax
 import jax.numpy as jnp
@@ -44,44 +43,6 @@ class LoraError(UserError):
     """A LoRA setting or request that cannot work: a message for the user."""
 
 
-def check_against_model(config, abstract_params) -> None:
-    """The targets must reach some layer, lora.train must not name integers (QLoRA's base), and no adapter may be
-    frozen (config.freeze): one error line each."""
-    if not quantized.lora_on(config):
-        return
-    names = params_lib.by_path(abstract_params)
-    adapters = [name for name in names if re.search(params_lib.ADAPTERS, name)]
-    if not adapters:
-        kernels = sorted({name.rpartition("/")[0] for name in names if name.endswith("kernel")})
-        raise LoraError(
-            f"config.lora.targets={config.lora.targets!r} matches no layer that takes adapters (the matmuls of "
-            f"{listed(kernels, 8)}; embeddings, output layers, heads and "
-            "convolutions take none); change the targets"
-        )
-    integers = [
-        name
-        for name in params_lib.trained_whole(abstract_params, config)
-        if not jnp.issubdtype(names[name].dtype, jnp.floating)
-    ]
-    if integers:
-        raise LoraError(
-            f"config.lora.train={config.lora.train!r} names {listed(integers)}, held as int{config.quant.bits} in "
-            "this QLoRA run: integers do not train. Name only float parameters "
-            "(the heads, norms, embeddings), or leave those layers out of the quantization (config.quant.bits=0)"
-        )
-    frozen = [name for name in adapters if re.search(config.freeze, name)] if config.freeze else []
-    if frozen:
-        raise LoraError(
-            f"config.freeze={config.freeze!r} freezes the LoRA adapters {listed(frozen)}: they would never train. "
-            "LoRA already freezes the base; leave "
-            "config.freeze empty or exclude these layers with config.lora.targets"
-        )
-
-
-def listed(names, shown: int = 4) -> str:
-    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
-
-
 def trained_names(config, params) -> list[str]:
     """The "/"-names of what a LoRA run trains: the adapters and lora.train's parameters."""
     frozen = params_lib.by_path(params_lib.frozen(params, config))
@@ -97,12 +58,11 @@ def save(workdir, out, step: int | None = None) -> dict:
     written. Every process takes part (the arrays are gathered); process 0 writes."""
     from safetensors.numpy import save_file
 
-    from bigjax.quantize import pick_step
     from bigjax.setup import make_setup
 
     workdir, out = paths.workdir(workdir), paths.workdir(out)
     config = lora_run_config(workdir, "save its adapters")
-    step = pick_step(workdir, step)
+    step = checkpoint.committed_step(workdir, step)
     setup = make_setup(config)
     params, _ = restore(setup, workdir, step)
     names = trained_names(config, params)
@@ -147,8 +107,8 @@ def load(state, setup):
         missing = [name for name in wanted if name not in stored]
         if missing:
             raise LoraError(
-                f"config.lora.adapters={directory} has no {listed(missing)} that this model trains: they were saved "
-                "from another model"
+                f"config.lora.adapters={directory} has no {quantized.listed(missing)} that this model trains: they "
+                "were saved from another model"
             )
         loaded = {}
         for name in wanted:
@@ -186,12 +146,11 @@ def read_settings(directory) -> dict:
 def merge(workdir, out, step: int | None = None) -> dict:
     """Write `out` as a plain float run (lora and quant off) whose kernels are the base's plus (alpha/rank) A B,
     at `workdir`'s newest checkpoint (or `step`); it evaluates, generates and exports like any run."""
-    from bigjax.quantize import pick_step
     from bigjax.setup import make_setup
 
     workdir, out = paths.workdir(workdir), paths.workdir(out)
     config = lora_run_config(workdir, "merge")
-    step = pick_step(workdir, step)
+    step = checkpoint.committed_step(workdir, step)
     if out.exists() and any(out.iterdir()):
         raise LoraError(f"--out {out} is not empty; merge into a new or empty directory")
     setup = make_setup(config)

@@ -58,7 +58,7 @@ def quantize(workdir, out, bits=None, mode=None, sub_channel: int | None = None,
             "it came from"
         )
     bits, mode, sub_channel = settings_for(config, bits, mode, sub_channel)
-    step = pick_step(workdir, step)
+    step = checkpoint.committed_step(workdir, step)
     if out.exists() and any(out.iterdir()):
         raise QuantizeError(f"--out {out} is not empty; quantize into a new or empty directory")
 
@@ -107,21 +107,6 @@ def settings_for(config, bits, mode, sub_channel) -> tuple:
             "Leave those flags out to quantize it as trained"
         )
     return trained.bits, trained.mode, trained.sub_channel
-
-
-def pick_step(workdir, step: int | None) -> int:
-    committed = checkpoint.committed_steps(workdir)
-    if not committed:
-        raise QuantizeError(
-            f"no committed checkpoint in {checkpoint.checkpoint_dir(workdir)}; train first, or wait for the first save"
-        )
-    if step is None:
-        return committed[-1]
-    if step not in committed:
-        raise QuantizeError(
-            f"checkpoint {step} is not a committed checkpoint of {workdir}; committed: {', '.join(map(str, committed))}"
-        )
-    return step
 
 
 def quantized_config(config, bits: int, mode: str, sub_channel: int | None, step: int):

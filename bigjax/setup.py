@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import optax
 
-from bigjax import distill, lora, optim, prune, tasks
+from bigjax import distill, optim, prune, tasks
 from bigjax import mesh as mesh_lib
 from bigjax import params as params_lib
 from bigjax import state as state_lib
@@ -82,5 +82,5 @@ def make_setup(config, devices=None, num_devices: int | None = None) -> Setup:
         frozen = functools.partial(params_lib.frozen, config=config) if params_lib.freezes_any(config) else None
         tx = optim.make_optimizer(config.optim, config.total_steps, frozen=frozen, prune=pruning)
     abstract_state, state_shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, sharding)
-    lora.check_against_model(config, abstract_state.params)
+    quantized.check_lora(config, abstract_state.params)
     return Setup(config, sharding, task, tx, abstract_state, state_shardings)

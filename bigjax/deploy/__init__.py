@@ -23,7 +23,7 @@ import jax
 
 from bigjax import checkpoint, paths
 from bigjax import config as config_lib
-from bigjax.deploy.common import DeployError, check_exportable, committed_step
+from bigjax.deploy.common import DeployError, check_exportable
 
 FORMATS = ("onnx", "stablehlo")
 DESCRIPTION_FILES = {"onnx": "model.json", "stablehlo": "manifest.json"}  # what goes in and out, in JSON
@@ -34,7 +34,7 @@ def export(workdir, out, fmt: str, step: int | None = None, platforms=None) -> i
     """Write `out` in format `fmt` from a committed checkpoint of `workdir`; returns the step exported."""
     workdir = paths.workdir(workdir)
     check_exportable(config_lib.load_saved(workdir), fmt, workdir)  # refused before anything is read
-    step = committed_step(workdir, step)
+    step = checkpoint.committed_step(workdir, step)
     out = pathlib.Path(out)
     if out.exists() and any(out.iterdir()):
         raise DeployError(f"--out {out} exists and is not empty; export into a new directory")

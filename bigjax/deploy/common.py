@@ -32,17 +32,6 @@ def check_exportable(config, fmt: str, where) -> None:
         )
 
 
-def committed_step(workdir, step: int | None) -> int:
-    committed = checkpoint.committed_steps(workdir)
-    if not committed:
-        raise DeployError(f"no committed checkpoint in {checkpoint.checkpoint_dir(workdir)} yet; train first")
-    if step is not None and step not in committed:
-        raise DeployError(
-            f"checkpoint {step} is not a committed checkpoint of {workdir}; committed: {', '.join(map(str, committed))}"
-        )
-    return committed[-1] if step is None else step
-
-
 def restore_on_one_device(config, mngr, step: int):
     """(setup, variables) of checkpoint `step`, restored onto one device: serving needs no parallelism."""
     from bigjax.setup import make_setup

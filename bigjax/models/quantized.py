@@ -56,12 +56,14 @@ float one and restore onto any mesh.
 from __future__ import annotations
 
 import contextlib
+import re
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigjax import params as params_lib
 from bigjax.config import ConfigError
 
 # Module names (the last part of a module path) whose matmuls stay float; see the module docstring for why.
@@ -89,6 +91,40 @@ def holds_integers(config) -> bool:
 def inference_only(config) -> bool:
     """A workdir of `bigjax quantize`: integer weights with nothing to train (QLoRA trains its adapters)."""
     return holds_integers(config) and not lora_on(config)
+
+
+def check_lora(config, abstract_params) -> None:
+    """The targets must reach some layer, lora.train must not name integers (QLoRA's base), and no adapter may be
+    frozen (config.freeze): one error line each."""
+    if not lora_on(config):
+        return
+    names = params_lib.by_path(abstract_params)
+    adapters = [name for name in names if re.search(params_lib.ADAPTERS, name)]
+    if not adapters:
+        kernels = sorted({name.rpartition("/")[0] for name in names if name.endswith("kernel")})
+        raise ConfigError(
+            f"config.lora.targets={config.lora.targets!r} matches no layer that takes adapters (the matmuls of "
+            f"{listed(kernels, 8)}; embeddings, output layers, heads and "
+            "convolutions take none); change the targets"
+        )
+    integers = [
+        name
+        for name in params_lib.trained_whole(abstract_params, config)
+        if not jnp.issubdtype(names[name].dtype, jnp.floating)
+    ]
+    if integers:
+        raise ConfigError(
+            f"config.lora.train={config.lora.train!r} names {listed(integers)}, held as int{config.quant.bits} in "
+            "this QLoRA run: integers do not train. Name only float parameters "
+            "(the heads, norms, embeddings), or leave those layers out of the quantization (config.quant.bits=0)"
+        )
+    frozen = [name for name in adapters if re.search(config.freeze, name)] if config.freeze else []
+    if frozen:
+        raise ConfigError(
+            f"config.freeze={config.freeze!r} freezes the LoRA adapters {listed(frozen)}: they would never train. "
+            "LoRA already freezes the base; leave "
+            "config.freeze empty or exclude these layers with config.lora.targets"
+        )
 
 
 def float_export_refusal(config, where) -> str | None:
@@ -293,3 +329,7 @@ def quantized_paths(abstract_params: dict) -> list[str]:
 
 def _axis_names(leaf) -> tuple:
     return tuple(leaf.names) if isinstance(leaf, nn.LogicallyPartitioned) else ()
+
+
+def listed(names, shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
