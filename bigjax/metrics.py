@@ -31,6 +31,23 @@ def _round(value):
     return value
 
 
+def summary_writer_class():
+    """tensorboardX's SummaryWriter, imported here: only process 0 needs it. tensorboardX imports torch whenever it
+    is installed, only to accept torch tensors (bigjax writes floats): 1.2-1.5 s of CPU at every start on a machine
+    that has torch (the GPU image, a dev venv). So, unless torch is imported already, it is imported with torch
+    hidden, and `import torch` works as ever afterwards."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Writes `{name: number}` at a step to the console, DIR/metrics.jsonl and TensorBoard events in DIR."""
 
@@ -42,9 +59,7 @@ class MetricWriter:
             directory = paths.workdir(directory)
             directory.mkdir(parents=True, exist_ok=True)
             self.jsonl = JsonLines(directory / "metrics.jsonl")
-            from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-
-            self.tensorboard = SummaryWriter(os.fspath(directory), flush_secs=10)
+            self.tensorboard = summary_writer_class()(os.fspath(directory), flush_secs=10)
 
     def write(self, step: int, metrics: dict, console: bool = True) -> None:
         if not self.enabled:
