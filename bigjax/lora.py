@@ -180,14 +180,10 @@ def merge_adapters(floats: dict, boxes: dict, scale: float) -> dict:
     flat = params_lib.by_path(floats)
     for kernel in adapted_kernels(boxes):
         a, b = flat.pop(kernel + "_lora_a"), flat.pop(kernel + "_lora_b")
-        update = lambda a, b, shape: jnp.tensordot(a, b, axes=1).reshape(shape)  # noqa: E731
-        names = tuple(getattr(boxes[kernel + "_lora_a"], "names", ()))
-        if names[:1] == (quantized.SCAN_AXIS,):  # stacked over scanned layers: one update per layer
-            layer_shape = flat[kernel].shape[1:]
-            update = jax.vmap(lambda a, b, update=update, shape=layer_shape: update(a, b, shape))
-            delta = update(a, b)
-        else:
-            delta = update(a, b, flat[kernel].shape)
+        product = lambda a, b: jnp.tensordot(a, b, axes=1)  # noqa: E731
+        if tuple(getattr(boxes[kernel + "_lora_a"], "names", ()))[:1] == (quantized.SCAN_AXIS,):
+            product = jax.vmap(product)  # stacked over scanned layers: one product per layer, the layers leading
+        delta = product(a, b).reshape(flat[kernel].shape)
         flat[kernel] = (flat[kernel] + scale * delta).astype(flat[kernel].dtype)
     return params_lib.nest(flat)
 
