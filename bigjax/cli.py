@@ -23,11 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 
 
 def main(argv=None) -> int:
+    started = time.monotonic()  # a run's account of its wall time (bigjax.goodput) starts here, before JAX loads
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    args.started = started
     if args.command == "train":
         from bigjax import signals
 
@@ -262,7 +265,7 @@ def run_train(args, overrides) -> int:
     from bigjax import metrics, train
 
     config = config_lib.load(args.config, overrides)
-    summary = train.train(config, args.workdir, stop_at_step=args.stop_at_step, fresh=args.fresh)
+    summary = train.train(config, args.workdir, args.stop_at_step, args.fresh, started=args.started)
     metrics.say(f"{summary.status} at step {summary.step}; checkpoints in {os.path.join(args.workdir, 'checkpoints')}")
     return 0
 

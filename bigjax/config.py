@@ -69,6 +69,9 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
     c.eval_batches = 8
     c.nan_policy = "stop"  # stop | skip: a NaN/Inf loss or gradient norm stops the run, or skips that update
     c.max_nan_skips = 10  # nan_policy=skip: stop once more steps than this were skipped in the whole run
+    # JAX's persistent compilation cache (bigjax.compilation_cache): "" = JAX_COMPILATION_CACHE_DIR if set, else
+    # WORKDIR/compilation_cache (generate: ~/.cache/bigjax/jax); "off"; or a directory (a bucket URL too)
+    c.compilation_cache = ""
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = DEFAULT_SHARDING_RULES
@@ -202,6 +205,8 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
 
 
 NAN_POLICIES = ("stop", "skip")
+# Meant as a switch, not a directory: config.compilation_cache takes "off" ("" is the default).
+SWITCH_WORDS = ("on", "true", "yes", "1", "false", "no", "none", "0", "disable", "disabled")
 # Switches whose default None means "as model.use_bias": True, False or None.
 BIAS_SWITCHES = ("qkv_bias", "out_bias", "mlp_bias")
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
@@ -540,6 +545,11 @@ def check_values(config) -> None:
             raise ConfigError(f"config.{dotted}={config[group][key]!r} is not one of {', '.join(map(str, allowed))}")
     check_family(config)
     check_sizes(config)
+    if config.compilation_cache.lower() in SWITCH_WORDS:
+        raise ConfigError(
+            f"config.compilation_cache={config.compilation_cache!r} would be a directory of that name; use 'off' for "
+            "no cache, '' for the default place, or a directory"
+        )
     if config.nan_policy not in NAN_POLICIES:
         raise ConfigError(f"config.nan_policy={config.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
     check_model(config)

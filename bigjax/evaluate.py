@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from bigjax import checkpoint, data, metrics, paths, tasks
+from bigjax import checkpoint, compilation_cache, data, metrics, paths, tasks
 from bigjax import state as state_lib
 from bigjax.errors import UserError
 from bigjax.setup import Setup, make_setup
@@ -56,6 +56,7 @@ def evaluate(setup: Setup, eval_step, variables, eval_data: data.EvalData) -> di
 def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0, timeout: float = 3600.0) -> dict:
     """Follow DIR's checkpoints until the final step is evaluated. Returns the newest step's metrics."""
     workdir = paths.workdir(workdir)
+    compilation_cache.use(config, workdir)  # a restarted eval job loads its eval step
     setup = make_setup(config)
     eval_data = data.eval_data(config)
     target = setup.variables_target()

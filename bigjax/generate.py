@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigjax import checkpoint, data, paths
+from bigjax import checkpoint, compilation_cache, data, paths
 from bigjax import config as config_lib
 from bigjax.data import tokenizers
 from bigjax.errors import UserError
@@ -309,7 +309,8 @@ def load(workdir, step: int | None = None) -> Generator:
     config.json says what the workdir's latest run was, which may have been another model.
     """
     workdir = paths.workdir(workdir)
-    check_causal_lm(config_lib.load_saved(workdir), workdir)  # before any checkpoint is read
+    config = check_causal_lm(config_lib.load_saved(workdir), workdir)  # before any checkpoint is read
+    compilation_cache.use(config, workdir, reads_only=True)
     committed = checkpoint.committed_steps(workdir)
     if not committed:
         raise GenerateError(

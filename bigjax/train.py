@@ -14,7 +14,20 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bigjax import checkpoint, data, distill, evaluate, finetune, lock, lora, metrics, paths, signals
+from bigjax import (
+    checkpoint,
+    compilation_cache,
+    data,
+    distill,
+    evaluate,
+    finetune,
+    goodput,
+    lock,
+    lora,
+    metrics,
+    paths,
+    signals,
+)
 from bigjax import params as params_lib
 from bigjax import state as state_lib
 from bigjax import step as step_lib
@@ -34,17 +47,20 @@ class Summary:
     last_metrics: dict
 
 
-def train(config, workdir, stop_at_step: int | None = None, fresh: bool = False) -> Summary:
+def train(
+    config, workdir, stop_at_step: int | None = None, fresh: bool = False, started: float | None = None
+) -> Summary:
     """Train until config.total_steps, resuming from workdir's newest usable checkpoint if there is one.
 
     `stop_at_step` ends this invocation early at that step, with a checkpoint, as a preemption would: for
     time-sliced jobs, and for testing that a resumed run matches an uninterrupted one. `fresh` starts again
-    from step 0 in a workdir whose checkpoints are all unusable (without it, that is an error).
+    from step 0 in a workdir whose checkpoints are all unusable (without it, that is an error). `started`: when the
+    command started (time.monotonic()), where the account of the run's wall time begins (default: now).
     """
     refuse_quantized(config)
     stop = PreemptionFlag()  # SIGTERM or Ctrl-C from here on: stop at the next safe point, with a checkpoint
     try:
-        return train_until_stopped(config, paths.workdir(workdir), stop, stop_at_step, fresh)
+        return train_until_stopped(config, paths.workdir(workdir), stop, stop_at_step, fresh, goodput.Clock(started))
     finally:
         stop.restore()
 
@@ -61,8 +77,11 @@ def refuse_quantized(config) -> None:
         )
 
 
-def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: bool) -> Summary:
-    """`train`, with the signal handling in place; `workdir` is a directory or a bucket URL (gs://...)."""
+def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: bool, clock) -> Summary:
+    """`train`, with the signal handling in place; `workdir` is a directory or a bucket URL (gs://...); `clock`
+    (goodput.Clock) accounts for the wall time."""
+    # Before anything compiles: a resumed run loads the steps it compiled last time.
+    cache = compilation_cache.use(config, workdir)
     # Distillation: the teacher checkpoint this run started with stays its teacher when it resumes.
     config = distill.pin_teacher_step(config, workdir)
     # Mesh, model and task, optimizer, the state's shapes and shardings (and a teacher's): the config is checked
@@ -86,7 +105,8 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
         mngr = saves.mngr
 
         # State: restored from the newest usable checkpoint or freshly initialized into its shards.
-        state, counters = restore_or_init(setup, mngr, workdir, train_batches, fresh)
+        with clock("restore"):
+            state, counters = restore_or_init(setup, mngr, workdir, train_batches, fresh)
         # Only now: a refused resume must not overwrite the config of the checkpoints.
         checkpoint.write_config(workdir, config)
         non_finite = NonFiniteGuard(config, start_step=int(state.step), skipped=counters.get("nan_skips", 0))
@@ -96,13 +116,15 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
             resume_early_stopping(stopper, mngr, start, config.eval_every)
 
         # One compiled, sharded, donating step.
-        train_step, compile_seconds = step_lib.compile_train_step(setup)
-        metrics.say(f"compiled the train step in {compile_seconds:.1f}s")
+        with clock("compile"):
+            train_step, compile_seconds = step_lib.compile_train_step(setup)
+        metrics.say(f"compiled the train step in {compile_seconds:.1f}s; {compilation_cache.describe(cache)}")
         if teacher is not None:  # its variables go into every step, never into the state or its checkpoints
             train_step = step_lib.with_teacher(train_step, teacher.load())
         eval_step = evaluate.make_eval_step(setup) if eval_data else None
         if stop.reached(start):  # a signal during start-up: nothing was trained, so there is nothing new to save
             metrics.say(f"stopped by {stop.name} during start-up, at step {start}: nothing new to save")
+            metrics.say(goodput.line(clock.totals(), compilation_cache.describe(cache)))
             return Summary(step=start, status="preempted", last_metrics={})
 
         writer = metrics.MetricWriter(workdir)
@@ -112,9 +134,12 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
         bar = metrics.progress_bar(start, config.total_steps)
 
         step = start
+        clock.switch_to("steps")
         try:
             while step < config.total_steps and not (stopper and stopper.should_stop):
-                state, step_metrics = train_step(state, next(train_batches))
+                with clock("data"):
+                    batch = next(train_batches)
+                state, step_metrics = train_step(state, batch)
                 pending.append(step_metrics)
                 step += 1
                 if bar is not None:
@@ -126,7 +151,8 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
                     saves.raise_if_a_save_failed()  # a background save that failed stops the run here
                 eval_metrics = None
                 if eval_step is not None and step % config.eval_every == 0:
-                    eval_metrics = evaluate.evaluate(setup, eval_step, state_lib.model_variables(state), eval_data)
+                    with clock("eval"):
+                        eval_metrics = evaluate.evaluate(setup, eval_step, state_lib.model_variables(state), eval_data)
                     writer.write(step, prefixed("eval/", eval_metrics))
                     if stopper is not None:
                         stopper.update(step, eval_metrics)
@@ -140,11 +166,15 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
                     workdir_lock.check()  # never write into a workdir another trainer has taken over
                     counters = {"nan_skips": non_finite.skipped}  # run-level counts a resume must carry on
                     ranks = eval_metrics if ranked else None
-                    saves.save(step, state, train_batches.get_state(), counters, config, ranks)
+                    with clock("checkpoint"):
+                        saves.save(step, state, train_batches.get_state(), counters, config, ranks)
                 if stopping:
                     why = f"by {stop.name}" if stop.requested else "as asked (--stop-at-step)"
                     metrics.say(f"stopped {why} at step {step} with a checkpoint; rerun the same command to resume")
                     break
+            with clock("checkpoint"):
+                saves.finish()  # the last save committed, its wait counted, before the account is written
+            log_goodput(writer, step, clock, cache)
         finally:
             if bar is not None:
                 bar.close()
@@ -208,6 +238,13 @@ def resume_early_stopping(stopper, mngr, step: int, eval_every: int) -> None:
     stopper.resume(best, mngr.metadata(best).metrics if best is not None else None, step, eval_every)
     if stopper.best_step is not None:
         metrics.say(f"early stopping: {stopper.describe()}, {stopper.since_best} evaluations since")
+
+
+def log_goodput(writer, step: int, clock, cache) -> None:
+    """Where the run's wall time went: a `goodput:` line, and a `goodput/...` row in metrics.jsonl."""
+    totals = clock.totals()
+    writer.write(step, goodput.row(totals), console=False)
+    metrics.say(goodput.line(totals, compilation_cache.describe(cache)))
 
 
 def log_model_size(params, config) -> None:
