@@ -24,6 +24,7 @@ JAX cache they are trusted code: keep the directory where only you can write.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import os
 
@@ -54,8 +55,23 @@ def directory(setting: str, workdir, reads_only: bool = False, env=os.environ) -
     return os.fspath(paths.workdir(workdir) / IN_WORKDIR)
 
 
-def use(config, workdir, reads_only: bool = False) -> str | None:
-    """Point JAX's persistent cache at `directory(...)` for what this process compiles from now on; the directory.
+@dataclasses.dataclass(frozen=True)
+class Cache:
+    """The cache a command uses: where (None: off), and JAX's counts of its events when the command began."""
+
+    where: str | None
+    events_before: dict
+
+    def describe(self) -> str:
+        """Where, and what the cache did for this command so far, for the console."""
+        if self.where is None:
+            return "compilation cache off"
+        loaded, written = (EVENTS[event] - self.events_before[event] for event in (HITS, WRITES))
+        return f"compilation cache {self.where}: {programs(loaded)} loaded, {written} written"
+
+
+def use(config, workdir, reads_only: bool = False) -> Cache:
+    """Point JAX's persistent cache at `directory(...)` for what this process compiles from now on.
 
     JAX reads its cache settings at the first compile of the process: a process that runs several commands (a
     notebook, the tests) has the cache reset when the directory changes, so each command gets its own."""
@@ -65,14 +81,11 @@ def use(config, workdir, reads_only: bool = False) -> str | None:
         jax.config.update("jax_compilation_cache_dir", where)
         jax_cache.reset_cache()
     count_events()
-    return where
+    return Cache(where, {event: EVENTS[event] for event in (HITS, WRITES)})
 
 
-def describe(where: str | None) -> str:
-    """The cache's place and what it did in this process so far, for the console."""
-    if where is None:
-        return "compilation cache off"
-    return f"compilation cache {where}: {EVENTS[HITS]} programs loaded, {EVENTS[WRITES]} written"
+def programs(count: int) -> str:
+    return f"{count} program" + ("" if count == 1 else "s")
 
 
 EVENTS = collections.Counter()  # JAX's cache events in this process: EVENTS[HITS], EVENTS[WRITES]

@@ -118,13 +118,13 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
         # One compiled, sharded, donating step.
         with clock("compile"):
             train_step, compile_seconds = step_lib.compile_train_step(setup)
-        metrics.say(f"compiled the train step in {compile_seconds:.1f}s; {compilation_cache.describe(cache)}")
+        metrics.say(f"compiled the train step in {compile_seconds:.1f}s; {cache.describe()}")
         if teacher is not None:  # its variables go into every step, never into the state or its checkpoints
             train_step = step_lib.with_teacher(train_step, teacher.load())
         eval_step = evaluate.make_eval_step(setup) if eval_data else None
         if stop.reached(start):  # a signal during start-up: nothing was trained, so there is nothing new to save
             metrics.say(f"stopped by {stop.name} during start-up, at step {start}: nothing new to save")
-            metrics.say(goodput.line(clock.totals(), compilation_cache.describe(cache)))
+            metrics.say(goodput.line(clock.totals(), cache.describe()))
             return Summary(step=start, status="preempted", last_metrics={})
 
         writer = metrics.MetricWriter(workdir)
@@ -244,7 +244,7 @@ def log_goodput(writer, step: int, clock, cache) -> None:
     """Where the run's wall time went: a `goodput:` line, and a `goodput/...` row in metrics.jsonl."""
     totals = clock.totals()
     writer.write(step, goodput.row(totals), console=False)
-    metrics.say(goodput.line(totals, compilation_cache.describe(cache)))
+    metrics.say(goodput.line(totals, cache.describe()))
 
 
 def log_model_size(params, config) -> None:
