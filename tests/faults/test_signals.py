@@ -83,6 +83,7 @@ def test_sigterm_during_the_compile_of_a_resumed_run_keeps_its_checkpoint_and_ex
     result = run_signalled("bigjax.step:compile_train_step", 1, "SIGTERM", train_args(workdir), env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stopped by SIGTERM during start-up, at step 4: nothing new to save" in result.stdout
+    assert "\ngoodput: " in result.stdout  # where the time went, even with nothing trained
     assert committed_steps(workdir) == [4] and not uncommitted_steps(workdir)
 
 
@@ -91,6 +92,7 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_zero_like_sigterm(env, tmp_pat
     result = run_signalled("bigjax.train:log_metrics", 3, "SIGINT", train_args(workdir), env)  # at step 3
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stopped by SIGINT at step 3 with a checkpoint" in result.stdout
+    assert "\ngoodput: " in result.stdout
     assert "Ctrl-C again to stop at once" in result.stderr
     assert committed_steps(workdir) == [3]
 
