@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime
 import pytest
 from conftest import REPO
-from tolerance import float32_sum_tolerance, transformer_sum_lengths
+from tolerance import float32_sum_tolerance, image_sum_lengths, transformer_sum_lengths
 
 from bigjax import checkpoint, data, deploy, generate
 from bigjax import config as config_lib
@@ -111,19 +111,6 @@ def readme_snippet(containing: str) -> str:
     """The README's python block that contains `containing`."""
     blocks = (REPO / "README.md").read_text().split("```python\n")[1:]
     return next(block.split("```")[0] for block in blocks if containing in block)
-
-
-def image_sum_lengths(config) -> list:
-    """The float32 sums an image classifier's logits go through (convolution windows, dense widths, attention),
-    counted generously: each layer's longest."""
-    m, image = config.model, config.data.image_size
-    if m.family == "vit":
-        d = m.d_model
-        return [m.patch_size**2 * config.data.channels, d] + [3 * d + m.mlp_dim + image**2] * m.num_layers
-    if m.family == "cnn":
-        widths = [config.data.channels, *m.features]
-        return [9 * w for w in widths[:-1]] + [widths[-1] * (image // 2 ** len(m.features)) ** 2, m.hidden_dim]
-    return [49 * config.data.channels] + [9 * m.width * 8] * 2 * 8 + [image**2, m.width * 8]
 
 
 @pytest.mark.parametrize("name", ["cnn", "vit", "resnet"])

@@ -78,3 +78,16 @@ def assert_sgd_params_close_after_reordering(params, reference, initial, toleran
     for (path, leaf), want, atol in zip(leaves, wanted, leaf_atols(as_updates(reference), tolerance), strict=True):
         where = f"{what}: {jax.tree_util.keystr(path)} (bound {atol:.3g} + {steps} x EPS32 x |parameter|)"
         np.testing.assert_allclose(leaf, want, rtol=steps * EPS32, atol=atol, err_msg=where)
+
+
+def image_sum_lengths(config) -> list:
+    """The float32 sums an image classifier's logits go through (convolution windows, dense widths, attention),
+    counted generously: each layer's longest."""
+    m, image = config.model, config.data.image_size
+    if m.family == "vit":
+        d = m.d_model
+        return [m.patch_size**2 * config.data.channels, d] + [3 * d + m.mlp_dim + image**2] * m.num_layers
+    if m.family == "cnn":
+        widths = [config.data.channels, *m.features]
+        return [9 * w for w in widths[:-1]] + [widths[-1] * (image // 2 ** len(m.features)) ** 2, m.hidden_dim]
+    return [49 * config.data.channels] + [9 * m.width * 8] * 2 * 8 + [image**2, m.width * 8]
