@@ -46,7 +46,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from bigjax import config as config_lib
-from bigjax import lock, metrics, paths
+from bigjax import errors, lock, metrics, paths
 from bigjax.errors import UserError
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it into a step just before the rename that commits it
@@ -336,20 +336,9 @@ def _save_errors_reported(mngr):
         ) from error
 
 
-# The OS reasons a save fails for, by what tensorstore or Python says, and what the user can do about each.
-_REMEDIES = (
-    (("No space left on device", "File too large", "Disk quota exceeded"), "free disk space"),
-    (("Permission denied", "Read-only file system", "Operation not permitted"), "make the directory writable"),
-)
-
-
 def remedy(error: BaseException) -> str:
-    """What to do about a failed save, by the OS reason found in the error (not a guess at the disk)."""
-    text = describe(error)
-    for reasons, advice in _REMEDIES:
-        if any(reason in text for reason in reasons):
-            return advice
-    return "fix the cause above"
+    """What to do about a failed save, by the OS reason found in the error (errors.remedy)."""
+    return errors.remedy(describe(error))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 import time
 
 import jax
@@ -148,7 +149,8 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
         finally:
             if bar is not None:
                 bar.close()
-            writer.close()
+            # A full disk that stopped the run fails the writers' flushes too: the error in flight is the one to say.
+            writer.close(quietly=sys.exception() is not None)
             # Even on failure, finish a save still in flight: the last good checkpoint is what a rerun resumes.
             saves.finish()
         workdir_lock.check()
