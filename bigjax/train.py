@@ -78,6 +78,11 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
     train_batches = data.DeviceBatches(data.train_batches(config), setup.mesh, config.data.prefetch)
     eval_data = data.eval_data(config) if config.eval_every else None
 
+    # Adapters to start from (config.lora.adapters) are checked before anything is written; a resumed run does not
+    # read them.
+    if config.lora.adapters and not checkpoint.committed_steps(workdir):
+        lora.check_adapters(setup)
+
     # One trainer per workdir: a second one is refused here, before it has touched a file of the first.
     with lock.held(workdir, say=metrics.say) as workdir_lock:
         stopper = finetune.EarlyStopping.from_config(config)  # None unless config.early_stopping.metric is set
