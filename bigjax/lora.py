@@ -121,7 +121,8 @@ def check_adapters(setup) -> tuple:
     flat = params_lib.by_path(params)
     wanted = trained_names(config, params)
     with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as f:
-        missing = [name for name in wanted if name not in set(f.keys())]
+        stored = set(f.keys())
+        missing = [name for name in wanted if name not in stored]
         if missing:
             raise LoraError(
                 f"config.lora.adapters={directory} has no {quantized.listed(missing)} that this model trains: they "

@@ -1,5 +1,7 @@
 """The eval job reads only committed checkpoints, and outlives the trainer being stopped, killed mid-write,
-finding a corrupt checkpoint and restarting, while it follows the run."""
+finding a corrupt checkpoint and restarting, while it follows the run. It never waits for what cannot come (--once
+with nothing readable, a total_steps lowered below the newest checkpoint), and reads a workdir with the model that
+wrote it (a quantized one under the float experiment)."""
 
 import shutil
 import signal
@@ -13,6 +15,14 @@ from harness import Kill, committed_steps, environment, run_attempt, train_comma
 
 from bigjax import checkpoint, evaluate, metrics, quantize, train
 from bigjax import config as config_lib
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny run trained to step 8 (checkpoints 4 and 8): each test here evaluates a copy."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    train.train(config_lib.load(TINY), workdir)
+    return workdir
 
 
 def test_eval_reads_only_committed_checkpoints(trained, tmp_path, tiny_config):
@@ -76,14 +86,6 @@ def wait_for(condition, process, timeout=300):
 
 # --------------------------------------------------------------------------------------------------
 # The eval job never waits for a step that cannot come
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The tiny run trained to step 8 (checkpoints 4 and 8): each test below evaluates a copy."""
-    workdir = tmp_path_factory.mktemp("trained") / "run"
-    train.train(config_lib.load(TINY), workdir)
-    return workdir
 
 
 @pytest.fixture
