@@ -46,7 +46,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from bigjax import config as config_lib
-from bigjax import lock, metrics, paths
+from bigjax import errors, lock, metrics, paths
 from bigjax.errors import UserError
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it into a step just before the rename that commits it
@@ -262,14 +262,14 @@ def committed_step(workdir, step: int | None = None) -> int:
     return committed[-1] if step is None else step
 
 
-def write_derived_run(out, state, config, note_file: str, note: dict) -> None:
+def write_derived_run(out, state, config, note_file: str, note: dict, data_state: dict | None = None) -> None:
     """Write `out` (new or empty) as a run made from another one (`bigjax quantize`, `bigjax lora merge`): one
-    committed checkpoint of `state` at its step, its config.json, and `note_file` saying where it came from (JSON),
-    under the workdir lock like any run's writes."""
+    committed checkpoint of `state` at its step (with `data_state`, the data's position, for a run that trains on),
+    its config.json, and `note_file` saying where it came from (JSON), under the workdir lock like any run's writes."""
     step = int(state.step)
     with lock.held(out, say=metrics.say):
         saves = writer(out, keep=1)
-        saves.save(step, state, {}, {}, config)
+        saves.save(step, state, data_state or {}, {}, config)
         saves.finish()
         write_config(out, config)
         if jax.process_index() == 0:
@@ -336,20 +336,9 @@ def _save_errors_reported(mngr):
         ) from error
 
 
-# The OS reasons a save fails for, by what tensorstore or Python says, and what the user can do about each.
-_REMEDIES = (
-    (("No space left on device", "File too large", "Disk quota exceeded"), "free disk space"),
-    (("Permission denied", "Read-only file system", "Operation not permitted"), "make the directory writable"),
-)
-
-
 def remedy(error: BaseException) -> str:
-    """What to do about a failed save, by the OS reason found in the error (not a guess at the disk)."""
-    text = describe(error)
-    for reasons, advice in _REMEDIES:
-        if any(reason in text for reason in reasons):
-            return advice
-    return "fix the cause above"
+    """What to do about a failed save, by the OS reason found in the error (errors.remedy)."""
+    return errors.remedy(describe(error))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,8 +407,12 @@ def restore_variables(mngr, step: int, target_variables: dict) -> dict:
 
 def saved_config(mngr, step: int) -> ml_collections.ConfigDict:
     """The config a checkpoint was saved with, as saved (not checked against today's schema)."""
-    restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return ml_collections.ConfigDict(restored["config"])
+    return ml_collections.ConfigDict(saved_json(mngr, step, "config"))
+
+
+def saved_json(mngr, step: int, item: str) -> dict:
+    """A JSON item saved at `step` (config, data, counters), as saved."""
+    return mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
 
 def saved_tree(mngr, step: int, item: str = "params") -> dict:
@@ -524,11 +517,18 @@ def set_aside(workdir, path: epath.Path, kind: str, why: str) -> None:
     step = path.name.split(".")[0]
     if jax.process_index() == 0:
         destination = quarantine_dir(workdir) / f"{step}.{kind}.{datetime.datetime.now():%Y%m%dT%H%M%S.%f}"
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        # The reason first: in a bucket, where folders exist only through the objects in them, this creates the
-        # folder that the move needs.
-        destination.with_name(destination.name + ".txt").write_text(f"checkpoint {step} at {path} {why}\n")
-        path.rename(destination)
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            # The reason first: in a bucket, where folders exist only through the objects in them, this creates the
+            # folder that the move needs.
+            destination.with_name(destination.name + ".txt").write_text(f"checkpoint {step} at {path} {why}\n")
+            path.rename(destination)
+        except OSError as error:  # e.g. a file named quarantine
+            reason = error.strerror or str(error)
+            raise CheckpointError(
+                f"cannot move checkpoint {step} at {path} into {destination.parent}: {reason}; "
+                f"{errors.remedy(reason)}, then rerun (it {why})"
+            ) from error
         metrics.say(f"checkpoint {step} at {path} {why}; moved to {destination} (nothing is deleted)")
     _sync(f"bigjax_set_aside_{step}_{kind}")
 

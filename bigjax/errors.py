@@ -10,3 +10,20 @@ This module imports nothing of bigjax, so any module can import it.
 
 class UserError(Exception):
     """A problem the user can fix (a bad config, a refused resume, a missing file): its message names the fix."""
+
+
+# The OS reasons a write fails for, as the OS or a library (tensorstore) words them, and what the user can do about
+# each: a failed checkpoint save and a failed metrics write give the same advice for the same reason.
+_REMEDIES = (
+    (("No space left on device", "File too large", "Disk quota exceeded"), "free disk space"),
+    (("Permission denied", "Read-only file system", "Operation not permitted"), "make the directory writable"),
+    (("Is a directory", "Not a directory", "File exists"), "move the file or directory in the way aside"),
+)
+
+
+def remedy(reason: str) -> str:
+    """What to do about a failed write, by the OS reason found in its text (not a guess at the disk)."""
+    for reasons, advice in _REMEDIES:
+        if any(known in reason for known in reasons):
+            return advice
+    return "fix the cause above"

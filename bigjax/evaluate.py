@@ -10,15 +10,22 @@ DIR/eval/metrics.jsonl are not evaluated again, so the job can be restarted at a
 It reads only committed checkpoints (checkpoint.committed_steps), so never a half-written one, and it outlives
 the trainer restarting under it: a checkpoint deleted (keep-N) or set aside while the job was reading it is
 skipped, and one that cannot be read is reported once and tried again only after the trainer has replaced it.
+
+It never waits for what cannot come: `--once` evaluates what is there or says why it cannot (no committed
+checkpoint, none readable), and the job ends at the first evaluated step at or past total_steps (a run whose
+total_steps was lowered below its newest checkpoint never saves that step). The checkpoints are read with the model
+that wrote them: DIR/config.json's, where there is one (see `with_the_workdir_model`).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import jax
 
 from bigjax import checkpoint, compilation_cache, data, metrics, paths, tasks
+from bigjax import config as config_lib
 from bigjax import state as state_lib
 from bigjax.errors import UserError
 from bigjax.setup import Setup, make_setup
@@ -54,8 +61,15 @@ def evaluate(setup: Setup, eval_step, variables, eval_data: data.EvalData) -> di
 
 
 def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0, timeout: float = 3600.0) -> dict:
-    """Follow DIR's checkpoints until the final step is evaluated. Returns the newest step's metrics."""
+    """Follow DIR's checkpoints until the final step is evaluated. Returns the newest step's metrics.
+
+    `once`: evaluate the newest committed checkpoint that can be read (an older one if it cannot) and return, never
+    waiting for a trainer; EvalError if there is none.
+    """
     workdir = paths.workdir(workdir)
+    if once and not checkpoint.committed_steps(workdir):  # checked first: nothing is built or written for nothing
+        raise nothing_readable(workdir, [], {})
+    config = with_the_workdir_model(config, workdir)
     compilation_cache.use(config, workdir)  # a restarted eval job loads its eval step
     setup = make_setup(config)
     eval_data = data.eval_data(config)
@@ -66,7 +80,7 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
     results = {row["step"]: row for row in metrics.read_jsonl(eval_dir / "metrics.jsonl")}
     writer = metrics.MetricWriter(eval_dir, console_prefix="eval ")
     metrics.say(f"eval job: mesh {setup.sharding.describe()}; following {checkpoint.checkpoint_dir(workdir)}")
-    unreadable = {}  # step -> its directory's identity (checkpoint.step_identity) when it could not be read
+    unreadable = {}  # step -> (its directory's identity (checkpoint.step_identity), why) when it could not be read
     last_progress = time.monotonic()
     newest = None
     try:
@@ -75,7 +89,7 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
             # --once: the newest checkpoint that reads back; otherwise every one not evaluated yet, oldest first.
             todo = steps[::-1] if once else [s for s in steps if s not in results]
             for step in todo:
-                variables = restore_variables_or_none(workdir, step, target, unreadable)
+                variables = restore_variables_or_none(workdir, step, target, unreadable, waiting=not once)
                 if variables is None:
                     continue
                 results[step] = evaluate(setup, eval_step, variables, eval_data)
@@ -83,7 +97,12 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
                 newest, last_progress = step, time.monotonic()
                 if once:
                     break
-            if (once and newest is not None) or config.total_steps in results:
+            if once:
+                if newest is None:
+                    raise nothing_readable(workdir, steps, unreadable)
+                break
+            # The final step, or one past it: a run whose total_steps was lowered never saves that step.
+            if any(step >= config.total_steps for step in results):
                 break
             if time.monotonic() - last_progress > timeout:
                 raise EvalError(
@@ -92,21 +111,69 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
                 )
             time.sleep(poll_seconds)
     finally:
-        writer.close()
+        writer.close(quietly=sys.exception() is not None)  # the error that stopped the job is the one to report
     newest = newest if once else max(results)
     return {"step": newest, **{k: v for k, v in results[newest].items() if k not in ("step", "time")}}
 
 
-def restore_variables_or_none(workdir, step: int, target, unreadable: dict):
+# What a checkpoint's arrays are: the sections of a config that decide them.
+SAVED_MODEL = ("model", "quant", "lora")
+
+
+def with_the_workdir_model(config, workdir):
+    """`config` with the model of DIR/config.json (its `model`, `quant` and `lora`) where a run saved one; the data,
+    the batches and the steps stay `config`'s. Each difference is said.
+
+    The checkpoints of a workdir are read by the model that wrote them and no other, and DIR/config.json is that
+    model's: the trainer writes it only once its checkpoints have been found to fit it, and `bigjax quantize`,
+    `lora merge` and `import` write a workdir whose model is not the experiment file's (int8, merged, imported). So
+    `bigjax eval --config EXPERIMENT --workdir DIR2` evaluates DIR2's model on the experiment's data, where the
+    experiment's own model could read nothing there. A workdir with no config.json yet (a trainer starting) is
+    followed with `config`'s model.
+    """
+    if not (workdir / "config.json").exists():
+        return config
+    saved = config_lib.load_saved(workdir)
+    differences = [
+        change for change in config_lib.harmless_changes(config, saved) if change.split(".")[0] in SAVED_MODEL
+    ]
+    if not differences:
+        return config
+    own = config_lib.from_dict({**config.to_dict(), **{key: saved[key].to_dict() for key in SAVED_MODEL}})
+    config_lib.check_values(own)
+    metrics.say(
+        f"eval: reading the checkpoints with the model of {workdir}/config.json, which wrote them, not the "
+        f"--config's: {'; '.join(differences)}"
+    )
+    return own
+
+
+def nothing_readable(workdir, steps: list[int], unreadable: dict) -> EvalError:
+    """--once's error when there is no committed checkpoint, or none of the committed `steps` could be read."""
+    if not steps:
+        return EvalError(
+            f"nothing to evaluate: no committed checkpoint in {checkpoint.checkpoint_dir(workdir)} yet, and --once "
+            "does not wait for one; train there first, or leave out --once to follow the run as it saves"
+        )
+    newest = steps[-1]
+    why = unreadable[newest][1] if newest in unreadable else "was removed while it was being read"
+    return EvalError(
+        f"no committed checkpoint of {workdir} could be read: checkpoint {newest} at "
+        f"{checkpoint.step_dir(workdir, newest)} {why} (steps {', '.join(map(str, steps))} tried). --once does not "
+        "wait for a trainer to set it aside and save again; rerun once one has"
+    )
+
+
+def restore_variables_or_none(workdir, step: int, target, unreadable: dict, waiting: bool = True):
     """The model variables saved at `step`, or None if they cannot be had now.
 
     None, with a message, when the trainer deleted or set the checkpoint aside since it was listed (newer
-    ones are coming), or when it cannot be read: then it is skipped until its directory is replaced (the
-    trainer sets a bad checkpoint aside when it restarts, and saves that step again).
+    ones are coming), or when it cannot be read: then it is skipped (`waiting`: until its directory is replaced, as
+    the trainer does when it restarts: it sets a bad checkpoint aside and saves that step again).
     """
     path = checkpoint.step_dir(workdir, step)
     identity = checkpoint.step_identity(path)
-    if identity is None or unreadable.get(step) == identity:
+    if identity is None or unreadable.get(step, (None,))[0] == identity:
         return None
     try:
         return checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), step, target)
@@ -114,9 +181,8 @@ def restore_variables_or_none(workdir, step: int, target, unreadable: dict):
         if checkpoint.step_identity(path) != identity or step not in checkpoint.committed_steps(workdir):
             metrics.say(f"eval: checkpoint {step} was removed before it could be evaluated; skipping it")
         else:
-            unreadable[step] = identity
-            metrics.say(
-                f"eval: checkpoint {step} at {path} cannot be read ({checkpoint.describe(error)}); "
-                "skipping it until the trainer replaces it"
-            )
+            why = f"cannot be read ({checkpoint.describe(error)})"
+            unreadable[step] = identity, why
+            until = " until the trainer replaces it" if waiting else ""
+            metrics.say(f"eval: checkpoint {step} at {path} {why}; skipping it{until}")
         return None

@@ -365,7 +365,11 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
         path = pathlib.Path(prompts_file)
         if not path.is_file():
             raise GenerateError(f"--prompts-file {path} not found")
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise GenerateError(f"--prompts-file {path} is not UTF-8 text ({error}); save it as UTF-8") from None
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 prompts.append(_jsonl_prompt(line, path, number) if path.suffix == ".jsonl" else line)
     if not prompts:

@@ -87,6 +87,24 @@ def load(state, setup):
     """`state` (a run starting from scratch) with its trained parameters from config.lora.adapters."""
     from safetensors import safe_open
 
+    directory, wanted = check_adapters(setup)
+    shardings = params_lib.by_path(setup.state_shardings.params)
+    flat = params_lib.by_path(state.params)
+    with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as f:
+        loaded = {name: jax.device_put(f.get_tensor(name).astype(flat[name].dtype), shardings[name]) for name in wanted}
+    metrics.say(f"lora: loaded {len(loaded)} trained parameters from {directory}")
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: loaded.get(params_lib.param_path(path), leaf), state.params
+    )
+    return state.replace(params=params)
+
+
+def check_adapters(setup) -> tuple:
+    """(the directory, the names to load) of config.lora.adapters, or a LoraError if they do not fit this run: other
+    LoRA settings, names or shapes. Reads their settings and the weights file's header alone, so that `bigjax train`
+    refuses them before it writes anything."""
+    from safetensors import safe_open
+
     config, directory = setup.config, paths.workdir(setup.config.lora.adapters)
     settings = read_settings(directory)
     differences = [
@@ -99,9 +117,9 @@ def load(state, setup):
             f"config.lora.adapters={directory} were trained with other LoRA settings ({'; '.join(differences)}); "
             "set this run's config.lora to theirs"
         )
-    shardings = params_lib.by_path(setup.state_shardings.params)
-    flat = params_lib.by_path(state.params)
-    wanted = trained_names(config, state.params)
+    params = setup.state_target().params
+    flat = params_lib.by_path(params)
+    wanted = trained_names(config, params)
     with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as f:
         stored = set(f.keys())
         missing = [name for name in wanted if name not in stored]
@@ -110,20 +128,14 @@ def load(state, setup):
                 f"config.lora.adapters={directory} has no {quantized.listed(missing)} that this model trains: they "
                 "were saved from another model"
             )
-        loaded = {}
         for name in wanted:
-            array = f.get_tensor(name)
-            if tuple(array.shape) != tuple(flat[name].shape):
+            shape = tuple(f.get_slice(name).get_shape())
+            if shape != tuple(flat[name].shape):
                 raise LoraError(
-                    f"config.lora.adapters={directory}: {name} has shape {tuple(array.shape)} there but "
-                    f"{tuple(flat[name].shape)} here; the adapters were saved from another model"
+                    f"config.lora.adapters={directory}: {name} has shape {shape} there but {tuple(flat[name].shape)} "
+                    "here; the adapters were saved from another model"
                 )
-            loaded[name] = jax.device_put(array.astype(flat[name].dtype), shardings[name])
-    metrics.say(f"lora: loaded {len(loaded)} trained parameters from {directory}")
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: loaded.get(params_lib.param_path(path), leaf), state.params
-    )
-    return state.replace(params=params)
+    return directory, wanted
 
 
 def read_settings(directory) -> dict:
@@ -145,7 +157,8 @@ def read_settings(directory) -> dict:
 
 def merge(workdir, out, step: int | None = None) -> dict:
     """Write `out` as a plain float run (lora and quant off) whose kernels are the base's plus (alpha/rank) A B,
-    at `workdir`'s newest checkpoint (or `step`); it evaluates, generates and exports like any run."""
+    at `workdir`'s newest checkpoint (or `step`); it evaluates, generates, exports and trains on like any run (from
+    the step merged, with a fresh optimizer, on the data where the LoRA run stopped)."""
     from bigjax.setup import make_setup
 
     workdir, out = paths.workdir(workdir), paths.workdir(out)
@@ -169,7 +182,9 @@ def merge(workdir, out, step: int | None = None) -> dict:
         opt_state = jax.jit(merged_setup.tx.init, out_shardings=merged_setup.state_shardings.opt_state)(params)
     state = state_lib.TrainState(step=jnp.int32(step), params=params, opt_state=opt_state, model_state=model_state)
     source = dict(workdir=str(workdir), step=step, lora=config.lora.to_dict(), quant=config.quant.to_dict())
-    checkpoint.write_derived_run(out, state, target, MERGED_FILE, source)
+    # The data's position goes with it: fine-tuned on in DIR2, the merged run reads on where the LoRA run stopped.
+    data_state = checkpoint.saved_json(checkpoint.manager(workdir, read_only=True), step, "data")
+    checkpoint.write_derived_run(out, state, target, MERGED_FILE, source, data_state)
     return dict(step=step, kernels=adapted_kernels(boxes))
 
 

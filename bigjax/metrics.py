@@ -1,10 +1,16 @@
 """Metric writers (console, JSONL, TensorBoard) behind one interface; MFU against the peaks of bigjax.devices.
 
 Only process 0 writes; the other processes get a writer that does nothing, so callers never branch.
+
+A metrics file that cannot be written (a full disk, a file-size limit, a directory in its place) is a MetricsError,
+one line for the user. A write that failed part-way, or a kill mid-write, leaves the file's last line cut off: the
+next writer to open the file moves that fragment into a file beside it (`metrics.jsonl.cut-off.TIME`, never deleted)
+before it appends, and readers skip any line that is not a row, saying which.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -14,7 +20,11 @@ import time
 import jax
 from etils import epath
 
-from bigjax import devices, paths
+from bigjax import devices, errors, paths
+
+
+class MetricsError(errors.UserError):
+    """A metrics file that cannot be written or read: a message for the user."""
 
 
 def mfu(model_flops_per_second: float, num_devices: int, device=None) -> float | None:
@@ -57,9 +67,16 @@ class MetricWriter:
         self.jsonl = self.tensorboard = None
         if self.enabled:
             directory = paths.workdir(directory)
-            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise cannot("create", directory, error) from error
             self.jsonl = JsonLines(directory / "metrics.jsonl")
-            self.tensorboard = summary_writer_class()(os.fspath(directory), flush_secs=10)
+            try:
+                self.tensorboard = summary_writer_class()(os.fspath(directory), flush_secs=10)
+            except OSError as error:
+                self.jsonl.close()
+                raise cannot("write TensorBoard events into", directory, error) from error
 
     def write(self, step: int, metrics: dict, console: bool = True) -> None:
         if not self.enabled:
@@ -71,10 +88,19 @@ class MetricWriter:
         if console:
             say(f"{self.prefix}step {step}: " + "  ".join(f"{k}={_format(v)}" for k, v in metrics.items()))
 
-    def close(self) -> None:
-        if self.enabled:
+    def close(self, quietly: bool = False) -> None:
+        """Flush and close both files. `quietly`: while another error stops the run, which is the one to report: a
+        full disk that failed a save fails these flushes too, and their errors would hide it."""
+        if not self.enabled:
+            return
+        try:
             self.jsonl.close()
             self.tensorboard.close()
+        except Exception as error:
+            if not quietly:
+                raise MetricsError(
+                    f"cannot write the metrics in {self.jsonl.path.parent}: {error}; {errors.remedy(str(error))}"
+                ) from error
 
 
 def _format(value: float) -> str:
@@ -107,25 +133,98 @@ class JsonLines:
 
     def __init__(self, path):
         self.path = path
-        if paths.is_url(path):
-            self.file, self.lines = None, [path.read_text()] if path.exists() else []
-        else:
-            self.file, self.lines = open(path, "a", buffering=1), None
+        try:
+            set_aside_cut_off_line(path)
+            if paths.is_url(path):
+                self.file, self.lines = None, [path.read_text()] if path.exists() else []
+            else:
+                # Unbuffered: what a failed write leaves is on disk already, and nothing retried at close.
+                self.file, self.lines = open(path, "ab", buffering=0), None
+        except OSError as error:
+            raise cannot("write", path, error) from error
 
     def write(self, line: str) -> None:
-        if self.file is not None:
-            self.file.write(line)
-        else:
-            self.lines.append(line)
-            self.path.write_text("".join(self.lines))
+        try:
+            if self.file is not None:
+                data = line.encode()
+                while data:  # a write may take part of it (a disk filling up): the rest, or the error, comes next
+                    data = data[self.file.write(data) :]
+            else:
+                self.lines.append(line)
+                self.path.write_text("".join(self.lines))
+        except OSError as error:
+            raise cannot("write", self.path, error) from error
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
 
 
+def cannot(what: str, path, error: OSError) -> MetricsError:
+    reason = error.strerror or str(error)
+    return MetricsError(
+        f"cannot {what} {path}: {reason}; {errors.remedy(reason)}, then rerun the same command (checkpoints are not "
+        "affected)"
+    )
+
+
+def set_aside_cut_off_line(path) -> None:
+    """If `path`'s last line was cut off (a write that failed part-way, a kill mid-write), move that fragment into
+    PATH.cut-off.TIME beside it, so that the next row starts a line of its own. Nothing is deleted."""
+    if not path.is_file():
+        return
+    with path.open("rb") as f:
+        start = start_of_cut_off_line(f)
+        if start is None:
+            return
+        f.seek(start)
+        fragment = f.read()
+    aside = path.with_name(f"{path.name}.cut-off.{datetime.datetime.now():%Y%m%dT%H%M%S.%f}")
+    aside.write_bytes(fragment)  # first: a kill between the two steps loses nothing
+    if paths.is_url(path):
+        path.write_bytes(path.read_bytes()[:start])
+    else:
+        os.truncate(path, start)
+    say(f"warning: {path} ended in a cut-off line (a write that failed, or a kill mid-write); moved it to {aside}")
+
+
+def start_of_cut_off_line(f, chunk: int = 1 << 16) -> int | None:
+    """Where the unfinished last line of the binary file `f` starts; None if it ends a line or is empty. Reads back
+    from the end, a chunk at a time: a long run's metrics file is not read whole."""
+    end = position = f.seek(0, os.SEEK_END)
+    while position > 0:
+        start = max(0, position - chunk)
+        f.seek(start)
+        data = f.read(position - start)
+        if position == end and data.endswith(b"\n"):
+            return None
+        newline = data.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        position = start
+    return 0 if end else None
+
+
 def read_jsonl(path) -> list[dict]:
+    """The rows of a metrics file. A line that is not a row (a JSON object with a step), such as one cut off by a
+    kill or edited by hand, is skipped and said by its line number: one bad line does not hide the others."""
     path = epath.Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        if not path.exists():
+            return []
+        text = path.read_bytes().decode("utf-8", errors="replace")  # a damaged byte damages its line alone
+    except OSError as error:
+        raise cannot("read", path, error) from error
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            say(f"warning: {path}:{number} is not a metrics row (a JSON object with a step): {line[:60]!r}; skipped")
+    return rows

@@ -6,7 +6,8 @@
 A panel per metric, steps across: the loss always, then the accuracy and the bits per character (or per byte) where
 a run logged them. Each run has its colour; training is a solid line (DIR/metrics.jsonl), evaluation a dashed one
 with dots (the eval job's DIR/eval/metrics.jsonl, and the trainer's inline `eval/` rows). A step logged more than
-once (redone after a restore) counts with its last row, as everywhere in bigjax. Workdirs may be in a bucket.
+once (redone after a restore) counts with its last row, as everywhere in bigjax; a damaged line (cut short by a kill,
+edited by hand) is skipped with a warning naming it. Workdirs may be in a bucket.
 
 matplotlib is imported only here, and drawn with its Agg backend without pyplot, so plotting changes no global
 matplotlib state (a notebook's backend stays as it was). It comes with `pip install 'bigjax[plot]'`.
@@ -45,24 +46,17 @@ def read_run(workdir: str) -> Run:
     directory = paths.workdir(workdir)
     if not directory.exists():
         raise PlotError(f"{workdir}: no such workdir; pass the --workdir of a run that trained")
-    logged = _read_rows(directory / "metrics.jsonl")
+    logged = metrics.read_jsonl(directory / "metrics.jsonl")
     # The trainer's inline evaluations sit in its own file as eval/NAME; the eval job writes plain names.
     train = [row for row in logged if not _is_inline_eval(row)]
     inline = [{k.removeprefix("eval/"): value for k, value in row.items()} for row in logged if _is_inline_eval(row)]
-    evals = inline + _read_rows(directory / "eval" / "metrics.jsonl")
+    evals = inline + metrics.read_jsonl(directory / "eval" / "metrics.jsonl")
     if not train and not evals:
         raise PlotError(
             f"{workdir} has no metrics to plot: {workdir}/metrics.jsonl and {workdir}/eval/metrics.jsonl are missing "
             "or empty; train there first (bigjax train --config ... --workdir DIR)"
         )
     return Run(workdir, train, evals)
-
-
-def _read_rows(path) -> list[dict]:
-    try:
-        return metrics.read_jsonl(path)
-    except ValueError as error:  # a line cut short, or not JSON at all
-        raise PlotError(f"{path} is not JSON lines ({error}); remove the damaged line to plot the rest") from None
 
 
 def _is_inline_eval(row: dict) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 import time
 
 import jax
@@ -96,6 +97,11 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
     train_batches = data.DeviceBatches(data.train_batches(config), setup.mesh, config.data.prefetch)
     eval_data = data.eval_data(config) if config.eval_every else None
 
+    # Adapters to start from (config.lora.adapters) are checked before anything is written; a resumed run does not
+    # read them.
+    if config.lora.adapters and not checkpoint.committed_steps(workdir):
+        lora.check_adapters(setup)
+
     # One trainer per workdir: a second one is refused here, before it has touched a file of the first.
     with lock.held(workdir, say=metrics.say) as workdir_lock:
         stopper = finetune.EarlyStopping.from_config(config)  # None unless config.early_stopping.metric is set
@@ -178,7 +184,8 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
         finally:
             if bar is not None:
                 bar.close()
-            writer.close()
+            # A full disk that stopped the run fails the writers' flushes too: the error in flight is the one to say.
+            writer.close(quietly=sys.exception() is not None)
             # Even on failure, finish a save still in flight: the last good checkpoint is what a rerun resumes.
             saves.finish()
         workdir_lock.check()

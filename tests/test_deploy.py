@@ -7,6 +7,7 @@ with noise added to every parameter and BatchNorm statistic so that no layer is 
 (0, 1): a parameter in the wrong place, or BatchNorm in training mode, changes the logits."""
 
 import json
+import sys
 
 import jax
 import numpy as np
@@ -142,6 +143,17 @@ def test_stablehlo_greedy_decoding_is_bigjax_generate(gpt_run, tmp_path):
     ours = generate.load(workdir).generate_ids(prompts, generate.Sampling(max_new_tokens=20, temperature=0))
     assert stablehlo.greedy(served, prompts, max_new_tokens=20) == ours
     assert len({tuple(row) for row in ours}) == len(ours)  # the rows differ: the cache is per row
+
+
+@pytest.mark.parametrize("fmt, missing", [("stablehlo", "flatbuffers"), ("onnx", "jax2onnx")])
+def test_a_missing_optional_dependency_is_one_error_naming_the_extra(gpt_run, tmp_path, monkeypatch, fmt, missing):
+    # As if it were not installed: `import` of a module that sys.modules maps to None raises ImportError. jax imports
+    # its serializer, which needs flatbuffers, at the first serialization: as if none had happened yet.
+    monkeypatch.setitem(sys.modules, missing, None)
+    monkeypatch.delitem(sys.modules, "jax._src.export.serialization", raising=False)
+    with pytest.raises(deploy.DeployError, match=f"--format {fmt} needs {missing}: pip install 'bigjax\\[deploy\\]'"):
+        deploy.export(gpt_run[0], tmp_path / "out", fmt, platforms=("cpu",))
+    assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
 def test_refused_runs_say_so_in_one_line(tmp_path, cli):

@@ -218,6 +218,10 @@ def test_prompts_come_from_the_command_line_then_the_file(tmp_path):
         generate.read_prompts([], str(jsonl))
     with pytest.raises(generate.GenerateError, match="not found"):
         generate.read_prompts([], str(tmp_path / "missing.txt"))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("ROMEO:\nJULIETTE, où es-tu?\n".encode("latin-1"))
+    with pytest.raises(generate.GenerateError, match="latin1.txt is not UTF-8 text .*; save it as UTF-8"):
+        generate.read_prompts([], str(latin1))
 
 
 def test_no_prompt_is_said_to_sample_unconditionally_in_the_help_and_the_output(tmp_path, capsys):

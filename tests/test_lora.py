@@ -251,6 +251,18 @@ def test_adapters_save_load_and_merge_from_the_command_line(tiny_config, base, t
         assert "ROMEO" in run_cli("generate", "--workdir", run, "--prompt", "ROMEO", "--max-new-tokens", 4).stdout
 
 
+def test_a_merged_run_fine_tunes_like_any_run(tiny_config, base, tmp_path):
+    """`bigjax lora merge`'s run trains on in its workdir: from the merged step, with a fresh optimizer, on the data
+    where the LoRA run stopped."""
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    train.train(adapted(tiny_config, base, *LORA, "config.total_steps=2", "config.checkpoint_every=2"), run)
+    lora.merge(run, merged)
+    summary = train.train(config_lib.load_saved(merged, ["config.total_steps=4"]), merged)
+    assert (summary.step, summary.status) == (4, "finished")
+    data_at = lambda workdir, step: checkpoint.saved_json(checkpoint.manager(workdir, read_only=True), step, "data")
+    assert data_at(merged, 2) == data_at(run, 2) and data_at(merged, 4)["step"] == 4
+
+
 def eval_loss(workdir, *overrides) -> float:
     run_cli("eval", "--workdir", workdir, "--once", *overrides)
     rows = [json.loads(line) for line in (workdir / "eval" / "metrics.jsonl").read_text().splitlines()]
@@ -301,6 +313,10 @@ def test_bad_combinations_are_one_error(tiny_config, base, tmp_path):
     )
     with pytest.raises(lora.LoraError, match="lora.rank: 4 there, 2 here"):
         started(other_rank)
+    # `bigjax train` refuses them before it writes anything: no workdir, no empty checkpoints/ in it.
+    with pytest.raises(lora.LoraError, match="lora.rank: 4 there, 2 here"):
+        train.train(other_rank.config, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
     with pytest.raises(quantize.QuantizeError, match="merge its adapters first"):
         quantize.quantize(run, tmp_path / "int8")
 

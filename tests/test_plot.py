@@ -107,9 +107,28 @@ def test_plot_takes_no_config_overrides(two_runs, capsys):
     assert "plot takes no --config.* overrides" in capsys.readouterr().err
 
 
-def test_a_damaged_metrics_file_is_one_error_line(two_runs, quiet_logs, capsys):
+def test_damaged_lines_are_skipped_each_named_by_its_line_number(two_runs, quiet_logs, capsys):
     a = plot.paths.workdir(two_runs[0])
-    (a / "metrics.jsonl").write_text('{"step": 2, "loss": 5.5}\n{"step": 4, "lo')  # cut short by a kill
+    # A JSON scalar, a row without a step, then a row cut short by a kill.
+    (a / "metrics.jsonl").write_text(
+        '{"step": 2, "loss": 5.5}\n5\n{"loss": 5}\n{"step": 4, "loss": 5.0}\n{"step": 6, "lo'
+    )
+    assert cli.main(["plot", "--workdir", str(a)]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.out.splitlines() if line.startswith("warning: ")]
+    assert [line.split(" is not a metrics row")[0] for line in warnings] == [
+        f"warning: {a}/metrics.jsonl:{number}" for number in (2, 3, 5)
+    ]
+    assert captured.err == "" and (a / "plot.png").exists()
+    assert plot.series(plot.read_run(str(a)).train, "loss") == ([2, 4], [5.5, 5.0])
+
+
+def test_a_metrics_file_that_is_a_directory_is_one_error_line(two_runs, quiet_logs, capsys):
+    a = plot.paths.workdir(two_runs[0])
+    (a / "metrics.jsonl").unlink()
+    (a / "metrics.jsonl").mkdir()
     assert cli.main(["plot", "--workdir", str(a)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {a}/metrics.jsonl is not JSON lines") and len(err.splitlines()) == 1
+    assert (
+        err.startswith(f"error: cannot read {a}/metrics.jsonl: Is a directory; move the") and len(err.splitlines()) == 1
+    )

@@ -96,3 +96,24 @@ def test_a_bug_is_still_a_traceback(monkeypatch):
     monkeypatch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)
     with pytest.raises(KeyError):
         cli.main(["plan", "--config", "experiments/tiny.py"])
+
+
+def test_workdir_files_of_the_wrong_kind_are_one_error_each(tiny_config, tmp_path):
+    """A `quarantine` that is a file, a metrics.jsonl that is a directory: one error naming it; what is there stays."""
+    from bigjax import checkpoint, metrics, train
+
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / ("4" + checkpoint.TMP_SUFFIX)).mkdir(parents=True)  # never committed: set aside
+    (workdir / "quarantine").write_text("the user's file")
+    with pytest.raises(
+        checkpoint.CheckpointError, match=f"cannot move checkpoint 4 at .* into {workdir}/quarantine: File exists; move"
+    ):
+        train.train(tiny_config(), workdir)
+    assert (workdir / "quarantine").read_text() == "the user's file"
+    assert (workdir / "checkpoints" / ("4" + checkpoint.TMP_SUFFIX)).is_dir()
+
+    (workdir / "metrics.jsonl").mkdir()
+    with pytest.raises(metrics.MetricsError, match=f"cannot write {workdir}/metrics.jsonl: Is a directory; move"):
+        metrics.MetricWriter(workdir)
+    with pytest.raises(metrics.MetricsError, match=f"cannot read {workdir}/metrics.jsonl: Is a directory; move"):
+        metrics.read_jsonl(workdir / "metrics.jsonl")

@@ -43,14 +43,17 @@ def export(workdir, out, fmt: str, step: int | None = None, platforms=None) -> i
     check_exportable(config, fmt, checkpoint.step_dir(workdir, step))
     if jax.process_count() > 1:
         raise DeployError(f"--format {fmt} runs in one process; start it without a multi-process launcher")
+    from bigjax.deploy import onnx_export, stablehlo
+
+    # A missing optional dependency is one line naming the extra, before anything is written.
+    if fmt == "onnx":
+        onnx_export.import_converter()
+    else:
+        stablehlo.check_serializer()
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
-        from bigjax.deploy import onnx_export
-
         description = onnx_export.export(config, mngr, step, out)
     else:
-        from bigjax.deploy import stablehlo
-
         description = stablehlo.export(config, mngr, step, out, platforms)
     description = {"workdir": str(workdir), "step": step, **description}
     (out / DESCRIPTION_FILES[fmt]).write_text(json.dumps(description, indent=2) + "\n")

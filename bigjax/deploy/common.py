@@ -14,6 +14,9 @@ class DeployError(UserError):
     """A run or a request that cannot be exported: a message for the user."""
 
 
+INSTALL_DEPLOY = "pip install 'bigjax[deploy]'"  # the extra holding both formats' optional dependencies
+
+
 def check_exportable(config, fmt: str, where) -> None:
     """Refuse, with what can be exported, a run the format does not cover."""
     refusal = quantized.float_export_refusal(config, where)

@@ -44,7 +44,7 @@ from jax.extend.core import jaxpr_as_fun
 
 from bigjax import config as config_lib
 from bigjax import tasks
-from bigjax.deploy.common import DeployError, restore_on_one_device
+from bigjax.deploy.common import INSTALL_DEPLOY, DeployError, restore_on_one_device
 from bigjax.params import by_path
 
 ONNX_FILE = "model.onnx"
@@ -111,7 +111,7 @@ def import_converter():
         import onnxruntime
         from jax2onnx import to_onnx
     except ImportError as error:
-        raise DeployError(f"--format onnx needs {error.name}: pip install -e '.[deploy]'") from None
+        raise DeployError(f"--format onnx needs {error.name}: {INSTALL_DEPLOY}") from None
     return onnx, onnxruntime, to_onnx
 
 

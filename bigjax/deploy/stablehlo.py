@@ -41,6 +41,19 @@ PREFILL_FILE, DECODE_STEP_FILE, PARAMS_FILE = "prefill.jax_exported", "decode_st
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
+def check_serializer() -> None:
+    """`jax.export` serializes through flatbuffers, which jax leaves optional: a DeployError naming the extra that
+    installs it, said before anything is read or written."""
+    from bigjax.deploy.common import INSTALL_DEPLOY, DeployError
+
+    try:
+        import flatbuffers  # noqa: F401
+    except ImportError:
+        raise DeployError(
+            f"--format stablehlo needs flatbuffers: {INSTALL_DEPLOY} (jax.export serializes with it)"
+        ) from None
+
+
 def export(config, mngr, step: int, out: pathlib.Path, platforms=("cpu", "cuda")) -> dict:
     """Write the two functions and the parameters of checkpoint `step` into `out`; returns manifest.json's content."""
     from bigjax import data, generate

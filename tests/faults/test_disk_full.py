@@ -5,8 +5,11 @@ EFBIG ("File too large") inside tensorstore, as they would with ENOSPC on a full
 a read-only directory would not stop writes, and needs no mount.
 """
 
+import contextlib
+import json
 import os
 import pathlib
+import resource
 import shutil
 import subprocess
 import sys
@@ -139,6 +142,76 @@ atomicity.AtomicRenameTemporaryPath.create = create_refused_for_step_8
 from bigjax import cli
 sys.exit(cli.main(sys.argv[1:]))
 """
+
+
+# A really full disk (ENOSPC), where everything the trainer writes fails alike, not only files past a size: a tmpfs
+# of 4 MiB, mounted in a mount namespace of its own (a user namespace too, so no root is needed), holding a copy of
+# the run and a filler that leaves 64 KiB free (metrics fit, a checkpoint does not). What the trainer left is copied
+# out before the namespace, and the tmpfs with it, goes.
+ON_A_FULL_DISK = """
+import os, shutil, subprocess, sys
+mount_point, run, left = sys.argv[1:4]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mount_point], check=True)
+shutil.copytree(run, os.path.join(mount_point, "run"))
+disk = os.statvfs(mount_point)
+with open(os.path.join(mount_point, "filler"), "wb") as f:
+    f.write(bytes(disk.f_bavail * disk.f_frsize - 64 * 1024))
+trainer = subprocess.run([sys.executable, "-m", "bigjax.cli", *sys.argv[4:]])
+shutil.copytree(os.path.join(mount_point, "run"), left, ignore=shutil.ignore_patterns("lock.json"))
+sys.exit(trainer.returncode)
+"""
+
+
+def test_a_save_on_a_full_disk_is_one_error_line_however_many_writers_fail(env, tmp_path, stopped_at_step_4):
+    mount_point, left = tmp_path / "disk", tmp_path / "left"
+    mount_point.mkdir()
+    args = keeping_one(mount_point / "run")
+    namespace = ["unshare", "--user", "--map-root-user", "--mount"]
+    command = [*namespace, sys.executable, "-c", ON_A_FULL_DISK, mount_point, stopped_at_step_4, left, *args]
+    result = subprocess.run(list(map(str, command)), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    assert result.returncode == 2, result.stderr[-5000:]
+    error = the_error(result)
+    assert "saving a checkpoint in" in error and "No space left on device" in error, result.stderr[-5000:]
+    assert "free disk space" in error and "resume from step 4" in error
+    # The TensorBoard and metrics writers' flushes fail too as the run stops: they must not hide the error line.
+    assert "Traceback" not in result.stderr and error.splitlines()[-1].startswith("details: "), result.stderr[-5000:]
+    assert committed_steps(left) == [4]
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int):
+    """This process's files may not grow past `size` bytes (RLIMIT_FSIZE): a write crossing it is cut there, and the
+    next one fails with EFBIG ("File too large"), as on a disk that fills up mid-write."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_failed_metrics_write_is_one_error_and_the_rerun_sets_its_cut_off_row_aside(tmp_path, capsys):
+    from bigjax import metrics
+
+    path = tmp_path / "metrics.jsonl"
+    first, second, third = (json.dumps({"step": step, "loss": 5.0 - step}) + "\n" for step in (1, 2, 3))
+    writer = metrics.JsonLines(path)
+    writer.write(first)
+    with file_size_limit(len(first) + 10):
+        with pytest.raises(metrics.MetricsError, match=f"cannot write {path}: File too large; free disk space"):
+            writer.write(second)  # 10 bytes of it are written
+    writer.close()
+    assert path.read_text() == first + second[:10]
+
+    # The rerun's writer moves the cut-off row aside (never deleted) and appends on a line of its own.
+    again = metrics.JsonLines(path)
+    again.write(third)
+    again.close()
+    assert path.read_text() == first + third
+    [aside] = tmp_path.glob("metrics.jsonl.cut-off.*")
+    assert aside.read_text() == second[:10]
+    assert f"{path} ended in a cut-off line" in capsys.readouterr().out
 
 
 def test_a_save_that_cannot_make_its_directory_stops_at_once_with_the_os_reason(cli, env, tmp_path):
