@@ -639,6 +639,8 @@ def assert_transformers_tokenizes_a_whole_play_as_bigjax(hf_dir, spec: str):
     assert not differ, f"{len(differ)} of {len(lines)} lines are encoded otherwise, e.g. {differ[0]!r}"
     ids = ours.encode(play).tolist()
     assert theirs(play)["input_ids"] == ids
+    for text in ("  two leading spaces", "[MASK] is [CLS]kept whole", "ümlaut 😀 日本語 ½", "tab\t\tand  spaces  "):
+        assert theirs(text)["input_ids"] == ours.encode(text).tolist(), text
     assert theirs.decode(ids) == ours.decode(ids)
     ended = ids[:40] + [ours.special_ids["eos"]]
     assert theirs.decode(ended, skip_special_tokens=True) == ours.decode(ended)
