@@ -14,7 +14,9 @@ Parameters are named by their "/"-joined paths (bigjax.params), e.g. `layers/att
   when its name matches `include`, does not match `exclude`, and the checkpoint has it; the others (a new head)
   keep their fresh initialization. A name that matches but has another shape in the checkpoint is an error: exclude it.
   `init_from.workdir=hf:PATH` loads a Hugging Face model directory instead (GPT-2, Llama, BERT, ViT, ResNet with
-  its BatchNorm statistics; bigjax.hf), with the same include/exclude.
+  its BatchNorm statistics; bigjax.hf), with the same include/exclude, into a model of the checkpoint's
+  architecture: one whose settings differ (a pre-LN model for a post-LN BERT, another rope_theta) is refused,
+  listing each difference (bigjax.hf.check_architecture).
 - `freeze` (see bigjax.optim) keeps the matching parameters bit-identical: they get no gradient computation,
   no optimizer state and no update.
 - Early stopping watches one inline-eval metric: each evaluation saves a checkpoint carrying its metrics, Orbax
@@ -72,9 +74,12 @@ def load_pretrained_into(setup, state):
     """`state`, a run's fresh one, with init_from's parameters loaded as `load_pretrained_state` does. A QLoRA run's
     integer kernels are loaded as the float kernels they stand for, then quantized again (bigjax.models.quantized):
     the float base exists whole on the mesh for that moment, as in a float fine-tune."""
+    from bigjax import hf
     from bigjax.models import quantized
 
     config, shardings = setup.config, setup.state_shardings
+    if config.init_from.workdir.startswith(HF_PREFIX):  # the weights only mean anything in their own architecture
+        hf.check_architecture(config, config.init_from.workdir.removeprefix(HF_PREFIX))
     if not quantized.holds_integers(config):
         return load_pretrained_state(state, config.init_from, shardings)
     boxed = setup.boxed_params()

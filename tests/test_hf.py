@@ -3,6 +3,8 @@ models saved with save_pretrained (nothing is downloaded), imported, compared lo
 exported back and loaded by transformers again."""
 
 import json
+import re
+import shutil
 import sys
 
 import jax
@@ -14,8 +16,8 @@ import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from bigjax import config as config_lib
-from bigjax import finetune, generate, hf
-from bigjax.hf import family, files
+from bigjax import data, finetune, generate, hf
+from bigjax.hf import convert, family, files
 from bigjax.models import gpt
 from bigjax.params import by_path
 from bigjax.setup import make_setup
@@ -519,14 +521,11 @@ def test_gpt2_124m_pretrains_on_the_plays_with_a_gpt2_style_tokenizer_json(cli, 
     assert saved["data"]["tokenizer"] == f"hf:{tokenizer_file}" and saved["data"]["source"] == "shakespeare"
 
 
-def test_a_trained_llama_run_with_a_sentencepiece_tokenizer_exports_for_transformers(cli, tmp_path):
+def test_a_trained_llama_run_with_a_sentencepiece_tokenizer_exports_for_transformers(cli, sentencepiece_file, tmp_path):
     """A run trained here (not imported) exports: transformers loads every weight (none missing or unexpected),
-    computes bigjax's logits to float32 rounding, reads the SentencePiece tokenizer as a LlamaTokenizer that
-    encodes text as bigjax did, and generate() stops at the run's eos."""
-    from bigjax import data
-
-    spm = tmp_path / "spm.model"
-    cli("tokenizer", "train", "--config", "experiments/tiny.py", "--vocab-size", "400", "--out", spm)
+    computes bigjax's logits to float32 rounding, reads the SentencePiece tokenizer as one that encodes a whole play
+    as bigjax did, and generate() stops at the run's eos."""
+    spm = sentencepiece_file
     run = tmp_path / "run"
     tokenizer_args = [f"--config.data.tokenizer=sentencepiece:{spm}", "--config.model.vocab_size=416"]
     cli("train", "--config", "experiments/tiny.py:llama=True,steps=2", "--workdir", run, *tokenizer_args)
@@ -535,11 +534,9 @@ def test_a_trained_llama_run_with_a_sentencepiece_tokenizer_exports_for_transfor
 
     reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info  # missing, unexpected, mismatched keys, error messages
+    assert_transformers_tokenizes_a_whole_play_as_bigjax(out, f"sentencepiece:{spm}")
     ours = data.make_tokenizer(f"sentencepiece:{spm}")
-    theirs = transformers.AutoTokenizer.from_pretrained(out)
-    text = "ROMEO: But, soft! what light through yonder window breaks?"
-    ids = [int(i) for i in ours.encode(text)]
-    assert theirs.encode(text, add_special_tokens=False) == ids
+    ids = [int(i) for i in ours.encode("ROMEO: But, soft! what light through yonder window breaks?")]
     assert_logits_match(bigjax_logits(run, ids), torch_logits(reloaded.eval(), ids), 2)
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == ours.special_ids["eos"] == reloaded.generation_config.eos_token_id
@@ -586,3 +583,248 @@ def test_scaled_rope_frequencies_are_transformers_at_real_sizes(rope):
     inv_freq, factor = rope_frequencies(128, theta, RopeScaling(**(defaults | scaling)))
     np.testing.assert_allclose(np.asarray(inv_freq), expected.numpy(), rtol=(np.log(theta) + 4) * EPS32, atol=0)
     assert factor == pytest.approx(expected_factor, rel=1e-15)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizers handed to transformers, and special ids
+
+PLAY = "tragedies/hamlet"  # 5427 lines, 175 kB
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_file(tmp_path_factory):
+    """A SentencePiece unigram model as `bigjax tokenizer train` makes one (byte fallback; [CLS] and [MASK] as
+    user-defined pieces), trained here on three plays."""
+    from bigjax.data import corpus
+    from bigjax.data import tokenizers as bigjax_tokenizers
+
+    path = tmp_path_factory.mktemp("sentencepiece") / "spm.model"
+    bigjax_tokenizers.train_tokenizer(list(corpus.shakespeare_plays().values())[:3], 400, str(path))
+    return path
+
+
+def sentencepiece_bpe(directory):
+    """A SentencePiece BPE model (the kind Llama 2 and Gemma ship), otherwise trained as bigjax trains one."""
+    import sentencepiece
+
+    from bigjax.data import corpus
+
+    lines = (line for text in list(corpus.shakespeare_plays().values())[:3] for line in text.splitlines() if line)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=lines,
+        model_prefix=str(directory / "bpe"),
+        vocab_size=400,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        pad_id=3,
+        user_defined_symbols=["[CLS]", "[MASK]"],
+        minloglevel=2,
+    )
+    return directory / "bpe.model"
+
+
+def assert_transformers_tokenizes_a_whole_play_as_bigjax(hf_dir, spec: str):
+    """transformers' AutoTokenizer of `hf_dir` encodes every line of a whole bundled play, and the play as one text
+    (a causal LM run's document), to the ids bigjax's tokenizer `spec` gives them, adding nothing; and decodes those
+    ids, and a continuation ending at eos, to bigjax's text."""
+    from bigjax.data import corpus
+
+    ours = data.make_tokenizer(spec)
+    theirs = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    play = corpus.shakespeare_plays()[PLAY]
+    lines = [line for line in play.splitlines() if line.strip()]
+    encoded = theirs(lines)["input_ids"]
+    differ = [line for line, ids in zip(lines, encoded, strict=True) if ids != ours.encode(line).tolist()]
+    assert not differ, f"{len(differ)} of {len(lines)} lines are encoded otherwise, e.g. {differ[0]!r}"
+    ids = ours.encode(play).tolist()
+    assert theirs(play)["input_ids"] == ids
+    for text in ("  two leading spaces", "[MASK] is [CLS]kept whole", "ümlaut 😀 日本語 ½", "tab\t\tand  spaces  "):
+        assert theirs(text)["input_ids"] == ours.encode(text).tolist(), text
+    assert theirs.decode(ids) == ours.decode(ids)
+    ended = ids[:40] + [ours.special_ids["eos"]]
+    assert theirs.decode(ended, skip_special_tokens=True) == ours.decode(ended)
+
+
+@pytest.mark.parametrize(
+    "kind, model_type",
+    [("sentencepiece_unigram", "llama"), ("sentencepiece_bpe", "llama"), ("tokenizer_json", "bert")],
+)
+def test_the_tokenizer_export_writes_reads_in_transformers_as_in_bigjax(kind, model_type, sentencepiece_file, tmp_path):
+    """What export writes beside a run's model (here beside the config.json of a Llama or a BERT, whose model_type
+    AutoTokenizer falls back on) tokenizes a whole play as the run did: a SentencePiece model (unigram, as bigjax
+    trains them, or BPE) and a tokenizer.json of bigjax's own training (byte-level BPE)."""
+    from bigjax.data import corpus
+    from bigjax.data import tokenizers as bigjax_tokenizers
+
+    if kind == "sentencepiece_unigram":
+        spec = f"sentencepiece:{sentencepiece_file}"
+    elif kind == "sentencepiece_bpe":
+        spec = f"sentencepiece:{sentencepiece_bpe(tmp_path)}"
+    else:
+        bigjax_tokenizers.train_tokenizer(list(corpus.shakespeare_plays().values())[:3], 400, str(tmp_path / "t.json"))
+        spec = f"hf:{tmp_path / 't.json'}"
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model_type": model_type}))
+    tokenizer = data.make_tokenizer(spec)
+    for name, content in convert.tokenizer_files(spec, convert.special_ids(tokenizer, tokenizer.vocab_size)).items():
+        (out / name).write_bytes(content)
+    assert_transformers_tokenizes_a_whole_play_as_bigjax(out, spec)
+
+
+def llama_with_special_ids(vocab_size: int):
+    """A Llama whose config.json names its own bos (1) and eos (2), as released Llamas do."""
+    torch.manual_seed(5)
+    config = transformers.LlamaConfig(**SMALL_CONTEXT | dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2))
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_an_hf_directory_with_only_a_sentencepiece_model_imports_and_exports_with_it(sentencepiece_file, tmp_path):
+    """tokenizer.model without tokenizer.json: the run tokenizes with it, and export hands it on (as a tokenizer
+    transformers reads as bigjax does) with the checkpoint's own bos and eos."""
+    hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "exported"
+    llama_with_special_ids(400).save_pretrained(hf_dir)
+    shutil.copyfile(sentencepiece_file, hf_dir / "tokenizer.model")
+    hf.import_hf(hf_dir, run)
+    assert config_lib.load_saved(run).data.tokenizer == f"sentencepiece:{(run / 'tokenizer.model').resolve()}"
+    ours = data.make_tokenizer(f"sentencepiece:{sentencepiece_file}")
+    assert generate.load(run).tokenizer.encode(PROMPT).tolist() == ours.encode(PROMPT).tolist()
+
+    hf.export(run, out)
+    exported = json.loads((out / "config.json").read_text())
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (1, 2)
+    assert_transformers_tokenizes_a_whole_play_as_bigjax(out, f"sentencepiece:{sentencepiece_file}")
+
+
+def test_an_hf_directory_without_a_tokenizer_says_so_and_export_keeps_its_special_ids(capsys, tmp_path):
+    hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "exported"
+    llama_with_special_ids(HF_VOCAB).save_pretrained(hf_dir)
+    hf.import_hf(hf_dir, run)
+    said = capsys.readouterr().out
+    assert f"{hf_dir} has no tokenizer" in said and "--config.data.tokenizer" in said, said
+
+    hf.export(run, out)
+    exported = json.loads((out / "config.json").read_text())
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (1, 2)  # not the byte tokenizer's 257 and 259
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert not (out / "tokenizer.json").exists()
+
+
+def without_tensor(hf_dir, name: str):
+    """The directory's model.safetensors without tensor `name` (a partial or damaged save)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(hf_dir / hf.SINGLE_FILE)
+    del tensors[name]
+    save_file(tensors, str(hf_dir / hf.SINGLE_FILE), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_an_untied_causal_lm_without_its_output_layer_is_refused(arch, tokenizer_file, tmp_path):
+    model = (
+        llama_model()
+        if arch == "llama"
+        else transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=HF_VOCAB, tie_word_embeddings=False)
+        )
+    )
+    assert not model.config.tie_word_embeddings
+    hf_dir = save(model, tmp_path / "hf", tokenizer_file)
+    without_tensor(hf_dir, "lm_head.weight")
+    with pytest.raises(hf.HFError, match="lm_head.weight"):
+        hf.import_hf(hf_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_gpt2_with_the_exact_gelu_imports_and_exports(tokenizer_file, tmp_path):
+    """activation_function="gelu" is the erf GELU: model.mlp="gelu_exact", and back."""
+    torch.manual_seed(6)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=HF_VOCAB, n_positions=64, activation_function="gelu"
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():  # GELU inputs of |x| ~ 3, where the erf and the tanh forms differ by up to ~5e-4
+        for block in model.transformer.h:
+            block.mlp.c_fc.weight.mul_(40.0)
+    model.eval()
+    hf_dir, run, out = save(model, tmp_path / "hf", tokenizer_file), tmp_path / "run", tmp_path / "exported"
+    hf.import_hf(hf_dir, run)
+    ids = tokenizers.Tokenizer.from_file(str(tokenizer_file)).encode(PROMPT).ids
+    theirs, ours = torch_logits(model, ids), bigjax_logits(run, ids)
+    assert_logits_match(ours, theirs, 2)
+    for block in model.transformer.h:  # the same weights through the tanh GELU: out of tolerance
+        block.mlp.act = transformers.activations.ACT2FN["gelu_new"]
+    tanh = relative_difference(ours, torch_logits(model, ids))
+    assert tanh > RELATIVE_TOLERANCE_PER_LAYER * 3, tanh
+
+    hf.export(run, out)
+    assert json.loads((out / "config.json").read_text())["activation_function"] == "gelu"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    np.testing.assert_array_equal(torch_logits(reloaded, ids), theirs)
+
+
+@pytest.mark.parametrize(
+    "given", [dict(attention_factor=1.3), dict(mscale=1.0, mscale_all_dim=0.5)], ids=["explicit", "mscale"]
+)
+def test_a_yarn_attention_factor_is_exported_so_transformers_scales_as_the_original(given, tmp_path):
+    """The factor on cos and sin, given or derived from DeepSeek's mscales, is written into the export's
+    rope_parameters: transformers computes the same frequencies and factor from it as from the original config (so
+    the same weights give the same logits), and not YaRN's default 0.1 ln(factor) + 1."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = dict(rope_type="yarn", rope_theta=10_000.0, factor=4.0, original_max_position_embeddings=ORIGINAL_CONTEXT)
+    hf_dir = hf_config_dir(tmp_path, "LlamaForCausalLM", rope_parameters=rope | given)
+    config = hf.config_from_hf(hf_dir)
+    exported = family.for_config(config).hf_config(config, HF_VOCAB, {})
+
+    def yarn(fields):
+        return ROPE_INIT_FUNCTIONS["yarn"](transformers.LlamaConfig(**fields))
+
+    (inv_freq, factor), (expected_inv_freq, expected_factor) = yarn(exported), yarn(files.read_hf_config(hf_dir))
+    assert factor == expected_factor != pytest.approx(0.1 * np.log(4.0) + 1)
+    torch.testing.assert_close(inv_freq, expected_inv_freq, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# init_from.workdir=hf:PATH and the experiment's architecture
+
+
+def suggested_overrides(message: str) -> list[str]:
+    """The `--config.KEY=VALUE` a refusal suggests."""
+    return re.findall(r"--config\.[\w.]+=[^\s),;]+", message)
+
+
+def test_init_from_hf_refuses_a_llama_of_other_settings_listing_each_and_allows_a_context_extension(
+    tokenizer_file, tmp_path
+):
+    """A Llama experiment whose rope_theta, key/value heads and output layer are not the checkpoint's is refused
+    in one line naming each difference (and nothing the run may choose: vocabulary, length, dropout, dtypes); with
+    the overrides it suggests, it loads; a RoPE scaling over a checkpoint without one (a context extension) is the
+    run's choice."""
+    hf_dir = save(llama_model(), tmp_path / "hf", tokenizer_file)  # rope_theta 5e5, 2 kv heads, untied
+    config = config_lib.defaults("gpt", "causal_lm")
+    config.model.update(
+        num_layers=2, d_model=64, num_heads=4, mlp_dim=96, max_len=64, vocab_size=HF_VOCAB + 3, norm_eps=1e-5,
+        positions="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, dropout=0.1,
+    )  # fmt: skip
+    config.init_from.workdir = f"hf:{hf_dir}"
+    setup = make_setup(config)
+    with pytest.raises(hf.HFError) as refused:
+        finetune.load_pretrained_into(setup, setup.init_state())
+    message = str(refused.value)
+    assert "\n" not in message
+    fixes = suggested_overrides(message)
+    assert sorted(fix.partition("=")[0] for fix in fixes) == [
+        "--config.model.num_kv_heads",
+        "--config.model.rope_theta",
+        "--config.model.tie_embeddings",
+    ], message
+
+    for fix in [*fixes, "--config.model.rope_scaling.type=yarn", "--config.model.rope_scaling.factor=2.0"]:
+        config_lib.apply_override(config, fix)
+    config.model.rope_scaling.original_max_len = 128
+    setup = make_setup(config)
+    state = finetune.load_pretrained_into(setup, setup.init_state())
+    embedding = dict(llama_model().named_parameters())["model.embed_tokens.weight"].detach().numpy()
+    np.testing.assert_array_equal(np.asarray(state.params["embed"]["embedding"])[:HF_VOCAB], embedding)

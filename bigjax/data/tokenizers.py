@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+import re
 
 import numpy as np
 
@@ -79,6 +80,80 @@ class SentencePieceTokenizer:
     def decode(self, ids) -> str:
         return self.model.decode([int(i) for i in ids if 0 <= int(i) < self.base_vocab])
 
+    def token(self, i: int) -> str:
+        return self.model.id_to_piece(i)
+
+    def hf_tokenizer_json(self) -> str:
+        """This model as a Hugging Face tokenizer.json that encodes and decodes as SentencePiece does (proven on whole
+        plays by tests/test_hf.py): the model's own unigram or BPE pieces and scores, its normalizer (the precompiled
+        NFKC map, extra spaces removed, the dummy prefix) and its byte fallback; user-defined pieces kept whole, the
+        control pieces (bos, eos, pad) special tokens that decoding drops. The construction of transformers'
+        SpmConverter.build_tokenizer_from_spm_proto (its legacy form), without transformers."""
+        import tokenizers
+        from sentencepiece import sentencepiece_model_pb2
+        from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self.model.serialized_model_proto())
+        trainer, spec, pieces = proto.trainer_spec, proto.normalizer_spec, proto.pieces
+        user_defined = [p.piece for p in pieces if p.type == p.USER_DEFINED]
+        if trainer.model_type == trainer.UNIGRAM:
+            model = models.Unigram([(p.piece, p.score) for p in pieces], trainer.unk_id, trainer.byte_fallback)
+        elif trainer.model_type == trainer.BPE:
+            model = models.BPE(
+                {p.piece: i for i, p in enumerate(pieces)},
+                _sentencepiece_merges(pieces),
+                unk_token=pieces[trainer.unk_id].piece,
+                fuse_unk=True,
+                byte_fallback=trainer.byte_fallback,
+                ignore_merges=bool(user_defined),
+            )
+        else:
+            kind = trainer.ModelType.Name(trainer.model_type).lower()
+            raise DataError(
+                f"{self.path} is a SentencePiece {kind} model: only unigram and BPE models have a Hugging Face form"
+            )
+        tokenizer = tokenizers.Tokenizer(model)
+
+        steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+        if spec.remove_extra_whitespaces:  # spaces only: SentencePiece leaves newlines alone
+            steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+        if spec.escape_whitespaces:
+            steps.append(normalizers.Replace(" ", "▁"))
+        if spec.add_dummy_prefix:  # Metaspace adds no prefix to a text that starts with "▁"; SentencePiece does
+            steps.append(normalizers.Replace(Regex(r"\A▁"), "▁▁"))
+        tokenizer.normalizer = normalizers.Sequence(steps)
+        splits = []
+        if spec.add_dummy_prefix:
+            splits.append(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False))
+        if user_defined:  # emitted whole, never merged
+            pattern = "|".join(re.escape(piece) for piece in sorted(user_defined, key=len, reverse=True))
+            splits.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
+        if splits:
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence(splits)
+
+        steps = [decoders.Replace("▁", " ")] + ([decoders.ByteFallback()] if trainer.byte_fallback else [])
+        if spec.add_dummy_prefix:  # the prefix off the text's start only: fused first, as Strip works per token
+            steps += [decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+        elif trainer.byte_fallback:
+            steps.append(decoders.Fuse())
+        tokenizer.decoder = decoders.Sequence(steps)
+        control = [p.piece for p in pieces if p.type == p.CONTROL]
+        tokenizer.add_special_tokens([AddedToken(piece, special=True, normalized=False) for piece in control])
+        return tokenizer.to_str()
+
+
+def _sentencepiece_merges(pieces) -> list[tuple[str, str]]:
+    """A SentencePiece BPE model's merges, which it does not store: every split of a normal piece into two normal
+    pieces, the pieces of higher score first (SentencePiece merges by score)."""
+    normal = {p.piece: (p.score, i) for i, p in enumerate(pieces) if p.type == p.NORMAL}
+    ranked = sorted(
+        (-score, i, piece[:k], piece[k:])
+        for piece, (score, i) in normal.items()
+        for k in range(1, len(piece))
+        if piece[:k] in normal and piece[k:] in normal
+    )
+    return [(left, right) for _, _, left, right in ranked]
+
 
 class HuggingFaceTokenizer:
     def __init__(self, path: pathlib.Path):
@@ -111,6 +186,9 @@ class HuggingFaceTokenizer:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids if 0 <= int(i) < self.base_vocab])
+
+    def token(self, i: int) -> str:
+        return self.tokenizer.id_to_token(i)
 
 
 def _append_missing(found: dict, base_vocab: int) -> tuple[dict, int]:

@@ -3,7 +3,8 @@
     config = hf.config_from_hf(hf_dir)          # a bigjax config from config.json (refuses what it cannot be)
     hf.import_hf(hf_dir, workdir)               # a workdir at step 0: checkpoint, config.json, tokenizer
     hf.export(workdir, out_dir, step=None)      # a directory transformers' from_pretrained loads
-    hf.load_selected(params, hf_dir, ...)       # init_from.workdir=hf:PATH
+    hf.check_architecture(config, hf_dir)       # init_from.workdir=hf:PATH: the run's model is the checkpoint's
+    hf.load_selected(params, hf_dir, ...)       # and its weights
 
 Modules: `files` (the directory on disk, lazy tensor views, sharded safetensors), `family` (which architectures
 map, and the interface each family module has), one module per family (`gpt2`, `llama`, `bert`, `vit`, `resnet`),
@@ -11,7 +12,7 @@ map, and the interface each family module has), one module per family (`gpt2`, `
 """
 
 from bigjax.hf.common import HFError
-from bigjax.hf.convert import SOURCE_FILE, config_from_hf, export, import_hf, load_selected
+from bigjax.hf.convert import SOURCE_FILE, check_architecture, config_from_hf, export, import_hf, load_selected
 from bigjax.hf.files import INDEX_FILE, SINGLE_FILE, TensorReader
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "SOURCE_FILE",
     "HFError",
     "TensorReader",
+    "check_architecture",
     "config_from_hf",
     "export",
     "import_hf",

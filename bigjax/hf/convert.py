@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 
 import jax
 import numpy as np
@@ -22,7 +21,8 @@ from bigjax.hf.common import HFError, Params
 from bigjax.models import quantized
 from bigjax.params import by_path, nest, param_path
 
-SOURCE_FILE = "hf_source.json"  # written by `bigjax import`: the HF vocabulary size export cuts back to
+SOURCE_FILE = "hf_source.json"  # written by `bigjax import`: the HF vocabulary size and special ids export gives back
+SPECIAL_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 VOCAB_AXES = {"embed/embedding": 0, "unembed/kernel": 1, "mlm_bias": 0}  # the axes bigjax pads the vocabulary along
 
 
@@ -114,6 +114,61 @@ def load_selected(tree, hf_dir, selected: dict, shardings, prefix: str = "") -> 
     return merged, sorted(loaded)
 
 
+# What a run chooses for itself, whatever the checkpoint was trained with: the vocabulary and length (bigjax pads
+# the vocabulary; a learned position table of another length is refused by its shape), dropout, and how the model
+# runs (dtypes, attention kernel, scan, remat) or starts (initialization, BatchNorm's momentum).
+RUN_SETTINGS = frozenset(
+    {"vocab_size", "vocab_multiple", "max_len", "dropout", "dtype", "param_dtype", "attention", "scan_layers"}
+    | {"remat", "init_std", "bn_momentum", "freeze_batch_stats", "zero_init_residual"}
+)
+
+
+def check_architecture(config, hf_dir) -> None:
+    """Refuse (one line) a run whose model would compute something other than the HF checkpoint's with its weights:
+    each setting that differs, as the override that makes it the checkpoint's. Everything else of the model is the
+    experiment's to choose (RUN_SETTINGS), and so is a RoPE scaling over a checkpoint without one (a context
+    extension)."""
+    classifier = config.task.name == "classification"  # it has no output layer over the vocabulary to tie
+    ours, theirs = architecture(config.model, classifier), architecture(config_from_hf(hf_dir).model, classifier)
+    where = f"config.init_from.workdir=hf:{hf_dir}: this run's model is not the checkpoint's (its config.json)"
+    take = "take the model from the checkpoint (c.model = bigjax.hf.config_from_hf(PATH).model, as "
+    take += "experiments/imdb_finetune.py does)"
+    if ours["family"] != theirs["family"]:
+        raise HFError(f"{where}: model.family={ours['family']!r}, the checkpoint's {theirs['family']!r}; {take}")
+    differing = [key for key in theirs if ours.get(key) != theirs[key]]
+    if theirs.get("rope_scaling.type") == "none":
+        differing = [key for key in differing if not key.startswith("rope_scaling.")]
+    if differing:
+        listed = ", ".join(f"model.{key}={ours.get(key)!r} (the checkpoint's: {theirs[key]!r})" for key in differing)
+        overrides = " ".join(f"--config.model.{key}={theirs[key]}" for key in differing)
+        raise HFError(f"{where}: {listed}; set {overrides}, or {take}")
+
+
+def architecture(m, classifier: bool) -> dict:
+    """The settings of model config `m` that decide what its weights compute, by dotted key (rope_scaling.factor),
+    with the sizes and biases that 0 and None leave to the model resolved as the model resolves them; for a
+    `classifier`, without tie_embeddings."""
+    from bigjax.models import vit
+
+    flat = {}
+    for key, value in m.items():
+        if key in RUN_SETTINGS:
+            continue
+        if hasattr(value, "items"):
+            flat |= {f"{key}.{sub}": v for sub, v in value.items()}
+        else:
+            flat[key] = value
+    if "num_heads" in m:  # a Transformer stack
+        stack = vit.encoder_config(m)
+        flat |= {key: getattr(stack, key) for key in ("num_kv_heads", "head_dim", "mlp_dim")}
+        flat |= dict(zip(config_lib.BIAS_SWITCHES, config_lib.linear_biases(m), strict=True))
+    if m.get("positions") != "rope":  # unused
+        flat = {key: v for key, v in flat.items() if not key.startswith("rope_")}
+    if classifier:
+        flat.pop("tie_embeddings", None)
+    return flat
+
+
 # --------------------------------------------------------------------------------------------------
 # `bigjax import`
 
@@ -128,19 +183,28 @@ def import_hf(hf_dir, workdir, overrides=()) -> int:
 
     config = config_from_hf(hf_dir, overrides)  # every refusal before anything is written
     text = "vocab_size" in config.model
-    hf_vocab = files.read_hf_config(hf_dir)["vocab_size"] if text else None
+    hf = files.read_hf_config(hf_dir)
     read = files.TensorReader(hf_dir)  # the weights are there, in a form we read
+    hf_views(read, config)  # and every tensor the model cannot do without (an untied output layer) is there
     workdir = paths.workdir(workdir)
     with lock.held(workdir, say=metrics.say):
         if checkpoint.had_checkpoints(workdir):
             raise HFError(f"{workdir} already holds checkpoints; import into a new --workdir")
         if text:
-            if files.copy_tokenizer_files(hf_dir, workdir) and config.data.tokenizer == "byte":
-                config.data.tokenizer = f"hf:{pathlib.Path(workdir).resolve() / 'tokenizer.json'}"
+            copied = files.copy_tokenizer_files(hf_dir, workdir)
+            if config.data.tokenizer == "byte":  # none named: the directory's own
+                config.data.tokenizer = copied or "byte"
+                if not copied:
+                    metrics.say(
+                        f"import: {hf_dir} has no tokenizer (neither tokenizer.json nor tokenizer.model), so this run "
+                        "has none: text would be read as bytes, which are not this model's tokens. Name the model's "
+                        "tokenizer with --config.data.tokenizer=PATH (a .json or .model file) before training or "
+                        "generating from text"
+                    )
             # A tokenizer lacking a special token bigjax needs (pad, cls, mask) gets it appended after its last id:
             # the model needs rows for those too (zero rows; export cuts back to the HF vocabulary).
             tokenizer = data.make_tokenizer(config.data.tokenizer)
-            config.model.vocab_size = max(hf_vocab, tokenizer.vocab_size)
+            config.model.vocab_size = max(hf["vocab_size"], tokenizer.vocab_size)
             config_lib.check_values(config)
 
         setup = make_setup(config)
@@ -171,7 +235,10 @@ def import_hf(hf_dir, workdir, overrides=()) -> int:
         saves.save(0, state, data_state, {"nan_skips": 0}, config)
         saves.finish()
         checkpoint.write_config(workdir, config)
-        source = {"source": str(hf_dir)} | ({"vocab_size": hf_vocab} if text else {})
+        source = {"source": str(hf_dir)}
+        if text:  # the vocabulary and special ids export gives back, whatever tokenizer the run has
+            special = {field: hf[field] for field in SPECIAL_ID_FIELDS if hf.get(field) is not None}
+            source |= {"vocab_size": hf["vocab_size"], "special_ids": special}
         (workdir / SOURCE_FILE).write_text(json.dumps(source, indent=2))
     return state_lib.count_parameters(state.params)
 
@@ -228,18 +295,21 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
         name: np.array(array, dtype=np.float32 if np.issubdtype(array.dtype, np.floating) else None, order="C")
         for name, array in family.hf_tensors(params, config, hf_vocab).items()
     }
-    special = special_ids(data.make_tokenizer(config.data.tokenizer), hf_vocab) if text else {}
+    if "special_ids" in source:  # an imported model keeps its own
+        special = source["special_ids"]
+    else:
+        special = special_ids(data.make_tokenizer(config.data.tokenizer), hf_vocab) if text else {}
+    tokenizer = tokenizer_files(config.data.tokenizer, special) if text else {}
     hf_config = family.hf_config(config, hf_vocab, special) | dict(torch_dtype="float32")
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         files.save_weights(tensors, out, max_shard_bytes)
         (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-        if config.task.name == "causal_lm":  # what generate() stops at; pad as eos, as GPT-2's own file does
-            generation = special | ({"pad_token_id": special["eos_token_id"]} if special else {})
-            (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        if text:
-            copy_tokenizer(config.data.tokenizer, out)
-        else:  # how transformers' image processor should prepare pixels: as bigjax's data pipeline does
+        if config.task.name == "causal_lm":  # what generate() stops at
+            (out / "generation_config.json").write_text(json.dumps(generation_config(special), indent=2))
+        for name, content in tokenizer.items():
+            (out / name).write_bytes(content)
+        if not text:  # how transformers' image processor should prepare pixels: as bigjax's data pipeline does
             (out / files.PREPROCESSOR_FILE).write_text(json.dumps(files.image_processor_config(config), indent=2))
     return step
 
@@ -253,28 +323,53 @@ def special_ids(tokenizer, hf_vocab: int) -> dict:
     return dict(eos_token_id=eos, bos_token_id=cls if cls < hf_vocab else eos)
 
 
-# transformers' LlamaTokenizer reads a SentencePiece model (tokenizer.model); bigjax adds no bos/eos when encoding.
-SENTENCEPIECE_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer",
-    "add_bos_token": False,
-    "add_eos_token": False,
-    "legacy": False,
-}
+def generation_config(special: dict) -> dict:
+    """generation_config.json: the special ids, and pad as eos where the model names no pad (as GPT-2's own file)."""
+    eos = special.get("eos_token_id")
+    generation = dict(special)
+    if eos is not None:
+        generation.setdefault("pad_token_id", eos[0] if isinstance(eos, list) else eos)
+    return generation
 
 
-def copy_tokenizer(spec: str, out: pathlib.Path):
-    """The run's tokenizer files for transformers: a Hugging Face tokenizer.json as it is, a SentencePiece model as
-    the tokenizer.model of a LlamaTokenizer. The byte tokenizer has no Hugging Face form."""
+def tokenizer_files(spec: str, special: dict) -> dict[str, bytes]:
+    """The run's tokenizer as the files AutoTokenizer reads, by name, so that transformers tokenizes text as the run
+    did: a Hugging Face tokenizer.json as it is, with the tokenizer_config.json and special_tokens_map.json that came
+    beside it; a SentencePiece model as a tokenizer.json built from it (transformers' own reading of a tokenizer.model
+    rebuilds a BPE from a unigram model, and encodes most lines otherwise), and the model itself. The byte tokenizer
+    has no Hugging Face form. `special`: the bos/eos ids config.json names."""
     from bigjax.data import tokenizers
 
     kind, path = tokenizers.parse_spec(spec)
     if kind == "byte":
-        return
-    path = pathlib.Path(path)
+        return {}
+    tokenizer, path = tokenizers.make_tokenizer(spec), pathlib.Path(path)
     if kind == "sentencepiece":
-        shutil.copyfile(path, out / "tokenizer.model")
-        (out / "tokenizer_config.json").write_text(json.dumps(SENTENCEPIECE_CONFIG, indent=2))
-    elif path.name == "tokenizer.json":
-        files.copy_tokenizer_files(path.parent, out)  # with tokenizer_config.json and special_tokens_map.json
+        written = {"tokenizer.json": tokenizer.hf_tokenizer_json().encode()}
+        written[files.SENTENCEPIECE_FILE] = path.read_bytes()
     else:
-        shutil.copyfile(path, out / "tokenizer.json")
+        written = {"tokenizer.json": path.read_bytes()}
+        if path.name == "tokenizer.json":  # an imported one: its config files too
+            beside = [path.parent / name for name in files.TOKENIZER_FILES if name != "tokenizer.json"]
+            written |= {file.name: file.read_bytes() for file in beside if file.is_file()}
+    # Without a tokenizer_config.json, AutoTokenizer picks a class by the model's type, and a BERT's rebuilds a
+    # WordPiece from the vocabulary: name the class that reads tokenizer.json as it is.
+    if "tokenizer_config.json" not in written:
+        fast = fast_tokenizer_config(tokenizer, json.loads(written["tokenizer.json"]), special)
+        written["tokenizer_config.json"] = json.dumps(fast, indent=2).encode()
+    return written
+
+
+def fast_tokenizer_config(tokenizer, tokenizer_json: dict, special: dict) -> dict:
+    """tokenizer_config.json for a PreTrainedTokenizerFast (tokenizer.json read as it is), naming its bos, eos and
+    pad tokens where tokenizer.json has them as special tokens already (naming another would change how text that
+    contains it is split)."""
+    specials = {token["content"] for token in tokenizer_json.get("added_tokens", []) if token["special"]}
+    ids = dict(bos_token=special.get("bos_token_id"), eos_token=special.get("eos_token_id"))
+    ids["pad_token"] = tokenizer.special_ids["pad"]
+    config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    for name, i in ids.items():
+        i = i[0] if isinstance(i, list) else i
+        if isinstance(i, int) and 0 <= i < tokenizer.base_vocab and tokenizer.token(i) in specials:
+            config[name] = tokenizer.token(i)
+    return config

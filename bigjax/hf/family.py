@@ -47,9 +47,9 @@ def for_config(config):
         )
     raise HFError(
         f"this run ({m.family} {config.task.name}{detail}) is none of the Hugging Face architectures bigjax "
-        f"exports ({exported}); GPT-2 has learned positions, layernorm, gelu and biases everywhere; Llama rope, "
-        "rmsnorm, swiglu, biases on all of q/k/v/o or none, on the MLP or not; Qwen2 is Llama with biases on q/k/v "
-        "only; a BERT, ViT or ResNet exports as its family's classifier or masked LM"
+        f"exports ({exported}); GPT-2 has learned positions, layernorm, gelu or gelu_exact and biases everywhere; "
+        "Llama rope, rmsnorm, swiglu, biases on all of q/k/v/o or none, on the MLP or not; Qwen2 is Llama with biases "
+        "on q/k/v only; a BERT, ViT or ResNet exports as its family's classifier or masked LM"
     )
 
 

@@ -26,6 +26,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SHARD_PATTERN = "model{suffix}.safetensors"  # transformers' names: model-00001-of-00003.safetensors
 MAX_SHARD_SIZE = "5GB"  # transformers' default max_shard_size
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+SENTENCEPIECE_FILE = "tokenizer.model"  # a Llama's or T5's SentencePiece model, where there is no tokenizer.json
 PREPROCESSOR_FILE = "preprocessor_config.json"  # an image model's image processor: resize, rescale, normalize
 
 Index = tuple[slice, ...]  # one slice per axis, step 1 (what jax.make_array_from_callback asks for)
@@ -298,12 +299,16 @@ def save_weights(tensors: dict[str, np.ndarray], out: pathlib.Path, max_shard_by
     return len(split.filename_to_tensors)
 
 
-def copy_tokenizer_files(source_dir, dest_dir) -> bool:
-    """Copy tokenizer.json (and its config files, where present); True if there was a tokenizer.json."""
-    source_dir, dest_dir = pathlib.Path(source_dir), pathlib.Path(dest_dir)
-    if not (source_dir / "tokenizer.json").is_file():
-        return False
-    for name in TOKENIZER_FILES:
-        if (source_dir / name).is_file():
-            shutil.copyfile(source_dir / name, dest_dir / name)
-    return True
+def copy_tokenizer_files(source_dir, dest_dir) -> str | None:
+    """Copy the directory's tokenizer into dest_dir: tokenizer.json (with its config files, where present), else a
+    SentencePiece tokenizer.model. Returns the config.data.tokenizer that names the copy; None when there is neither."""
+    source_dir, dest_dir = pathlib.Path(source_dir), pathlib.Path(dest_dir).resolve()
+    if (source_dir / "tokenizer.json").is_file():
+        for name in TOKENIZER_FILES:
+            if (source_dir / name).is_file():
+                shutil.copyfile(source_dir / name, dest_dir / name)
+        return f"hf:{dest_dir / 'tokenizer.json'}"
+    if (source_dir / SENTENCEPIECE_FILE).is_file():
+        shutil.copyfile(source_dir / SENTENCEPIECE_FILE, dest_dir / SENTENCEPIECE_FILE)
+        return f"sentencepiece:{dest_dir / SENTENCEPIECE_FILE}"
+    return None

@@ -1,4 +1,5 @@
-"""GPT2LMHeadModel <-> bigjax's GPT family with learned positions, LayerNorm, the tanh GELU and biases.
+"""GPT2LMHeadModel <-> bigjax's GPT family with learned positions, LayerNorm, a GELU (the tanh form, GPT-2's own, or
+the exact one) and biases.
 
 GPT-2's Conv1D weights are already [in, out], as bigjax's kernels; its attention fuses q|k|v into one c_attn,
 split here into three (no transposing).
@@ -12,11 +13,14 @@ from bigjax import config as config_lib
 from bigjax.hf.common import require
 
 ARCHITECTURES = ("GPT2LMHeadModel",)
+# transformers' activation_function -> bigjax's model.mlp: "gelu" is the exact (erf) GELU, gelu_new and
+# gelu_pytorch_tanh the tanh approximation (GPT-2's own).
+ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
 
 
 def bigjax_config(hf: dict):
-    # gelu_new and gelu_pytorch_tanh are the tanh approximation bigjax's GELU MLP uses.
-    require(hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new", "bigjax's GELU is the tanh form")
+    activations = tuple(ACTIVATIONS)
+    require(hf, "activation_function", activations, "gelu_new", "bigjax's GPT-2 has the tanh or the exact GELU only")
     require(hf, "scale_attn_by_inverse_layer_idx", (False,), False, "bigjax scales attention by 1/sqrt(head_dim) only")
     require(hf, "scale_attn_weights", (True,), True, "bigjax always scales attention by 1/sqrt(head_dim)")
     require(hf, "add_cross_attention", (False,), False, "bigjax's decoder has no cross-attention")
@@ -34,7 +38,7 @@ def bigjax_config(hf: dict):
         positions="learned",
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        mlp="gelu",
+        mlp=ACTIVATIONS[hf.get("activation_function", "gelu_new")],
         use_bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
     )
@@ -46,7 +50,8 @@ def exports(config) -> bool:
     return (
         m.family == "gpt"
         and config.task.name == "causal_lm"
-        and (m.positions, m.norm, m.mlp, m.use_bias) == ("learned", "layernorm", "gelu", True)
+        and (m.positions, m.norm, m.use_bias) == ("learned", "layernorm", True)
+        and m.mlp in ("gelu", "gelu_exact")
         and config_lib.linear_biases(m) == (True, True, True)
     )
 
@@ -92,7 +97,7 @@ def global_tensors(read, config) -> dict:
         "final_norm/norm/scale": read("ln_f.weight"),
         "final_norm/norm/bias": read("ln_f.bias"),
     }
-    if read.has("lm_head.weight"):  # a tied model has no output layer of its own
+    if not config.model.tie_embeddings:  # an untied model's own output layer: missing, it is an error, never made up
         tensors["unembed/kernel"] = read("lm_head.weight").T
     return tensors
 
@@ -139,7 +144,7 @@ def hf_config(config, hf_vocab: int, special: dict) -> dict:
         n_layer=m.num_layers,
         n_head=m.num_heads,
         n_inner=m.mlp_dim or 4 * m.d_model,
-        activation_function="gelu_new",
+        activation_function="gelu" if m.mlp == "gelu_exact" else "gelu_new",
         layer_norm_epsilon=m.norm_eps,
         tie_word_embeddings=m.tie_embeddings,
         **special,

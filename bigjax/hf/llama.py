@@ -179,7 +179,7 @@ def global_tensors(read, config) -> dict:
         "embed/embedding": read("model.embed_tokens.weight"),
         "final_norm/norm/scale": read("model.norm.weight"),
     }
-    if read.has("lm_head.weight"):  # a tied model has no output layer of its own
+    if not config.model.tie_embeddings:  # an untied model's own output layer: missing, it is an error, never made up
         tensors["unembed/kernel"] = read("lm_head.weight").T
     return tensors
 
