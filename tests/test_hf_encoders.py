@@ -490,8 +490,7 @@ def test_init_from_hf_loads_a_resnets_batch_stats_with_its_parameters(tmp_path):
     # torch's, the variance to the batch's variance that Flax takes). Each norm's input went through `convs`
     # convolutions whose sums XLA and torch add in other orders.
     norms = {"stem_norm": (model.resnet.embedder.embedder.normalization, 1), "stage2_block1/shortcut_norm": (norm, 4)}
-    old = {name: (hf_norm.running_mean.numpy().copy(), hf_norm.running_var.numpy().copy()) for name, (hf_norm, _) in
-           norms.items()}  # fmt: skip
+    old = {name: (n.running_mean.numpy().copy(), n.running_var.numpy().copy()) for name, (n, _) in norms.items()}
     inputs = {}  # what each of those norms saw in torch (a pre-hook that returns None leaves its input as it is)
     for name, (hf_norm, _) in norms.items():
         hf_norm.register_forward_pre_hook(lambda module, args, name=name: inputs.update({name: args[0].numpy()}))
