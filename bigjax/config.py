@@ -571,6 +571,7 @@ def check_values(config) -> None:
     check_finetuning(config)
     check_pruning(config.prune)
     check_distill(config)
+    check_quantization(config.quant)
     check_lora(config)
 
 
@@ -704,6 +705,15 @@ def check_distill(config) -> None:
     if not 0 <= d.alpha <= 1:
         raise ConfigError(
             f"config.distill.alpha must be in [0, 1] (the weight of the teacher's soft targets), got {d.alpha}"
+        )
+
+
+def check_quantization(quant) -> None:
+    """Without bits, QAT would train plain float weights that no integer grid was ever learned for."""
+    if quant.qat and not quant.bits:
+        raise ConfigError(
+            "config.quant.qat=True trains through the rounding to config.quant.bits, which is 0 (off): set "
+            "config.quant.bits=8 (or 4) for quantization-aware training, or config.quant.qat=False"
         )
 
 

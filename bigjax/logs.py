@@ -69,7 +69,7 @@ _handler: LazyFileHandler | None = None
 def log_file_candidates(workdir, command: str) -> list[str]:
     name = f"{command}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{socket.gethostname()}-{os.getpid()}.log"
     fallback = os.path.join(tempfile.gettempdir(), "bigjax-logs", name)
-    if workdir is None or paths.is_url(workdir):
+    if not workdir or paths.is_url(workdir):  # none, or empty (refused by the command, whose error this logs)
         return [fallback]
     return [os.path.join(os.fspath(paths.workdir(workdir)), "logs", name), fallback]
 

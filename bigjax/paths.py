@@ -11,9 +11,13 @@ import os
 
 from etils import epath
 
+from bigjax.errors import UserError
+
 
 def workdir(path) -> epath.Path:
     """`path` as an epath.Path: absolute when local, as given when a URL."""
+    if not os.fspath(path):  # epath.Path("") is the current directory: never written into by accident
+        raise UserError("the workdir is an empty path (''); name a directory, or '.' for the current one")
     path = epath.Path(path)
     return path if is_url(path) else path.absolute()
 

@@ -1,5 +1,6 @@
 """SIGTERM (a preemption, a scheduler's time limit, `kill`) and Ctrl-C ask a trainer to stop cleanly: finish the
-step, save a checkpoint there, exit 0. A second Ctrl-C stops at once, saving nothing more (what is committed stays).
+step, save a checkpoint there, exit 0. A second Ctrl-C stops at once, saving nothing more (what is committed stays),
+also after a SIGTERM: the first Ctrl-C after one still lets the step finish and save.
 
 `bigjax train` calls `catch()` first thing, before JAX is imported, so that a signal during start-up or compile
 is noted too: the trainer then stops at its next safe point and says that there was nothing new to save. This
@@ -18,7 +19,8 @@ class StopRequest:
     """Which stop signal arrived, if any, while it is installed."""
 
     def __init__(self):
-        self.signum: int | None = None
+        self.signum: int | None = None  # the first stop signal: the one the run says it stopped by
+        self.interrupts = 0  # Ctrl-Cs so far: the second stops at once, whatever came before the first
         self.previous: dict = {}
 
     @property
@@ -36,14 +38,15 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now
-        first = self.signum is None
-        self.signum = self.signum or signum
-        if first:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if self.signum is None or signum == signal.SIGINT:
             again = " (Ctrl-C again to stop at once, without saving)" if signum == signal.SIGINT else ""
             name = signal.Signals(signum).name
             print(f"{name}: stopping at the next step, with a checkpoint{again}", file=sys.stderr)
+        self.signum = self.signum or signum
 
     def uninstall(self, signums=SIGNALS) -> None:
         for signum in signums:

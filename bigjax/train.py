@@ -59,6 +59,8 @@ def train(
     command started (time.monotonic()), where the account of the run's wall time begins (default: now).
     """
     refuse_quantized(config)
+    if stop_at_step is not None and stop_at_step < 0:
+        raise TrainingError(f"--stop-at-step {stop_at_step}: a step number is >= 0; pass the step to stop at")
     stop = PreemptionFlag()  # SIGTERM or Ctrl-C from here on: stop at the next safe point, with a checkpoint
     try:
         return train_until_stopped(config, paths.workdir(workdir), stop, stop_at_step, fresh, goodput.Clock(started))
@@ -113,10 +115,12 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
         # State: restored from the newest usable checkpoint or freshly initialized into its shards.
         with clock("restore"):
             state, counters = restore_or_init(setup, mngr, workdir, train_batches, fresh)
+        start = int(state.step)
+        if stop_at_step is not None and stop_at_step <= start:
+            return stopped_before_training(start, stop_at_step)
         # Only now: a refused resume must not overwrite the config of the checkpoints.
         checkpoint.write_config(workdir, config)
-        non_finite = NonFiniteGuard(config, start_step=int(state.step), skipped=counters.get("nan_skips", 0))
-        start = int(state.step)
+        non_finite = NonFiniteGuard(config, start_step=start, skipped=counters.get("nan_skips", 0))
         log_model_size(state.params, config)
         if stopper is not None and start:
             resume_early_stopping(stopper, mngr, start, config.eval_every)
@@ -237,6 +241,18 @@ def restore_or_init(setup: Setup, mngr, workdir, train_batches, fresh: bool):
     if config.lora.adapters:  # LoRA: its trained parameters from a `bigjax lora save`
         state = lora.load(state, setup)
     return state, {}
+
+
+def stopped_before_training(start: int, stop_at_step: int) -> Summary:
+    """--stop-at-step at the step the run resumes from: nothing to train. Before it: a step that cannot be stopped
+    at again (the checkpoints after it would have to go), so refused rather than ignored."""
+    if stop_at_step < start:
+        raise TrainingError(
+            f"--stop-at-step {stop_at_step} is before step {start}, where this run resumes; pass a step after "
+            f"{start}, or leave it out to train to the end"
+        )
+    metrics.say(f"already at step {start} (--stop-at-step {stop_at_step}): nothing to train")
+    return Summary(step=start, status="preempted", last_metrics={})
 
 
 def resume_early_stopping(stopper, mngr, step: int, eval_every: int) -> None:

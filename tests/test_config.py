@@ -32,6 +32,7 @@ def test_experiment_argument_is_parsed(tiny_config):
         ("--config.optim", "overrides look like"),
         ("--config.optim=3", "is a group"),
         ("--config.optim.mu_dtype=float16", "config.optim.mu_dtype='float16' is not one of float32, bfloat16"),
+        ("--config.quant.qat=True", "config.quant.qat=True trains through the rounding to config.quant.bits"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_fix(tiny_config, override, message):

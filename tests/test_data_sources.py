@@ -224,6 +224,10 @@ def test_parquet_for_causal_lm_and_its_cache(tiny_config, parquet_dir, tmp_path,
     text = bytes(np.concatenate([r[r < 256] for r in in_memory]).astype(np.uint8)).decode("utf-8", "replace")
     assert "the quick brown fox" in text
     assert "train: tokenized 54 records" in prepare.prepare(config)[0]
+    # Another eval_fraction cuts the rows elsewhere: the old cut's cache, whose train part now holds evaluation
+    # rows, is not read; the train split is tokenized anew from the new cut.
+    recut = config_for(tiny_config, f"parquet:{parquet_dir}", *overrides, "--config.data.eval_fraction=0.5")
+    assert len(tokenized.load_or_tokenize(recut, sources.open_split(recut, "train"), tokenizers.ByteTokenizer())) == 30
 
     def fail(*args, **kwargs):
         raise AssertionError("the Parquet files were read again")
@@ -245,6 +249,9 @@ def test_arrow_save_to_disk_dataset(tiny_config, tmp_path):
     assert [r["text"] for r in train.records] == PARAGRAPHS[:54]
     assert [r["label"] for r in evals.records] == labels[54:]
     assert train.num_classes == 3  # the ClassLabel's names, though label 2 never occurs
+    recut = config_for(tiny_config, f"arrow:{folder}", "--config.data.eval_fraction=0.5", task="classification")
+    recut.data.text_records = "document"
+    assert sources.open_split(recut, "train").fingerprint != train.fingerprint  # the key of its tokenized cache
     assert next(pipeline.train_batches(config))["labels"].shape == (8, 8)
     # The rows come in the order state.json lists the files, not in the order of their names.
     state = json.loads((folder / "state.json").read_text())

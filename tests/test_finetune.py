@@ -201,6 +201,24 @@ def test_early_stopping_stops_after_patience_keeps_the_best_checkpoint_and_resum
     assert eval_history(tmp_path / "resumed") == history
 
 
+@pytest.mark.parametrize("mode, best", [("min", 4), ("max", 6)])
+def test_with_one_checkpoint_kept_the_best_by_the_mode_stays_beside_the_newest(tmp_path, mode, best):
+    """keep_checkpoints=1 with early stopping: each save deletes what is neither the newest nor the best by the
+    metric, the lowest for mode=min, the highest for max; and the best is what a resumed run counts on from."""
+    from bigjax import state as state_lib
+
+    losses = {2: 3.0, 4: 1.0, 6: 5.0, 8: 2.0}  # the newest, 8, is neither the lowest nor the highest
+    saves = checkpoint.writer(tmp_path, 1, "loss", mode)
+    config = config_lib.load(TINY)
+    for step, loss in losses.items():
+        state = state_lib.TrainState(step=jnp.int32(step), params={"w": jnp.zeros(2)}, opt_state={}, model_state={})
+        saves.save(step, state, {}, {}, config, {"loss": loss})
+    saves.finish()
+    saves.delete_old()
+    assert checkpoint.committed_steps(tmp_path) == [best, 8]
+    assert saves.mngr.best_step() == best  # train.resume_early_stopping's
+
+
 def test_fine_tuning_config_errors_are_clear(tiny_config):
     with pytest.raises(config_lib.ConfigError, match="set config.eval_every"):
         tiny_config("", "config.early_stopping.metric=accuracy")

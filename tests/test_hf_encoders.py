@@ -294,6 +294,46 @@ def test_bare_vit_model_hidden_states_match(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# BERT and ViT over a large common offset
+
+
+@pytest.mark.parametrize("family, offset", [("bert", 100.0), ("vit", 300.0)])
+def test_logits_match_transformers_when_the_hidden_states_carry_a_large_common_offset(
+    family, offset, tokenizer_file, tmp_path
+):
+    """`offset` added to every word embedding (BERT: the embedding norm's input) or every position embedding (ViT:
+    the residual stream, into every pre-norm) changes no logit in exact arithmetic. Torch's LayerNorm takes the
+    variance in two passes, E[(x - E[x])^2]; one pass, E[x^2] - E[x]^2, cancels offset^2 against offset^2 and
+    misses the variance (~1 here) by ~offset^2 eps. Both sides hold each of those inputs only to ~offset eps, which
+    each layer passes on: the tolerance grows by that much."""
+    if family == "bert":
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        model = randomize(transformers.BertForSequenceClassification(bert_config(tokenizer.get_vocab_size())))
+        offset_of = model.bert.embeddings.word_embeddings.weight
+        ids = tokenizer.encode(TEXT).ids
+        inputs, theirs_inputs = text_inputs(ids), {"input_ids": torch.tensor([ids])}
+    else:
+        model = randomize(transformers.ViTForImageClassification(vit_config(num_labels=4)))
+        offset_of = model.vit.embeddings.position_embeddings
+        images = pixels(model.config)
+        inputs, theirs_inputs = (images,), {"pixel_values": nchw(images)}
+    with torch.no_grad():
+        offset_of += offset
+        theirs = model(**theirs_inputs).logits.numpy()
+    hf.import_hf(save(model, tmp_path / "hf", tokenizer_file if family == "bert" else None), tmp_path / "run")
+
+    def ours(**model_overrides):
+        logits = bigjax_outputs(tmp_path / "run", inputs, **model_overrides)
+        return logits[:, 0] if family == "bert" else logits  # BERT: the first (only) packed example
+
+    layers = model.config.num_hidden_layers
+    tolerance = (RELATIVE_TOLERANCE_PER_LAYER + offset * EPS32) * (layers + 2)
+    two_pass = relative_difference(ours(), theirs)
+    assert two_pass <= tolerance, (two_pass, tolerance)
+    assert relative_difference(ours(norm_variance="one_pass"), theirs) > 2 * tolerance  # the offset is large enough
+
+
+# --------------------------------------------------------------------------------------------------
 # ResNet
 
 
@@ -450,6 +490,28 @@ def test_init_from_hf_loads_a_resnets_batch_stats_with_its_parameters(tmp_path):
     np.testing.assert_array_equal(np.asarray(stats["stage2_block1/shortcut_norm/var"]), norm.running_var.numpy())
     assert not np.any(np.asarray(state.params["head"]["kernel"]))  # excluded: a new head
 
+    # One training step moves each running statistic 0.1 of the way to the batch's, as torch's momentum=0.1 does
+    # (torch's running variance takes the batch's unbiased variance, n/(n-1) of Flax's: the mean is compared to
+    # torch's, the variance to the batch's variance that Flax takes). Each norm's input went through `convs`
+    # convolutions whose sums XLA and torch add in other orders.
+    norms = {"stem_norm": (model.resnet.embedder.embedder.normalization, 1), "stage2_block1/shortcut_norm": (norm, 4)}
+    old = {name: (n.running_mean.numpy().copy(), n.running_var.numpy().copy()) for name, (n, _) in norms.items()}
+    inputs = {}  # what each of those norms saw in torch (a pre-hook that returns None leaves its input as it is)
+    for name, (hf_norm, _) in norms.items():
+        hf_norm.register_forward_pre_hook(lambda module, args, name=name: inputs.update({name: args[0].numpy()}))
+    images = pixels(transformers.ViTConfig(image_size=32, num_channels=3))
+    with torch.no_grad():
+        model.train()(pixel_values=nchw(images))
+    batch = {"image": images, "labels": np.zeros(2, np.int32), "label_weights": np.ones(2, np.float32)}
+    on_host = jax.device_get((state.params, state.model_state))  # one device: a program compiled for one is cheaper
+    _, moved = jax.jit(lambda p, s: setup.task.loss_sums(p, s, batch, train=True))(*on_host)
+    moved = by_path(moved["batch_stats"])
+    for name, (hf_norm, convs) in norms.items():
+        (old_mean, old_var), x = old[name], inputs[name]
+        assert_close(np.asarray(moved[f"{name}/mean"]), hf_norm.running_mean.numpy(), convs, f"{name} mean")
+        np.testing.assert_allclose(hf_norm.running_mean.numpy(), 0.9 * old_mean + 0.1 * x.mean((0, 2, 3)), rtol=1e-5)
+        expected_var = 0.9 * old_var + 0.1 * x.var((0, 2, 3))
+        assert_close(np.asarray(moved[f"{name}/var"]), expected_var, convs, f"{name} variance")
 
 def test_init_from_hf_refuses_a_bert_into_another_architecture_listing_each_difference(tmp_path):
     """A post-LN, exact-GELU BERT is not loaded into a pre-LN, tanh-GELU experiment: one line names each setting in

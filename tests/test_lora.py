@@ -32,6 +32,7 @@ from bigjax import step as step_lib
 from bigjax.config import ConfigError
 from bigjax.models import quantized
 from bigjax.setup import make_setup
+from bigjax.tasks import make_task
 
 SUB_CHANNEL = 8  # divides the tiny GPT's widths (d_model 32, head_dim 8, mlp 128)
 # QAT tiles attention's output kernel [heads, head_dim, d_model] along its heads (4), PTQ along head_dim (8).
@@ -216,6 +217,22 @@ def trained(config, params) -> dict:
     return {name: flat[name] for name in lora.trained_names(config, params)}
 
 
+def test_lora_dropout_drops_the_adapters_inputs_anew_for_each_rng(tiny_config):
+    """With lora.dropout, two training passes with different rngs give different losses (and the same rng the same
+    loss); with lora.dropout=0 the rng changes nothing (the tiny model has no dropout of its own). The adapters are
+    random: with B at zero they add nothing, dropped or not."""
+    params = None
+    for rate in (0.5, 0.0):
+        config = tiny_config("", *LORA, f"config.lora.dropout={rate}")
+        task = make_task(config)
+        params = params or with_random_adapters(init_params(task))  # the same parameters at either rate
+        batch = test_sharding.fixed_batch(config)
+        loss = jax.jit(lambda rng: task.loss_sums(params, {}, batch, rng, train=True)[0]["loss"])  # noqa: B023
+        first, again, other = (float(loss(jax.random.key(seed))) for seed in (0, 0, 1))
+        assert first == again
+        assert (first != other) == (rate > 0), (rate, first, other)
+
+
 def test_a_qlora_run_resumes_bit_exact_holding_int4(tiny_config, base, tmp_path):
     config = adapted(tiny_config, base, *QLORA)
     assert_resumes_bit_exact(config, tmp_path)
@@ -302,6 +319,9 @@ def test_bad_combinations_are_one_error(tiny_config, base, tmp_path):
         tiny_config("", *QLORA, "config.quant.qat=True")
     with pytest.raises(ConfigError, match="config.lora.rank must be >= 0"):
         tiny_config("", "config.lora.rank=-1")
+    # The tiny GPT's adapted kernels are at least 32 wide on each side: a rank above that adds nothing.
+    with pytest.raises(ConfigError, match=r"config.lora.rank=33 .*the largest useful rank here is 32"):
+        make_setup(tiny_config("", "config.lora.rank=33"))
     with pytest.raises(lora.LoraError, match="is not a LoRA run"):
         lora.save(base, tmp_path / "adapters")
 
@@ -317,6 +337,11 @@ def test_bad_combinations_are_one_error(tiny_config, base, tmp_path):
     with pytest.raises(lora.LoraError, match="lora.rank: 4 there, 2 here"):
         train.train(other_rank.config, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+    other_alpha = make_setup(
+        adapted(tiny_config, base, *LORA, "config.lora.alpha=32.0", f"config.lora.adapters={tmp_path}/adapters")
+    )
+    with pytest.raises(lora.LoraError, match="lora.alpha: 16.0 there, 32.0 here"):
+        started(other_alpha)
     with pytest.raises(quantize.QuantizeError, match="merge its adapters first"):
         quantize.quantize(run, tmp_path / "int8")
 

@@ -23,6 +23,7 @@ from tolerance import assert_close_after_reordering, float32_sum_tolerance, lm_s
 
 from bigjax import checkpoint, deploy, generate, quantize
 from bigjax import config as config_lib
+from bigjax import params as params_lib
 from bigjax.errors import UserError
 from bigjax.models import gpt, quantized
 from bigjax.setup import make_setup
@@ -35,11 +36,12 @@ KERNELS = ["attention/key", "attention/out", "attention/query", "attention/value
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A trained tiny GPT (8 steps, 8 devices), quantized to int8 and int4: {"float"|8|4: workdir}."""
+    """A trained tiny GPT (8 steps, 8 devices), quantized to int8 and int4: {"float"|8|4: workdir}. The int8 run is
+    `bigjax quantize` without --bits or --mode: int8 weight-only, as documented (test_the_checkpoint_holds_...)."""
     root = tmp_path_factory.mktemp("quant")
     workdirs = {"float": root / "float", 8: root / "int8", 4: root / "int4"}
     run_cli("train", "--config", TINY, "--workdir", workdirs["float"])
-    run_cli("quantize", "--workdir", workdirs["float"], "--out", workdirs[8], "--bits", 8)
+    run_cli("quantize", "--workdir", workdirs["float"], "--out", workdirs[8])
     run_cli("quantize", "--workdir", workdirs["float"], "--out", workdirs[4], "--bits", 4, "--sub-channel", SUB_CHANNEL)
     return workdirs
 
@@ -186,6 +188,36 @@ def test_quantization_off_builds_the_model_and_state_of_today(tiny_config):
 
     assert float(sums["loss"]) == float(token_loss_sums(logits, batch["targets"], batch["weights"])["loss"])
     deploy.check_exportable(config, "onnx", "a float run")  # quant.bits=0 is no quantized run to the exporters
+
+
+def test_dynamic_mode_also_quantizes_the_activations(tiny_config):
+    """mode=dynamic runs the int8 kernels on int8 activations: its logits differ from weight-only's on the same
+    integer weights by far more than another order of the sums would, and stay close to the float model's."""
+    float_task = make_task(tiny_config())
+    params = init_params(float_task)
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 32)).astype(np.int32)
+    logits = {"float": np.asarray(jax.jit(float_task.model.apply)({"params": params}, tokens))}
+    integers = None  # the same integer weights for both modes
+    for mode in ("weight_only", "dynamic"):
+        setup = make_setup(tiny_config("", "config.quant.bits=8", f"config.quant.mode={mode}"))
+        if integers is None:
+            boxed = setup.boxed_params()
+            integers = jax.jit(lambda p: quantized.quantize_params(p, boxed))(params)  # noqa: B023
+        logits[mode] = np.asarray(jax.jit(setup.task.model.apply)({"params": integers}, tokens))
+    scale = np.abs(logits["float"]).max()
+    tolerance = float32_sum_tolerance(*lm_sum_lengths(tiny_config(), tokens=tokens.size))
+    assert np.abs(logits["dynamic"] - logits["weight_only"]).max() > 10 * tolerance * scale, "no activation rounding"
+    assert np.abs(logits["dynamic"] - logits["float"]).max() < 0.05 * scale
+
+
+@pytest.mark.parametrize("variant", ["ptq", "qlora"])
+def test_an_untied_output_layer_stays_float_and_gets_no_adapters(tiny_config, variant):
+    overrides = {"ptq": ["config.quant.bits=8"], "qlora": ["config.quant.bits=8", "config.lora.rank=4"]}[variant]
+    setup = make_setup(tiny_config("", "config.model.tie_embeddings=False", *overrides))
+    names = params_lib.by_path(setup.abstract_state.params)
+    assert {name for name in names if name.startswith("unembed/")} == {"unembed/kernel"}  # no adapter, no scale
+    assert names["unembed/kernel"].dtype == jnp.float32
+    assert names["layers/mlp/up/kernel/array/qvalue"].dtype == jnp.int8  # the other kernels are integers
 
 
 def one_error_line(result) -> str:

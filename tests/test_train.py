@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -16,9 +17,10 @@ import test_text_models
 from conftest import REPO, TINY, init_params, read_until
 from tolerance import assert_sgd_params_close_after_reordering, float32_sum_tolerance, lm_sum_lengths, norm_atol
 
-from bigjax import checkpoint, metrics, train
+from bigjax import checkpoint, logs, metrics, train
 from bigjax import mesh as mesh_lib
 from bigjax import step as step_lib
+from bigjax.errors import UserError
 from bigjax.setup import make_setup
 from bigjax.tasks import make_task
 
@@ -91,13 +93,21 @@ def test_resume_onto_a_different_mesh(straight_run, tmp_path, tiny_config):
     assert_sgd_params_close_after_reordering(resumed, straight_params, initial, tolerance, 8, "parameters at step 8")
 
 
-def test_resume_with_a_changed_model_is_refused(straight_run, tmp_path, tiny_config):
+def test_resume_with_a_changed_model_or_a_stop_step_already_passed_is_refused(straight_run, tmp_path, tiny_config):
     config, _ = straight_run
     train.train(config, tmp_path, stop_at_step=4)
     wider = tiny_config("", "config.model.d_model=64", *LINEAR_UPDATES)
     with pytest.raises(checkpoint.CheckpointError, match=r"model\.d_model: 32 -> 64"):
         train.train(wider, tmp_path)
     assert checkpoint.manager(tmp_path, read_only=True).latest_step() == 4  # nothing lost
+
+    # --stop-at-step before the step the run resumes at cannot be honoured; at that very step, nothing is trained.
+    config_json = (tmp_path / "config.json").read_text()
+    with pytest.raises(train.TrainingError, match=r"--stop-at-step 3 is before step 4, where this run resumes"):
+        train.train(config, tmp_path, stop_at_step=3)
+    summary = train.train(config, tmp_path, stop_at_step=4)
+    assert (summary.step, summary.status) == (4, "preempted")
+    assert checkpoint.committed_steps(tmp_path) == [4] and (tmp_path / "config.json").read_text() == config_json
 
 
 def compiled_train_step(config, task=None):
@@ -239,6 +249,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     saved = checkpoint.manager(workdir, read_only=True).latest_step()
     assert saved is not None and 1 <= saved < 100000
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == 100000
+
+
+def test_a_negative_stop_step_or_an_empty_workdir_is_refused_before_anything_is_written(
+    tiny_config, tmp_path, monkeypatch
+):
+    with pytest.raises(train.TrainingError, match=r"--stop-at-step -1: .*a step number"):
+        train.train(tiny_config(), tmp_path / "run", stop_at_step=-1)
+    assert not (tmp_path / "run").exists()
+    # An empty --workdir would be the current directory: never trained into by accident ("." says it on purpose).
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"the workdir is an empty path"):
+        train.train(tiny_config(), "")
+    assert not list(tmp_path.iterdir())
+    assert logs.log_file_candidates("", "train")[0].startswith(tempfile.gettempdir())  # the CLI's log: not in "."
 
 
 def test_a_start_refused_by_the_data_leaves_no_trace_in_the_workdir(tiny_config, tmp_path):

@@ -107,6 +107,7 @@ def check_lora(config, abstract_params) -> None:
             f"{listed(kernels, 8)}; embeddings, output layers, heads and "
             "convolutions take none); change the targets"
         )
+    check_rank(config.lora.rank, names, adapters)
     integers = [
         name
         for name in params_lib.trained_whole(abstract_params, config)
@@ -125,6 +126,29 @@ def check_lora(config, abstract_params) -> None:
             "LoRA already freezes the base; leave "
             "config.freeze empty or exclude these layers with config.lora.targets"
         )
+
+
+def check_rank(rank: int, names: dict, adapters: list[str]) -> None:
+    """A kernel's update A B has rank at most the narrower of its input and output widths: a larger lora.rank only
+    adds adapter weights that change nothing."""
+    kernels = {adapter.rpartition("_lora_")[0] for adapter in adapters}
+    widths = {kernel: narrower_width(names, kernel, rank) for kernel in sorted(kernels)}
+    narrowest = min(widths, key=widths.get)
+    if rank > widths[narrowest]:
+        raise ConfigError(
+            f"config.lora.rank={rank} is above the width of {narrowest} ({widths[narrowest]} on its narrower side), "
+            f"and an update of a kernel has at most its width's rank: the largest useful rank here is "
+            f"{widths[narrowest]} (or leave the narrow layers out with config.lora.targets)"
+        )
+
+
+def narrower_width(names: dict, kernel: str, rank: int) -> int:
+    """The narrower of a kernel's input and output widths, read off its adapters A [..., inputs, rank] and
+    B [rank, outputs...], both led by the kernel's `layers` axis where scanned."""
+    a, b = names[kernel + "_lora_a"], names[kernel + "_lora_b"]
+    kernel_size = (names.get(kernel) or names[kernel + "/array/qvalue"]).size  # float, or QLoRA's integers
+    layers = (a.size // rank) * (b.size // rank) // kernel_size
+    return min(a.size, b.size) // rank // layers
 
 
 def float_export_refusal(config, where) -> str | None:

@@ -138,3 +138,35 @@ def test_a_truncated_checkpoint_is_one_line_on_the_console_with_the_details_in_t
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
     assert f"checkpoint 8 at {workdir / 'checkpoints' / '8'} cannot be read" in result.stdout
     assert "resumed from step 7" in result.stdout
+
+
+def files_of(directory) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("sibling", ["none", "empty", "partly written"])
+def test_a_save_over_a_committed_checkpoint_is_refused_and_leaves_it_untouched(config, good_run, tmp_path, sibling):
+    """Orbax's save deletes a step directory that exists: bigjax refuses the save of a step already committed,
+    whatever lies beside it (no temporary directory of that step, an empty one, one half written), touching
+    neither."""
+    import jax.numpy as jnp
+
+    from bigjax import state as state_lib
+
+    workdir = tmp_path / "run"
+    shutil.copytree(good_run, workdir)
+    committed = workdir / "checkpoints" / "8"
+    temporary = committed.with_name("8" + checkpoint.TMP_SUFFIX)
+    if sibling != "none":
+        temporary.mkdir()
+    if sibling == "partly written":
+        shutil.copytree(committed / "params", temporary / "params")
+    before = files_of(committed), files_of(temporary)
+
+    saves = checkpoint.writer(workdir, keep=8)
+    state = state_lib.TrainState(step=jnp.int32(8), params={"w": jnp.zeros(2)}, opt_state={}, model_state={})
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint 8 exists already"):
+        saves.save(8, state, {}, {}, config)
+    saves.finish()
+    assert (files_of(committed), files_of(temporary)) == before
+    assert checkpoint.committed_steps(workdir) == [1, 2, 3, 4, 5, 6, 7, 8]

@@ -112,3 +112,24 @@ def test_a_second_ctrl_c_stops_at_once_keeping_what_is_committed(during, env, tm
     assert "interrupted: stopped at once; checkpoints already committed are kept" in result.stderr
     assert "Traceback" not in result.stderr
     assert committed_steps(workdir)[0] == 4  # a save cut short is never resumed from; a finished one may stay
+
+
+def test_after_sigterm_one_ctrl_c_still_saves_and_a_second_stops_at_once(capsys):
+    """In this process, with real signals: SIGTERM asks for a clean stop; a Ctrl-C after it asks the same (the step
+    finishes and saves) and says that another one stops at once; the second Ctrl-C does (KeyboardInterrupt)."""
+    import os
+    import signal
+
+    from bigjax import signals
+
+    request = signals.StopRequest().install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert request.requested and request.name == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGINT)
+        assert request.requested and request.name == "SIGTERM"  # still the clean stop: save, then exit 0
+        assert "Ctrl-C again to stop at once" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        request.uninstall()
