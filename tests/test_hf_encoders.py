@@ -513,6 +513,7 @@ def test_init_from_hf_loads_a_resnets_batch_stats_with_its_parameters(tmp_path):
         expected_var = 0.9 * old_var + 0.1 * x.var((0, 2, 3))
         assert_close(np.asarray(moved[f"{name}/var"]), expected_var, convs, f"{name} variance")
 
+
 def test_init_from_hf_refuses_a_bert_into_another_architecture_listing_each_difference(tmp_path):
     """A post-LN, exact-GELU BERT is not loaded into a pre-LN, tanh-GELU experiment: one line names each setting in
     which the experiment's model computes something else (not dropout, a run's own choice), as the override that
