@@ -263,3 +263,57 @@ def test_compiled_collectives(mesh_name):
     assert (whole, "all-gather") in gathered, gathered
     assert not [op for _, op in gathered if op == "collective-permute"], gathered
     assert all(shape.split("[")[1].startswith(f"{batch},") for shape, op in gathered if op == "all-gather"), gathered
+
+
+# --------------------------------------------------------------------------------------------------
+# The model: config.mesh.context splits the sequence of every activation, and model.context_parallel picks how
+# attention sees the whole of it. One train step's loss and every parameter's gradient equal those on one device.
+
+
+def model_loss_and_grads(config, devices, params=None):
+    """(loss, gradients, compiled program) of one step of `config`'s tiny model on a fixed batch, on `devices`."""
+    from conftest import init_params
+
+    from bigjax.setup import make_setup
+
+    setup = make_setup(config, devices)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (config.batch_size, config.data.seq_len + 1), dtype=np.int32)
+    weights = np.ones((config.batch_size, config.data.seq_len), np.float32)
+    weights[0, -5:] = 0  # some padding, as test_sharding's batch
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+    params = jax.device_get(init_params(setup.task)) if params is None else params
+
+    def mean_loss(p, b):
+        sums, _ = setup.task.loss_sums(p, {}, b)
+        return sums["loss"] / sums["count"]
+
+    step = jax.jit(jax.value_and_grad(mean_loss), in_shardings=(setup.state_shardings.params, setup.sharding.batch))
+    with setup.sharding.activate():
+        compiled = step.lower(params, setup.sharding.global_batch(batch)).compile()
+        loss, grads = compiled(jax.device_put(params, setup.state_shardings.params), setup.sharding.global_batch(batch))
+    return jax.device_get(loss), jax.device_get(grads), params, compiled
+
+
+@pytest.mark.parametrize("variant, strategy", [("llama", "ring"), ("llama", "all_gather"), ("gpt2", "ring")])
+def test_train_step_with_context_equals_one_device(tiny_config, variant, strategy):
+    """data=2 x context=4 against one device: the loss and every parameter's gradient of the tiny GPT-2 (learned
+    positions) or Llama (rotary, grouped-query) within tolerance.py's bound for the Transformer's sums plus, in
+    each layer, attention_tolerance's terms that bound does not count: the ring's product of `context` rescalings,
+    the exponentials' arguments (scores of the tiny model at init are far below 1: weights of std 0.02) and two exps
+    of an ulp. The ring's program sends blocks around it, the all-gather's does not."""
+    from tolerance import EPS32, float32_sum_tolerance, lm_sum_lengths
+
+    config = tiny_config("llama=True" if variant == "llama" else "", f"--config.model.context_parallel={strategy}")
+    config.mesh.update(dict(data=1, context=1))
+    loss, grads, params, _ = model_loss_and_grads(config, jax.devices()[:1])
+    config.mesh.update(dict(data=2, context=4))
+    context_loss, context_grads, _, compiled = model_loss_and_grads(config, jax.devices(), params)
+
+    layers, context = config.model.num_layers, config.mesh.context
+    tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
+    tolerance += layers * (context + 1 + 2) * EPS32
+    np.testing.assert_allclose(context_loss, loss, rtol=tolerance, err_msg="loss with context=4")
+    assert_close_after_reordering(context_grads, grads, tolerance, f"gradients with context=4 ({strategy})")
+    ops = {op for _, op in collectives(compiled.as_text())}
+    assert ("collective-permute" in ops) == (strategy == "ring"), ops

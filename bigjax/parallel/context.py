@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,6 +57,18 @@ def zigzag(x, ways: int, axis: int = 1):
 def unzigzag(x, ways: int, axis: int = 1):
     """x in zig-zag order back in the original order: the inverse of `zigzag`."""
     return x.take(np.argsort(zigzag_indices(x.shape[axis], ways)), axis=axis)
+
+
+def sequence_axis(logical_name: str = "activation_length") -> str | None:
+    """The mesh axis that splits the sequence of activations (the logical axis `logical_name`, under the current
+    logical rules and mesh), or None where nothing does: no mesh, no rule, or an axis of one device."""
+    axes = nn.logical_to_mesh_axes((logical_name,))[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    mesh = jax.sharding.get_abstract_mesh()
+    split = [axis for axis in axes if mesh.shape.get(axis, 1) > 1]
+    if len(split) > 1:
+        raise ValueError(f"the sequence is split over mesh axes {split}; context parallelism takes one")
+    return split[0] if split else None
 
 
 def visible(q_positions, k_positions, q_segments, k_segments, causal: bool):
