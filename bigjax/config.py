@@ -31,7 +31,7 @@ class ConfigError(UserError):
 # so a mesh axis (fsdp) can shard a weight's embed dim and, at the same time, an activation's batch dim.
 DEFAULT_SHARDING_RULES = (
     ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
+    ("activation_length", "context"),  # the sequence, split over context (bigjax.parallel.context)
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -73,7 +73,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
     # WORKDIR/compilation_cache (generate: ~/.cache/bigjax/jax); "off"; or a directory (a bucket URL too)
     c.compilation_cache = ""
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
     c.sharding_rules = DEFAULT_SHARDING_RULES
 
     c.task = ml_collections.ConfigDict(
@@ -224,6 +224,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "cudnn", "auto"),
+    "model.context_parallel": ("all_gather", "ring"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.pooling": ("cls", "gap"),
     "model.position_embedding": ("learned", "sincos2d"),
@@ -853,15 +854,16 @@ def check_against_devices(config, num_devices: int) -> dict[str, int]:
     if num_devices % fixed:
         raise ConfigError(
             f"the mesh {_mesh_str(shape)} does not divide the {num_devices} devices; "
-            f"make data*fsdp*tensor divide {num_devices} (or set one axis to -1)"
+            f"make data*fsdp*tensor*context divide {num_devices} (or set one axis to -1)"
         )
     if free:
         shape[free[0]] = num_devices // fixed
     elif fixed != num_devices:
         raise ConfigError(
             f"the mesh {_mesh_str(shape)} uses {fixed} of the {num_devices} devices; "
-            f"make data*fsdp*tensor equal {num_devices} or set one axis to -1"
+            f"make data*fsdp*tensor*context equal {num_devices} or set one axis to -1"
         )
+    check_context(config, shape["context"])
     data_parallel = shape["data"] * shape["fsdp"]
     micro = config.batch_size // config.optim.grad_accum
     if micro % data_parallel:
@@ -870,6 +872,22 @@ def check_against_devices(config, num_devices: int) -> dict[str, int]:
             f"set config.batch_size to a multiple of {data_parallel * config.optim.grad_accum}"
         )
     return shape
+
+
+def check_context(config, context: int) -> None:
+    """A sequence split over `context` devices: a model that attends across the split, and equal pieces."""
+    if context == 1:
+        return
+    if "context_parallel" not in config.model:
+        raise ConfigError(
+            f"config.mesh.context={context} splits the sequence, which config.model.family="
+            f"{config.model.family!r} does not support (only 'gpt' does); set config.mesh.context=1"
+        )
+    if config.data.seq_len % context:
+        raise ConfigError(
+            f"config.data.seq_len={config.data.seq_len} does not split into config.mesh.context={context} equal "
+            "pieces; make seq_len a multiple of context"
+        )
 
 
 def _mesh_str(shape) -> str:

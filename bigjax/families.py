@@ -80,7 +80,14 @@ def rope_scaling() -> dict:
 
 def gpt_model() -> dict:
     """The decoder-only Transformer (GPT-2 and Llama are both settings of it)."""
-    return dict(family="gpt", **text_keys(), **transformer_keys())
+    return dict(
+        family="gpt",
+        **text_keys(),
+        **transformer_keys(),
+        # How attention sees the whole sequence where config.mesh.context splits it (bigjax.parallel.context):
+        # all_gather (each device gathers all keys and values) | ring (blocks of them pass from device to device)
+        context_parallel="all_gather",
+    )
 
 
 def bert_model() -> dict:

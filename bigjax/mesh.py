@@ -1,7 +1,8 @@
 """The device mesh, the logical-axis rules, and the shardings derived from them.
 
 Models name their axes logically (`embed`, `mlp`, `heads`, ...); the rules in the config map those names to
-the mesh axes `data`, `fsdp` and `tensor`. Nothing else in bigjax mentions a mesh axis. The two travel together
+the mesh axes `data`, `fsdp`, `tensor` and `context` (the sequence). Nothing else in bigjax mentions a mesh axis
+(but bigjax.parallel, whose collectives name the axis the rules map to). The two travel together
 as one `Sharding`: `sharding.activate()` to trace, `.batch` and `.replicated` for inputs and outputs, `.of(tree)`
 for a tree of parameters, `.global_batch(host_batch)` for data.
 """
@@ -18,14 +19,16 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from bigjax import config as config_lib
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 BATCH_AXES = ("data", "fsdp")  # the examples of a batch are split over both data-parallel axes
 
 
 def make_abstract_mesh(config, num_devices: int) -> AbstractMesh:
     """The mesh config.mesh gives on `num_devices` devices that need not exist (for `bigjax plan`)."""
     shape = config_lib.check_against_devices(config, num_devices)
-    return AbstractMesh(tuple(shape[axis] for axis in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return AbstractMesh(
+        tuple(shape[axis] for axis in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+    )
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:

@@ -1,7 +1,7 @@
 """Config loading, overrides and validation: every user error is one clear message, before any compile."""
 
 import pytest
-from conftest import TINY
+from conftest import REPO, TINY
 
 from bigjax import config as config_lib
 
@@ -99,7 +99,18 @@ def test_mesh_and_batch_must_fit_the_devices(tiny_config, mesh, devices, message
 
 def test_minus_one_takes_the_remaining_devices(tiny_config):
     c = tiny_config("", "--config.mesh.tensor=2")
-    assert config_lib.check_against_devices(c, 8) == dict(data=4, fsdp=1, tensor=2)
+    assert config_lib.check_against_devices(c, 8) == dict(data=4, fsdp=1, tensor=2, context=1)
+    c = tiny_config("", "--config.mesh.data=1", "--config.mesh.context=-1")
+    assert config_lib.check_against_devices(c, 8) == dict(data=1, fsdp=1, tensor=1, context=8)
+
+
+def test_context_splits_the_sequence_into_equal_pieces_of_a_model_that_attends_across_them(tiny_config):
+    c = tiny_config("", "--config.data.seq_len=30", "--config.mesh.data=2", "--config.mesh.context=4")
+    with pytest.raises(config_lib.ConfigError, match="seq_len=30 does not split into config.mesh.context=4 equal"):
+        config_lib.check_against_devices(c, 8)
+    bert = config_lib.load(str(REPO / "experiments" / "bert_tiny_mlm.py"), ["--config.mesh.context=2"])
+    with pytest.raises(config_lib.ConfigError, match="family='bert' does not support"):
+        config_lib.check_against_devices(bert, 8)
 
 
 def test_config_round_trips_through_json(tiny_config):

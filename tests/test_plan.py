@@ -157,7 +157,7 @@ def test_plan_command_line(cli):
         "--json",
     )
     report = json.loads(result.stdout)
-    assert report["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1} and report["source"] == "model"
+    assert report["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1, "context": 1} and report["source"] == "model"
     assert report["fits"] is True and report["per_device"]["total"] < 16 * 2**30
 
     unknown = cli("plan", "--config", LLAMA, "--device-kind", "h7", check=False)

@@ -17,7 +17,6 @@ from tolerance import (
     lm_sum_lengths,
 )
 
-from bigjax import mesh as mesh_lib
 from bigjax import step as step_lib
 from bigjax.setup import make_setup
 
@@ -35,7 +34,7 @@ def fixed_batch(config, seed=0):
 
 def on_mesh(config, shape):
     """The setup of `config` on a data x fsdp x tensor mesh of that shape (over the first devices)."""
-    config.mesh.update(dict(zip(mesh_lib.MESH_AXES, shape, strict=True)))
+    config.mesh.update(dict(zip(("data", "fsdp", "tensor"), shape, strict=True)))  # context: the default 1
     return make_setup(config, jax.devices()[: int(np.prod(shape))])
 
 

@@ -41,6 +41,25 @@ def lm_sum_lengths(config, tokens: int) -> list:
     return transformer_sum_lengths(tokens, c.vocab_size, c.d_model, c.mlp_dim, config.data.seq_len, c.num_layers)
 
 
+def attention_tolerance(head_dim: int, keys: int, groups: int, blocks: int, logit_bound: float) -> float:
+    """How far apart two float32 computations of softmax self-attention over `keys` tokens and its gradients may be,
+    one with the keys whole and the other in `blocks` blocks (gathered from devices, or round a ring with an online
+    softmax), relative to each result's magnitude. `groups` query heads share a key head; no score exceeds
+    `logit_bound` in magnitude.
+
+    The sums: a score sums head_dim products; the softmax's normalizer and the weighted sum of values sum over the
+    keys; going back, a score's gradient sums head_dim products twice (d_out.v, and d_out.out, the softmax's own
+    term), dq sums over the keys, dk and dv over the queries of every head of their group (keys x groups); the block
+    by block computation rescales its running sums once per block (a product of `blocks` rounded factors).
+
+    And the exponentials, where no sum counts the error: a weight is exp(score - max), with another max per block
+    and then exp(block max - max) on top. An argument |x| <= 2 logit_bound rounded by EPS32/2 relative moves exp(x)
+    by EPS32 logit_bound relative; each exp is within an ulp (EPS32) of exact, two exps per weight.
+    """
+    sums = float32_sum_tolerance(head_dim, head_dim, head_dim, keys, keys, keys * groups, blocks)
+    return sums + (logit_bound + 2) * EPS32
+
+
 def leaf_atols(reference, tolerance: float) -> list:
     """The absolute tolerance of each leaf: `tolerance` times the leaf's largest magnitude, which stands for the
     magnitude of the terms that were summed into it. A leaf that is no larger than the tolerance of the whole tree's

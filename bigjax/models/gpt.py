@@ -51,6 +51,7 @@ class GPTConfig:
     dtype: str
     param_dtype: str
     attention: str
+    context_parallel: str  # all_gather | ring where the mesh splits the sequence; "" = never (BERT, ViT)
     scan_layers: bool
     remat: str
     init_std: float
@@ -76,6 +77,7 @@ class GPTConfig:
             qkv_bias=qkv_bias,
             out_bias=out_bias,
             mlp_bias=mlp_bias,
+            context_parallel=m.get("context_parallel", ""),
         )
         values["attention"] = layers.resolve_attention(m.attention, m.dtype)
         return cls(**values)
@@ -134,6 +136,7 @@ class Block(nn.Module):
             rope_theta=c.rope_theta if c.positions == "rope" else None,
             rope_scaling=c.rope_scaling,
             implementation=c.attention,
+            context_parallel=c.context_parallel,
             init_std=c.init_std,
             out_init_std=out_std,
             dtype=dtype,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from bigjax.config import ConfigError
+from bigjax.parallel import context
 
 Dtype = Any
 
@@ -225,6 +226,10 @@ class Attention(nn.Module):
     into the "cache" collection at the columns its `positions` name (column = position), and its queries attend
     to the cache's columns up to their own position. The cache is sized by `model.init` in decode mode, from the
     keys of that call: [batch, columns, kv_heads, head_dim]. Keys are cached after the rotary embedding.
+
+    Where the rules and the mesh split the sequence (`activation_length`) over devices, `context_parallel` says how
+    each device's queries see the keys of the whole sequence: "all_gather" or "ring" (bigjax.parallel.context);
+    "" never splits attention's sequence (the other families, which refuse a split sequence).
     """
 
     num_heads: int
@@ -242,6 +247,7 @@ class Attention(nn.Module):
     qkv_bias: bool | None = None  # biases on the query, key and value projections; None = use_bias
     out_bias: bool | None = None  # a bias on the output projection; None = use_bias
     rope_scaling: RopeScaling | None = None  # None = the plain rotary embedding
+    context_parallel: str = ""  # all_gather | ring | "" (see above)
 
     def _project(self, x, heads: int, head_names: str, name: str):
         return nn.Einsum(
@@ -266,12 +272,26 @@ class Attention(nn.Module):
         q = constrain(q, "activation_batch", "activation_length", "activation_heads", None)
         k = constrain(k, "activation_batch", "activation_length", "activation_kv_heads", None)
         v = constrain(v, "activation_batch", "activation_length", "activation_kv_heads", None)
-        if self.decode:
-            k, v = self._through_cache(k, v, positions)
-            mask, causal = visible_in_cache(positions, k.shape[1]), False
+        split_over = None if self.decode or not self.context_parallel else context.sequence_axis()
+        if split_over:
+            out = context.context_attention(
+                q,
+                k,
+                v,
+                positions,
+                segment_ids,
+                causal=self.causal,
+                strategy=self.context_parallel,
+                axis_name=split_over,
+                implementation=self.implementation,
+            )
         else:
-            mask, causal = None if segment_ids is None else same_segment_mask(segment_ids), self.causal
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=self.implementation)
+            if self.decode:
+                k, v = self._through_cache(k, v, positions)
+                mask, causal = visible_in_cache(positions, k.shape[1]), False
+            else:
+                mask, causal = None if segment_ids is None else same_segment_mask(segment_ids), self.causal
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=self.implementation)
         out = constrain(out, "activation_batch", "activation_length", "activation_heads", None)
         return nn.Einsum(
             shape=(self.num_heads, self.head_dim, x.shape[-1]),

@@ -44,7 +44,9 @@ def encoder_config(m) -> gpt.GPTConfig:
     """The config of GPT's block stack. The Transformer keys come from the ViT config; the keys only a token
     model has (vocabulary, maximum length, rotary positions) keep GPT's defaults, which the blocks never read."""
     shared = {key: m[key] for key in families.transformer_keys()}
-    merged = ml_collections.ConfigDict({**families.gpt_model(), **shared, "positions": "learned"})
+    merged = ml_collections.ConfigDict(
+        {**families.gpt_model(), **shared, "positions": "learned", "context_parallel": ""}
+    )
     return gpt.GPTConfig.from_config(merged)
 
 

@@ -1,0 +1,319 @@
+"""Context parallelism (bigjax.parallel.context): attention over a sequence split across the mesh axis `context`, by
+all-gather or round a ring, equals dense single-device attention (jax.nn.dot_product_attention with the equivalent
+mask) in its output and its gradients w.r.t. q, k and v, within tests/tolerance.py's attention_tolerance; planted
+bugs make it differ; the compiled programs communicate as each strategy says.
+
+Every case is grouped-query (4 query heads on 2 key heads) with rotary positions applied before attention, as the
+model does, so that positions that did not travel with their tokens change the result twice. The factors are the
+strategy, context in {2, 4, 8}, zig-zag order, packed rows (documents that span shards, padding) and causal or not.
+Not all 48 combinations: each strategy runs each context size twice, with complementary settings of the three
+on/off factors, chosen so that every pair of values of two on/off factors occurs and each context size sees both
+values of each: 12 cases, plus data=2 x context=4 with the batch split over data. Zig-zag order is data (the tokens,
+positions and segment ids are reordered before the step, as the data layer will), so cases that differ only in it
+share one compiled program.
+"""
+
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from tolerance import assert_close_after_reordering, attention_tolerance
+
+from bigjax.models.layers import rope_frequencies, rotary, same_segment_mask
+from bigjax.parallel import context as cp
+
+BATCH, LENGTH, HEADS, KV_HEADS, HEAD_DIM = 2, 64, 4, 2, 8
+# Row 0: documents of 13, 30 and 9 tokens, then 12 of padding; row 1: 40 and 24. Each spans shards for every context.
+DOCUMENTS = ([13, 30, 9, 12], [40, 24])
+
+
+def packed_rows():
+    """(segment ids, positions) [BATCH, LENGTH] of DOCUMENTS: segments 1, 2, ... and 0 for a row's padding (row 0's
+    last run), positions counted from 0 within each run (the condition under which the causal mask by positions is
+    the causal mask by place; bigjax.parallel.context says what happens to the padding's otherwise)."""
+    segments, positions = [], []
+    for row, lengths in enumerate(DOCUMENTS):
+        ids = [(0 if row == 0 and i == len(lengths) - 1 else i + 1) for i in range(len(lengths))]
+        segments.append(np.repeat(ids, lengths))
+        positions.append(np.concatenate([np.arange(n) for n in lengths]))
+    return np.array(segments, np.int32), np.array(positions, np.int32)
+
+
+@functools.cache
+def inputs(packed: bool) -> dict:
+    """q [b, t, heads, d], k, v [b, t, kv_heads, d], the cotangent of the output, positions and segment ids."""
+    rng = np.random.default_rng(0)
+    normal = lambda heads: rng.normal(size=(BATCH, LENGTH, heads, HEAD_DIM)).astype(np.float32)
+    arrays = dict(q=normal(HEADS), k=normal(KV_HEADS), v=normal(KV_HEADS), d_out=normal(HEADS))
+    if packed:
+        arrays["segments"], arrays["positions"] = packed_rows()
+    else:
+        arrays["segments"], arrays["positions"] = (
+            None,
+            np.broadcast_to(np.arange(LENGTH, dtype=np.int32), (BATCH, LENGTH)),
+        )
+    return arrays
+
+
+def rotated(q, k, positions):
+    frequencies = rope_frequencies(HEAD_DIM, 10_000.0)
+    return rotary(q, positions, frequencies), rotary(k, positions, frequencies)
+
+
+def dense_attention(q, k, v, positions, segments, d_out, causal):
+    """The reference: one device, tokens in order, jax.nn.dot_product_attention's own causal mask by place."""
+    q, k = rotated(q, k, positions)
+    mask = None if segments is None else same_segment_mask(segments)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+    return jnp.sum(out * d_out), out
+
+
+@functools.cache
+def dense_result(causal: bool, packed: bool) -> dict:
+    a = inputs(packed)
+    run = jax.jit(jax.value_and_grad(dense_attention, argnums=(0, 1, 2), has_aux=True), static_argnums=6)
+    (_, out), (dq, dk, dv) = run(a["q"], a["k"], a["v"], a["positions"], a["segments"], a["d_out"], causal)
+    return dict(out=out, dq=dq, dk=dk, dv=dv)
+
+
+MESHES = {  # name: (axis sizes, axis names, the mesh axis the batch is split over)
+    "context2": ((2,), ("context",), None),
+    "context4": ((4,), ("context",), None),
+    "context8": ((8,), ("context",), None),
+    "data2_context4": ((2, 4), ("data", "context"), "data"),
+}
+
+
+def make_mesh(name: str):
+    sizes, names, batch_axis = MESHES[name]
+    mesh = jax.make_mesh(
+        sizes, names, axis_types=(AxisType.Auto,) * len(sizes), devices=jax.devices()[: math.prod(sizes)]
+    )
+    return mesh, NamedSharding(mesh, PartitionSpec(batch_axis, "context"))
+
+
+def compile_attention(mesh_name: str, strategy: str, causal: bool, packed: bool):
+    """The compiled step of a case: context-parallel attention's (output, gradients w.r.t. q, k, v), its inputs
+    split along their length over `context`."""
+    mesh, split = make_mesh(mesh_name)
+
+    def attention(q, k, v, positions, segments, d_out):
+        q, k = rotated(q, k, positions)
+        out = cp.context_attention(q, k, v, positions, segments, causal=causal, strategy=strategy)
+        return jnp.sum(out * d_out), out
+
+    a = inputs(packed)
+    arguments = [jax.ShapeDtypeStruct(a[name].shape, a[name].dtype, sharding=split) for name in ("q", "k", "v")]
+    arguments += [
+        None if a[name] is None else jax.ShapeDtypeStruct(a[name].shape, a[name].dtype, sharding=split)
+        for name in ("positions", "segments", "d_out")
+    ]
+    step = jax.jit(jax.value_and_grad(attention, argnums=(0, 1, 2), has_aux=True))
+    with jax.set_mesh(mesh):
+        return step.lower(*arguments).compile()
+
+
+compiled_attention = functools.cache(compile_attention)  # cases that differ only in their data share a program
+
+
+def context_result(mesh_name, strategy, causal, packed, zigzag, *, compiled=None, undo=cp.unzigzag, new_places=False):
+    """(output, gradients) of context-parallel attention, in the original token order. With `zigzag`, the inputs
+    go in zig-zag order and the results are taken back by `undo`; `new_places` plants the bug of positions taken
+    from the reordered tokens' new places rather than moved along with them."""
+    compiled = compiled or compiled_attention(mesh_name, strategy, causal, packed)
+    ways = make_mesh(mesh_name)[0].shape["context"]
+    a = dict(inputs(packed))
+    if zigzag:
+        a = {name: None if x is None else cp.zigzag(x, ways) for name, x in a.items()}
+    if new_places:
+        a["positions"] = np.broadcast_to(np.arange(LENGTH, dtype=np.int32), (BATCH, LENGTH))
+    (_, out), (dq, dk, dv) = compiled(*(a[name] for name in ("q", "k", "v", "positions", "segments", "d_out")))
+    result = dict(out=out, dq=dq, dk=dk, dv=dv)
+    return {name: undo(np.asarray(x), ways) if zigzag else x for name, x in result.items()}
+
+
+def tolerance(mesh_name: str, packed: bool) -> float:
+    """attention_tolerance of the cases' shapes: the scores are bounded by |q| |k| / sqrt(head_dim) (rotary turns
+    pairs of features, which keeps the norms), and the rotary's backward pass sums 2 terms."""
+    a = inputs(packed)
+    largest = lambda x: float(np.linalg.norm(x, axis=-1).max())
+    logit_bound = largest(a["q"]) * largest(a["k"]) / math.sqrt(HEAD_DIM)
+    ways = make_mesh(mesh_name)[0].shape["context"]
+    groups = HEADS // KV_HEADS
+    return attention_tolerance(HEAD_DIM, LENGTH, groups, ways, logit_bound) + attention_tolerance(1, 2, 1, 1, 0)
+
+
+def assert_matches_dense(result, causal, packed, mesh_name, what):
+    assert_close_after_reordering(result, dense_result(causal, packed), tolerance(mesh_name, packed), what)
+
+
+# (context, zigzag, packed, causal): per context size a complementary pair; together every pair of on/off values.
+GRID = [
+    (2, True, False, False),
+    (2, False, True, True),
+    (4, True, False, True),
+    (4, False, True, False),
+    (8, True, True, True),
+    (8, False, False, False),
+]
+
+
+@pytest.mark.parametrize("strategy", cp.STRATEGIES)
+@pytest.mark.parametrize("context, zigzag, packed, causal", GRID)
+def test_context_attention_equals_dense(strategy, context, zigzag, packed, causal):
+    result = context_result(f"context{context}", strategy, causal, packed, zigzag)
+    what = f"{strategy}, context={context}, zigzag={zigzag}, packed={packed}, causal={causal}"
+    assert_matches_dense(result, causal, packed, f"context{context}", what)
+
+
+@pytest.mark.parametrize("strategy", cp.STRATEGIES)
+def test_context_beside_data_axis(strategy):
+    """data=2 x context=4: the batch split over data, automatic, around the shard_map that is manual over context."""
+    result = context_result("data2_context4", strategy, causal=True, packed=True, zigzag=True)
+    assert_matches_dense(result, True, True, "data2_context4", f"{strategy} on data=2 x context=4")
+
+
+def test_zigzag_layout_and_inverse():
+    """Device i of n holds chunks i and 2n-1-i of the sequence, and unzigzag undoes it exactly, on any axis."""
+    x = np.arange(2 * 16 * 3).reshape(2, 16, 3)
+    reordered = cp.zigzag(x, 4)
+    chunks = x.reshape(2, 8, 2, 3)  # 2 x 4 chunks of 2 tokens
+    for device, part in enumerate(np.split(reordered, 4, axis=1)):
+        np.testing.assert_array_equal(part, np.concatenate([chunks[:, device], chunks[:, 7 - device]], axis=1))
+    np.testing.assert_array_equal(cp.unzigzag(reordered, 4), x)
+    by_time = jnp.asarray(x.transpose(1, 0, 2))  # a jax array, its sequence on axis 0
+    np.testing.assert_array_equal(cp.unzigzag(cp.zigzag(by_time, 2, axis=0), 2, axis=0), by_time)
+    with pytest.raises(ValueError, match="2 x 4 equal chunks"):
+        cp.zigzag(np.zeros((1, 12)), 4)
+
+
+def assert_differs_from_dense(result, causal, packed, mesh_name):
+    with pytest.raises(AssertionError):
+        assert_matches_dense(result, causal, packed, mesh_name, "planted bug")
+
+
+def test_planted_ring_skipping_one_rotation(monkeypatch):
+    """A ring of 2 devices whose forward pass skips its one rotation (the first call of `_rotate` traced: each
+    device attends to its own block twice and never to the other one) differs from dense attention."""
+    rotate, calls = cp._rotate, []
+
+    def skip_first(tree, axis_name):
+        calls.append(axis_name)
+        return tree if len(calls) == 1 else rotate(tree, axis_name)
+
+    monkeypatch.setattr(cp, "_rotate", skip_first)
+    planted = compile_attention("context2", "ring", causal=True, packed=False)
+    result = context_result("context2", "ring", True, False, False, compiled=planted)
+    assert_differs_from_dense(result, True, False, "context2")
+
+
+def test_planted_segment_mask_dropped_on_blocks_from_other_devices(monkeypatch):
+    """A ring that applies the segment mask only to each device's own block lets packed documents see each other
+    across shards, forward and backward: differs from dense attention. The own block is told apart by its positions:
+    no other block of DOCUMENTS' rows has the same."""
+    visible = cp.visible
+
+    def own_block_only(q_positions, k_positions, q_segments, k_segments, causal):
+        own = jnp.all(q_positions == k_positions)
+        with_segments = visible(q_positions, k_positions, q_segments, k_segments, causal)
+        return jnp.where(own, with_segments, visible(q_positions, k_positions, None, None, causal))
+
+    monkeypatch.setattr(cp, "visible", own_block_only)
+    planted = compile_attention("context4", "ring", causal=True, packed=True)
+    result = context_result("context4", "ring", True, True, True, compiled=planted)
+    assert_differs_from_dense(result, True, True, "context4")
+
+
+@pytest.mark.parametrize("strategy", cp.STRATEGIES)
+def test_planted_zigzag_not_undone(strategy):
+    keep_order = lambda x, ways: x
+    result = context_result("context4", strategy, True, False, True, undo=keep_order)
+    assert_differs_from_dense(result, True, False, "context4")
+
+
+@pytest.mark.parametrize("strategy", cp.STRATEGIES)
+def test_planted_positions_from_new_places(strategy):
+    """Reordered tokens whose positions (rotary and causal mask) are their new places, not their own."""
+    result = context_result("context4", strategy, True, False, True, new_places=True)
+    assert_differs_from_dense(result, True, False, "context4")
+
+
+def collectives(hlo: str) -> list:
+    """(operation, result shape without layout) of each collective in an optimized HLO text."""
+    ops = "all-gather|collective-permute|all-to-all|reduce-scatter|all-reduce"
+    return re.findall(rf"= (\w+\[[\d,]*\])(?:\{{[^}}]*\}})? ({ops})(?:-start)?\(", hlo)
+
+
+@pytest.mark.parametrize("mesh_name", ["context4", "data2_context4"])
+def test_compiled_collectives(mesh_name):
+    """Under `ring` the optimized program (forward and backward) sends key/value blocks by collective-permutes and
+    gathers nothing; under `all_gather` it gathers whole keys and values and permutes nothing. Beside a data axis,
+    each device's part of the batch stays its own (jax.lax.all_gather inside the shard_map gathered the batch too)."""
+    batch = BATCH // make_mesh(mesh_name)[0].shape.get("data", 1)
+    block = f"f32[{batch},{LENGTH // 4},{KV_HEADS},{HEAD_DIM}]"
+    whole = f"f32[{batch},{LENGTH},{KV_HEADS},{HEAD_DIM}]"
+    ring = collectives(compiled_attention(mesh_name, "ring", True, True).as_text())
+    gathered = collectives(compiled_attention(mesh_name, "all_gather", True, True).as_text())
+    assert (block, "collective-permute") in ring and not [op for _, op in ring if op == "all-gather"], ring
+    assert (whole, "all-gather") in gathered, gathered
+    assert not [op for _, op in gathered if op == "collective-permute"], gathered
+    assert all(shape.split("[")[1].startswith(f"{batch},") for shape, op in gathered if op == "all-gather"), gathered
+
+
+# --------------------------------------------------------------------------------------------------
+# The model: config.mesh.context splits the sequence of every activation, and model.context_parallel picks how
+# attention sees the whole of it. One train step's loss and every parameter's gradient equal those on one device.
+
+
+def model_loss_and_grads(config, devices, params=None):
+    """(loss, gradients, compiled program) of one step of `config`'s tiny model on a fixed batch, on `devices`."""
+    from conftest import init_params
+
+    from bigjax.setup import make_setup
+
+    setup = make_setup(config, devices)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (config.batch_size, config.data.seq_len + 1), dtype=np.int32)
+    weights = np.ones((config.batch_size, config.data.seq_len), np.float32)
+    weights[0, -5:] = 0  # some padding, as test_sharding's batch
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+    params = jax.device_get(init_params(setup.task)) if params is None else params
+
+    def mean_loss(p, b):
+        sums, _ = setup.task.loss_sums(p, {}, b)
+        return sums["loss"] / sums["count"]
+
+    step = jax.jit(jax.value_and_grad(mean_loss), in_shardings=(setup.state_shardings.params, setup.sharding.batch))
+    with setup.sharding.activate():
+        compiled = step.lower(params, setup.sharding.global_batch(batch)).compile()
+        loss, grads = compiled(jax.device_put(params, setup.state_shardings.params), setup.sharding.global_batch(batch))
+    return jax.device_get(loss), jax.device_get(grads), params, compiled
+
+
+@pytest.mark.parametrize("variant, strategy", [("llama", "ring"), ("llama", "all_gather"), ("gpt2", "ring")])
+def test_train_step_with_context_equals_one_device(tiny_config, variant, strategy):
+    """data=2 x context=4 against one device: the loss and every parameter's gradient of the tiny GPT-2 (learned
+    positions) or Llama (rotary, grouped-query) within tolerance.py's bound for the Transformer's sums plus, in
+    each layer, attention_tolerance's terms that bound does not count: the ring's product of `context` rescalings,
+    the exponentials' arguments (scores of the tiny model at init are far below 1: weights of std 0.02) and two exps
+    of an ulp. The ring's program sends blocks around it, the all-gather's does not."""
+    from tolerance import EPS32, float32_sum_tolerance, lm_sum_lengths
+
+    config = tiny_config("llama=True" if variant == "llama" else "", f"--config.model.context_parallel={strategy}")
+    config.mesh.update(dict(data=1, context=1))
+    loss, grads, params, _ = model_loss_and_grads(config, jax.devices()[:1])
+    config.mesh.update(dict(data=2, context=4))
+    context_loss, context_grads, _, compiled = model_loss_and_grads(config, jax.devices(), params)
+
+    layers, context = config.model.num_layers, config.mesh.context
+    tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
+    tolerance += layers * (context + 1 + 2) * EPS32
+    np.testing.assert_allclose(context_loss, loss, rtol=tolerance, err_msg="loss with context=4")
+    assert_close_after_reordering(context_grads, grads, tolerance, f"gradients with context=4 ({strategy})")
+    ops = {op for _, op in collectives(compiled.as_text())}
+    assert ("collective-permute" in ops) == (strategy == "ring"), ops
