@@ -39,7 +39,8 @@ def main(argv=None) -> int:
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's info chatter would drown even the log file
     # Library tracebacks (a failed save, a damaged checkpoint) go to a log file; the console gets bigjax's one line.
-    logs.send_library_logs_to_file(getattr(args, "workdir", None), args.command)
+    # Import's --workdir is its output, checked empty and removed again if the import fails: not there.
+    logs.send_library_logs_to_file(None if args.command == "import" else getattr(args, "workdir", None), args.command)
 
     from bigjax import xla_flags  # imports no jax: XLA reads XLA_FLAGS once, when its backend starts
     from bigjax.errors import UserError
