@@ -140,7 +140,7 @@ def parse_args(argv):
 
     p = commands.add_parser("import", help="a Hugging Face model directory -> a bigjax workdir at step 0")
     p.add_argument("--hf", required=True, help="a directory with config.json and model.safetensors (or shards)")
-    p.add_argument("--workdir", required=True)
+    p.add_argument("--workdir", required=True, help="the run's workdir to write (new or empty)")
     p.set_defaults(run=run_import)
 
     p = commands.add_parser(
@@ -192,7 +192,11 @@ def parse_args(argv):
     p = commands.add_parser("lora", help="a LoRA run's adapters: saved on their own, or merged into its base weights")
     p.add_argument("action", choices=["save", "merge"], help="save: ADAPTERS/adapters.safetensors; merge: a float run")
     p.add_argument("--workdir", required=True, help="a LoRA or QLoRA run (read only)")
-    p.add_argument("--out", required=True, help="save: the adapters' directory; merge: the merged run's new workdir")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="save: the adapters' directory; merge: the merged run's workdir (new or empty, both)",
+    )
     p.add_argument("--step", type=int, default=None, help="a committed checkpoint step; default: the newest")
     p.set_defaults(run=run_lora)
 

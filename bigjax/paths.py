@@ -41,8 +41,8 @@ def check_new_output(out, flag: str = "--out", besides=()) -> epath.Path:
     there = [out] if is_url(out) else [out, *out.parents]
     existing = next((path for path in there if path.exists()), None)
     if existing is not None and not existing.is_dir():
-        where = "" if existing == out else f": {existing} is a file"
-        raise OutputError(f"{flag} {out} is a file{where}; name a new or empty directory")
+        what = "is a file" if existing == out else f"cannot be a directory: {existing} is a file"
+        raise OutputError(f"{flag} {out} {what}; name a new or empty directory")
     if existing == out and any(entry.name not in besides for entry in out.iterdir()):
         raise OutputError(
             f"{flag} {out} is not empty; name a new or empty directory (bigjax never writes beside or over files "
@@ -68,9 +68,15 @@ def writing_new_output(out, flag: str = "--out", hold=None, besides=(), leader: 
                 check_new_output(out, flag, besides)
             try:
                 yield out
-            except BaseException:
+            except BaseException as failure:
                 if leader:
-                    remove_all_but(out, besides)
+                    try:
+                        remove_all_but(out, besides)
+                    except OSError as leftover:
+                        raise OutputError(
+                            f"writing {out} failed ({failure}), and removing what was written failed too "
+                            f"({leftover.strerror or leftover}): remove {out} by hand"
+                        ) from failure
                 raise
     except BaseException as error:
         if leader:
