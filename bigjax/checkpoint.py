@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import threading
 from typing import Any
 
 import jax
@@ -235,6 +236,37 @@ class Writer:
             delete_old_checkpoints(self.mngr, self.keep)
 
 
+def writing_new_workdir(out, flag: str = "--out"):
+    """paths.writing_new_output for a new workdir: filled under its lock, as any run's writes are (process 0 holds
+    it, checks and removes)."""
+
+    def locked(directory):
+        return lock.held(directory, say=metrics.say)
+
+    leader = jax.process_index() == 0
+    return paths.writing_new_output(out, flag, hold=locked, besides=(lock.LOCK_FILE,), leader=leader)
+
+
+def save_only_checkpoint(workdir, state, data_state: dict, counters: dict, config) -> None:
+    """Save and commit the one checkpoint of a new workdir (`bigjax import`, `quantize`, `lora merge`), at its step.
+    If it fails, nothing of it is still being written once this raises, so that what it wrote can be removed: Orbax
+    waits for a save's threads only when its blocking part succeeded, and the items whose writes had started before
+    another failed go on in threads of their own, which are joined here (Orbax has no call for that)."""
+    saves = writer(workdir, keep=1)
+    try:
+        saves.save(int(state.step), state, data_state, counters, config)
+        saves.finish()
+    except BaseException:
+        with contextlib.suppress(Exception):  # its error is the one raised already
+            saves.mngr.close()
+        for thread in threading.enumerate():
+            if type(thread).__module__.startswith("orbax.") and thread is not threading.current_thread():
+                with contextlib.suppress(Exception):  # Orbax's threads raise their error again at join
+                    thread.join()
+        raise
+    saves.mngr.close()
+
+
 def writer(workdir, keep: int, best_metric: str = "", best_mode: str = "max") -> Writer:
     """The trainer's Writer of WORKDIR/checkpoints: keep the newest `keep`, and the best by `best_metric`."""
     mngr = manager(workdir, best_metric=best_metric, best_mode=best_mode)
@@ -265,12 +297,10 @@ def committed_step(workdir, step: int | None = None) -> int:
 def write_derived_run(out, state, config, note_file: str, note: dict, data_state: dict | None = None) -> None:
     """Write `out` (new or empty) as a run made from another one (`bigjax quantize`, `bigjax lora merge`): one
     committed checkpoint of `state` at its step (with `data_state`, the data's position, for a run that trains on),
-    its config.json, and `note_file` saying where it came from (JSON), under the workdir lock like any run's writes."""
-    step = int(state.step)
-    with lock.held(out, say=metrics.say):
-        saves = writer(out, keep=1)
-        saves.save(step, state, data_state or {}, {}, config)
-        saves.finish()
+    its config.json, and `note_file` saying where it came from (JSON), under the workdir lock like any run's writes; a
+    failed write removes what was written."""
+    with writing_new_workdir(out):
+        save_only_checkpoint(out, state, data_state or {}, {}, config)
         write_config(out, config)
         if jax.process_index() == 0:
             (paths.workdir(out) / note_file).write_text(json.dumps(note, indent=2) + "\n")

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's info chatter would drown even the log file
     # Library tracebacks (a failed save, a damaged checkpoint) go to a log file; the console gets bigjax's one line.
-    logs.send_library_logs_to_file(getattr(args, "workdir", None), args.command)
+    # Import's --workdir is its output, checked empty and removed again if the import fails: not there.
+    logs.send_library_logs_to_file(None if args.command == "import" else getattr(args, "workdir", None), args.command)
 
     from bigjax import xla_flags  # imports no jax: XLA reads XLA_FLAGS once, when its backend starts
     from bigjax.errors import UserError
@@ -142,7 +143,7 @@ def parse_args(argv):
 
     p = commands.add_parser("import", help="a Hugging Face model directory -> a bigjax workdir at step 0")
     p.add_argument("--hf", required=True, help="a directory with config.json and model.safetensors (or shards)")
-    p.add_argument("--workdir", required=True)
+    p.add_argument("--workdir", required=True, help="the run's workdir to write (new or empty)")
     p.set_defaults(run=run_import)
 
     p = commands.add_parser(
@@ -194,7 +195,11 @@ def parse_args(argv):
     p = commands.add_parser("lora", help="a LoRA run's adapters: saved on their own, or merged into its base weights")
     p.add_argument("action", choices=["save", "merge"], help="save: ADAPTERS/adapters.safetensors; merge: a float run")
     p.add_argument("--workdir", required=True, help="a LoRA or QLoRA run (read only)")
-    p.add_argument("--out", required=True, help="save: the adapters' directory; merge: the merged run's new workdir")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="save: the adapters' directory; merge: the merged run's workdir (new or empty, both)",
+    )
     p.add_argument("--step", type=int, default=None, help="a committed checkpoint step; default: the newest")
     p.set_defaults(run=run_lora)
 

@@ -56,11 +56,10 @@ def trained_names(config, params) -> list[str]:
 def save(workdir, out, step: int | None = None) -> dict:
     """Write the trained parameters of `workdir`'s checkpoint (the newest, or `step`) to `out`; returns what was
     written. Every process takes part (the arrays are gathered); process 0 writes."""
-    from safetensors.numpy import save_file
-
+    from bigjax.hf import files
     from bigjax.setup import make_setup
 
-    workdir, out = paths.workdir(workdir), paths.workdir(out)
+    workdir, out = paths.workdir(workdir), paths.check_new_output(out)  # saved adapters are never replaced
     config = lora_run_config(workdir, "save its adapters")
     step = checkpoint.committed_step(workdir, step)
     setup = make_setup(config)
@@ -68,18 +67,18 @@ def save(workdir, out, step: int | None = None) -> dict:
     names = trained_names(config, params)
     flat = params_lib.by_path(params)
     arrays = {name: np.asarray(multihost_utils.process_allgather(flat[name], tiled=True)) for name in names}
+    settings = dict(
+        lora={key: config.lora[key] for key in MUST_MATCH},
+        model=config.model.to_dict(),
+        quant=config.quant.to_dict(),
+        workdir=str(workdir),
+        step=step,
+        shapes={name: list(array.shape) for name, array in arrays.items()},
+    )
     if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(arrays, str(out / WEIGHTS_FILE))
-        settings = dict(
-            lora={key: config.lora[key] for key in MUST_MATCH},
-            model=config.model.to_dict(),
-            quant=config.quant.to_dict(),
-            workdir=str(workdir),
-            step=step,
-            shapes={name: list(array.shape) for name, array in arrays.items()},
-        )
-        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        with paths.writing_new_output(out):  # a failed write (a full disk) leaves nothing
+            files.save_safetensors(arrays, out / WEIGHTS_FILE)
+            (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return dict(step=step, names=names, numbers=int(sum(a.size for a in arrays.values())))
 
 
@@ -161,11 +160,9 @@ def merge(workdir, out, step: int | None = None) -> dict:
     the step merged, with a fresh optimizer, on the data where the LoRA run stopped)."""
     from bigjax.setup import make_setup
 
-    workdir, out = paths.workdir(workdir), paths.workdir(out)
+    workdir, out = paths.workdir(workdir), paths.check_new_output(out)
     config = lora_run_config(workdir, "merge")
     step = checkpoint.committed_step(workdir, step)
-    if out.exists() and any(out.iterdir()):
-        raise LoraError(f"--out {out} is not empty; merge into a new or empty directory")
     setup = make_setup(config)
     target = merged_config(config, step)
     merged_setup = make_setup(target)

@@ -45,7 +45,7 @@ def quantize(workdir, out, bits=None, mode=None, sub_channel: int | None = None,
     """Write `out` as the quantized run of `workdir`'s newest committed checkpoint (or `step`); returns a dict of
     what was done (step, the kernels quantized, parameters, bits, mode). `bits`, `mode` and `sub_channel` default to
     those a quantization-aware run trained for, else to int8 weight-only."""
-    workdir, out = paths.workdir(workdir), paths.workdir(out)
+    workdir, out = paths.workdir(workdir), paths.check_new_output(out)
     config = config_lib.load_saved(workdir)
     if quantized.lora_on(config):
         raise QuantizeError(
@@ -59,8 +59,6 @@ def quantize(workdir, out, bits=None, mode=None, sub_channel: int | None = None,
         )
     bits, mode, sub_channel = settings_for(config, bits, mode, sub_channel)
     step = checkpoint.committed_step(workdir, step)
-    if out.exists() and any(out.iterdir()):
-        raise QuantizeError(f"--out {out} is not empty; quantize into a new or empty directory")
 
     target = quantized_config(config, bits, mode, sub_channel, step)
     float_setup = make_setup(config)

@@ -19,6 +19,7 @@ from tolerance import float32_sum_tolerance, image_sum_lengths, transformer_sum_
 from bigjax import checkpoint, data, deploy, generate
 from bigjax import config as config_lib
 from bigjax.deploy import onnx_export, stablehlo
+from bigjax.errors import UserError
 from bigjax.models import gpt
 from bigjax.setup import make_setup
 
@@ -164,6 +165,13 @@ def test_refused_runs_say_so_in_one_line(tmp_path, cli):
     assert result.stderr.strip().startswith("error:") and "masked_lm" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out").exists()
+    # An --out that holds anything, or is a file, is refused before the run is read (one error, as above).
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine").write_text("mine")
+    for out, message in ((tmp_path / "full", "is not empty"), (tmp_path / "full" / "mine", "is a file")):
+        with pytest.raises(UserError, match=f"--out {out} {message}"):
+            deploy.export(tmp_path, out, "onnx")
+    assert (tmp_path / "full" / "mine").read_text() == "mine"
 
     with pytest.raises(deploy.DeployError, match="stablehlo exports the decode step of a GPT causal LM"):
         deploy.check_exportable(config_lib.load(str(REPO / "experiments" / "cnn_digits.py")), "stablehlo", "run")

@@ -2,8 +2,12 @@
 models saved with save_pretrained (nothing is downloaded), imported, compared logit for logit and token for token,
 exported back and loaded by transformers again."""
 
+import contextlib
+import errno
 import json
+import os
 import re
+import resource
 import shutil
 import sys
 
@@ -16,7 +20,8 @@ import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from bigjax import config as config_lib
-from bigjax import data, finetune, generate, hf
+from bigjax import data, finetune, generate, hf, paths
+from bigjax.errors import UserError
 from bigjax.hf import convert, family, files
 from bigjax.models import gpt
 from bigjax.params import by_path
@@ -294,6 +299,194 @@ def test_a_field_bigjax_cannot_represent_is_one_error_line(cli, field, value, to
     assert not (tmp_path / "run").exists()
 
 
+# An imported run trains on the bundled plays by default: seconds to tokenize, and nothing here reads them.
+SYNTHETIC_DATA = "--config.data.source=synthetic"
+
+
+@pytest.fixture(scope="module")
+def gpt2_hf_dirs(tokenizer_file, tmp_path_factory):
+    """The tiny GPT-2 saved by transformers: {False: in one file, True: in shards with their index}."""
+    root, model = tmp_path_factory.mktemp("gpt2"), gpt2_model()
+    return {sharded: save(model, root / f"sharded_{sharded}", tokenizer_file, sharded) for sharded in (False, True)}
+
+
+@pytest.fixture(scope="module")
+def imported_gpt2(gpt2_hf_dirs, tmp_path_factory):
+    """(the tiny GPT-2, a bigjax run imported from it): for the tests that export, each into its own --out."""
+    workdir = tmp_path_factory.mktemp("imported") / "run"
+    hf.import_hf(gpt2_hf_dirs[False], workdir, [SYNTHETIC_DATA])
+    return gpt2_model(), workdir
+
+
+def edited_config(**fields):
+    """A damage to an HF directory: config.json with `fields` set (None: removed)."""
+
+    def edit(hf_dir):
+        config = json.loads((hf_dir / "config.json").read_text()) | fields
+        (hf_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+
+    return edit
+
+
+def without_tensor(name):
+    def edit(hf_dir):
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(hf_dir / hf.SINGLE_FILE)
+        del tensors[name]
+        save_file(tensors, hf_dir / hf.SINGLE_FILE)
+
+    return edit
+
+
+def truncated(hf_dir):
+    weights = hf_dir / hf.SINGLE_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def first_shard_removed(hf_dir):
+    (hf_dir / min(json.loads((hf_dir / hf.INDEX_FILE).read_text())["weight_map"].values())).unlink()
+
+
+def written(name, text):
+    return lambda hf_dir: (hf_dir / name).write_text(text)
+
+
+# case: (sharded, damage, overrides, what the one error line names)
+BAD_IMPORTS = {
+    "config_is_a_list": (False, written("config.json", "[1, 2]"), [], "config.json is not a JSON object"),
+    "config_lacks_a_field": (False, edited_config(n_embd=None), [], "config.json has no 'n_embd'"),
+    "config_field_mistyped": (False, edited_config(n_layer="2"), [], "config.json: a field has the wrong type"),
+    "weights_truncated": (False, truncated, [], "model.safetensors is not a readable safetensors file"),
+    "weights_garbage": (False, written(hf.SINGLE_FILE, "garbage"), [], "model.safetensors is not a readable"),
+    "index_garbage": (True, written(hf.INDEX_FILE, "{not json"), [], "model.safetensors.index.json is not"),
+    "index_without_weight_map": (True, written(hf.INDEX_FILE, "{}"), [], "model.safetensors.index.json has no"),
+    "shard_missing": (True, first_shard_removed, [], "model-00001-of-.* is missing"),
+    "tensor_missing": (False, without_tensor("transformer.h.1.mlp.c_fc.bias"), [], "has no tensor h.1.mlp.c_fc.bias"),
+    "shape_disagrees": (False, edited_config(n_embd=64), [], r"c_proj.weight has shape \(32, 32\), whose axis 0"),
+    "vocab_disagrees": (False, edited_config(vocab_size=400), [], r"wte.weight has shape \(300, 32\), not .*=400"),
+    "tokenizer_garbage": (False, written("tokenizer.json", "{not json"), [], "tokenizer.json is not a Hugging Face"),
+    "mesh_refused": (False, lambda hf_dir: None, ["--config.mesh.tensor=3"], "does not divide the 8 devices"),
+}
+
+
+def contents(directory) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMPORTS))
+def test_a_failed_import_is_one_error_and_leaves_nothing_behind(case, gpt2_hf_dirs, tmp_path):
+    """Everything is checked before anything is written: a refused import creates no workdir, adds nothing to an
+    empty directory of the user's (the tokenizer was copied first once), and leaves the HF directory as it was."""
+    sharded, damage, overrides, message = BAD_IMPORTS[case]
+    hf_dir = shutil.copytree(gpt2_hf_dirs[sharded], tmp_path / "hf")
+    damage(hf_dir)
+    before = contents(hf_dir)
+    users_empty_dir = tmp_path / "empty"
+    users_empty_dir.mkdir()
+    for workdir in (tmp_path / "new" / "run", users_empty_dir):
+        with pytest.raises(UserError, match=message):
+            hf.import_hf(hf_dir, workdir, overrides)
+    assert not (tmp_path / "new").exists() and not any(users_empty_dir.iterdir())
+    assert contents(hf_dir) == before
+
+
+def test_import_refuses_a_workdir_with_anything_in_it_the_hf_directory_included(gpt2_hf_dirs, tmp_path):
+    """Import into its own HF directory once overwrote the model's config.json; into any directory without
+    checkpoints it wrote beside the user's files. Both are refused before anything is read or written."""
+    hf_dir = shutil.copytree(gpt2_hf_dirs[False], tmp_path / "hf")
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine too")
+    before = contents(hf_dir)
+    for workdir, message in ((hf_dir, "is not empty"), (users, "is not empty"), (a_file, "is a file")):
+        with pytest.raises(UserError, match=f"--workdir {workdir} {message}"):
+            hf.import_hf(hf_dir, workdir)
+    assert contents(hf_dir) == before
+    assert contents(users) == {"notes.txt": b"mine"} and a_file.read_text() == "mine too"
+
+
+def test_an_import_whose_writes_fail_removes_what_it_wrote(gpt2_hf_dirs, tmp_path, monkeypatch):
+    """The disk fills up at the import's last writes, the checkpoint and config.json written already: one error,
+    and everything it wrote is removed (the directories it made too; an empty one of the user's stays, empty)."""
+    written_before = []
+
+    def disk_full(hf_dir, workdir):
+        written_before.extend(sorted(p.name for p in workdir.iterdir()))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "copy_tokenizer_files", disk_full)
+    users_empty_dir = tmp_path / "empty"
+    users_empty_dir.mkdir()
+    for workdir in (tmp_path / "new" / "run", users_empty_dir):
+        with pytest.raises(UserError, match=f"writing {workdir} failed: No space left on device"):
+            hf.import_hf(gpt2_hf_dirs[False], workdir, [SYNTHETIC_DATA])
+    assert written_before == ["checkpoints", "config.json", "lock.json"] * 2
+    assert not (tmp_path / "new").exists() and not any(users_empty_dir.iterdir())
+
+
+def test_a_writer_that_finds_the_output_filled_under_its_lock_is_refused_and_removes_nothing(tmp_path):
+    """Two imports into one new workdir: the second checked it empty, then took the lock only once the first had
+    finished (forced here: the hold writes the first's file). Checked again under the lock, it is refused, and
+    neither the first's files nor the directory it believed it made are removed."""
+    workdir = tmp_path / "new" / "run"
+
+    @contextlib.contextmanager
+    def held_after_another_import_finished(directory):
+        (directory / "config.json").write_text("the first import's")
+        yield
+
+    with (
+        pytest.raises(UserError, match="--workdir .* is not empty"),
+        paths.writing_new_output(workdir, "--workdir", hold=held_after_another_import_finished),
+    ):
+        raise AssertionError("never reached: refused before the body")
+    assert contents(workdir) == {"config.json": b"the first import's"}
+
+    # A body that fails removes what it wrote and the directories made for it, not the user's empty directory.
+    users_empty_dir = tmp_path / "empty"
+    users_empty_dir.mkdir()
+    for out in (tmp_path / "a" / "b", users_empty_dir):
+        with (
+            pytest.raises(UserError, match=f"writing {out} failed: the disk is full"),
+            paths.writing_new_output(out) as directory,
+        ):
+            (directory / "sub").mkdir()
+            (directory / "sub" / "file").write_text("half")
+            raise OSError("the disk is full")
+    assert not (tmp_path / "a").exists() and not any(users_empty_dir.iterdir())
+
+
+@contextlib.contextmanager
+def files_limited_to(size: int):
+    """This process may grow no file past `size` bytes (RLIMIT_FSIZE: what a full disk does to writes, without
+    one). Python ignores SIGXFSZ, so a write past the limit fails with EFBIG instead of killing the process. (Only
+    around writes of this thread alone: what pytest captures is a file too, and a library's threads may outlive the
+    limit.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_an_export_onto_a_full_disk_is_one_error_and_leaves_nothing(imported_gpt2, tmp_path):
+    _, workdir = imported_gpt2
+    users_empty_dir = tmp_path / "empty"
+    users_empty_dir.mkdir()
+    for out in (tmp_path / "new" / "exported", users_empty_dir):
+        with pytest.raises(UserError, match=f"writing {out} failed.*File too large"), files_limited_to(64 * 1024):
+            hf.export(workdir, out)  # model.safetensors is 150 kB
+    assert not (tmp_path / "new").exists() and not any(users_empty_dir.iterdir())
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(UserError, match="--out .*a_file is a file"):
+        hf.export(workdir, tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
 def test_an_unknown_architecture_is_refused(tokenizer_file, tmp_path):
     hf_dir = save(gpt2_model(), tmp_path / "hf", tokenizer_file)
     config = json.loads((hf_dir / "config.json").read_text())
@@ -450,15 +643,17 @@ def test_each_device_reads_only_its_own_block(tokenizer_file, tmp_path, monkeypa
     assert set(read_per_tensor) == set(sizes)
 
 
-def test_export_writes_shards_above_the_size_limit_and_transformers_loads_them(cli, tokenizer_file, tmp_path):
-    model = gpt2_model()
-    hf_dir = save(model, tmp_path / "hf", tokenizer_file)
-    hf.import_hf(hf_dir, tmp_path / "run")  # in this process: `bigjax import` is the test above's
+def test_export_writes_shards_above_the_size_limit_and_transformers_loads_them(cli, imported_gpt2, tmp_path):
+    model, workdir = imported_gpt2  # imported in this process: `bigjax import` is the test above's
     out = tmp_path / "exported"
-    args = ["export", "--workdir", tmp_path / "run", "--out", out]
+    args = ["export", "--workdir", workdir, "--out", out]
     assert "exported step 0" in cli(*args, "--max-shard-size", "40KB").stdout  # a few tensors per file
     index = json.loads((out / hf.INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 2 and not (out / hf.SINGLE_FILE).exists()
+    # Readable as any file this user writes (safetensors writes 0600): a server running as another user loads it.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~umask)}
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = list(range(1, 20))
     np.testing.assert_array_equal(torch_logits(reloaded, ids), torch_logits(model, ids))

@@ -10,6 +10,7 @@ is one error.
 """
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from bigjax import config as config_lib
 from bigjax import params as params_lib
 from bigjax import step as step_lib
 from bigjax.config import ConfigError
+from bigjax.errors import UserError
 from bigjax.models import quantized
 from bigjax.setup import make_setup
 from bigjax.tasks import make_task
@@ -325,9 +327,21 @@ def test_bad_combinations_are_one_error(tiny_config, base, tmp_path):
     with pytest.raises(lora.LoraError, match="is not a LoRA run"):
         lora.save(base, tmp_path / "adapters")
 
-    run = tmp_path / "run"
+    run, adapters = tmp_path / "run", tmp_path / "adapters"
     train.train(adapted(tiny_config, base, *LORA, "config.total_steps=2"), run)
-    lora.save(run, tmp_path / "adapters")
+    lora.save(run, adapters)
+    # Readable as any file this user writes (safetensors writes 0600): a server running as another user loads it.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (adapters / lora.WEIGHTS_FILE).stat().st_mode & 0o777 == 0o666 & ~umask
+    # Saved adapters are never replaced, nor a file overwritten: --out must be new or empty.
+    saved = {p.name: p.read_bytes() for p in adapters.iterdir()}
+    (tmp_path / "a_file").write_text("mine")
+    for out, message in ((adapters, "is not empty"), (tmp_path / "a_file", "is a file")):
+        with pytest.raises(UserError, match=f"--out {out} {message}"):
+            lora.save(run, out)
+    assert {p.name: p.read_bytes() for p in adapters.iterdir()} == saved
+    assert (tmp_path / "a_file").read_text() == "mine"
     other_rank = make_setup(
         adapted(tiny_config, base, "config.lora.rank=2", f"config.lora.adapters={tmp_path}/adapters")
     )

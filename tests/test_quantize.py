@@ -246,6 +246,10 @@ def test_bad_quantizations_are_one_error_line(runs, tmp_path):
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(UserError, match="is not empty"):
         quantize.quantize(float_run, tmp_path / "full")
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(UserError, match="--out .*a_file is a file"):
+        quantize.quantize(float_run, tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "mine"
 
     with pytest.raises(UserError, match="quantized run already"):
         quantize.quantize(runs[8], tmp_path / "c")

@@ -17,7 +17,6 @@ refused before any checkpoint is read. The Hugging Face format is bigjax.hf's.
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 
@@ -32,12 +31,9 @@ __all__ = ["FORMATS", "DeployError", "export"]
 
 def export(workdir, out, fmt: str, step: int | None = None, platforms=None) -> int:
     """Write `out` in format `fmt` from a committed checkpoint of `workdir`; returns the step exported."""
-    workdir = paths.workdir(workdir)
+    workdir, out = paths.workdir(workdir), paths.check_new_output(out)
     check_exportable(config_lib.load_saved(workdir), fmt, workdir)  # refused before anything is read
     step = checkpoint.committed_step(workdir, step)
-    out = pathlib.Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise DeployError(f"--out {out} exists and is not empty; export into a new directory")
     mngr = checkpoint.manager(workdir, read_only=True)
     config = config_lib.from_dict(checkpoint.saved_config(mngr, step).to_dict())  # upgraded like config.json
     check_exportable(config, fmt, checkpoint.step_dir(workdir, step))
@@ -50,11 +46,11 @@ def export(workdir, out, fmt: str, step: int | None = None, platforms=None) -> i
         onnx_export.import_converter()
     else:
         stablehlo.check_serializer()
-    out.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx":
-        description = onnx_export.export(config, mngr, step, out)
-    else:
-        description = stablehlo.export(config, mngr, step, out, platforms)
-    description = {"workdir": str(workdir), "step": step, **description}
-    (out / DESCRIPTION_FILES[fmt]).write_text(json.dumps(description, indent=2) + "\n")
+    with paths.writing_new_output(out):  # a failed export leaves nothing
+        if fmt == "onnx":
+            description = onnx_export.export(config, mngr, step, out)
+        else:
+            description = stablehlo.export(config, mngr, step, out, platforms)
+        description = {"workdir": str(workdir), "step": step, **description}
+        (out / DESCRIPTION_FILES[fmt]).write_text(json.dumps(description, indent=2) + "\n")
     return step

@@ -29,7 +29,16 @@ VOCAB_AXES = {"embed/embedding": 0, "unembed/kernel": 1, "mlm_bias": 0}  # the a
 def config_from_hf(hf_dir, overrides=()):
     """A validated bigjax config for the model in hf_dir; `overrides` after."""
     hf = files.read_hf_config(hf_dir)
-    config = family_lib.for_architectures(hf).bigjax_config(hf)
+    family = family_lib.for_architectures(hf)
+    try:
+        config = family.bigjax_config(hf)
+    except (TypeError, ValueError, AttributeError) as error:
+        # bigjax_config reads config.json alone, so these are its values of a wrong type (a string for a size, a
+        # number for a table): refused by the config's typed fields or by Python itself.
+        raise HFError(
+            f"{hf.path}: a field has the wrong type ({error}); correct it, or save the model again with transformers' "
+            "save_pretrained"
+        ) from None
     if "max_len" in config.model:
         config.data.seq_len = min(config.data.seq_len, config.model.max_len)
     normalization = files.read_image_normalization(hf_dir)
@@ -83,6 +92,20 @@ def available_paths(read, config):
         return path in global_views
 
     return available
+
+
+def check_weights(read, config, hf_vocab: int | None) -> None:
+    """Every HF tensor the model maps is there, for every layer, in the layout config.json's sizes describe (layers
+    of one shape, the vocabulary as long as vocab_size): weights that disagree are refused before an import writes
+    anything. (Each is compared again with the shape the model needs as it is placed.)"""
+    family = family_lib.for_config(config)
+    layers = [family.layer_tensors(read, i, config) for i in range(config.model.get("num_layers", 0))]
+    for sub in layers[0] if layers else ():
+        files.stack([layer[sub] for layer in layers])  # which refuses layers of different shapes
+    views = family.global_tensors(read, config)
+    for path, axis in VOCAB_AXES.items():
+        if hf_vocab is not None and path in views and views[path].shape[axis] != hf_vocab:
+            raise views[path].disagrees(f"not config.json's vocab_size={hf_vocab} along axis {axis}")
 
 
 def load_tree(read, config, abstract, shardings, prefix: str = "") -> tuple[dict, list[str]]:
@@ -174,73 +197,85 @@ def architecture(m, classifier: bool) -> dict:
 
 
 def import_hf(hf_dir, workdir, overrides=()) -> int:
-    """Write `workdir` as a run at step 0 of the HF model in `hf_dir`: a committed checkpoint (the imported
-    parameters, a fresh optimizer state, the data iterator's start), config.json and the tokenizer. Returns the
-    number of parameters. `bigjax train --config WORKDIR/config.json` then resumes it at step 0."""
-    from bigjax import checkpoint, data, lock, metrics, paths
-    from bigjax import state as state_lib
-    from bigjax.setup import make_setup
+    """Write `workdir` (new or empty) as a run at step 0 of the HF model in `hf_dir`: a committed checkpoint (the
+    imported parameters, a fresh optimizer state, the data iterator's start), config.json and the tokenizer. Returns
+    the number of parameters. `bigjax train --config WORKDIR/config.json` then resumes it at step 0.
 
-    config = config_from_hf(hf_dir, overrides)  # every refusal before anything is written
+    Everything is read and checked before anything is written: config.json, every weights file, every tensor's
+    shape, the tokenizer, the mesh, the weights themselves. A write that fails (a full disk) removes what was
+    written, so a failed import leaves nothing behind."""
+    from bigjax import checkpoint, data, metrics, paths
+    from bigjax import state as state_lib
+
+    workdir = paths.check_new_output(workdir, "--workdir")  # never beside or over anything: the HF files included
+    config = config_from_hf(hf_dir, overrides)
     text = "vocab_size" in config.model
     hf = files.read_hf_config(hf_dir)
-    read = files.TensorReader(hf_dir)  # the weights are there, in a form we read
+    hf_vocab = hf["vocab_size"] if text else None
+    read = files.TensorReader(hf_dir)  # every weights file's header
     hf_views(read, config)  # and every tensor the model cannot do without (an untied output layer) is there
-    workdir = paths.workdir(workdir)
-    with lock.held(workdir, say=metrics.say):
-        if checkpoint.had_checkpoints(workdir):
-            raise HFError(f"{workdir} already holds checkpoints; import into a new --workdir")
-        if text:
-            copied = files.copy_tokenizer_files(hf_dir, workdir)
-            if config.data.tokenizer == "byte":  # none named: the directory's own
-                config.data.tokenizer = copied or "byte"
-                if not copied:
-                    metrics.say(
-                        f"import: {hf_dir} has no tokenizer (neither tokenizer.json nor tokenizer.model), so this run "
-                        "has none: text would be read as bytes, which are not this model's tokens. Name the model's "
-                        "tokenizer with --config.data.tokenizer=PATH (a .json or .model file) before training or "
-                        "generating from text"
-                    )
-            # A tokenizer lacking a special token bigjax needs (pad, cls, mask) gets it appended after its last id:
-            # the model needs rows for those too (zero rows; export cuts back to the HF vocabulary).
-            tokenizer = data.make_tokenizer(config.data.tokenizer)
-            config.model.vocab_size = max(hf["vocab_size"], tokenizer.vocab_size)
-            config_lib.check_values(config)
+    own_tokenizer = files.tokenizer_spec(hf_dir) if text and config.data.tokenizer == "byte" else None
+    if text:
+        if config.data.tokenizer == "byte":  # none named: the directory's own, read in hf_dir until it is copied
+            config.data.tokenizer = own_tokenizer or "byte"
+            if not own_tokenizer:
+                metrics.say(
+                    f"import: {hf_dir} has no tokenizer (neither tokenizer.json nor tokenizer.model), so this run "
+                    "has none: text would be read as bytes, which are not this model's tokens. Name the model's "
+                    "tokenizer with --config.data.tokenizer=PATH (a .json or .model file) before training or "
+                    "generating from text"
+                )
+        # A tokenizer lacking a special token bigjax needs (pad, cls, mask) gets it appended after its last id:
+        # the model needs rows for those too (zero rows; export cuts back to the HF vocabulary).
+        config.model.vocab_size = max(hf_vocab, data.make_tokenizer(config.data.tokenizer).vocab_size)
+        config_lib.check_values(config)
+    check_weights(read, config, hf_vocab)
+    state = imported_state(read, config, hf_dir)
+    data_state = data.train_batches(config).get_state()
+    if own_tokenizer:  # the checkpoint and config.json name the copy beside them, written last
+        config.data.tokenizer = files.moved_spec(own_tokenizer, workdir)
 
-        setup = make_setup(config)
-        params, fresh = load_tree(read, config, setup.abstract_state.params, setup.state_shardings.params)
-        model_state = {}
-        for collection, arrays in setup.abstract_state.model_state.items():
-            loaded, missing = load_tree(
-                read, config, arrays, setup.state_shardings.model_state[collection], f"{collection}/"
-            )
-            if missing:
-                raise HFError(f"{hf_dir} has no weights for {collection} {', '.join(missing)}")
-            model_state[collection] = nest(loaded)
-        if fresh:  # the head a bare model (BertModel, ViTModel) lacks: bigjax's own initialization
-            initialized = by_path(setup.init_state().params)
-            params.update({path: initialized[path] for path in fresh})
-            metrics.say(f"import: {hf_dir} has no {', '.join(fresh)}: initialized as a new run's")
-        tx = setup.tx
-        state = jax.jit(
-            lambda p, s: state_lib.TrainState(
-                step=jax.numpy.zeros((), jax.numpy.int32), params=p, opt_state=tx.init(p), model_state=s
-            ),
-            out_shardings=setup.state_shardings,
-            donate_argnums=(0, 1),
-        )(nest(params), model_state)
-        data_state = data.train_batches(config).get_state()
-
-        saves = checkpoint.writer(workdir, config.keep_checkpoints)
-        saves.save(0, state, data_state, {"nan_skips": 0}, config)
-        saves.finish()
+    with checkpoint.writing_new_workdir(workdir, "--workdir"):
+        checkpoint.save_only_checkpoint(workdir, state, data_state, {"nan_skips": 0}, config)
         checkpoint.write_config(workdir, config)
+        if own_tokenizer:
+            files.copy_tokenizer_files(hf_dir, workdir)
         source = {"source": str(hf_dir)}
         if text:  # the vocabulary and special ids export gives back, whatever tokenizer the run has
             special = {field: hf[field] for field in SPECIAL_ID_FIELDS if hf.get(field) is not None}
-            source |= {"vocab_size": hf["vocab_size"], "special_ids": special}
+            source |= {"vocab_size": hf_vocab, "special_ids": special}
         (workdir / SOURCE_FILE).write_text(json.dumps(source, indent=2))
     return state_lib.count_parameters(state.params)
+
+
+def imported_state(read, config, hf_dir):
+    """The TrainState at step 0 of the HF weights, each parameter made straight onto its shards on the mesh of
+    `config` (refused there if it does not fit the devices), with a fresh optimizer state."""
+    from bigjax import metrics
+    from bigjax import state as state_lib
+    from bigjax.setup import make_setup
+
+    setup = make_setup(config)
+    params, fresh = load_tree(read, config, setup.abstract_state.params, setup.state_shardings.params)
+    model_state = {}
+    for collection, arrays in setup.abstract_state.model_state.items():
+        shardings = setup.state_shardings.model_state[collection]
+        loaded, missing = load_tree(read, config, arrays, shardings, f"{collection}/")
+        if missing:
+            raise HFError(f"{hf_dir} has no weights for {collection} {', '.join(missing)}")
+        model_state[collection] = nest(loaded)
+    if fresh:  # the head a bare model (BertModel, ViTModel) lacks: bigjax's own initialization
+        initialized = by_path(setup.init_state().params)
+        params.update({path: initialized[path] for path in fresh})
+        metrics.say(f"import: {hf_dir} has no {', '.join(fresh)}: initialized as a new run's")
+    tx = setup.tx
+    return jax.jit(
+        lambda p, s: state_lib.TrainState(
+            step=jax.numpy.zeros((), jax.numpy.int32), params=p, opt_state=tx.init(p), model_state=s
+        ),
+        out_shardings=setup.state_shardings,
+        donate_argnums=(0, 1),
+    )(nest(params), model_state)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,7 +293,7 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
     from bigjax import checkpoint, data, paths
     from bigjax.setup import make_setup
 
-    workdir = paths.workdir(workdir)
+    workdir, out = paths.workdir(workdir), paths.check_new_output(out)
     config = config_lib.load_saved(workdir)
     refusal = quantized.float_export_refusal(config, workdir)
     if refusal:
@@ -269,9 +304,6 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
     if not committed or (step is not None and step not in committed):
         raise HFError(f"{workdir}: no committed checkpoint {step if step is not None else ''} (committed: {committed})")
     step = committed[-1] if step is None else step
-    out = pathlib.Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise HFError(f"--out {out} exists and is not empty; export into a new directory")
 
     # Parameters split over every device on fsdp. The batch size only has to divide that mesh: nothing trains here.
     config.mesh.update(dict(data=1, fsdp=-1, tensor=1))
@@ -302,15 +334,15 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
     tokenizer = tokenizer_files(config.data.tokenizer, special) if text else {}
     hf_config = family.hf_config(config, hf_vocab, special) | dict(torch_dtype="float32")
     if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        files.save_weights(tensors, out, max_shard_bytes)
-        (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-        if config.task.name == "causal_lm":  # what generate() stops at
-            (out / "generation_config.json").write_text(json.dumps(generation_config(special), indent=2))
-        for name, content in tokenizer.items():
-            (out / name).write_bytes(content)
-        if not text:  # how transformers' image processor should prepare pixels: as bigjax's data pipeline does
-            (out / files.PREPROCESSOR_FILE).write_text(json.dumps(files.image_processor_config(config), indent=2))
+        with paths.writing_new_output(out):  # a failed write (a full disk) leaves nothing
+            files.save_weights(tensors, out, max_shard_bytes)
+            (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+            if config.task.name == "causal_lm":  # what generate() stops at
+                (out / "generation_config.json").write_text(json.dumps(generation_config(special), indent=2))
+            for name, content in tokenizer.items():
+                (out / name).write_bytes(content)
+            if not text:  # how transformers' image processor should prepare pixels: as bigjax's data pipeline does
+                (out / files.PREPROCESSOR_FILE).write_text(json.dumps(files.image_processor_config(config), indent=2))
     return step
 
 
