@@ -131,7 +131,7 @@ def import_hf(hf_dir, workdir, overrides=()) -> int:
     hf_vocab = files.read_hf_config(hf_dir)["vocab_size"] if text else None
     read = files.TensorReader(hf_dir)  # the weights are there, in a form we read
     workdir = paths.workdir(workdir)
-    with lock.held(workdir, say=metrics.say):
+    with lock.held(workdir, say=metrics.say) as fence:
         if checkpoint.had_checkpoints(workdir):
             raise HFError(f"{workdir} already holds checkpoints; import into a new --workdir")
         if text:
@@ -167,10 +167,10 @@ def import_hf(hf_dir, workdir, overrides=()) -> int:
         )(nest(params), model_state)
         data_state = data.train_batches(config).get_state()
 
-        saves = checkpoint.writer(workdir, config.keep_checkpoints)
+        saves = checkpoint.writer(workdir, config.keep_checkpoints, fence)
         saves.save(0, state, data_state, {"nan_skips": 0}, config)
         saves.finish()
-        checkpoint.write_config(workdir, config)
+        checkpoint.write_config(workdir, config, fence)
         source = {"source": str(hf_dir)} | ({"vocab_size": hf_vocab} if text else {})
         (workdir / SOURCE_FILE).write_text(json.dumps(source, indent=2))
     return state_lib.count_parameters(state.params)

@@ -16,7 +16,7 @@ import time
 
 import pytest
 from conftest import REPO, TINY
-from harness import committed_steps, environment, rows_since
+from harness import all_threads_stopped, committed_steps, environment, rows_since, snapshot
 
 from bigjax import lock
 
@@ -43,34 +43,12 @@ def start_trainer(workdir, env) -> subprocess.Popen:
 
 
 def freeze(process) -> None:
-    """SIGSTOP, then wait until every thread of the process has stopped (the signal is delivered asynchronously: a
-    thread may still write for a few milliseconds after `send_signal` returns)."""
+    """SIGSTOP, then wait until every thread of the process has stopped."""
     process.send_signal(signal.SIGSTOP)
     deadline = time.monotonic() + 60
-    while not all(
-        thread_state(process.pid, tid) in ("T", "t", None) for tid in os.listdir(f"/proc/{process.pid}/task")
-    ):
+    while not all_threads_stopped(process.pid):
         assert time.monotonic() < deadline, "the trainer did not stop"
         time.sleep(0.001)
-
-
-def thread_state(pid: int, tid: str) -> str | None:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:  # the thread ended
-        return None
-
-
-def snapshot(workdir) -> dict:
-    """Every file and directory under workdir, with what changes when it is written, replaced or deleted."""
-    found = {}
-    for root, dirs, files in os.walk(workdir):
-        for name in dirs + files:
-            path = os.path.join(root, name)
-            info = os.stat(path)
-            found[os.path.relpath(path, workdir)] = (info.st_ino, info.st_size, info.st_mtime_ns)
-    return found
 
 
 def test_a_second_trainer_is_refused_at_once_and_touches_nothing_of_the_live_one(cli, env, tmp_path):
