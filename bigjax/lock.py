@@ -174,7 +174,7 @@ def watch_for_a_lease(store, record: dict, say) -> dict | None:
     lease = record["lease_seconds"]
     say(
         f"the lock's holder, {describe_holder(record)}, runs on a clock ahead of this one: watching its heartbeat "
-        f"for {lease:.0f} s to see whether it is alive"
+        f"for {lease:g} s to see whether it is alive"
     )
     deadline = time.monotonic() + lease
     while time.monotonic() < deadline:
