@@ -255,12 +255,16 @@ class _BucketRecord:
     def change(self, create: bool = False):
         from google.api_core import exceptions
 
-        blob = self.bucket.get_blob(self.blob_name)
-        generation = blob.generation if blob is not None else 0  # 0: "only if it does not exist"
-        try:
-            text = blob.download_as_text(if_generation_match=generation) if blob is not None else ""
-        except (exceptions.PreconditionFailed, exceptions.NotFound) as error:
-            raise Conflict() from error
+        for _ in range(3):  # the object may change between its generation and its bytes: read both again
+            blob = self.bucket.get_blob(self.blob_name)
+            generation = blob.generation if blob is not None else 0  # 0: "only if it does not exist"
+            try:
+                text = blob.download_as_text(if_generation_match=generation) if blob is not None else ""
+                break
+            except (exceptions.PreconditionFailed, exceptions.NotFound) as error:
+                changed = error
+        else:
+            raise Conflict() from changed
 
         def write(record):
             target = self.bucket.blob(self.blob_name)
@@ -366,10 +370,11 @@ class WorkdirLock:
             with contextlib.suppress(Conflict, OSError):
                 self.renew()
         with self._store.change() as (current, _):
-            if not self._lost and self._is_mine(current) and time.monotonic() - self._renewed > self.lease / 2:
-                self._lost = f"its heartbeat could not be written for {time.monotonic() - self._renewed:.0f} s"
-            if self._lost:
-                raise self._lost_error()
+            if self._lost or not self._is_mine(current):
+                raise self._lost_error(self._lost)
+            silent = time.monotonic() - self._renewed
+            if silent > self.lease / 2:  # others may soon take this holder for gone
+                raise self._lost_error(f"its heartbeat could not be written for {silent:.0f} s")
             yield
 
     def check(self) -> None:
@@ -377,10 +382,17 @@ class WorkdirLock:
         with self.fenced():
             pass
 
-    def _lost_error(self) -> LockError:
+    def raise_if_taken_over(self) -> None:
+        """Raise LockError if another trainer has taken the workdir over (the record is looked at now)."""
+        with contextlib.suppress(Conflict, OSError):
+            self.renew()
+        if self._lost:
+            raise self._lost_error(self._lost)
+
+    def _lost_error(self, why: str) -> LockError:
         return LockError(
-            f"this trainer lost its lock on {self.workdir} ({self._lost}); it stops, and writes nothing more there, "
-            "so that it cannot write over another trainer's run"
+            f"this trainer lost its lock on {self.workdir} ({why}); it stops, and writes nothing more there, so that "
+            "it cannot write over another trainer's run"
         )
 
     def release(self) -> None:
@@ -481,8 +493,7 @@ def held(workdir, say=print):
         yield JobLock(lock, paths.workdir(workdir) / STAGING_DIR / token)  # for every process
     except Exception as error:
         if lock is not None and not isinstance(error, LockError):
-            with contextlib.suppress(Conflict, OSError):
-                lock.check()  # raises LockError, from `error`, if the lock was lost
+            lock.raise_if_taken_over()  # then that is what the user must know (the error is its context)
         raise
     finally:
         if lock is not None:

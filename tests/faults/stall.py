@@ -29,10 +29,12 @@ RECORD_FREE = threading.Lock()  # held by a thread while it holds the record's f
 
 
 def stop_here() -> None:
+    """Stop the process, this thread first: SIGSTOP sent to the process may be taken by another thread while this one
+    runs on into the code after the stall point for a while; sent to this thread, it stops it before it returns."""
     if not RECORD_FREE.acquire(timeout=60):
         raise AssertionError("BIGJAX_STALL: the stall point is inside a change of the lock's record")
     try:
-        os.kill(os.getpid(), signal.SIGSTOP)
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
     finally:
         RECORD_FREE.release()
 
