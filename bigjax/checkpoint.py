@@ -337,7 +337,7 @@ def delete_old_checkpoints(mngr: ocp.CheckpointManager, keep, fence: lock.JobLoc
     if jax.process_index() == 0:
         steps = committed_steps(workdir)
         infos = [_CheckpointInfo(step, _EPOCH, _saved_metrics(mngr, step)) for step in steps]
-        keeps = keep.should_preserve(infos, context=ocp.checkpoint_managers.PreservationContext()) if steps else []
+        keeps = keep.should_preserve(infos, context=ocp.checkpoint_managers.PreservationContext()) if infos else []
         for step, kept in zip(steps[:-1], keeps[:-1], strict=True):
             if not kept:
                 delete_checkpoint(workdir, step, fence)
