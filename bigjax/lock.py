@@ -124,8 +124,10 @@ def new_record(lease: float) -> dict:
 
 
 _NUMBER = (int, float)
-# The fields a record must have, and their types: what `holder_is_alive` and `describe_holder` read.
-_FIELDS = {"token": str, "host": str, "pid": int, "since": _NUMBER, "heartbeat": _NUMBER, "lease_seconds": _NUMBER}
+# The fields of a record and their types: what `holder_is_alive` and `describe_holder` read. The lease, which older
+# records lack, is then the default one; the machine's ids are null off Linux.
+_FIELDS = {"token": str, "host": str, "pid": int, "since": _NUMBER, "heartbeat": _NUMBER}
+_FIELDS_IF_PRESENT = {"lease_seconds": _NUMBER, "machine": (str, type(None)), "pid_start": (int, type(None))}
 
 
 def damage(record: dict) -> str:
@@ -135,12 +137,16 @@ def damage(record: dict) -> str:
     missing = [name for name in _FIELDS if name not in record]
     mistyped = [
         f"{name} {record[name]!r}"
-        for name, kind in _FIELDS.items()
+        for name, kind in {**_FIELDS, **_FIELDS_IF_PRESENT}.items()
         if name in record and (not isinstance(record[name], kind) or isinstance(record[name], bool))
     ]
     return "; ".join(
         ([f"no {', '.join(missing)}"] if missing else []) + ([f"wrong {', '.join(mistyped)}"] if mistyped else [])
     )
+
+
+def lease_of(record: dict) -> float:
+    return record.get("lease_seconds", DEFAULT_LEASE_SECONDS)
 
 
 def on_this_machine(record: dict) -> bool:
@@ -154,7 +160,7 @@ def holder_is_alive(record: dict, now: float | None = None) -> bool:
     """Whether the process that wrote `record` still holds the lock (see the module docstring)."""
     if on_this_machine(record):
         return process_start(record["pid"]) == record.get("pid_start")
-    return (time.time() if now is None else now) - record["heartbeat"] < record["lease_seconds"]
+    return (time.time() if now is None else now) - record["heartbeat"] < lease_of(record)
 
 
 def describe_holder(record: dict) -> str:
@@ -171,7 +177,7 @@ def watch_for_a_lease(store, record: dict, say) -> dict | None:
     """The record once it has changed from `record`, watched for one lease of this machine's (monotonic) clock;
     `record` itself if it never changed: its holder is gone. For a remote holder whose heartbeat is ahead of this
     machine's clock, which then says nothing about when that heartbeat was written."""
-    lease = record["lease_seconds"]
+    lease = lease_of(record)
     say(
         f"the lock's holder, {describe_holder(record)}, runs on a clock ahead of this one: watching its heartbeat "
         f"for {lease:g} s to see whether it is alive"
@@ -462,7 +468,7 @@ def in_use(workdir, holder: dict) -> LockError:
     return LockError(
         f"{workdir} is in use by another trainer: {describe_holder(holder)}. Wait for it to end, or stop it (on "
         f"{holder['host']}: `kill {holder['pid']}` saves and exits). If it is gone, this lock is taken over at once "
-        f"on {holder['host']}, and from other hosts {holder['lease_seconds']:.0f} s after its last heartbeat"
+        f"on {holder['host']}, and from other hosts {lease_of(holder):.0f} s after its last heartbeat"
     )
 
 
