@@ -7,11 +7,19 @@ different mesh shape than the one that saved it. Saves are async: training conti
 
 What keeps checkpoints trustworthy (README, "What happens when…"):
 
-* Orbax writes a step into `STEP.orbax-checkpoint-tmp/`, writes `commit_success.txt` last, and only then renames
-  the directory to `STEP/`. A step is *committed* when `STEP/commit_success.txt` exists; readers (the trainer,
-  the eval job) only ever look at committed steps, so none of them reads a half-written checkpoint.
-* The trainer resumes from the newest *usable* checkpoint. One that was never committed, or cannot be read (a
-  truncated or missing file), is reported by step and path and moved, never deleted, to WORKDIR/quarantine/
+* Orbax writes a step into the trainer's own WORKDIR/staging/TOKEN/STEP.orbax-checkpoint-tmp/ (`lock.JobLock`),
+  writes `commit_success.txt` last, and only then renames the directory to checkpoints/STEP/. A step is *committed*
+  when `STEP/commit_success.txt` exists; readers (the trainer, the eval job) only ever look at committed steps, so
+  none of them reads a half-written checkpoint.
+* Every write into the workdir is fenced by its lock (`lock.WorkdirLock.fenced`): that rename (in a bucket, where
+  Orbax writes STEP/ in place, the writing of its commit marker), each keep-N deletion (a rename of the step out of
+  checkpoints/ into the staging directory, deleted from there), config.json (written in the staging directory,
+  renamed into place) and each move to the quarantine. A trainer that lost its lock while it stood still (a paused
+  VM) commits nothing when it continues: its unfinished save stays in its staging directory, which nothing reads
+  and the next trainer sets aside.
+* The trainer resumes from the newest *usable* checkpoint. One that was never committed (in checkpoints/, or left
+  in an earlier trainer's staging directory), or cannot be read (a truncated or missing file), is reported by step
+  and path and moved, never deleted, to WORKDIR/quarantine/
   for the user to inspect; the next older one is tried. Out of checkpoints/, it cannot collide with a later
   save of the same step, and Orbax's keep-N cleanup never counts it, so it cannot push out a good checkpoint.
 * A checkpoint whose config or array layout does not fit the current config is fine: the config changed. It
@@ -21,7 +29,9 @@ What keeps checkpoints trustworthy (README, "What happens when…"):
 * Keep-N is bigjax's, not Orbax's: Orbax decides at `save(step)` which old steps to delete and deletes them in a
   background thread once the save is final, and whether that thread sees the save's error depends on which
   thread reads it first. Here Orbax deletes nothing; `delete_old_checkpoints` runs in the trainer's main thread
-  after a save has committed, and counts only committed steps, so a save that fails deletes nothing.
+  after a save has committed, and counts only committed steps, so a save that fails deletes nothing. A step it
+  deletes leaves checkpoints/ at once (renamed, or in a bucket its commit marker deleted first), so a reader never
+  takes a half-deleted step for a checkpoint.
 * A step directory that exists is never written over (Orbax's own save would delete it first).
 * Only arrays (tensorstore) and JSON are read back, by Orbax's handlers; nothing in a workdir is unpickled or
   executed, whatever other files a checkpoint directory holds.
@@ -88,16 +98,19 @@ def step_dir(workdir, step: int) -> epath.Path:
     return checkpoint_dir(workdir) / str(step)
 
 
-def manager(workdir, read_only: bool = False, best_metric: str = "", best_mode: str = "max") -> ocp.CheckpointManager:
-    """The Orbax manager of WORKDIR/checkpoints: read-only for readers, async for the trainer; it deletes nothing
-    (see `delete_old_checkpoints`).
+def manager(
+    workdir, read_only: bool = False, best_metric: str = "", best_mode: str = "max", fence: lock.JobLock | None = None
+) -> ocp.CheckpointManager:
+    """The Orbax manager of WORKDIR/checkpoints: read-only for readers, async for the trainer, whose commits are
+    fenced by its lock (`fence`, see `fenced_steps`); it deletes nothing (see `delete_old_checkpoints`).
 
     `best_metric`: checkpoints saved with eval metrics keep them, ranked by it (early stopping);
     `mngr.best_step()` names the best.
     """
     if not read_only:
         try:
-            checkpoint_dir(workdir).mkdir(parents=True, exist_ok=True)
+            with fence.fenced():
+                checkpoint_dir(workdir).mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise CheckpointError(
                 f"cannot create {checkpoint_dir(workdir)}: {describe(error)}; pass a --workdir that can be written"
@@ -116,9 +129,38 @@ def manager(workdir, read_only: bool = False, best_metric: str = "", best_mode: 
         # The step directory is made before save() returns: made in the background, a failure to make it left
         # Orbax's writers waiting for it for 300 s (its coordination timeout) after the error was reported.
         async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+        temporary_path_class=None if read_only else fenced_steps(workdir, fence),
         **ranking,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def fenced_steps(workdir, fence: lock.JobLock) -> type:
+    """How Orbax writes and commits a step (its TemporaryPath class), with the commit fenced by the workdir lock.
+
+    On a disk, a step is written in the holder's staging directory, `fence.staging`/STEP.orbax-checkpoint-tmp, and
+    committed by Orbax's rename of it to checkpoints/STEP, made inside `fence.fenced()`: a trainer that has lost its
+    lock leaves its save where it wrote it, which no reader looks at. In a bucket, where a directory cannot be
+    renamed, Orbax writes checkpoints/STEP in place and commits it by writing STEP/commit_success.txt, inside
+    `fence.fenced()` (there: a read of lock.json just before). The items inside a step are Orbax's own business.
+    """
+    checkpoints = os.fspath(checkpoint_dir(workdir))
+    orbax_way = ocp.path.atomicity_defaults.get_default_temporary_path_class(checkpoint_dir(workdir))
+
+    class FencedStep(orbax_way):
+        @classmethod
+        def from_final(cls, final_path, **options):
+            if os.fspath(final_path.parent) != checkpoints:  # an item of a step: committed with the step
+                return orbax_way.from_final(final_path, **options)
+            if orbax_way is ocp.path.atomicity.AtomicRenameTemporaryPath:
+                return cls(fence.staging / (final_path.name + TMP_SUFFIX), final_path, **options)
+            return super().from_final(final_path, **options)
+
+        async def finalize(self):
+            with fence.fenced():
+                await super().finalize()
+
+    return FencedStep
 
 
 def _register_array_handler() -> None:
@@ -147,17 +189,22 @@ def step_identity(path) -> object | None:
         return None
 
 
-def write_config(workdir, config) -> None:
-    """Write DIR/config.json (the eval job and `generate` read it), atomically: a kill mid-write leaves the old."""
+def write_config(workdir, config, fence: lock.JobLock) -> None:
+    """Write DIR/config.json (the eval job and `generate` read it), atomically (a kill mid-write leaves the old) and
+    only while `fence`'s lock is held: written in its staging directory, renamed into place."""
     if jax.process_index() != 0:
         return
+    workdir = paths.workdir(workdir)
     try:
         if paths.is_url(workdir):  # an object upload is atomic already: never seen half-written
-            (workdir / "config.json").write_text(config_lib.to_json(config))
+            with fence.fenced():
+                (workdir / "config.json").write_text(config_lib.to_json(config))
             return
-        partial = workdir / "config.json.partial"
+        partial = fence.staging / "config.json"
+        partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(config_lib.to_json(config))
-        partial.replace(workdir / "config.json")
+        with fence.fenced():
+            partial.replace(workdir / "config.json")
     except OSError as error:
         raise CheckpointError(
             f"cannot write {workdir / 'config.json'}: {error.strerror or error}; a trainer needs a workdir it can "
@@ -199,6 +246,7 @@ class Writer:
 
     mngr: ocp.CheckpointManager
     keep: Any  # an Orbax preservation policy, from `retention`
+    fence: lock.JobLock  # every commit and deletion is made only while it is held
 
     def save(self, step: int, state, data_state: dict, counters: dict, config, eval_metrics=None) -> None:
         """Start an async save of everything a resume needs (and the eval metrics early stopping ranks it by).
@@ -209,7 +257,7 @@ class Writer:
         mngr = self.mngr
         with _save_errors_reported(mngr):
             mngr.wait_until_finished()
-            delete_old_checkpoints(mngr, self.keep)
+            delete_old_checkpoints(mngr, self.keep, self.fence)
             refuse_to_write_over(mngr, step)
             arrays = {item: ocp.args.StandardSave(getattr(state, item)) for item in array_items(state)}
             json_items = dict(data=data_state, counters=counters, config=config.to_dict())
@@ -233,26 +281,41 @@ class Writer:
     def delete_old(self) -> None:
         """keep-N, once no save is in flight (see `delete_old_checkpoints`)."""
         with _save_errors_reported(self.mngr):
-            delete_old_checkpoints(self.mngr, self.keep)
+            delete_old_checkpoints(self.mngr, self.keep, self.fence)
 
 
+@contextlib.contextmanager
 def writing_new_workdir(out, flag: str = "--out"):
     """paths.writing_new_output for a new workdir: filled under its lock, as any run's writes are (process 0 holds
-    it, checks and removes)."""
+    it, checks and removes). Yields the job's lock (lock.JobLock), through which every write is fenced; a failure
+    removes what was written, in the workdir and in the lock's staging directory."""
+    fences = []
 
+    @contextlib.contextmanager
     def locked(directory):
-        return lock.held(directory, say=metrics.say)
+        with lock.held(directory, say=metrics.say) as fence:
+            fences.append(fence)
+            yield
 
     leader = jax.process_index() == 0
-    return paths.writing_new_output(out, flag, hold=locked, besides=(lock.LOCK_FILE,), leader=leader)
+    kept = (lock.LOCK_FILE, lock.STAGING_DIR)  # the lock's own: its release removes them
+    with paths.writing_new_output(out, flag, hold=locked, besides=kept, leader=leader):
+        try:
+            yield fences[0]
+        except BaseException:
+            staging = fences[0].staging
+            if leader and staging.is_dir():  # what the failed command prepared there (the release removes the rest)
+                with contextlib.suppress(OSError):
+                    paths.remove_all_but(staging, ())
+            raise
 
 
-def save_only_checkpoint(workdir, state, data_state: dict, counters: dict, config) -> None:
+def save_only_checkpoint(workdir, state, data_state: dict, counters: dict, config, fence: lock.JobLock) -> None:
     """Save and commit the one checkpoint of a new workdir (`bigjax import`, `quantize`, `lora merge`), at its step.
     If it fails, nothing of it is still being written once this raises, so that what it wrote can be removed: Orbax
     waits for a save's threads only when its blocking part succeeded, and the items whose writes had started before
     another failed go on in threads of their own, which are joined here (Orbax has no call for that)."""
-    saves = writer(workdir, keep=1)
+    saves = writer(workdir, keep=1, fence=fence)
     try:
         saves.save(int(state.step), state, data_state, counters, config)
         saves.finish()
@@ -267,10 +330,11 @@ def save_only_checkpoint(workdir, state, data_state: dict, counters: dict, confi
     saves.mngr.close()
 
 
-def writer(workdir, keep: int, best_metric: str = "", best_mode: str = "max") -> Writer:
-    """The trainer's Writer of WORKDIR/checkpoints: keep the newest `keep`, and the best by `best_metric`."""
-    mngr = manager(workdir, best_metric=best_metric, best_mode=best_mode)
-    return Writer(mngr, retention(keep, best_metric, best_mode))
+def writer(workdir, keep: int, fence: lock.JobLock, best_metric: str = "", best_mode: str = "max") -> Writer:
+    """The trainer's Writer of WORKDIR/checkpoints: keep the newest `keep`, and the best by `best_metric`; it commits
+    and deletes only while `fence`'s lock is held."""
+    mngr = manager(workdir, best_metric=best_metric, best_mode=best_mode, fence=fence)
+    return Writer(mngr, retention(keep, best_metric, best_mode), fence)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,32 +363,50 @@ def write_derived_run(out, state, config, note_file: str, note: dict, data_state
     committed checkpoint of `state` at its step (with `data_state`, the data's position, for a run that trains on),
     its config.json, and `note_file` saying where it came from (JSON), under the workdir lock like any run's writes; a
     failed write removes what was written."""
-    with writing_new_workdir(out):
-        save_only_checkpoint(out, state, data_state or {}, {}, config)
-        write_config(out, config)
+    with writing_new_workdir(out) as fence:
+        save_only_checkpoint(out, state, data_state or {}, {}, config, fence)
+        write_config(out, config, fence)
         if jax.process_index() == 0:
-            (paths.workdir(out) / note_file).write_text(json.dumps(note, indent=2) + "\n")
+            with fence.fenced():
+                (paths.workdir(out) / note_file).write_text(json.dumps(note, indent=2) + "\n")
 
 
-def delete_old_checkpoints(mngr: ocp.CheckpointManager, keep) -> None:
+def delete_old_checkpoints(mngr: ocp.CheckpointManager, keep, fence: lock.JobLock) -> None:
     """Delete the committed checkpoints that `keep` (a preservation policy) does not keep.
 
     Called only between saves, when none is in flight. Only committed steps count, and the newest of them is
-    always kept, so a committed checkpoint is deleted only for a newer one that has committed too.
+    always kept, so a committed checkpoint is deleted only for a newer one that has committed too. Process 0
+    decides and deletes; the others then read the directory again.
     """
-    steps = committed_steps(epath.Path(mngr.directory).parent)
-    if len(steps) < 2:
+    workdir = epath.Path(mngr.directory).parent
+    if jax.process_index() == 0:
+        steps = committed_steps(workdir)
+        infos = [_CheckpointInfo(step, _EPOCH, _saved_metrics(mngr, step)) for step in steps]
+        keeps = keep.should_preserve(infos, context=ocp.checkpoint_managers.PreservationContext()) if infos else []
+        for step, kept in zip(steps[:-1], keeps[:-1], strict=True):
+            if not kept:
+                delete_checkpoint(workdir, step, fence)
+    _sync("bigjax_delete_old_checkpoints")
+    mngr.reload()  # forget the deleted steps (and what early stopping ranked them by)
+
+
+def delete_checkpoint(workdir, step: int, fence: lock.JobLock) -> None:
+    """Take committed step `step` out of checkpoints/ at once, while the lock is held, and then delete it.
+
+    On a disk the step is renamed into the holder's staging directory and deleted there; in a bucket, where it
+    cannot be renamed at once, its commit marker is deleted first (a kill in between leaves a step without one,
+    set aside at the next start like any save that never finished)."""
+    path = step_dir(workdir, step)
+    if paths.is_url(workdir):
+        with fence.fenced():
+            (path / COMMIT_MARKER).unlink()
+        path.rmtree()
         return
-    infos = [_CheckpointInfo(step, _EPOCH, _saved_metrics(mngr, step)) for step in steps]
-    keeps = keep.should_preserve(infos, context=ocp.checkpoint_managers.PreservationContext())
-    # Every process lists the same committed steps of a shared directory; Orbax deletes on process 0.
-    for step, kept in zip(steps[:-1], keeps[:-1], strict=True):
-        if not kept:
-            if jax.process_index() == 0:
-                # Uncommitted first: a reader never takes a half-deleted step for a checkpoint, and one left by
-                # a kill mid-deletion is set aside at the next start like any step without its marker.
-                (step_dir(epath.Path(mngr.directory).parent, step) / COMMIT_MARKER).unlink()
-            mngr.delete(step)
+    deleted = fence.staging / f"{step}.deleted"
+    deleted.parent.mkdir(parents=True, exist_ok=True)
+    with fence.fenced():
+        path.rename(deleted)
+    deleted.rmtree()
 
 
 _EPOCH = datetime.datetime.fromtimestamp(0, datetime.UTC)  # the policies bigjax uses do not read times
@@ -375,29 +457,29 @@ def remedy(error: BaseException) -> str:
 # Restoring
 
 
-def restore_newest_usable(mngr: ocp.CheckpointManager, workdir, target_state, config) -> Restored | None:
+def restore_newest_usable(mngr: ocp.CheckpointManager, workdir, target_state, config, fence) -> Restored | None:
     """The newest checkpoint that is committed, fits `config` and reads back whole; None if there is none.
 
     Unusable checkpoints on the way are reported and moved to WORKDIR/quarantine/ (see the module docstring).
     A checkpoint that fits another config raises CheckpointError: the user changed the config, not the disk.
     """
-    set_aside_uncommitted(workdir)
+    set_aside_uncommitted(workdir, fence)
     restored = None
     for step in reversed(committed_steps(workdir)):
-        restored = _restore_or_set_aside(mngr, workdir, step, target_state, config)
+        restored = _restore_or_set_aside(mngr, workdir, step, target_state, config, fence)
         if restored is not None:
             break
     mngr.reload()  # forget what was set aside, so that keep-N cleanup counts only what is really there
     return restored
 
 
-def _restore_or_set_aside(mngr, workdir, step: int, target_state, config) -> Restored | None:
+def _restore_or_set_aside(mngr, workdir, step: int, target_state, config, fence) -> Restored | None:
     path = step_dir(workdir, step)
     try:
         saved = saved_config(mngr, step)
         layout = layout_differences(path, target_state)
     except Exception as error:  # unreadable JSON or metadata: files every process reads alike
-        set_aside(workdir, path, "unreadable", f"cannot be read: {describe(error)}")
+        set_aside(workdir, path, "unreadable", f"cannot be read: {describe(error)}", fence)
         return None
     refuse_if_incompatible(step, saved, config, layout)
     try:
@@ -405,7 +487,7 @@ def _restore_or_set_aside(mngr, workdir, step: int, target_state, config) -> Res
     except Exception as error:  # a truncated or missing array file
         restored, why = None, describe(error)
     if not _everywhere(restored is not None):
-        set_aside(workdir, path, "unreadable", f"cannot be read: {why or 'another process could not read it'}")
+        set_aside(workdir, path, "unreadable", f"cannot be read: {why or 'another process could not read it'}", fence)
         return None
     return restored
 
@@ -526,33 +608,60 @@ def refuse_if_incompatible(step: int, saved, config, layout: list[str]) -> None:
 # Setting unusable checkpoints aside
 
 
-def set_aside_uncommitted(workdir) -> None:
-    """Move every step Orbax began and never committed (killed mid-write, failed save), and every step that has
-    lost its commit marker, to the quarantine."""
-    directory = checkpoint_dir(workdir)
-    if not directory.is_dir():
-        return
-    for path in sorted(directory.iterdir()):
+def set_aside_uncommitted(workdir, fence: lock.JobLock) -> None:
+    """Move every step Orbax began and never committed (killed mid-write, failed save, or left by a trainer that
+    lost its lock: in checkpoints/ or in an earlier trainer's staging directory), and every step that has lost its
+    commit marker, to the quarantine. What else earlier trainers left in their staging directories (a config not
+    yet in place, a step keep-N was deleting) is deleted."""
+    in_checkpoints = _listed(checkpoint_dir(workdir))
+    others = [
+        holder for holder in _listed(paths.workdir(workdir) / lock.STAGING_DIR) if holder.name != fence.staging.name
+    ]
+    in_staging = [path for holder in others for path in _listed(holder) if path.name.endswith(TMP_SUFFIX)]
+    _sync("bigjax_listed_uncommitted")  # every process has listed them before process 0 moves any
+    for path in in_checkpoints:
         if path.name.endswith(TMP_SUFFIX):
-            set_aside(workdir, path, "uncommitted", "is a save that never finished (killed or failed mid-write)")
+            set_aside(workdir, path, "uncommitted", "is a save that never finished (killed or failed mid-write)", fence)
         elif path.name.isdigit() and not (path / COMMIT_MARKER).exists():
             if paths.is_url(workdir):  # in a bucket Orbax writes STEP/ in place, and the marker commits it
-                set_aside(workdir, path, "uncommitted", f"has no {COMMIT_MARKER}: a save that never finished")
+                why = f"has no {COMMIT_MARKER}: a save that never finished"
+                set_aside(workdir, path, "uncommitted", why, fence)
             else:  # on a disk only a committed step is ever renamed to STEP/: this one was committed once
-                set_aside(workdir, path, "unmarked", f"has lost its {COMMIT_MARKER} (deleted, or partly deleted)")
+                why = f"has lost its {COMMIT_MARKER} (deleted, or partly deleted)"
+                set_aside(workdir, path, "unmarked", why, fence)
+    for path in in_staging:
+        why = "is a save that never finished (its trainer was killed, or lost its lock, mid-write)"
+        set_aside(workdir, path, "uncommitted", why, fence)
+    if jax.process_index() == 0:
+        for holder in others:
+            delete_staging(holder, fence)
 
 
-def set_aside(workdir, path: epath.Path, kind: str, why: str) -> None:
+def _listed(directory: epath.Path) -> list[epath.Path]:
+    return sorted(directory.iterdir()) if directory.is_dir() else []
+
+
+def delete_staging(holder: epath.Path, fence: lock.JobLock) -> None:
+    """Delete an earlier trainer's staging directory: moved into this one's first (while the lock is held)."""
+    deleted = fence.staging / f"{holder.name}.deleted"
+    deleted.parent.mkdir(parents=True, exist_ok=True)
+    with fence.fenced():
+        holder.rename(deleted)
+    deleted.rmtree()
+
+
+def set_aside(workdir, path: epath.Path, kind: str, why: str, fence: lock.JobLock) -> None:
     """Report `path` and move it to WORKDIR/quarantine/STEP.KIND.TIME/, with the reason beside it (process 0)."""
     step = path.name.split(".")[0]
     if jax.process_index() == 0:
         destination = quarantine_dir(workdir) / f"{step}.{kind}.{datetime.datetime.now():%Y%m%dT%H%M%S.%f}"
         try:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            # The reason first: in a bucket, where folders exist only through the objects in them, this creates the
-            # folder that the move needs.
-            destination.with_name(destination.name + ".txt").write_text(f"checkpoint {step} at {path} {why}\n")
-            path.rename(destination)
+            with fence.fenced():
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                # The reason first: in a bucket, where folders exist only through the objects in them, this creates the
+                # folder that the move needs.
+                destination.with_name(destination.name + ".txt").write_text(f"checkpoint {step} at {path} {why}\n")
+                path.rename(destination)
         except OSError as error:  # e.g. a file named quarantine
             reason = error.strerror or str(error)
             raise CheckpointError(

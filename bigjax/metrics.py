@@ -1,6 +1,8 @@
 """Metric writers (console, JSONL, TensorBoard) behind one interface; MFU against the peaks of bigjax.devices.
 
-Only process 0 writes; the other processes get a writer that does nothing, so callers never branch.
+Only process 0 writes; the other processes get a writer that does nothing, so callers never branch. Each write to a
+file is made inside `fence()` (the trainer's workdir lock, `lock.JobLock.fenced`), at the moment it is asked for: a
+trainer that lost its lock writes no row and no event more.
 
 A metrics file that cannot be written (a full disk, a file-size limit, a directory in its place) is a MetricsError,
 one line for the user. A write that failed part-way, or a kill mid-write, leaves the file's last line cut off: the
@@ -10,6 +12,7 @@ before it appends, and readers skip any line that is not a row, saying which.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -41,39 +44,41 @@ def _round(value):
     return value
 
 
-def summary_writer_class():
-    """tensorboardX's SummaryWriter, imported here: only process 0 needs it. tensorboardX imports torch whenever it
-    is installed, only to accept torch tensors (bigjax writes floats): 1.2-1.5 s of CPU at every start on a machine
-    that has torch (the GPU image, a dev venv). So, unless torch is imported already, it is imported with torch
-    hidden, and `import torch` works as ever afterwards."""
+def tensorboardx():
+    """tensorboardX, imported here: only process 0 needs it. It imports torch whenever torch is installed, only to
+    accept torch tensors (bigjax writes floats): 1.2-1.5 s of CPU at every start on a machine that has torch (the GPU
+    image, a dev venv). So, unless torch is imported already, it is imported with torch hidden, and `import torch`
+    works as ever afterwards."""
     if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
+        import tensorboardX
 
-        return SummaryWriter
+        return tensorboardX
     sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
     try:
-        from tensorboardX import SummaryWriter
+        import tensorboardX
     finally:
         del sys.modules["torch"]
-    return SummaryWriter
+    return tensorboardX
 
 
 class MetricWriter:
-    """Writes `{name: number}` at a step to the console, DIR/metrics.jsonl and TensorBoard events in DIR."""
+    """Writes `{name: number}` at a step to the console, DIR/metrics.jsonl and TensorBoard events in DIR; each file
+    write inside `fence()`."""
 
-    def __init__(self, directory, console_prefix: str = "", enabled: bool | None = None):
+    def __init__(self, directory, console_prefix: str = "", enabled: bool | None = None, fence=contextlib.nullcontext):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.prefix = console_prefix
         self.jsonl = self.tensorboard = None
         if self.enabled:
             directory = paths.workdir(directory)
             try:
-                directory.mkdir(parents=True, exist_ok=True)
+                with fence():
+                    directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise cannot("create", directory, error) from error
-            self.jsonl = JsonLines(directory / "metrics.jsonl")
+            self.jsonl = JsonLines(directory / "metrics.jsonl", fence)
             try:
-                self.tensorboard = summary_writer_class()(os.fspath(directory), flush_secs=10)
+                self.tensorboard = TensorBoard(directory, fence)
             except OSError as error:
                 self.jsonl.close()
                 raise cannot("write TensorBoard events into", directory, error) from error
@@ -83,8 +88,7 @@ class MetricWriter:
             return
         metrics = {k: _round(float(v)) for k, v in metrics.items() if v is not None}
         self.jsonl.write(json.dumps({"step": step, **metrics, "time": round(time.time(), 3)}) + "\n")
-        for name, value in metrics.items():
-            self.tensorboard.add_scalar(name, value, step)
+        self.tensorboard.write(step, metrics)
         if console:
             say(f"{self.prefix}step {step}: " + "  ".join(f"{k}={_format(v)}" for k, v in metrics.items()))
 
@@ -101,6 +105,31 @@ class MetricWriter:
                 raise MetricsError(
                     f"cannot write the metrics in {self.jsonl.path.parent}: {error}; {errors.remedy(str(error))}"
                 ) from error
+
+
+class TensorBoard:
+    """TensorBoard's events file in a directory, written when `write` is called, inside `fence()`: not later, by a
+    background thread, as tensorboardX's SummaryWriter does (its own synchronous EventsWriter underneath)."""
+
+    def __init__(self, directory, fence=contextlib.nullcontext):
+        self.tensorboardx, self.fence = tensorboardx(), fence
+        with fence():
+            self.events = self.tensorboardx.event_file_writer.EventsWriter(os.path.join(os.fspath(directory), "events"))
+            self.events.flush()
+
+    def write(self, step: int, metrics: dict) -> None:
+        tbx, now = self.tensorboardx, time.time()
+        events = [
+            tbx.proto.event_pb2.Event(wall_time=now, step=step, summary=tbx.summary.scalar(name, value))
+            for name, value in metrics.items()
+        ]
+        with self.fence():
+            for event in events:
+                self.events.write_event(event)
+            self.events.flush()
+
+    def close(self) -> None:
+        self.events.close()  # writes nothing new: every event was flushed when written
 
 
 def _format(value: float) -> str:
@@ -131,27 +160,29 @@ class JsonLines:
     """Appends lines to a file, on a disk or in a bucket. Objects in a bucket cannot be appended to, so there the
     whole file is rewritten at each write: a run's metrics are kilobytes, written every `log_every` steps."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, fence=contextlib.nullcontext):
+        self.path, self.fence = path, fence
         try:
-            set_aside_cut_off_line(path)
-            if paths.is_url(path):
-                self.file, self.lines = None, [path.read_text()] if path.exists() else []
-            else:
-                # Unbuffered: what a failed write leaves is on disk already, and nothing retried at close.
-                self.file, self.lines = open(path, "ab", buffering=0), None
+            with fence():
+                set_aside_cut_off_line(path)
+                if paths.is_url(path):
+                    self.file, self.lines = None, [path.read_text()] if path.exists() else []
+                else:
+                    # Unbuffered: what a failed write leaves is on disk already, and nothing retried at close.
+                    self.file, self.lines = open(path, "ab", buffering=0), None
         except OSError as error:
             raise cannot("write", path, error) from error
 
     def write(self, line: str) -> None:
         try:
-            if self.file is not None:
-                data = line.encode()
-                while data:  # a write may take part of it (a disk filling up): the rest, or the error, comes next
-                    data = data[self.file.write(data) :]
-            else:
-                self.lines.append(line)
-                self.path.write_text("".join(self.lines))
+            with self.fence():
+                if self.file is not None:
+                    data = line.encode()
+                    while data:  # a write may take part of it (a disk filling up): the rest, or the error, comes next
+                        data = data[self.file.write(data) :]
+                else:
+                    self.lines.append(line)
+                    self.path.write_text("".join(self.lines))
         except OSError as error:
             raise cannot("write", self.path, error) from error
 

@@ -109,17 +109,18 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
         stopper = finetune.EarlyStopping.from_config(config)  # None unless config.early_stopping.metric is set
         # The newest keep_checkpoints are kept, and for early stopping the best one too.
         ranking = config.early_stopping.metric, config.early_stopping.mode
-        saves = checkpoint.writer(workdir, config.keep_checkpoints, *ranking)
+        # Every write into the workdir from here on is fenced by the lock: a trainer that lost it writes nothing.
+        saves = checkpoint.writer(workdir, config.keep_checkpoints, workdir_lock, *ranking)
         mngr = saves.mngr
 
         # State: restored from the newest usable checkpoint or freshly initialized into its shards.
         with clock("restore"):
-            state, counters = restore_or_init(setup, mngr, workdir, train_batches, fresh)
+            state, counters = restore_or_init(setup, saves, workdir, train_batches, fresh)
         start = int(state.step)
         if stop_at_step is not None and stop_at_step <= start:
             return stopped_before_training(start, stop_at_step)
         # Only now: a refused resume must not overwrite the config of the checkpoints.
-        checkpoint.write_config(workdir, config)
+        checkpoint.write_config(workdir, config, workdir_lock)
         non_finite = NonFiniteGuard(config, start_step=start, skipped=counters.get("nan_skips", 0))
         log_model_size(state.params, config)
         if stopper is not None and start:
@@ -137,7 +138,7 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
             metrics.say(goodput.line(clock.totals(), cache.describe()))
             return Summary(step=start, status="preempted", last_metrics={})
 
-        writer = metrics.MetricWriter(workdir)
+        writer = metrics.MetricWriter(workdir, fence=workdir_lock.fenced)
         throughput = Throughput(config.batch_size, setup.task, setup.mesh.devices.size)
         pending = []  # per-step metrics still on device: fetched only at log time, never every step
         last = {}
@@ -209,7 +210,7 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
 # The steps of the story
 
 
-def restore_or_init(setup: Setup, mngr, workdir, train_batches, fresh: bool):
+def restore_or_init(setup: Setup, saves, workdir, train_batches, fresh: bool):
     """(state, counters) from the newest usable checkpoint, the data iterator moved to match; else a new state.
 
     A changed model or optimizer is refused (checkpoint.CheckpointError lists the differences); unusable
@@ -217,7 +218,7 @@ def restore_or_init(setup: Setup, mngr, workdir, train_batches, fresh: bool):
     that needs `fresh` (`bigjax train --fresh`).
     """
     config = setup.config
-    restored = checkpoint.restore_newest_usable(mngr, workdir, setup.state_target(), config)
+    restored = checkpoint.restore_newest_usable(saves.mngr, workdir, setup.state_target(), config, saves.fence)
     if restored is not None and fresh:
         raise TrainingError(
             f"--fresh starts over only in a workdir with no usable checkpoint, and {workdir} has one at step "

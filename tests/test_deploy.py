@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO
 from tolerance import float32_sum_tolerance, image_sum_lengths, transformer_sum_lengths
 
-from bigjax import checkpoint, data, deploy, generate
+from bigjax import checkpoint, data, deploy, generate, lock
 from bigjax import config as config_lib
 from bigjax.deploy import onnx_export, stablehlo
 from bigjax.errors import UserError
@@ -55,10 +55,11 @@ def saved_run(workdir, name: str, noise: float = 0.1):
     shaken = lambda tree: jax.tree.map(lambda a: a + noise * jax.random.normal(next(keys), a.shape, a.dtype), tree)
     model_state = {c: jax.tree.map(lambda a: abs(a) + 0.5, shaken(v)) for c, v in state.model_state.items()}
     state = state.replace(params=shaken(state.params), model_state=model_state)
-    saves = checkpoint.writer(workdir, config.keep_checkpoints)
-    saves.save(0, state, data.train_batches(config).get_state(), {"nan_skips": 0}, config)
-    saves.finish()
-    checkpoint.write_config(workdir, config)
+    with lock.held(workdir) as fence:
+        saves = checkpoint.writer(workdir, config.keep_checkpoints, fence)
+        saves.save(0, state, data.train_batches(config).get_state(), {"nan_skips": 0}, config)
+        saves.finish()
+        checkpoint.write_config(workdir, config, fence)
     variables = jax.tree.map(np.asarray, {"params": state.params, **state.model_state})
     return config, setup.task, variables
 
@@ -159,7 +160,7 @@ def test_a_missing_optional_dependency_is_one_error_naming_the_extra(gpt_run, tm
 
 def test_refused_runs_say_so_in_one_line(tmp_path, cli):
     config = config_lib.load(str(REPO / "experiments" / "bert_tiny_mlm.py"))
-    checkpoint.write_config(tmp_path, config)
+    (tmp_path / "config.json").write_text(config_lib.to_json(config))  # a run's config.json, alone
     result = cli("export", "--workdir", tmp_path, "--out", tmp_path / "out", "--format", "onnx", check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().startswith("error:") and "masked_lm" in result.stderr

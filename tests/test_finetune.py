@@ -9,7 +9,7 @@ from conftest import TINY
 from test_optim import make_config
 from test_train import final_params
 
-from bigjax import checkpoint, finetune, metrics, optim, train
+from bigjax import checkpoint, finetune, lock, metrics, optim, train
 from bigjax import config as config_lib
 from bigjax import params as params_lib
 from bigjax.params import by_path
@@ -208,13 +208,14 @@ def test_with_one_checkpoint_kept_the_best_by_the_mode_stays_beside_the_newest(t
     from bigjax import state as state_lib
 
     losses = {2: 3.0, 4: 1.0, 6: 5.0, 8: 2.0}  # the newest, 8, is neither the lowest nor the highest
-    saves = checkpoint.writer(tmp_path, 1, "loss", mode)
     config = config_lib.load(TINY)
-    for step, loss in losses.items():
-        state = state_lib.TrainState(step=jnp.int32(step), params={"w": jnp.zeros(2)}, opt_state={}, model_state={})
-        saves.save(step, state, {}, {}, config, {"loss": loss})
-    saves.finish()
-    saves.delete_old()
+    with lock.held(tmp_path) as fence:
+        saves = checkpoint.writer(tmp_path, 1, fence, "loss", mode)
+        for step, loss in losses.items():
+            state = state_lib.TrainState(step=jnp.int32(step), params={"w": jnp.zeros(2)}, opt_state={}, model_state={})
+            saves.save(step, state, {}, {}, config, {"loss": loss})
+        saves.finish()
+        saves.delete_old()
     assert checkpoint.committed_steps(tmp_path) == [best, 8]
     assert saves.mngr.best_step() == best  # train.resume_early_stopping's
 

@@ -309,7 +309,7 @@ def test_a_model_with_nothing_to_quantize_is_refused(tmp_path):
     config = vision_config("resnet")
     workdir = tmp_path / "resnet"
     workdir.mkdir()
-    checkpoint.write_config(workdir, config)
+    (workdir / "config.json").write_text(config_lib.to_json(config))
     (workdir / "checkpoints" / "1").mkdir(parents=True)
     (workdir / "checkpoints" / "1" / checkpoint.COMMIT_MARKER).write_text("")
     with pytest.raises(QuantizeError, match="no layer of this model is quantized"):

@@ -235,16 +235,17 @@ def import_hf(hf_dir, workdir, overrides=()) -> int:
     if own_tokenizer:  # the checkpoint and config.json name the copy beside them, written last
         config.data.tokenizer = files.moved_spec(own_tokenizer, workdir)
 
-    with checkpoint.writing_new_workdir(workdir, "--workdir"):
-        checkpoint.save_only_checkpoint(workdir, state, data_state, {"nan_skips": 0}, config)
-        checkpoint.write_config(workdir, config)
-        if own_tokenizer:
-            files.copy_tokenizer_files(hf_dir, workdir)
+    with checkpoint.writing_new_workdir(workdir, "--workdir") as fence:
+        checkpoint.save_only_checkpoint(workdir, state, data_state, {"nan_skips": 0}, config, fence)
+        checkpoint.write_config(workdir, config, fence)
         source = {"source": str(hf_dir)}
         if text:  # the vocabulary and special ids export gives back, whatever tokenizer the run has
             special = {field: hf[field] for field in SPECIAL_ID_FIELDS if hf.get(field) is not None}
             source |= {"vocab_size": hf_vocab, "special_ids": special}
-        (workdir / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+        with fence.fenced():
+            if own_tokenizer:
+                files.copy_tokenizer_files(hf_dir, workdir)
+            (workdir / SOURCE_FILE).write_text(json.dumps(source, indent=2))
     return state_lib.count_parameters(state.params)
 
 

@@ -185,6 +185,38 @@ def _maybe_signal(process, kill: Kill, workdir: pathlib.Path, rows: list[dict]) 
 
 
 # --------------------------------------------------------------------------------------------------
+# Stopped processes
+
+
+def all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of process `pid` has stopped (SIGSTOP is delivered asynchronously: a thread may still
+    write for a few milliseconds after it was sent)."""
+    return all(thread_state(pid, tid) in ("T", "t", None) for tid in os.listdir(f"/proc/{pid}/task"))
+
+
+def thread_state(pid: int, tid: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:  # the thread ended
+        return None
+
+
+def snapshot(workdir, leave_out=lambda relative: False) -> dict:
+    """Every file and directory under workdir (but those `leave_out` names), with what changes when it is written,
+    replaced or deleted."""
+    found = {}
+    for root, dirs, files in os.walk(workdir):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, workdir)
+            if not leave_out(relative):
+                info = os.stat(path)
+                found[relative] = (info.st_ino, info.st_size, info.st_mtime_ns)
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
 # Reading what a run left
 
 
@@ -211,11 +243,16 @@ def committed_steps(workdir) -> list[int]:
 
 
 def uncommitted_steps(workdir) -> list[int]:
-    directory = pathlib.Path(workdir) / "checkpoints"
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
+    """Steps Orbax began and has not committed: in a trainer's staging directory (or, left by an older bigjax, in
+    checkpoints/)."""
+    workdir = pathlib.Path(workdir)
+    places = [workdir / "checkpoints", *workdir.glob("staging/*")]
+    names = []
+    for place in places:
+        try:
+            names += os.listdir(place)
+        except FileNotFoundError:
+            pass
     return sorted(int(name[: -len(TMP_SUFFIX)]) for name in names if name.endswith(TMP_SUFFIX))
 
 

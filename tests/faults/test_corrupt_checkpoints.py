@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY
 from harness import delete_the_array_files, final_state, same_arrays, set_aside, truncate_the_array_files
 
-from bigjax import checkpoint, train
+from bigjax import checkpoint, lock, train
 
 
 def delete_the_array_metadata(step_dir):
@@ -163,10 +163,11 @@ def test_a_save_over_a_committed_checkpoint_is_refused_and_leaves_it_untouched(c
         shutil.copytree(committed / "params", temporary / "params")
     before = files_of(committed), files_of(temporary)
 
-    saves = checkpoint.writer(workdir, keep=8)
     state = state_lib.TrainState(step=jnp.int32(8), params={"w": jnp.zeros(2)}, opt_state={}, model_state={})
-    with pytest.raises(checkpoint.CheckpointError, match="checkpoint 8 exists already"):
-        saves.save(8, state, {}, {}, config)
-    saves.finish()
+    with lock.held(workdir) as fence:
+        saves = checkpoint.writer(workdir, 8, fence)
+        with pytest.raises(checkpoint.CheckpointError, match="checkpoint 8 exists already"):
+            saves.save(8, state, {}, {}, config)
+        saves.finish()
     assert (files_of(committed), files_of(temporary)) == before
     assert checkpoint.committed_steps(workdir) == [1, 2, 3, 4, 5, 6, 7, 8]

@@ -16,7 +16,7 @@ import time
 
 import pytest
 from conftest import REPO, TINY
-from harness import committed_steps, environment, rows_since
+from harness import all_threads_stopped, committed_steps, environment, rows_since, snapshot
 
 from bigjax import lock
 
@@ -43,34 +43,12 @@ def start_trainer(workdir, env) -> subprocess.Popen:
 
 
 def freeze(process) -> None:
-    """SIGSTOP, then wait until every thread of the process has stopped (the signal is delivered asynchronously: a
-    thread may still write for a few milliseconds after `send_signal` returns)."""
+    """SIGSTOP, then wait until every thread of the process has stopped."""
     process.send_signal(signal.SIGSTOP)
     deadline = time.monotonic() + 60
-    while not all(
-        thread_state(process.pid, tid) in ("T", "t", None) for tid in os.listdir(f"/proc/{process.pid}/task")
-    ):
+    while not all_threads_stopped(process.pid):
         assert time.monotonic() < deadline, "the trainer did not stop"
         time.sleep(0.001)
-
-
-def thread_state(pid: int, tid: str) -> str | None:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:  # the thread ended
-        return None
-
-
-def snapshot(workdir) -> dict:
-    """Every file and directory under workdir, with what changes when it is written, replaced or deleted."""
-    found = {}
-    for root, dirs, files in os.walk(workdir):
-        for name in dirs + files:
-            path = os.path.join(root, name)
-            info = os.stat(path)
-            found[os.path.relpath(path, workdir)] = (info.st_ino, info.st_size, info.st_mtime_ns)
-    return found
 
 
 def test_a_second_trainer_is_refused_at_once_and_touches_nothing_of_the_live_one(cli, env, tmp_path):
@@ -167,14 +145,122 @@ def test_a_reused_process_id_on_this_machine_does_not_keep_a_dead_holders_lock(t
     lock.acquire(tmp_path, say=lambda _: None).release()
 
 
-def test_a_holder_whose_lock_was_taken_over_stops_saving_and_leaves_the_new_lock_alone(tmp_path):
+@pytest.mark.parametrize("noticed", [True, False], ids=["noticed", "never noticed"])
+def test_a_holder_taken_over_stops_and_leaves_the_new_holders_lock_in_place(tmp_path, noticed):
     held = lock.acquire(tmp_path)
     held.check()
-    write_record(tmp_path, foreign_record(heartbeat_age=0))  # taken over while this holder stalled
-    held.renew()
-    with pytest.raises(lock.LockError, match=r"lost its lock .*\(now held by pid 4242 on host other-host"):
-        held.check()
-    held.release()
+    held._stop.set()  # its heartbeat thread stood still with it (the heartbeat would notice the takeover)
+    held._thread.join()
+    write_record(tmp_path, foreign_record(heartbeat_age=0))  # taken over while this holder stood still
+    if noticed:
+        with pytest.raises(lock.LockError, match=r"lost its lock .*\(now held by pid 4242 on host other-host"):
+            held.check()
+    held.release()  # it exits
+    assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["token"] == "theirs"
+    with pytest.raises(lock.LockError, match="in use by another trainer: pid 4242 on host other-host"):
+        lock.acquire(tmp_path)  # a third trainer is still refused
+
+
+def test_a_trainer_starting_as_the_holder_releases_gets_the_lock_in_its_own_name(tmp_path, monkeypatch):
+    """The starter opens lock.json, and waits for its flock while the leaver deletes the file: it must look again
+    (at a new file), not read the deleted one, which names the leaver."""
+    import fcntl
+
+    leaver = lock.acquire(tmp_path, say=lambda _: None)
+    deleting, starter_waits = threading.Event(), threading.Event()
+    flock, write = fcntl.flock, lock._FileRecord._write
+
+    def flock_seen(f, operation):
+        if threading.current_thread().name == "starter":
+            starter_waits.set()  # it has the record file open, and asks for its lock
+        return flock(f, operation)
+
+    def delete_once_the_starter_waits(self, f, record):
+        if record is None:  # the leaver, releasing
+            deleting.set()
+            assert starter_waits.wait(60)
+        return write(self, f, record)
+
+    monkeypatch.setattr(fcntl, "flock", flock_seen)
+    monkeypatch.setattr(lock._FileRecord, "_write", delete_once_the_starter_waits)
+    results = {}
+
+    def start():
+        try:
+            results["starter"] = lock.acquire(tmp_path, say=lambda _: None)
+        except lock.LockError as error:
+            results["starter"] = error
+
+    leaving = threading.Thread(target=leaver.release)
+    leaving.start()
+    assert deleting.wait(60)  # the leaver holds the record, about to delete it
+    starter = threading.Thread(target=start, name="starter")
+    starter.start()
+    leaving.join(60)
+    starter.join(60)
+
+    assert isinstance(results["starter"], lock.WorkdirLock), results["starter"]
+    assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["token"] == results["starter"].token
+    results["starter"].release()
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        lambda: {key: value for key, value in lock.new_record(120.0).items() if key != "pid"},
+        lambda: dict(foreign_record(heartbeat_age=0), heartbeat="a minute ago"),
+        lambda: "[1, 2]",
+        lambda: "{ not json",
+    ],
+    ids=["no pid", "text heartbeat", "not an object", "not JSON"],
+)
+def test_a_damaged_lock_record_holds_no_lock_and_is_taken_over_with_a_word(tmp_path, damaged):
+    """bigjax writes lock.json whole, under its compare-and-swap: a damaged record was not written by a live trainer's
+    heartbeat. Taking it over costs nothing even if a trainer still runs there: that one stops at its next write."""
+    record = damaged()
+    (tmp_path / lock.LOCK_FILE).write_text(record if isinstance(record, str) else json.dumps(record))
+    said = []
+    held = lock.acquire(tmp_path, say=said.append)
+    try:
+        assert len(said) == 1 and said[0].startswith(f"took over the lock of {tmp_path}: its lock.json was not written")
+        assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["token"] == held.token
+    finally:
+        held.release()
+
+
+def test_a_heartbeat_ahead_of_this_machines_clock_holds_the_lock_no_longer_than_its_lease(tmp_path):
+    """Its holder's clock is an hour ahead (clock skew between hosts): its heartbeat says nothing about when it was
+    written, so the record is watched for one lease of this machine's clock, and taken over if it never changes."""
+    write_record(tmp_path, foreign_record(heartbeat_age=-3600, lease=0.5))
+    said = []
+    held = lock.acquire(tmp_path, say=said.append)
+    try:
+        assert "3600 s ahead of this machine's clock" in said[0] and "watching its heartbeat for 0.5 s" in said[0]
+        assert said[-1].startswith(f"took over the lock of {tmp_path}: its holder is gone (pid 4242 on host other-host")
+        assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["token"] == held.token
+    finally:
+        held.release()
+
+
+def test_a_holder_whose_clock_is_ahead_keeps_its_lock_while_it_renews_its_heartbeat(tmp_path):
+    record = foreign_record(heartbeat_age=-3600, lease=30.0)
+    write_record(tmp_path, record)
+    store, stop = lock._FileRecord(tmp_path / lock.LOCK_FILE), threading.Event()
+
+    def renew():  # the holder on the other host, as its heartbeat thread does (under the record's flock)
+        while not stop.wait(0.05):
+            record["heartbeat"] += 0.05
+            with store.change() as (_, write):
+                write(record)
+
+    renewing = threading.Thread(target=renew)
+    renewing.start()
+    try:
+        with pytest.raises(lock.LockError, match=r"in use by another trainer: pid 4242 .* ahead of this machine's"):
+            lock.acquire(tmp_path, say=lambda _: None)
+    finally:
+        stop.set()
+        renewing.join()
     assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["token"] == "theirs"
 
 
