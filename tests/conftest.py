@@ -33,6 +33,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "experiments" / "tiny.py")
 
 
+def pytest_configure(config):
+    """BIGJAX_TEST_COSTS=FILE.jsonl: record each test's CPU time, processes and compiles (tests/costs.py)."""
+    if os.environ.get("BIGJAX_TEST_COSTS"):
+        import costs
+
+        costs.register(config)
+
+
 @pytest.fixture
 def tiny_config():
     """The toy experiment's config, loaded as the CLI would, with overrides."""
