@@ -74,6 +74,34 @@ def cli():
     return run_cli
 
 
+@pytest.fixture
+def cli_in_process(capsys, monkeypatch):
+    """`bigjax ARGS` as `cli` runs it, but by cli.main in this process: the same printed lines and exit code
+    without a process to start (each costs ~3 s of CPU in imports alone). For tests of what a command says and
+    does where the process itself is not what is tested; every command keeps tests through `cli`."""
+    from bigjax import cli as bigjax_cli
+    from bigjax import logs, signals
+
+    monkeypatch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)  # keep pytest's logging
+    monkeypatch.setattr(logs, "_handler", None)
+
+    def run(*args, check=True):
+        capsys.readouterr()  # what the test printed before is not the command's
+        try:
+            returncode = bigjax_cli.main([str(arg) for arg in args])
+        except SystemExit as exit:  # argparse's refusal of the arguments themselves
+            returncode = exit.code
+        finally:
+            signals.release()  # `train` took SIGTERM and SIGINT: pytest's again
+        captured = capsys.readouterr()
+        result = subprocess.CompletedProcess(["bigjax", *map(str, args)], returncode, captured.out, captured.err)
+        if check and returncode != 0:
+            raise AssertionError(f"bigjax {' '.join(map(str, args))} failed ({returncode}):\n{captured.err[-3000:]}")
+        return result
+
+    return run
+
+
 def read_until(process, marker: str, stderr_file) -> str:
     """What `process` writes to its stdout (a text pipe) up to the first line that contains `marker`: a test waits
     on the process's own word that it got there, not on a clock. Fails with its stderr (sent to the file
