@@ -51,13 +51,13 @@ def test_bigjax_has_no_code_that_unpickles_or_evaluates_files():
     assert not offenders, offenders
 
 
-def test_unexpected_files_in_a_workdir_and_its_checkpoints_run_nothing(tmp_path):
+def test_unexpected_files_in_a_workdir_and_its_checkpoints_run_nothing(cli_in_process, tmp_path):
     workdir, evidence = tmp_path / "run", tmp_path / "evidence"
     evidence.mkdir()
     env = environment(tmp_path / "compile-cache")
     cli = lambda *args: run_cli(*args, env=env)
     train = ("train", "--config", TINY, "--workdir", workdir)
-    cli(*train)  # checkpoints 4 and 8
+    cli_in_process(*train)  # checkpoints 4 and 8, before anything is planted: no process of its own needed
     checkpoints, step_4 = workdir / "checkpoints", workdir / "checkpoints" / "4"
     for directory in (workdir, checkpoints, step_4, step_4 / "params", step_4 / "params" / "d", step_4 / "data"):
         plant(directory, evidence)
