@@ -146,10 +146,16 @@ def main() -> None:
     print(table(files, "file"))
     total = {c: sum(row[c] for row in files.values()) for c in COLUMNS}
     print(table({"TOTAL": {"tests": len(tests), **total}}, ""))
-    costs = [row["cpu"] for row in files.values()]
+    by_count = sorted(files, key=lambda f: -files[f]["tests"])  # xdist's order of files: most tests first
+    by_cost = sorted(files, key=lambda f: -files[f]["cpu"])
+    busier = {
+        order: two_workers([files[f]["cpu"] for f in names])
+        for order, names in [("count", by_count), ("cost", by_cost)]
+    }
     print(
-        f"\n-n 2 --dist loadfile, in CPU seconds: largest file {max(costs):.0f}, half the total {total['cpu'] / 2:.0f},"
-        f" files in collection order to the free worker {two_workers([files[f]['cpu'] for f in sorted(files)]):.0f}"
+        f"\n-n 2 --dist loadfile, in CPU seconds of the busier worker: {busier['count']:.0f} (files with most tests"
+        f" first, xdist's order); {busier['cost']:.0f} (heaviest first); the bounds: half the total"
+        f" {total['cpu'] / 2:.0f}, the largest file {files[by_cost[0]]['cpu']:.0f}"
     )
     top = dict(sorted(tests.items(), key=lambda kv: -kv[1]["cpu"])[: args.top])
     print("\n" + table(top, "test"))
