@@ -21,8 +21,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 # is compiled by dozens of them. Keys include the jax version, the devices and the program, so a stale entry
 # is never used; the directory is ignored by git. Every program is kept, however quick to compile: with
 # FAST_COMPILE most take under JAX's default minimum of a second, and a tenth of a second each, compiled again in
-# every process, adds up (tests/costs.py counted 52 compiles and 34 hits in test_cli and two fault files with a
-# minimum of 0.5 s, 20 and 66 with none: 13% of their CPU time).
+# every process, adds up (tests/costs.py, test_cli alone from a cold cache: 42 compiles and 28 hits with a minimum
+# of 0.5 s, 10 and 60 with none; 82 CPU seconds, then 73).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(os.path.join(os.path.dirname(__file__), "..", ".jax-cache")))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
