@@ -105,6 +105,26 @@ def cli_in_process(capsys, monkeypatch):
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """experiments/tiny.py as it is, trained 8 steps in this process (checkpoints 4 and 8, metrics every 2 steps):
+    once per session (per xdist worker) for every test that needs a trained tiny run. Shared: read it, and copy
+    it (`copy_run`) before changing anything in it."""
+    from bigjax import config as config_lib
+    from bigjax import train
+
+    workdir = tmp_path_factory.mktemp("tiny_run") / "run"
+    assert train.train(config_lib.load(TINY), workdir).step == 8
+    return workdir
+
+
+def copy_run(workdir, where):
+    """A copy of the run `workdir` at where/run, to change."""
+    import shutil
+
+    return pathlib.Path(shutil.copytree(workdir, pathlib.Path(where) / "run"))
+
+
 def read_until(process, marker: str, stderr_file) -> str:
     """What `process` writes to its stdout (a text pipe) up to the first line that contains `marker`: a test waits
     on the process's own word that it got there, not on a clock. Fails with its stderr (sent to the file
