@@ -19,9 +19,12 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)
 os.environ["JAX_PLATFORMS"] = "cpu"
 # One persistent compilation cache for the tests and the bigjax processes they start: the same tiny train step
 # is compiled by dozens of them. Keys include the jax version, the devices and the program, so a stale entry
-# is never used; the directory is ignored by git.
+# is never used; the directory is ignored by git. Every program is kept, however quick to compile: with
+# FAST_COMPILE most take under JAX's default minimum of a second, and a tenth of a second each, compiled again in
+# every process, adds up (tests/costs.py, test_cli alone from a cold cache: 42 compiles and 28 hits with a minimum
+# of 0.5 s, 10 and 60 with none; 82 CPU seconds, then 73).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(os.path.join(os.path.dirname(__file__), "..", ".jax-cache")))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
@@ -31,6 +34,14 @@ import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "experiments" / "tiny.py")
+
+
+def pytest_configure(config):
+    """BIGJAX_TEST_COSTS=FILE.jsonl: record each test's CPU time, processes and compiles (tests/costs.py)."""
+    if os.environ.get("BIGJAX_TEST_COSTS"):
+        import costs
+
+        costs.register(config)
 
 
 @pytest.fixture
@@ -64,6 +75,54 @@ def run_cli(*args, timeout=300, check=True, **popen):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def cli_in_process(capsys, monkeypatch):
+    """`bigjax ARGS` as `cli` runs it, but by cli.main in this process: the same printed lines and exit code
+    without a process to start (each costs ~3 s of CPU in imports alone). For tests of what a command says and
+    does where the process itself is not what is tested; every command keeps tests through `cli`."""
+    from bigjax import cli as bigjax_cli
+    from bigjax import logs, signals
+
+    monkeypatch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)  # keep pytest's logging
+    monkeypatch.setattr(logs, "_handler", None)
+
+    def run(*args, check=True):
+        capsys.readouterr()  # what the test printed before is not the command's
+        try:
+            returncode = bigjax_cli.main([str(arg) for arg in args])
+        except SystemExit as exit:  # argparse's refusal of the arguments themselves
+            returncode = exit.code
+        finally:
+            signals.release()  # `train` took SIGTERM and SIGINT: pytest's again
+        captured = capsys.readouterr()
+        result = subprocess.CompletedProcess(["bigjax", *map(str, args)], returncode, captured.out, captured.err)
+        if check and returncode != 0:
+            raise AssertionError(f"bigjax {' '.join(map(str, args))} failed ({returncode}):\n{captured.err[-3000:]}")
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """experiments/tiny.py as it is, trained 8 steps in this process (checkpoints 4 and 8, metrics every 2 steps):
+    once per session (per xdist worker) for every test that needs a trained tiny run. Shared: read it, and copy
+    it (`copy_run`) before changing anything in it."""
+    from bigjax import config as config_lib
+    from bigjax import train
+
+    workdir = tmp_path_factory.mktemp("tiny_run") / "run"
+    assert train.train(config_lib.load(TINY), workdir).step == 8
+    return workdir
+
+
+def copy_run(workdir, where):
+    """A copy of the run `workdir` at where/run, to change."""
+    import shutil
+
+    return pathlib.Path(shutil.copytree(workdir, pathlib.Path(where) / "run"))
 
 
 def read_until(process, marker: str, stderr_file) -> str:

@@ -57,8 +57,8 @@ def test_timed_steps_split_into_near_equal_windows():
     assert bench.window_sizes(4, 4) == [1, 1, 1, 1]
 
 
-def test_bad_bench_arguments_are_one_error_line(cli):
-    result = cli("bench", "--config", TINY, "--steps", 2, "--windows", 3, check=False)
+def test_bad_bench_arguments_are_one_error_line(cli_in_process):
+    result = cli_in_process("bench", "--config", TINY, "--steps", 2, "--windows", 3, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --steps=2 --warmup=10 --windows=3: need steps >= windows >= 1 and warmup >= 0"

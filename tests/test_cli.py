@@ -51,7 +51,7 @@ def completions(stdout: str, prompts) -> list[str]:
     return [part[len(prompt) : -1] for part, prompt in zip(parts[1:], prompts, strict=True)]  # less print's newline
 
 
-def test_generate_a_batch_with_stops_from_the_newest_committed_checkpoint(cli, trained, tmp_path):
+def test_generate_a_batch_with_stops_from_the_newest_committed_checkpoint(cli, cli_in_process, trained, tmp_path):
     workdir = copy_of(trained, tmp_path)
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("JULIET:\n")
@@ -63,16 +63,17 @@ def test_generate_a_batch_with_stops_from_the_newest_committed_checkpoint(cli, t
     romeo, juliet = completions(at_8.stdout, ["ROMEO:", "JULIET:"])
     assert len(romeo) >= 10 and len(juliet) >= 10
 
-    at_4 = cli(*command, "--step", "4")
+    # Which checkpoint it reads is asked in this process (the same command, no process of its own to start).
+    at_4 = cli_in_process(*command, "--step", "4")
     assert "generating from checkpoint 4" in at_4.stderr and at_4.stdout != at_8.stdout
 
     # A newer step that was never committed (step 4's arrays, no commit marker): Orbax would list it as the
     # latest; generate reads the newest committed one, and refuses it by name.
     shutil.copytree(workdir / "checkpoints" / "4", workdir / "checkpoints" / "12")
     (workdir / "checkpoints" / "12" / checkpoint.COMMIT_MARKER).unlink()
-    again = cli(*command)
+    again = cli_in_process(*command)
     assert "generating from checkpoint 8" in again.stderr and again.stdout == at_8.stdout
-    refused = cli(*command, "--step", "12", check=False)
+    refused = cli_in_process(*command, "--step", "12", check=False)
     assert refused.returncode == 2 and "checkpoint 12 is not a committed checkpoint" in refused.stderr
 
     # A stop string from the middle of ROMEO's completion ends it there; JULIET's goes on as before.
@@ -111,17 +112,17 @@ def test_eval_job_started_before_training_evaluates_every_checkpoint_once(cli, t
     assert [row["step"] for row in metrics.read_jsonl(workdir / "eval" / "metrics.jsonl")] == [4, 8]
 
 
-def test_generate_without_a_run_is_a_clear_error(cli, tmp_path):
-    result = cli("generate", "--workdir", tmp_path / "nothing", "--prompt", "x", check=False)
+def test_generate_without_a_run_is_a_clear_error(cli_in_process, tmp_path):
+    result = cli_in_process("generate", "--workdir", tmp_path / "nothing", "--prompt", "x", check=False)
     assert result.returncode == 2 and "config.json not found" in result.stderr
 
 
-def test_eval_and_generate_on_a_garbage_config_json_say_which_file(cli, tmp_path):
+def test_eval_and_generate_on_a_garbage_config_json_say_which_file(cli_in_process, tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text('{"seed": 0,')
     for command in (["eval", "--once"], ["generate", "--prompt", "x"]):
-        result = cli(*command, "--workdir", workdir, check=False)
+        result = cli_in_process(*command, "--workdir", workdir, check=False)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"error: {workdir / 'config.json'} is not valid JSON")
         assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr

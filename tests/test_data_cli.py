@@ -46,8 +46,8 @@ def test_train_on_parquet_files(cli, tmp_path):
     assert source.exists() and (tmp_path / "run" / "metrics.jsonl").read_text().count('"eval/loss"') == 1
 
 
-def test_bad_data_input_is_one_error_line(cli, tmp_path):
-    result = cli(
+def test_bad_data_input_is_one_error_line(cli_in_process, tmp_path):
+    result = cli_in_process(
         "train",
         "--config",
         TINY,
@@ -63,10 +63,10 @@ def test_bad_data_input_is_one_error_line(cli, tmp_path):
     )
     speeches = write_speeches_parquet(tmp_path / "speeches.parquet")
     source = f"--config.data.source=parquet:{speeches}"
-    result = cli("train", "--config", TINY, "--workdir", tmp_path / "run", source, check=False)
+    result = cli_in_process("train", "--config", TINY, "--workdir", tmp_path / "run", source, check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"error: {speeches} has no column 'text' (config.data.text_field); its columns are speech, genre"
     )
-    result = cli("data", "prepare", "--config", TINY, "--config.data.tokenizer=gpt2", check=False)
+    result = cli_in_process("data", "prepare", "--config", TINY, "--config.data.tokenizer=gpt2", check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: config.data.tokenizer='gpt2' is not a tokenizer")

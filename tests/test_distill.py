@@ -241,13 +241,15 @@ def test_cli_distills_a_causal_lm_and_its_eval_never_needs_the_teacher(lm_teache
     assert "loss=" in eval_out
 
 
-def test_cli_distills_a_masked_lm_whose_teacher_reads_the_students_masks(tmp_path):
+def test_cli_distills_a_masked_lm_whose_teacher_reads_the_students_masks(cli_in_process, tmp_path):
     """A student that starts as its teacher (init_from the same run) sees the teacher's own distribution at the
     positions it predicts, so the first step's KL is 0: the teacher got the same corrupted rows and positions."""
     teacher = tmp_path / "teacher"
     train.train(config_lib.load(BERT, BERT_SMALL), teacher)
     flags = [f"--config.init_from.workdir={teacher}", f"--config.distill.teacher={teacher}"]
-    run_cli("train", "--config", BERT, "--workdir", tmp_path / "student", *flags, *[f"--{o}" for o in BERT_SMALL])
+    cli_in_process(
+        "train", "--config", BERT, "--workdir", tmp_path / "student", *flags, *[f"--{o}" for o in BERT_SMALL]
+    )
     first, second = [row for row in metrics.read_jsonl(tmp_path / "student" / "metrics.jsonl") if "loss" in row]
     assert first["step"] == 1 and abs(first["distill_kl"]) < 1e-6
     assert first["loss"] == pytest.approx(0.5 * first["hard_loss"], rel=1e-6)
@@ -310,8 +312,8 @@ def test_classification_distills_over_the_weighted_examples_and_trains(genre_tea
 # Refusals
 
 
-def test_distilling_from_another_vocabulary_is_one_error_line_on_the_command_line(lm_teacher, tmp_path):
-    result = run_cli(
+def test_distilling_from_another_vocabulary_is_one_error_line_on_the_command_line(lm_teacher, cli_in_process, tmp_path):
+    result = cli_in_process(
         "train",
         "--config",
         TINY,

@@ -81,11 +81,12 @@ def losses(workdir):
 
 @pytest.fixture(scope="module")
 def reference_losses(tmp_path_factory):
-    """The tiny run's losses in one process with 8 devices: what every multi-process layout must match."""
-    from conftest import run_cli
+    """The tiny run's losses in one process with 8 devices (this one): what every multi-process layout must match."""
+    from bigjax import config as config_lib
+    from bigjax import train
 
     workdir = tmp_path_factory.mktemp("one")
-    run_cli("train", "--config", TINY, "--workdir", workdir, "--config.log_every=1", "--config.checkpoint_every=0")
+    train.train(config_lib.load(TINY, ["config.log_every=1", "config.checkpoint_every=0"]), workdir)
     return losses(workdir)
 
 
@@ -93,7 +94,7 @@ def assert_same_losses(workdir, reference, steps=range(1, 9)):
     np.testing.assert_allclose([losses(workdir)[s] for s in steps], [reference[s] for s in steps], rtol=1e-5)
 
 
-def test_two_processes_train_like_one_and_resume_in_one(cli, tmp_path, reference_losses):
+def test_two_processes_train_like_one_and_resume_in_one(cli_in_process, tmp_path, reference_losses):
     run, logs = tmp_path / "run", tmp_path / "logs"
     args = ["--config", TINY, "--workdir", run, "--config.log_every=1", "--stop-at-step", "4"]
     assert_succeeded(wait_for(start_processes(TRAIN + args, 2, logs)), logs)
@@ -101,7 +102,7 @@ def test_two_processes_train_like_one_and_resume_in_one(cli, tmp_path, reference
     assert "mesh" not in log(logs, 1, "out") and "loss=" not in log(logs, 1, "out")  # only process 0 logs
     assert sorted(losses(run)) == [1, 2, 3, 4]
 
-    cli("train", "--config", TINY, "--workdir", run, "--config.log_every=1")  # resumed by one process
+    cli_in_process("train", "--config", TINY, "--workdir", run, "--config.log_every=1")  # resumed by one process
     assert_same_losses(run, reference_losses)
 
 
@@ -123,9 +124,9 @@ def test_four_processes_through_the_launcher_train_like_one(tmp_path, reference_
     assert_same_losses(run, reference_losses)
 
 
-def test_one_process_checkpoint_resumes_in_two_beside_the_eval_job(cli, tmp_path, reference_losses):
+def test_one_process_checkpoint_resumes_in_two_beside_the_eval_job(cli_in_process, tmp_path, reference_losses):
     run, logs = tmp_path / "run", tmp_path / "logs"
-    cli("train", "--config", TINY, "--workdir", run, "--config.log_every=1", "--stop-at-step", "4")
+    cli_in_process("train", "--config", TINY, "--workdir", run, "--config.log_every=1", "--stop-at-step", "4")
 
     trainers = start_processes(TRAIN + ["--config", TINY, "--workdir", run, "--config.log_every=1"], 2, logs)
     # The eval job is a process of its own, outside the training job, with its own mesh of 2 devices.
@@ -156,7 +157,7 @@ def test_errors_name_the_process_they_happened_in(tmp_path):
         assert f"error (process {index} of 2): config.optim.lr='fast' is not a valid float" in log(logs, index)
 
 
-def test_a_killed_process_makes_the_others_exit_within_the_heartbeat_timeout_and_both_resume(cli, tmp_path):
+def test_a_killed_process_makes_the_others_exit_within_the_heartbeat_timeout_and_both_resume(cli_in_process, tmp_path):
     run = tmp_path / "run"
     endless = ["--config", TINY + ":steps=100000", "--workdir", run, "--config.log_every=1"]
     endless += ["--config.checkpoint_every=0"]  # no save in flight when the peer dies: the heartbeat notices
@@ -186,7 +187,7 @@ def test_a_killed_process_makes_the_others_exit_within_the_heartbeat_timeout_and
     assert_succeeded(wait_for(start_processes(TRAIN + endless + ["--stop-at-step", "8"], 2, again)), again)
     assert "resumed from step 4" in log(again, 0, "out")
     uninterrupted = [*endless[:2], "--workdir", tmp_path / "uninterrupted", *endless[4:], "--stop-at-step", "8"]
-    cli("train", *uninterrupted)
+    cli_in_process("train", *uninterrupted)
     assert_same_losses(run, losses(tmp_path / "uninterrupted"))
 
 

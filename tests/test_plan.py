@@ -130,8 +130,10 @@ def test_gpt2_and_llama_on_h100(tiny_config):
     assert fsdp.usable_memory == 95 * 2**30 and not fsdp.warnings
 
 
-def test_warns_when_data_parallelism_replicates_what_fsdp_would_shard(cli):
-    result = cli("plan", "--config", LLAMA, "--devices", "8", "--device-kind", "a100", "--config.mesh.data=8")
+def test_warns_when_data_parallelism_replicates_what_fsdp_would_shard(cli_in_process):
+    result = cli_in_process(
+        "plan", "--config", LLAMA, "--devices", "8", "--device-kind", "a100", "--config.mesh.data=8"
+    )
     warning = re.search(
         r"warning: parameters and optimizer state \(([\d.]+) GiB per device\) .* data=8; "
         r"--config.mesh.data=1 --config.mesh.fsdp=8 would shard them to ([\d.]+) GiB",
@@ -142,7 +144,7 @@ def test_warns_when_data_parallelism_replicates_what_fsdp_would_shard(cli):
     assert "fits: yes" in result.stdout and "NVIDIA A100-SXM4-80GB" in result.stdout
 
 
-def test_plan_command_line(cli):
+def test_plan_command_line(cli, cli_in_process):
     result = cli(
         "plan",
         "--config",
@@ -160,11 +162,12 @@ def test_plan_command_line(cli):
     assert report["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1, "context": 1} and report["source"] == "model"
     assert report["fits"] is True and report["per_device"]["total"] < 16 * 2**30
 
-    unknown = cli("plan", "--config", LLAMA, "--device-kind", "h7", check=False)
+    # The refusals: the same one-line errors, asked in this process.
+    unknown = cli_in_process("plan", "--config", LLAMA, "--device-kind", "h7", check=False)
     assert unknown.returncode == 2 and "unknown --device-kind 'h7'; known: h200, h100" in unknown.stderr
-    measure = cli("plan", "--config", LLAMA, "--measure", check=False)
+    measure = cli_in_process("plan", "--config", LLAMA, "--measure", check=False)
     assert measure.returncode == 2 and "a CPU does not" in measure.stderr
-    indivisible = cli("plan", "--config", LLAMA, "--devices", "3", "--device-kind", "h100", check=False)
+    indivisible = cli_in_process("plan", "--config", LLAMA, "--devices", "3", "--device-kind", "h100", check=False)
     assert indivisible.returncode == 2 and "does not divide across data*fsdp=3" in indivisible.stderr
 
 

@@ -305,9 +305,9 @@ def test_pruned_training_matches_on_every_mesh(tiny_config):
     ],
     ids=["sparsity", "2:4-not-multiple-of-4", "2:4-sparsity", "frozen", "end", "order", "include"],
 )
-def test_a_bad_combination_is_one_error_line(cli, tmp_path, overrides, message):
+def test_a_bad_combination_is_one_error_line(cli_in_process, tmp_path, overrides, message):
     base = ["--config.prune.kind=unstructured"]
-    result = cli(
+    result = cli_in_process(
         "train", "--config", TINY, "--workdir", tmp_path / "w", *base, *("--" + o for o in overrides), check=False
     )
     assert result.returncode == 2, result.stderr[-2000:]
@@ -316,11 +316,11 @@ def test_a_bad_combination_is_one_error_line(cli, tmp_path, overrides, message):
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
-def test_eval_on_a_pruned_run(cli, tmp_path):
+def test_eval_on_a_pruned_run(cli_in_process, tmp_path):
     workdir = tmp_path / "run"
     prune_args = ["--config.prune.kind=2:4", "--config.prune.start_step=2", "--config.prune.end_step=2"]
-    cli("train", "--config", TINY, "--workdir", workdir, *prune_args)
-    out = cli("eval", "--config", TINY, "--workdir", workdir, "--once", *prune_args).stdout
+    cli_in_process("train", "--config", TINY, "--workdir", workdir, *prune_args)
+    out = cli_in_process("eval", "--config", TINY, "--workdir", workdir, "--once", *prune_args).stdout
     assert "validation at step 8" in out and "bits_per_char" in out
     rows = metrics.read_jsonl(workdir / "eval" / "metrics.jsonl")
     assert rows[-1]["step"] == 8 and np.isfinite(rows[-1]["loss"])

@@ -9,7 +9,7 @@ import pickle
 import re
 import shutil
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, copy_run, run_cli
 from harness import environment
 
 from bigjax import checkpoint
@@ -51,13 +51,12 @@ def test_bigjax_has_no_code_that_unpickles_or_evaluates_files():
     assert not offenders, offenders
 
 
-def test_unexpected_files_in_a_workdir_and_its_checkpoints_run_nothing(tmp_path):
-    workdir, evidence = tmp_path / "run", tmp_path / "evidence"
+def test_unexpected_files_in_a_workdir_and_its_checkpoints_run_nothing(tiny_run, tmp_path):
+    workdir, evidence = copy_run(tiny_run, tmp_path), tmp_path / "evidence"  # checkpoints 4 and 8
     evidence.mkdir()
     env = environment(tmp_path / "compile-cache")
     cli = lambda *args: run_cli(*args, env=env)
     train = ("train", "--config", TINY, "--workdir", workdir)
-    cli(*train)  # checkpoints 4 and 8
     checkpoints, step_4 = workdir / "checkpoints", workdir / "checkpoints" / "4"
     for directory in (workdir, checkpoints, step_4, step_4 / "params", step_4 / "params" / "d", step_4 / "data"):
         plant(directory, evidence)
