@@ -54,7 +54,7 @@ test: install-dev
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 # launch/slurm.sbatch for real, on a one-node SLURM cluster this starts on the machine (installs slurm-wlm and
-# munge with apt; needs root or sudo). Not part of `make test`: see README, "SLURM".
+# munge with apt; needs root or sudo). Not part of `make test`: see docs/launching.md, "SLURM".
 test-slurm: install-dev
 	launch/slurm/test_local_slurm.sh
 

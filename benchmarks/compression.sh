@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The image and fine-tuning rows of the README's "Compression and deployment" table, reproduced:
+# The image and fine-tuning rows of the tables of docs/compression.md and benchmarks/compression.md, reproduced:
 #
 #   benchmarks/compression.sh [RUNS]        # RUNS defaults to /tmp/compression-runs; everything is written there
 #
@@ -13,7 +13,7 @@
 #     of each run of one experiment, timed alternately in one process, median of three rounds, as a ratio to the
 #     float32 run's examples/s (bench builds each run's model from its config.json; it does not read the weights).
 # The share of zeros in the kernels is printed too (the pruned runs': 50%).
-# It also re-times shakespeare_char's eval step in float32, int8 weight-only and int8 dynamic (the README's
+# It also re-times shakespeare_char's eval step in float32, int8 weight-only and int8 dynamic (docs/compression.md's
 # Quantization table's speed figures), from a 20-step run of that experiment's shapes.
 #
 # CPU only, one seed, a few minutes a training; run it on an idle machine (`uptime` is printed before each speed

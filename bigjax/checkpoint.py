@@ -5,7 +5,7 @@ Parameters and optimizer state are separate items so that eval, generation and f
 parameters alone. Restores take their target shardings from the *current* mesh, so a run can resume on a
 different mesh shape than the one that saved it. Saves are async: training continues while they are written.
 
-What keeps checkpoints trustworthy (README, "What happens when…"):
+What keeps checkpoints trustworthy (docs/reliability.md):
 
 * Orbax writes a step into the trainer's own WORKDIR/staging/TOKEN/STEP.orbax-checkpoint-tmp/ (`lock.JobLock`),
   writes `commit_success.txt` last, and only then renames the directory to checkpoints/STEP/. A step is *committed*

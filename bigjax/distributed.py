@@ -4,7 +4,7 @@ Every process runs the same command. When the environment describes a job of sev
 `jax.distributed.initialize` before anything touches a device; afterwards `jax.devices()` lists the devices of
 all processes and every mesh spans them. A job is described either explicitly (JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID: launch/multiprocess.sh, Kubernetes) or by the cluster, whose own variables
-JAX reads (SLURM, Cloud TPU VMs: BIGJAX_DISTRIBUTED=auto). README.md, "The job's variables", lists every
+JAX reads (SLURM, Cloud TPU VMs: BIGJAX_DISTRIBUTED=auto). docs/launching.md, "The job's variables", lists every
 variable and its default: that table is the one place they are documented.
 
 Failure detection is JAX's coordination service, configured here: its heartbeat thread keeps running while a

@@ -72,7 +72,7 @@ def gpt_run(tmp_path_factory):
 
 
 def onnx_logits(out, feed: dict) -> np.ndarray:
-    """model.onnx of `out` in onnxruntime, as README's snippet runs it."""
+    """model.onnx of `out` in onnxruntime, as docs/deployment.md's snippet runs it."""
     session = onnxruntime.InferenceSession(str(out / "model.onnx"))
     return session.run(None, feed)[0]
 
@@ -111,8 +111,8 @@ def test_gpt_onnx_gives_bigjax_logits_at_any_batch_and_length(gpt_run, tmp_path)
 
 
 def readme_snippet(containing: str) -> str:
-    """The README's python block that contains `containing`."""
-    blocks = (REPO / "README.md").read_text().split("```python\n")[1:]
+    """The python block of docs/deployment.md that contains `containing` (the page a user copies it from)."""
+    blocks = (REPO / "docs" / "deployment.md").read_text().split("```python\n")[1:]
     return next(block.split("```")[0] for block in blocks if containing in block)
 
 
