@@ -8,11 +8,16 @@ import os
 # The tests compile hundreds of small programs and run each a few steps: LLVM's optimizations cost more than they
 # save here (about 40% of the suite's CPU time). Same XLA, same numerics up to rounding; never used outside tests.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# The simulated devices are threads of one process. XLA aborts the process (LOG(FATAL): "Termination timeout ...
+# exceeded") when a collective's threads have not all arrived within 40 s, which a loaded 2-core machine can cause
+# (seen: the ring attention's scan of collective-permutes under two test workers and other processes): a test then
+# dies with its worker. A late thread is not a wrong program, so tests wait as long as their own timeouts allow.
+PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=1800"
 
 
 def xla_flags(devices: int) -> str:
     """XLA_FLAGS for a test process with `devices` simulated CPU devices (what the subprocesses get too)."""
-    return f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}"
+    return f"{FAST_COMPILE} {PATIENT_COLLECTIVES} --xla_force_host_platform_device_count={devices}"
 
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)
