@@ -97,8 +97,10 @@ def load(path: str) -> dict[str, dict]:
             test["sub_compiles"] += record["compiled"]
             test["sub_hits"] += record["cache_hits"]
             test["sub_short"] += record["short"]
-    for test in tests.values():
-        test["cpu"] = test.get("cpu_self", 0) + test.get("cpu_children", 0)
+    for test in tests.values():  # a test still running (or killed) has its processes' lines and none of its own
+        test.setdefault("cpu_self", 0.0)
+        test.setdefault("cpu_children", 0.0)
+        test["cpu"] = test["cpu_self"] + test["cpu_children"]
         test["compiles"] = test.get("compiled", 0) + test["sub_compiles"]
         test["hits"] = test.get("cache_hits", 0) + test["sub_hits"]
         test["uncached"] = test.get("short", 0) + test["sub_short"]

@@ -21,9 +21,16 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, env):
+def reference(tmp_path_factory):
+    """The uninterrupted run, trained in this process (the same 8 devices and XLA flags as the trainers the test
+    kills): nothing in it is about processes, and a process of its own would cost its start-up."""
+    from bigjax import config as config_lib
+    from bigjax import train
+
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    harness.run_reference(workdir, env)
+    command = harness.train_command(workdir)  # what each attempt runs, read back as its config and overrides
+    overrides = [arg.removeprefix("--") for arg in command[command.index("--workdir") + 2 :]]
+    train.train(config_lib.load(command[command.index("--config") + 1], overrides), workdir)
     return workdir
 
 
