@@ -423,7 +423,7 @@ def test_an_import_whose_writes_fail_removes_what_it_wrote(gpt2_hf_dirs, tmp_pat
     for workdir in (tmp_path / "new" / "run", users_empty_dir):
         with pytest.raises(UserError, match=f"writing {workdir} failed: No space left on device"):
             hf.import_hf(gpt2_hf_dirs[False], workdir, [SYNTHETIC_DATA])
-    assert written_before == ["checkpoints", "config.json", "lock.json"] * 2
+    assert written_before == ["checkpoints", "config.json", "lock.json", "staging"] * 2  # staging: the lock's
     assert not (tmp_path / "new").exists() and not any(users_empty_dir.iterdir())
 
 
