@@ -31,6 +31,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(os.path.join(os.path.dirname(__file__), "..", ".jax-cache")))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import contextlib  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -151,3 +152,19 @@ def init_params(task, seed=0):
     import jax
 
     return jax.jit(lambda: nn.unbox(task.init_variables(jax.random.key(seed))["params"]))()
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int):
+    """This process's files may not grow past `size` bytes (RLIMIT_FSIZE): what a full disk does to writes, without
+    one. A write crossing it is cut there, and the next one fails with EFBIG ("File too large"); Python ignores
+    SIGXFSZ, so the process lives. (Only around writes of this thread alone: what pytest captures is a file too, and
+    a library's threads may outlive the limit.)"""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import re
-import resource
 import shutil
 import sys
 
@@ -17,6 +16,7 @@ import pytest
 import tokenizers
 import torch
 import transformers
+from conftest import file_size_limit
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from bigjax import config as config_lib
@@ -459,26 +459,12 @@ def test_a_writer_that_finds_the_output_filled_under_its_lock_is_refused_and_rem
     assert not (tmp_path / "a").exists() and not any(users_empty_dir.iterdir())
 
 
-@contextlib.contextmanager
-def files_limited_to(size: int):
-    """This process may grow no file past `size` bytes (RLIMIT_FSIZE: what a full disk does to writes, without
-    one). Python ignores SIGXFSZ, so a write past the limit fails with EFBIG instead of killing the process. (Only
-    around writes of this thread alone: what pytest captures is a file too, and a library's threads may outlive the
-    limit.)"""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-
-
 def test_an_export_onto_a_full_disk_is_one_error_and_leaves_nothing(imported_gpt2, tmp_path):
     _, workdir = imported_gpt2
     users_empty_dir = tmp_path / "empty"
     users_empty_dir.mkdir()
     for out in (tmp_path / "new" / "exported", users_empty_dir):
-        with pytest.raises(UserError, match=f"writing {out} failed.*File too large"), files_limited_to(64 * 1024):
+        with pytest.raises(UserError, match=f"writing {out} failed.*File too large"), file_size_limit(64 * 1024):
             hf.export(workdir, out)  # model.safetensors is 150 kB
     assert not (tmp_path / "new").exists() and not any(users_empty_dir.iterdir())
     (tmp_path / "a_file").write_text("mine")

@@ -5,17 +5,15 @@ EFBIG ("File too large") inside tensorstore, as they would with ENOSPC on a full
 a read-only directory would not stop writes, and needs no mount.
 """
 
-import contextlib
 import json
 import os
 import pathlib
-import resource
 import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TINY
+from conftest import REPO, TINY, file_size_limit
 from harness import committed_steps, environment, rows_since, set_aside
 
 # The trainer, started with no file allowed to grow past 32 KiB: its metrics and config fit, checkpoint arrays
@@ -177,18 +175,6 @@ def test_a_save_on_a_full_disk_is_one_error_line_however_many_writers_fail(env, 
     # The TensorBoard and metrics writers' flushes fail too as the run stops: they must not hide the error line.
     assert "Traceback" not in result.stderr and error.splitlines()[-1].startswith("details: "), result.stderr[-5000:]
     assert committed_steps(left) == [4]
-
-
-@contextlib.contextmanager
-def file_size_limit(size: int):
-    """This process's files may not grow past `size` bytes (RLIMIT_FSIZE): a write crossing it is cut there, and the
-    next one fails with EFBIG ("File too large"), as on a disk that fills up mid-write."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def test_a_failed_metrics_write_is_one_error_and_the_rerun_sets_its_cut_off_row_aside(tmp_path, capsys):
