@@ -6,7 +6,7 @@
 #   bash benchmarks/nanogpt.sh 12 24
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # for bigjax.metrics, the one table of device peaks
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # for bigjax.ops.metrics, the one table of device peaks
 cd "$ROOT/third_party/nanoGPT" 2>/dev/null || {
   echo "third_party/nanoGPT is missing: see benchmarks/nanogpt.md" >&2
   exit 1
@@ -20,7 +20,7 @@ for batch in "${@:-12}"; do
 import json, re, sys
 import torch
 
-from bigjax.devices import peak_flops_of_kind
+from bigjax.ops.devices import peak_flops_of_kind
 
 batch, log = int(sys.argv[1]), sys.argv[2]
 found = re.search(r"time per iteration: ([0-9.]+)ms, MFU: ([0-9.]+)%", log)

@@ -23,7 +23,8 @@ run, not trained. So
 eval against the quantized one's, on the same shapes.
 
 MFU is model FLOPs (the task's count, not XLA's, which includes remat's recomputation) per second over the
-devices' dense bf16 peak from `bigjax.devices.PEAK_FLOPS`: by the PaLM formula (attention counted in full, as nanoGPT
+devices' dense bf16 peak from `bigjax.ops.devices.PEAK_FLOPS`: by the PaLM formula (attention counted in full, as
+nanoGPT
 does) and, for causal LMs, with attention halved as a causal mask leaves it (as MaxText does).
 """
 
@@ -42,13 +43,14 @@ import jax
 import numpy as np
 
 from bigjax import config as config_lib
-from bigjax import data, metrics
-from bigjax import devices as devices_lib
-from bigjax import state as state_lib
-from bigjax import step as step_lib
+from bigjax import data
+from bigjax.compress import quantized
 from bigjax.errors import UserError
-from bigjax.models import quantized
-from bigjax.setup import make_setup
+from bigjax.ops import devices as devices_lib
+from bigjax.ops import metrics
+from bigjax.run import state as state_lib
+from bigjax.run import step as step_lib
+from bigjax.run.setup import make_setup
 
 BATCHES_ON_DEVICE = 2  # distinct synthetic batches placed on the devices once and used in turn
 VERSIONS_REPORTED = ("jax", "jaxlib", "flax", "optax", "jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu")

@@ -28,25 +28,25 @@ import traceback
 
 
 def main(argv=None) -> int:
-    started = time.monotonic()  # a run's account of its wall time (bigjax.goodput) starts here, before JAX loads
+    started = time.monotonic()  # a run's account of its wall time (bigjax.run.goodput) starts here, before JAX loads
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     args.started = started
     if args.command == "train":
-        from bigjax import signals
+        from bigjax.run import signals
 
         signals.catch()  # before JAX is imported: SIGTERM or Ctrl-C during start-up stops cleanly too
     # Imported after parsing so that `--help` is instant and errors in arguments need no JAX.
     from absl import logging as absl_logging
 
-    from bigjax import logs
+    from bigjax.ops import logs
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's info chatter would drown even the log file
     # Library tracebacks (a failed save, a damaged checkpoint) go to a log file; the console gets bigjax's one line.
     # Import's --workdir is its output, checked empty and removed again if the import fails: not there.
     logs.send_library_logs_to_file(None if args.command == "import" else getattr(args, "workdir", None), args.command)
 
-    from bigjax import xla_flags  # imports no jax: XLA reads XLA_FLAGS once, when its backend starts
     from bigjax.errors import UserError
+    from bigjax.ops import xla_flags  # imports no jax: XLA reads XLA_FLAGS once, when its backend starts
 
     try:
         xla_flags.apply_gpu_defaults()
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from bigjax import distributed
+    from bigjax.parallel import distributed
 
     try:
         distributed.initialize_if_multiprocess()  # before anything touches a device
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
 
 
 def _point_to_details() -> None:
-    from bigjax import logs
+    from bigjax.ops import logs
 
     if logs.details():
         print(f"details: {logs.details()}", file=sys.stderr)
@@ -267,7 +267,8 @@ def _config_overrides(rest, parser) -> list[str]:
 
 def run_train(args, overrides) -> int:
     from bigjax import config as config_lib
-    from bigjax import metrics, train
+    from bigjax.ops import metrics
+    from bigjax.run import train
 
     config = config_lib.load(args.config, overrides)
     summary = train.train(config, args.workdir, args.stop_at_step, args.fresh, started=args.started)
@@ -277,7 +278,8 @@ def run_train(args, overrides) -> int:
 
 def run_eval(args, overrides) -> int:
     from bigjax import config as config_lib
-    from bigjax import evaluate, metrics
+    from bigjax.ops import metrics
+    from bigjax.run import evaluate
 
     if args.config:
         config = config_lib.load(args.config, overrides)
@@ -290,7 +292,8 @@ def run_eval(args, overrides) -> int:
 
 
 def run_import(args, overrides) -> int:
-    from bigjax import hf, metrics
+    from bigjax import hf
+    from bigjax.ops import metrics
 
     count = hf.import_hf(args.hf, args.workdir, overrides)
     metrics.say(
@@ -301,7 +304,7 @@ def run_import(args, overrides) -> int:
 
 
 def run_export(args, overrides) -> int:
-    from bigjax import metrics
+    from bigjax.ops import metrics
 
     if args.format == "hf":
         from bigjax import hf
@@ -317,7 +320,8 @@ def run_export(args, overrides) -> int:
 
 
 def run_quantize(args, overrides) -> int:
-    from bigjax import metrics, quantize
+    from bigjax.compress import quantize
+    from bigjax.ops import metrics
 
     done = quantize.quantize(args.workdir, args.out, args.bits, args.mode, args.sub_channel, args.step)
     metrics.say(
@@ -329,7 +333,8 @@ def run_quantize(args, overrides) -> int:
 
 
 def run_lora(args, overrides) -> int:
-    from bigjax import lora, metrics
+    from bigjax.compress import lora
+    from bigjax.ops import metrics
 
     if args.action == "save":
         done = lora.save(args.workdir, args.out, args.step)
@@ -348,8 +353,8 @@ def run_lora(args, overrides) -> int:
 
 def run_data(args, overrides) -> int:
     from bigjax import config as config_lib
-    from bigjax import metrics
     from bigjax.data import prepare
+    from bigjax.ops import metrics
 
     for line in prepare.prepare(config_lib.load(args.config, overrides)):
         metrics.say(line)
@@ -358,8 +363,8 @@ def run_data(args, overrides) -> int:
 
 def run_tokenizer(args, overrides) -> int:
     from bigjax import config as config_lib
-    from bigjax import metrics
     from bigjax.data import prepare
+    from bigjax.ops import metrics
 
     metrics.say(prepare.train_tokenizer(config_lib.load(args.config, overrides), args.vocab_size, args.out))
     return 0
@@ -376,8 +381,9 @@ def run_plan(args, overrides) -> int:
 
 
 def run_bench(args, overrides) -> int:
-    from bigjax import bench, metrics
+    from bigjax import bench
     from bigjax import config as config_lib
+    from bigjax.ops import metrics
 
     config = config_lib.load(args.config, overrides)
     result = bench.bench(config, args.steps, args.warmup, args.windows, args.config, overrides, eval_step=args.eval)
@@ -410,7 +416,7 @@ def run_generate(args, overrides) -> int:
 
 
 def run_plot(args, overrides) -> int:
-    from bigjax import plot
+    from bigjax.ops import plot
 
     print(f"wrote {plot.plot(args.workdirs, args.out)}")
     return 0

@@ -69,7 +69,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
     c.eval_batches = 8
     c.nan_policy = "stop"  # stop | skip: a NaN/Inf loss or gradient norm stops the run, or skips that update
     c.max_nan_skips = 10  # nan_policy=skip: stop once more steps than this were skipped in the whole run
-    # JAX's persistent compilation cache (bigjax.compilation_cache): "" = JAX_COMPILATION_CACHE_DIR if set, else
+    # JAX's persistent compilation cache (bigjax.run.compilation_cache): "" = JAX_COMPILATION_CACHE_DIR if set, else
     # WORKDIR/compilation_cache (generate: ~/.cache/bigjax/jax); "off"; or a directory (a bucket URL too)
     c.compilation_cache = ""
 
@@ -140,7 +140,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
         )
     )
 
-    # Fine-tuning and transfer (bigjax.finetune).
+    # Fine-tuning and transfer (bigjax.run.finetune).
     c.init_from = ml_collections.ConfigDict(
         dict(
             workdir="",  # another run's workdir whose parameters start this run; "" = train from scratch
@@ -149,7 +149,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             exclude="",  # regex of paths not to load (they keep their fresh initialization); "" = none
         )
     )
-    # Distillation (bigjax.distill): a teacher run's soft targets besides the data's hard ones.
+    # Distillation (bigjax.compress.distill): a teacher run's soft targets besides the data's hard ones.
     c.distill = ml_collections.ConfigDict(
         dict(
             teacher="",  # another run's workdir whose model teaches this one (same task and vocabulary); "" = off
@@ -159,7 +159,8 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
         )
     )
     c.freeze = ""  # regex over parameter paths: those stay bit-identical and get no optimizer state; "" = none
-    # Magnitude pruning during training (bigjax.prune): unstructured to a sparsity target on Zhu & Gupta's schedule,
+    # Magnitude pruning during training (bigjax.compress.prune): unstructured to a sparsity target on Zhu & Gupta's
+    # schedule,
     # or 2:4 for sparse tensor cores. Steps count optimizer updates; masks are kept in the optimizer state.
     c.prune = ml_collections.ConfigDict(
         dict(
@@ -179,7 +180,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             patience=5,  # stop after this many evaluations without improvement
         )
     )
-    # Quantized weights (bigjax.models.quantized, through Qwix). `bigjax quantize` writes a workdir with bits set;
+    # Quantized weights (bigjax.compress.quantized, through Qwix). `bigjax quantize` writes a workdir with bits set;
     # eval, generate and bench then run its integer weights. 0 = off: float weights, the model as it always was.
     c.quant = ml_collections.ConfigDict(
         dict(
@@ -189,7 +190,8 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             qat=False,  # True: quantization-aware training: float weights trained through the integer rounding
         )
     )
-    # Low-rank adapters (bigjax.lora, through Qwix): the base weights frozen, a trained rank-r update beside each
+    # Low-rank adapters (bigjax.compress.lora, through Qwix): the base weights frozen, a trained rank-r update
+    # beside each
     # targeted kernel. With quant.bits as well, the base is held as integers (QLoRA). rank 0 = off.
     c.lora = ml_collections.ConfigDict(
         dict(
@@ -676,7 +678,7 @@ def check_finetuning(config) -> None:
 
 
 def check_pruning(p) -> None:
-    """What is wrong with config.prune on its own; bigjax.prune checks it against the model's parameters."""
+    """What is wrong with config.prune on its own; bigjax.compress.prune checks it against the model's parameters."""
     for key in ("include", "exclude"):
         try:
             re.compile(p[key])
@@ -699,7 +701,7 @@ def check_pruning(p) -> None:
 
 def check_distill(config) -> None:
     """The distillation knobs that cannot work whatever the teacher (the teacher itself is checked against this
-    run by bigjax.distill, when the run's setup is made)."""
+    run by bigjax.compress.distill, when the run's setup is made)."""
     d = config.distill
     if not d.temperature > 0:
         raise ConfigError(f"config.distill.temperature must be > 0 (1 = the plain softmax), got {d.temperature}")
@@ -719,7 +721,8 @@ def check_quantization(quant) -> None:
 
 
 def check_lora(config) -> None:
-    """LoRA settings that cannot work whatever the model (bigjax.lora checks the targets against its layers)."""
+    """LoRA settings that cannot work whatever the model (bigjax.compress.lora checks the targets against its
+    layers)."""
     lora, quant = config.lora, config.quant
     if lora.rank < 0:
         raise ConfigError(f"config.lora.rank must be >= 0 (0 turns LoRA off), got {lora.rank}")

@@ -57,13 +57,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigjax import checkpoint, compilation_cache, data, paths
 from bigjax import config as config_lib
+from bigjax import data, paths
+from bigjax.compress.quantized import quantized
 from bigjax.data import tokenizers
 from bigjax.errors import UserError
 from bigjax.models import gpt
-from bigjax.models.quantized import quantized
-from bigjax.setup import make_setup
+from bigjax.run import checkpoint, compilation_cache
+from bigjax.run.setup import make_setup
 
 MIN_PREFILL_WIDTH = 16
 CACHE_COLUMN_MULTIPLE = 64

@@ -66,7 +66,7 @@ def nest(flat: dict) -> dict:
     return tree
 
 
-ADAPTERS = r"_lora_[ab]$"  # the paths of LoRA's adapters (bigjax.models.quantized)
+ADAPTERS = r"_lora_[ab]$"  # the paths of LoRA's adapters (bigjax.compress.quantized)
 
 
 def freezes_any(config) -> bool:

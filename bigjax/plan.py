@@ -22,13 +22,14 @@ import jax
 import numpy as np
 
 from bigjax import config as config_lib
-from bigjax import data, devices
-from bigjax import state as state_lib
-from bigjax import step as step_lib
+from bigjax import data
 from bigjax.errors import UserError
 from bigjax.models.gpt import GPTConfig, parameter_count
 from bigjax.models.layers import resolve_attention
-from bigjax.setup import make_setup
+from bigjax.ops import devices
+from bigjax.run import state as state_lib
+from bigjax.run import step as step_lib
+from bigjax.run.setup import make_setup
 
 GPU_MEMORY_FRACTION = 0.75  # JAX's default share of a GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION)
 ASSUMED_MFU = 0.4  # for the step-time estimate: what a well-tuned dense transformer step reaches

@@ -89,7 +89,8 @@ def cli_in_process(capsys, monkeypatch):
     without a process to start (each costs ~3 s of CPU in imports alone). For tests of what a command says and
     does where the process itself is not what is tested; every command keeps tests through `cli`."""
     from bigjax import cli as bigjax_cli
-    from bigjax import logs, signals
+    from bigjax.ops import logs
+    from bigjax.run import signals
 
     monkeypatch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)  # keep pytest's logging
     monkeypatch.setattr(logs, "_handler", None)
@@ -117,7 +118,7 @@ def tiny_run(tmp_path_factory):
     once per session (per xdist worker) for every test that needs a trained tiny run. Shared: read it, and copy
     it (`copy_run`) before changing anything in it."""
     from bigjax import config as config_lib
-    from bigjax import train
+    from bigjax.run import train
 
     workdir = tmp_path_factory.mktemp("tiny_run") / "run"
     assert train.train(config_lib.load(TINY), workdir).step == 8

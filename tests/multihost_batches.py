@@ -23,7 +23,7 @@ def digest(batch: dict) -> str:
 
 
 def main(out, first_step, steps, config_file, *overrides):
-    from bigjax import distributed
+    from bigjax.parallel import distributed
 
     distributed.initialize_if_multiprocess()
     import jax
@@ -31,7 +31,7 @@ def main(out, first_step, steps, config_file, *overrides):
 
     from bigjax import config as config_lib
     from bigjax import data
-    from bigjax import mesh as mesh_lib
+    from bigjax.parallel import mesh as mesh_lib
 
     config = config_lib.load(config_file, list(overrides))
     batches = data.train_batches(config)

@@ -6,9 +6,10 @@ import jax
 import pytest
 from conftest import TINY
 
-from bigjax import bench, devices, tasks
-from bigjax import step as step_lib
-from bigjax.setup import make_setup
+from bigjax import bench, tasks
+from bigjax.ops import devices
+from bigjax.run import step as step_lib
+from bigjax.run.setup import make_setup
 
 
 def test_bench_command_reports_throughput_flops_and_environment(cli, tiny_config, tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from bigjax import metrics
+from bigjax.ops import metrics
 
 BUCKET = "bigjax-test"
 
@@ -185,7 +185,7 @@ def test_a_bucket_workdir_is_locked_like_a_disk(cli, bucket_env):
 CONCURRENT_CHANGES = """
 import json
 from etils import epath
-from bigjax import lock
+from bigjax.run import lock
 
 store = lock._BucketRecord(epath.Path("gs://bigjax-test/cas/lock.json"))
 outcomes = []

@@ -9,10 +9,11 @@ import pytest
 
 import bigjax.models
 from bigjax import config as config_lib
-from bigjax import families, optim, plan, tasks
+from bigjax import families, plan, tasks
 from bigjax.config import CHOICES
 from bigjax.data import sources
 from bigjax.data.split import Split
+from bigjax.run import optim
 
 
 def test_every_optimizer_name_has_an_implementation_and_every_implementation_a_name():

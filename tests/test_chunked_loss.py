@@ -24,8 +24,8 @@ from tolerance import (
 
 from bigjax import config as config_lib
 from bigjax import plan
-from bigjax import step as step_lib
 from bigjax.config import ConfigError
+from bigjax.run import step as step_lib
 from bigjax.tasks import make_task
 
 CHUNK = 8  # tiny.py's sequences are 32 tokens: four pieces; fixed_batch's padding lies inside the last one

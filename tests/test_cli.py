@@ -9,7 +9,9 @@ import sys
 import pytest
 from conftest import REPO, TINY, read_until, run_cli
 
-from bigjax import checkpoint, generate, metrics
+from bigjax import generate
+from bigjax.ops import metrics
+from bigjax.run import checkpoint
 
 
 @pytest.fixture(scope="module")

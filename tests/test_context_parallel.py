@@ -274,7 +274,7 @@ def model_loss_and_grads(config, devices, params=None):
     """(loss, gradients, compiled program) of one step of `config`'s tiny model on a fixed batch, on `devices`."""
     from conftest import init_params
 
-    from bigjax.setup import make_setup
+    from bigjax.run.setup import make_setup
 
     setup = make_setup(config, devices)
     rng = np.random.default_rng(0)

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from bigjax import mesh as mesh_lib
 from bigjax.data import DataError, DeviceBatches, corpus, pipeline
+from bigjax.parallel import mesh as mesh_lib
 
 STEPS, STOP = 8, 3
 

@@ -16,12 +16,13 @@ import pytest
 from conftest import REPO
 from tolerance import float32_sum_tolerance, image_sum_lengths, transformer_sum_lengths
 
-from bigjax import checkpoint, data, deploy, generate, lock
 from bigjax import config as config_lib
+from bigjax import data, deploy, generate
 from bigjax.deploy import onnx_export, stablehlo
 from bigjax.errors import UserError
 from bigjax.models import gpt
-from bigjax.setup import make_setup
+from bigjax.run import checkpoint, lock
+from bigjax.run.setup import make_setup
 
 # The models, shrunk; each keeps what makes its export path differ (scanned layers, BatchNorm, max-pool stem).
 RUNS = {

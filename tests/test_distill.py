@@ -1,4 +1,5 @@
-"""Distillation (config.distill, bigjax.distill): the loss's formula, the same loss and gradients on every mesh,
+"""Distillation (config.distill, bigjax.compress.distill): the loss's formula, the same loss and gradients on every
+mesh,
 alpha=0 and distillation off as the plain run, a teacher outside the state and its checkpoints, a bit-exact resume
 that keeps its teacher step, the command line for causal and masked LMs, classification, and clear refusals.
 
@@ -18,12 +19,15 @@ from test_sharding import fixed_batch, on_mesh
 from test_train import final_params, losses_by_step
 from tolerance import assert_close_after_reordering, float32_sum_tolerance, lm_sum_lengths
 
-from bigjax import checkpoint, data, distill, metrics, train
 from bigjax import config as config_lib
-from bigjax import step as step_lib
+from bigjax import data
+from bigjax.compress import distill
 from bigjax.config import ConfigError
+from bigjax.ops import metrics
 from bigjax.params import by_path
-from bigjax.setup import make_setup
+from bigjax.run import checkpoint, train
+from bigjax.run import step as step_lib
+from bigjax.run.setup import make_setup
 
 BERT = str(REPO / "experiments" / "bert_tiny_mlm.py") + ":layers=2,d=32,seq=32,steps=2"
 BERT_SMALL = ["config.batch_size=8", "config.log_every=1", "config.optim.warmup_steps=0"]

@@ -11,9 +11,10 @@ import pytest
 from tolerance import float32_sum_tolerance
 
 from bigjax import config as config_lib
-from bigjax import data, evaluate
+from bigjax import data
 from bigjax.data import corpus, pipeline
-from bigjax.setup import make_setup
+from bigjax.run import evaluate
+from bigjax.run.setup import make_setup
 from bigjax.tasks import make_task
 
 # (model family, task, eval batch size): each batch size leaves the last batch of its split partly padding.

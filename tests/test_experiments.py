@@ -12,8 +12,8 @@ import pytest
 from conftest import REPO
 
 from bigjax import config as config_lib
-from bigjax import state as state_lib
 from bigjax import tasks
+from bigjax.run import state as state_lib
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))
 

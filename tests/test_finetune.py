@@ -9,11 +9,12 @@ from conftest import TINY
 from test_optim import make_config
 from test_train import final_params
 
-from bigjax import checkpoint, finetune, lock, metrics, optim, train
 from bigjax import config as config_lib
 from bigjax import params as params_lib
+from bigjax.ops import metrics
 from bigjax.params import by_path
-from bigjax.setup import make_setup
+from bigjax.run import checkpoint, finetune, lock, optim, train
+from bigjax.run.setup import make_setup
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +206,7 @@ def test_early_stopping_stops_after_patience_keeps_the_best_checkpoint_and_resum
 def test_with_one_checkpoint_kept_the_best_by_the_mode_stays_beside_the_newest(tmp_path, mode, best):
     """keep_checkpoints=1 with early stopping: each save deletes what is neither the newest nor the best by the
     metric, the lowest for mode=min, the highest for max; and the best is what a resumed run counts on from."""
-    from bigjax import state as state_lib
+    from bigjax.run import state as state_lib
 
     losses = {2: 3.0, 4: 1.0, 6: 5.0, 8: 2.0}  # the newest, 8, is neither the lowest nor the highest
     config = config_lib.load(TINY)

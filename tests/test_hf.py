@@ -20,12 +20,13 @@ from conftest import file_size_limit
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from bigjax import config as config_lib
-from bigjax import data, finetune, generate, hf, paths
+from bigjax import data, generate, hf, paths
 from bigjax.errors import UserError
 from bigjax.hf import convert, family, files
 from bigjax.models import gpt
 from bigjax.params import by_path
-from bigjax.setup import make_setup
+from bigjax.run import finetune
+from bigjax.run.setup import make_setup
 
 HF_VOCAB = 300  # the tokenizer's own ids; bigjax appends pad/cls/mask (303) and pads to 384
 EPS32 = float(np.finfo(np.float32).eps)

@@ -15,11 +15,12 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from bigjax import checkpoint, hf
 from bigjax import config as config_lib
+from bigjax import hf
 from bigjax.hf import family as family_lib
 from bigjax.hf import files
-from bigjax.setup import make_setup
+from bigjax.run import checkpoint
+from bigjax.run.setup import make_setup
 
 EPS32 = float(np.finfo(np.float32).eps)
 # As in tests/test_hf.py: both sides compute the same float32 sums in other orders (XLA's fused einsums and
@@ -475,8 +476,8 @@ def test_vit_transfer_recipe_starts_from_a_local_hf_vit(cli, tmp_path):
 
 
 def test_init_from_hf_loads_a_resnets_batch_stats_with_its_parameters(tmp_path):
-    from bigjax import finetune
     from bigjax.params import by_path
+    from bigjax.run import finetune
 
     model = randomize(transformers.ResNetForImageClassification(resnet_config("basic")))
     hf_dir = save(model, tmp_path / "hf")
@@ -520,7 +521,7 @@ def test_init_from_hf_refuses_a_bert_into_another_architecture_listing_each_diff
     makes it the checkpoint's; with those set, it loads and pools as transformers does."""
     from test_hf import suggested_overrides
 
-    from bigjax import finetune
+    from bigjax.run import finetune
 
     model = randomize(transformers.BertModel(bert_config(120)))
     hf_dir = save(model, tmp_path / "hf")

@@ -78,8 +78,11 @@ def test_bigjax_modules_import_each_other_in_no_circle():
 
 def test_the_optimizer_and_fine_tuning_share_the_parameter_paths_without_importing_each_other():
     graph = import_graph()
-    assert "bigjax.finetune" not in graph["bigjax.optim"] and "bigjax.optim" not in graph["bigjax.finetune"]
-    assert "bigjax.params" in graph["bigjax.optim"] and "bigjax.params" in graph["bigjax.finetune"]
+    assert (
+        "bigjax.run.finetune" not in graph["bigjax.run.optim"]
+        and "bigjax.run.optim" not in graph["bigjax.run.finetune"]
+    )
+    assert "bigjax.params" in graph["bigjax.run.optim"] and "bigjax.params" in graph["bigjax.run.finetune"]
 
 
 def test_writing_metrics_does_not_import_torch_and_leaves_it_importable(tmp_path):
@@ -90,7 +93,7 @@ def test_writing_metrics_does_not_import_torch_and_leaves_it_importable(tmp_path
 
     script = f"""
 import sys
-from bigjax import metrics
+from bigjax.ops import metrics
 writer = metrics.MetricWriter({str(tmp_path)!r}, enabled=True)
 writer.write(1, {{"loss": 2.5}}, console=False)
 writer.close()

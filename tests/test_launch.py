@@ -1,6 +1,7 @@
 """The launchers, run for what can run here: the local ones for real, SLURM's and the TPU VM's against stand-ins
 for `srun` and `gcloud` that record their arguments, Kubernetes' manifests as parsed YAML; and the variables
-through which they all reach bigjax.distributed. (launch/slurm.sbatch also runs for real: `make test-slurm`.)"""
+through which they all reach bigjax.parallel.distributed. (launch/slurm.sbatch also runs for real: `make
+test-slurm`.)"""
 
 import os
 import re
@@ -11,7 +12,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from bigjax import distributed
+from bigjax.parallel import distributed
 
 
 def run(command, env=None, timeout=60, **kwargs):
@@ -29,7 +30,7 @@ def stand_in(directory, name, body):
 
 
 # --------------------------------------------------------------------------------------------------
-# bigjax.distributed: how the environment describes a job
+# bigjax.parallel.distributed: how the environment describes a job
 
 
 def test_job_from_environment():
@@ -214,7 +215,7 @@ def test_tpu_vm_trains_into_a_gs_workdir_without_the_shared_storage_check():
 
 
 # --------------------------------------------------------------------------------------------------
-# launch/k8s: the JobSets' wiring, down to what bigjax.distributed makes of a pod's environment
+# launch/k8s: the JobSets' wiring, down to what bigjax.parallel.distributed makes of a pod's environment
 
 
 def pod_environment(container, jobset_name, index) -> dict:

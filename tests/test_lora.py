@@ -1,4 +1,5 @@
-"""Training through quantization and adapters (bigjax/models/quantized.py, bigjax/lora.py): quantization-aware
+"""Training through quantization and adapters (bigjax/compress/quantized.py, bigjax/compress/lora.py):
+quantization-aware
 training (`config.quant.qat`), LoRA (`config.lora`) and QLoRA (both, the base held as int4).
 
 What is proven: QAT's forward pass runs the kernels rounded as post-training int8 quantization rounds them, and a
@@ -26,14 +27,16 @@ from tolerance import (
     lm_sum_lengths,
 )
 
-from bigjax import checkpoint, finetune, hf, lora, metrics, quantize, train
 from bigjax import config as config_lib
+from bigjax import hf
 from bigjax import params as params_lib
-from bigjax import step as step_lib
+from bigjax.compress import lora, quantize, quantized
 from bigjax.config import ConfigError
 from bigjax.errors import UserError
-from bigjax.models import quantized
-from bigjax.setup import make_setup
+from bigjax.ops import metrics
+from bigjax.run import checkpoint, finetune, train
+from bigjax.run import step as step_lib
+from bigjax.run.setup import make_setup
 from bigjax.tasks import make_task
 
 SUB_CHANNEL = 8  # divides the tiny GPT's widths (d_model 32, head_dim 8, mlp 128)

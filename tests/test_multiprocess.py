@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from conftest import FAST_COMPILE, REPO, TINY, xla_flags
 
-from bigjax import checkpoint, metrics
+from bigjax.ops import metrics
+from bigjax.run import checkpoint
 
 TRAIN = [sys.executable, "-m", "bigjax.cli", "train"]
 
@@ -83,7 +84,7 @@ def losses(workdir):
 def reference_losses(tmp_path_factory):
     """The tiny run's losses in one process with 8 devices (this one): what every multi-process layout must match."""
     from bigjax import config as config_lib
-    from bigjax import train
+    from bigjax.run import train
 
     workdir = tmp_path_factory.mktemp("one")
     train.train(config_lib.load(TINY, ["config.log_every=1", "config.checkpoint_every=0"]), workdir)

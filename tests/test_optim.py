@@ -1,4 +1,4 @@
-"""Tests for bigjax.optim: optimizers, schedules, weight-decay masks, clipping."""
+"""Tests for bigjax.run.optim: optimizers, schedules, weight-decay masks, clipping."""
 
 import math
 
@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from bigjax.config import CHOICES, ConfigError
-from bigjax.optim import decay_mask, make_optimizer, make_schedule
+from bigjax.run.optim import decay_mask, make_optimizer, make_schedule
 
 OPTIMIZERS = CHOICES["optim.name"]
 

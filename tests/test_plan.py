@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 from bigjax import plan
-from bigjax.setup import make_setup
+from bigjax.run.setup import make_setup
 
 GPT2, LLAMA = str(REPO / "experiments" / "gpt2_124m.py"), str(REPO / "experiments" / "llama_1b.py")
 

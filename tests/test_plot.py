@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from bigjax import cli, logs, plot
+from bigjax import cli
+from bigjax.ops import logs, plot
 
 
 def write_jsonl(path, rows):

@@ -1,4 +1,5 @@
-"""Magnitude pruning (bigjax.prune): off changes nothing, the schedule reaches its target to the count with exact
+"""Magnitude pruning (bigjax.compress.prune): off changes nothing, the schedule reaches its target to the count
+with exact
 zeros, 2:4 holds in every group, the masks are checkpointed and a resumed run is bit-exact, the masks are the same on
 every mesh, bad combinations are one `error:` line, and a pruned run evaluates."""
 
@@ -13,10 +14,12 @@ import test_sharding
 from conftest import TINY, init_params
 from tolerance import assert_sgd_params_close_after_reordering, float32_sum_tolerance, lm_sum_lengths
 
-from bigjax import checkpoint, metrics, optim, prune, train
 from bigjax import params as params_lib
-from bigjax import step as step_lib
-from bigjax.setup import make_setup
+from bigjax.compress import prune
+from bigjax.ops import metrics
+from bigjax.run import checkpoint, optim, train
+from bigjax.run import step as step_lib
+from bigjax.run.setup import make_setup
 
 
 def pruning_config(tiny_config, kind="unstructured", *overrides, arg="", start=1, end=4, every=2, sparsity=0.5):
@@ -62,7 +65,7 @@ def test_prune_off_adds_nothing_and_trains_bit_identically_to_the_plain_optimize
     config = tiny_config("", "config.optim.warmup_steps=0")
     assert config.prune.kind == "none"
     setup = make_setup(config)
-    plain = optim.make_optimizer(config.optim, config.total_steps)  # as before bigjax.prune
+    plain = optim.make_optimizer(config.optim, config.total_steps)  # as before bigjax.compress.prune
     assert jax.tree.structure(setup.abstract_state.opt_state) == jax.tree.structure(
         jax.eval_shape(plain.init, setup.abstract_state.params)
     )

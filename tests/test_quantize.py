@@ -1,4 +1,4 @@
-"""Post-training quantization (`bigjax quantize`, bigjax/models/quantized.py): a trained tiny GPT quantized to int8
+"""Post-training quantization (`bigjax quantize`, bigjax/compress/quantized.py): a trained tiny GPT quantized to int8
 and int4 evaluates close to the float run, holds integers and scales on disk in less space, generates through the
 KV cache as the quantized full forward says, restores onto another mesh; quantization off leaves the model as it
 was; every bad combination is one `error:` line; the vision families quantize their Dense layers, not their convs.
@@ -21,12 +21,14 @@ import pytest
 from conftest import TINY, init_params, run_cli
 from tolerance import assert_close_after_reordering, float32_sum_tolerance, lm_sum_lengths
 
-from bigjax import checkpoint, deploy, generate, quantize
 from bigjax import config as config_lib
+from bigjax import deploy, generate
 from bigjax import params as params_lib
+from bigjax.compress import quantize, quantized
 from bigjax.errors import UserError
-from bigjax.models import gpt, quantized
-from bigjax.setup import make_setup
+from bigjax.models import gpt
+from bigjax.run import checkpoint
+from bigjax.run.setup import make_setup
 from bigjax.tasks import make_task
 
 SUB_CHANNEL = 8  # divides the tiny GPT's widths (d_model 32, head_dim 8, mlp 128)
@@ -304,7 +306,7 @@ def test_vision_families_quantize_their_dense_layers_and_keep_convolutions_float
 def test_a_model_with_nothing_to_quantize_is_refused(tmp_path):
     from test_vision import vision_config
 
-    from bigjax.quantize import QuantizeError, quantize
+    from bigjax.compress.quantize import QuantizeError, quantize
 
     config = vision_config("resnet")
     workdir = tmp_path / "resnet"

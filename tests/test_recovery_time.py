@@ -1,5 +1,6 @@
-"""Recovery time: JAX's persistent compilation cache for train, eval and generate (bigjax.compilation_cache), and the
-account of where a run's wall time went (bigjax.goodput)."""
+"""Recovery time: JAX's persistent compilation cache for train, eval and generate (bigjax.run.compilation_cache),
+and the
+account of where a run's wall time went (bigjax.run.goodput)."""
 
 import os
 import re
@@ -9,8 +10,9 @@ import pytest
 from conftest import TINY, run_cli
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-from bigjax import compilation_cache, goodput, metrics, plot
 from bigjax.config import ConfigError
+from bigjax.ops import metrics, plot
+from bigjax.run import compilation_cache, goodput
 
 
 def test_the_cache_is_the_configs_then_the_environments_then_beside_the_workdir(tmp_path):

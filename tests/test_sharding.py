@@ -17,8 +17,8 @@ from tolerance import (
     lm_sum_lengths,
 )
 
-from bigjax import step as step_lib
-from bigjax.setup import make_setup
+from bigjax.run import step as step_lib
+from bigjax.run.setup import make_setup
 
 # data x fsdp x tensor: one device, pure data parallel, FSDP, and all three axes at once.
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]

@@ -8,11 +8,11 @@ from conftest import REPO
 from test_train import final_params, losses_by_step
 
 from bigjax import config as config_lib
-from bigjax import step as step_lib
-from bigjax import train
 from bigjax.models.gpt import parameter_count
 from bigjax.params import by_path
-from bigjax.setup import make_setup
+from bigjax.run import step as step_lib
+from bigjax.run import train
+from bigjax.run.setup import make_setup
 from bigjax.tasks import make_task
 
 EXPERIMENTS = REPO / "experiments"

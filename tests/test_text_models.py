@@ -9,8 +9,8 @@ from tolerance import assert_close_after_reordering, float32_sum_tolerance, lm_s
 
 from bigjax import config as config_lib
 from bigjax import data
-from bigjax import step as step_lib
-from bigjax.setup import make_setup
+from bigjax.run import step as step_lib
+from bigjax.run.setup import make_setup
 from bigjax.tasks import make_task
 from bigjax.tasks.masked_lm import mask_tokens
 

@@ -17,11 +17,12 @@ import test_text_models
 from conftest import REPO, TINY, init_params, read_until
 from tolerance import assert_sgd_params_close_after_reordering, float32_sum_tolerance, lm_sum_lengths, norm_atol
 
-from bigjax import checkpoint, logs, metrics, train
-from bigjax import mesh as mesh_lib
-from bigjax import step as step_lib
 from bigjax.errors import UserError
-from bigjax.setup import make_setup
+from bigjax.ops import logs, metrics
+from bigjax.parallel import mesh as mesh_lib
+from bigjax.run import checkpoint, train
+from bigjax.run import step as step_lib
+from bigjax.run.setup import make_setup
 from bigjax.tasks import make_task
 
 

@@ -8,12 +8,13 @@ import pkgutil
 import pytest
 
 import bigjax
-from bigjax import cli, logs
+from bigjax import cli
 from bigjax.errors import UserError
+from bigjax.ops import logs
 
 # Exceptions bigjax raises and catches itself, never shown to a user: each with the reason it is not a UserError.
 INTERNAL = {
-    "bigjax.lock.Conflict": "a compare-and-swap lost a race; lock.py catches it and reads the record again",
+    "bigjax.run.lock.Conflict": "a compare-and-swap lost a race; lock.py catches it and reads the record again",
 }
 
 
@@ -100,7 +101,8 @@ def test_a_bug_is_still_a_traceback(monkeypatch):
 
 def test_workdir_files_of_the_wrong_kind_are_one_error_each(tiny_config, tmp_path):
     """A `quarantine` that is a file, a metrics.jsonl that is a directory: one error naming it; what is there stays."""
-    from bigjax import checkpoint, metrics, train
+    from bigjax.ops import metrics
+    from bigjax.run import checkpoint, train
 
     workdir = tmp_path / "run"
     (workdir / "checkpoints" / ("4" + checkpoint.TMP_SUFFIX)).mkdir(parents=True)  # never committed: set aside

@@ -19,8 +19,8 @@ from tolerance import (
 )
 
 from bigjax import config as config_lib
-from bigjax import state as state_lib
-from bigjax import step as step_lib
+from bigjax.run import state as state_lib
+from bigjax.run import step as step_lib
 from bigjax.tasks import make_task
 
 # One device, pure data parallel (BatchNorm statistics averaged over 8), and every axis split at once.

@@ -11,9 +11,10 @@ from conftest import REPO, init_params
 from test_vision import vision_sum_lengths
 from tolerance import assert_close_after_reordering, assert_sgd_params_close_after_reordering, float32_sum_tolerance
 
-from bigjax import checkpoint, metrics, train
 from bigjax import config as config_lib
-from bigjax.setup import make_setup
+from bigjax.ops import metrics
+from bigjax.run import checkpoint, train
+from bigjax.run.setup import make_setup
 from bigjax.tasks import make_task
 
 CNN_DIGITS = str(REPO / "experiments" / "cnn_digits.py")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bigjax import xla_flags
+from bigjax.ops import xla_flags
 
 OURS = {f"--{name}={value}" for name, value in xla_flags.GPU_FLAGS.items()}
 

@@ -13,8 +13,8 @@ import pathlib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from bigjax import metrics
 from bigjax.data.errors import DataError
+from bigjax.ops import metrics
 
 
 def decode(image, channels: int) -> np.ndarray:

@@ -21,8 +21,8 @@ import dataclasses
 import grain
 import numpy as np
 
-from bigjax import metrics
 from bigjax.data.tokenized import Tokenized
+from bigjax.ops import metrics
 
 
 def window_dataset(tokens: np.ndarray, seq_len: int) -> grain.MapDataset:

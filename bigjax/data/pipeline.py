@@ -25,10 +25,11 @@ import grain
 import jax
 import numpy as np
 
-from bigjax import families, metrics
+from bigjax import families
 from bigjax.data import images, packing, sources, tokenized, tokenizers
 from bigjax.data.errors import DataError
 from bigjax.data.packing import window_dataset  # noqa: F401  (re-exported: the causal-LM layout)
+from bigjax.ops import metrics
 
 TEXT_TASKS = ("causal_lm", "masked_lm", "classification")
 

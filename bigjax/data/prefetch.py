@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 
-from bigjax import mesh as mesh_lib
+from bigjax.parallel import mesh as mesh_lib
 
 
 class DeviceBatches:

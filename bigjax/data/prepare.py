@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 
-from bigjax import metrics
 from bigjax.data import sources, tokenized, tokenizers
 from bigjax.data.errors import DataError
+from bigjax.ops import metrics
 
 
 def prepare(config) -> list[str]:

@@ -27,11 +27,11 @@ import pathlib
 
 import grain
 
-from bigjax import metrics
 from bigjax.data import corpus, parquet_source
 from bigjax.data.errors import DataError
 from bigjax.data.files import expand_paths, files_fingerprint
 from bigjax.data.split import Split
+from bigjax.ops import metrics
 
 BUNDLED = ("shakespeare", "shakespeare_genre", "digits", "synthetic")
 PREFIXES = ("text", "jsonl", "parquet", "arrow", "imagefolder", "tfds")

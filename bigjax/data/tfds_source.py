@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import jax
 
-from bigjax import metrics
 from bigjax.data.errors import DataError
 from bigjax.data.split import Split
+from bigjax.ops import metrics
 
 INSTALL_TFDS = "pip install 'bigjax[tfds]'"
 INSTALL_TF = "pip install 'bigjax[tf]'"

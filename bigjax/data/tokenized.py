@@ -26,8 +26,8 @@ import shutil
 
 import numpy as np
 
-from bigjax import metrics
 from bigjax.data.errors import DataError
+from bigjax.ops import metrics
 
 CACHE_VERSION = 1
 CHUNK = 4096  # records tokenized per call: big enough for the tokenizers' batch encoders

@@ -20,9 +20,10 @@ import json
 
 import jax
 
-from bigjax import checkpoint, paths
 from bigjax import config as config_lib
+from bigjax import paths
 from bigjax.deploy.common import DeployError, check_exportable
+from bigjax.run import checkpoint
 
 FORMATS = ("onnx", "stablehlo")
 DESCRIPTION_FILES = {"onnx": "model.json", "stablehlo": "manifest.json"}  # what goes in and out, in JSON

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import jax
 
-from bigjax import checkpoint
 from bigjax import config as config_lib
+from bigjax.compress import quantized
 from bigjax.errors import UserError
-from bigjax.models import quantized
+from bigjax.run import checkpoint
 
 
 class DeployError(UserError):
@@ -37,7 +37,7 @@ def check_exportable(config, fmt: str, where) -> None:
 
 def restore_on_one_device(config, mngr, step: int):
     """(setup, variables) of checkpoint `step`, restored onto one device: serving needs no parallelism."""
-    from bigjax.setup import make_setup
+    from bigjax.run.setup import make_setup
 
     config = config_lib.from_dict(config.to_dict())
     config.mesh.update(dict(data=1, fsdp=1, tensor=1))

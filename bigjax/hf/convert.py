@@ -15,10 +15,10 @@ import jax
 import numpy as np
 
 from bigjax import config as config_lib
+from bigjax.compress import quantized
 from bigjax.hf import family as family_lib
 from bigjax.hf import files
 from bigjax.hf.common import HFError, Params
-from bigjax.models import quantized
 from bigjax.params import by_path, nest, param_path
 
 SOURCE_FILE = "hf_source.json"  # written by `bigjax import`: the HF vocabulary size and special ids export gives back
@@ -204,8 +204,10 @@ def import_hf(hf_dir, workdir, overrides=()) -> int:
     Everything is read and checked before anything is written: config.json, every weights file, every tensor's
     shape, the tokenizer, the mesh, the weights themselves. A write that fails (a full disk) removes what was
     written, so a failed import leaves nothing behind."""
-    from bigjax import checkpoint, data, metrics, paths
-    from bigjax import state as state_lib
+    from bigjax import data, paths
+    from bigjax.ops import metrics
+    from bigjax.run import checkpoint
+    from bigjax.run import state as state_lib
 
     workdir = paths.check_new_output(workdir, "--workdir")  # never beside or over anything: the HF files included
     config = config_from_hf(hf_dir, overrides)
@@ -252,9 +254,9 @@ def import_hf(hf_dir, workdir, overrides=()) -> int:
 def imported_state(read, config, hf_dir):
     """The TrainState at step 0 of the HF weights, each parameter made straight onto its shards on the mesh of
     `config` (refused there if it does not fit the devices), with a fresh optimizer state."""
-    from bigjax import metrics
-    from bigjax import state as state_lib
-    from bigjax.setup import make_setup
+    from bigjax.ops import metrics
+    from bigjax.run import state as state_lib
+    from bigjax.run.setup import make_setup
 
     setup = make_setup(config)
     params, fresh = load_tree(read, config, setup.abstract_state.params, setup.state_shardings.params)
@@ -291,8 +293,9 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
     and gathered to the host one tensor at a time; process 0 writes."""
     from jax.experimental import multihost_utils
 
-    from bigjax import checkpoint, data, paths
-    from bigjax.setup import make_setup
+    from bigjax import data, paths
+    from bigjax.run import checkpoint
+    from bigjax.run.setup import make_setup
 
     workdir, out = paths.workdir(workdir), paths.check_new_output(out)
     config = config_lib.load_saved(workdir)

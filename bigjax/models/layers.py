@@ -2,7 +2,7 @@
 the layer stack (remat and scan), convolutions, the classifier head.
 
 Every parameter is created with logical axis names (`embed`, `heads`, `kv_heads`, `kv`, `mlp`, `vocab`) and
-key activations carry `activation_*` names; `bigjax.mesh` maps both onto the device mesh. No mesh here.
+key activations carry `activation_*` names; `bigjax.parallel.mesh` maps both onto the device mesh. No mesh here.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ the train loop, the eval job and the checkpoints know only this interface.
     task.batch_spec(batch_size)                  {key: ShapeDtypeStruct} of one batch of that many examples
     task.loss_sums(params, model_state, batch, rng, train, teacher=None)
                                                  -> (sums, new_model_state) for one (micro)batch; with a
-                                                 teacher (bigjax.distill), "loss" is the distilled loss and
+                                                 teacher (bigjax.compress.distill), "loss" is the distilled loss and
                                                  "hard_loss", "distill_kl" are added
     task.logits(...)                             the model's fp32 logits, as a distillation teacher's are read
     task.summarize(sums, data_stats)             host side: sums over any number of batches -> metrics

@@ -17,15 +17,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bigjax.compress.quantized import quantized
 from bigjax.models.gpt import GPT, GPTConfig, GPTHiddenStates, parameter_count
 from bigjax.models.layers import constrain
-from bigjax.models.quantized import quantized
 
 
 class CausalLM:
     def __init__(self, config):
         self.model_config = GPTConfig.from_config(config.model)
-        self.run_config = config  # its quant and lora sections say how the model is built (bigjax.models.quantized)
+        self.run_config = config  # its quant and lora sections say how the model is built (bigjax.compress.quantized)
         self.model = quantized(GPT(self.model_config), config)
         self.seq_len = config.data.seq_len
         self.tokens_per_example = self.seq_len
@@ -44,7 +44,8 @@ class CausalLM:
         }
 
     def loss_sums(self, params, model_state, batch, rng=None, train: bool = False, teacher=None):
-        """`teacher` (a bigjax.distill.TeacherInStep, in the train step of a distillation) adds its soft targets
+        """`teacher` (a bigjax.compress.distill.TeacherInStep, in the train step of a distillation) adds its soft
+        targets
         at the same weighted tokens: in one piece, or `loss_chunk` positions at a time alike."""
         rngs = {"dropout": rng} if train and rng is not None else {}
         inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]

@@ -19,8 +19,8 @@ import numpy as np
 import optax
 
 from bigjax import families
+from bigjax.compress.quantized import quantized
 from bigjax.config import ConfigError
-from bigjax.models.quantized import quantized
 
 
 def make_classifier(model_config, num_classes: int, **text_options):
@@ -73,7 +73,7 @@ class Classification:
         return self.model.init({"params": rng, "dropout": rng}, *self._inputs(batch), train=False)
 
     def loss_sums(self, params, model_state, batch, rng=None, train: bool = False, teacher=None):
-        """`teacher` (a bigjax.distill.TeacherInStep, in the train step of a distillation) classifies the same
+        """`teacher` (a bigjax.compress.distill.TeacherInStep, in the train step of a distillation) classifies the same
         examples in inference mode (its BatchNorm statistics as saved): soft targets for each weighted label."""
         rngs = {"dropout": rng} if train and rng is not None else {}
         variables = {"params": params, **model_state}

@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigjax.compress.quantized import quantized
 from bigjax.config import ConfigError
 from bigjax.data import make_tokenizer
 from bigjax.models.bert import BertConfig, BertMLM
 from bigjax.models.gpt import parameter_count
-from bigjax.models.quantized import quantized
 from bigjax.tasks import causal_lm
 
 MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1  # of the chosen tokens; the remaining 10% are kept
@@ -62,7 +62,8 @@ class MaskedLM:
         )
 
     def loss_sums(self, params, model_state, batch, rng=None, train: bool = False, teacher=None):
-        """`teacher` (a bigjax.distill.TeacherInStep, in the train step of a distillation) reads the same corrupted
+        """`teacher` (a bigjax.compress.distill.TeacherInStep, in the train step of a distillation) reads the same
+        corrupted
         rows and predicts at the same chosen positions: its soft targets are for exactly the tokens scored."""
         masking = (self.mask_rate, self.max_predictions, self.mask_id, self.special_ids, self.ordinary_ids)
         if rng is None:

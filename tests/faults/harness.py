@@ -38,7 +38,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(REPO / "experiments" / "tiny.py")
 TOTAL_STEPS = 30
 CHECKPOINT_EVERY = 3
-TMP_SUFFIX = ".orbax-checkpoint-tmp"  # bigjax.checkpoint.TMP_SUFFIX, without importing jax here
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # bigjax.run.checkpoint.TMP_SUFFIX, without importing jax here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,9 +273,9 @@ def final_state(workdir, step: int = TOTAL_STEPS):
     """(params, opt_state) of the checkpoint at `step`, restored onto one device as numpy."""
     import jax
 
-    from bigjax import checkpoint
     from bigjax import config as config_lib
-    from bigjax.setup import make_setup
+    from bigjax.run import checkpoint
+    from bigjax.run.setup import make_setup
 
     config = config_lib.load(TINY, ["config.mesh.data=1"])  # the state's layout does not depend on the length
     mngr = checkpoint.manager(workdir, read_only=True)

@@ -23,7 +23,7 @@ import threading
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # this checkout's bigjax, not an installed one
 
-from bigjax import lock  # noqa: E402  (imports no JAX)
+from bigjax.run import lock  # noqa: E402  (imports no JAX)
 
 RECORD_FREE = threading.Lock()  # held by a thread while it holds the record's flock, and while the process stops
 

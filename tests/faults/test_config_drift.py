@@ -8,7 +8,7 @@ import shutil
 import pytest
 from conftest import TINY
 
-from bigjax import checkpoint, train
+from bigjax.run import checkpoint, train
 
 
 @pytest.fixture(scope="module")

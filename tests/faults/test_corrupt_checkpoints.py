@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY
 from harness import delete_the_array_files, final_state, same_arrays, set_aside, truncate_the_array_files
 
-from bigjax import checkpoint, lock, train
+from bigjax.run import checkpoint, lock, train
 
 
 def delete_the_array_metadata(step_dir):
@@ -151,7 +151,7 @@ def test_a_save_over_a_committed_checkpoint_is_refused_and_leaves_it_untouched(c
     neither."""
     import jax.numpy as jnp
 
-    from bigjax import state as state_lib
+    from bigjax.run import state as state_lib
 
     workdir = tmp_path / "run"
     shutil.copytree(good_run, workdir)

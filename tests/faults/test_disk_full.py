@@ -178,7 +178,7 @@ def test_a_save_on_a_full_disk_is_one_error_line_however_many_writers_fail(env, 
 
 
 def test_a_failed_metrics_write_is_one_error_and_the_rerun_sets_its_cut_off_row_aside(tmp_path, capsys):
-    from bigjax import metrics
+    from bigjax.ops import metrics
 
     path = tmp_path / "metrics.jsonl"
     first, second, third = (json.dumps({"step": step, "loss": 5.0 - step}) + "\n" for step in (1, 2, 3))
@@ -247,7 +247,7 @@ def test_a_workdir_that_cannot_be_created_is_a_clear_error(cli, tmp_path):
 
 
 def test_the_reason_of_a_failed_write_survives_however_tensorstore_lays_out_its_message():
-    from bigjax.checkpoint import describe
+    from bigjax.run.checkpoint import describe
 
     long_path = "/tmp/run/checkpoints/8.orbax-checkpoint-tmp/opt_state.orbax-checkpoint-tmp/" + "x" * 700
     one_line = ValueError(f'OUT_OF_RANGE: Error writing "a" in {long_path}: File too large [source locations=a.cc:1]')
@@ -264,7 +264,7 @@ def test_the_reason_of_a_failed_write_survives_however_tensorstore_lays_out_its_
 
 
 def test_the_advice_for_a_failed_save_follows_the_os_reason_not_a_guess():
-    from bigjax.checkpoint import remedy
+    from bigjax.run.checkpoint import remedy
 
     assert remedy(OSError(28, "No space left on device")) == "free disk space"
     assert remedy(OSError(30, "Read-only file system")) == "make the directory writable"

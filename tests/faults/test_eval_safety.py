@@ -13,8 +13,10 @@ import pytest
 from conftest import REPO, TINY
 from harness import Kill, committed_steps, environment, run_attempt, train_command, truncate_the_array_files
 
-from bigjax import checkpoint, evaluate, metrics, quantize, train
 from bigjax import config as config_lib
+from bigjax.compress import quantize
+from bigjax.ops import metrics
+from bigjax.run import checkpoint, evaluate, train
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from harness import (
     uncommitted_steps,
 )
 
-from bigjax import lock, train
+from bigjax.run import lock, train
 
 STEPS = 8
 OVERRIDES = ["config.log_every=1", "config.checkpoint_every=2", "config.keep_checkpoints=1"]
@@ -35,13 +35,13 @@ LEASE = 2.0  # A's, in seconds: another host may take over once A has been stopp
 
 # Where A stops: module:function:N:before|after (the N-th call). Each is the last moment before that write.
 WRITE_POINTS = {
-    "config.json": "bigjax.checkpoint:write_config:1:before",
-    "quarantine move": "bigjax.checkpoint:set_aside:1:before",  # of the killed save planted before A starts
-    "save after its lock check": "bigjax.lock:JobLock.check:2:after",  # the check before step 4's save
+    "config.json": "bigjax.run.checkpoint:write_config:1:before",
+    "quarantine move": "bigjax.run.checkpoint:set_aside:1:before",  # of the killed save planted before A starts
+    "save after its lock check": "bigjax.run.lock:JobLock.check:2:after",  # the check before step 4's save
     "checkpoint commit": "orbax.checkpoint._src.path.atomicity:on_commit_callback:2:before",  # step 4's async save
-    "keep-N deletion": "bigjax.checkpoint:delete_old_checkpoints:3:before",  # of step 2, at step 6's save
-    "metrics row": "bigjax.metrics:JsonLines.write:3:before",
-    "events file": "bigjax.metrics:TensorBoard.write:3:before",  # step 3's, once its metrics row is written
+    "keep-N deletion": "bigjax.run.checkpoint:delete_old_checkpoints:3:before",  # of step 2, at step 6's save
+    "metrics row": "bigjax.ops.metrics:JsonLines.write:3:before",
+    "events file": "bigjax.ops.metrics:TensorBoard.write:3:before",  # step 3's, once its metrics row is written
 }
 
 

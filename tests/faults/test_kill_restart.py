@@ -25,7 +25,7 @@ def reference(tmp_path_factory):
     """The uninterrupted run, trained in this process (the same 8 devices and XLA flags as the trainers the test
     kills): nothing in it is about processes, and a process of its own would cost its start-up."""
     from bigjax import config as config_lib
-    from bigjax import train
+    from bigjax.run import train
 
     workdir = tmp_path_factory.mktemp("uninterrupted")
     command = harness.train_command(workdir)  # what each attempt runs, read back as its config and overrides

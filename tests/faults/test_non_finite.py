@@ -10,7 +10,8 @@ import pytest
 from conftest import TINY
 from harness import final_state, last_row_per_step, same_arrays
 
-from bigjax import checkpoint, data, train
+from bigjax import data
+from bigjax.run import checkpoint, train
 
 
 class PoisonedBatches:

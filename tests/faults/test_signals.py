@@ -17,7 +17,7 @@ from harness import committed_steps, environment, uncommitted_steps
 # first sends this process the signals SIGNALS (comma-separated names): the stage the test is about.
 SIGNALLING_TRAINER = """
 import importlib, os, signal, sys, threading, time
-from bigjax import signals
+from bigjax.run import signals
 where, call, names = sys.argv[1:4]
 module_name, _, path = where.partition(":")
 owner = importlib.import_module(module_name)
@@ -80,7 +80,7 @@ def test_sigterm_during_the_compile_of_a_resumed_run_keeps_its_checkpoint_and_ex
 ):
     workdir = tmp_path / "run"
     shutil.copytree(stopped_at_step_4, workdir)
-    result = run_signalled("bigjax.step:compile_train_step", 1, "SIGTERM", train_args(workdir), env)
+    result = run_signalled("bigjax.run.step:compile_train_step", 1, "SIGTERM", train_args(workdir), env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stopped by SIGTERM during start-up, at step 4: nothing new to save" in result.stdout
     assert "\ngoodput: " in result.stdout  # where the time went, even with nothing trained
@@ -89,7 +89,7 @@ def test_sigterm_during_the_compile_of_a_resumed_run_keeps_its_checkpoint_and_ex
 
 def test_ctrl_c_finishes_the_step_saves_and_exits_zero_like_sigterm(env, tmp_path):
     workdir = tmp_path / "run"
-    result = run_signalled("bigjax.train:log_metrics", 3, "SIGINT", train_args(workdir), env)  # at step 3
+    result = run_signalled("bigjax.run.train:log_metrics", 3, "SIGINT", train_args(workdir), env)  # at step 3
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stopped by SIGINT at step 3 with a checkpoint" in result.stdout
     assert "\ngoodput: " in result.stdout
@@ -106,7 +106,7 @@ def test_a_second_ctrl_c_stops_at_once_keeping_what_is_committed(during, env, tm
     workdir = tmp_path / "run"
     shutil.copytree(stopped_at_step_4, workdir)
     # At step 6 of the resumed run, or while the save of step 8 is being written.
-    where = ASYNC_SAVE if during == "save" else "bigjax.train:log_metrics"
+    where = ASYNC_SAVE if during == "save" else "bigjax.run.train:log_metrics"
     result = run_signalled(where, 1 if during == "save" else 2, "SIGINT,SIGINT", train_args(workdir, 12), env)
     assert result.returncode == 130, result.stderr[-3000:]
     assert "interrupted: stopped at once; checkpoints already committed are kept" in result.stderr
@@ -120,7 +120,7 @@ def test_after_sigterm_one_ctrl_c_still_saves_and_a_second_stops_at_once(capsys)
     import os
     import signal
 
-    from bigjax import signals
+    from bigjax.run import signals
 
     request = signals.StopRequest().install()
     try:

@@ -12,7 +12,7 @@ import shutil
 from conftest import REPO, TINY, copy_run, run_cli
 from harness import environment
 
-from bigjax import checkpoint
+from bigjax.run import checkpoint
 
 # Ways Python code runs what a file says; none may read a workdir.
 CODE_LOADERS = re.compile(

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, TINY
 from harness import all_threads_stopped, committed_steps, environment, rows_since, snapshot
 
-from bigjax import lock
+from bigjax.run import lock
 
 
 @pytest.fixture(scope="module")

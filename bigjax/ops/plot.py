@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import io
 
-from bigjax import metrics, paths
+from bigjax import paths
 from bigjax.errors import UserError
+from bigjax.ops import metrics
 
 INSTALL_PLOT = "pip install 'bigjax[plot]'"
 PANEL_INCHES = (5.0, 4.0)  # width, height of one panel

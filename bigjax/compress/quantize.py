@@ -4,7 +4,7 @@
 
 DIR2 is a workdir like any run's, holding a committed checkpoint of the quantized parameters at the step quantized:
 the kernels as int8 or int4 arrays with their float32 scales (integers on disk, not float values rounded to a
-grid), and everything that stays float (bigjax.models.quantized says what and why) as it was. Its config.json is
+grid), and everything that stays float (bigjax.compress.quantized says what and why) as it was. Its config.json is
 DIR's with `quant` set, so `bigjax eval`, `generate` and `bench` build the quantized model from it and run it
 unchanged:
 
@@ -27,12 +27,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bigjax import checkpoint, paths
 from bigjax import config as config_lib
-from bigjax import state as state_lib
+from bigjax import paths
+from bigjax.compress import quantized
 from bigjax.errors import UserError
-from bigjax.models import quantized
-from bigjax.setup import make_setup
+from bigjax.run import checkpoint
+from bigjax.run import state as state_lib
+from bigjax.run.setup import make_setup
 
 SOURCE_FILE = "quantized.json"  # in DIR2: the run, step and settings it was quantized from
 
@@ -69,7 +70,7 @@ def quantize(workdir, out, bits=None, mode=None, sub_channel: int | None = None,
     if not kernels:
         raise QuantizeError(
             f"{config.model.family}: no layer of this model is quantized (convolutions, embeddings and the output "
-            "layer stay float; see `bigjax/models/quantized.py`), so quantizing it would change nothing"
+            "layer stay float; see `bigjax/compress/quantized.py`), so quantizing it would change nothing"
         )
 
     mngr = checkpoint.manager(workdir, read_only=True)

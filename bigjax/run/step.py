@@ -12,16 +12,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bigjax import optim, tasks
 from bigjax import params as params_lib
-from bigjax.setup import Setup
+from bigjax import tasks
+from bigjax.run import optim
+from bigjax.run.setup import Setup
 
 
 def make_train_step(task, tx, config, teacher=None):
     """The pure step: (state, batch) -> (new state, metrics). Gradients are accumulated over
     `optim.grad_accum` microbatches inside the step, as sums, so k microbatches equal one big batch.
 
-    With a `teacher` (bigjax.distill.Teacher) the step is (state, batch, teacher_variables) -> (new state,
+    With a `teacher` (bigjax.compress.distill.Teacher) the step is (state, batch, teacher_variables) -> (new state,
     metrics): the teacher's variables are an argument, not part of the state, and not differentiated."""
     schedule = optim.make_schedule(config.optim, config.total_steps)
     accum = config.optim.grad_accum
@@ -108,7 +109,7 @@ def zero_if_integer(grad, param):
 def compile_train_step(setup: Setup):
     """The step, compiled ahead of time (to time the compile): (the step to call, seconds)."""
     started = time.perf_counter()
-    _ = setup.teacher  # a teacher's shapes are traced outside the mesh context, as the state's were (bigjax.state)
+    _ = setup.teacher  # a teacher's shapes are traced outside the mesh context, as the state's were (bigjax.run.state)
     step_fn, args = jit_train_step(setup)
     with setup.sharding.activate():
         compiled = step_fn.lower(*args).compile()

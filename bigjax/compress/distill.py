@@ -22,7 +22,7 @@ Decisions:
 - The teacher is built from its own saved config (WORKDIR/config.json: its family, size and dtypes), with this
   run's data settings (sequence length, packing, image size), since it reads this run's batches. Its variables are
   restored from its checkpoint onto this run's mesh, each sharded by its logical axis names under this run's rules
-  (`bigjax.state.abstract_state_and_shardings` with an optimizer that keeps nothing): like the student's, and no
+  (`bigjax.run.state.abstract_state_and_shardings` with an optimizer that keeps nothing): like the student's, and no
   array of it exists whole on one device.
 - The teacher's variables are not part of the TrainState: no optimizer state, no gradient (they are an argument of
   the jitted step that `jax.grad` does not differentiate, and their logits pass through `stop_gradient` besides),
@@ -51,10 +51,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from bigjax import checkpoint, metrics, paths, tasks
 from bigjax import config as config_lib
-from bigjax import state as state_lib
+from bigjax import paths, tasks
 from bigjax.config import ConfigError
+from bigjax.ops import metrics
+from bigjax.run import checkpoint
+from bigjax.run import state as state_lib
 
 HF_PREFIX = "hf:"
 

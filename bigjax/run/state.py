@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bigjax import mesh as mesh_lib
+from bigjax.parallel import mesh as mesh_lib
 
 
 class TrainState(flax.struct.PyTreeNode):

@@ -24,11 +24,13 @@ import time
 
 import jax
 
-from bigjax import checkpoint, compilation_cache, data, metrics, paths, tasks
 from bigjax import config as config_lib
-from bigjax import state as state_lib
+from bigjax import data, paths, tasks
 from bigjax.errors import UserError
-from bigjax.setup import Setup, make_setup
+from bigjax.ops import metrics
+from bigjax.run import checkpoint, compilation_cache
+from bigjax.run import state as state_lib
+from bigjax.run.setup import Setup, make_setup
 
 
 class EvalError(UserError):

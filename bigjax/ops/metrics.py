@@ -1,4 +1,4 @@
-"""Metric writers (console, JSONL, TensorBoard) behind one interface; MFU against the peaks of bigjax.devices.
+"""Metric writers (console, JSONL, TensorBoard) behind one interface; MFU against the peaks of bigjax.ops.devices.
 
 Only process 0 writes; the other processes get a writer that does nothing, so callers never branch. Each write to a
 file is made inside `fence()` (the trainer's workdir lock, `lock.JobLock.fenced`), at the moment it is asked for: a
@@ -23,7 +23,8 @@ import time
 import jax
 from etils import epath
 
-from bigjax import devices, errors, paths
+from bigjax import errors, paths
+from bigjax.ops import devices
 
 
 class MetricsError(errors.UserError):

@@ -15,26 +15,15 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bigjax import (
-    checkpoint,
-    compilation_cache,
-    data,
-    distill,
-    evaluate,
-    finetune,
-    goodput,
-    lock,
-    lora,
-    metrics,
-    paths,
-    signals,
-)
+from bigjax import data, paths
 from bigjax import params as params_lib
-from bigjax import state as state_lib
-from bigjax import step as step_lib
+from bigjax.compress import distill, lora, quantized
 from bigjax.errors import UserError
-from bigjax.models import quantized
-from bigjax.setup import Setup, make_setup
+from bigjax.ops import metrics
+from bigjax.run import checkpoint, compilation_cache, evaluate, finetune, goodput, lock, signals
+from bigjax.run import state as state_lib
+from bigjax.run import step as step_lib
+from bigjax.run.setup import Setup, make_setup
 
 
 class TrainingError(UserError):
@@ -365,7 +354,7 @@ def prefixed(prefix: str, values: dict) -> dict:
 
 class PreemptionFlag:
     """SIGTERM (a preemption, `kill`, a scheduler's time limit) or Ctrl-C asks the loop to save and exit cleanly
-    (`bigjax.signals`; the CLI starts listening before JAX is even imported).
+    (`bigjax.run.signals`; the CLI starts listening before JAX is even imported).
 
     With several processes all of them must stop at the same step: a process that saves alone waits forever for
     the others to join the save. A scheduler may signal one host only, or each at a different step, so there JAX's

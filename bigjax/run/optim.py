@@ -12,7 +12,8 @@ With `frozen` (bigjax.params.frozen: config.freeze, LoRA's base) the parameters 
 `optax.set_to_zero()` by `optax.multi_transform`: they get no optimizer state (no moments), and since the clip
 and the optimizer only see the trainable ones, neither does the gradient norm.
 
-With `prune` (a bigjax.prune.Pruning, from config.prune) the trainable optimizer is wrapped by `prune.pruned`: it
+With `prune` (a bigjax.compress.prune.Pruning, from config.prune) the trainable optimizer is wrapped by
+`prune.pruned`: it
 then trains the sparse model and keeps its masks in its state (inside the "trained" branch when there is a freeze).
 """
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from bigjax import params as params_lib
-from bigjax import prune as prune_lib
+from bigjax.compress import prune as prune_lib
 
 # --------------------------------------------------------------------------- #
 # Schedules
@@ -174,7 +175,8 @@ def penalty_gradients(l1: float, l2: float, mask) -> optax.GradientTransformatio
 
 def make_optimizer(optim_config, total_steps: int, frozen=None, prune=None) -> optax.GradientTransformation:
     """(Penalties) -> clip -> (L2 decay) -> optimizer, with the lr following `make_schedule`, pruned as `prune` (a
-    bigjax.prune.Pruning or None) says; the parameters `frozen` (params -> a tree of bools, bigjax.params.frozen)
+    bigjax.compress.prune.Pruning or None) says; the parameters `frozen` (params -> a tree of bools,
+    bigjax.params.frozen)
     marks get none of it."""
     tx = _trainable_optimizer(optim_config, total_steps)
     if prune is not None:

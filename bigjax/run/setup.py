@@ -18,11 +18,12 @@ import jax
 import ml_collections
 import optax
 
-from bigjax import distill, optim, prune, tasks
-from bigjax import mesh as mesh_lib
 from bigjax import params as params_lib
-from bigjax import state as state_lib
-from bigjax.models import quantized
+from bigjax import tasks
+from bigjax.compress import distill, prune, quantized
+from bigjax.parallel import mesh as mesh_lib
+from bigjax.run import optim
+from bigjax.run import state as state_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Setup:
 
     def boxed_params(self) -> dict:
         """The parameters' shapes with their logical-axis boxes (and a quantized model's Qwix `WithAux` nodes,
-        which say how each kernel is quantized): what bigjax.models.quantized converts by."""
+        which say how each kernel is quantized): what bigjax.compress.quantized converts by."""
         with self.sharding.activate():
             return jax.eval_shape(self.task.init_variables, jax.random.key(self.config.seed))["params"]
 

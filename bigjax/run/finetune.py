@@ -17,7 +17,7 @@ Parameters are named by their "/"-joined paths (bigjax.params), e.g. `layers/att
   its BatchNorm statistics; bigjax.hf), with the same include/exclude, into a model of the checkpoint's
   architecture: one whose settings differ (a pre-LN model for a post-LN BERT, another rope_theta) is refused,
   listing each difference (bigjax.hf.check_architecture).
-- `freeze` (see bigjax.optim) keeps the matching parameters bit-identical: they get no gradient computation,
+- `freeze` (see bigjax.run.optim) keeps the matching parameters bit-identical: they get no gradient computation,
   no optimizer state and no update.
 - Early stopping watches one inline-eval metric: each evaluation saves a checkpoint carrying its metrics, Orbax
   keeps the best one besides the newest `keep_checkpoints`, and training stops after `patience` evaluations
@@ -31,9 +31,10 @@ import math
 
 import jax
 
-from bigjax import checkpoint, metrics
 from bigjax.errors import UserError
+from bigjax.ops import metrics
 from bigjax.params import by_path, matches, nest, param_path
+from bigjax.run import checkpoint
 
 HF_PREFIX = "hf:"  # init_from.workdir=hf:PATH loads a Hugging Face model directory (bigjax.hf)
 
@@ -72,10 +73,10 @@ def load_pretrained_state(state, init_from, shardings):
 
 def load_pretrained_into(setup, state):
     """`state`, a run's fresh one, with init_from's parameters loaded as `load_pretrained_state` does. A QLoRA run's
-    integer kernels are loaded as the float kernels they stand for, then quantized again (bigjax.models.quantized):
+    integer kernels are loaded as the float kernels they stand for, then quantized again (bigjax.compress.quantized):
     the float base exists whole on the mesh for that moment, as in a float fine-tune."""
     from bigjax import hf
-    from bigjax.models import quantized
+    from bigjax.compress import quantized
 
     config, shardings = setup.config, setup.state_shardings
     if config.init_from.workdir.startswith(HF_PREFIX):  # the weights only mean anything in their own architecture

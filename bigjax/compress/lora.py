@@ -6,7 +6,7 @@
     bigjax train ... --config.lora.adapters=ADAPTERS          # a new run starting from them
     bigjax lora merge --workdir DIR --out DIR2                # a plain float run: W + (alpha/rank) A B
 
-The model is bigjax.models.quantized's (Qwix's LoraProvider): beside every targeted kernel `kernel_lora_a`
+The model is bigjax.compress.quantized's (Qwix's LoraProvider): beside every targeted kernel `kernel_lora_a`
 [inputs, rank] and `kernel_lora_b` [rank, outputs], B zero at the start. bigjax.params.frozen keeps every other
 parameter fixed but `lora.train`'s (a classifier's new head): no gradient, no optimizer state, no update. So only
 the adapters (and those) get optimizer state; the checkpoint holds the base too, so a LoRA run resumes, evaluates
@@ -26,12 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bigjax import checkpoint, metrics, paths
 from bigjax import config as config_lib
 from bigjax import params as params_lib
-from bigjax import state as state_lib
+from bigjax import paths
+from bigjax.compress import quantized
 from bigjax.errors import UserError
-from bigjax.models import quantized
+from bigjax.ops import metrics
+from bigjax.run import checkpoint
+from bigjax.run import state as state_lib
 
 WEIGHTS_FILE = "adapters.safetensors"
 SETTINGS_FILE = "adapters.json"
@@ -57,7 +59,7 @@ def save(workdir, out, step: int | None = None) -> dict:
     """Write the trained parameters of `workdir`'s checkpoint (the newest, or `step`) to `out`; returns what was
     written. Every process takes part (the arrays are gathered); process 0 writes."""
     from bigjax.hf import files
-    from bigjax.setup import make_setup
+    from bigjax.run.setup import make_setup
 
     workdir, out = paths.workdir(workdir), paths.check_new_output(out)  # saved adapters are never replaced
     config = lora_run_config(workdir, "save its adapters")
@@ -158,7 +160,7 @@ def merge(workdir, out, step: int | None = None) -> dict:
     """Write `out` as a plain float run (lora and quant off) whose kernels are the base's plus (alpha/rank) A B,
     at `workdir`'s newest checkpoint (or `step`); it evaluates, generates, exports and trains on like any run (from
     the step merged, with a fresh optimizer, on the data where the LoRA run stopped)."""
-    from bigjax.setup import make_setup
+    from bigjax.run.setup import make_setup
 
     workdir, out = paths.workdir(workdir), paths.check_new_output(out)
     config = lora_run_config(workdir, "merge")

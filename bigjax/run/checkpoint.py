@@ -57,8 +57,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from bigjax import config as config_lib
-from bigjax import errors, lock, metrics, paths
+from bigjax import errors, paths
 from bigjax.errors import UserError
+from bigjax.ops import metrics
+from bigjax.run import lock
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it into a step just before the rename that commits it
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # a step Orbax started writing and never committed
