@@ -72,6 +72,24 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
     # JAX's persistent compilation cache (bigjax.run.compilation_cache): "" = JAX_COMPILATION_CACHE_DIR if set, else
     # WORKDIR/compilation_cache (generate: ~/.cache/bigjax/jax); "off"; or a directory (a bucket URL too)
     c.compilation_cache = ""
+    # Where metrics go besides metrics.jsonl (always written), several at once (bigjax.ops.trackers, docs/tracking.md):
+    # "tensorboard" (events in the workdir), "wandb" (pip install 'bigjax[wandb]'), "mlflow" ('bigjax[mlflow]')
+    c.trackers = ("tensorboard",)
+    c.wandb = ml_collections.ConfigDict(
+        dict(
+            project="bigjax",
+            entity="",  # "" = your default entity
+            name="",  # the run's name; "" = the workdir's
+            mode="",  # online | offline | shared (several processes writing at once); "" = $WANDB_MODE, else online
+        )
+    )
+    c.mlflow = ml_collections.ConfigDict(
+        dict(
+            tracking_uri="",  # "" = a local store in the workdir, sqlite:///WORKDIR/mlflow.db; or a tracking server
+            experiment="bigjax",
+            name="",  # the run's name; "" = the workdir's
+        )
+    )
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
     c.sharding_rules = DEFAULT_SHARDING_RULES
@@ -207,6 +225,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
 
 
 NAN_POLICIES = ("stop", "skip")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # config.trackers: what each is, in bigjax.ops.trackers
 # Meant as a switch, not a directory: config.compilation_cache takes "off" ("" is the default).
 SWITCH_WORDS = ("on", "true", "yes", "1", "false", "no", "none", "0", "disable", "disabled")
 # Switches whose default None means "as model.use_bias": True, False or None.
@@ -241,6 +260,7 @@ CHOICES = {
     "prune.kind": ("none", "unstructured", "2:4"),
     "quant.bits": (0, 8, 4),
     "quant.mode": ("weight_only", "dynamic"),
+    "wandb.mode": ("", "online", "offline", "shared"),
 }
 
 
@@ -435,6 +455,8 @@ def _parse_as(value: str, current: Any, dotted: str):
         if isinstance(current, str):
             return value
         parsed = _literal(value)
+        if isinstance(parsed, str) and isinstance(current, (list, tuple)) and all(isinstance(x, str) for x in current):
+            return [word.strip() for word in parsed.split(",") if word.strip()]  # a list of names: a,b,c
         if current is not None and not isinstance(
             parsed, (list, tuple) if isinstance(current, (list, tuple)) else expected
         ):
@@ -553,6 +575,7 @@ def check_values(config) -> None:
             f"config.compilation_cache={config.compilation_cache!r} would be a directory of that name; use 'off' for "
             "no cache, '' for the default place, or a directory"
         )
+    check_trackers(config.trackers)
     if config.nan_policy not in NAN_POLICIES:
         raise ConfigError(f"config.nan_policy={config.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
     check_model(config)
@@ -576,6 +599,16 @@ def check_values(config) -> None:
     check_distill(config)
     check_quantization(config.quant)
     check_lora(config)
+
+
+def check_trackers(trackers) -> None:
+    unknown = [name for name in trackers if name not in TRACKERS]
+    if unknown:
+        raise ConfigError(
+            f"config.trackers has {', '.join(map(repr, unknown))}, which bigjax does not know; the trackers are "
+            f"{', '.join(TRACKERS)} (several at once, e.g. --config.trackers=tensorboard,wandb; metrics.jsonl is "
+            "always written)"
+        )
 
 
 # Sizes and counts, checked before anything divides by them or builds an array of them. A model key is checked

@@ -63,13 +63,23 @@ def tensorboardx():
 
 
 class MetricWriter:
-    """Writes `{name: number}` at a step to the console, DIR/metrics.jsonl and TensorBoard events in DIR; each file
+    """Writes `{name: number}` at a step to the console, DIR/metrics.jsonl, TensorBoard events in DIR (`tensorboard`)
+    and the runs of `trackers` (bigjax.ops.trackers: each has `write(step, metrics)` and `close(failed)`); each file
     write inside `fence()`."""
 
-    def __init__(self, directory, console_prefix: str = "", enabled: bool | None = None, fence=contextlib.nullcontext):
+    def __init__(
+        self,
+        directory,
+        console_prefix: str = "",
+        enabled: bool | None = None,
+        fence=contextlib.nullcontext,
+        tensorboard: bool = True,
+        trackers=(),
+    ):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.prefix = console_prefix
         self.jsonl = self.tensorboard = None
+        self.trackers = list(trackers)
         if self.enabled:
             directory = paths.workdir(directory)
             try:
@@ -79,7 +89,7 @@ class MetricWriter:
                 raise cannot("create", directory, error) from error
             self.jsonl = JsonLines(directory / "metrics.jsonl", fence)
             try:
-                self.tensorboard = TensorBoard(directory, fence)
+                self.tensorboard = TensorBoard(directory, fence) if tensorboard else None
             except OSError as error:
                 self.jsonl.close()
                 raise cannot("write TensorBoard events into", directory, error) from error
@@ -89,7 +99,10 @@ class MetricWriter:
             return
         metrics = {k: _round(float(v)) for k, v in metrics.items() if v is not None}
         self.jsonl.write(json.dumps({"step": step, **metrics, "time": round(time.time(), 3)}) + "\n")
-        self.tensorboard.write(step, metrics)
+        if self.tensorboard:
+            self.tensorboard.write(step, metrics)
+        for tracker in self.trackers:
+            tracker.write(step, metrics)
         if console:
             say(f"{self.prefix}step {step}: " + "  ".join(f"{k}={_format(v)}" for k, v in metrics.items()))
 
@@ -100,7 +113,10 @@ class MetricWriter:
             return
         try:
             self.jsonl.close()
-            self.tensorboard.close()
+            if self.tensorboard:
+                self.tensorboard.close()
+            for tracker in self.trackers:
+                tracker.close(failed=quietly)
         except Exception as error:
             if not quietly:
                 raise MetricsError(

@@ -192,21 +192,13 @@ def step_identity(path) -> object | None:
 
 
 def write_config(workdir, config, fence: lock.JobLock) -> None:
-    """Write DIR/config.json (the eval job and `generate` read it), atomically (a kill mid-write leaves the old) and
-    only while `fence`'s lock is held: written in its staging directory, renamed into place."""
+    """Write DIR/config.json (the eval job and `generate` read it), atomically and only while `fence`'s lock is held
+    (`lock.JobLock.write_text`)."""
     if jax.process_index() != 0:
         return
     workdir = paths.workdir(workdir)
     try:
-        if paths.is_url(workdir):  # an object upload is atomic already: never seen half-written
-            with fence.fenced():
-                (workdir / "config.json").write_text(config_lib.to_json(config))
-            return
-        partial = fence.staging / "config.json"
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(config_lib.to_json(config))
-        with fence.fenced():
-            partial.replace(workdir / "config.json")
+        fence.write_text(workdir / "config.json", config_lib.to_json(config))
     except OSError as error:
         raise CheckpointError(
             f"cannot write {workdir / 'config.json'}: {error.strerror or error}; a trainer needs a workdir it can "

@@ -4,8 +4,9 @@
 
 The job may start before, during or after training. It waits for checkpoints in DIR, restores only the
 model variables of each new one onto its own mesh, evaluates it once, appends to DIR/eval/metrics.jsonl (and
-TensorBoard), and exits once the final training step has been evaluated. Steps already in
-DIR/eval/metrics.jsonl are not evaluated again, so the job can be restarted at any time.
+TensorBoard, and the trainer's W&B and MLflow runs: bigjax.ops.trackers), and exits once the final training step
+has been evaluated. Steps already in DIR/eval/metrics.jsonl are not evaluated again, so the job can be restarted
+at any time.
 
 It reads only committed checkpoints (checkpoint.committed_steps), so never a half-written one, and it outlives
 the trainer restarting under it: a checkpoint deleted (keep-N) or set aside while the job was reading it is
@@ -27,7 +28,7 @@ import jax
 from bigjax import config as config_lib
 from bigjax import data, paths, tasks
 from bigjax.errors import UserError
-from bigjax.ops import metrics
+from bigjax.ops import metrics, trackers
 from bigjax.run import checkpoint, compilation_cache
 from bigjax.run import state as state_lib
 from bigjax.run.setup import Setup, make_setup
@@ -71,6 +72,7 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
     workdir = paths.workdir(workdir)
     if once and not checkpoint.committed_steps(workdir):  # checked first: nothing is built or written for nothing
         raise nothing_readable(workdir, [], {})
+    trackers.check(config, workdir)
     config = with_the_workdir_model(config, workdir)
     compilation_cache.use(config, workdir)  # a restarted eval job loads its eval step
     setup = make_setup(config)
@@ -80,7 +82,13 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
 
     eval_dir = workdir / "eval"
     results = {row["step"]: row for row in metrics.read_jsonl(eval_dir / "metrics.jsonl")}
-    writer = metrics.MetricWriter(eval_dir, console_prefix="eval ")
+    # Into the trainer's tracker runs (as eval/NAME), opened at the first write: by then the trainer recorded them.
+    writer = metrics.MetricWriter(
+        eval_dir,
+        console_prefix="eval ",
+        tensorboard="tensorboard" in config.trackers,
+        trackers=trackers.start(config, workdir),
+    )
     metrics.say(f"eval job: mesh {setup.sharding.describe()}; following {checkpoint.checkpoint_dir(workdir)}")
     unreadable = {}  # step -> (its directory's identity (checkpoint.step_identity), why) when it could not be read
     last_progress = time.monotonic()

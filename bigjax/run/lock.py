@@ -521,6 +521,20 @@ class JobLock:
         others it checks nothing."""
         return self.lock.fenced() if self.lock is not None else contextlib.nullcontext()
 
+    def write_text(self, path: epath.Path, text: str) -> None:
+        """Write the workdir's file `path` whole, atomically (a kill mid-write leaves the old one) and only while the
+        lock is held: written in the staging directory, renamed into place inside `fenced()`. In a bucket an object
+        upload is atomic already (never seen half-written), so it is made inside `fenced()` directly."""
+        if paths.is_url(path):
+            with self.fenced():
+                path.write_text(text)
+            return
+        partial = self.staging / path.name
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(text)
+        with self.fenced():
+            partial.replace(path)
+
     def check(self) -> None:
         """Raise LockError on every process if process 0 lost the lock (a collective: every process calls it)."""
         import jax

@@ -19,7 +19,7 @@ from bigjax import data, paths
 from bigjax import params as params_lib
 from bigjax.compress import distill, lora, quantized
 from bigjax.errors import UserError
-from bigjax.ops import metrics
+from bigjax.ops import metrics, trackers
 from bigjax.run import checkpoint, compilation_cache, evaluate, finetune, goodput, lock, signals
 from bigjax.run import state as state_lib
 from bigjax.run import step as step_lib
@@ -72,6 +72,7 @@ def refuse_quantized(config) -> None:
 def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: bool, clock) -> Summary:
     """`train`, with the signal handling in place; `workdir` is a directory or a bucket URL (gs://...); `clock`
     (goodput.Clock) accounts for the wall time."""
+    trackers.check(config, workdir)  # an extra not installed: said before anything is written
     # Before anything compiles: a resumed run loads the steps it compiled last time.
     cache = compilation_cache.use(config, workdir)
     # Distillation: the teacher checkpoint this run started with stays its teacher when it resumes.
@@ -127,7 +128,10 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
             metrics.say(goodput.line(clock.totals(), cache.describe()))
             return Summary(step=start, status="preempted", last_metrics={})
 
-        writer = metrics.MetricWriter(workdir, fence=workdir_lock.fenced)
+        # The tracker runs (W&B, MLflow) continue the ones this workdir recorded, or start and record them.
+        runs = trackers.start(config, workdir, workdir_lock)
+        tensorboard = "tensorboard" in config.trackers
+        writer = metrics.MetricWriter(workdir, fence=workdir_lock.fenced, tensorboard=tensorboard, trackers=runs)
         throughput = Throughput(config.batch_size, setup.task, setup.mesh.devices.size)
         pending = []  # per-step metrics still on device: fetched only at log time, never every step
         last = {}
