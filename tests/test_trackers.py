@@ -147,3 +147,14 @@ def test_an_unknown_tracker_is_one_error_line_from_the_config(cli_in_process, tm
         "mlflow (several at once, e.g. --config.trackers=tensorboard,wandb; metrics.jsonl is always written)"
     ]
     assert not workdir.exists()
+
+
+def test_a_tracker_that_cannot_start_its_run_is_one_error_line(offline, cli_in_process, tmp_path):
+    workdir = tmp_path / "run"
+    args = ["--config.trackers=mlflow", "--config.mlflow.tracking_uri=nosuchscheme://tracker"]
+    result = cli_in_process("train", "--config", TINY, "--workdir", workdir, *args, check=False)
+    assert result.returncode == 2
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: cannot start the mlflow run of {workdir}: ")
+    assert line.endswith("fix that, or drop 'mlflow' from config.trackers, then rerun the same command")
+    assert not (workdir / "trackers.json").exists()

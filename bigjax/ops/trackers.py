@@ -124,7 +124,7 @@ class TrackerRun:
         self.opened = False
 
     def open(self, run_id: str | None) -> None:
-        with self.fence():
+        with self.fence(), self.said("start"):
             self.run_id = self._open(run_id)
         self.opened = True
 
@@ -138,8 +138,19 @@ class TrackerRun:
                 )
             self.open(run_id)
         metrics = {self.prefix + key: value for key, value in metrics.items()}
-        with self.fence():
+        with self.fence(), self.said("log to"):
             self._log(step, metrics)
+
+    @contextlib.contextmanager
+    def said(self, what: str):
+        """A library's error (not logged in, a server that cannot be reached, a full disk) as one line for the user."""
+        try:
+            yield
+        except Exception as error:
+            raise TrackerError(
+                f"cannot {what} the {self.name} run of {self.workdir}: {type(error).__name__}: {error}; fix that, or "
+                f"drop {self.name!r} from config.trackers, then rerun the same command"
+            ) from error
 
     def close(self, failed: bool = False) -> None:
         if self.opened:
