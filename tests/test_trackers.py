@@ -149,12 +149,16 @@ def test_an_unknown_tracker_is_one_error_line_from_the_config(cli_in_process, tm
     assert not workdir.exists()
 
 
-def test_a_tracker_that_cannot_start_its_run_is_one_error_line(offline, cli_in_process, tmp_path):
-    workdir = tmp_path / "run"
-    args = ["--config.trackers=mlflow", "--config.mlflow.tracking_uri=nosuchscheme://tracker"]
-    result = cli_in_process("train", "--config", TINY, "--workdir", workdir, *args, check=False)
-    assert result.returncode == 2
-    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert line.startswith(f"error: cannot start the mlflow run of {workdir}: ")
-    assert line.endswith("fix that, or drop 'mlflow' from config.trackers, then rerun the same command")
-    assert not (workdir / "trackers.json").exists()
+def test_a_tracker_that_cannot_start_its_run_is_a_user_error_naming_it(offline, tiny_config, tmp_path):
+    """A library's own exception (here MLflow's, for a tracking URI it has no store for) becomes one line for the
+    user (a UserError: the CLI prints it as `error: ...`, exit 2), and no run is recorded."""
+    from bigjax.ops import trackers
+    from bigjax.run import lock
+
+    config = tiny_config("", "--config.trackers=mlflow", "--config.mlflow.tracking_uri=nosuchscheme://tracker")
+    with lock.held(tmp_path, say=print) as job_lock, pytest.raises(trackers.TrackerError) as error:
+        trackers.start(config, tmp_path, job_lock)
+    message = str(error.value)
+    assert message.startswith(f"cannot start the mlflow run of {tmp_path}: UnsupportedModelRegistryStoreURIException")
+    assert message.endswith("fix that, or drop 'mlflow' from config.trackers, then rerun the same command")
+    assert "\n" not in message and not (tmp_path / "trackers.json").exists()
