@@ -8,7 +8,7 @@ import struct
 import sys
 
 import pytest
-from conftest import TINY
+from conftest import TINY, copy_run
 
 from bigjax import config as config_lib
 from bigjax.run import evaluate, train
@@ -105,6 +105,23 @@ def test_a_run_its_resume_and_its_eval_job_log_into_the_same_wandb_and_mlflow_ru
     assert mlflow_run.data.params["optim.lr"] == str(config.optim.lr)
     assert mlflow_run.data.params["model.num_layers"] == "2"
     assert (mlflow_run.info.run_name, mlflow_run.info.status) == ("run", "FINISHED")
+
+
+def test_the_eval_job_of_a_run_with_no_recorded_tracker_run_logs_to_a_run_of_its_own(
+    offline, tiny_run, tmp_path, capsys
+):
+    workdir = copy_run(tiny_run, tmp_path)  # trained without trackers: no trackers.json
+    config = config_lib.load(TINY, ["--config.trackers=mlflow"])
+    evaluate.run_eval_job(config, workdir, once=True)
+    assert f"eval: {workdir / 'trackers.json'} names no mlflow run" in capsys.readouterr().out
+    assert not (workdir / "trackers.json").exists()  # the eval job holds no lock: it records nothing
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("bigjax").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [8]
+    assert run.info.status == "FINISHED" and run.data.params == {}  # its own run, ended; the config is the trainer's
 
 
 @pytest.mark.parametrize("tracker, module", [("wandb", "wandb"), ("mlflow", "sqlalchemy")])

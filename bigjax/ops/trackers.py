@@ -75,9 +75,9 @@ def start(config, workdir, job_lock=None) -> list:
     recorded = read_record(workdir)
     for run in runs:
         run.open(recorded.get(run.name))
-    ids = {**recorded, **{run.name: run.run_id for run in runs}}
-    if ids != recorded:
-        job_lock.write_text(workdir / RECORD, json.dumps(ids, indent=2, sort_keys=True) + "\n")
+        if recorded.get(run.name) != run.run_id:  # recorded at once: a failure of the next tracker does not lose it
+            recorded = {**recorded, run.name: run.run_id}
+            job_lock.write_text(workdir / RECORD, json.dumps(recorded, indent=2, sort_keys=True) + "\n")
     return runs
 
 
@@ -208,7 +208,7 @@ class MlflowRun(TrackerRun):
         local = not c.tracking_uri
         self.uri = f"sqlite:///{self.workdir / 'mlflow.db'}" if local else c.tracking_uri
         self.client = MlflowClient(tracking_uri=self.uri)
-        run = None
+        run, self.owned = None, self.role == "train"
         if run_id:
             try:
                 run = self.client.get_run(run_id)
@@ -224,6 +224,7 @@ class MlflowRun(TrackerRun):
                 artifacts = (self.workdir / "mlartifacts").as_uri() if local else None
                 experiment_id = self.client.create_experiment(c.experiment, artifact_location=artifacts)
             run = self.client.create_run(experiment_id, run_name=run_name(c, self.workdir))
+            self.owned = True  # its status is this process's to end, whatever its role
         elif self.role == "train":
             self.client.update_run(run.info.run_id, status="RUNNING")
         if self.role == "train":
@@ -245,5 +246,5 @@ class MlflowRun(TrackerRun):
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
     def _close(self, failed):
-        if self.role == "train":
+        if self.owned:  # the trainer's run, or the eval job's own: not the trainer's run, which goes on
             self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
