@@ -179,3 +179,22 @@ def test_a_tracker_that_cannot_start_its_run_is_a_user_error_naming_it(offline, 
     assert message.startswith(f"cannot start the mlflow run of {tmp_path}: UnsupportedModelRegistryStoreURIException")
     assert message.endswith("fix that, or drop 'mlflow' from config.trackers, then rerun the same command")
     assert "\n" not in message and not (tmp_path / "trackers.json").exists()
+
+
+def test_a_trainer_that_lost_its_workdir_lock_logs_nothing_more_to_its_tracker_run(offline, tiny_config, tmp_path):
+    """Tracker calls are fenced like a metrics row: once another trainer holds the workdir, a write is refused."""
+    from mlflow.tracking import MlflowClient
+
+    from bigjax.ops import trackers
+    from bigjax.run import lock
+
+    config = tiny_config("", "--config.trackers=mlflow")
+    with lock.held(tmp_path, say=print) as job_lock:
+        [run] = trackers.start(config, tmp_path, job_lock)
+        run.write(1, {"loss": 1.0})
+        record = json.loads((tmp_path / lock.LOCK_FILE).read_text())
+        (tmp_path / lock.LOCK_FILE).write_text(json.dumps({**record, "token": "0" * 32}))  # another trainer's now
+        with pytest.raises(lock.LockError, match="lost its lock"):
+            run.write(2, {"loss": 0.5})
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(run.run_id, "loss")] == [1]
