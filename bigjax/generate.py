@@ -305,7 +305,9 @@ def cache_columns(longest: int, max_new_tokens: int, context: int) -> int:
 # Loading a trained run
 
 
-def load(workdir, step: int | None = None, mesh: dict | None = None, purpose: str = "generate samples") -> Generator:
+def load(
+    workdir, step: int | None = None, mesh: dict | None = None, purpose: str = "generate samples from"
+) -> Generator:
     """A Generator with the parameters of WORKDIR's newest committed checkpoint that reads back (or of `step`).
 
     `mesh`: None puts the parameters on one device; a dict splits them over all devices, on the run's own
@@ -348,7 +350,7 @@ def load(workdir, step: int | None = None, mesh: dict | None = None, purpose: st
     raise GenerateError(f"none of the committed checkpoints of {workdir} can be read: {', '.join(map(str, committed))}")
 
 
-def read_checkpoint(mngr, step: int, workdir, mesh: dict | None = None, purpose: str = "generate samples"):
+def read_checkpoint(mngr, step: int, workdir, mesh: dict | None = None, purpose: str = "generate samples from"):
     """(config, setup, params) of a checkpoint, its model built from the config saved with it, its parameters on one
     device (`mesh` None) or split over all devices on the run's mesh updated with `mesh`."""
     config = config_lib.from_dict(checkpoint.saved_config(mngr, step).to_dict())  # upgraded like config.json
@@ -367,9 +369,9 @@ def read_checkpoint(mngr, step: int, workdir, mesh: dict | None = None, purpose:
     return config, setup, params
 
 
-def check_causal_lm(config, where, purpose: str = "generate samples"):
+def check_causal_lm(config, where, purpose: str = "generate samples from"):
     if config.task.name != "causal_lm":
-        raise GenerateError(f"{where} trained a {config.task.name} model; {purpose} from causal LMs only")
+        raise GenerateError(f"{where} trained a {config.task.name} model; {purpose} causal LMs only")
     return config
 
 

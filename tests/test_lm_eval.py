@@ -1,0 +1,142 @@
+"""`bigjax lm-eval`: lm-evaluation-harness on a run, against lm-eval's own `hf` model on the run exported.
+
+The tasks are local YAMLs over local files (tests/lm_eval_tasks/): a multiple-choice task (loglikelihood), a
+perplexity task (loglikelihood_rolling) and a generation task (generate_until). No network: the Hub is off.
+"""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")  # the [eval] extra, which [dev] installs
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TASKS_DIR = "tests/lm_eval_tasks"  # their data_files are relative to the repository root
+TASKS = ["bigjax_choice", "bigjax_rolling", "bigjax_generate"]
+
+
+@pytest.fixture(autouse=True)
+def at_the_root_offline(monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    """A tiny GPT trained here with a byte-level BPE tokenizer of its own, in float32 (so that bigjax and torch agree
+    to 1e-4), and `bigjax export`ed: (workdir, HF directory, eos id)."""
+    from bigjax import config as config_lib
+    from bigjax.data import corpus, tokenizers
+    from bigjax.hf import convert
+    from bigjax.run import train
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    tokenizer = root / "tokenizer.json"
+    tokenizers.train_tokenizer([corpus.shakespeare_split("train", 0.1)[:100_000]], 300, f"hf:{tokenizer}")
+    vocab = tokenizers.make_tokenizer(f"hf:{tokenizer}").vocab_size
+    overrides = [
+        f"--config.data.tokenizer=hf:{tokenizer}",
+        f"--config.model.vocab_size={vocab}",
+        "--config.model.dtype=float32",
+        "--config.model.max_len=64",
+        "--config.data.seq_len=64",
+        "--config.total_steps=40",
+        "--config.checkpoint_every=40",
+        "--config.optim.lr=3e-3",
+    ]
+    workdir = root / "run"
+    train.train(config_lib.load("experiments/tiny.py", overrides), workdir)
+    convert.export(workdir, root / "hf")
+    return workdir, root / "hf", tokenizers.make_tokenizer(f"hf:{tokenizer}").special_ids["eos"]
+
+
+@pytest.fixture(scope="module")
+def reference(lm_run):
+    """lm-eval's own `hf` model (transformers, on the CPU, float32) on the exported run, with the samples: the
+    prefix token is eos, as bigjax's (every training record follows one)."""
+    from bigjax.eval import harness
+
+    _, hf_dir, eos = lm_run
+    args = dict(pretrained=str(hf_dir), device="cpu", dtype="float32", prefix_token_id=eos)
+    manager = harness.load_task_manager(TASKS, TASKS_DIR)
+    return lm_eval.simple_evaluate(
+        model="hf", model_args=args, tasks=TASKS, task_manager=manager, log_samples=True, bootstrap_iters=0
+    )
+
+
+def responses(results, task) -> list:
+    """Each request's response, in the order of the documents and their requests: (log-likelihood, greedy) pairs,
+    rolling log-likelihoods, or generated texts."""
+    return [repeats[0] for sample in results["samples"][task] for repeats in sample["resps"]]
+
+
+@pytest.mark.parametrize("mesh", [None, dict(data=1, fsdp=4, tensor=2)], ids=["run_mesh", "fsdp4_tensor2"])
+def test_the_same_log_likelihoods_generations_and_metrics_as_lm_evals_hf_model(lm_run, reference, mesh):
+    from bigjax.eval import harness
+
+    workdir, _, _ = lm_run
+    ours = harness.evaluate(workdir, TASKS, TASKS_DIR, batch_size=4, mesh=mesh, log_samples=True)
+    for task in ("bigjax_choice", "bigjax_rolling"):
+        mine, theirs = responses(ours, task), responses(reference, task)
+        assert len(mine) == len(theirs) > 0
+        as_numbers = lambda rs: np.array([r[0] if isinstance(r, list | tuple) else r for r in rs], np.float64)
+        np.testing.assert_allclose(as_numbers(mine), as_numbers(theirs), rtol=0, atol=1e-4, err_msg=task)
+        if task == "bigjax_choice":  # is_greedy
+            assert [bool(r[1]) for r in mine] == [bool(r[1]) for r in theirs]
+    assert responses(ours, "bigjax_generate") == responses(reference, "bigjax_generate")
+    for task in TASKS:
+        for metric, value in reference["results"][task].items():
+            if isinstance(value, float):
+                assert ours["results"][task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
+
+
+def test_the_command_prints_a_table_and_writes_lm_evals_json_to_a_new_file_only(lm_run, cli_in_process, tmp_path):
+    workdir, _, _ = lm_run
+    out = tmp_path / "results.json"
+    args = ["lm-eval", "--workdir", workdir, "--tasks", "bigjax_choice", "--include-path", TASKS_DIR, "--limit", 2]
+    printed = cli_in_process(*args, "--out", out).stdout
+    assert "bigjax_choice" in printed and "acc_norm" in printed
+    saved = json.loads(out.read_text())
+    assert saved["results"]["bigjax_choice"]["sample_len"] == 2 and "samples" not in saved
+    assert saved["configs"]["bigjax_choice"]["output_type"] == "multiple_choice"
+
+    before = out.read_bytes()
+    again = cli_in_process(*args, "--out", out, check=False)
+    assert again.returncode == 2 and again.stderr.startswith(f"error: --out {out} exists")
+    assert out.read_bytes() == before
+
+
+def not_a_language_model(workdir, tmp_path):
+    """A workdir whose run is a classifier: its config.json says so."""
+    config = json.loads((workdir / "config.json").read_text())
+    config["task"].update(name="classification", num_classes=2)
+    (tmp_path / "classifier").mkdir()
+    (tmp_path / "classifier" / "config.json").write_text(json.dumps(config))
+    return tmp_path / "classifier", "bigjax_choice"
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("lm_eval_missing", "needs the lm-eval package, which is not installed: pip install 'bigjax[eval]'"),
+        ("not_a_language_model", "trained a classification model; lm-eval scores causal LMs only"),
+        ("needs_the_hub", "task 'bigjax_needs_the_hub' needs to download its data from the Hugging Face Hub"),
+        ("unknown_task", "unknown lm-eval task 'bigjax_chioce'; close: bigjax_choice"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_writes_nothing(case, expected, lm_run, cli_in_process, monkeypatch, tmp_path):
+    workdir, task = lm_run[0], {"needs_the_hub": "bigjax_needs_the_hub", "unknown_task": "bigjax_chioce"}.get(case)
+    if case == "lm_eval_missing":
+        monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)  # `import lm_eval` raises ImportError
+    if case == "not_a_language_model":
+        workdir, task = not_a_language_model(workdir, tmp_path)
+    out = tmp_path / "results.json"
+    args = ["--workdir", workdir, "--tasks", task or "bigjax_choice", "--include-path", TASKS_DIR, "--out", out]
+    result = cli_in_process("lm-eval", *args, check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error")]) == 1
+    assert not out.exists()
