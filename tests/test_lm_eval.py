@@ -27,7 +27,7 @@ def at_the_root_offline(monkeypatch):
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
     """A tiny GPT trained here with a byte-level BPE tokenizer of its own, in float32 (so that bigjax and torch agree
-    to 1e-4), and `bigjax export`ed: (workdir, HF directory, eos id)."""
+    to 1e-4), checkpoints 20 and 40, the newest `bigjax export`ed: (workdir, HF directory, eos id)."""
     from bigjax import config as config_lib
     from bigjax.data import corpus, tokenizers
     from bigjax.hf import convert
@@ -44,7 +44,7 @@ def lm_run(tmp_path_factory):
         "--config.model.max_len=64",
         "--config.data.seq_len=64",
         "--config.total_steps=40",
-        "--config.checkpoint_every=40",
+        "--config.checkpoint_every=20",
         "--config.optim.lr=3e-3",
     ]
     workdir = root / "run"
@@ -140,3 +140,34 @@ def test_bad_input_is_one_error_line_and_writes_nothing(case, expected, lm_run, 
     assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith("error")]) == 1
     assert not out.exists()
+
+
+def test_the_eval_job_scores_each_checkpoint_on_the_harness_tasks_beside_the_loss(lm_run, tmp_path):
+    from bigjax import config as config_lib
+    from bigjax.eval import harness
+    from bigjax.ops import metrics
+    from bigjax.run import evaluate
+
+    from conftest import copy_run
+
+    workdir = copy_run(lm_run[0], tmp_path)
+    tasks = ["bigjax_choice", "bigjax_rolling"]
+    settings = [f"tasks={','.join(tasks)}", f"include_path={TASKS_DIR}", "limit=2"]
+    config = config_lib.load_saved(workdir, [f"--config.eval.harness.{setting}" for setting in settings])
+    evaluate.run_eval_job(config, workdir, timeout=60)
+
+    rows = metrics.read_jsonl(workdir / "eval" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [20, 40]
+    names = ["harness/bigjax_choice/acc", "harness/bigjax_choice/acc_norm", "harness/bigjax_rolling/bits_per_byte"]
+    assert all("loss" in row and all(name in row for name in names) for row in rows)
+    # Each checkpoint with its own parameters; the newest scored as `bigjax lm-eval` scores it.
+    assert rows[0]["harness/bigjax_rolling/bits_per_byte"] != rows[1]["harness/bigjax_rolling/bits_per_byte"]
+    alone = dict(
+        ((task, metric), value)
+        for task, metric, value in harness.metric_rows(harness.evaluate(workdir, tasks, TASKS_DIR, limit=2))
+    )
+    for name in names:
+        _, task, metric = name.split("/")
+        assert rows[1][name] == pytest.approx(alone[task, metric], rel=1e-4), name
+    events = b"".join(path.read_bytes() for path in (workdir / "eval").glob("events*"))
+    assert all(name.encode() in events for name in names)  # TensorBoard too

@@ -133,6 +133,52 @@ def offline_mode() -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
+# In the eval job: config.eval.harness
+
+
+class JobHarness:
+    """config.eval.harness in the eval job (bigjax.run.evaluate): its tasks scored on the checkpoints it evaluates,
+    with the parameters the job restored onto its own mesh; the step compiled once for the whole job."""
+
+    def __init__(self, config, setup):
+        settings = config.eval.harness
+        self.tasks = [task for task in settings.tasks.split(",") if task]
+        require_lm_eval()
+        if config.task.name != "causal_lm":
+            raise HarnessError(
+                f"config.eval.harness.tasks={settings.tasks!r}: lm-eval scores causal LMs only, and this run is a "
+                f"{config.task.name} model; set config.eval.harness.tasks=''"
+            )
+        self.manager = load_task_manager(self.tasks, settings.include_path or None)  # before any checkpoint
+        self.config, self.setup, self.batch_size = config, setup, settings.batch_size
+        self.every, self.limit = settings.every, settings.limit or None
+        self.num_fewshot = None if settings.num_fewshot < 0 else settings.num_fewshot
+        self.lm = None
+
+    def wants(self, step: int) -> bool:
+        return not self.every or step % self.every == 0 or step >= self.config.total_steps
+
+    def score(self, step: int, params) -> dict:
+        """{"harness/TASK/METRIC": value} for the checkpoint `step` whose parameters are `params`."""
+        from bigjax import data
+        from bigjax.eval.model import BigjaxLM
+
+        if self.lm is None:
+            tokenizer = data.make_tokenizer(self.config.data.tokenizer)
+            model_config = self.setup.task.model_config
+            generator = generate.Generator(model_config, params, tokenizer, step, self.config, self.setup.sharding)
+            self.lm = BigjaxLM(generator, self.batch_size)
+        self.lm.generator.params, self.lm.generator.step = params, step
+        results = run_tasks(self.lm, self.manager, self.tasks, self.num_fewshot, self.limit)
+        return {f"harness/{task}/{metric}": value for task, metric, value in metric_rows(results)}
+
+
+def for_eval_job(config, setup) -> JobHarness | None:
+    """The eval job's harness, its tasks checked and loaded; None where config.eval.harness.tasks is ""."""
+    return JobHarness(config, setup) if config.eval.harness.tasks else None
+
+
+# --------------------------------------------------------------------------------------------------
 # The results: lm-eval's JSON, and a short table
 
 
@@ -163,13 +209,14 @@ def write_results(results: dict, out) -> pathlib.Path:
 
 
 def metric_rows(results: dict) -> list[tuple[str, str, float]]:
-    """(task, metric, value) for each number lm-eval reports, standard errors left out."""
+    """(task, metric, value) for each number lm-eval reports, standard errors left out; a metric of a filter other
+    than lm-eval's "none" is named METRIC/FILTER (gsm8k's exact_match/strict-match)."""
     rows = []
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
-            metric, _, _filter = key.partition(",")
+            metric, _, applied = key.partition(",")
             if isinstance(value, int | float) and not isinstance(value, bool) and not metric.endswith("_stderr"):
-                rows.append((task, metric, float(value)))
+                rows.append((task, metric if applied in ("", "none") else f"{metric}/{applied}", float(value)))
     return rows
 
 
