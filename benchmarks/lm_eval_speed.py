@@ -133,7 +133,7 @@ def main() -> None:
         pretrained=str(hf_dir), device="cpu", dtype="float32", prefix_token_id=eos, batch_size=args.batch_size
     )
     report = dict(
-        machine=dict(platform=platform.platform(), jax_devices=str(jax.devices()), torch_threads=torch.get_num_threads()),
+        machine=dict(platform=platform.platform(), jax=str(jax.devices()), torch_threads=torch.get_num_threads()),
         model=dict(d_model=args.d_model, layers=args.layers, max_len=args.max_len, vocab=1024),
         tasks=tasks,
         batch_size=args.batch_size,
