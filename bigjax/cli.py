@@ -445,6 +445,8 @@ def run_lm_eval(args, overrides) -> int:
     results = harness.evaluate(
         args.workdir, tasks, args.include_path, args.num_fewshot, limit, args.batch_size, args.step
     )
+    if results is None:  # a process other than 0 of a job: it followed process 0, which reports
+        return 0
     print(harness.table(results))
     if out is not None:
         print(f"wrote {harness.write_results(results, out)}")

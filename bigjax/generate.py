@@ -121,7 +121,9 @@ class Generator:
         self.samplable = jnp.asarray(samplable_ids(tokenizer, model_config.vocab_size))
         self.compiled_prefill = jax.jit(self._prefill, static_argnames="columns")
         self.compiled_step = jax.jit(self._step, donate_argnames="cache")
-        self.compiled_sample = jax.jit(sample_tokens)
+        # The new tokens on every device, and so in every process of a job, whose loops must all agree.
+        replicated = {} if sharding is None else dict(out_shardings=sharding.replicated)
+        self.compiled_sample = jax.jit(sample_tokens, **replicated)
 
     # ----------------------------------------------------------------------------------------------
     # Text in, text out

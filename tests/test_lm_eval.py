@@ -143,12 +143,12 @@ def test_bad_input_is_one_error_line_and_writes_nothing(case, expected, lm_run, 
 
 
 def test_the_eval_job_scores_each_checkpoint_on_the_harness_tasks_beside_the_loss(lm_run, tmp_path):
+    from conftest import copy_run
+
     from bigjax import config as config_lib
     from bigjax.eval import harness
     from bigjax.ops import metrics
     from bigjax.run import evaluate
-
-    from conftest import copy_run
 
     workdir = copy_run(lm_run[0], tmp_path)
     tasks = ["bigjax_choice", "bigjax_rolling"]
@@ -171,3 +171,24 @@ def test_the_eval_job_scores_each_checkpoint_on_the_harness_tasks_beside_the_los
         assert rows[1][name] == pytest.approx(alone[task, metric], rel=1e-4), name
     events = b"".join(path.read_bytes() for path in (workdir / "eval").glob("events*"))
     assert all(name.encode() in events for name in names)  # TensorBoard too
+
+
+def test_two_processes_score_as_lm_evals_hf_model_does(lm_run, reference, tmp_path):
+    """A job of 2 processes (4 devices each): process 0 drives lm-eval and writes the results, process 1 follows."""
+    from test_multiprocess import start_processes, wait_for
+
+    workdir, _, _ = lm_run
+    out = tmp_path / "results.json"
+    command = ["python", "-m", "bigjax.cli", "lm-eval", "--workdir", workdir, "--tasks", ",".join(TASKS)]
+    command += ["--include-path", TASKS_DIR, "--batch-size", 4, "--out", out]
+    processes = start_processes([__import__("sys").executable, *command[1:]], 2, tmp_path / "logs")
+    codes = wait_for(processes, timeout=400)
+    logs = [(tmp_path / "logs" / f"process-{i}.err").read_text()[-2000:] for i in range(2)]
+    assert codes == {0: 0, 1: 0}, logs
+    saved = json.loads(out.read_text())["results"]
+    for task in TASKS:
+        for metric, value in reference["results"][task].items():
+            if isinstance(value, float):
+                assert saved[task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
+    assert "bigjax_choice" in (tmp_path / "logs" / "process-0.out").read_text()
+    assert "bigjax_choice" not in (tmp_path / "logs" / "process-1.out").read_text()  # process 1 reports nothing

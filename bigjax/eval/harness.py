@@ -68,19 +68,27 @@ def load_model(workdir, step: int | None = None, mesh: dict | None = None, batch
 
 
 def run_tasks(lm, manager, tasks, num_fewshot=None, limit=None, log_samples: bool = False) -> dict:
-    """lm-eval's simple_evaluate on the loaded model `lm`; quiet unless it goes wrong."""
+    """lm-eval's simple_evaluate on the loaded model `lm` by process 0; the other processes of a job follow it, and
+    get None."""
+    import jax
     import lm_eval
 
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        task_manager=manager,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        log_samples=log_samples,
-        bootstrap_iters=0,  # no standard errors by resampling: they cost more than the scoring of a small run
-        verbosity=None,
-    )
+    if jax.process_index() != 0:
+        lm.follow()
+        return None
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            task_manager=manager,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            log_samples=log_samples,
+            bootstrap_iters=0,  # no standard errors by resampling: they cost more than scoring a small run
+            verbosity=None,
+        )
+    finally:
+        lm.followers.stop()
     return results
 
 
@@ -170,6 +178,8 @@ class JobHarness:
             self.lm = BigjaxLM(generator, self.batch_size)
         self.lm.generator.params, self.lm.generator.step = params, step
         results = run_tasks(self.lm, self.manager, self.tasks, self.num_fewshot, self.limit)
+        if results is None:  # a process other than 0: it followed; process 0 logs
+            return {}
         return {f"harness/{task}/{metric}": value for task, metric, value in metric_rows(results)}
 
 

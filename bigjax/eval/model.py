@@ -16,6 +16,9 @@ The three kinds of request:
 * `generate_until`: bigjax.generate's KV-cache sampler, with the task's stop strings, max_gen_toks and sampling
   settings, the prompt left-cut to leave max_gen_toks of room in the context (as the `hf` model does).
 
+Several processes (a multi-host job): process 0 drives lm-eval; before each step it takes on the mesh it sends
+the step's inputs to the others (`Followers`), which take the same step with it until it says stop.
+
 Rows are sorted by length and scored `batch_size` at a time in one jitted step split over the mesh (rows over the
 data axes, parameters as the run shards them), padded to `batch_size` rows and to a width from a few fixed ones
 (a power of two from 16, at most max_len: generate.prefill_width): the step compiles once per width used.
@@ -33,6 +36,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from lm_eval import utils as lm_eval_utils
 from lm_eval.api.model import TemplateLM
@@ -59,6 +63,7 @@ class BigjaxLM(TemplateLM):
         data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = gpt.round_up(batch_size, data_parallel)  # every device of the data axes gets whole rows
         self.score_step = make_score_step(generator)
+        self.followers = Followers()
 
     # ----------------------------------------------------------------------------------------------
     # Tokens, as TemplateLM asks
@@ -114,6 +119,7 @@ class BigjaxLM(TemplateLM):
             ordered = sorted(indices, key=lambda i: -len(prompts[i]))
             for start in range(0, len(ordered), self.batch_size):
                 chunk = ordered[start : start + self.batch_size]
+                self.followers.send_generate([prompts[i] for i in chunk], sampling)
                 new_ids = self.generator.generate_ids([prompts[i] for i in chunk], sampling)
                 for i, new in zip(chunk, new_ids, strict=True):
                     text = self.generator.completion_text(prompts[i], new)
@@ -153,8 +159,80 @@ class BigjaxLM(TemplateLM):
             n = len(tokens) - 1
             inputs[r, :n], targets[r, :n] = tokens[:-1], tokens[1:]
             weights[r, n - scored : n] = 1
+        self.followers.send(Followers.SCORE, [inputs, targets, weights])
         logprobs, greedy = self.score_step(self.generator.params, inputs, targets, weights)
         return np.asarray(logprobs)[: len(rows)], np.asarray(greedy)[: len(rows)]
+
+    # ----------------------------------------------------------------------------------------------
+    # The other processes of a job
+
+    def follow(self) -> None:
+        """On a process other than 0: take each step process 0 announces, with it, until it says stop."""
+        while True:
+            kind, arrays = self.followers.receive()
+            if kind == Followers.STOP:
+                return
+            if kind == Followers.SCORE:
+                self.score_step(self.generator.params, *arrays)
+            else:
+                prompts, sampling = Followers.generate_request(arrays)
+                self.generator.generate_ids(prompts, sampling)
+
+
+class Followers:
+    """Process 0's announcements to the other processes of the job: a kind and up to 4 arrays (of at most 2 axes), as
+    a fixed-size header (kind, count, then dtype, rows, columns of each) and then the arrays, each broadcast from
+    process 0. A no-op in a job of one process."""
+
+    STOP, SCORE, GENERATE = 0, 1, 2
+    DTYPES = (np.int32, np.float32, np.uint8)
+    MAX_ARRAYS = 4
+
+    def __init__(self):
+        self.leader, self.many = jax.process_index() == 0, jax.process_count() > 1
+
+    def send(self, kind: int, arrays=()) -> None:
+        if not self.many:
+            return
+        header = np.zeros(2 + 3 * self.MAX_ARRAYS, np.int32)
+        header[:2] = kind, len(arrays)
+        for i, array in enumerate(arrays):
+            array = np.atleast_2d(array) if array.ndim < 2 else array
+            header[2 + 3 * i : 5 + 3 * i] = self.DTYPES.index(array.dtype.type), *array.shape
+        multihost_utils.broadcast_one_to_all(header, is_source=True)
+        if arrays:
+            multihost_utils.broadcast_one_to_all(tuple(np.atleast_2d(a) for a in arrays), is_source=True)
+
+    def receive(self) -> tuple[int, list[np.ndarray]]:
+        header = multihost_utils.broadcast_one_to_all(np.zeros(2 + 3 * self.MAX_ARRAYS, np.int32), is_source=False)
+        kind, count = int(header[0]), int(header[1])
+        shapes = [header[2 + 3 * i : 5 + 3 * i] for i in range(count)]
+        templates = tuple(np.zeros((rows, columns), self.DTYPES[dtype]) for dtype, rows, columns in shapes)
+        arrays = multihost_utils.broadcast_one_to_all(templates, is_source=False) if count else ()
+        return kind, [np.asarray(array) for array in arrays]
+
+    def stop(self) -> None:
+        self.send(self.STOP)
+
+    def send_generate(self, prompts, sampling: generate.Sampling) -> None:
+        if not self.many:
+            return
+        tokens = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = prompt
+        lengths = np.array([list(map(len, prompts))], np.int32)
+        numbers = [sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed]
+        stops = np.frombuffer(json.dumps(list(sampling.stop)).encode(), np.uint8)[None]
+        self.send(self.GENERATE, [tokens, lengths, np.array([numbers], np.float32), stops])
+
+    @staticmethod
+    def generate_request(arrays) -> tuple[list[list[int]], generate.Sampling]:
+        tokens, lengths, numbers, stops = arrays
+        prompts = [row[:length].tolist() for row, length in zip(tokens, lengths[0], strict=True)]
+        max_new, temperature, top_k, top_p, seed = numbers[0].tolist()
+        stop = tuple(json.loads(bytes(stops[0]).decode()))
+        sampling = generate.Sampling(int(max_new), temperature, int(top_k), top_p, stop, int(seed))
+        return prompts, sampling
 
 
 def make_score_step(generator: generate.Generator):
