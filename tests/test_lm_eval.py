@@ -109,13 +109,21 @@ def test_the_command_prints_a_table_and_writes_lm_evals_json_to_a_new_file_only(
     assert out.read_bytes() == before
 
 
-def not_a_language_model(workdir, tmp_path):
-    """A workdir whose run is a classifier: its config.json says so."""
+def config_alone(workdir, tmp_path, **task):
+    """A workdir holding only `workdir`'s config.json, its task section updated with `task`: no checkpoint."""
     config = json.loads((workdir / "config.json").read_text())
-    config["task"].update(name="classification", num_classes=2)
-    (tmp_path / "classifier").mkdir()
-    (tmp_path / "classifier" / "config.json").write_text(json.dumps(config))
-    return tmp_path / "classifier", "bigjax_choice"
+    config["task"].update(task)
+    (tmp_path / "config_alone").mkdir()
+    (tmp_path / "config_alone" / "config.json").write_text(json.dumps(config))
+    return tmp_path / "config_alone"
+
+
+# The task each case names; no_checkpoint names one that needs the Hub: the missing checkpoint is said first.
+TASK_OF_CASE = {
+    "needs_the_hub": "bigjax_needs_the_hub",
+    "unknown_task": "bigjax_chioce",
+    "no_checkpoint": "bigjax_needs_the_hub",
+}
 
 
 @pytest.mark.parametrize(
@@ -125,16 +133,19 @@ def not_a_language_model(workdir, tmp_path):
         ("not_a_language_model", "trained a classification model; lm-eval scores causal LMs only"),
         ("needs_the_hub", "task 'bigjax_needs_the_hub' needs to download its data from the Hugging Face Hub"),
         ("unknown_task", "unknown lm-eval task 'bigjax_chioce'; close: bigjax_choice"),
+        ("no_checkpoint", "no committed checkpoint in"),
     ],
 )
 def test_bad_input_is_one_error_line_and_writes_nothing(case, expected, lm_run, cli_in_process, monkeypatch, tmp_path):
-    workdir, task = lm_run[0], {"needs_the_hub": "bigjax_needs_the_hub", "unknown_task": "bigjax_chioce"}.get(case)
+    workdir, task = lm_run[0], TASK_OF_CASE.get(case, "bigjax_choice")
     if case == "lm_eval_missing":
         monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)  # `import lm_eval` raises ImportError
     if case == "not_a_language_model":
-        workdir, task = not_a_language_model(workdir, tmp_path)
+        workdir = config_alone(workdir, tmp_path, name="classification", num_classes=2)
+    if case == "no_checkpoint":
+        workdir = config_alone(workdir, tmp_path)
     out = tmp_path / "results.json"
-    args = ["--workdir", workdir, "--tasks", task or "bigjax_choice", "--include-path", TASKS_DIR, "--out", out]
+    args = ["--workdir", workdir, "--tasks", task, "--include-path", TASKS_DIR, "--out", out]
     result = cli_in_process("lm-eval", *args, check=False)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr

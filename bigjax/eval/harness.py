@@ -22,6 +22,7 @@ import sys
 from bigjax import config as config_lib
 from bigjax import generate, paths
 from bigjax.errors import UserError
+from bigjax.run import checkpoint
 
 INSTALL = "pip install 'bigjax[eval]'"
 PURPOSE = "lm-eval scores"  # "DIR trained a masked_lm model; lm-eval scores causal LMs only"
@@ -50,12 +51,15 @@ def evaluate(
     step: int | None = None,
     mesh: dict | None = None,
     log_samples: bool = False,
-) -> dict:
+) -> dict | None:
     """lm-eval's results dict for `tasks` on WORKDIR's newest committed checkpoint (or `step`), on the run's mesh
-    updated with `mesh`. `log_samples`: the per-request responses too, under "samples" (as lm-eval logs them)."""
+    updated with `mesh`. `log_samples`: the per-request responses too, under "samples" (as lm-eval logs them). In a
+    job of several processes, process 0 gets the results and the others None (they followed it)."""
     require_lm_eval()
     workdir = paths.workdir(workdir)
     generate.check_causal_lm(config_lib.load_saved(workdir), workdir, PURPOSE)
+    if not checkpoint.committed_steps(workdir):  # said before the tasks are loaded, which takes a while
+        raise HarnessError(f"no committed checkpoint in {checkpoint.checkpoint_dir(workdir)} yet; train first")
     manager = load_task_manager(tasks, include_path)
     lm = load_model(workdir, step, mesh, batch_size)
     return run_tasks(lm, manager, tasks, num_fewshot, limit, log_samples)
