@@ -97,11 +97,13 @@ def test_the_command_prints_a_table_and_writes_lm_evals_json_to_a_new_file_only(
     workdir, _, _ = lm_run
     out = tmp_path / "results.json"
     args = ["lm-eval", "--workdir", workdir, "--tasks", "bigjax_choice", "--include-path", TASKS_DIR, "--limit", 2]
+    args += ["--num-fewshot", 1]
     printed = cli_in_process(*args, "--out", out).stdout
     assert "bigjax_choice" in printed and "acc_norm" in printed
     saved = json.loads(out.read_text())
     assert saved["results"]["bigjax_choice"]["sample_len"] == 2 and "samples" not in saved
     assert saved["configs"]["bigjax_choice"]["output_type"] == "multiple_choice"
+    assert saved["n-shot"]["bigjax_choice"] == 1 == saved["configs"]["bigjax_choice"]["num_fewshot"]
 
     before = out.read_bytes()
     again = cli_in_process(*args, "--out", out, check=False)

@@ -138,7 +138,7 @@ class BigjaxLM(TemplateLM):
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             logprobs, greedy = self.score_batch([rows[i] for i in chunk])
-            for i, logprob, is_greedy in zip(chunk, logprobs, greedy, strict=False):
+            for i, logprob, is_greedy in zip(chunk, logprobs, greedy, strict=True):
                 results[i] = (float(logprob), bool(is_greedy))
         return results
 
