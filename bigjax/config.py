@@ -191,6 +191,22 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
             exclude="",  # regex of paths never pruned, e.g. "unembed|head"; "" = none
         )
     )
+    # The eval job (`bigjax eval`) scores the checkpoints it evaluates on EleutherAI lm-evaluation-harness tasks too
+    # (bigjax.eval.harness; causal LMs, with the [eval] extra), logged beside the loss as harness/TASK/METRIC.
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            harness=ml_collections.ConfigDict(
+                dict(
+                    tasks="",  # "T1,T2": lm-eval's task names, or those of your YAMLs (include_path); "" = off
+                    include_path="",  # a directory of task YAML files of your own; "" = none
+                    limit=0,  # at most this many documents a task; 0 = all of them
+                    num_fewshot=-1,  # examples in each prompt; -1 = each task's own
+                    every=0,  # score the checkpoints whose step is a multiple of this, and the final one; 0 = all
+                    batch_size=16,  # rows scored in one step (rounded up to a multiple of the data-parallel devices)
+                )
+            )
+        )
+    )
     c.early_stopping = ml_collections.ConfigDict(
         dict(
             metric="",  # an inline-eval metric, e.g. "accuracy" or "loss"; "" = off (needs eval_every > 0)
@@ -634,6 +650,7 @@ POSITIVE_SIZES = (
     "model.hidden_dim",
     "model.norm_groups",
     "quant.sub_channel",
+    "eval.harness.batch_size",
 )
 # The sizes for which 0 means something (said in the message), and a negative number nothing.
 NON_NEGATIVE_SIZES = {
@@ -646,6 +663,8 @@ NON_NEGATIVE_SIZES = {
     "task.loss_chunk": "no chunking",
     "optim.warmup_steps": "no warmup",
     "init_from.step": "the newest",
+    "eval.harness.limit": "every document",
+    "eval.harness.every": "every checkpoint evaluated",
     "distill.step": "the newest",
     "model.num_kv_heads": "num_heads",
     "model.head_dim": "d_model // num_heads",

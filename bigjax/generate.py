@@ -105,8 +105,12 @@ class Generator:
     """A causal LM ready to sample: its parameters on one device, the tokenizer it was trained with, and the
     compiled prefill, decode step and sampler (jitted once here; each compiles once per shape)."""
 
-    def __init__(self, model_config: gpt.GPTConfig, params, tokenizer, step: int | None = None, run_config=None):
+    def __init__(
+        self, model_config: gpt.GPTConfig, params, tokenizer, step: int | None = None, run_config=None, sharding=None
+    ):
         tokenizers.check_vocab(model_config.vocab_size, tokenizer, "the run's tokenizer")
+        self.run_config = run_config
+        self.sharding = sharding  # the mesh (bigjax.parallel.mesh.Sharding) the parameters are split over
         # A quantized or LoRA run's parameters hold integer kernels or adapters: the decoding model runs them as the
         # run's config.quant and config.lora say.
         self.model = quantized(gpt.decoding_model(model_config), run_config)
@@ -117,7 +121,9 @@ class Generator:
         self.samplable = jnp.asarray(samplable_ids(tokenizer, model_config.vocab_size))
         self.compiled_prefill = jax.jit(self._prefill, static_argnames="columns")
         self.compiled_step = jax.jit(self._step, donate_argnames="cache")
-        self.compiled_sample = jax.jit(sample_tokens)
+        # The new tokens on every device, and so in every process of a job, whose loops must all agree.
+        replicated = {} if sharding is None else dict(out_shardings=sharding.replicated)
+        self.compiled_sample = jax.jit(sample_tokens, **replicated)
 
     # ----------------------------------------------------------------------------------------------
     # Text in, text out
@@ -301,8 +307,14 @@ def cache_columns(longest: int, max_new_tokens: int, context: int) -> int:
 # Loading a trained run
 
 
-def load(workdir, step: int | None = None) -> Generator:
+def load(
+    workdir, step: int | None = None, mesh: dict | None = None, purpose: str = "generate samples from"
+) -> Generator:
     """A Generator with the parameters of WORKDIR's newest committed checkpoint that reads back (or of `step`).
+
+    `mesh`: None puts the parameters on one device; a dict splits them over all devices, on the run's own
+    config.mesh updated with it ({} = the run's mesh as it is). `purpose` ends the error for a workdir that is not a
+    causal LM ("generate samples from causal LMs only").
 
     Only committed checkpoints are considered (checkpoint.committed_steps): Orbax's own latest step may be one a
     trainer is still writing, or one it never finished. One that cannot be read is reported and skipped; nothing
@@ -310,7 +322,7 @@ def load(workdir, step: int | None = None) -> Generator:
     config.json says what the workdir's latest run was, which may have been another model.
     """
     workdir = paths.workdir(workdir)
-    config = check_causal_lm(config_lib.load_saved(workdir), workdir)  # before any checkpoint is read
+    config = check_causal_lm(config_lib.load_saved(workdir), workdir, purpose)  # before any checkpoint is read
     compilation_cache.use(config, workdir, reads_only=True)
     committed = checkpoint.committed_steps(workdir)
     if not committed:
@@ -325,7 +337,7 @@ def load(workdir, step: int | None = None) -> Generator:
     mngr = checkpoint.manager(workdir, read_only=True)
     for candidate in [step] if step is not None else reversed(committed):
         try:
-            config, task, params = read_checkpoint(mngr, candidate, workdir)
+            config, setup, params = read_checkpoint(mngr, candidate, workdir, mesh, purpose)
         except GenerateError:
             raise
         except Exception as error:  # a truncated or missing file; Orbax and tensorstore raise many kinds
@@ -334,26 +346,34 @@ def load(workdir, step: int | None = None) -> Generator:
                 raise GenerateError(f"{why}: {checkpoint.describe(error)}") from error
             note(f"{why} ({checkpoint.describe(error)}); trying the one before it")
             continue
-        note(f"generating from checkpoint {candidate} of {workdir}")
+        note(f"{'generating from' if mesh is None else 'loaded'} checkpoint {candidate} of {workdir}")
         tokenizer = data.make_tokenizer(config.data.tokenizer)
-        return Generator(task.model_config, params, tokenizer, candidate, run_config=config)
+        return Generator(setup.task.model_config, params, tokenizer, candidate, config, setup.sharding)
     raise GenerateError(f"none of the committed checkpoints of {workdir} can be read: {', '.join(map(str, committed))}")
 
 
-def read_checkpoint(mngr, step: int, workdir):
-    """(config, task, params) of a checkpoint, its model built from the config saved with it."""
+def read_checkpoint(mngr, step: int, workdir, mesh: dict | None = None, purpose: str = "generate samples from"):
+    """(config, setup, params) of a checkpoint, its model built from the config saved with it, its parameters on one
+    device (`mesh` None) or split over all devices on the run's mesh updated with `mesh`."""
     config = config_lib.from_dict(checkpoint.saved_config(mngr, step).to_dict())  # upgraded like config.json
-    check_causal_lm(config, checkpoint.step_dir(workdir, step))
-    # Sampling needs no parallelism: one device, whatever mesh the run used.
-    config.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    setup = make_setup(config, devices=jax.devices()[:1])
+    check_causal_lm(config, checkpoint.step_dir(workdir, step), purpose)
+    if mesh is None:  # sampling needs no parallelism: one device, whatever mesh the run used
+        config.mesh.update(dict(data=1, fsdp=1, tensor=1, context=1))
+        devices = jax.devices()[:1]
+    else:  # whole sequences on each device (no ring attention): the devices of the context axis go to data
+        shape = {**config.mesh.to_dict(), **mesh, "context": 1}
+        if -1 not in shape.values():
+            shape["data"] = -1
+        config.mesh.update(shape)
+        config.batch_size, devices = config.optim.grad_accum * jax.device_count(), None  # it only has to divide
+    setup = make_setup(config, devices=devices)
     params = checkpoint.restore_variables(mngr, step, setup.variables_target())["params"]
-    return config, setup.task, params
+    return config, setup, params
 
 
-def check_causal_lm(config, where):
+def check_causal_lm(config, where, purpose: str = "generate samples from"):
     if config.task.name != "causal_lm":
-        raise GenerateError(f"{where} trained a {config.task.name} model; generate samples from causal LMs only")
+        raise GenerateError(f"{where} trained a {config.task.name} model; {purpose} causal LMs only")
     return config
 
 

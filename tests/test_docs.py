@@ -49,6 +49,6 @@ def test_every_command_has_its_section(capsys):
 
     with pytest.raises(SystemExit):
         cli.parse_args(["--help"])
-    commands = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out).group(1).split(",")
+    commands = re.search(r"\{([a-z,-]+)\}", capsys.readouterr().out).group(1).split(",")
     assert len(commands) > 10
     assert sorted(set(commands) - anchors(REPO / "docs" / "commands.md")) == []

@@ -3,10 +3,10 @@
     bigjax eval --config experiments/X.py --workdir DIR [--once]
 
 The job may start before, during or after training. It waits for checkpoints in DIR, restores only the
-model variables of each new one onto its own mesh, evaluates it once, appends to DIR/eval/metrics.jsonl (and
-TensorBoard, and the trainer's W&B and MLflow runs: bigjax.ops.trackers), and exits once the final training step
-has been evaluated. Steps already in DIR/eval/metrics.jsonl are not evaluated again, so the job can be restarted
-at any time.
+model variables of each new one onto its own mesh, evaluates it once (and scores it on the lm-evaluation-harness
+tasks of config.eval.harness, if any: bigjax.eval.harness), appends to DIR/eval/metrics.jsonl (and TensorBoard,
+and the trainer's W&B and MLflow runs: bigjax.ops.trackers), and exits once the final training step has been
+evaluated. Steps already in DIR/eval/metrics.jsonl are not evaluated again, so the job can be restarted at any time.
 
 It reads only committed checkpoints (checkpoint.committed_steps), so never a half-written one, and it outlives
 the trainer restarting under it: a checkpoint deleted (keep-N) or set aside while the job was reading it is
@@ -79,6 +79,11 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
     eval_data = data.eval_data(config)
     target = setup.variables_target()
     eval_step = make_eval_step(setup)
+    harness = None
+    if config.eval.harness.tasks:  # lm-evaluation-harness tasks: checked and loaded before any checkpoint is read
+        from bigjax.eval import harness as eval_harness
+
+        harness = eval_harness.for_eval_job(config, setup)
 
     eval_dir = workdir / "eval"
     results = {row["step"]: row for row in metrics.read_jsonl(eval_dir / "metrics.jsonl")}
@@ -103,6 +108,8 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
                 if variables is None:
                     continue
                 results[step] = evaluate(setup, eval_step, variables, eval_data)
+                if harness is not None and harness.wants(step):
+                    results[step] |= harness.score(step, variables["params"])
                 writer.write(step, results[step])
                 newest, last_progress = step, time.monotonic()
                 if once:
