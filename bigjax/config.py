@@ -932,11 +932,11 @@ def check_pipeline(config, stages: int, data_parallel: int) -> None:
             f"micro-batch is back at stage 0 after {stages} iterations), got {microbatches}"
         )
     rows = config.batch_size // config.optim.grad_accum
-    if rows % (microbatches * data_parallel):
+    if rows % microbatches:
         raise ConfigError(
             f"the (micro)batch of {rows} examples does not split into config.model.pipeline.microbatches="
-            f"{microbatches} micro-batches over data*fsdp={data_parallel} devices; set config.batch_size to a multiple "
-            f"of {microbatches * data_parallel * config.optim.grad_accum}"
+            f"{microbatches} equal micro-batches; set config.batch_size to a multiple of "
+            f"{microbatches * config.optim.grad_accum}"
         )
 
 

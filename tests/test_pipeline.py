@@ -207,3 +207,80 @@ def test_a_pipeline_that_cannot_be_is_a_config_error(tiny_config, overrides, mes
     config = tiny_config("", *overrides)
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
         config_lib.check_against_devices(config, 8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training: the checkpoint of a pipelined run is any run's, so it resumes onto its own mesh bit for bit and onto no
+# pipeline within the bound of the sums; the command line logs the losses of the unpipelined run.
+
+
+def losses_by_step(workdir) -> dict:
+    from bigjax.ops import metrics
+
+    return {row["step"]: row["loss"] for row in metrics.read_jsonl(workdir / "metrics.jsonl") if "loss" in row}
+
+
+def test_pipelined_run_resumes_bitwise_on_its_mesh_and_onto_no_pipeline_within_the_bound(tiny_config, tmp_path):
+    """Tiny GPT-2, circular over stage=2 with gradient accumulation and remat; SGD without clipping, whose update is
+    linear in the gradient, so that the run resumed without a pipeline is held to the bound of test_train's resume
+    onto another mesh."""
+    import shutil
+
+    from conftest import init_params
+    from test_train import LINEAR_UPDATES, final_params
+    from tolerance import assert_sgd_params_close_after_reordering
+
+    from bigjax.run import train
+    from bigjax.tasks import make_task
+
+    common = ["config.log_every=1", "config.total_steps=4", "config.optim.grad_accum=2", "config.model.remat=full"]
+    common += [*LINEAR_UPDATES, "config.model.num_layers=4", "config.mesh.data=-1"]
+    pipelined = tiny_config(
+        "",
+        *common,
+        "config.mesh.stage=2",
+        "config.model.pipeline.schedule=circular",
+        "config.model.pipeline.repeats=2",
+        "config.model.pipeline.microbatches=2",
+    )
+    straight, resumed, unpipelined = tmp_path / "straight", tmp_path / "resumed", tmp_path / "unpipelined"
+    train.train(pipelined, straight)
+    train.train(pipelined, resumed, stop_at_step=2)
+    shutil.copytree(resumed, unpipelined)
+    train.train(pipelined, resumed)
+    one_stage = tiny_config("", *common, "config.mesh.stage=1", "config.mesh.tensor=2")
+    train.train(one_stage, unpipelined)
+
+    assert losses_by_step(resumed) == losses_by_step(straight)
+    jax.tree.map(np.testing.assert_array_equal, final_params(resumed, one_stage), final_params(straight, one_stage))
+    tolerance = float32_sum_tolerance(*lm_sum_lengths(pipelined, tokens=pipelined.batch_size * pipelined.data.seq_len))
+    steps = range(1, 5)
+    np.testing.assert_allclose(
+        [losses_by_step(unpipelined)[s] for s in steps], [losses_by_step(straight)[s] for s in steps], rtol=tolerance
+    )
+    initial = jax.device_get(init_params(make_task(pipelined), pipelined.seed))
+    params, reference = final_params(unpipelined, one_stage), final_params(straight, one_stage)
+    assert_sgd_params_close_after_reordering(params, reference, initial, tolerance, 4, "parameters at step 4")
+
+
+def test_command_line_pipelined_run_logs_the_losses_of_the_unpipelined_one(tiny_config, tmp_path):
+    from conftest import TINY, run_cli
+
+    from bigjax.run import train
+
+    steps = "--config.total_steps=4"
+    run_cli(
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        tmp_path / "pipelined",
+        steps,
+        "--config.log_every=1",
+        "--config.mesh.stage=2",
+        "--config.model.pipeline.microbatches=4",
+    )
+    train.train(tiny_config("", steps, "--config.log_every=1", "--config.mesh.stage=1"), tmp_path / "unpipelined")
+    pipelined, unpipelined = losses_by_step(tmp_path / "pipelined"), losses_by_step(tmp_path / "unpipelined")
+    assert sorted(pipelined) == [1, 2, 3, 4]
+    np.testing.assert_allclose([pipelined[s] for s in range(1, 5)], [unpipelined[s] for s in range(1, 5)], rtol=1e-4)

@@ -57,7 +57,7 @@ class GPTConfig:
     scan_layers: bool
     remat: str
     init_std: float
-    pipeline: pipeline_lib.PipelineConfig = pipeline_lib.PipelineConfig()  # where config.mesh.stage > 1
+    pipeline: pipeline_lib.PipelineConfig  # how the layers run where config.mesh.stage > 1
 
     @classmethod
     def from_config(cls, m) -> GPTConfig:
