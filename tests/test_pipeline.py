@@ -269,18 +269,41 @@ def test_command_line_pipelined_run_logs_the_losses_of_the_unpipelined_one(tiny_
     from bigjax.run import train
 
     steps = "--config.total_steps=4"
-    run_cli(
-        "train",
-        "--config",
-        TINY,
-        "--workdir",
-        tmp_path / "pipelined",
-        steps,
-        "--config.log_every=1",
-        "--config.mesh.stage=2",
-        "--config.model.pipeline.microbatches=4",
-    )
+    args = ["--config.mesh.stage=2", "--config.model.pipeline.microbatches=4", "--config.log_every=1", steps]
+    result = run_cli("train", "--config", TINY, "--workdir", tmp_path / "pipelined", *args)
+    said = "pipeline: gpipe over stage=2, 4 micro-batches x 1 pass(es), 1 layers per stage; bubble fraction 20.0%"
+    assert result.stdout.count(said) == 1, result.stdout
     train.train(tiny_config("", steps, "--config.log_every=1", "--config.mesh.stage=1"), tmp_path / "unpipelined")
     pipelined, unpipelined = losses_by_step(tmp_path / "pipelined"), losses_by_step(tmp_path / "unpipelined")
     assert sorted(pipelined) == [1, 2, 3, 4]
     np.testing.assert_allclose([pipelined[s] for s in range(1, 5)], [unpipelined[s] for s in range(1, 5)], rtol=1e-4)
+
+
+def test_plan_gives_the_bubble_and_a_stage_holds_its_share_of_the_layers():
+    """GPT-2 124M (12 layers) planned for 64 H100s (shapes and shardings, nothing compiled): over stage=4 each device
+    holds a quarter of the stacked layers' bytes, and the rest as without a pipeline; circular, 8 micro-batches, 3
+    passes: bubble (4-1)/(3 x 8 + 4-1) = 1/9."""
+    from conftest import REPO
+
+    from bigjax import config as config_lib
+    from bigjax import plan
+    from bigjax.run.setup import make_setup
+
+    def planned(*overrides):
+        config = config_lib.load(str(REPO / "experiments" / "gpt2_124m.py"), ["config.batch_size=64", *overrides])
+        return config, plan.make_plan(config, num_devices=64, device_kind="h100")
+
+    config, flat = planned("config.mesh.data=-1")
+    _, pipelined = planned(
+        "config.mesh.data=-1",
+        "config.mesh.stage=4",
+        "config.model.pipeline.schedule=circular",
+        "config.model.pipeline.repeats=3",
+        "config.model.pipeline.microbatches=8",
+    )
+    params = make_setup(config, num_devices=64).abstract_state.params
+    layers = plan.total_bytes(params["layers"])
+    assert flat.pipeline is None
+    assert pipelined.per_device["parameters"] == flat.per_device["parameters"] - layers + layers // 4
+    assert pipelined.pipeline["bubble_fraction"] == 1 / 9
+    assert "bubble fraction 11.1%" in plan.format_plan(pipelined, "gpt2_124m")

@@ -61,6 +61,33 @@ def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
     return (stages - 1) / (repeats * microbatches + stages - 1)
 
 
+def schedule_of(model_config, stages: int) -> dict | None:
+    """The pipeline config.model runs on `stages` stages, as `bigjax plan`, `bench` and the training log report it:
+    None where nothing is pipelined."""
+    if stages == 1 or "pipeline" not in model_config:
+        return None
+    p = model_config.pipeline
+    repeats = p.repeats if p.schedule == "circular" else 1
+    microbatches = p.microbatches or stages
+    return dict(
+        schedule=p.schedule,
+        stages=stages,
+        microbatches=microbatches,
+        repeats=repeats,
+        layers_per_stage=model_config.num_layers // stages,
+        bubble_fraction=bubble_fraction(stages, microbatches, repeats),
+    )
+
+
+def describe(schedule: dict) -> str:
+    s = schedule
+    return (
+        f"pipeline: {s['schedule']} over stage={s['stages']}, {s['microbatches']} micro-batches x {s['repeats']} "
+        f"pass(es), {s['layers_per_stage']} layers per stage; bubble fraction {s['bubble_fraction']:.1%} "
+        f"((stages-1)/(repeats x microbatches + stages-1))"
+    )
+
+
 def pipeline(run_group, stacked, x, extras=(), *, microbatches: int, repeats: int = 1, axis_name=STAGE_AXIS):
     """The layers of `stacked` (a tree of [layers, ...] weights) applied in order to x [batch, ...], pipelined over
     the mesh axis `axis_name` of the current mesh (jax.set_mesh): equal to running every layer on the whole batch.
