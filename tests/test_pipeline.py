@@ -307,3 +307,27 @@ def test_plan_gives_the_bubble_and_a_stage_holds_its_share_of_the_layers():
     assert pipelined.per_device["parameters"] == flat.per_device["parameters"] - layers + layers // 4
     assert pipelined.pipeline["bubble_fraction"] == 1 / 9
     assert "bubble fraction 11.1%" in plan.format_plan(pipelined, "gpt2_124m")
+
+
+def test_pipelined_bfloat16_llama_equals_one_device_within_the_rounding_of_its_partial_sums(llama_config):
+    """Mixed precision (bfloat16 compute, float32 parameters): each row's values are computed by the same operations
+    in both, and so are equal; a weight's gradient is a sum over the rows, which the pipeline cuts into one partial
+    sum per micro-batch and data-parallel device, each rounded to bfloat16 (EPS_BF16/2 of the leaf's scale) and added
+    over the data devices in bfloat16 (data - 1 roundings of EPS_BF16/2); the whole batch's sum on one device is
+    rounded once. Beyond that, the float32 bound of the Transformer's sums."""
+    from test_context_parallel import model_loss_and_grads
+
+    eps_bf16 = float(jnp.finfo(jnp.bfloat16).eps)
+    config = llama_config.copy_and_resolve_references()
+    config.model.dtype = "bfloat16"
+    config.mesh.update(dict(data=1))
+    loss, grads, params, _ = model_loss_and_grads(config, jax.devices()[:1])
+    microbatches, data = 4, 4
+    config.mesh.update(dict(data=data, stage=2))
+    config.model.pipeline.microbatches = microbatches
+    pipelined_loss, pipelined_grads, _, _ = model_loss_and_grads(config, jax.devices(), params)
+
+    tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
+    np.testing.assert_allclose(pipelined_loss, loss, rtol=tolerance, err_msg="bfloat16 loss")
+    tolerance += (microbatches * data + data - 1 + 1) * eps_bf16 / 2
+    assert_close_after_reordering(pipelined_grads, grads, tolerance, "bfloat16 gradients")

@@ -6,8 +6,8 @@ inside the step are they regrouped, [layers, ...] -> [stages, repeats, layers pe
 `jax.shard_map` that is manual over `stage`: each device holds its stage's groups and runs them, every stage at once
 as one SPMD program (what MaxText writes as a `vmap` over the stage-stacked weights; under shard_map each device's
 slice is one stage, so the map is the program itself). After each iteration every stage hands its activations to
-the next with `jax.lax.ppermute`; the iterations run in a `jax.lax.scan`, so the program holds one iteration, and
-each block inside is rematerialized by the model's remat policy.
+the next with `jax.lax.ppermute`; the iterations run in a `jax.lax.scan`, so the program holds one iteration, each
+rematerialized by the model's remat policy.
 
 Schedules. Layer l belongs to group l // per_group; group g runs on stage g % stages, in pass g // stages.
 - `gpipe` (repeats = 1): stage s holds the consecutive layers of group s. Micro-batch m enters stage 0 at
@@ -88,14 +88,18 @@ def describe(schedule: dict) -> str:
     )
 
 
-def pipeline(run_group, stacked, x, extras=(), *, microbatches: int, repeats: int = 1, axis_name=STAGE_AXIS):
+def pipeline(
+    run_group, stacked, x, extras=(), *, microbatches: int, repeats: int = 1, remat=None, axis_name=STAGE_AXIS
+):
     """The layers of `stacked` (a tree of [layers, ...] weights) applied in order to x [batch, ...], pipelined over
     the mesh axis `axis_name` of the current mesh (jax.set_mesh): equal to running every layer on the whole batch.
 
     `run_group(weights, x, slot, *extras)` applies one group of consecutive layers (weights [layers per group, ...])
     to a micro-batch (`slot`, an int32 that differs between every stage and iteration, seeds its dropout); `extras`
     (arrays [batch, ...], or None) are split into micro-batches along with x and passed on unchanged (positions,
-    segment ids). Micro-batch i holds rows i, i + microbatches, ...: each device keeps its rows.
+    segment ids). Micro-batch i holds rows i, i + microbatches, ...: each device keeps its rows. `remat` (a
+    jax.checkpoint with its policy, or None) rematerializes each iteration: the scan then keeps only what the policy
+    saves and each iteration's carry, rather than the activations of every micro-batch in every layer.
     """
     stages = jax.sharding.get_abstract_mesh().shape[axis_name]
     grouped = stage_groups(stacked, stages, repeats)
@@ -115,15 +119,22 @@ def pipeline(run_group, stacked, x, extras=(), *, microbatches: int, repeats: in
             received = hand_on(y, axis_name, stages)
             return (received, schedule.keep_returned(t, received, held)), None
 
-        fill = lambda a: jax.lax.pcast(jnp.full_like(a, BUBBLE_FILL), axis_name, to="varying")
-        carry = (fill(xs[0]), fill(xs))
-        (_, held), _ = jax.lax.scan(iteration, carry, jnp.arange(schedule.iterations))
-        # Stage 0 holds every micro-batch's output, from the last stage's last pass: the result, on every stage.
-        return jax.lax.psum(jnp.where(schedule.stage == 0, held, 0), axis_name)
+        # Typed as differing between stages (as what they will hold does), made in float32 (see below).
+        fill = lambda shape: jax.lax.pcast(jnp.full(shape, BUBBLE_FILL), axis_name, to="varying").astype(x.dtype)
+        carry = (fill(xs.shape[1:]), fill(xs.shape))
+        iterate = iteration if remat is None else remat(iteration)
+        (_, held), _ = jax.lax.scan(iterate, carry, jnp.arange(schedule.iterations))
+        # Stage 0 holds every micro-batch's output, from the last stage's last pass: the result, on every stage. Summed
+        # in float32, exactly (one value and zeros; bfloat16 -> float32 -> bfloat16 loses nothing): XLA's CPU compiler
+        # (jax 0.10) aborts on a bfloat16 all-reduce ("Invalid binary instruction opcode copy"). For the same reason
+        # the micro-batches enter in float32 and are cast only once a stage has picked its input (the gradient of one
+        # used by every stage is summed over them), and the bubble's fill is made in float32 (pcast's transpose sums).
+        result = jnp.where(schedule.stage == 0, held, 0).astype(jnp.float32)
+        return jax.lax.psum(result, axis_name).astype(held.dtype)
 
     specs = (PartitionSpec(axis_name), PartitionSpec(), PartitionSpec())
     out = jax.shard_map(on_stage, in_specs=specs, out_specs=PartitionSpec(), axis_names={axis_name})(
-        grouped, xs, extras
+        grouped, xs.astype(jnp.float32), extras
     )
     return out.swapaxes(0, 1).reshape(x.shape)
 
@@ -168,7 +179,7 @@ class _Schedule:
         m = t % self.microbatches
         first_stage = jnp.where(t < self.microbatches, xs[m], held[m])
         x_in = jnp.where(self.stage == 0, first_stage, state)
-        return jnp.where(self.working(t), x_in, jnp.zeros_like(x_in))
+        return jnp.where(self.working(t), x_in, jnp.zeros_like(x_in)).astype(state.dtype)
 
     def keep_returned(self, t, received, held):
         """`held` with what stage 0 just received from the last stage: micro-batch (t - stages + 1) mod
