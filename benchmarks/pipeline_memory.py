@@ -66,6 +66,7 @@ def main():
         row = [
             name,
             bubble,
+            remat,
             mib(d["parameters"]),
             mib(d["optimizer_state"]),
             mib(p.xla["temporaries"]),

@@ -11,7 +11,6 @@ grouped-query attention; scaled RoPE, Qwen2's q/k/v-only biases) are the same mo
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax
@@ -179,15 +178,13 @@ def run_blocks(cfg: GPTConfig, x, positions, segment_ids, train: bool, *, causal
 def run_pipelined(stack, cfg: GPTConfig, x, positions, segment_ids, train: bool, causal: bool, post_norm: bool):
     """The scanned `stack` of blocks run as a pipeline over the mesh axis `stage` (bigjax.parallel.pipeline). Its
     weights [layers, ...] are read as they are, so that the parameters (and the checkpoint) are the unpipelined
-    model's; each stage applies its groups of layers with the same scanned block. cfg.remat rematerializes each
-    iteration of the pipeline (its groups of layers on one micro-batch) rather than each block."""
+    model's; each stage applies its groups of layers with the same scanned block, each block rematerialized by
+    cfg.remat. (Rematerializing whole iterations instead keeps less between them, but a whole group's activations
+    while one is rebuilt: more in all, by benchmarks/pipeline_memory.py.)"""
     stages, p = pipeline_lib.stage_count(), cfg.pipeline
     repeats = p.repeats if p.schedule == "circular" else 1
-    group = layers.remat_and_scan(Block, "none", cfg.num_layers // (stages * repeats))
+    group = layers.remat_and_scan(Block, cfg.remat, cfg.num_layers // (stages * repeats))
     group = group(cfg, train, causal, post_norm, parent=None)
-    remat = None
-    if cfg.remat != "none":  # prevent_cse only matters outside scan (see layers.remat_and_scan)
-        remat = functools.partial(jax.checkpoint, policy=layers.REMAT_POLICIES[cfg.remat], prevent_cse=False)
     dropout = stack.make_rng("dropout") if train and cfg.dropout else None
 
     def run_group(weights, x, slot, positions, segment_ids):
@@ -197,7 +194,7 @@ def run_pipelined(stack, cfg: GPTConfig, x, positions, segment_ids, train: bool,
     extras = (positions, segment_ids)
     microbatches = p.microbatches or stages
     return pipeline_lib.pipeline(
-        run_group, stack.variables["params"], x, extras, microbatches=microbatches, repeats=repeats, remat=remat
+        run_group, stack.variables["params"], x, extras, microbatches=microbatches, repeats=repeats
     )
 
 

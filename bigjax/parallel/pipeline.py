@@ -6,8 +6,8 @@ inside the step are they regrouped, [layers, ...] -> [stages, repeats, layers pe
 `jax.shard_map` that is manual over `stage`: each device holds its stage's groups and runs them, every stage at once
 as one SPMD program (what MaxText writes as a `vmap` over the stage-stacked weights; under shard_map each device's
 slice is one stage, so the map is the program itself). After each iteration every stage hands its activations to
-the next with `jax.lax.ppermute`; the iterations run in a `jax.lax.scan`, so the program holds one iteration, each
-rematerialized by the model's remat policy.
+the next with `jax.lax.ppermute`; the iterations run in a `jax.lax.scan`, so the program holds one iteration, and
+each block inside is rematerialized by the model's remat policy (run_group's business).
 
 Schedules. Layer l belongs to group l // per_group; group g runs on stage g % stages, in pass g // stages.
 - `gpipe` (repeats = 1): stage s holds the consecutive layers of group s. Micro-batch m enters stage 0 at
@@ -88,18 +88,14 @@ def describe(schedule: dict) -> str:
     )
 
 
-def pipeline(
-    run_group, stacked, x, extras=(), *, microbatches: int, repeats: int = 1, remat=None, axis_name=STAGE_AXIS
-):
+def pipeline(run_group, stacked, x, extras=(), *, microbatches: int, repeats: int = 1, axis_name=STAGE_AXIS):
     """The layers of `stacked` (a tree of [layers, ...] weights) applied in order to x [batch, ...], pipelined over
     the mesh axis `axis_name` of the current mesh (jax.set_mesh): equal to running every layer on the whole batch.
 
     `run_group(weights, x, slot, *extras)` applies one group of consecutive layers (weights [layers per group, ...])
     to a micro-batch (`slot`, an int32 that differs between every stage and iteration, seeds its dropout); `extras`
     (arrays [batch, ...], or None) are split into micro-batches along with x and passed on unchanged (positions,
-    segment ids). Micro-batch i holds rows i, i + microbatches, ...: each device keeps its rows. `remat` (a
-    jax.checkpoint with its policy, or None) rematerializes each iteration: the scan then keeps only what the policy
-    saves and each iteration's carry, rather than the activations of every micro-batch in every layer.
+    segment ids). Micro-batch i holds rows i, i + microbatches, ...: each device keeps its rows.
     """
     stages = jax.sharding.get_abstract_mesh().shape[axis_name]
     grouped = stage_groups(stacked, stages, repeats)
@@ -122,8 +118,7 @@ def pipeline(
         # Typed as differing between stages (as what they will hold does), made in float32 (see below).
         fill = lambda shape: jax.lax.pcast(jnp.full(shape, BUBBLE_FILL), axis_name, to="varying").astype(x.dtype)
         carry = (fill(xs.shape[1:]), fill(xs.shape))
-        iterate = iteration if remat is None else remat(iteration)
-        (_, held), _ = jax.lax.scan(iterate, carry, jnp.arange(schedule.iterations))
+        (_, held), _ = jax.lax.scan(iteration, carry, jnp.arange(schedule.iterations))
         # Stage 0 holds every micro-batch's output, from the last stage's last pass: the result, on every stage. Summed
         # in float32, exactly (one value and zeros; bfloat16 -> float32 -> bfloat16 loses nothing): XLA's CPU compiler
         # (jax 0.10) aborts on a bfloat16 all-reduce ("Invalid binary instruction opcode copy"). For the same reason
@@ -167,6 +162,10 @@ class _Schedule:
         return (t - self.stage) % self.microbatches
 
     def pass_of(self, t):
+        """The pass (a Python 0 for gpipe: a slice by a traced index would be a new array in every iteration, and the
+        scan would keep each of them, a copy of the stage's layers per iteration, for the backward pass)."""
+        if self.repeats == 1:
+            return 0
         return jnp.clip((t - self.stage) // self.microbatches, 0, self.repeats - 1)
 
     def working(self, t):
