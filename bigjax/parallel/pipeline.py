@@ -25,7 +25,8 @@ would otherwise reach the weights' gradients through 0 x NaN. Its results are ne
 Why the stored layout costs the circular schedule a transfer: the weights are split over `stage` along `layers` in
 equal consecutive blocks (the rule `layers -> stage`), which is exactly gpipe's grouping, so regrouping them moves
 nothing; circular stages hold non-adjacent groups, so XLA moves each group to its stage once a step (and the
-gradients back), as much traffic as FSDP's gathering of the layers, in exchange for the smaller bubble.
+gradients back; on the CPU its partitioner replicates them on the way), traffic of the order of FSDP's gathering of
+the layers, in exchange for the smaller bubble.
 """
 
 from __future__ import annotations
