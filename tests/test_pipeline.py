@@ -199,6 +199,7 @@ def test_pipelined_llama_equals_one_device(llama_config, one_device, mesh, micro
         (["--config.mesh.stage=2", "--config.model.pipeline.schedule=1f1b"], "is not one of gpipe, circular"),
         (["--config.mesh.stage=2", "--config.model.pipeline.microbatches=3"], "does not split into"),
         (["--config.mesh.stage=2", "--config.model.scan_layers=False"], "scan_layers=True"),
+        (["--config.mesh.stage=2", "--config.mesh.context=2"], "a pipeline does not split the sequence yet"),
     ],
 )
 def test_a_pipeline_that_cannot_be_is_a_config_error(tiny_config, overrides, message):
