@@ -48,6 +48,7 @@ from bigjax.compress import quantized
 from bigjax.errors import UserError
 from bigjax.ops import devices as devices_lib
 from bigjax.ops import metrics
+from bigjax.parallel import pipeline as pipeline_lib
 from bigjax.run import state as state_lib
 from bigjax.run import step as step_lib
 from bigjax.run.setup import make_setup
@@ -194,6 +195,7 @@ def report(setup, timing: Timing, parameters: int, config_name: str, overrides, 
         "num_devices": devices,
         "num_processes": jax.process_count(),
         "mesh": dict(mesh.shape),
+        "pipeline": pipeline_lib.schedule_of(config.model, mesh.shape["stage"]),  # None: no pipeline
         "versions": versions(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "parameters": parameters,
@@ -253,6 +255,7 @@ def format_report(result: dict) -> str:
         f"  step           {result['step']}"
         + (f", int{result['quant']['bits']} {result['quant']['mode']}" if result["quant"]["bits"] else ""),
         f"  devices        {result['num_devices']} x {result['device_kind']}, mesh {result['mesh']}",
+        *([f"  {pipeline_lib.describe(result['pipeline'])}"] if result.get("pipeline") else []),
         f"  tokens/s       {rate(result['tokens_per_second'], 'tokens/s')}",
         f"  examples/s     {rate(result['examples_per_second'], 'examples/s')}",
         f"  step time      median {result['step_time_median'] * 1e3:.2f} ms (min {result['step_time_min'] * 1e3:.2f}, "

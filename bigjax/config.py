@@ -43,7 +43,8 @@ DEFAULT_SHARDING_RULES = (
     ("kv_heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),
-    ("layers", None),
+    # The stacked layers of a scanned stack, in consecutive blocks over the pipeline's stages (bigjax.parallel.pipeline)
+    ("layers", "stage"),
     ("positions", None),
     ("classes", None),  # classifier heads are small: kept whole
     # Convolutions (see bigjax/models/layers.py): FSDP splits kernels by output channel; activations keep channels
@@ -91,7 +92,7 @@ def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.Conf
         )
     )
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1, stage=1))
     c.sharding_rules = DEFAULT_SHARDING_RULES
 
     c.task = ml_collections.ConfigDict(
@@ -909,14 +910,14 @@ def check_against_devices(config, num_devices: int) -> dict[str, int]:
     if num_devices % fixed:
         raise ConfigError(
             f"the mesh {_mesh_str(shape)} does not divide the {num_devices} devices; "
-            f"make data*fsdp*tensor*context divide {num_devices} (or set one axis to -1)"
+            f"make data*fsdp*tensor*context*stage divide {num_devices} (or set one axis to -1)"
         )
     if free:
         shape[free[0]] = num_devices // fixed
     elif fixed != num_devices:
         raise ConfigError(
             f"the mesh {_mesh_str(shape)} uses {fixed} of the {num_devices} devices; "
-            f"make data*fsdp*tensor*context equal {num_devices} or set one axis to -1"
+            f"make data*fsdp*tensor*context*stage equal {num_devices} or set one axis to -1"
         )
     check_context(config, shape["context"])
     data_parallel = shape["data"] * shape["fsdp"]
@@ -926,6 +927,7 @@ def check_against_devices(config, num_devices: int) -> dict[str, int]:
             f"the (micro)batch of {micro} examples does not divide across data*fsdp={data_parallel} devices; "
             f"set config.batch_size to a multiple of {data_parallel * config.optim.grad_accum}"
         )
+    check_pipeline(config, shape["stage"], shape["context"])
     return shape
 
 
@@ -942,6 +944,59 @@ def check_context(config, context: int) -> None:
         raise ConfigError(
             f"config.data.seq_len={config.data.seq_len} does not split into config.mesh.context={context} equal "
             "pieces; make seq_len a multiple of context"
+        )
+
+
+PIPELINE_SCHEDULES = ("gpipe", "circular")
+
+
+def check_pipeline(config, stages: int, context: int) -> None:
+    """Layers cut into `stages` x repeats equal groups, and a (micro)batch into equal micro-batches
+    (bigjax.parallel.pipeline). Micro-batches too small to split over data x fsdp are split unevenly by XLA (padded):
+    correct, but keep microbatches x data x fsdp dividing the batch so that every device has rows of each."""
+    if stages == 1:
+        return
+    m = config.model
+    if "pipeline" not in m or not m.scan_layers:
+        raise ConfigError(
+            f"config.mesh.stage={stages} pipelines the stacked layers of config.model.family='gpt' with "
+            f"scan_layers=True, not family={m.family!r} scan_layers={m.scan_layers}; set config.mesh.stage=1"
+        )
+    if context > 1:
+        # Context parallelism's shard_map inside the pipeline's does not trace yet (jax 0.10: the ring's scan carries
+        # types varying over `context` alone; the all-gather fails to lower).
+        raise ConfigError(
+            f"config.mesh.stage={stages} with config.mesh.context={context}: a pipeline does not split "
+            "the sequence yet; set one of them to 1"
+        )
+    p = m.pipeline
+    if p.schedule not in PIPELINE_SCHEDULES:
+        raise ConfigError(
+            f"config.model.pipeline.schedule={p.schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}"
+        )
+    if p.repeats < 1 or p.microbatches < 0:
+        raise ConfigError("config.model.pipeline.repeats must be >= 1 and microbatches >= 0 (0 = one per stage)")
+    if p.schedule == "gpipe" and p.repeats != 1:
+        raise ConfigError(
+            f"config.model.pipeline.repeats={p.repeats} needs schedule='circular' (gpipe makes one pass); set it to 1"
+        )
+    if m.num_layers % (stages * p.repeats):
+        raise ConfigError(
+            f"config.model.num_layers={m.num_layers} does not split into config.mesh.stage={stages} x "
+            f"config.model.pipeline.repeats={p.repeats} equal groups of layers; change num_layers, stage or repeats"
+        )
+    microbatches = p.microbatches or stages
+    if p.schedule == "circular" and microbatches < stages:
+        raise ConfigError(
+            f"the circular schedule needs config.model.pipeline.microbatches >= config.mesh.stage={stages} (a "
+            f"micro-batch is back at stage 0 after {stages} iterations), got {microbatches}"
+        )
+    rows = config.batch_size // config.optim.grad_accum
+    if rows % microbatches:
+        raise ConfigError(
+            f"the (micro)batch of {rows} examples does not split into config.model.pipeline.microbatches="
+            f"{microbatches} equal micro-batches; set config.batch_size to a multiple of "
+            f"{microbatches * config.optim.grad_accum}"
         )
 
 
@@ -978,6 +1033,7 @@ def resume_conflicts(saved: ml_collections.ConfigDict, new: ml_collections.Confi
         f"{key}: {old_flat.get(key)!r} -> {new_flat.get(key)!r}"
         for key in sorted(set(old_flat) | set(new_flat))
         if any(key == p or key.startswith(p + ".") for p in RESUME_MUST_MATCH)
+        and not key.startswith("model.pipeline.")  # how the step runs the layers, not what they are
         and _normalize(old_flat.get(key)) != _normalize(new_flat.get(key))
     ]
 

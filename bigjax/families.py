@@ -87,6 +87,10 @@ def gpt_model() -> dict:
         # How attention sees the whole sequence where config.mesh.context splits it (bigjax.parallel.context):
         # all_gather (each device gathers all keys and values) | ring (blocks of them pass from device to device)
         context_parallel="all_gather",
+        # How config.mesh.stage > 1 pipelines the layers (bigjax.parallel.pipeline): micro-batches per step (0 = one
+        # per stage), schedule gpipe | circular, and (circular) passes round the stages, each stage holding that many
+        # groups of layers
+        pipeline=dict(microbatches=0, schedule="gpipe", repeats=1),
     )
 
 

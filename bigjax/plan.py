@@ -27,6 +27,7 @@ from bigjax.errors import UserError
 from bigjax.models.gpt import GPTConfig, parameter_count
 from bigjax.models.layers import resolve_attention
 from bigjax.ops import devices
+from bigjax.parallel import pipeline as pipeline_lib
 from bigjax.run import state as state_lib
 from bigjax.run import step as step_lib
 from bigjax.run.setup import make_setup
@@ -55,6 +56,7 @@ class Plan:
     ideal_step_seconds: float | None  # flops_per_step at ASSUMED_MFU of the devices' peak
     warnings: list
     measured_peak: int | None = None  # --measure: the most memory a device held over a few real steps
+    pipeline: dict | None = None  # config.mesh.stage > 1: the schedule and its bubble (pipeline.schedule_of)
 
     @property
     def fits(self) -> bool | None:
@@ -127,6 +129,7 @@ def make_plan(config, num_devices: int | None = None, device_kind: str | None = 
         ideal_step_seconds=ideal,
         warnings=[],
         measured_peak=measured,
+        pipeline=pipeline_lib.schedule_of(config.model, mesh.shape["stage"]),
     )
     plan.warnings += replication_warnings(config, plan)
     return plan
@@ -223,10 +226,15 @@ def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | No
     logits = vocab * (a + 8) / t
     rows = config.batch_size // config.optim.grad_accum // (mesh_shape["data"] * mesh_shape["fsdp"])
     tokens, logit_tokens = rows * s, rows * (config.task.loss_chunk or s)
+    # A pipeline stage keeps those of its own layers (for every micro-batch), and the stage's input and output of
+    # every micro-batch (the micro-batches, and what comes back from the last stage).
+    layers_here = m.num_layers // mesh_shape.get("stage", 1)
+    pipeline_buffers = 2 * d * a if mesh_shape.get("stage", 1) > 1 else 0
     counts = parameter_count(m)
     gathered = 2 * counts["layers"] / m.num_layers + counts["embedding"] if mesh_shape["fsdp"] > 1 else 0
     gathered_bytes = gathered * np.dtype(m.param_dtype).itemsize / t
-    return int(tokens * (m.num_layers * kept_per_layer + recompute) + logit_tokens * logits + gathered_bytes)
+    kept = layers_here * kept_per_layer + recompute + pipeline_buffers
+    return int(tokens * kept + logit_tokens * logits + gathered_bytes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,9 +324,11 @@ def format_plan(plan: Plan, config_name: str) -> str:
     lines = [
         f"plan for {config_name} on {plan.num_devices} x {plan.device_kind} (mesh {mesh}), from {how}",
         f"{plan.parameters:,} parameters",
-        "",
-        "per device:",
     ]
+    if plan.pipeline:
+        lines.append(pipeline_lib.describe(plan.pipeline))
+    stage = f" = per stage ({plan.pipeline['layers_per_stage']} layers each)" if plan.pipeline else ""
+    lines += ["", f"per device{stage}:"]
     labels = {
         "parameters": "parameters",
         "optimizer_state": "optimizer state",

@@ -99,9 +99,9 @@ def test_mesh_and_batch_must_fit_the_devices(tiny_config, mesh, devices, message
 
 def test_minus_one_takes_the_remaining_devices(tiny_config):
     c = tiny_config("", "--config.mesh.tensor=2")
-    assert config_lib.check_against_devices(c, 8) == dict(data=4, fsdp=1, tensor=2, context=1)
+    assert config_lib.check_against_devices(c, 8) == dict(data=4, fsdp=1, tensor=2, context=1, stage=1)
     c = tiny_config("", "--config.mesh.data=1", "--config.mesh.context=-1")
-    assert config_lib.check_against_devices(c, 8) == dict(data=1, fsdp=1, tensor=1, context=8)
+    assert config_lib.check_against_devices(c, 8) == dict(data=1, fsdp=1, tensor=1, context=8, stage=1)
 
 
 def test_context_splits_the_sequence_into_equal_pieces_of_a_model_that_attends_across_them(tiny_config):

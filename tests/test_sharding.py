@@ -70,7 +70,7 @@ def test_loss_and_gradients_match_on_every_mesh(tiny_config, variant):
 
 # What the default rules are meant to do, written out here rather than read from bigjax.config, so that a rule that
 # changes is caught: the model dimension splits over fsdp; heads, key/value heads, the MLP and the vocabulary over
-# tensor; layer stacks, the head dimension and positions stay whole.
+# tensor; layer stacks over stage (the pipeline); the head dimension and positions stay whole.
 MESH_AXIS_OF = {
     "embed": "fsdp",
     "heads": "tensor",
@@ -78,7 +78,7 @@ MESH_AXIS_OF = {
     "mlp": "tensor",
     "vocab": "tensor",
     "kv": None,
-    "layers": None,
+    "layers": "stage",  # consecutive blocks of layers per pipeline stage (one block where stage=1)
     "positions": None,
 }
 
@@ -101,8 +101,9 @@ def test_every_parameter_is_sharded_as_its_logical_axes_say(tiny_config, variant
         assert len(names) == param.ndim, f"{where}: logical names {names} for a parameter of shape {param.shape}"
         expected = tuple(MESH_AXIS_OF[name] for name in names)
         assert padded(param.sharding.spec, param.ndim) == expected, f"{where} {names}: {param.sharding.spec}"
-        # And each device really holds only its share: 2 ways along each split dimension.
-        shard = tuple(size // (2 if axis else 1) for size, axis in zip(param.shape, expected, strict=True))
+        # And each device really holds only its share: 2 ways along each split dimension (stage: one way here).
+        ways = lambda axis: setup.mesh.shape[axis] if axis else 1
+        shard = tuple(size // ways(axis) for size, axis in zip(param.shape, expected, strict=True))
         assert param.addressable_shards[0].data.shape == shard, where
         names_seen.update(names)
 

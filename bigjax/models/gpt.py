@@ -13,10 +13,12 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from bigjax import config as config_lib
 from bigjax.models import layers
+from bigjax.parallel import pipeline as pipeline_lib
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -55,6 +57,7 @@ class GPTConfig:
     scan_layers: bool
     remat: str
     init_std: float
+    pipeline: pipeline_lib.PipelineConfig  # how the layers run where config.mesh.stage > 1
 
     @classmethod
     def from_config(cls, m) -> GPTConfig:
@@ -78,6 +81,7 @@ class GPTConfig:
             out_bias=out_bias,
             mlp_bias=mlp_bias,
             context_parallel=m.get("context_parallel", ""),
+            pipeline=pipeline_lib.PipelineConfig(**m.get("pipeline", {})),
         )
         values["attention"] = layers.resolve_attention(m.attention, m.dtype)
         return cls(**values)
@@ -162,10 +166,36 @@ def run_blocks(cfg: GPTConfig, x, positions, segment_ids, train: bool, *, causal
     rematerialized by cfg.remat; called from inside a module's compact method."""
     blocks = layers.remat_and_scan(Block, cfg.remat, cfg.num_layers if cfg.scan_layers else 0)
     if cfg.scan_layers:
-        return blocks(cfg, train, causal, post_norm, decode, name="layers")(x, positions, segment_ids)[0]
+        stack = blocks(cfg, train, causal, post_norm, decode, name="layers")
+        if pipeline_lib.stage_count() > 1 and not decode and not stack.is_initializing():
+            return run_pipelined(stack, cfg, x, positions, segment_ids, train, causal, post_norm)
+        return stack(x, positions, segment_ids)[0]
     for i in range(cfg.num_layers):
         x, _ = blocks(cfg, train, causal, post_norm, decode, name=f"layers_{i}")(x, positions, segment_ids)
     return x
+
+
+def run_pipelined(stack, cfg: GPTConfig, x, positions, segment_ids, train: bool, causal: bool, post_norm: bool):
+    """The scanned `stack` of blocks run as a pipeline over the mesh axis `stage` (bigjax.parallel.pipeline). Its
+    weights [layers, ...] are read as they are, so that the parameters (and the checkpoint) are the unpipelined
+    model's; each stage applies its groups of layers with the same scanned block, each block rematerialized by
+    cfg.remat. (Rematerializing whole iterations instead keeps less between them, but a whole group's activations
+    while one is rebuilt: more in all, by benchmarks/pipeline_memory.py.)"""
+    stages, p = pipeline_lib.stage_count(), cfg.pipeline
+    repeats = p.repeats if p.schedule == "circular" else 1
+    group = layers.remat_and_scan(Block, cfg.remat, cfg.num_layers // (stages * repeats))
+    group = group(cfg, train, causal, post_norm, parent=None)
+    dropout = stack.make_rng("dropout") if train and cfg.dropout else None
+
+    def run_group(weights, x, slot, positions, segment_ids):
+        rngs = {} if dropout is None else {"dropout": jax.random.fold_in(dropout, slot)}  # a mask per stage and step
+        return group.apply({"params": weights}, x, positions, segment_ids, rngs=rngs)[0]
+
+    extras = (positions, segment_ids)
+    microbatches = p.microbatches or stages
+    return pipeline_lib.pipeline(
+        run_group, stack.variables["params"], x, extras, microbatches=microbatches, repeats=repeats
+    )
 
 
 class GPT(nn.Module):

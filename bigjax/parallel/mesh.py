@@ -1,7 +1,8 @@
 """The device mesh, the logical-axis rules, and the shardings derived from them.
 
 Models name their axes logically (`embed`, `mlp`, `heads`, ...); the rules in the config map those names to
-the mesh axes `data`, `fsdp`, `tensor` and `context` (the sequence). Nothing else in bigjax mentions a mesh axis
+the mesh axes `data`, `fsdp`, `tensor`, `context` (the sequence) and `stage` (the layers,
+bigjax.parallel.pipeline). Nothing else in bigjax mentions a mesh axis
 (but bigjax.parallel, whose collectives name the axis the rules map to). The two travel together
 as one `Sharding`: `sharding.activate()` to trace, `.batch` and `.replicated` for inputs and outputs, `.of(tree)`
 for a tree of parameters, `.global_batch(host_batch)` for data.
@@ -19,7 +20,7 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from bigjax import config as config_lib
 
-MESH_AXES = ("data", "fsdp", "tensor", "context")
+MESH_AXES = ("data", "fsdp", "tensor", "context", "stage")
 BATCH_AXES = ("data", "fsdp")  # the examples of a batch are split over both data-parallel axes
 
 

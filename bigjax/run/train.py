@@ -20,6 +20,7 @@ from bigjax import params as params_lib
 from bigjax.compress import distill, lora, quantized
 from bigjax.errors import UserError
 from bigjax.ops import metrics, trackers
+from bigjax.parallel import pipeline
 from bigjax.run import checkpoint, compilation_cache, evaluate, finetune, goodput, lock, signals
 from bigjax.run import state as state_lib
 from bigjax.run import step as step_lib
@@ -83,6 +84,8 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
     setup = make_setup(config)
     teacher = setup.teacher  # None unless config.distill.teacher is set
     metrics.say(f"mesh {setup.sharding.describe()} on {jax.devices()[0].device_kind}; workdir {workdir}")
+    if schedule := pipeline.schedule_of(config.model, setup.mesh.shape["stage"]):
+        metrics.say(pipeline.describe(schedule))
 
     # Data. Batches are copied to the devices `data.prefetch` steps ahead; checkpoints hold the position of the
     # last one used.
