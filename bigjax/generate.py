@@ -105,11 +105,11 @@ class Generator:
     """A causal LM ready to sample: its parameters on one device, the tokenizer it was trained with, and the
     compiled prefill, decode step and sampler (jitted once here; each compiles once per shape)."""
 
-    def __init__(self, model_config: gpt.GPTConfig, params, tokenizer, step: int | None = None, run_config=None):
+    def __init__(self, model_config: gpt.GPTConfig, params, tokenizer, step: int | None = None, variant=None):
         tokenizers.check_vocab(model_config.vocab_size, tokenizer, "the run's tokenizer")
         # A quantized or LoRA run's parameters hold integer kernels or adapters: the decoding model runs them as the
-        # run's config.quant and config.lora say.
-        self.model = quantized(gpt.decoding_model(model_config), run_config)
+        # run's variant says (None: a float model).
+        self.model = quantized(gpt.decoding_model(model_config), variant)
         self.context = model_config.max_len
         self.params = params
         self.tokenizer = tokenizer
@@ -336,7 +336,7 @@ def load(workdir, step: int | None = None) -> Generator:
             continue
         note(f"generating from checkpoint {candidate} of {workdir}")
         tokenizer = data.make_tokenizer(config.data.tokenizer)
-        return Generator(task.model_config, params, tokenizer, candidate, run_config=config)
+        return Generator(task.model_config, params, tokenizer, candidate, variant=task.variant)
     raise GenerateError(f"none of the committed checkpoints of {workdir} can be read: {', '.join(map(str, committed))}")
 
 

@@ -30,6 +30,7 @@ from bigjax import config as config_lib
 from bigjax import params as params_lib
 from bigjax import paths
 from bigjax.compress import quantized
+from bigjax.compress.variant import Variant
 from bigjax.errors import UserError
 from bigjax.ops import metrics
 from bigjax.run import checkpoint
@@ -45,9 +46,9 @@ class LoraError(UserError):
     """A LoRA setting or request that cannot work: a message for the user."""
 
 
-def trained_names(config, params) -> list[str]:
+def trained_names(setup, params) -> list[str]:
     """The "/"-names of what a LoRA run trains: the adapters and lora.train's parameters."""
-    frozen = params_lib.by_path(params_lib.frozen(params, config))
+    frozen = params_lib.by_path(setup.variant.frozen(params, setup.config.freeze))
     return [name for name, fixed in frozen.items() if not fixed]
 
 
@@ -66,11 +67,11 @@ def save(workdir, out, step: int | None = None) -> dict:
     step = checkpoint.committed_step(workdir, step)
     setup = make_setup(config)
     params, _ = restore(setup, workdir, step)
-    names = trained_names(config, params)
+    names = trained_names(setup, params)
     flat = params_lib.by_path(params)
     arrays = {name: np.asarray(multihost_utils.process_allgather(flat[name], tiled=True)) for name in names}
     settings = dict(
-        lora={key: config.lora[key] for key in MUST_MATCH},
+        lora={key: getattr(setup.variant.lora, key) for key in MUST_MATCH},
         model=config.model.to_dict(),
         quant=config.quant.to_dict(),
         workdir=str(workdir),
@@ -120,7 +121,7 @@ def check_adapters(setup) -> tuple:
         )
     params = setup.state_target().params
     flat = params_lib.by_path(params)
-    wanted = trained_names(config, params)
+    wanted = trained_names(setup, params)
     with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as f:
         stored = set(f.keys())
         missing = [name for name in wanted if name not in stored]
@@ -174,7 +175,7 @@ def merge(workdir, out, step: int | None = None) -> dict:
 
     def merged(params):
         floats = quantized.dequantize_params(params, boxed)
-        return merge_adapters(floats, boxes, config.lora.alpha / config.lora.rank)
+        return merge_adapters(floats, boxes, setup.variant.lora.alpha / setup.variant.lora.rank)
 
     with merged_setup.sharding.activate():
         params = jax.jit(merged, out_shardings=merged_setup.state_shardings.params)(params)
@@ -208,8 +209,7 @@ def adapted_kernels(boxes: dict) -> list[str]:
 
 def merged_config(config, step: int):
     target = config_lib.from_dict(config.to_dict())
-    target.lora.rank, target.lora.adapters = 0, ""
-    target.quant.bits, target.quant.qat = 0, False
+    Variant().write_into(target)  # float, no adapters
     target.init_from.workdir = ""
     target.total_steps = step  # the eval job that follows DIR2 ends after this checkpoint
     config_lib.check_values(target)
@@ -222,7 +222,7 @@ def merged_config(config, step: int):
 
 def lora_run_config(workdir, what: str):
     config = config_lib.load_saved(workdir)
-    if not quantized.lora_on(config):
+    if not Variant.of(config).lora:
         raise LoraError(f"{workdir} is not a LoRA run (config.lora.rank=0): there are no adapters to {what}")
     return config
 

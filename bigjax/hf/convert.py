@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from bigjax import config as config_lib
-from bigjax.compress import quantized
+from bigjax.compress.variant import Variant
 from bigjax.hf import family as family_lib
 from bigjax.hf import files, mapping
 from bigjax.hf.common import HFError, Params
@@ -311,7 +311,7 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
 
     workdir, out = paths.workdir(workdir), paths.check_new_output(out)
     config = config_lib.load_saved(workdir)
-    refusal = quantized.float_export_refusal(config, workdir)
+    refusal = Variant.of(config).float_export_refusal(workdir)
     if refusal:
         raise HFError(refusal)
     family = family_lib.for_config(config)  # or refused before anything is read
