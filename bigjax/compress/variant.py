@@ -121,6 +121,6 @@ class Variant:
     def write_into(self, config) -> None:
         """Set config.quant and config.lora to say this variant: the settings of an absent part, and those given as
         None (a sub_channel left to the config's), kept as they are, the part off."""
-        quant = {key: value for key, value in dataclasses.asdict(self.quant).items() if value is not None}
-        config.quant.update(quant if self.quant else dict(bits=0, qat=False))
+        quant = dataclasses.asdict(self.quant) if self.quant else dict(bits=0, qat=False)
+        config.quant.update({key: value for key, value in quant.items() if value is not None})
         config.lora.update(dataclasses.asdict(self.lora) if self.lora else dict(rank=0, adapters=""))
