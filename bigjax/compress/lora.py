@@ -7,7 +7,7 @@
     bigjax lora merge --workdir DIR --out DIR2                # a plain float run: W + (alpha/rank) A B
 
 The model is bigjax.compress.quantized's (Qwix's LoraProvider): beside every targeted kernel `kernel_lora_a`
-[inputs, rank] and `kernel_lora_b` [rank, outputs], B zero at the start. bigjax.params.frozen keeps every other
+[inputs, rank] and `kernel_lora_b` [rank, outputs], B zero at the start. The run's Variant.frozen keeps every other
 parameter fixed but `lora.train`'s (a classifier's new head): no gradient, no optimizer state, no update. So only
 the adapters (and those) get optimizer state; the checkpoint holds the base too, so a LoRA run resumes, evaluates
 and generates like any run.
