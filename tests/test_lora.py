@@ -220,7 +220,7 @@ def trained(setup, params) -> dict:
     flat = params_lib.by_path(params)
     if not setup.variant.lora:
         return flat
-    return {name: flat[name] for name in lora.trained_names(setup, params)}
+    return {name: flat[name] for name in lora.trained_names(setup.variant, setup.config.freeze, params)}
 
 
 def test_lora_dropout_drops_the_adapters_inputs_anew_for_each_rng(tiny_config):
@@ -257,7 +257,8 @@ def test_adapters_save_load_and_merge_from_the_command_line(tiny_config, base, t
     run_cli("train", "--config", TINY, "--workdir", run, *overrides)
     run_cli("lora", "save", "--workdir", run, "--out", adapters)
     shapes = json.loads((adapters / lora.SETTINGS_FILE).read_text())["shapes"]
-    assert sorted(shapes) == sorted(lora.trained_names(config_lib.load_saved(run), saved_params(run)))
+    saved = config_lib.load_saved(run)
+    assert sorted(shapes) == sorted(lora.trained_names(Variant.of(saved), saved.freeze, saved_params(run)))
 
     # A new run from the same base and the saved adapters starts where the LoRA run ended.
     again = make_setup(adapted(tiny_config, base, *VARIANTS[variant], f"config.lora.adapters={adapters}"))
@@ -407,7 +408,7 @@ def test_a_bert_classifier_adapts_with_its_new_head_and_pooler_trained_float(var
     setup = make_setup(config)
     state = setup.init_state()
     before = params_lib.by_path(jax.device_get(state.params))
-    trains = set(lora.trained_names(config, state.params))
+    trains = set(lora.trained_names(setup.variant, config.freeze, state.params))
     assert {"classifier/kernel", "pooler/kernel"} <= trains and any(n.endswith("_lora_b") for n in trains)
     # Three steps: the head starts at zero, so the encoder has a gradient from step 2, and A (B starting at zero) from
     # step 3.

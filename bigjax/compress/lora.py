@@ -46,9 +46,10 @@ class LoraError(UserError):
     """A LoRA setting or request that cannot work: a message for the user."""
 
 
-def trained_names(setup, params) -> list[str]:
-    """The "/"-names of what a LoRA run trains: the adapters and lora.train's parameters."""
-    frozen = params_lib.by_path(setup.variant.frozen(params, setup.config.freeze))
+def trained_names(variant, freeze: str, params) -> list[str]:
+    """The "/"-names of what a LoRA run (its `variant`, and config.freeze) trains: the adapters and lora.train's
+    parameters."""
+    frozen = params_lib.by_path(variant.frozen(params, freeze))
     return [name for name, fixed in frozen.items() if not fixed]
 
 
@@ -67,7 +68,7 @@ def save(workdir, out, step: int | None = None) -> dict:
     step = checkpoint.committed_step(workdir, step)
     setup = make_setup(config)
     params, _ = restore(setup, workdir, step)
-    names = trained_names(setup, params)
+    names = trained_names(setup.variant, config.freeze, params)
     flat = params_lib.by_path(params)
     arrays = {name: np.asarray(multihost_utils.process_allgather(flat[name], tiled=True)) for name in names}
     settings = dict(
@@ -121,7 +122,7 @@ def check_adapters(setup) -> tuple:
         )
     params = setup.state_target().params
     flat = params_lib.by_path(params)
-    wanted = trained_names(setup, params)
+    wanted = trained_names(setup.variant, config.freeze, params)
     with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as f:
         stored = set(f.keys())
         missing = [name for name in wanted if name not in stored]
