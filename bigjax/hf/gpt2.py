@@ -73,14 +73,16 @@ def layer_table(config, i: int, root: str = ROOT) -> list:
     h, hd, _ = sizes(config.model)
     p = f"{root}h.{i}."
     qkv = tuple(f"attention/{name}" for name in ("query", "key", "value"))
-    table = [  # c_attn fuses q|k|v: weight [d, 3d] (Conv1D is [in, out], as bigjax's kernels), bias [3d]
-        Fused(tuple(f"{path}/kernel" for path in qkv), p + "attn.c_attn.weight", (split(1, (h, hd)),)),
-        Fused(tuple(f"{path}/bias" for path in qkv), p + "attn.c_attn.bias", (split(0, (h, hd)),)),
+    table = [
         Tensor("attention/out/kernel", p + "attn.c_proj.weight", (split(0, (h, hd)),)),
         Tensor("attention/out/bias", p + "attn.c_proj.bias"),
     ]
     for hf, sub in (("c_fc", "up"), ("c_proj", "down")):
         table += [Tensor(f"mlp/{sub}/kernel", f"{p}mlp.{hf}.weight"), Tensor(f"mlp/{sub}/bias", f"{p}mlp.{hf}.bias")]
+    table += [  # c_attn fuses q|k|v: weight [d, 3d] (Conv1D is [in, out], as bigjax's kernels), bias [3d]
+        Fused(tuple(f"{path}/kernel" for path in qkv), p + "attn.c_attn.weight", (split(1, (h, hd)),)),
+        Fused(tuple(f"{path}/bias" for path in qkv), p + "attn.c_attn.bias", (split(0, (h, hd)),)),
+    ]
     for hf, norm in (("ln_1", "attention_norm"), ("ln_2", "mlp_norm")):
         table += [Tensor(f"{norm}/norm/scale", f"{p}{hf}.weight"), Tensor(f"{norm}/norm/bias", f"{p}{hf}.bias")]
     return table
