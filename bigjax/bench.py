@@ -44,7 +44,6 @@ import numpy as np
 
 from bigjax import config as config_lib
 from bigjax import data
-from bigjax.compress import quantized
 from bigjax.errors import UserError
 from bigjax.ops import devices as devices_lib
 from bigjax.ops import metrics
@@ -98,7 +97,7 @@ def bench(
         f"{parameters / 1e6:.2f}M parameters, batch {config.batch_size}"
     )
 
-    forward_only = eval_step or quantized.inference_only(config)
+    forward_only = eval_step or setup.variant.inference_only
     host_batches = data.train_batches(config)
     batches = [setup.sharding.global_batch(next(host_batches)) for _ in range(BATCHES_ON_DEVICE)]
     if forward_only:

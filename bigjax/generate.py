@@ -106,14 +106,22 @@ class Generator:
     compiled prefill, decode step and sampler (jitted once here; each compiles once per shape)."""
 
     def __init__(
-        self, model_config: gpt.GPTConfig, params, tokenizer, step: int | None = None, run_config=None, sharding=None
+        self,
+        model_config: gpt.GPTConfig,
+        params,
+        tokenizer,
+        step: int | None = None,
+        variant=None,
+        sharding=None,
+        run_config=None,
     ):
         tokenizers.check_vocab(model_config.vocab_size, tokenizer, "the run's tokenizer")
-        self.run_config = run_config
+        self.variant = variant
+        self.run_config = run_config  # the run's whole config, where a caller needs more than the model (eval/)
         self.sharding = sharding  # the mesh (bigjax.parallel.mesh.Sharding) the parameters are split over
         # A quantized or LoRA run's parameters hold integer kernels or adapters: the decoding model runs them as the
-        # run's config.quant and config.lora say.
-        self.model = quantized(gpt.decoding_model(model_config), run_config)
+        # run's variant says (None: a float model).
+        self.model = quantized(gpt.decoding_model(model_config), variant)
         self.context = model_config.max_len
         self.params = params
         self.tokenizer = tokenizer
@@ -348,7 +356,8 @@ def load(
             continue
         note(f"{'generating from' if mesh is None else 'loaded'} checkpoint {candidate} of {workdir}")
         tokenizer = data.make_tokenizer(config.data.tokenizer)
-        return Generator(setup.task.model_config, params, tokenizer, candidate, config, setup.sharding)
+        task = setup.task
+        return Generator(task.model_config, params, tokenizer, candidate, task.variant, setup.sharding, config)
     raise GenerateError(f"none of the committed checkpoints of {workdir} can be read: {', '.join(map(str, committed))}")
 
 

@@ -67,28 +67,3 @@ def nest(flat: dict) -> dict:
 
 
 ADAPTERS = r"_lora_[ab]$"  # the paths of LoRA's adapters (bigjax.compress.quantized)
-
-
-def freezes_any(config) -> bool:
-    """Does the run keep any parameter fixed (config.freeze, or LoRA's base)?"""
-    lora = config.get("lora")
-    return bool(config.freeze or (lora is not None and lora.rank))
-
-
-def frozen(params, config):
-    """A tree like `params` of bools: is the parameter kept fixed? Those `config.freeze` matches, and in a LoRA run
-    all but the adapters and `lora.train`'s: they get no gradient, no optimizer state and no update."""
-    fixed = matches(params, config.freeze)
-    lora = config.get("lora")
-    if lora is None or not lora.rank:
-        return fixed
-    trained = matches(params, ADAPTERS + (f"|{lora.train}" if lora.train else ""))
-    return jax.tree.map(lambda fixed, trained: fixed or not trained, fixed, trained)
-
-
-def trained_whole(params, config) -> list[str]:
-    """The "/"-names of the parameters `lora.train` names (besides the adapters)."""
-    lora = config.get("lora")
-    if lora is None or not lora.rank or not lora.train:
-        return []
-    return [name for name, named in by_path(matches(params, lora.train)).items() if named]

@@ -31,6 +31,7 @@ from bigjax import config as config_lib
 from bigjax import hf
 from bigjax import params as params_lib
 from bigjax.compress import lora, quantize, quantized
+from bigjax.compress.variant import Variant
 from bigjax.config import ConfigError
 from bigjax.errors import UserError
 from bigjax.ops import metrics
@@ -191,14 +192,14 @@ def test_one_train_step_matches_on_every_mesh(tiny_config, variant):
         state = setup.init_state().replace(params=jax.device_put(initial, setup.state_shardings.params))
         step, _ = step_lib.compile_train_step(setup)
         state, m = step(state, batch_on(setup))
-        result = float(m["loss"]), trained(config, jax.device_get(state.params))
+        result = float(m["loss"]), trained(setup, jax.device_get(state.params))
         if reference is None:
             reference = result
             continue
         tolerance = loss_tolerance(config)
         assert result[0] == pytest.approx(reference[0], rel=tolerance, abs=0), f"loss on mesh {shape}"
         assert_sgd_params_close_after_reordering(
-            result[1], reference[1], trained(config, initial), tolerance, 1, f"params on mesh {shape}"
+            result[1], reference[1], trained(setup, initial), tolerance, 1, f"params on mesh {shape}"
         )
 
 
@@ -214,12 +215,12 @@ def with_random_adapters(params):
     )
 
 
-def trained(config, params) -> dict:
+def trained(setup, params) -> dict:
     """What a step changes: every float parameter of a QAT run; a LoRA run's adapters."""
     flat = params_lib.by_path(params)
-    if not quantized.lora_on(config):
+    if not setup.variant.lora:
         return flat
-    return {name: flat[name] for name in lora.trained_names(config, params)}
+    return {name: flat[name] for name in lora.trained_names(setup.variant, setup.config.freeze, params)}
 
 
 def test_lora_dropout_drops_the_adapters_inputs_anew_for_each_rng(tiny_config):
@@ -256,7 +257,8 @@ def test_adapters_save_load_and_merge_from_the_command_line(tiny_config, base, t
     run_cli("train", "--config", TINY, "--workdir", run, *overrides)
     run_cli("lora", "save", "--workdir", run, "--out", adapters)
     shapes = json.loads((adapters / lora.SETTINGS_FILE).read_text())["shapes"]
-    assert sorted(shapes) == sorted(lora.trained_names(config_lib.load_saved(run), saved_params(run)))
+    saved = config_lib.load_saved(run)
+    assert sorted(shapes) == sorted(lora.trained_names(Variant.of(saved), saved.freeze, saved_params(run)))
 
     # A new run from the same base and the saved adapters starts where the LoRA run ended.
     again = make_setup(adapted(tiny_config, base, *VARIANTS[variant], f"config.lora.adapters={adapters}"))
@@ -264,7 +266,7 @@ def test_adapters_save_load_and_merge_from_the_command_line(tiny_config, base, t
 
     run_cli("lora", "merge", "--workdir", run, "--out", merged)
     merged_config = config_lib.load_saved(merged)
-    assert not quantized.lora_on(merged_config) and not quantized.is_on(merged_config.quant)
+    assert Variant.of(merged_config).kind == "float"
     assert not any(name.endswith("_lora_a") for name in params_lib.by_path(saved_params(merged)))
     lora_loss, merged_loss = eval_loss(run), eval_loss(merged)
     # x (W + s A B) against x W + s (x A) B: the same sums in another order.
@@ -385,7 +387,7 @@ def test_lora_and_qlora_start_from_a_hugging_face_model(tokenizer_file, tmp_path
         setup = make_setup(config)
         params = params_lib.by_path(jax.device_get(started(setup).params))
         want = expected
-        if quantized.is_on(config.quant):
+        if setup.variant.quant:
             want = jax.device_get(quantized.quantize_params(expected, setup.boxed_params()))
         for name, value in params_lib.by_path(want).items():
             np.testing.assert_array_equal(params[name], value, err_msg=f"{name} ({' '.join(overrides)})")
@@ -406,7 +408,7 @@ def test_a_bert_classifier_adapts_with_its_new_head_and_pooler_trained_float(var
     setup = make_setup(config)
     state = setup.init_state()
     before = params_lib.by_path(jax.device_get(state.params))
-    trains = set(lora.trained_names(config, state.params))
+    trains = set(lora.trained_names(setup.variant, config.freeze, state.params))
     assert {"classifier/kernel", "pooler/kernel"} <= trains and any(n.endswith("_lora_b") for n in trains)
     # Three steps: the head starts at zero, so the encoder has a gradient from step 2, and A (B starting at zero) from
     # step 3.

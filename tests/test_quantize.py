@@ -170,7 +170,7 @@ def test_quantization_off_builds_the_model_and_state_of_today(tiny_config):
     assert config.quant.bits == 0
     task = make_task(config)
     assert type(task.model) is gpt.GPT
-    assert quantized.quantized(task.model, config) is task.model
+    assert task.variant.kind == "float" and quantized.quantized(task.model, task.variant) is task.model
     plain = jax.eval_shape(lambda: gpt.GPT(task.model_config).init(jax.random.key(0), jnp.zeros((1, 32), jnp.int32)))
     setup = make_setup(config)
     shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731

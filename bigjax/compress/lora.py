@@ -7,7 +7,7 @@
     bigjax lora merge --workdir DIR --out DIR2                # a plain float run: W + (alpha/rank) A B
 
 The model is bigjax.compress.quantized's (Qwix's LoraProvider): beside every targeted kernel `kernel_lora_a`
-[inputs, rank] and `kernel_lora_b` [rank, outputs], B zero at the start. bigjax.params.frozen keeps every other
+[inputs, rank] and `kernel_lora_b` [rank, outputs], B zero at the start. The run's Variant.frozen keeps every other
 parameter fixed but `lora.train`'s (a classifier's new head): no gradient, no optimizer state, no update. So only
 the adapters (and those) get optimizer state; the checkpoint holds the base too, so a LoRA run resumes, evaluates
 and generates like any run.
@@ -30,6 +30,7 @@ from bigjax import config as config_lib
 from bigjax import params as params_lib
 from bigjax import paths
 from bigjax.compress import quantized
+from bigjax.compress.variant import Variant
 from bigjax.errors import UserError
 from bigjax.ops import metrics
 from bigjax.run import checkpoint
@@ -45,9 +46,10 @@ class LoraError(UserError):
     """A LoRA setting or request that cannot work: a message for the user."""
 
 
-def trained_names(config, params) -> list[str]:
-    """The "/"-names of what a LoRA run trains: the adapters and lora.train's parameters."""
-    frozen = params_lib.by_path(params_lib.frozen(params, config))
+def trained_names(variant, freeze: str, params) -> list[str]:
+    """The "/"-names of what a LoRA run (its `variant`, and config.freeze) trains: the adapters and lora.train's
+    parameters."""
+    frozen = params_lib.by_path(variant.frozen(params, freeze))
     return [name for name, fixed in frozen.items() if not fixed]
 
 
@@ -66,11 +68,11 @@ def save(workdir, out, step: int | None = None) -> dict:
     step = checkpoint.committed_step(workdir, step)
     setup = make_setup(config)
     params, _ = restore(setup, workdir, step)
-    names = trained_names(config, params)
+    names = trained_names(setup.variant, config.freeze, params)
     flat = params_lib.by_path(params)
     arrays = {name: np.asarray(multihost_utils.process_allgather(flat[name], tiled=True)) for name in names}
     settings = dict(
-        lora={key: config.lora[key] for key in MUST_MATCH},
+        lora={key: getattr(setup.variant.lora, key) for key in MUST_MATCH},
         model=config.model.to_dict(),
         quant=config.quant.to_dict(),
         workdir=str(workdir),
@@ -120,7 +122,7 @@ def check_adapters(setup) -> tuple:
         )
     params = setup.state_target().params
     flat = params_lib.by_path(params)
-    wanted = trained_names(config, params)
+    wanted = trained_names(setup.variant, config.freeze, params)
     with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as f:
         stored = set(f.keys())
         missing = [name for name in wanted if name not in stored]
@@ -174,7 +176,7 @@ def merge(workdir, out, step: int | None = None) -> dict:
 
     def merged(params):
         floats = quantized.dequantize_params(params, boxed)
-        return merge_adapters(floats, boxes, config.lora.alpha / config.lora.rank)
+        return merge_adapters(floats, boxes, setup.variant.lora.alpha / setup.variant.lora.rank)
 
     with merged_setup.sharding.activate():
         params = jax.jit(merged, out_shardings=merged_setup.state_shardings.params)(params)
@@ -208,8 +210,7 @@ def adapted_kernels(boxes: dict) -> list[str]:
 
 def merged_config(config, step: int):
     target = config_lib.from_dict(config.to_dict())
-    target.lora.rank, target.lora.adapters = 0, ""
-    target.quant.bits, target.quant.qat = 0, False
+    Variant().write_into(target)  # float, no adapters
     target.init_from.workdir = ""
     target.total_steps = step  # the eval job that follows DIR2 ends after this checkpoint
     config_lib.check_values(target)
@@ -222,7 +223,7 @@ def merged_config(config, step: int):
 
 def lora_run_config(workdir, what: str):
     config = config_lib.load_saved(workdir)
-    if not quantized.lora_on(config):
+    if not Variant.of(config).lora:
         raise LoraError(f"{workdir} is not a LoRA run (config.lora.rank=0): there are no adapters to {what}")
     return config
 

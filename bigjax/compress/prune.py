@@ -135,7 +135,7 @@ def from_config(config, task) -> Pruning | None:
     boxed = jax.eval_shape(task.init_variables, jax.random.key(0))["params"]
     selected = params_lib.matches(boxed, p.include)
     excluded = params_lib.matches(boxed, p.exclude)
-    frozen = params_lib.frozen(boxed, config)
+    frozen = task.variant.frozen(boxed, config.freeze)
     is_box = lambda x: isinstance(x, AxisMetadata)
     layouts, frozen_selected = {}, []
     leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=is_box)[0]

@@ -24,12 +24,15 @@ A pruned run's zeros stay exact zeros (absmax rounding maps 0 to 0).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from bigjax import config as config_lib
 from bigjax import paths
 from bigjax.compress import quantized
+from bigjax.compress.variant import Quant, Variant
 from bigjax.errors import UserError
 from bigjax.run import checkpoint
 from bigjax.run import state as state_lib
@@ -48,17 +51,18 @@ def quantize(workdir, out, bits=None, mode=None, sub_channel: int | None = None,
     those a quantization-aware run trained for, else to int8 weight-only."""
     workdir, out = paths.workdir(workdir), paths.check_new_output(out)
     config = config_lib.load_saved(workdir)
-    if quantized.lora_on(config):
+    variant = Variant.of(config)
+    if variant.lora:
         raise QuantizeError(
-            f"{workdir} is a LoRA run (config.lora.rank={config.lora.rank}); merge its adapters first (`bigjax lora "
+            f"{workdir} is a LoRA run (config.lora.rank={variant.lora.rank}); merge its adapters first (`bigjax lora "
             "merge --workdir RUN --out MERGED`) and quantize MERGED"
         )
-    if quantized.holds_integers(config):
+    if variant.holds_integers:
         raise QuantizeError(
-            f"{workdir} is a quantized run already (config.quant.bits={config.quant.bits}); quantize the float run "
+            f"{workdir} is a quantized run already (config.quant.bits={variant.bits}); quantize the float run "
             "it came from"
         )
-    bits, mode, sub_channel = settings_for(config, bits, mode, sub_channel)
+    bits, mode, sub_channel = settings_for(variant, bits, mode, sub_channel)
     step = checkpoint.committed_step(workdir, step)
 
     target = quantized_config(config, bits, mode, sub_channel, step)
@@ -86,19 +90,23 @@ def quantize(workdir, out, bits=None, mode=None, sub_channel: int | None = None,
         step=jnp.int32(step), params=params, opt_state=quant_setup.abstract_state.opt_state, model_state=model_state
     )
 
-    source = dict(workdir=str(workdir), step=step, **target.quant.to_dict(), kernels=kernels)
+    source = dict(workdir=str(workdir), step=step, **dataclasses.asdict(quant_setup.variant.quant), kernels=kernels)
     checkpoint.write_derived_run(out, state, target, SOURCE_FILE, source)
     return dict(step=step, kernels=kernels, parameters=state_lib.count_parameters(float_params), bits=bits, mode=mode)
 
 
-def settings_for(config, bits, mode, sub_channel) -> tuple:
+def settings_for(variant: Variant, bits, mode, sub_channel) -> tuple:
     """(bits, mode, sub_channel): as asked, else as a quantization-aware run trained for, else int8 weight-only. A
     QAT run is quantized only as it was trained: its weights learned that rounding, not another."""
-    if not config.quant.qat:
+    if variant.kind != "qat":
         return bits or 8, mode or "weight_only", sub_channel
-    trained = config.quant
+    trained = variant.quant
     asked = dict(bits=bits, mode=mode, sub_channel=sub_channel)
-    differ = [f"--{key.replace('_', '-')} {value}" for key, value in asked.items() if value not in (None, trained[key])]
+    differ = [
+        f"--{key.replace('_', '-')} {value}"
+        for key, value in asked.items()
+        if value not in (None, getattr(trained, key))
+    ]
     if differ:
         raise QuantizeError(
             f"this run was trained for int{trained.bits} {trained.mode} (sub-channel {trained.sub_channel}) by "
@@ -111,9 +119,7 @@ def settings_for(config, bits, mode, sub_channel) -> tuple:
 def quantized_config(config, bits: int, mode: str, sub_channel: int | None, step: int):
     """`config` with its quant section set (checked like any config), ending at `step`."""
     target = config_lib.from_dict(config.to_dict())
-    target.quant.bits, target.quant.mode, target.quant.qat = bits, mode, False
-    if sub_channel is not None:
-        target.quant.sub_channel = sub_channel
+    Variant(Quant(bits, mode, sub_channel, qat=False)).write_into(target)  # sub_channel None: the config's
     if bits == 0:
         raise QuantizeError("--bits 0 is no quantization; use --bits 8 or --bits 4")
     target.total_steps = step or target.total_steps  # the eval job that follows DIR2 ends after this checkpoint

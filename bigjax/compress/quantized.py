@@ -2,14 +2,14 @@
 the rules that say which layers hold integers or adapters, the model that runs them, and the float <-> integer
 conversion of a parameter tree.
 
-    model = quantized(GPT(cfg), config)                 # the same module when config.quant and config.lora are off
+    model = quantized(GPT(cfg), variant)                # the same module for a float variant
     abstract = jax.eval_shape(model.init, rng, tokens)  # kernels are now {qvalue: int8/int4, scale: float32}
     params = quantize_params(float_params, abstract)    # a trained float tree in that form
     logits = model.apply({"params": params}, tokens)
 
-`config.quant` (bigjax.config.defaults) is the one description of a quantization and `config.lora` of the adapters,
-written into a run's config.json, so that every command that builds the model from that config builds the same one.
-Four models come out of them, each through its Qwix provider:
+The variant (bigjax.compress.variant.Variant, from `config.quant` and `config.lora`, which a run's config.json
+records) is the one description of a quantization and of the adapters, so that every command that builds the model
+from that config builds the same one. Four models come out of it, each through its Qwix provider:
 
 * post-training quantization (`quant.bits` set, `quant.qat=False`, no LoRA; a workdir of `bigjax quantize`):
   integer kernels run, never trained (`PtqProvider`).
@@ -56,6 +56,7 @@ float one and restore onto any mesh.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 
 import flax
@@ -64,6 +65,7 @@ import jax
 import jax.numpy as jnp
 
 from bigjax import params as params_lib
+from bigjax.compress.variant import Quant, Variant
 from bigjax.config import ConfigError
 
 # Module names (the last part of a module path) whose matmuls stay float; see the module docstring for why.
@@ -72,57 +74,35 @@ QUANTIZED_OPS = ("dot_general", "einsum")  # Dense and Einsum layers; not conv_g
 SCAN_AXIS = "layers"  # the logical name nn.scan gives the stacking axis (bigjax.models.layers.remat_and_scan)
 
 
-def is_on(quant) -> bool:
-    return bool(quant is not None and quant.bits)
-
-
-def lora_on(config) -> bool:
-    lora = config.get("lora")
-    return bool(lora is not None and lora.rank)
-
-
-def holds_integers(config) -> bool:
-    """Are the run's quantized kernels integer arrays (post-training quantization, QLoRA's base), rather than the
-    float kernels of quantization-aware training?"""
-    quant = config.get("quant")
-    return is_on(quant) and not quant.qat
-
-
-def inference_only(config) -> bool:
-    """A workdir of `bigjax quantize`: integer weights with nothing to train (QLoRA trains its adapters)."""
-    return holds_integers(config) and not lora_on(config)
-
-
-def check_lora(config, abstract_params) -> None:
+def check_lora(variant: Variant, freeze: str, abstract_params) -> None:
     """The targets must reach some layer, lora.train must not name integers (QLoRA's base), and no adapter may be
-    frozen (config.freeze): one error line each."""
-    if not lora_on(config):
+    frozen (`freeze`, config.freeze): one error line each."""
+    lora = variant.lora
+    if not lora:
         return
     names = params_lib.by_path(abstract_params)
     adapters = [name for name in names if re.search(params_lib.ADAPTERS, name)]
     if not adapters:
         kernels = sorted({name.rpartition("/")[0] for name in names if name.endswith("kernel")})
         raise ConfigError(
-            f"config.lora.targets={config.lora.targets!r} matches no layer that takes adapters (the matmuls of "
+            f"config.lora.targets={lora.targets!r} matches no layer that takes adapters (the matmuls of "
             f"{listed(kernels, 8)}; embeddings, output layers, heads and "
             "convolutions take none); change the targets"
         )
-    check_rank(config.lora.rank, names, adapters)
+    check_rank(lora.rank, names, adapters)
     integers = [
-        name
-        for name in params_lib.trained_whole(abstract_params, config)
-        if not jnp.issubdtype(names[name].dtype, jnp.floating)
+        name for name in variant.trained_whole(abstract_params) if not jnp.issubdtype(names[name].dtype, jnp.floating)
     ]
     if integers:
         raise ConfigError(
-            f"config.lora.train={config.lora.train!r} names {listed(integers)}, held as int{config.quant.bits} in "
+            f"config.lora.train={lora.train!r} names {listed(integers)}, held as int{variant.bits} in "
             "this QLoRA run: integers do not train. Name only float parameters "
             "(the heads, norms, embeddings), or leave those layers out of the quantization (config.quant.bits=0)"
         )
-    frozen = [name for name in adapters if re.search(config.freeze, name)] if config.freeze else []
+    frozen = [name for name in adapters if re.search(freeze, name)] if freeze else []
     if frozen:
         raise ConfigError(
-            f"config.freeze={config.freeze!r} freezes the LoRA adapters {listed(frozen)}: they would never train. "
+            f"config.freeze={freeze!r} freezes the LoRA adapters {listed(frozen)}: they would never train. "
             "LoRA already freezes the base; leave "
             "config.freeze empty or exclude these layers with config.lora.targets"
         )
@@ -151,28 +131,12 @@ def narrower_width(names: dict, kernel: str, rank: int) -> int:
     return min(a.size, b.size) // rank // layers
 
 
-def float_export_refusal(config, where) -> str | None:
-    """Why a float exporter (Hugging Face, ONNX, StableHLO) cannot take this run as it is, with the way out; None
-    when it can (a float run, or a QAT one: its weights are float)."""
-    if lora_on(config):
-        return (
-            f"{where} is a LoRA run (config.lora.rank={config.lora.rank}): merge its adapters into the base first, "
-            f"`bigjax lora merge --workdir RUN --out MERGED`, and export MERGED"
-        )
-    if holds_integers(config):
-        return (
-            f"{where} is a quantized run (config.quant.bits={config.quant.bits}) whose weights are integers; export "
-            "writes float weights: export the float run it was quantized from"
-        )
-    return None
-
-
 def qtype(bits: int):
     return {8: jnp.int8, 4: jnp.int4}[bits]
 
 
-def rules(quant) -> list:
-    """Qwix's rules for `quant` (config.quant): the first that matches a module path wins."""
+def rules(quant: Quant) -> list:
+    """Qwix's rules for `quant`: the first that matches a module path wins."""
     import qwix
 
     return [_float_rule(), _quantized_rule(quant, qwix.QtRule)]
@@ -185,8 +149,8 @@ def _float_rule():
 
 
 def _quantized_rule(quant, rule_type, module_path: str = ".*", **settings):
-    """The rule for the quantized (and LoRA's targeted) matmuls; float kernels when `quant` is off."""
-    bits = quant.bits if is_on(quant) else 0
+    """The rule for the quantized (and LoRA's targeted) matmuls; float kernels when `quant` is None."""
+    bits = quant.bits if quant else 0
     return rule_type(
         module_path=module_path,
         op_names=QUANTIZED_OPS,
@@ -197,12 +161,12 @@ def _quantized_rule(quant, rule_type, module_path: str = ".*", **settings):
     )
 
 
-def lora_rules(config) -> list:
-    """Adapters on the quantizable matmuls whose module path `lora.targets` finds (re.search); with `quant.bits`
-    the base kernels, targeted or not, are integers (QLoRA)."""
+def lora_rules(variant: Variant) -> list:
+    """Adapters on the quantizable matmuls whose module path `lora.targets` finds (re.search); with `quant` the
+    base kernels, targeted or not, are integers (QLoRA)."""
     import qwix
 
-    lora, quant = config.lora, config.get("quant")
+    lora, quant = variant.lora, variant.quant
     targeted = _quantized_rule(
         quant,
         qwix.LoraRule,
@@ -212,15 +176,15 @@ def lora_rules(config) -> list:
         dropout=lora.dropout,
     )
     rules = [_float_rule(), targeted]
-    if is_on(quant):
+    if quant:
         rules.append(_quantized_rule(quant, qwix.QtRule))
     return rules
 
 
-def quantized(model: nn.Module, config) -> nn.Module:
-    """`model` as `config.quant` and `config.lora` say (see the module docstring); `model` itself when both are
-    off (or `config` is None), so that a float run builds exactly the module it always did."""
-    provider = _provider(config) if config is not None else None
+def quantized(model: nn.Module, variant: Variant | None) -> nn.Module:
+    """`model` as `variant` says (see the module docstring); `model` itself for a float variant (or None), so that
+    a float run builds exactly the module it always did."""
+    provider = _provider(variant) if variant is not None else None
     if provider is None:
         return model
     import qwix
@@ -228,11 +192,10 @@ def quantized(model: nn.Module, config) -> nn.Module:
     return qwix.quantize_model(model, provider)
 
 
-def _provider(config):
+def _provider(variant: Variant):
     import qwix
-    from qwix._src.utils import flax_util
 
-    quant = config.get("quant")
+    quant = variant.quant
 
     class Named:
         """A Qwix provider whose shape errors name the layer and the config key to change."""
@@ -257,7 +220,8 @@ def _provider(config):
                 return super().dot_general(*args, **kwargs)
 
         def einsum(self, *args, **kwargs):
-            state = flax_util.get_current_module()._state
+            # Flax's private _state: Linen has no public way to allow a setattr outside setup() (see above).
+            state = _current_module()._state
             in_setup, state.in_setup = state.in_setup, True
             try:
                 with nn.logical_axis_rules(()):
@@ -271,9 +235,9 @@ def _provider(config):
     class Qat(Named, qwix.QtProvider):
         pass
 
-    if lora_on(config):
-        return Lora(lora_rules(config))
-    if not is_on(quant):
+    if variant.lora:
+        return Lora(lora_rules(variant))
+    if not quant:
         return None
     return (Qat if quant.qat else Ptq)(rules(quant))
 
@@ -285,9 +249,7 @@ def _named_errors(quant):
     except ValueError as error:
         if "cannot be tiled" not in str(error):
             raise
-        from qwix._src.utils import flax_util
-
-        where = "/".join(map(str, flax_util.get_current_module_path()))
+        where = "/".join(map(str, _current_module().path))
         raise ConfigError(
             f"config.quant.sub_channel={quant.sub_channel} does not divide the input channels of the kernel of "
             f"{where} (Qwix: {error}); pick a sub_channel that divides them, or bits=8 (per-channel scales)"
@@ -299,11 +261,18 @@ def quantize_params(params: dict, abstract_params: dict) -> dict:
     integers (Qwix's `WithAux` of a `QArray` in `abstract_params`, the quantized model's boxed abstract
     parameters) quantized as Qwix decided for it, per layer where the kernel is stacked over scanned layers;
     every other parameter unchanged. Jit it with the quantized tree's shardings: it runs shard by shard."""
-    from qwix._src.core import qarray
-    from qwix._src.providers import ptq
+    import qwix
 
     def quantize(value, target):
-        return ptq.WithAux(_per_layer(lambda w: qarray.quantize(w, target.how), target)(value), target.how)
+        how = target.how  # what Qwix decided for this kernel, asked again of its public quantize
+        one_layer = functools.partial(
+            qwix.quantize,
+            qtype=how.qtype,
+            channelwise_axes=how.channelwise_axes,
+            tiled_axes=how.tiled_axes,
+            calibration_method=how.calibration_method,
+        )
+        return target.replace(array=_per_layer(one_layer, target)(value))
 
     return _map_quantized(quantize, params, abstract_params)
 
@@ -311,28 +280,23 @@ def quantize_params(params: dict, abstract_params: dict) -> dict:
 def dequantize_params(params: dict, abstract_params: dict) -> dict:
     """The float parameter tree a quantized one stands for (each integer kernel times its scales): what a float
     checkpoint is loaded into, to be quantized again (QLoRA from a float run), or what LoRA merges into."""
-    from qwix._src.core import qarray
+    import qwix
 
-    dequantize = lambda value, target: _per_layer(qarray.dequantize, target)(value.array)  # noqa: E731
+    dequantize = lambda value, target: _per_layer(qwix.dequantize, target)(value.array)  # noqa: E731
     return _map_quantized(dequantize, params, abstract_params)
 
 
 def float_shardings(shardings: dict) -> dict:
     """A quantized parameter tree's shardings -> the float tree's: a kernel is sharded like its integers."""
-    from qwix._src.providers import ptq
-
-    is_quantized = lambda node: isinstance(node, ptq.WithAux)  # noqa: E731
-    return jax.tree.map(lambda node: node.array.qvalue if is_quantized(node) else node, shardings, is_leaf=is_quantized)
+    return jax.tree.map(lambda node: node.array.qvalue if _is_integer(node) else node, shardings, is_leaf=_is_integer)
 
 
 def _map_quantized(fn, params: dict, abstract_params: dict) -> dict:
     """`params` with fn(value, its WithAux in abstract_params) at each kernel the quantized model holds as integers
     (nested dicts are walked; a WithAux, like an array, is a leaf)."""
-    from qwix._src.providers import ptq
-
     targets = flax.traverse_util.flatten_dict(abstract_params)
     out = {
-        path: fn(value, targets[path]) if isinstance(targets[path], ptq.WithAux) else value
+        path: fn(value, targets[path]) if _is_integer(targets[path]) else value
         for path, value in flax.traverse_util.flatten_dict(params).items()
     }
     return flax.traverse_util.unflatten_dict(out)
@@ -345,10 +309,26 @@ def _per_layer(fn, target):
 
 def quantized_paths(abstract_params: dict) -> list[str]:
     """The "/"-joined paths of the kernels held as integers in a quantized model's parameters."""
-    from qwix._src.providers import ptq
+    flat = flax.traverse_util.flatten_dict(abstract_params, is_leaf=lambda _, node: _is_integer(node))
+    return ["/".join(path) for path, leaf in flat.items() if _is_integer(leaf)]
 
-    flat = flax.traverse_util.flatten_dict(abstract_params, is_leaf=lambda _, node: isinstance(node, ptq.WithAux))
-    return ["/".join(path) for path, leaf in flat.items() if isinstance(leaf, ptq.WithAux)]
+
+# Qwix's private names, in one place: Qwix 0.1.8 exports neither (everything else here is its public API).
+
+
+def _is_integer(node) -> bool:
+    """Is `node` an integer kernel of a quantized model's parameters: Qwix's WithAux (the QArray with how it was
+    quantized), the type its PTQ provider puts in the tree, which qwix does not export?"""
+    from qwix._src.providers.ptq import WithAux
+
+    return isinstance(node, WithAux)
+
+
+def _current_module() -> nn.Module:
+    """The Linen module whose op Qwix is intercepting: Qwix's own helper (Flax has no public accessor for it)."""
+    from qwix._src.utils import flax_util
+
+    return flax_util.get_current_module()
 
 
 def _axis_names(leaf) -> tuple:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from bigjax import config as config_lib
-from bigjax.compress import quantized
+from bigjax.compress.variant import Variant
 from bigjax.errors import UserError
 from bigjax.run import checkpoint
 
@@ -19,7 +19,7 @@ INSTALL_DEPLOY = "pip install 'bigjax[deploy]'"  # the extra holding both format
 
 def check_exportable(config, fmt: str, where) -> None:
     """Refuse, with what can be exported, a run the format does not cover."""
-    refusal = quantized.float_export_refusal(config, where)
+    refusal = Variant.of(config).float_export_refusal(where)
     if refusal:
         raise DeployError(f"{refusal} (--format {fmt} exports float models)")
     family, task = config.model.family, config.task.name

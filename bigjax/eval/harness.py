@@ -178,7 +178,9 @@ class JobHarness:
         if self.lm is None:
             tokenizer = data.make_tokenizer(self.config.data.tokenizer)
             model_config = self.setup.task.model_config
-            generator = generate.Generator(model_config, params, tokenizer, step, self.config, self.setup.sharding)
+            generator = generate.Generator(
+                model_config, params, tokenizer, step, self.setup.variant, self.setup.sharding, self.config
+            )
             self.lm = BigjaxLM(generator, self.batch_size)
         self.lm.generator.params, self.lm.generator.step = params, step
         results = run_tasks(self.lm, self.manager, self.tasks, self.num_fewshot, self.limit)

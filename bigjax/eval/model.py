@@ -239,7 +239,7 @@ def make_score_step(generator: generate.Generator):
     """(params, inputs, targets, weights) [batch, width] -> each row's summed log-probability of its weighted targets
     and whether each is the most likely token there [batch]; one jit over the generator's mesh."""
     config = generator.run_config
-    model = quantized(gpt.GPT(gpt.GPTConfig.from_config(config.model)), config)
+    model = quantized(gpt.GPT(gpt.GPTConfig.from_config(config.model)), generator.variant)
     vocab = config.model.vocab_size  # before padding: the ids of real tokens
 
     def score(params, inputs, targets, weights):

@@ -16,21 +16,19 @@ transformers' "gelu" is the exact (erf) GELU: model.mlp="gelu_exact"; its LayerN
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from bigjax import config as config_lib
 from bigjax.hf import encoder
-from bigjax.hf.common import refuse, require
+from bigjax.hf.common import labels, num_labels, refuse, require
+from bigjax.hf.encoder import ACTIVATIONS
+from bigjax.hf.mapping import TRANSPOSED, Constant, Tensor
 
 ARCHITECTURES = ("BertForMaskedLM", "BertForSequenceClassification", "BertModel")
-# transformers' hidden_act -> bigjax's model.mlp
-ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 
 NAMES = encoder.Names("BERT", "attention.self", ("attention.output.LayerNorm", "output.LayerNorm"))
-
-
-def num_labels(hf: dict) -> int:
-    return len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
 
 
 def bigjax_config(hf: dict):
@@ -79,87 +77,57 @@ def exports(config) -> bool:
     return True
 
 
-def prefix(read) -> str:
-    """The task models keep the encoder under `bert.`; BertModel's own files have no prefix."""
-    return "bert." if read.has("bert.embeddings.word_embeddings.weight") else ""
+# --------------------------------------------------------------------------------------------------
+# The mapping, both ways: bigjax path <-> HF tensor
+
+ROOT = "bert."  # where the task models keep the encoder (and the pooler); BertModel's own files have no prefix
+
+
+def import_root(read) -> str:
+    return ROOT if read.has(ROOT + "embeddings.word_embeddings.weight") else ""
+
+
+def layer_table(config, i: int, root: str = ROOT) -> list:
+    return encoder.layer_table(f"{root}encoder.layer.{i}.", config.model, NAMES)
+
+
+def global_table(config, root: str = ROOT) -> list:
+    m, e = config.model, f"{root}embeddings."
+    table = [
+        Tensor("embed/embedding", e + "word_embeddings.weight"),
+        Tensor("position_embed/embedding", e + "position_embeddings.weight"),
+        Tensor("embed_norm/norm/scale", e + "LayerNorm.weight"),
+        Tensor("embed_norm/norm/bias", e + "LayerNorm.bias"),
+    ]
+    if m.type_vocab_size:
+        table.append(Tensor("token_type_embed/embedding", e + "token_type_embeddings.weight"))
+    else:  # transformers' BERT always adds a token type: a run without them exports one type whose row is zero
+        table.append(Constant(e + "token_type_embeddings.weight", np.zeros((1, m.d_model), np.float32)))
+    t = "cls.predictions.transform."
+    heads = [  # what each architecture has: the MLM head, the pooler, the classifier
+        Tensor("mlm_transform/kernel", t + "dense.weight", (TRANSPOSED,)),
+        Tensor("mlm_transform/bias", t + "dense.bias"),
+        Tensor("mlm_norm/norm/scale", t + "LayerNorm.weight"),
+        Tensor("mlm_norm/norm/bias", t + "LayerNorm.bias"),
+        Tensor("mlm_bias", "cls.predictions.bias"),
+        Tensor("pooler/kernel", root + "pooler.dense.weight", (TRANSPOSED,)),
+        Tensor("pooler/bias", root + "pooler.dense.bias"),
+        Tensor("classifier/kernel", "classifier.weight", (TRANSPOSED,)),
+        Tensor("classifier/bias", "classifier.bias"),
+    ]
+    if not m.tie_embeddings:  # an untied MLM head's own output layer
+        heads.append(Tensor("unembed/kernel", "cls.predictions.decoder.weight", (TRANSPOSED,)))
+    return table + [dataclasses.replace(head, optional=True) for head in heads]
 
 
 # --------------------------------------------------------------------------------------------------
-# Import: bigjax path -> a view of the HF tensors
-
-
-def layer_tensors(read, i: int, config) -> dict:
-    return encoder.layer_tensors(read, f"{prefix(read)}encoder.layer.{i}.", config.model, NAMES)
-
-
-def global_tensors(read, config) -> dict:
-    e = f"{prefix(read)}embeddings."
-    tensors = {
-        "embed/embedding": read(e + "word_embeddings.weight"),
-        "position_embed/embedding": read(e + "position_embeddings.weight"),
-        "embed_norm/norm/scale": read(e + "LayerNorm.weight"),
-        "embed_norm/norm/bias": read(e + "LayerNorm.bias"),
-    }
-    if config.model.type_vocab_size:
-        tensors["token_type_embed/embedding"] = read(e + "token_type_embeddings.weight")
-    optional = {  # what each architecture has: the MLM head, the pooler, the classifier
-        "mlm_transform/kernel": ("cls.predictions.transform.dense.weight", True),
-        "mlm_transform/bias": ("cls.predictions.transform.dense.bias", False),
-        "mlm_norm/norm/scale": ("cls.predictions.transform.LayerNorm.weight", False),
-        "mlm_norm/norm/bias": ("cls.predictions.transform.LayerNorm.bias", False),
-        "mlm_bias": ("cls.predictions.bias", False),
-        "unembed/kernel": ("cls.predictions.decoder.weight", True),  # an untied output layer only
-        "pooler/kernel": (prefix(read) + "pooler.dense.weight", True),
-        "pooler/bias": (prefix(read) + "pooler.dense.bias", False),
-        "classifier/kernel": ("classifier.weight", True),
-        "classifier/bias": ("classifier.bias", False),
-    }
-    for path, (name, transposed) in optional.items():
-        if read.has(name):
-            tensors[path] = read(name).T if transposed else read(name)
-    return tensors
-
-
-# --------------------------------------------------------------------------------------------------
-# Export: bigjax parameters -> HF tensors and config.json
-
-
-def hf_tensors(params, config, hf_vocab: int) -> dict:
-    m = config.model
-    d = m.d_model
-    out = {}
-    for i in range(m.num_layers):
-        out |= encoder.layer_hf_tensors(params, i, f"bert.encoder.layer.{i}.", m, NAMES)
-    e = "bert.embeddings."
-    out[e + "word_embeddings.weight"] = params["embed/embedding"][:hf_vocab]
-    out[e + "position_embeddings.weight"] = params["position_embed/embedding"]
-    # transformers' BERT always adds a token type: a run without them exports one type whose row is zero.
-    types = params["token_type_embed/embedding"] if m.type_vocab_size else np.zeros((1, d), np.float32)
-    out[e + "token_type_embeddings.weight"] = types
-    out[e + "LayerNorm.weight"] = params["embed_norm/norm/scale"]
-    out[e + "LayerNorm.bias"] = params["embed_norm/norm/bias"]
-    if config.task.name == "masked_lm":
-        t = "cls.predictions.transform."
-        out[t + "dense.weight"] = params["mlm_transform/kernel"].T
-        out[t + "dense.bias"] = params["mlm_transform/bias"]
-        out[t + "LayerNorm.weight"] = params["mlm_norm/norm/scale"]
-        out[t + "LayerNorm.bias"] = params["mlm_norm/norm/bias"]
-        out["cls.predictions.bias"] = params["mlm_bias"][:hf_vocab]
-        if not m.tie_embeddings:
-            out["cls.predictions.decoder.weight"] = params["unembed/kernel"][:, :hf_vocab].T
-    else:
-        out["bert.pooler.dense.weight"] = params["pooler/kernel"].T
-        out["bert.pooler.dense.bias"] = params["pooler/bias"]
-        out["classifier.weight"] = params["classifier/kernel"].T
-        out["classifier.bias"] = params["classifier/bias"]
-    return out
+# config.json for export
 
 
 def hf_config(config, hf_vocab: int, special: dict) -> dict:
     m = config.model
     masked_lm = config.task.name == "masked_lm"
-    labels = {} if masked_lm else dict(id2label={str(i): f"LABEL_{i}" for i in range(config.task.num_classes)})
-    labels |= {} if masked_lm else dict(label2id={f"LABEL_{i}": i for i in range(config.task.num_classes)})
+    names = {} if masked_lm else labels(config.task.num_classes)
     return dict(
         architectures=["BertForMaskedLM" if masked_lm else "BertForSequenceClassification"],
         model_type="bert",
@@ -176,6 +144,6 @@ def hf_config(config, hf_vocab: int, special: dict) -> dict:
         attention_probs_dropout_prob=0.0,  # bigjax drops no attention probabilities
         position_embedding_type="absolute",
         tie_word_embeddings=m.tie_embeddings,
-        **labels,
+        **names,
         **special,
     )

@@ -1,4 +1,4 @@
-"""What every Hugging Face family module uses: the error, the refusals, and the view of a run's parameters."""
+"""What every Hugging Face family module uses: the error, the refusals, labels, and the view of a run's parameters."""
 
 from __future__ import annotations
 
@@ -19,6 +19,19 @@ def require(hf: dict, field: str, allowed, default, why: str):
     value = hf.get(field, default)
     if value not in allowed:
         refuse(field, value, why)
+
+
+def num_labels(hf: dict) -> int:
+    """A classifier's number of classes, as transformers counts them."""
+    return len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
+
+
+def labels(num_classes: int) -> dict:
+    """config.json's label names for a classifier of `num_classes` (transformers' defaults)."""
+    return dict(
+        id2label={str(i): f"LABEL_{i}" for i in range(num_classes)},
+        label2id={f"LABEL_{i}": i for i in range(num_classes)},
+    )
 
 
 def set_image_data(config, hf: dict, image_size: int, mean, std) -> None:

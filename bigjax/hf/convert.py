@@ -15,9 +15,9 @@ import jax
 import numpy as np
 
 from bigjax import config as config_lib
-from bigjax.compress import quantized
+from bigjax.compress.variant import Variant
 from bigjax.hf import family as family_lib
-from bigjax.hf import files
+from bigjax.hf import files, mapping
 from bigjax.hf.common import HFError, Params
 from bigjax.params import by_path, nest, param_path
 
@@ -54,22 +54,35 @@ def config_from_hf(hf_dir, overrides=()):
 # HF -> bigjax parameters
 
 
+def tables(config, read=None):
+    """(layer i -> the family's mapping of layer i, the mapping of everything else), with the HF names under the
+    prefix the files in `read` use (import) or the one export writes (read None)."""
+    family = family_lib.for_config(config)
+    root = getattr(family, "ROOT", "")
+    if read is not None and hasattr(family, "import_root"):
+        root = family.import_root(read)
+    return (lambda i: family.layer_table(config, i, root)), family.global_table(config, root)
+
+
+def layer_views(read, config, i: int) -> dict:
+    return mapping.views(tables(config, read)[0](i), read)
+
+
 def hf_views(read, config) -> tuple[dict, dict]:
     """(layer 0's views by sub-path, the global views by path) of the HF model: which bigjax paths it has."""
-    family = family_lib.for_config(config)
-    return family.layer_tensors(read, 0, config), family.global_tensors(read, config)
+    layer_table, global_table = tables(config, read)
+    return mapping.views(layer_table(0), read), mapping.views(global_table, read)
 
 
 def parameter_view(path: str, read, config) -> files.View:
     """The HF weights of bigjax parameter `path`, as a lazy view in bigjax's layout (layers stacked when scanned)."""
-    family = family_lib.for_config(config)
     if path.startswith("layers/"):  # scanned: one array stacked over the layers
         sub = path.removeprefix("layers/")
-        return files.stack([family.layer_tensors(read, i, config)[sub] for i in range(config.model.num_layers)])
+        return files.stack([layer_views(read, config, i)[sub] for i in range(config.model.num_layers)])
     if path.startswith("layers_"):  # unrolled: layers_I/...
         index, _, sub = path.removeprefix("layers_").partition("/")
-        return family.layer_tensors(read, int(index), config)[sub]
-    return family.global_tensors(read, config)[path]
+        return layer_views(read, config, int(index))[sub]
+    return mapping.views(tables(config, read)[1], read)[path]
 
 
 def place(path: str, view: files.View, leaf, sharding) -> jax.Array:
@@ -98,11 +111,10 @@ def check_weights(read, config, hf_vocab: int | None) -> None:
     """Every HF tensor the model maps is there, for every layer, in the layout config.json's sizes describe (layers
     of one shape, the vocabulary as long as vocab_size): weights that disagree are refused before an import writes
     anything. (Each is compared again with the shape the model needs as it is placed.)"""
-    family = family_lib.for_config(config)
-    layers = [family.layer_tensors(read, i, config) for i in range(config.model.get("num_layers", 0))]
+    layers = [layer_views(read, config, i) for i in range(config.model.get("num_layers", 0))]
     for sub in layers[0] if layers else ():
         files.stack([layer[sub] for layer in layers])  # which refuses layers of different shapes
-    views = family.global_tensors(read, config)
+    views = mapping.views(tables(config, read)[1], read)
     for path, axis in VOCAB_AXES.items():
         if hf_vocab is not None and path in views and views[path].shape[axis] != hf_vocab:
             raise views[path].disagrees(f"not config.json's vocab_size={hf_vocab} along axis {axis}")
@@ -299,7 +311,7 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
 
     workdir, out = paths.workdir(workdir), paths.check_new_output(out)
     config = config_lib.load_saved(workdir)
-    refusal = quantized.float_export_refusal(config, workdir)
+    refusal = Variant.of(config).float_export_refusal(workdir)
     if refusal:
         raise HFError(refusal)
     family = family_lib.for_config(config)  # or refused before anything is read
@@ -329,7 +341,7 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
     tensors = {
         # np.array, not ascontiguousarray: that makes a 0-d array (num_batches_tracked) 1-d
         name: np.array(array, dtype=np.float32 if np.issubdtype(array.dtype, np.floating) else None, order="C")
-        for name, array in family.hf_tensors(params, config, hf_vocab).items()
+        for name, array in hf_tensors(params, config, hf_vocab).items()
     }
     if "special_ids" in source:  # an imported model keeps its own
         special = source["special_ids"]
@@ -348,6 +360,23 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
             if not text:  # how transformers' image processor should prepare pixels: as bigjax's data pipeline does
                 (out / files.PREPROCESSOR_FILE).write_text(json.dumps(files.image_processor_config(config), indent=2))
     return step
+
+
+def hf_tensors(params: Params, config, hf_vocab: int | None) -> dict[str, np.ndarray]:
+    """{HF name: array} of a run's parameters and model state (model state as COLLECTION/path), through the family's
+    mapping; the vocabulary rows bigjax padded (VOCAB_AXES) cut back to the HF model's `hf_vocab`."""
+
+    def get(path: str) -> np.ndarray:
+        array = params[path]
+        if path in VOCAB_AXES and hf_vocab is not None:
+            array = array[(slice(None),) * VOCAB_AXES[path] + (slice(0, hf_vocab),)]
+        return array
+
+    layer_table, global_table = tables(config)
+    out = {}
+    for i in range(config.model.get("num_layers", 0)):
+        out |= mapping.arrays(layer_table(i), lambda sub, i=i: params.layer(i, sub), lambda sub: True)
+    return out | mapping.arrays(global_table, get, params.__contains__)
 
 
 def special_ids(tokenizer, hf_vocab: int) -> dict:

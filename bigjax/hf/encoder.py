@@ -1,12 +1,17 @@
-"""The Transformer encoder layer BERT and ViT share. transformers names their layers alike, but for where the
-self-attention sits (BERT: `attention.self`, ViT: `attention.attention`) and the two LayerNorms (BERT's post-LN
-`attention.output.LayerNorm` / `output.LayerNorm`, ViT's pre-LN `layernorm_before` / `layernorm_after`)."""
+"""What BERT and ViT share: the Transformer encoder layer's mapping, the GELU names, the export refusals.
+transformers names their layers alike, but for where the self-attention sits (BERT: `attention.self`, ViT:
+`attention.attention`) and the two LayerNorms (BERT's post-LN `attention.output.LayerNorm` / `output.LayerNorm`,
+ViT's pre-LN `layernorm_before` / `layernorm_after`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from bigjax.hf.common import HFError
+from bigjax.hf.mapping import TRANSPOSED, Tensor, split
+
+# transformers' hidden_act -> bigjax's model.mlp: "gelu" is the exact (erf) GELU, the others the tanh approximation
+ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,43 +45,21 @@ def sizes(m):
     return m.num_heads, m.head_dim or m.d_model // m.num_heads, m.d_model
 
 
-def layer_tensors(read, p: str, m, names: Names) -> dict:
-    """bigjax sub-path -> view, for the layer whose HF names start with `p`."""
+def layer_table(p: str, m, names: Names) -> list:
+    """The mapping of the layer whose HF names start with `p`."""
     h, hd, _ = sizes(m)
-
-    def linear(name):  # torch's nn.Linear is [out, in]
-        return read(p + name + ".weight").T
-
-    layer = {
-        "attention/out/kernel": linear("attention.output.dense").split_axis(0, (h, hd)),
-        "attention/out/bias": read(p + "attention.output.dense.bias"),
-        "mlp/up/kernel": linear("intermediate.dense"),
-        "mlp/up/bias": read(p + "intermediate.dense.bias"),
-        "mlp/down/kernel": linear("output.dense"),
-        "mlp/down/bias": read(p + "output.dense.bias"),
-    }
+    table = [
+        Tensor("attention/out/kernel", p + "attention.output.dense.weight", (TRANSPOSED, split(0, (h, hd)))),
+        Tensor("attention/out/bias", p + "attention.output.dense.bias"),
+    ]
     for name in ("query", "key", "value"):
-        layer[f"attention/{name}/kernel"] = linear(f"{names.attention}.{name}").split_axis(1, (h, hd))
-        layer[f"attention/{name}/bias"] = read(f"{p}{names.attention}.{name}.bias").split_axis(0, (h, hd))
-    for norm, hf_norm in zip(("attention_norm", "mlp_norm"), names.norms, strict=True):
-        layer[f"{norm}/norm/scale"] = read(f"{p}{hf_norm}.weight")
-        layer[f"{norm}/norm/bias"] = read(f"{p}{hf_norm}.bias")
-    return layer
-
-
-def layer_hf_tensors(params, i: int, p: str, m, names: Names) -> dict:
-    """{HF name: array} of layer i, named from `p`: the reverse of layer_tensors."""
-    h, hd, d = sizes(m)
-    out = {}
-    for name in ("query", "key", "value"):
-        out[f"{p}{names.attention}.{name}.weight"] = params.layer(i, f"attention/{name}/kernel").reshape(d, h * hd).T
-        out[f"{p}{names.attention}.{name}.bias"] = params.layer(i, f"attention/{name}/bias").reshape(h * hd)
-    out[p + "attention.output.dense.weight"] = params.layer(i, "attention/out/kernel").reshape(h * hd, d).T
-    out[p + "attention.output.dense.bias"] = params.layer(i, "attention/out/bias")
-    for name, sub in (("intermediate.dense", "up"), ("output.dense", "down")):
-        out[f"{p}{name}.weight"] = params.layer(i, f"mlp/{sub}/kernel").T
-        out[f"{p}{name}.bias"] = params.layer(i, f"mlp/{sub}/bias")
-    for name, norm in zip(names.norms, ("attention_norm", "mlp_norm"), strict=True):
-        out[f"{p}{name}.weight"] = params.layer(i, f"{norm}/norm/scale")
-        out[f"{p}{name}.bias"] = params.layer(i, f"{norm}/norm/bias")
-    return out
+        table.append(
+            Tensor(f"attention/{name}/kernel", f"{p}{names.attention}.{name}.weight", (TRANSPOSED, split(1, (h, hd))))
+        )
+        table.append(Tensor(f"attention/{name}/bias", f"{p}{names.attention}.{name}.bias", (split(0, (h, hd)),)))
+    for hf, sub in (("intermediate.dense", "up"), ("output.dense", "down")):
+        table.append(Tensor(f"mlp/{sub}/kernel", f"{p}{hf}.weight", (TRANSPOSED,)))
+        table.append(Tensor(f"mlp/{sub}/bias", f"{p}{hf}.bias"))
+    for norm, hf in zip(("attention_norm", "mlp_norm"), names.norms, strict=True):
+        table += [Tensor(f"{norm}/norm/scale", f"{p}{hf}.weight"), Tensor(f"{norm}/norm/bias", f"{p}{hf}.bias")]
+    return table

@@ -5,13 +5,17 @@ bigjax_config(hf) -> ConfigDict     the bigjax config (family and task) of that 
                                     what it cannot be)
 exports(config) -> bool             whether a bigjax run's config is this family's, for export (may refuse a run of
                                     the family whose settings transformers lacks, naming the setting)
-layer_tensors(read, i, config)      bigjax sub-path under a layer -> View of HF tensors, for layer i
-global_tensors(read, config)        bigjax path -> View, for everything outside the layers; model-state arrays
-                                    (BatchNorm statistics) as COLLECTION/path, e.g. batch_stats/stem_norm/mean
-hf_tensors(params, config, vocab)   {HF name: array} of a run's parameters and model state (common.Params, the
-                                    model state under the same COLLECTION/path names); vocab is None for images
+layer_table(config, i, root)        the mapping (bigjax.hf.mapping: bigjax path <-> HF tensor, with the layout
+                                    change both ways) of Transformer layer i, by sub-path under the layer
+global_table(config, root)          the mapping of everything outside the layers; model-state arrays (BatchNorm
+                                    statistics) as COLLECTION/path, e.g. batch_stats/stem_norm/mean. Import and
+                                    export both read these two tables: each mapping is written once
 hf_config(config, vocab, special)   config.json for transformers (`special`: bos/eos ids that exist)
 EXPORTS (optional)                  the architectures export writes, where not just ARCHITECTURES[0]
+ROOT (optional)                     the prefix the HF names sit under (`root` above) in what export writes
+import_root(read) (optional)        the prefix in the files an import reads, where it may differ from ROOT
+
+Family modules import common, encoder (what BERT and ViT share) and mapping, never each other.
 """
 
 from __future__ import annotations

@@ -7,10 +7,9 @@ split here into three (no transposing).
 
 from __future__ import annotations
 
-import numpy as np
-
 from bigjax import config as config_lib
 from bigjax.hf.common import require
+from bigjax.hf.mapping import TRANSPOSED, Fused, Tensor, split
 
 ARCHITECTURES = ("GPT2LMHeadModel",)
 # transformers' activation_function -> bigjax's model.mlp: "gelu" is the exact (erf) GELU, gelu_new and
@@ -61,76 +60,48 @@ def sizes(m):
 
 
 # --------------------------------------------------------------------------------------------------
-# Import: bigjax path -> a view of the HF tensors
+# The mapping, both ways: bigjax path <-> HF tensor
+
+ROOT = "transformer."  # GPT2LMHeadModel's prefix, which the original gpt2 files lack (files.TensorReader finds either)
 
 
-def layer_tensors(read, i: int, config) -> dict:
-    h, hd, d = sizes(config.model)
-    p = f"h.{i}."
-
-    def qkv(which: int, part: str):
-        fused = read(p + "attn.c_attn." + part)  # weight [d, 3d] (Conv1D is [in, out]); bias [3d]
-        width = h * hd
-        return fused.columns(which * width, (which + 1) * width).split_axis(len(fused.shape) - 1, (h, hd))
-
-    layer = {
-        "attention/out/kernel": read(p + "attn.c_proj.weight").split_axis(0, (h, hd)),
-        "attention/out/bias": read(p + "attn.c_proj.bias"),
-        "mlp/up/kernel": read(p + "mlp.c_fc.weight"),
-        "mlp/up/bias": read(p + "mlp.c_fc.bias"),
-        "mlp/down/kernel": read(p + "mlp.c_proj.weight"),
-        "mlp/down/bias": read(p + "mlp.c_proj.bias"),
-    }
-    for which, name in enumerate(("query", "key", "value")):
-        for part, leaf in (("weight", "kernel"), ("bias", "bias")):
-            layer[f"attention/{name}/{leaf}"] = qkv(which, part)
-    for norm, hf_norm in (("attention_norm", "ln_1"), ("mlp_norm", "ln_2")):
-        layer[f"{norm}/norm/scale"] = read(f"{p}{hf_norm}.weight")
-        layer[f"{norm}/norm/bias"] = read(f"{p}{hf_norm}.bias")
-    return layer
+def import_root(read) -> str:
+    return ""  # the names as the original files have them (what an import's errors name): the reader adds ROOT
 
 
-def global_tensors(read, config) -> dict:
-    tensors = {
-        "embed/embedding": read("wte.weight"),
-        "position_embed/embedding": read("wpe.weight"),
-        "final_norm/norm/scale": read("ln_f.weight"),
-        "final_norm/norm/bias": read("ln_f.bias"),
-    }
+def layer_table(config, i: int, root: str = ROOT) -> list:
+    h, hd, _ = sizes(config.model)
+    p = f"{root}h.{i}."
+    qkv = tuple(f"attention/{name}" for name in ("query", "key", "value"))
+    table = [
+        Tensor("attention/out/kernel", p + "attn.c_proj.weight", (split(0, (h, hd)),)),
+        Tensor("attention/out/bias", p + "attn.c_proj.bias"),
+    ]
+    for hf, sub in (("c_fc", "up"), ("c_proj", "down")):
+        table += [Tensor(f"mlp/{sub}/kernel", f"{p}mlp.{hf}.weight"), Tensor(f"mlp/{sub}/bias", f"{p}mlp.{hf}.bias")]
+    table += [  # c_attn fuses q|k|v: weight [d, 3d] (Conv1D is [in, out], as bigjax's kernels), bias [3d]
+        Fused(tuple(f"{path}/kernel" for path in qkv), p + "attn.c_attn.weight", (split(1, (h, hd)),)),
+        Fused(tuple(f"{path}/bias" for path in qkv), p + "attn.c_attn.bias", (split(0, (h, hd)),)),
+    ]
+    for hf, norm in (("ln_1", "attention_norm"), ("ln_2", "mlp_norm")):
+        table += [Tensor(f"{norm}/norm/scale", f"{p}{hf}.weight"), Tensor(f"{norm}/norm/bias", f"{p}{hf}.bias")]
+    return table
+
+
+def global_table(config, root: str = ROOT) -> list:
+    table = [
+        Tensor("embed/embedding", root + "wte.weight"),
+        Tensor("position_embed/embedding", root + "wpe.weight"),
+        Tensor("final_norm/norm/scale", root + "ln_f.weight"),
+        Tensor("final_norm/norm/bias", root + "ln_f.bias"),
+    ]
     if not config.model.tie_embeddings:  # an untied model's own output layer: missing, it is an error, never made up
-        tensors["unembed/kernel"] = read("lm_head.weight").T
-    return tensors
+        table.append(Tensor("unembed/kernel", "lm_head.weight", (TRANSPOSED,)))
+    return table
 
 
 # --------------------------------------------------------------------------------------------------
-# Export: bigjax parameters -> HF tensors and config.json
-
-
-def hf_tensors(params, config, hf_vocab: int) -> dict:
-    m = config.model
-    h, hd, d = sizes(m)
-    out = {}
-    for i in range(m.num_layers):
-        p = f"transformer.h.{i}."
-        q, k, v = (params.layer(i, f"attention/{n}/kernel").reshape(d, h * hd) for n in ("query", "key", "value"))
-        out[p + "attn.c_attn.weight"] = np.concatenate([q, k, v], axis=1)
-        biases = [params.layer(i, f"attention/{n}/bias").reshape(h * hd) for n in ("query", "key", "value")]
-        out[p + "attn.c_attn.bias"] = np.concatenate(biases)
-        out[p + "attn.c_proj.weight"] = params.layer(i, "attention/out/kernel").reshape(h * hd, d)
-        out[p + "attn.c_proj.bias"] = params.layer(i, "attention/out/bias")
-        for name, sub in (("c_fc", "up"), ("c_proj", "down")):
-            out[f"{p}mlp.{name}.weight"] = params.layer(i, f"mlp/{sub}/kernel")
-            out[f"{p}mlp.{name}.bias"] = params.layer(i, f"mlp/{sub}/bias")
-        for name, norm in (("ln_1", "attention_norm"), ("ln_2", "mlp_norm")):
-            out[f"{p}{name}.weight"] = params.layer(i, f"{norm}/norm/scale")
-            out[f"{p}{name}.bias"] = params.layer(i, f"{norm}/norm/bias")
-    out["transformer.wte.weight"] = params["embed/embedding"][:hf_vocab]
-    out["transformer.wpe.weight"] = params["position_embed/embedding"]
-    out["transformer.ln_f.weight"] = params["final_norm/norm/scale"]
-    out["transformer.ln_f.bias"] = params["final_norm/norm/bias"]
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = params["unembed/kernel"][:, :hf_vocab].T
-    return out
+# config.json for export
 
 
 def hf_config(config, hf_vocab: int, special: dict) -> dict:

@@ -6,7 +6,7 @@ The three differ in their biases alone: Llama has q/k/v/o biases or none (`atten
 model.rope_scaling; transformers 5 writes it in `rope_parameters` with `rope_type`, older configs in `rope_scaling`
 with `type` or `rope_type`: both are read, `rope_parameters` is written.
 
-torch's nn.Linear stores [out, in]: transposed here. q and k need no permutation: bigjax's rotary is the same
+torch's nn.Linear stores [out, in]: transposed. q and k need no permutation: bigjax's rotary is the same
 half-rotation (rotate_half) form as transformers'. Grouped-query heads group as transformers' repeat_kv.
 """
 
@@ -16,6 +16,7 @@ import math
 
 from bigjax import config as config_lib
 from bigjax.hf.common import HFError, refuse, require
+from bigjax.hf.mapping import TRANSPOSED, Tensor, split
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 EXPORTS = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # Mistral without a window exports as the Llama it is
@@ -141,79 +142,48 @@ def sizes(m):
 
 
 # --------------------------------------------------------------------------------------------------
-# Import: bigjax path -> a view of the HF tensors
+# The mapping, both ways: bigjax path <-> HF tensor
 
 
-def layer_tensors(read, i: int, config) -> dict:
-    h, kv, hd, d = sizes(config.model)
+def layer_table(config, i: int, root: str = "") -> list:
+    h, kv, hd, _ = sizes(config.model)
     qkv_bias, out_bias, mlp_bias = config_lib.linear_biases(config.model)
     p = f"model.layers.{i}."
-
-    def linear(name):  # torch's nn.Linear is [out, in]
-        return read(p + name + ".weight").T
-
-    tensors = {
-        "attention/query/kernel": linear("self_attn.q_proj").split_axis(1, (h, hd)),
-        "attention/key/kernel": linear("self_attn.k_proj").split_axis(1, (kv, hd)),
-        "attention/value/kernel": linear("self_attn.v_proj").split_axis(1, (kv, hd)),
-        "attention/out/kernel": linear("self_attn.o_proj").split_axis(0, (h, hd)),
-        "mlp/gate/kernel": linear("mlp.gate_proj"),
-        "mlp/up/kernel": linear("mlp.up_proj"),
-        "mlp/down/kernel": linear("mlp.down_proj"),
-        "attention_norm/norm/scale": read(p + "input_layernorm.weight"),
-        "mlp_norm/norm/scale": read(p + "post_attention_layernorm.weight"),
-    }
+    heads = {"query": h, "key": kv, "value": kv}
+    table = [
+        *(
+            Tensor(f"attention/{name}/kernel", f"{p}self_attn.{name[0]}_proj.weight", (TRANSPOSED, split(1, (n, hd))))
+            for name, n in heads.items()
+        ),
+        Tensor("attention/out/kernel", p + "self_attn.o_proj.weight", (TRANSPOSED, split(0, (h, hd)))),
+        *(Tensor(f"mlp/{name}/kernel", f"{p}mlp.{name}_proj.weight", (TRANSPOSED,)) for name in ("gate", "up", "down")),
+        Tensor("attention_norm/norm/scale", p + "input_layernorm.weight"),
+        Tensor("mlp_norm/norm/scale", p + "post_attention_layernorm.weight"),
+    ]
     if qkv_bias:
-        for name, heads in (("query", h), ("key", kv), ("value", kv)):
-            tensors[f"attention/{name}/bias"] = read(f"{p}self_attn.{name[0]}_proj.bias").split_axis(0, (heads, hd))
+        table += [
+            Tensor(f"attention/{name}/bias", f"{p}self_attn.{name[0]}_proj.bias", (split(0, (n, hd)),))
+            for name, n in heads.items()
+        ]
     if out_bias:
-        tensors["attention/out/bias"] = read(p + "self_attn.o_proj.bias")
+        table.append(Tensor("attention/out/bias", p + "self_attn.o_proj.bias"))
     if mlp_bias:
-        for name in ("gate", "up", "down"):
-            tensors[f"mlp/{name}/bias"] = read(f"{p}mlp.{name}_proj.bias")
-    return tensors
+        table += [Tensor(f"mlp/{name}/bias", f"{p}mlp.{name}_proj.bias") for name in ("gate", "up", "down")]
+    return table
 
 
-def global_tensors(read, config) -> dict:
-    tensors = {
-        "embed/embedding": read("model.embed_tokens.weight"),
-        "final_norm/norm/scale": read("model.norm.weight"),
-    }
+def global_table(config, root: str = "") -> list:
+    table = [
+        Tensor("embed/embedding", "model.embed_tokens.weight"),
+        Tensor("final_norm/norm/scale", "model.norm.weight"),
+    ]
     if not config.model.tie_embeddings:  # an untied model's own output layer: missing, it is an error, never made up
-        tensors["unembed/kernel"] = read("lm_head.weight").T
-    return tensors
+        table.append(Tensor("unembed/kernel", "lm_head.weight", (TRANSPOSED,)))
+    return table
 
 
 # --------------------------------------------------------------------------------------------------
-# Export: bigjax parameters -> HF tensors and config.json
-
-
-def hf_tensors(params, config, hf_vocab: int) -> dict:
-    m = config.model
-    h, kv, hd, d = sizes(m)
-    qkv_bias, out_bias, mlp_bias = config_lib.linear_biases(m)
-    out = {}
-    for i in range(m.num_layers):
-        p = f"model.layers.{i}."
-        for name, heads in (("query", h), ("key", kv), ("value", kv)):
-            kernel = params.layer(i, f"attention/{name}/kernel")
-            out[f"{p}self_attn.{name[0]}_proj.weight"] = kernel.reshape(d, heads * hd).T
-            if qkv_bias:
-                out[f"{p}self_attn.{name[0]}_proj.bias"] = params.layer(i, f"attention/{name}/bias").reshape(-1)
-        out[p + "self_attn.o_proj.weight"] = params.layer(i, "attention/out/kernel").reshape(h * hd, d).T
-        if out_bias:
-            out[p + "self_attn.o_proj.bias"] = params.layer(i, "attention/out/bias")
-        for name in ("gate", "up", "down"):
-            out[f"{p}mlp.{name}_proj.weight"] = params.layer(i, f"mlp/{name}/kernel").T
-            if mlp_bias:
-                out[f"{p}mlp.{name}_proj.bias"] = params.layer(i, f"mlp/{name}/bias")
-        out[p + "input_layernorm.weight"] = params.layer(i, "attention_norm/norm/scale")
-        out[p + "post_attention_layernorm.weight"] = params.layer(i, "mlp_norm/norm/scale")
-    out["model.embed_tokens.weight"] = params["embed/embedding"][:hf_vocab]
-    out["model.norm.weight"] = params["final_norm/norm/scale"]
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = params["unembed/kernel"][:, :hf_vocab].T
-    return out
+# config.json for export
 
 
 def hf_config(config, hf_vocab: int, special: dict) -> dict:

@@ -17,12 +17,13 @@ uses it only for a BatchNorm without momentum). Stages' later blocks are stacked
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from bigjax import config as config_lib
-from bigjax.hf import files
-from bigjax.hf.common import HFError, refuse, require, set_image_data
-from bigjax.hf.vit import labels
+from bigjax.hf.common import HFError, labels, num_labels, refuse, require, set_image_data
+from bigjax.hf.mapping import TRANSPOSED, Constant, Tensor, permuted
 from bigjax.models.resnet import DEPTHS
 
 ARCHITECTURES = ("ResNetForImageClassification",)
@@ -50,7 +51,7 @@ def bigjax_config(hf: dict):
             f"bigjax's stages have width x 2^stage{' x 4' if layer_type == 'bottleneck' else ''} channels, "
             f"{expected} for embedding_size={width}",
         )
-    num_classes = len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
+    num_classes = num_labels(hf)
     if num_classes < 2:
         refuse("num_labels", num_classes, "bigjax classifies into two classes or more")
     config = config_lib.defaults("resnet", "classification")
@@ -106,65 +107,40 @@ def convs(config, stage: int, layer: int):
     return pairs
 
 
-def conv_norm(read, hf: str, conv: str, norm: str) -> dict:
-    """The views of one HF ResNetConvLayer (or shortcut): its kernel, BatchNorm parameters and statistics."""
-    return {
-        f"{conv}/kernel": read(f"{hf}.convolution.weight").transpose(2, 3, 1, 0),  # [out, in, kh, kw] -> Flax's
-        f"{norm}/scale": read(f"{hf}.normalization.weight"),
-        f"{norm}/bias": read(f"{hf}.normalization.bias"),
-        f"batch_stats/{norm}/mean": read(f"{hf}.normalization.running_mean"),
-        f"batch_stats/{norm}/var": read(f"{hf}.normalization.running_var"),
-    }
-
-
-def layer_tensors(read, i: int, config) -> dict:
-    return {}  # no Transformer layers: every path is in global_tensors
-
-
-def global_tensors(read, config) -> dict:
-    tensors = conv_norm(read, "resnet.embedder.embedder", "stem", "stem_norm")
-    stacks = {}  # (bigjax name, path) -> the views of its stacked blocks, in order
-    for stage, layer, name, index in blocks(config):
-        for hf, conv, norm in convs(config, stage, layer):
-            hf_name = f"resnet.encoder.stages.{stage}.layers.{layer}.{hf}"
-            for path, view in conv_norm(read, hf_name, f"{name}/{conv}", f"{name}/{norm}").items():
-                if index is None:
-                    tensors[path] = view
-                else:
-                    stacks.setdefault(path, []).append(view)
-    tensors |= {path: files.stack(views) for path, views in stacks.items()}
-    if read.has("classifier.1.weight"):
-        tensors["head/kernel"] = read("classifier.1.weight").T
-        tensors["head/bias"] = read("classifier.1.bias")
-    return tensors
+def conv_norm(hf: str, conv: str, norm: str, index: int | None) -> list:
+    """The mapping of one HF ResNetConvLayer (or shortcut): its kernel, BatchNorm parameters and statistics."""
+    n = f"{hf}.normalization."
+    return [
+        Tensor(f"{conv}/kernel", f"{hf}.convolution.weight", (permuted(2, 3, 1, 0),), index),  # torch's -> Flax's
+        Tensor(f"{norm}/scale", n + "weight", index=index),
+        Tensor(f"{norm}/bias", n + "bias", index=index),
+        Tensor(f"batch_stats/{norm}/mean", n + "running_mean", index=index),
+        Tensor(f"batch_stats/{norm}/var", n + "running_var", index=index),
+        Constant(n + "num_batches_tracked", np.zeros((), np.int64)),
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
-# Export: bigjax parameters and BatchNorm statistics -> HF tensors and config.json
+# The mapping, both ways: bigjax path (BatchNorm statistics as batch_stats/path) <-> HF tensor
 
 
-def hf_tensors(params, config, hf_vocab=None) -> dict:
-    def conv_norm_out(hf: str, conv: str, norm: str, index):
-        def get(path):
-            return params[path] if index is None else params[path][index]
+def layer_table(config, i: int, root: str = "") -> list:
+    return []  # no Transformer layers: every path is in global_table
 
-        return {
-            f"{hf}.convolution.weight": get(f"{conv}/kernel").transpose(3, 2, 0, 1),
-            f"{hf}.normalization.weight": get(f"{norm}/scale"),
-            f"{hf}.normalization.bias": get(f"{norm}/bias"),
-            f"{hf}.normalization.running_mean": get(f"batch_stats/{norm}/mean"),
-            f"{hf}.normalization.running_var": get(f"batch_stats/{norm}/var"),
-            f"{hf}.normalization.num_batches_tracked": np.zeros((), np.int64),
-        }
 
-    out = conv_norm_out("resnet.embedder.embedder", "stem", "stem_norm", None)
+def global_table(config, root: str = "") -> list:
+    table = conv_norm("resnet.embedder.embedder", "stem", "stem_norm", None)
     for stage, layer, name, index in blocks(config):
         for hf, conv, norm in convs(config, stage, layer):
-            hf_name = f"resnet.encoder.stages.{stage}.layers.{layer}.{hf}"
-            out |= conv_norm_out(hf_name, f"{name}/{conv}", f"{name}/{norm}", index)
-    out["classifier.1.weight"] = params["head/kernel"].T
-    out["classifier.1.bias"] = params["head/bias"]
-    return out
+            table += conv_norm(
+                f"resnet.encoder.stages.{stage}.layers.{layer}.{hf}", f"{name}/{conv}", f"{name}/{norm}", index
+            )
+    head = [Tensor("head/kernel", "classifier.1.weight", (TRANSPOSED,)), Tensor("head/bias", "classifier.1.bias")]
+    return table + [dataclasses.replace(entry, optional=True) for entry in head]  # where the files have one
+
+
+# --------------------------------------------------------------------------------------------------
+# config.json for export
 
 
 def hf_config(config, hf_vocab=None, special=None) -> dict:

@@ -14,12 +14,15 @@ does); export writes bigjax's class token and a zero row 0. torch's Conv2d kerne
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from bigjax import config as config_lib
 from bigjax.hf import encoder
-from bigjax.hf.bert import ACTIVATIONS, num_labels
-from bigjax.hf.common import refuse, require, set_image_data
+from bigjax.hf.common import labels, num_labels, refuse, require, set_image_data
+from bigjax.hf.encoder import ACTIVATIONS
+from bigjax.hf.mapping import TRANSPOSED, Tensor, permuted
 
 ARCHITECTURES = ("ViTForImageClassification", "ViTModel")
 IMAGE_MEAN, IMAGE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
@@ -77,65 +80,61 @@ def exports(config) -> bool:
     return True
 
 
-def prefix(read) -> str:
-    """ViTForImageClassification keeps the model under `vit.`; ViTModel's own files have no prefix."""
-    return "vit." if read.has("vit.embeddings.cls_token") else ""
+# --------------------------------------------------------------------------------------------------
+# The mapping, both ways: bigjax path <-> HF tensor
+
+ROOT = "vit."  # where ViTForImageClassification keeps the model; ViTModel's own files have no prefix
+
+
+def import_root(read) -> str:
+    return ROOT if read.has(ROOT + "embeddings.cls_token") else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassTokenAndPositions:
+    """transformers' class token and its position table of 1 + patches rows [1, 1 + patches, d] <-> bigjax's class
+    token (with row 0 folded in: cls + row 0, the single float32 addition transformers does) and its table of the
+    patches' rows. Export writes bigjax's class token and a zero row 0."""
+
+    root: str
+    paths: tuple[str, ...] = ("cls", "position_embed")
+    index: int | None = None
+    optional: bool = False
+
+    @property
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.root + "embeddings.cls_token", self.root + "embeddings.position_embeddings")
+
+    def views(self, read) -> dict:
+        cls, positions = (read(name) for name in self.hf_names)
+        rows = positions.shape[1]
+        return {"cls": cls.plus(positions.range(1, 0, 1)), "position_embed": positions.range(1, 1, rows)}
+
+    def arrays(self, get) -> dict:
+        positions = get("position_embed")
+        zero_row = np.zeros((1, 1, positions.shape[-1]), positions.dtype)
+        return dict(zip(self.hf_names, (get("cls"), np.concatenate([zero_row, positions], axis=1)), strict=True))
+
+
+def layer_table(config, i: int, root: str = ROOT) -> list:
+    return encoder.layer_table(f"{root}encoder.layer.{i}.", config.model, NAMES)
+
+
+def global_table(config, root: str = ROOT) -> list:
+    e = f"{root}embeddings.patch_embeddings.projection."
+    return [
+        Tensor("patch_embed/kernel", e + "weight", (permuted(2, 3, 1, 0),)),  # torch's [out, in, kh, kw] -> Flax's
+        Tensor("patch_embed/bias", e + "bias"),
+        ClassTokenAndPositions(root),
+        Tensor("encoder_norm/norm/scale", root + "layernorm.weight"),
+        Tensor("encoder_norm/norm/bias", root + "layernorm.bias"),
+        Tensor("head/kernel", "classifier.weight", (TRANSPOSED,), optional=True),  # ViTModel has no head
+        Tensor("head/bias", "classifier.bias", optional=True),
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
-# Import: bigjax path -> a view of the HF tensors
-
-
-def layer_tensors(read, i: int, config) -> dict:
-    return encoder.layer_tensors(read, f"{prefix(read)}encoder.layer.{i}.", config.model, NAMES)
-
-
-def global_tensors(read, config) -> dict:
-    v = prefix(read)
-    positions = read(v + "embeddings.position_embeddings")  # [1, 1 + patches, d]
-    rows = positions.shape[1]
-    tensors = {
-        "patch_embed/kernel": read(v + "embeddings.patch_embeddings.projection.weight").transpose(2, 3, 1, 0),
-        "patch_embed/bias": read(v + "embeddings.patch_embeddings.projection.bias"),
-        "cls": read(v + "embeddings.cls_token").plus(positions.range(1, 0, 1)),
-        "position_embed": positions.range(1, 1, rows),
-        "encoder_norm/norm/scale": read(v + "layernorm.weight"),
-        "encoder_norm/norm/bias": read(v + "layernorm.bias"),
-    }
-    if read.has("classifier.weight"):
-        tensors["head/kernel"] = read("classifier.weight").T
-        tensors["head/bias"] = read("classifier.bias")
-    return tensors
-
-
-# --------------------------------------------------------------------------------------------------
-# Export: bigjax parameters -> HF tensors and config.json
-
-
-def hf_tensors(params, config, hf_vocab=None) -> dict:
-    m = config.model
-    d = m.d_model
-    out = {}
-    for i in range(m.num_layers):
-        out |= encoder.layer_hf_tensors(params, i, f"vit.encoder.layer.{i}.", m, NAMES)
-    e = "vit.embeddings."
-    out[e + "patch_embeddings.projection.weight"] = params["patch_embed/kernel"].transpose(3, 2, 0, 1)
-    out[e + "patch_embeddings.projection.bias"] = params["patch_embed/bias"]
-    out[e + "cls_token"] = params["cls"]  # its position is folded in: row 0 of the table is zero
-    positions = params["position_embed"]
-    out[e + "position_embeddings"] = np.concatenate([np.zeros((1, 1, d), positions.dtype), positions], axis=1)
-    out["vit.layernorm.weight"] = params["encoder_norm/norm/scale"]
-    out["vit.layernorm.bias"] = params["encoder_norm/norm/bias"]
-    out["classifier.weight"] = params["head/kernel"].T
-    out["classifier.bias"] = params["head/bias"]
-    return out
-
-
-def labels(num_classes: int) -> dict:
-    return dict(
-        id2label={str(i): f"LABEL_{i}" for i in range(num_classes)},
-        label2id={f"LABEL_{i}": i for i in range(num_classes)},
-    )
+# config.json for export
 
 
 def hf_config(config, hf_vocab=None, special=None) -> dict:

@@ -81,7 +81,7 @@ def load_pretrained_into(setup, state):
     config, shardings = setup.config, setup.state_shardings
     if config.init_from.workdir.startswith(HF_PREFIX):  # the weights only mean anything in their own architecture
         hf.check_architecture(config, config.init_from.workdir.removeprefix(HF_PREFIX))
-    if not quantized.holds_integers(config):
+    if not setup.variant.holds_integers:
         return load_pretrained_state(state, config.init_from, shardings)
     boxed = setup.boxed_params()
     float_shardings = quantized.float_shardings(shardings.params)

@@ -8,8 +8,8 @@ The entry points take the `optim` section of the experiment config
   (clipping, weight decay and the optimizer itself, in that order).
 * `decay_mask(params)`: which parameter leaves receive weight decay.
 
-With `frozen` (bigjax.params.frozen: config.freeze, LoRA's base) the parameters it marks are routed to
-`optax.set_to_zero()` by `optax.multi_transform`: they get no optimizer state (no moments), and since the clip
+With `frozen` (bigjax.compress.variant.Variant.frozen: config.freeze, LoRA's base) the parameters it marks are
+routed to `optax.set_to_zero()` by `optax.multi_transform`: they get no optimizer state (no moments), and since the clip
 and the optimizer only see the trainable ones, neither does the gradient norm.
 
 With `prune` (a bigjax.compress.prune.Pruning, from config.prune) the trainable optimizer is wrapped by
@@ -176,7 +176,7 @@ def penalty_gradients(l1: float, l2: float, mask) -> optax.GradientTransformatio
 def make_optimizer(optim_config, total_steps: int, frozen=None, prune=None) -> optax.GradientTransformation:
     """(Penalties) -> clip -> (L2 decay) -> optimizer, with the lr following `make_schedule`, pruned as `prune` (a
     bigjax.compress.prune.Pruning or None) says; the parameters `frozen` (params -> a tree of bools,
-    bigjax.params.frozen)
+    bigjax.compress.variant.Variant.frozen)
     marks get none of it."""
     tx = _trainable_optimizer(optim_config, total_steps)
     if prune is not None:

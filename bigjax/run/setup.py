@@ -18,9 +18,9 @@ import jax
 import ml_collections
 import optax
 
-from bigjax import params as params_lib
 from bigjax import tasks
 from bigjax.compress import distill, prune, quantized
+from bigjax.compress.variant import Variant
 from bigjax.parallel import mesh as mesh_lib
 from bigjax.run import optim
 from bigjax.run import state as state_lib
@@ -38,6 +38,11 @@ class Setup:
     @property
     def mesh(self):
         return self.sharding.mesh
+
+    @property
+    def variant(self) -> Variant:
+        """Which model the run is (float, QAT, PTQ, LoRA, QLoRA), made once with the task: ask it, not the config."""
+        return self.task.variant
 
     @functools.cached_property
     def teacher(self) -> distill.Teacher | None:
@@ -74,14 +79,15 @@ def make_setup(config, devices=None, num_devices: int | None = None) -> Setup:
     """The setup of `config` on `devices` (default: all present), or on `num_devices` that need not exist."""
     sharding = mesh_lib.Sharding.from_config(config, devices, num_devices)
     task = tasks.make_task(config)
-    if quantized.inference_only(config):
+    variant = task.variant
+    if variant.inference_only:
         # Integer weights are run, never trained: no optimizer state (a quantized workdir holds parameters alone),
         # and no pruning (a pruned run's zeros quantize to exact zeros).
         tx = optax.set_to_zero()
     else:
         pruning = prune.from_config(config, task)  # None unless config.prune.kind is set
-        frozen = functools.partial(params_lib.frozen, config=config) if params_lib.freezes_any(config) else None
+        frozen = functools.partial(variant.frozen, freeze=config.freeze) if variant.freezes_any(config.freeze) else None
         tx = optim.make_optimizer(config.optim, config.total_steps, frozen=frozen, prune=pruning)
     abstract_state, state_shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, sharding)
-    quantized.check_lora(config, abstract_state.params)
+    quantized.check_lora(variant, config.freeze, abstract_state.params)
     return Setup(config, sharding, task, tx, abstract_state, state_shardings)

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bigjax import params as params_lib
 from bigjax import tasks
 from bigjax.run import optim
 from bigjax.run.setup import Setup
@@ -30,7 +29,7 @@ def make_train_step(task, tx, config, teacher=None):
 
     def loss_sum(params, model_state, batch, rng, teacher_variables):
         # Frozen parameters are constants to the gradient: XLA computes no gradient for them at all.
-        frozen = params_lib.frozen(params, config)
+        frozen = task.variant.frozen(params, config.freeze)
         params = jax.tree.map(lambda frozen, p: jax.lax.stop_gradient(p) if frozen else p, frozen, params)
         teaching = {} if teacher is None else {"teacher": teacher.in_step(teacher_variables)}
         sums, new_model_state = task.loss_sums(params, model_state, batch, rng, train=True, **teaching)
@@ -76,7 +75,7 @@ def make_train_step(task, tx, config, teacher=None):
         # and an integer one (QLoRA's base) has nothing to add a float to.
         params = jax.tree.map(
             lambda frozen, old, update: old if frozen else optax.apply_updates(old, update),
-            params_lib.frozen(state.params, config),
+            task.variant.frozen(state.params, config.freeze),
             state.params,
             updates,
         )

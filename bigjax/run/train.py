@@ -16,8 +16,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from bigjax import data, paths
-from bigjax import params as params_lib
-from bigjax.compress import distill, lora, quantized
+from bigjax.compress import distill, lora
+from bigjax.compress.variant import Variant
 from bigjax.errors import UserError
 from bigjax.ops import metrics, trackers
 from bigjax.parallel import pipeline
@@ -48,7 +48,7 @@ def train(
     from step 0 in a workdir whose checkpoints are all unusable (without it, that is an error). `started`: when the
     command started (time.monotonic()), where the account of the run's wall time begins (default: now).
     """
-    refuse_quantized(config)
+    refuse_quantized(Variant.of(config))  # before anything is read or written: the setup that makes it comes later
     if stop_at_step is not None and stop_at_step < 0:
         raise TrainingError(f"--stop-at-step {stop_at_step}: a step number is >= 0; pass the step to stop at")
     stop = PreemptionFlag()  # SIGTERM or Ctrl-C from here on: stop at the next safe point, with a checkpoint
@@ -58,14 +58,14 @@ def train(
         stop.restore()
 
 
-def refuse_quantized(config) -> None:
+def refuse_quantized(variant: Variant) -> None:
     """A quantized run (`bigjax quantize`) holds integer weights with no optimizer state: evaluated, sampled and
     benchmarked, never trained (QLoRA trains adapters beside them; QAT trains float weights)."""
-    if quantized.inference_only(config):
+    if variant.inference_only:
         raise TrainingError(
-            f"config.quant.bits={config.quant.bits}: this is a quantized run, whose checkpoint holds integer weights "
+            f"config.quant.bits={variant.bits}: this is a quantized run, whose checkpoint holds integer weights "
             "and no optimizer state; `bigjax eval`, `generate` and `bench` run it. To train a model for int"
-            f"{config.quant.bits}, set config.quant.qat=True (quantization-aware training) or config.lora.rank "
+            f"{variant.bits}, set config.quant.qat=True (quantization-aware training) or config.lora.rank "
             "(QLoRA); or train the float run it was quantized from (config.quant.bits=0)"
         )
 
@@ -115,7 +115,7 @@ def train_until_stopped(config, workdir, stop, stop_at_step: int | None, fresh: 
         # Only now: a refused resume must not overwrite the config of the checkpoints.
         checkpoint.write_config(workdir, config, workdir_lock)
         non_finite = NonFiniteGuard(config, start_step=start, skipped=counters.get("nan_skips", 0))
-        log_model_size(state.params, config)
+        log_model_size(state.params, setup)
         if stopper is not None and start:
             resume_early_stopping(stopper, mngr, start, config.eval_every)
 
@@ -267,11 +267,11 @@ def log_goodput(writer, step: int, clock, cache) -> None:
     metrics.say(goodput.line(totals, cache.describe()))
 
 
-def log_model_size(params, config) -> None:
-    count = state_lib.count_parameters(params)
+def log_model_size(params, setup) -> None:
+    count, freeze = state_lib.count_parameters(params), setup.config.freeze
     trained = ""
-    if params_lib.freezes_any(config):  # a freeze, or LoRA: say how much of it trains
-        frozen = jax.tree.leaves(params_lib.frozen(params, config))
+    if setup.variant.freezes_any(freeze):  # a freeze, or LoRA: say how much of it trains
+        frozen = jax.tree.leaves(setup.variant.frozen(params, freeze))
         numbers = sum(leaf.size for leaf, fixed in zip(jax.tree.leaves(params), frozen, strict=True) if not fixed)
         trained = f", {numbers / 1e6:.3f}M of them trained"
     metrics.say(f"model: {count / 1e6:.2f}M parameters{trained}")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from bigjax.compress.quantized import quantized
+from bigjax.compress.variant import Variant
 from bigjax.models.gpt import GPT, GPTConfig, GPTHiddenStates, parameter_count
 from bigjax.models.layers import constrain
 
@@ -25,8 +26,10 @@ from bigjax.models.layers import constrain
 class CausalLM:
     def __init__(self, config):
         self.model_config = GPTConfig.from_config(config.model)
-        self.run_config = config  # its quant and lora sections say how the model is built (bigjax.compress.quantized)
-        self.model = quantized(GPT(self.model_config), config)
+        # Which model (float, QAT, PTQ, LoRA, QLoRA), made once here from config.quant and config.lora: every later
+        # question about it asks this value (bigjax.compress.variant), and the model is built as it says.
+        self.variant = variant = Variant.of(config)
+        self.model = quantized(GPT(self.model_config), variant)
         self.seq_len = config.data.seq_len
         self.tokens_per_example = self.seq_len
         self.loss_chunk = config.task.loss_chunk
@@ -68,7 +71,7 @@ class CausalLM:
         """The final hidden states [b, t, d] and the output kernel [d, padded_vocab], in the compute dtype: what the
         chunked loss multiplies a piece at a time. The same parameter paths as `self.model`, so the same parameters
         and the same dropout masks."""
-        hidden, kernel = quantized(GPTHiddenStates(self.model_config), self.run_config).apply(
+        hidden, kernel = quantized(GPTHiddenStates(self.model_config), self.variant).apply(
             {"params": params}, inputs, train=train, rngs=rngs or {}
         )
         # Cast as GPT's output layer casts, once, outside the loop over pieces; and gather an FSDP-split kernel

@@ -20,6 +20,7 @@ import optax
 
 from bigjax import families
 from bigjax.compress.quantized import quantized
+from bigjax.compress.variant import Variant
 from bigjax.config import ConfigError
 
 
@@ -41,7 +42,10 @@ class Classification:
                 "(the height and width the data pipeline resizes images to)"
             )
         text_options = {} if self.images else dict(max_segments=config.data.max_segments)
-        self.model = quantized(make_classifier(config.model, self.num_classes, **text_options), config)
+        # Which model (float, QAT, PTQ, LoRA, QLoRA), made once here from config.quant and config.lora: every later
+        # question about it asks this value (bigjax.compress.variant), and the model is built as it says.
+        self.variant = variant = Variant.of(config)
+        self.model = quantized(make_classifier(config.model, self.num_classes, **text_options), variant)
         self.seq_len = config.data.seq_len
         self.max_segments = config.data.max_segments
         self.image_shape = (config.data.image_size, config.data.image_size, config.data.channels)

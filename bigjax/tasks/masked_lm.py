@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigjax.compress.quantized import quantized
+from bigjax.compress.variant import Variant
 from bigjax.config import ConfigError
 from bigjax.data import make_tokenizer
 from bigjax.models.bert import BertConfig, BertMLM
@@ -39,7 +40,10 @@ class MaskedLM:
                 f"{config.data.tokenizer!r} ({tokenizer.vocab_size} with its special tokens); raise it"
             )
         self.model_config = BertConfig.from_config(config.model)
-        self.model = quantized(BertMLM(self.model_config), config)
+        # Which model (float, QAT, PTQ, LoRA, QLoRA), made once here from config.quant and config.lora: every later
+        # question about it asks this value (bigjax.compress.variant), and the model is built as it says.
+        self.variant = variant = Variant.of(config)
+        self.model = quantized(BertMLM(self.model_config), variant)
         self.seq_len = config.data.seq_len
         self.tokens_per_example = self.seq_len
         self.mask_rate = config.task.mask_rate
