@@ -305,11 +305,14 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+CONFIG_FILE = "config.json"  # WORKDIR/config.json: the resolved config of the run there (bigjax.run.workdir)
+
+
 def load_saved(workdir, overrides: list[str] = (), alternative: str = "") -> ml_collections.ConfigDict:
     """The config a run saved in WORKDIR/config.json: read, parsed, upgraded (see `from_dict`) and validated, then
     `overrides` applied and checked. `alternative` is appended to the fix a missing or bad file's error names.
     The file is only read: a bad one is reported, never replaced."""
-    path = paths.workdir(workdir) / "config.json"
+    path = paths.workdir(workdir) / CONFIG_FILE
     rewrite = f"`bigjax train --config EXPERIMENT --workdir {workdir}` writes it again when it resumes{alternative}"
     if not path.exists():
         raise ConfigError(f"{path} not found: no run has saved its config in {workdir}; train there first{alternative}")

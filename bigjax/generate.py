@@ -57,14 +57,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigjax import config as config_lib
-from bigjax import data, paths
+from bigjax import data
 from bigjax.compress.quantized import quantized
 from bigjax.data import tokenizers
 from bigjax.errors import UserError
 from bigjax.models import gpt
 from bigjax.run import checkpoint, compilation_cache
 from bigjax.run.setup import make_setup
+from bigjax.run.workdir import Run
 
 MIN_PREFILL_WIDTH = 16
 CACHE_COLUMN_MULTIPLE = 64
@@ -309,45 +309,36 @@ def load(workdir, step: int | None = None) -> Generator:
     in the workdir is moved or changed. Each checkpoint's model and tokenizer come from the config saved in it:
     config.json says what the workdir's latest run was, which may have been another model.
     """
-    workdir = paths.workdir(workdir)
-    config = check_causal_lm(config_lib.load_saved(workdir), workdir)  # before any checkpoint is read
-    compilation_cache.use(config, workdir, reads_only=True)
-    committed = checkpoint.committed_steps(workdir)
-    if not committed:
-        raise GenerateError(
-            f"no committed checkpoint in {checkpoint.checkpoint_dir(workdir)} yet; train first, or wait for the "
-            "first save (config.checkpoint_every)"
-        )
-    if step is not None and step not in committed:
-        raise GenerateError(
-            f"checkpoint {step} is not a committed checkpoint of {workdir}; committed: {', '.join(map(str, committed))}"
-        )
-    mngr = checkpoint.manager(workdir, read_only=True)
+    run = Run(workdir)
+    config = check_causal_lm(run.saved_config(), run)  # before any checkpoint is read
+    compilation_cache.use(config, run.path, reads_only=True)
+    run.committed_step(step)  # refused here: no committed checkpoint, or `step` is not one
+    committed = run.committed_steps()
     for candidate in [step] if step is not None else reversed(committed):
         try:
-            config, task, params = read_checkpoint(mngr, candidate, workdir)
+            config, task, params = read_checkpoint(run, candidate)
         except GenerateError:
             raise
         except Exception as error:  # a truncated or missing file; Orbax and tensorstore raise many kinds
-            why = f"checkpoint {candidate} at {checkpoint.step_dir(workdir, candidate)} cannot be read"
+            why = f"checkpoint {candidate} at {run.step_dir(candidate)} cannot be read"
             if step is not None:
                 raise GenerateError(f"{why}: {checkpoint.describe(error)}") from error
             note(f"{why} ({checkpoint.describe(error)}); trying the one before it")
             continue
-        note(f"generating from checkpoint {candidate} of {workdir}")
+        note(f"generating from checkpoint {candidate} of {run}")
         tokenizer = data.make_tokenizer(config.data.tokenizer)
         return Generator(task.model_config, params, tokenizer, candidate, run_config=config)
-    raise GenerateError(f"none of the committed checkpoints of {workdir} can be read: {', '.join(map(str, committed))}")
+    raise GenerateError(f"none of the committed checkpoints of {run} can be read: {', '.join(map(str, committed))}")
 
 
-def read_checkpoint(mngr, step: int, workdir):
+def read_checkpoint(run: Run, step: int):
     """(config, task, params) of a checkpoint, its model built from the config saved with it."""
-    config = config_lib.from_dict(checkpoint.saved_config(mngr, step).to_dict())  # upgraded like config.json
-    check_causal_lm(config, checkpoint.step_dir(workdir, step))
+    config = run.config_at(step)
+    check_causal_lm(config, run.step_dir(step))
     # Sampling needs no parallelism: one device, whatever mesh the run used.
     config.mesh.update(dict(data=1, fsdp=1, tensor=1))
     setup = make_setup(config, devices=jax.devices()[:1])
-    params = checkpoint.restore_variables(mngr, step, setup.variables_target())["params"]
+    params = run.restore_onto(setup, step)["params"]
     return config, setup.task, params
 
 

@@ -7,7 +7,6 @@ import jax
 from bigjax import config as config_lib
 from bigjax.compress import quantized
 from bigjax.errors import UserError
-from bigjax.run import checkpoint
 
 
 class DeployError(UserError):
@@ -35,11 +34,12 @@ def check_exportable(config, fmt: str, where) -> None:
         )
 
 
-def restore_on_one_device(config, mngr, step: int):
-    """(setup, variables) of checkpoint `step`, restored onto one device: serving needs no parallelism."""
+def restore_on_one_device(config, run, step: int):
+    """(setup, variables) of checkpoint `step` of `run` (a workdir.Run), restored onto one device: serving needs
+    no parallelism."""
     from bigjax.run.setup import make_setup
 
     config = config_lib.from_dict(config.to_dict())
     config.mesh.update(dict(data=1, fsdp=1, tensor=1))
     setup = make_setup(config, devices=jax.devices()[:1])
-    return setup, checkpoint.restore_variables(mngr, step, setup.variables_target())
+    return setup, run.restore_onto(setup, step)

@@ -62,6 +62,9 @@ def tensorboardx():
     return tensorboardX
 
 
+METRICS_FILE = "metrics.jsonl"  # in a workdir (the trainer) or WORKDIR/eval (the eval job)
+
+
 class MetricWriter:
     """Writes `{name: number}` at a step to the console, DIR/metrics.jsonl and TensorBoard events in DIR; each file
     write inside `fence()`."""
@@ -71,13 +74,13 @@ class MetricWriter:
         self.prefix = console_prefix
         self.jsonl = self.tensorboard = None
         if self.enabled:
-            directory = paths.workdir(directory)
+            directory = epath.Path(directory)  # a workdir, normalised by the command (paths.workdir)
             try:
                 with fence():
                     directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise cannot("create", directory, error) from error
-            self.jsonl = JsonLines(directory / "metrics.jsonl", fence)
+            self.jsonl = JsonLines(directory / METRICS_FILE, fence)
             try:
                 self.tensorboard = TensorBoard(directory, fence)
             except OSError as error:
