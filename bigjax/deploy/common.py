@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 
 from bigjax import config as config_lib
+from bigjax import families
 from bigjax.compress import quantized
 from bigjax.errors import UserError
 
@@ -22,15 +23,10 @@ def check_exportable(config, fmt: str, where) -> None:
     if refusal:
         raise DeployError(f"{refusal} (--format {fmt} exports float models)")
     family, task = config.model.family, config.task.name
-    causal_lm = family == "gpt" and task == "causal_lm"
-    if fmt == "stablehlo" and not causal_lm:
+    if not families.deploys(family, task, fmt):
         raise DeployError(
-            f"{where} trained a {family} {task} model; --format stablehlo exports the decode step of a GPT causal LM"
-        )
-    if fmt == "onnx" and not (causal_lm or (task == "classification" and family in ("cnn", "resnet", "vit"))):
-        raise DeployError(
-            f"{where} trained a {family} {task} model; --format onnx exports a GPT causal LM or an image "
-            "classifier (cnn, resnet, vit)"
+            f"{where} trained a {family} {task} model; --format {fmt} exports {families.EXPORT_FORMATS[fmt]} of: "
+            f"{families.deployed_in(fmt)}"
         )
 
 

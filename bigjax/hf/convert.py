@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from bigjax import config as config_lib
+from bigjax import families
 from bigjax.compress import quantized
 from bigjax.hf import family as family_lib
 from bigjax.hf import files
@@ -211,7 +212,7 @@ def import_hf(hf_dir, workdir, overrides=()) -> int:
 
     workdir = paths.check_new_output(workdir, "--workdir")  # never beside or over anything: the HF files included
     config = config_from_hf(hf_dir, overrides)
-    text = "vocab_size" in config.model
+    text = families.is_text(config.model.family)
     hf = files.read_hf_config(hf_dir)
     hf_vocab = hf["vocab_size"] if text else None
     read = files.TensorReader(hf_dir)  # every weights file's header
@@ -317,7 +318,7 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
     }
     params = Params(restored, fetch=lambda array: multihost_utils.process_allgather(array, tiled=True))
 
-    text = "vocab_size" in config.model
+    text = families.is_text(config.model.family)
     source = workdir / SOURCE_FILE
     source = json.loads(source.read_text()) if source.exists() else {}
     hf_vocab = source.get("vocab_size", config.model.vocab_size) if text else None
