@@ -55,7 +55,7 @@ DEFAULT_SHARDING_RULES = (
 )
 
 
-def defaults(model: str = "gpt", task: str = "causal_lm") -> ml_collections.ConfigDict:
+def defaults(model: str = families.DEFAULT_FAMILY, task: str = families.DEFAULT_TASK) -> ml_collections.ConfigDict:
     """Every key an experiment may set, with its default. Experiments start from here."""
     if model not in families.FAMILIES:
         raise ConfigError(f"unknown model family {model!r}; known: {', '.join(families.FAMILIES)}")
@@ -342,11 +342,14 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+CONFIG_FILE = "config.json"  # WORKDIR/config.json: the resolved config of the run there (bigjax.run.workdir)
+
+
 def load_saved(workdir, overrides: list[str] = (), alternative: str = "") -> ml_collections.ConfigDict:
     """The config a run saved in WORKDIR/config.json: read, parsed, upgraded (see `from_dict`) and validated, then
     `overrides` applied and checked. `alternative` is appended to the fix a missing or bad file's error names.
     The file is only read: a bad one is reported, never replaced."""
-    path = paths.workdir(workdir) / "config.json"
+    path = paths.workdir(workdir) / CONFIG_FILE
     rewrite = f"`bigjax train --config EXPERIMENT --workdir {workdir}` writes it again when it resumes{alternative}"
     if not path.exists():
         raise ConfigError(f"{path} not found: no run has saved its config in {workdir}; train there first{alternative}")
@@ -379,9 +382,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 def from_dict(d: dict) -> ml_collections.ConfigDict:
     """A config from its dict form. Keys added to bigjax since it was written take their defaults, so that the
     workdirs of older runs still evaluate and generate; a key bigjax does not know is still an error."""
-    model, task = d.get("model"), d.get("task")
-    family = model.get("family", "gpt") if isinstance(model, dict) else "gpt"
-    task_name = task.get("name", "causal_lm") if isinstance(task, dict) else "causal_lm"
+    family, task_name = families.family_and_task(d.get("model"), d.get("task"))
     base = defaults(model=family, task=task_name).to_dict() if _is_family(family) else {}
     config = ml_collections.ConfigDict(_merged(base, d))
     check_schema(config, schema_for(config))
@@ -506,9 +507,7 @@ def _did_you_mean(key: str, known, prefix: str) -> str:
 
 def schema_for(config) -> ml_collections.ConfigDict:
     """The defaults of the config's model family: the keys it may and must have."""
-    model, task = config.get("model"), config.get("task")
-    family = model.get("family", "gpt") if isinstance(model, ml_collections.ConfigDict) else "gpt"
-    task_name = task.get("name", "causal_lm") if isinstance(task, ml_collections.ConfigDict) else "causal_lm"
+    family, task_name = families.family_and_task(config.get("model"), config.get("task"))
     return defaults(model=known_family(family, task_name).name)
 
 
@@ -529,7 +528,7 @@ def _is_family(name) -> bool:
 def check_family(config) -> None:
     """The family serves the task, and config.model holds that family's keys (an override of model.family alone
     would leave the other family's keys behind)."""
-    name, task = config.model.get("family", "gpt"), config.task.name
+    name, task = config.model.get("family", families.DEFAULT_FAMILY), config.task.name
     family = known_family(name, task)
     if task not in family.tasks:
         raise ConfigError(

@@ -4,6 +4,7 @@
     family.defaults()            the keys of config.model, with their defaults: the family's config schema
     family.kind                  "text" (reads tokens) or "image" (reads pixels)
     family.tasks                 the config.task.name values it serves
+    family.deploys               {export format: the tasks it exports for}, for `bigjax export --format onnx|stablehlo`
     family.models()              its module in bigjax/models, imported when first asked for; every family's
                                  module has `make_classifier(model_config, num_classes, ...)`
 
@@ -165,6 +166,9 @@ class Family:
     defaults: Callable[[], dict]  # config.model's keys with their defaults
     kind: str  # "text" | "image": what the data pipeline feeds it
     tasks: tuple[str, ...]  # the config.task.name values it serves
+    # {`bigjax export --format`: the tasks exported in it} for the serving formats (bigjax.deploy). The hf format
+    # is decided by bigjax.hf, per Hugging Face architecture (a run's settings may have none).
+    deploys: dict = dataclasses.field(default_factory=dict)
 
     def models(self) -> ModuleType:
         """bigjax.models.NAME, imported only now: building a config must not import Flax models."""
@@ -174,13 +178,34 @@ class Family:
 FAMILIES = {
     family.name: family
     for family in (
-        Family("gpt", gpt_model, kind="text", tasks=("causal_lm", "classification")),
+        Family(
+            "gpt",
+            gpt_model,
+            kind="text",
+            tasks=("causal_lm", "classification"),
+            deploys={"onnx": ("causal_lm",), "stablehlo": ("causal_lm",)},
+        ),
         Family("bert", bert_model, kind="text", tasks=("masked_lm", "classification")),
-        Family("vit", vit_model, kind="image", tasks=("classification",)),
-        Family("resnet", resnet_model, kind="image", tasks=("classification",)),
-        Family("cnn", cnn_model, kind="image", tasks=("classification",)),
+        Family("vit", vit_model, kind="image", tasks=("classification",), deploys={"onnx": ("classification",)}),
+        Family("resnet", resnet_model, kind="image", tasks=("classification",), deploys={"onnx": ("classification",)}),
+        Family("cnn", cnn_model, kind="image", tasks=("classification",), deploys={"onnx": ("classification",)}),
     )
 }
+DEFAULT_FAMILY, DEFAULT_TASK = "gpt", "causal_lm"  # a config that names neither (older workdirs' included)
+
+# `bigjax export --format`: what each writes.
+EXPORT_FORMATS = {
+    "hf": "config.json + safetensors (transformers)",
+    "onnx": "the forward pass for onnxruntime",
+    "stablehlo": "jax.export of the prefill and the KV-cache decode step",
+}
+
+
+def family_and_task(model, task) -> tuple[str, str]:
+    """The family and the task a config's `model` and `task` sections name (dicts or ConfigDicts): the defaults
+    where they name none, or are no sections at all (a bad config, which the schema check then refuses)."""
+    family = model.get("family", DEFAULT_FAMILY) if hasattr(model, "get") else DEFAULT_FAMILY
+    return family, task.get("name", DEFAULT_TASK) if hasattr(task, "get") else DEFAULT_TASK
 
 
 def serving(task: str) -> list[str]:
@@ -190,3 +215,24 @@ def serving(task: str) -> list[str]:
 
 def is_image(family: str) -> bool:
     return family in FAMILIES and FAMILIES[family].kind == "image"
+
+
+def is_text(family: str) -> bool:
+    """Whether the family reads tokens (it has a vocabulary and a tokenizer)."""
+    return family in FAMILIES and FAMILIES[family].kind == "text"
+
+
+def deploys(family: str, task: str, fmt: str) -> bool:
+    """Whether a `family` model trained for `task` exports in the serving format `fmt` (onnx, stablehlo)."""
+    return family in FAMILIES and task in FAMILIES[family].deploys.get(fmt, ())
+
+
+def deployed_in(fmt: str) -> str:
+    """The runs the serving format `fmt` exports, for messages: 'gpt causal_lm, vit classification, ...'."""
+    return ", ".join(f"{name} {task}" for name, family in FAMILIES.items() for task in family.deploys.get(fmt, ()))
+
+
+def export_help() -> str:
+    """`bigjax export --format`'s help: each format, and the runs it exports."""
+    runs = {fmt: deployed_in(fmt) or "the Hugging Face architectures bigjax.hf maps" for fmt in EXPORT_FORMATS}
+    return "; ".join(f"{fmt}: {what} ({runs[fmt]})" for fmt, what in EXPORT_FORMATS.items())

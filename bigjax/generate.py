@@ -57,14 +57,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigjax import config as config_lib
-from bigjax import data, paths
+from bigjax import data
 from bigjax.compress.quantized import quantized
 from bigjax.data import tokenizers
 from bigjax.errors import UserError
 from bigjax.models import gpt
+from bigjax.parallel.mesh import MESH_AXES
 from bigjax.run import checkpoint, compilation_cache
 from bigjax.run.setup import make_setup
+from bigjax.run.workdir import Run
 
 MIN_PREFILL_WIDTH = 16
 CACHE_COLUMN_MULTIPLE = 64
@@ -329,54 +330,45 @@ def load(
     in the workdir is moved or changed. Each checkpoint's model and tokenizer come from the config saved in it:
     config.json says what the workdir's latest run was, which may have been another model.
     """
-    workdir = paths.workdir(workdir)
-    config = check_causal_lm(config_lib.load_saved(workdir), workdir, purpose)  # before any checkpoint is read
-    compilation_cache.use(config, workdir, reads_only=True)
-    committed = checkpoint.committed_steps(workdir)
-    if not committed:
-        raise GenerateError(
-            f"no committed checkpoint in {checkpoint.checkpoint_dir(workdir)} yet; train first, or wait for the "
-            "first save (config.checkpoint_every)"
-        )
-    if step is not None and step not in committed:
-        raise GenerateError(
-            f"checkpoint {step} is not a committed checkpoint of {workdir}; committed: {', '.join(map(str, committed))}"
-        )
-    mngr = checkpoint.manager(workdir, read_only=True)
+    run = Run(workdir)
+    config = check_causal_lm(run.saved_config(), run, purpose)  # before any checkpoint is read
+    compilation_cache.use(config, run.path, reads_only=True)
+    run.committed_step(step)  # refused here: no committed checkpoint, or `step` is not one
+    committed = run.committed_steps()
     for candidate in [step] if step is not None else reversed(committed):
         try:
-            config, setup, params = read_checkpoint(mngr, candidate, workdir, mesh, purpose)
+            config, setup, params = read_checkpoint(run, candidate, mesh, purpose)
         except GenerateError:
             raise
         except Exception as error:  # a truncated or missing file; Orbax and tensorstore raise many kinds
-            why = f"checkpoint {candidate} at {checkpoint.step_dir(workdir, candidate)} cannot be read"
+            why = f"checkpoint {candidate} at {run.step_dir(candidate)} cannot be read"
             if step is not None:
                 raise GenerateError(f"{why}: {checkpoint.describe(error)}") from error
             note(f"{why} ({checkpoint.describe(error)}); trying the one before it")
             continue
-        note(f"{'generating from' if mesh is None else 'loaded'} checkpoint {candidate} of {workdir}")
+        note(f"{'generating from' if mesh is None else 'loaded'} checkpoint {candidate} of {run}")
         tokenizer = data.make_tokenizer(config.data.tokenizer)
         task = setup.task
         return Generator(task.model_config, params, tokenizer, candidate, task.variant, setup.sharding, config)
-    raise GenerateError(f"none of the committed checkpoints of {workdir} can be read: {', '.join(map(str, committed))}")
+    raise GenerateError(f"none of the committed checkpoints of {run} can be read: {', '.join(map(str, committed))}")
 
 
-def read_checkpoint(mngr, step: int, workdir, mesh: dict | None = None, purpose: str = "generate samples from"):
+def read_checkpoint(run: Run, step: int, mesh: dict | None = None, purpose: str = "generate samples from"):
     """(config, setup, params) of a checkpoint, its model built from the config saved with it, its parameters on one
     device (`mesh` None) or split over all devices on the run's mesh updated with `mesh`."""
-    config = config_lib.from_dict(checkpoint.saved_config(mngr, step).to_dict())  # upgraded like config.json
-    check_causal_lm(config, checkpoint.step_dir(workdir, step), purpose)
+    config = run.config_at(step)
+    check_causal_lm(config, run.step_dir(step), purpose)
     if mesh is None:  # sampling needs no parallelism: one device, whatever mesh the run used
-        config.mesh.update(dict(data=1, fsdp=1, tensor=1, context=1))
+        config.mesh.update({axis: 1 for axis in MESH_AXES})
         devices = jax.devices()[:1]
-    else:  # whole sequences on each device (no ring attention): the devices of the context axis go to data
-        shape = {**config.mesh.to_dict(), **mesh, "context": 1}
+    else:  # whole sequences and all layers on each device (no ring, no pipeline): those devices go to data
+        shape = {**config.mesh.to_dict(), **mesh, "context": 1, "stage": 1}
         if -1 not in shape.values():
             shape["data"] = -1
         config.mesh.update(shape)
         config.batch_size, devices = config.optim.grad_accum * jax.device_count(), None  # it only has to divide
     setup = make_setup(config, devices=devices)
-    params = checkpoint.restore_variables(mngr, step, setup.variables_target())["params"]
+    params = run.restore_onto(setup, step)["params"]
     return config, setup, params
 
 

@@ -140,3 +140,28 @@ def test_generate_builds_each_checkpoints_model_from_the_config_saved_in_it(trai
     assert generator.step == 8 and "cannot be read" not in capsys.readouterr().err
     assert generator.params["embed"]["embedding"].shape[1] == 32  # the checkpoint's d_model
     assert len(generator.complete(["ROMEO:"], generate.Sampling(max_new_tokens=4, temperature=0.0))) == 1
+
+
+def command_options(name: str) -> dict:
+    """{option: its argparse action} of one command's parser, read from the parser the CLI builds."""
+    import argparse
+
+    from bigjax.commands import COMMANDS
+
+    commands = argparse.ArgumentParser().add_subparsers()
+    for command in COMMANDS:
+        command.add(commands)
+    return {action.dest: action for action in commands.choices[name]._actions}
+
+
+def test_the_closed_sets_of_options_are_the_configs_and_the_family_tables():
+    from bigjax import families
+    from bigjax.config import CHOICES
+
+    quantize = command_options("quantize")
+    assert list(quantize["bits"].choices) == [bits for bits in CHOICES["quant.bits"] if bits]
+    assert list(quantize["mode"].choices) == list(CHOICES["quant.mode"])
+    export = command_options("export")
+    assert list(export["format"].choices) == list(families.EXPORT_FORMATS)
+    for fmt in ("onnx", "stablehlo"):  # each serving format exports some family's run, and says which in its help
+        assert families.deployed_in(fmt) and families.deployed_in(fmt) in export["format"].help

@@ -344,10 +344,11 @@ def test_each_bad_combination_is_a_clear_error(lm_teacher, genre_teacher, tmp_pa
             _ = make_setup(config).teacher
 
     refused(student(tmp_path / "nothing"), r"config.json not found: no run has saved its config")
-    refused(student(tmp_path / "untrained"), r"no committed checkpoint in .*untrained/checkpoints; train the teacher")
+    refused(student(tmp_path / "untrained"), r"no committed checkpoint in .*untrained/checkpoints; train first")
     refused(student("hf:/models/gpt2"), r"`bigjax import --hf /models/gpt2 --workdir DIR` first")
     refused(student(lm_teacher), r"is this run's own workdir", workdir=lm_teacher)
-    refused(student(lm_teacher, "config.distill.step=5"), r"no checkpoint at step 5 \(it has \[4, 8\]\)")
+    step_5 = r"checkpoint 5 is not a committed checkpoint .*committed: 4, 8 \(config.distill.step=0 takes the newest\)"
+    refused(student(lm_teacher, "config.distill.step=5"), step_5)
     refused(student(genre_teacher), r"trained for task.name='classification', this run for 'causal_lm'")
     refused(student(lm_teacher, "config.data.tokenizer=sentencepiece:x.model"), r"another vocabulary: its tokenizer")
     refused(student(lm_teacher, "config.model.vocab_multiple=64"), r"pads its vocabulary to 384.*to 320")

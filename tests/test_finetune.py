@@ -1,5 +1,7 @@
 """Fine-tuning: init_from another run onto another mesh, frozen parameters, early stopping, L1/L2 penalties."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,10 +95,22 @@ def test_init_from_refuses_a_parameter_of_another_shape_and_a_missing_checkpoint
         load_onto_abstract(classifier_config(source, *longer))
     loaded = load_onto_abstract(classifier_config(source, *longer, "config.init_from.exclude=position_embed"))
     assert not isinstance(loaded["position_embed/embedding"], jax.Array)
-    with pytest.raises(finetune.FinetuneError, match=r"no checkpoint at step 5 .*\[4, 8\]"):
+    with pytest.raises(finetune.FinetuneError, match=r"checkpoint 5 is not a committed checkpoint .*committed: 4, 8"):
         load_onto_abstract(classifier_config(source, "config.init_from.step=5"))
-    with pytest.raises(finetune.FinetuneError, match="no checkpoint"):
+    with pytest.raises(finetune.FinetuneError, match="no committed checkpoint"):
         load_onto_abstract(classifier_config(tmp_path))
+
+
+def test_init_from_reads_only_committed_checkpoints(pretrained, tmp_path):
+    """A step directory without its commit marker (a save that never finished, in a bucket; a deletion cut short)
+    is not a checkpoint: init_from's newest is the newest committed one, and the uncommitted step is refused."""
+    _, source = pretrained
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    (copy / "checkpoints" / "8" / checkpoint.COMMIT_MARKER).unlink()
+    assert finetune.newest_or_given_step(classifier_config(copy).init_from) == 4
+    with pytest.raises(finetune.FinetuneError, match=r"checkpoint 8 is not a committed checkpoint .*committed: 4"):
+        finetune.newest_or_given_step(classifier_config(copy, "config.init_from.step=8").init_from)
 
 
 def test_fine_tuning_with_a_frozen_backbone_keeps_it_bit_identical(pretrained, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 import bigjax
 from bigjax import cli
+from bigjax.commands import plan as plan_command
 from bigjax.errors import UserError
 from bigjax.ops import logs
 
@@ -39,7 +40,12 @@ def user_error_classes() -> list[type]:
 def test_every_exception_meant_for_users_derives_from_user_error():
     found = exceptions_defined_in_bigjax()
     # The walk reaches the errors of the whole package, the data package's included.
-    for name in ("config.ConfigError", "data.errors.DataError", "train.TrainingError", "xla_flags.XlaFlagsError"):
+    for name in (
+        "config.ConfigError",
+        "data.errors.DataError",
+        "run.train.TrainingError",
+        "ops.xla_flags.XlaFlagsError",
+    ):
         assert f"bigjax.{name}" in found
     assert set(INTERNAL) <= set(found), "an INTERNAL entry names a class that no longer exists"
     not_user_errors = [name for name, cls in found.items() if name not in INTERNAL and not issubclass(cls, UserError)]
@@ -64,7 +70,7 @@ def test_any_user_error_reaches_the_user_as_one_line(error_class, monkeypatch, c
     def run_that_fails(args, overrides):
         raise error_class("the batch does not divide; set config.batch_size to a multiple of 8")
 
-    monkeypatch.setattr(cli, "run_plan", run_that_fails)
+    monkeypatch.setattr(plan_command, "run", run_that_fails)
     monkeypatch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)  # keep pytest's logging
     monkeypatch.setattr(logs, "_handler", None)
 
@@ -81,7 +87,7 @@ def test_a_user_error_points_to_the_log_file_when_a_library_wrote_one(monkeypatc
     def run_that_fails(args, overrides):
         raise ANewError("saving failed; free some space")
 
-    monkeypatch.setattr(cli, "run_plan", run_that_fails)
+    monkeypatch.setattr(plan_command, "run", run_that_fails)
     monkeypatch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)
     monkeypatch.setattr(logs, "_handler", Handler())
 
@@ -93,7 +99,7 @@ def test_a_bug_is_still_a_traceback(monkeypatch):
     def run_with_a_bug(args, overrides):
         raise KeyError("not a user error")
 
-    monkeypatch.setattr(cli, "run_plan", run_with_a_bug)
+    monkeypatch.setattr(plan_command, "run", run_with_a_bug)
     monkeypatch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)
     with pytest.raises(KeyError):
         cli.main(["plan", "--config", "experiments/tiny.py"])

@@ -51,12 +51,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from bigjax import config as config_lib
 from bigjax import paths, tasks
 from bigjax.config import ConfigError
 from bigjax.ops import metrics
 from bigjax.run import checkpoint
 from bigjax.run import state as state_lib
+from bigjax.run.workdir import Run
 
 HF_PREFIX = "hf:"
 
@@ -80,8 +80,7 @@ class Teacher:
 
     def load(self) -> dict:
         """The teacher's variables, restored from its checkpoint straight into their shards on this run's mesh."""
-        mngr = checkpoint.manager(self.workdir, read_only=True)
-        variables = checkpoint.restore_variables(mngr, self.step, self.variables_target())
+        variables = Run(self.workdir).restore_variables(self.step, self.variables_target())
         count = state_lib.count_parameters(variables["params"])
         metrics.say(
             f"distill: teacher {self.workdir} step {self.step} ({count / 1e6:.2f}M parameters), "
@@ -161,7 +160,7 @@ def teacher_config_for(config) -> ml_collections.ConfigDict:
             f"{d.teacher.removeprefix(HF_PREFIX)} --workdir DIR` first, then config.distill.teacher=DIR"
         )
     try:
-        saved = config_lib.load_saved(d.teacher)
+        saved = Run(d.teacher).saved_config()
     except ConfigError as error:
         raise ConfigError(f"{name}: {error}") from None
     if saved.task.name != config.task.name:
@@ -229,7 +228,7 @@ def refuse_other_layouts(workdir: str, step: int, abstract_state) -> None:
     """The teacher's checkpoint must hold the arrays its model, built for this run's data, has (its optimizer
     state is not read): a ViT teacher at another image size (other position embeddings) cannot read this run's
     images, say. Compared by Orbax's metadata, before any array is read."""
-    differences = checkpoint.layout_differences(checkpoint.step_dir(workdir, step), abstract_state, shown=3)
+    differences = checkpoint.layout_differences(Run(workdir).step_dir(step), abstract_state, shown=3)
     differences = [d for d in differences if not d.startswith("opt_state")]
     if differences:
         raise ConfigError(
@@ -240,18 +239,10 @@ def refuse_other_layouts(workdir: str, step: int, abstract_state) -> None:
 
 def teacher_step(workdir: str, step: int) -> int:
     """`step` if the teacher has committed it; its newest committed step for 0."""
-    available = checkpoint.committed_steps(workdir)
-    if not available:
-        raise ConfigError(
-            f"{_named(workdir)}: no committed checkpoint in {checkpoint.checkpoint_dir(workdir)}; "
-            "train the teacher first"
-        )
-    if step and step not in available:
-        raise ConfigError(
-            f"{_named(workdir)}: no checkpoint at step {step} (it has {available}); "
-            "set config.distill.step to one of them, or 0 for the newest"
-        )
-    return step or available[-1]
+    try:
+        return Run(workdir).committed_step(step or None)
+    except checkpoint.CheckpointError as error:
+        raise ConfigError(f"{_named(workdir)}: {error} (config.distill.step=0 takes the newest)") from None
 
 
 def pin_teacher_step(config, workdir) -> ml_collections.ConfigDict:
@@ -279,7 +270,7 @@ def pin_teacher_step(config, workdir) -> ml_collections.ConfigDict:
 def _recorded_step(workdir, teacher: str) -> int:
     """The teacher step the run in `workdir` started with, if it distilled from the same teacher; 0 otherwise."""
     try:
-        saved = config_lib.load_saved(workdir)
+        saved = Run(workdir).saved_config()
     except ConfigError:
         return 0  # a new run (or a config.json a resume rewrites anyway): the teacher's newest
     recorded = saved.distill

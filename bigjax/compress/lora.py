@@ -35,6 +35,7 @@ from bigjax.errors import UserError
 from bigjax.ops import metrics
 from bigjax.run import checkpoint
 from bigjax.run import state as state_lib
+from bigjax.run.workdir import Run
 
 WEIGHTS_FILE = "adapters.safetensors"
 SETTINGS_FILE = "adapters.json"
@@ -63,11 +64,11 @@ def save(workdir, out, step: int | None = None) -> dict:
     from bigjax.hf import files
     from bigjax.run.setup import make_setup
 
-    workdir, out = paths.workdir(workdir), paths.check_new_output(out)  # saved adapters are never replaced
-    config = lora_run_config(workdir, "save its adapters")
-    step = checkpoint.committed_step(workdir, step)
+    run, out = Run(workdir), paths.check_new_output(out)  # saved adapters are never replaced
+    config = lora_run_config(run, "save its adapters")
+    step = run.committed_step(step)
     setup = make_setup(config)
-    params, _ = restore(setup, workdir, step)
+    params, _ = restore(setup, run, step)
     names = trained_names(setup.variant, config.freeze, params)
     flat = params_lib.by_path(params)
     arrays = {name: np.asarray(multihost_utils.process_allgather(flat[name], tiled=True)) for name in names}
@@ -75,7 +76,7 @@ def save(workdir, out, step: int | None = None) -> dict:
         lora={key: getattr(setup.variant.lora, key) for key in MUST_MATCH},
         model=config.model.to_dict(),
         quant=config.quant.to_dict(),
-        workdir=str(workdir),
+        workdir=str(run),
         step=step,
         shapes={name: list(array.shape) for name, array in arrays.items()},
     )
@@ -164,13 +165,13 @@ def merge(workdir, out, step: int | None = None) -> dict:
     the step merged, with a fresh optimizer, on the data where the LoRA run stopped)."""
     from bigjax.run.setup import make_setup
 
-    workdir, out = paths.workdir(workdir), paths.check_new_output(out)
-    config = lora_run_config(workdir, "merge")
-    step = checkpoint.committed_step(workdir, step)
+    run, out = Run(workdir), paths.check_new_output(out)
+    config = lora_run_config(run, "merge")
+    step = run.committed_step(step)
     setup = make_setup(config)
     target = merged_config(config, step)
     merged_setup = make_setup(target)
-    params, model_state = restore(setup, workdir, step)
+    params, model_state = restore(setup, run, step)
     boxed = setup.boxed_params()
     boxes = params_lib.boxes_by_path(boxed)
 
@@ -182,9 +183,9 @@ def merge(workdir, out, step: int | None = None) -> dict:
         params = jax.jit(merged, out_shardings=merged_setup.state_shardings.params)(params)
         opt_state = jax.jit(merged_setup.tx.init, out_shardings=merged_setup.state_shardings.opt_state)(params)
     state = state_lib.TrainState(step=jnp.int32(step), params=params, opt_state=opt_state, model_state=model_state)
-    source = dict(workdir=str(workdir), step=step, lora=config.lora.to_dict(), quant=config.quant.to_dict())
+    source = dict(workdir=str(run), step=step, lora=config.lora.to_dict(), quant=config.quant.to_dict())
     # The data's position goes with it: fine-tuned on in DIR2, the merged run reads on where the LoRA run stopped.
-    data_state = checkpoint.saved_json(checkpoint.manager(workdir, read_only=True), step, "data")
+    data_state = checkpoint.saved_json(run.reader(), step, "data")
     checkpoint.write_derived_run(out, state, target, MERGED_FILE, source, data_state)
     return dict(step=step, kernels=adapted_kernels(boxes))
 
@@ -221,14 +222,13 @@ def merged_config(config, step: int):
 # Shared
 
 
-def lora_run_config(workdir, what: str):
-    config = config_lib.load_saved(workdir)
+def lora_run_config(run: Run, what: str):
+    config = run.saved_config()
     if not Variant.of(config).lora:
-        raise LoraError(f"{workdir} is not a LoRA run (config.lora.rank=0): there are no adapters to {what}")
+        raise LoraError(f"{run} is not a LoRA run (config.lora.rank=0): there are no adapters to {what}")
     return config
 
 
 def restore(setup, workdir, step: int) -> tuple[dict, dict]:
-    """(params, model state) of `workdir`'s checkpoint `step`, on `setup`'s mesh."""
-    mngr = checkpoint.manager(workdir, read_only=True)
-    return state_lib.split_variables(checkpoint.restore_variables(mngr, step, setup.variables_target()))
+    """(params, model state) of `workdir`'s checkpoint `step` (a path or a Run), on `setup`'s mesh."""
+    return state_lib.split_variables(Run(workdir).restore_onto(setup, step))

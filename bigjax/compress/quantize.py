@@ -37,6 +37,7 @@ from bigjax.errors import UserError
 from bigjax.run import checkpoint
 from bigjax.run import state as state_lib
 from bigjax.run.setup import make_setup
+from bigjax.run.workdir import Run
 
 SOURCE_FILE = "quantized.json"  # in DIR2: the run, step and settings it was quantized from
 
@@ -49,8 +50,8 @@ def quantize(workdir, out, bits=None, mode=None, sub_channel: int | None = None,
     """Write `out` as the quantized run of `workdir`'s newest committed checkpoint (or `step`); returns a dict of
     what was done (step, the kernels quantized, parameters, bits, mode). `bits`, `mode` and `sub_channel` default to
     those a quantization-aware run trained for, else to int8 weight-only."""
-    workdir, out = paths.workdir(workdir), paths.check_new_output(out)
-    config = config_lib.load_saved(workdir)
+    run, out = Run(workdir), paths.check_new_output(out)
+    workdir, config = run.path, run.saved_config()
     variant = Variant.of(config)
     if variant.lora:
         raise QuantizeError(
@@ -63,7 +64,7 @@ def quantize(workdir, out, bits=None, mode=None, sub_channel: int | None = None,
             "it came from"
         )
     bits, mode, sub_channel = settings_for(variant, bits, mode, sub_channel)
-    step = checkpoint.committed_step(workdir, step)
+    step = run.committed_step(step)
 
     target = quantized_config(config, bits, mode, sub_channel, step)
     float_setup = make_setup(config)
@@ -77,9 +78,7 @@ def quantize(workdir, out, bits=None, mode=None, sub_channel: int | None = None,
             "layer stay float; see `bigjax/compress/quantized.py`), so quantizing it would change nothing"
         )
 
-    mngr = checkpoint.manager(workdir, read_only=True)
-    variables = checkpoint.restore_variables(mngr, step, float_setup.variables_target())
-    float_params, model_state = state_lib.split_variables(variables)
+    float_params, model_state = state_lib.split_variables(run.restore_onto(float_setup, step))
     to_integers = jax.jit(
         lambda params: quantized.quantize_params(params, boxed["params"]),
         out_shardings=quant_setup.state_shardings.params,

@@ -146,7 +146,7 @@ def split_examples(config, which: str):
         records = grain.MapDataset.source(split.records)
         return records, images.ImageExamples(config, train=which == "train"), {}
     tokenizer = tokenizers.make_tokenizer(config.data.tokenizer)
-    if "vocab_size" in config.model:
+    if families.is_text(config.model.family):
         tokenizers.check_vocab(config.model.vocab_size, tokenizer, config.data.tokenizer)
     tokens = tokenized.load_or_tokenize(config, split, tokenizer)
     if task == "classification":

@@ -20,10 +20,9 @@ import json
 
 import jax
 
-from bigjax import config as config_lib
 from bigjax import paths
 from bigjax.deploy.common import DeployError, check_exportable
-from bigjax.run import checkpoint
+from bigjax.run.workdir import Run
 
 FORMATS = ("onnx", "stablehlo")
 DESCRIPTION_FILES = {"onnx": "model.json", "stablehlo": "manifest.json"}  # what goes in and out, in JSON
@@ -32,12 +31,11 @@ __all__ = ["FORMATS", "DeployError", "export"]
 
 def export(workdir, out, fmt: str, step: int | None = None, platforms=None) -> int:
     """Write `out` in format `fmt` from a committed checkpoint of `workdir`; returns the step exported."""
-    workdir, out = paths.workdir(workdir), paths.check_new_output(out)
-    check_exportable(config_lib.load_saved(workdir), fmt, workdir)  # refused before anything is read
-    step = checkpoint.committed_step(workdir, step)
-    mngr = checkpoint.manager(workdir, read_only=True)
-    config = config_lib.from_dict(checkpoint.saved_config(mngr, step).to_dict())  # upgraded like config.json
-    check_exportable(config, fmt, checkpoint.step_dir(workdir, step))
+    run, out = Run(workdir), paths.check_new_output(out)
+    check_exportable(run.saved_config(), fmt, run)  # refused before anything is read
+    step = run.committed_step(step)
+    config = run.config_at(step)
+    check_exportable(config, fmt, run.step_dir(step))
     if jax.process_count() > 1:
         raise DeployError(f"--format {fmt} runs in one process; start it without a multi-process launcher")
     from bigjax.deploy import onnx_export, stablehlo
@@ -49,9 +47,9 @@ def export(workdir, out, fmt: str, step: int | None = None, platforms=None) -> i
         stablehlo.check_serializer()
     with paths.writing_new_output(out):  # a failed export leaves nothing
         if fmt == "onnx":
-            description = onnx_export.export(config, mngr, step, out)
+            description = onnx_export.export(config, run, step, out)
         else:
-            description = stablehlo.export(config, mngr, step, out, platforms)
-        description = {"workdir": str(workdir), "step": step, **description}
+            description = stablehlo.export(config, run, step, out, platforms)
+        description = {"workdir": str(run), "step": step, **description}
         (out / DESCRIPTION_FILES[fmt]).write_text(json.dumps(description, indent=2) + "\n")
     return step

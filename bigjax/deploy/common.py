@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 
 from bigjax import config as config_lib
+from bigjax import families
 from bigjax.compress.variant import Variant
 from bigjax.errors import UserError
-from bigjax.run import checkpoint
 
 
 class DeployError(UserError):
@@ -23,23 +23,19 @@ def check_exportable(config, fmt: str, where) -> None:
     if refusal:
         raise DeployError(f"{refusal} (--format {fmt} exports float models)")
     family, task = config.model.family, config.task.name
-    causal_lm = family == "gpt" and task == "causal_lm"
-    if fmt == "stablehlo" and not causal_lm:
+    if not families.deploys(family, task, fmt):
         raise DeployError(
-            f"{where} trained a {family} {task} model; --format stablehlo exports the decode step of a GPT causal LM"
-        )
-    if fmt == "onnx" and not (causal_lm or (task == "classification" and family in ("cnn", "resnet", "vit"))):
-        raise DeployError(
-            f"{where} trained a {family} {task} model; --format onnx exports a GPT causal LM or an image "
-            "classifier (cnn, resnet, vit)"
+            f"{where} trained a {family} {task} model; --format {fmt} exports {families.EXPORT_FORMATS[fmt]} of: "
+            f"{families.deployed_in(fmt)}"
         )
 
 
-def restore_on_one_device(config, mngr, step: int):
-    """(setup, variables) of checkpoint `step`, restored onto one device: serving needs no parallelism."""
+def restore_on_one_device(config, run, step: int):
+    """(setup, variables) of checkpoint `step` of `run` (a workdir.Run), restored onto one device: serving needs
+    no parallelism."""
     from bigjax.run.setup import make_setup
 
     config = config_lib.from_dict(config.to_dict())
     config.mesh.update(dict(data=1, fsdp=1, tensor=1))
     setup = make_setup(config, devices=jax.devices()[:1])
-    return setup, checkpoint.restore_variables(mngr, step, setup.variables_target())
+    return setup, run.restore_onto(setup, step)

@@ -52,10 +52,10 @@ OPSET = 21  # onnxruntime >= 1.20 runs it
 CHECK_BATCH = 2  # the batch the export-time check runs
 
 
-def export(config, mngr, step: int, out) -> dict:
+def export(config, run, step: int, out) -> dict:
     """Write OUT/model.onnx (and the tokenizer) from checkpoint `step`; returns model.json's content."""
     onnx, onnxruntime, to_onnx = import_converter()
-    _, variables = restore_on_one_device(config, mngr, step)
+    _, variables = restore_on_one_device(config, run, step)
     served = serving_config(config)
     task = tasks.make_task(served)
     variables = unrolled_variables(variables, task)

@@ -54,7 +54,7 @@ def check_serializer() -> None:
         ) from None
 
 
-def export(config, mngr, step: int, out: pathlib.Path, platforms=("cpu", "cuda")) -> dict:
+def export(config, run, step: int, out: pathlib.Path, platforms=("cpu", "cuda")) -> dict:
     """Write the two functions and the parameters of checkpoint `step` into `out`; returns manifest.json's content."""
     from bigjax import data, generate
     from bigjax.data import tokenizers
@@ -64,7 +64,7 @@ def export(config, mngr, step: int, out: pathlib.Path, platforms=("cpu", "cuda")
     unknown = [p for p in platforms if p not in PLATFORMS]
     if unknown:
         raise DeployError(f"--platforms {','.join(unknown)}: choose among {', '.join(PLATFORMS)}")
-    setup, variables = restore_on_one_device(config, mngr, step)
+    setup, variables = restore_on_one_device(config, run, step)
     params = variables["params"]
     tokenizer = data.make_tokenizer(config.data.tokenizer)
     generator = generate.Generator(setup.task.model_config, params, tokenizer)

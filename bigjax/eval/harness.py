@@ -19,10 +19,9 @@ import os
 import pathlib
 import sys
 
-from bigjax import config as config_lib
-from bigjax import generate, paths
+from bigjax import generate
 from bigjax.errors import UserError
-from bigjax.run import checkpoint
+from bigjax.run.workdir import Run
 
 INSTALL = "pip install 'bigjax[eval]'"
 PURPOSE = "lm-eval scores"  # "DIR trained a masked_lm model; lm-eval scores causal LMs only"
@@ -56,12 +55,11 @@ def evaluate(
     updated with `mesh`. `log_samples`: the per-request responses too, under "samples" (as lm-eval logs them). In a
     job of several processes, process 0 gets the results and the others None (they followed it)."""
     require_lm_eval()
-    workdir = paths.workdir(workdir)
-    generate.check_causal_lm(config_lib.load_saved(workdir), workdir, PURPOSE)
-    if not checkpoint.committed_steps(workdir):  # said before the tasks are loaded, which takes a while
-        raise HarnessError(f"no committed checkpoint in {checkpoint.checkpoint_dir(workdir)} yet; train first")
+    run = Run(workdir)
+    generate.check_causal_lm(run.saved_config(), run, PURPOSE)
+    run.committed_step(step)  # refused before the tasks are loaded (which takes a while): none yet, or no such step
     manager = load_task_manager(tasks, include_path)
-    lm = load_model(workdir, step, mesh, batch_size)
+    lm = load_model(run, step, mesh, batch_size)
     return run_tasks(lm, manager, tasks, num_fewshot, limit, log_samples)
 
 

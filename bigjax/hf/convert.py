@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from bigjax import config as config_lib
+from bigjax import families
 from bigjax.compress.variant import Variant
 from bigjax.hf import family as family_lib
 from bigjax.hf import files, mapping
@@ -223,7 +224,7 @@ def import_hf(hf_dir, workdir, overrides=()) -> int:
 
     workdir = paths.check_new_output(workdir, "--workdir")  # never beside or over anything: the HF files included
     config = config_from_hf(hf_dir, overrides)
-    text = "vocab_size" in config.model
+    text = families.is_text(config.model.family)
     hf = files.read_hf_config(hf_dir)
     hf_vocab = hf["vocab_size"] if text else None
     read = files.TensorReader(hf_dir)  # every weights file's header
@@ -306,27 +307,22 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
     from jax.experimental import multihost_utils
 
     from bigjax import data, paths
-    from bigjax.run import checkpoint
     from bigjax.run.setup import make_setup
+    from bigjax.run.workdir import Run
 
-    workdir, out = paths.workdir(workdir), paths.check_new_output(out)
-    config = config_lib.load_saved(workdir)
+    run, out = Run(workdir), paths.check_new_output(out)
+    workdir, config = run.path, run.saved_config()
     refusal = Variant.of(config).float_export_refusal(workdir)
     if refusal:
         raise HFError(refusal)
     family = family_lib.for_config(config)  # or refused before anything is read
     max_shard_bytes = files.shard_bytes(max_shard_size)
-    committed = checkpoint.committed_steps(workdir)
-    if not committed or (step is not None and step not in committed):
-        raise HFError(f"{workdir}: no committed checkpoint {step if step is not None else ''} (committed: {committed})")
-    step = committed[-1] if step is None else step
+    step = run.committed_step(step)
 
     # Parameters split over every device on fsdp. The batch size only has to divide that mesh: nothing trains here.
     config.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     config.batch_size = config.optim.grad_accum * jax.device_count()
-    target = make_setup(config).variables_target()
-    mngr = checkpoint.manager(workdir, read_only=True)
-    variables = checkpoint.restore_variables(mngr, step, target)
+    variables = run.restore_onto(make_setup(config), step)
     # The parameters by path, and the model state (BatchNorm statistics) as COLLECTION/path.
     restored = by_path(variables.pop("params"))
     restored |= {
@@ -334,7 +330,7 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
     }
     params = Params(restored, fetch=lambda array: multihost_utils.process_allgather(array, tiled=True))
 
-    text = "vocab_size" in config.model
+    text = families.is_text(config.model.family)
     source = workdir / SOURCE_FILE
     source = json.loads(source.read_text()) if source.exists() else {}
     hf_vocab = source.get("vocab_size", config.model.vocab_size) if text else None

@@ -62,6 +62,9 @@ def tensorboardx():
     return tensorboardX
 
 
+METRICS_FILE = "metrics.jsonl"  # in a workdir (the trainer) or WORKDIR/eval (the eval job)
+
+
 class MetricWriter:
     """Writes `{name: number}` at a step to the console, DIR/metrics.jsonl, TensorBoard events in DIR (`tensorboard`)
     and the runs of `trackers` (bigjax.ops.trackers: each has `write(step, metrics)` and `close(failed)`); each file
@@ -81,13 +84,13 @@ class MetricWriter:
         self.jsonl = self.tensorboard = None
         self.trackers = list(trackers)
         if self.enabled:
-            directory = paths.workdir(directory)
+            directory = epath.Path(directory)  # a workdir, normalised by the command (paths.workdir)
             try:
                 with fence():
                     directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise cannot("create", directory, error) from error
-            self.jsonl = JsonLines(directory / "metrics.jsonl", fence)
+            self.jsonl = JsonLines(directory / METRICS_FILE, fence)
             try:
                 self.tensorboard = TensorBoard(directory, fence) if tensorboard else None
             except OSError as error:

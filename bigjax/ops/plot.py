@@ -21,6 +21,7 @@ import io
 from bigjax import paths
 from bigjax.errors import UserError
 from bigjax.ops import metrics
+from bigjax.run.workdir import Run as Workdir  # its files; `Run` here is its rows
 
 INSTALL_PLOT = "pip install 'bigjax[plot]'"
 PANEL_INCHES = (5.0, 4.0)  # width, height of one panel
@@ -44,14 +45,14 @@ class Run:
 
 def read_run(workdir: str) -> Run:
     """The rows of DIR/metrics.jsonl and DIR/eval/metrics.jsonl; an error when the workdir logged nothing."""
-    directory = paths.workdir(workdir)
-    if not directory.exists():
+    saved = Workdir(workdir)
+    if not saved.path.exists():
         raise PlotError(f"{workdir}: no such workdir; pass the --workdir of a run that trained")
-    logged = metrics.read_jsonl(directory / "metrics.jsonl")
+    logged = metrics.read_jsonl(saved.metrics_file)
     # The trainer's inline evaluations sit in its own file as eval/NAME; the eval job writes plain names.
     train = [row for row in logged if not _is_inline_eval(row)]
     inline = [{k.removeprefix("eval/"): value for k, value in row.items()} for row in logged if _is_inline_eval(row)]
-    evals = inline + metrics.read_jsonl(directory / "eval" / "metrics.jsonl")
+    evals = inline + metrics.read_jsonl(saved.eval_metrics_file)
     if not train and not evals:
         raise PlotError(
             f"{workdir} has no metrics to plot: {workdir}/metrics.jsonl and {workdir}/eval/metrics.jsonl are missing "

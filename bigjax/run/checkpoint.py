@@ -87,13 +87,17 @@ class Restored:
     counters: dict  # run-level counts that must survive a restart (e.g. {"nan_skips": 2})
 
 
+# The functions below take a workdir the command has normalised once (paths.workdir: by train, workdir.Run,
+# paths.check_new_output), as an epath.Path or a local path.
+
+
 def checkpoint_dir(workdir) -> epath.Path:
-    return paths.workdir(workdir) / "checkpoints"
+    return epath.Path(workdir) / "checkpoints"
 
 
 def quarantine_dir(workdir) -> epath.Path:
     """Where unusable checkpoints are moved for the user to inspect: bigjax never deletes them."""
-    return paths.workdir(workdir) / "quarantine"
+    return epath.Path(workdir) / "quarantine"
 
 
 def step_dir(workdir, step: int) -> epath.Path:
@@ -196,13 +200,13 @@ def write_config(workdir, config, fence: lock.JobLock) -> None:
     (`lock.JobLock.write_text`)."""
     if jax.process_index() != 0:
         return
-    workdir = paths.workdir(workdir)
+    workdir = epath.Path(workdir)
     try:
-        fence.write_text(workdir / "config.json", config_lib.to_json(config))
+        fence.write_text(workdir / config_lib.CONFIG_FILE, config_lib.to_json(config))
     except OSError as error:
         raise CheckpointError(
-            f"cannot write {workdir / 'config.json'}: {error.strerror or error}; a trainer needs a workdir it can "
-            "write (the checkpoints there are untouched)"
+            f"cannot write {workdir / config_lib.CONFIG_FILE}: {error.strerror or error}; a trainer needs a workdir "
+            "it can write (the checkpoints there are untouched)"
         ) from error
 
 
@@ -336,20 +340,6 @@ class _CheckpointInfo:  # what Orbax's preservation policies read of a checkpoin
     step: int
     time: datetime.datetime
     metrics: dict | None
-
-
-def committed_step(workdir, step: int | None = None) -> int:
-    """`step` if it is a committed checkpoint of `workdir`, else (None) the newest; one error otherwise."""
-    committed = committed_steps(workdir)
-    if not committed:
-        raise CheckpointError(
-            f"no committed checkpoint in {checkpoint_dir(workdir)}; train first, or wait for the first save"
-        )
-    if step is not None and step not in committed:
-        raise CheckpointError(
-            f"checkpoint {step} is not a committed checkpoint of {workdir}; committed: {', '.join(map(str, committed))}"
-        )
-    return committed[-1] if step is None else step
 
 
 def write_derived_run(out, state, config, note_file: str, note: dict, data_state: dict | None = None) -> None:
@@ -608,9 +598,7 @@ def set_aside_uncommitted(workdir, fence: lock.JobLock) -> None:
     commit marker, to the quarantine. What else earlier trainers left in their staging directories (a config not
     yet in place, a step keep-N was deleting) is deleted."""
     in_checkpoints = _listed(checkpoint_dir(workdir))
-    others = [
-        holder for holder in _listed(paths.workdir(workdir) / lock.STAGING_DIR) if holder.name != fence.staging.name
-    ]
+    others = [holder for holder in _listed(epath.Path(workdir) / lock.STAGING_DIR) if holder.name != fence.staging.name]
     in_staging = [path for holder in others for path in _listed(holder) if path.name.endswith(TMP_SUFFIX)]
     _sync("bigjax_listed_uncommitted")  # every process has listed them before process 0 moves any
     for path in in_checkpoints:

@@ -52,7 +52,7 @@ def directory(setting: str, workdir, reads_only: bool = False, env=os.environ) -
         return env["JAX_COMPILATION_CACHE_DIR"]
     if reads_only:
         return os.path.expanduser(USER_CACHE)
-    return os.fspath(paths.workdir(workdir) / IN_WORKDIR)
+    return os.path.join(os.fspath(workdir), IN_WORKDIR)  # the workdir as the command normalised it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,12 +26,13 @@ import time
 import jax
 
 from bigjax import config as config_lib
-from bigjax import data, paths, tasks
+from bigjax import data, tasks
 from bigjax.errors import UserError
 from bigjax.ops import metrics, trackers
 from bigjax.run import checkpoint, compilation_cache
 from bigjax.run import state as state_lib
 from bigjax.run.setup import Setup, make_setup
+from bigjax.run.workdir import Run
 
 
 class EvalError(UserError):
@@ -69,12 +70,12 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
     `once`: evaluate the newest committed checkpoint that can be read (an older one if it cannot) and return, never
     waiting for a trainer; EvalError if there is none.
     """
-    workdir = paths.workdir(workdir)
-    if once and not checkpoint.committed_steps(workdir):  # checked first: nothing is built or written for nothing
-        raise nothing_readable(workdir, [], {})
-    trackers.check(config, workdir)
-    config = with_the_workdir_model(config, workdir)
-    compilation_cache.use(config, workdir)  # a restarted eval job loads its eval step
+    run = Run(workdir)
+    if once and not run.committed_steps():  # checked first: nothing is built or written for nothing
+        raise nothing_readable(run, [], {})
+    trackers.check(config, run.path)
+    config = with_the_workdir_model(config, run)
+    compilation_cache.use(config, run.path)  # a restarted eval job loads its eval step
     setup = make_setup(config)
     eval_data = data.eval_data(config)
     target = setup.variables_target()
@@ -85,26 +86,25 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
 
         harness = eval_harness.for_eval_job(config, setup)
 
-    eval_dir = workdir / "eval"
-    results = {row["step"]: row for row in metrics.read_jsonl(eval_dir / "metrics.jsonl")}
+    results = {row["step"]: row for row in metrics.read_jsonl(run.eval_metrics_file)}
     # Into the trainer's tracker runs (as eval/NAME), opened at the first write: by then the trainer recorded them.
     writer = metrics.MetricWriter(
-        eval_dir,
+        run.eval_dir,
         console_prefix="eval ",
         tensorboard="tensorboard" in config.trackers,
-        trackers=trackers.start(config, workdir),
+        trackers=trackers.start(config, run.path),
     )
-    metrics.say(f"eval job: mesh {setup.sharding.describe()}; following {checkpoint.checkpoint_dir(workdir)}")
+    metrics.say(f"eval job: mesh {setup.sharding.describe()}; following {run.checkpoints}")
     unreadable = {}  # step -> (its directory's identity (checkpoint.step_identity), why) when it could not be read
     last_progress = time.monotonic()
     newest = None
     try:
         while True:
-            steps = checkpoint.committed_steps(workdir)
+            steps = run.committed_steps()
             # --once: the newest checkpoint that reads back; otherwise every one not evaluated yet, oldest first.
             todo = steps[::-1] if once else [s for s in steps if s not in results]
             for step in todo:
-                variables = restore_variables_or_none(workdir, step, target, unreadable, waiting=not once)
+                variables = restore_variables_or_none(run, step, target, unreadable, waiting=not once)
                 if variables is None:
                     continue
                 results[step] = evaluate(setup, eval_step, variables, eval_data)
@@ -116,14 +116,14 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
                     break
             if once:
                 if newest is None:
-                    raise nothing_readable(workdir, steps, unreadable)
+                    raise nothing_readable(run, steps, unreadable)
                 break
             # The final step, or one past it: a run whose total_steps was lowered never saves that step.
             if any(step >= config.total_steps for step in results):
                 break
             if time.monotonic() - last_progress > timeout:
                 raise EvalError(
-                    f"no new checkpoint in {workdir} for {timeout:.0f}s and the final step "
+                    f"no new checkpoint in {run} for {timeout:.0f}s and the final step "
                     f"{config.total_steps} is not evaluated yet; is the trainer running? (--timeout sets the wait)"
                 )
             time.sleep(poll_seconds)
@@ -137,7 +137,7 @@ def run_eval_job(config, workdir, once: bool = False, poll_seconds: float = 2.0,
 SAVED_MODEL = ("model", "quant", "lora")
 
 
-def with_the_workdir_model(config, workdir):
+def with_the_workdir_model(config, run: Run):
     """`config` with the model of DIR/config.json (its `model`, `quant` and `lora`) where a run saved one; the data,
     the batches and the steps stay `config`'s. Each difference is said.
 
@@ -148,9 +148,9 @@ def with_the_workdir_model(config, workdir):
     experiment's own model could read nothing there. A workdir with no config.json yet (a trainer starting) is
     followed with `config`'s model.
     """
-    if not (workdir / "config.json").exists():
+    if not run.has_config():
         return config
-    saved = config_lib.load_saved(workdir)
+    saved = run.saved_config()
     differences = [
         change for change in config_lib.harmless_changes(config, saved) if change.split(".")[0] in SAVED_MODEL
     ]
@@ -159,43 +159,43 @@ def with_the_workdir_model(config, workdir):
     own = config_lib.from_dict({**config.to_dict(), **{key: saved[key].to_dict() for key in SAVED_MODEL}})
     config_lib.check_values(own)
     metrics.say(
-        f"eval: reading the checkpoints with the model of {workdir}/config.json, which wrote them, not the "
+        f"eval: reading the checkpoints with the model of {run.config_file}, which wrote them, not the "
         f"--config's: {'; '.join(differences)}"
     )
     return own
 
 
-def nothing_readable(workdir, steps: list[int], unreadable: dict) -> EvalError:
+def nothing_readable(run: Run, steps: list[int], unreadable: dict) -> EvalError:
     """--once's error when there is no committed checkpoint, or none of the committed `steps` could be read."""
     if not steps:
         return EvalError(
-            f"nothing to evaluate: no committed checkpoint in {checkpoint.checkpoint_dir(workdir)} yet, and --once "
+            f"nothing to evaluate: no committed checkpoint in {run.checkpoints} yet, and --once "
             "does not wait for one; train there first, or leave out --once to follow the run as it saves"
         )
     newest = steps[-1]
     why = unreadable[newest][1] if newest in unreadable else "was removed while it was being read"
     return EvalError(
-        f"no committed checkpoint of {workdir} could be read: checkpoint {newest} at "
-        f"{checkpoint.step_dir(workdir, newest)} {why} (steps {', '.join(map(str, steps))} tried). --once does not "
+        f"no committed checkpoint of {run} could be read: checkpoint {newest} at "
+        f"{run.step_dir(newest)} {why} (steps {', '.join(map(str, steps))} tried). --once does not "
         "wait for a trainer to set it aside and save again; rerun once one has"
     )
 
 
-def restore_variables_or_none(workdir, step: int, target, unreadable: dict, waiting: bool = True):
+def restore_variables_or_none(run: Run, step: int, target, unreadable: dict, waiting: bool = True):
     """The model variables saved at `step`, or None if they cannot be had now.
 
     None, with a message, when the trainer deleted or set the checkpoint aside since it was listed (newer
     ones are coming), or when it cannot be read: then it is skipped (`waiting`: until its directory is replaced, as
     the trainer does when it restarts: it sets a bad checkpoint aside and saves that step again).
     """
-    path = checkpoint.step_dir(workdir, step)
+    path = run.step_dir(step)
     identity = checkpoint.step_identity(path)
     if identity is None or unreadable.get(step, (None,))[0] == identity:
         return None
     try:
-        return checkpoint.restore_variables(checkpoint.manager(workdir, read_only=True), step, target)
+        return run.restore_variables(step, target)
     except Exception as error:
-        if checkpoint.step_identity(path) != identity or step not in checkpoint.committed_steps(workdir):
+        if checkpoint.step_identity(path) != identity or step not in run.committed_steps():
             metrics.say(f"eval: checkpoint {step} was removed before it could be evaluated; skipping it")
         else:
             why = f"cannot be read ({checkpoint.describe(error)})"

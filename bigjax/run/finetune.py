@@ -35,6 +35,7 @@ from bigjax.errors import UserError
 from bigjax.ops import metrics
 from bigjax.params import by_path, matches, nest, param_path
 from bigjax.run import checkpoint
+from bigjax.run.workdir import Run
 
 HF_PREFIX = "hf:"  # init_from.workdir=hf:PATH loads a Hugging Face model directory (bigjax.hf)
 
@@ -122,17 +123,13 @@ def load_from_hf(tree, init_from, shardings, collection: str = ""):
 
 
 def newest_or_given_step(init_from) -> int:
-    directory = checkpoint.checkpoint_dir(init_from.workdir)
-    mngr = checkpoint.manager(init_from.workdir, read_only=True) if directory.is_dir() else None
-    available = sorted(mngr.all_steps()) if mngr else []
-    step = init_from.step or (available[-1] if available else None)
-    if step is None or step not in available:
+    """init_from.step if that run committed it, its newest committed step for 0."""
+    try:
+        return Run(init_from.workdir).committed_step(init_from.step or None)
+    except checkpoint.CheckpointError as error:
         raise FinetuneError(
-            f"config.init_from: no checkpoint {'at step ' + str(step) + ' ' if step else ''}in "
-            f"{directory} (it has {available or 'none'}); "
-            "train that run first or fix config.init_from.workdir / step"
-        )
-    return step
+            f"config.init_from: {error}; train that run first or fix config.init_from.workdir / step"
+        ) from None
 
 
 def load_pretrained(params, init_from, param_shardings, step: int | None = None, item: str = "params"):
@@ -140,7 +137,7 @@ def load_pretrained(params, init_from, param_shardings, step: int | None = None,
     arrays replaced by those of `init_from.workdir`'s checkpoint, restored onto `param_shardings` (this run's
     mesh). Says what it loaded and what it left fresh."""
     step = step or newest_or_given_step(init_from)
-    mngr = checkpoint.manager(init_from.workdir, read_only=True)
+    mngr = Run(init_from.workdir).reader()
     item, _, collection = item.partition("/")
     saved = checkpoint.saved_tree(mngr, step, item)
     saved = by_path(saved.get(collection, {}) if collection else saved)

@@ -416,8 +416,9 @@ class WorkdirLock:
 
 
 def acquire(workdir, lease: float | None = None, say=print) -> WorkdirLock:
-    """Take the workdir's lock, or raise LockError naming the live trainer that holds it."""
-    workdir = paths.workdir(workdir)
+    """Take the lock of `workdir` (as the command normalised it: paths.workdir), or raise LockError naming the live
+    trainer that holds it."""
+    workdir = epath.Path(workdir)
     if not paths.is_url(workdir):
         try:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -496,7 +497,7 @@ def held(workdir, say=print):
     if refusal is not None:
         raise refusal
     try:
-        yield JobLock(lock, paths.workdir(workdir) / STAGING_DIR / token)  # for every process
+        yield JobLock(lock, epath.Path(workdir) / STAGING_DIR / token)  # for every process
     except Exception as error:
         if lock is not None and not isinstance(error, LockError):
             lock.raise_if_taken_over()  # then that is what the user must know (the error is its context)
