@@ -461,7 +461,7 @@ BAD_CONTEXT_SETTINGS = [  # (experiment, overrides, what the error says)
 ]
 
 
-@pytest.mark.parametrize("experiment, overrides, message", BAD_CONTEXT_SETTINGS)
+@pytest.mark.parametrize("experiment, overrides, message", BAD_CONTEXT_SETTINGS, ids=["zigzag", "split", "bert"])
 def test_bad_context_settings_are_one_error_line(cli_in_process, tmp_path, experiment, overrides, message):
     workdir = tmp_path / "run"
     refused = cli_in_process("train", "--config", experiment, "--workdir", workdir, *overrides, check=False)
