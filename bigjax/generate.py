@@ -345,7 +345,7 @@ def read_checkpoint(mngr, step: int, workdir):
     config = config_lib.from_dict(checkpoint.saved_config(mngr, step).to_dict())  # upgraded like config.json
     check_causal_lm(config, checkpoint.step_dir(workdir, step))
     # Sampling needs no parallelism: one device, whatever mesh the run used.
-    config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+    config.mesh.update(dict(data=1, fsdp=1, tensor=1, context=1))
     setup = make_setup(config, devices=jax.devices()[:1])
     params = checkpoint.restore_variables(mngr, step, setup.variables_target())["params"]
     return config, setup.task, params

@@ -19,7 +19,7 @@ from bigjax.config import DEFAULT_SHARDING_RULES, defaults, parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, size="small", context=8, strategy="ring", steps=6)
+    args = parse_arg(arg, size="small", context=8, strategy="ring", steps=6, seq=0)
     c = small_llama(args) if args["size"] == "small" else llama3_8b(args)
     c.model.context_parallel = args["strategy"]
     if args["context"] > 1:
@@ -36,7 +36,7 @@ def get_config(arg=None):
 
 
 def small_llama(args):
-    seq = 16384
+    seq = args["seq"] or 16384
     c = defaults()
     c.total_steps = args["steps"]
     c.batch_size = 1
@@ -65,7 +65,7 @@ def small_llama(args):
 
 
 def llama3_8b(args):
-    seq = 131072
+    seq = args["seq"] or 131072
     c = defaults()
     c.total_steps = 100_000
     c.batch_size = 1  # one sequence of 131072 tokens a step

@@ -473,7 +473,7 @@ def test_bad_context_settings_are_one_error_line(cli_in_process, tmp_path, exper
 def test_cli_run_with_ring_context_logs_one_device_losses_and_resumes_onto_another_context(cli, tiny_run, tmp_path):
     """`bigjax train` on 8 devices with the sequence split over context=4 (ring, zig-zag order) logs the losses of
     the same run on data=8 (the shared tiny_run) to 1e-4 relative, and resumed at its step-4 checkpoint with
-    context=2 and all_gather, the rest of them."""
+    context=2 and all_gather, the rest of them; its checkpoints generate text."""
     from bigjax import config as config_lib
     from bigjax.ops import metrics
     from bigjax.run import train
@@ -489,6 +489,10 @@ def test_cli_run_with_ring_context_logs_one_device_losses_and_resumes_onto_anoth
     reference = losses(tiny_run)
     assert sorted(losses(workdir)) == sorted(reference) == [2, 4, 6, 8]
     np.testing.assert_allclose([losses(workdir)[s] for s in reference], list(reference.values()), rtol=1e-4)
+    # Generation needs no parallelism: it samples on one device, whatever the run's mesh (context included).
+    from bigjax import generate
+
+    assert isinstance(generate.load(workdir).complete(["ROMEO:"], generate.Sampling(max_new_tokens=3))[0], str)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -310,7 +310,7 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
     step = committed[-1] if step is None else step
 
     # Parameters split over every device on fsdp. The batch size only has to divide that mesh: nothing trains here.
-    config.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+    config.mesh.update(dict(data=1, fsdp=-1, tensor=1, context=1))
     config.batch_size = config.optim.grad_accum * jax.device_count()
     target = make_setup(config).variables_target()
     mngr = checkpoint.manager(workdir, read_only=True)
