@@ -1,7 +1,8 @@
 """Long context: the sequence split over the mesh axis `context` (docs/parallelism.md, "Long context").
 
 A small Llama at T=16384 on the bundled Shakespeare, its sequence over 8 devices (ring attention, zig-zag order):
-trains on the 8 simulated CPU devices of a laptop in a few minutes, and on one GPU node as it is.
+trains on 8 simulated CPU devices (measured on a 2-core machine shared with other jobs: compiled in 49 s, a step in
+about 100 s of CPU time, loss 5.94 at step 2), and on one GPU node as it is.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
         bigjax train --config experiments/long_context.py --workdir /tmp/long
