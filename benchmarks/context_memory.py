@@ -1,6 +1,11 @@
 """Memory per device of context-parallel attention's backward pass, by XLA's compiled memory analysis.
 
-    python benchmarks/context_memory.py            # 8 simulated CPU devices, compiles only, runs nothing
+    python benchmarks/context_memory.py              # 8 simulated CPU devices, compiles only, runs nothing
+    python benchmarks/context_memory.py train_step   # the whole train step of a small Llama at T=8192
+
+The train step table: experiments/long_context.py's small Llama at T=8192 on 8 devices, a grid of data x context
+(data = 8 / context), one sequence per data replica: each device holds 8192 / context of its tokens. Per device,
+XLA's temporaries (activations, gradients, scratch) and the arguments (parameters, optimizer state, batch).
 
 Each device holds a fixed block of `LOCAL` tokens while the context axis grows (n = 1, 2, 4, 8): the sequence is
 n x LOCAL. For each strategy, the temporary memory of the program that computes the gradients of a loss of the
@@ -10,6 +15,7 @@ without each step rematerialized (jax.checkpoint): why the ring has its own back
 """
 
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -66,7 +72,33 @@ ROWS = {
     "ring, autodiff": (autodiff_ring(remat=False), "ring"),
 }
 
-if __name__ == "__main__":
+
+def train_step_memory(context: int, strategy: str) -> tuple[int, int]:
+    """(temporary, argument) bytes per device of the compiled train step of the small Llama at T=8192."""
+    from bigjax import config as config_lib
+    from bigjax.run import step as step_lib
+    from bigjax.run.setup import make_setup
+
+    config = config_lib.load(f"experiments/long_context.py:seq=8192,context={context},strategy={strategy}")
+    config.mesh.update(dict(data=8 // context, fsdp=1, tensor=1, context=context))
+    config.batch_size = 8 // context
+    stats = step_lib.lower_train_step(make_setup(config)).compile().memory_analysis()
+    return stats.temp_size_in_bytes, stats.argument_size_in_bytes
+
+
+def train_step_table():
+    ways = (1, 2, 4, 8)
+    print("train step of a small Llama at T=8192 on 8 devices (data = 8 / context), per device, MiB: temporaries")
+    print(f"{'':14}" + "".join(f"{'context=' + str(n):>12}" for n in ways))
+    for strategy in cp.STRATEGIES:
+        sizes = [train_step_memory(n, strategy)[0] / 2**20 for n in ways]
+        print(f"{strategy:14}" + "".join(f"{size:12.1f}" for size in sizes))
+    print(f"arguments (parameters, optimizer state, batch): {train_step_memory(8, 'ring')[1] / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["train_step"]:
+    train_step_table()
+elif __name__ == "__main__":
     ways = (1, 2, 4, 8)
     print(f"temporary memory per device, MiB: {LOCAL} tokens per device, {HEADS} heads of {HEAD_DIM}, float32")
     print(f"{'':34}" + "".join(f"{'context=' + str(n):>12}" for n in ways))

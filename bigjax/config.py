@@ -150,6 +150,9 @@ def defaults(model: str = families.DEFAULT_FAMILY, task: str = families.DEFAULT_
             text_records="auto",  # auto | document | paragraph | line: what one text example is
             skip_bad=False,  # skip (and count) undecodable images and bad JSONL lines instead of stopping
             max_segments=8,  # text classification: most examples packed into one row
+            # causal LM with mesh.context > 1: each sequence in zig-zag order, so that every device of the context
+            # axis has as much causal attention to do (bigjax.parallel.context); positions travel with the tokens
+            context_load_balance=True,
             image_size=0,  # images: height = width after resizing; 0 = as stored
             channels=3,  # images: 1 (grey) or 3 (RGB)
             crop_padding=0,  # images, training: reflect-pad by this many pixels, then crop at random; 0 = off
@@ -931,18 +934,22 @@ def check_against_devices(config, num_devices: int) -> dict[str, int]:
 
 
 def check_context(config, context: int) -> None:
-    """A sequence split over `context` devices: a model that attends across the split, and equal pieces."""
+    """A sequence split over `context` devices: a model that attends across the split, and equal pieces (twice as
+    many in zig-zag order)."""
     if context == 1:
         return
     if "context_parallel" not in config.model:
         raise ConfigError(
             f"config.mesh.context={context} splits the sequence, which config.model.family="
-            f"{config.model.family!r} does not support (only 'gpt' does); set config.mesh.context=1"
+            f"{config.model.family!r} does not support (only 'gpt' does: bert, vit, cnn and resnet refuse it); "
+            "set config.mesh.context=1"
         )
-    if config.data.seq_len % context:
+    pieces = 2 * context if balances_context(config) else context
+    if config.data.seq_len % pieces:
+        balanced = " (config.data.context_load_balance cuts it into 2 x context chunks)" if pieces > context else ""
         raise ConfigError(
-            f"config.data.seq_len={config.data.seq_len} does not split into config.mesh.context={context} equal "
-            "pieces; make seq_len a multiple of context"
+            f"config.data.seq_len={config.data.seq_len} does not split into {pieces} equal pieces for "
+            f"config.mesh.context={context}{balanced}; make seq_len a multiple of {pieces}"
         )
 
 
@@ -999,6 +1006,18 @@ def check_pipeline(config, stages: int, context: int) -> None:
         )
 
 
+def balances_context(config) -> bool:
+    """Whether each sequence goes in zig-zag order (bigjax.parallel.context), its positions beside it: a causal LM
+    whose sequence config.mesh.context splits (-1 too, which may come to 1 device: then the order stays) and
+    config.data.context_load_balance on. The data reorders, and the task's batch carries the positions."""
+    return (
+        config.data.context_load_balance
+        and config.mesh.context != 1
+        and config.task.name == "causal_lm"
+        and "context_parallel" in config.model
+    )
+
+
 def _mesh_str(shape) -> str:
     return "x".join(f"{axis}={size}" for axis, size in shape.items())
 
@@ -1025,6 +1044,10 @@ RESUME_MUST_MATCH = (
 )
 
 
+# Within RESUME_MUST_MATCH but free to change: how the same weights compute, not what they are.
+RESUME_MAY_CHANGE = ("model.context_parallel",)
+
+
 def resume_conflicts(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
     """The differences between a saved and a new config that forbid resuming, as `key: old -> new`."""
     old_flat, new_flat = _flatten(saved.to_dict()), _flatten(new.to_dict())
@@ -1032,6 +1055,7 @@ def resume_conflicts(saved: ml_collections.ConfigDict, new: ml_collections.Confi
         f"{key}: {old_flat.get(key)!r} -> {new_flat.get(key)!r}"
         for key in sorted(set(old_flat) | set(new_flat))
         if any(key == p or key.startswith(p + ".") for p in RESUME_MUST_MATCH)
+        and key not in RESUME_MAY_CHANGE
         and not key.startswith("model.pipeline.")  # how the step runs the layers, not what they are
         and _normalize(old_flat.get(key)) != _normalize(new_flat.get(key))
     ]

@@ -27,6 +27,7 @@ from bigjax.errors import UserError
 from bigjax.models.gpt import GPTConfig, parameter_count
 from bigjax.models.layers import resolve_attention
 from bigjax.ops import devices
+from bigjax.parallel import mesh as mesh_lib
 from bigjax.parallel import pipeline as pipeline_lib
 from bigjax.run import state as state_lib
 from bigjax.run import step as step_lib
@@ -183,24 +184,29 @@ def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | No
     """Bytes of activations one device keeps for the backward pass of one microbatch, by remat policy.
 
     Per token and layer, with a = bytes of the compute dtype and t = the tensor-parallel ways (heads, MLP and
-    vocabulary are split over `tensor`; batch over data x fsdp):
+    vocabulary are split over `tensor`; batch over data x fsdp; the sequence over `context`, so that a device holds
+    s / c of each row's tokens):
       residual stream and the two norms' inputs and outputs        4 d a
       q, k, v and the attention output (the projections' inputs)   (2 h + 2 kv) hd a / t
-      XLA attention: fp32 logits and the probabilities             h s (4 + a) / t   (cuDNN: none, it recomputes)
+      XLA attention: fp32 logits and the probabilities             h s (4 + a) / t   (cuDNN: none, it recomputes;
+                                                                   ring: none, its backward pass goes round again)
+      context_parallel="all_gather": the gathered keys and values   2 kv hd a (c - 1) / t
       MLP hidden: GELU in/out, or SwiGLU gate, up and product      (2 or 3) f a / t
     remat="full" keeps only each block's input (d a) and recomputes one block at a time; "dots" keeps the
     outputs of every matmul (the projections, and the attention einsums on XLA attention); "dots_no_batch"
     those of the weight matmuls only. Beyond the layers: the logits in the compute dtype, their fp32 copy
     and the fp32 gradient of the loss, V (a + 8) / t per token, for every token, or with `task.loss_chunk` for
-    one piece of the sequence at a time. With fsdp > 1, the weights gathered whole for
-    use: one layer's for the forward and one for the backward, and the (un)embedding's. Not counted: XLA's
-    scratch and fusion temporaries. None for models other than the GPT family: plan those on their devices.
+    one piece of the sequence at a time. With the weights split (fsdp, or a rule that splits `embed` over
+    context), the weights gathered whole for use: one layer's for the forward and one for the backward, and the
+    (un)embedding's. Not counted: XLA's scratch and fusion temporaries (the ring's one block of scores at a time).
+    None for models other than the GPT family: plan those on their devices.
     """
     m = getattr(task, "model_config", None)
     if not isinstance(m, GPTConfig):
         return None
     a = np.dtype(m.dtype).itemsize
-    t = mesh_shape["tensor"]
+    t, c = mesh_shape["tensor"], mesh_shape.get("context", 1)
+    strategy = m.context_parallel if c > 1 else ""
     d, h, kv, hd, f, s, vocab = (
         m.d_model,
         m.num_heads,
@@ -213,9 +219,10 @@ def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | No
     mlp_tensors = 3 if m.mlp == "swiglu" else 2
     qkv = (h + 2 * kv) * hd * a / t
     attention_out = h * hd * a / t
-    scores = h * s * (4 + a) / t if attention == "xla" else 0
+    scores = h * s * (4 + a) / t if attention == "xla" and strategy != "ring" else 0
+    gathered_kv = 2 * kv * hd * a * (c - 1) / t if strategy == "all_gather" else 0
     mlp = mlp_tensors * f * a / t
-    whole_block = 4 * d * a + qkv + attention_out + scores + mlp
+    whole_block = 4 * d * a + qkv + gathered_kv + attention_out + scores + mlp
     kept_per_layer = {
         "none": whole_block,
         "full": d * a,
@@ -225,16 +232,24 @@ def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | No
     recompute = 0 if m.remat == "none" else whole_block  # one block rebuilt at a time during the backward
     logits = vocab * (a + 8) / t
     rows = config.batch_size // config.optim.grad_accum // (mesh_shape["data"] * mesh_shape["fsdp"])
-    tokens, logit_tokens = rows * s, rows * (config.task.loss_chunk or s)
+    tokens, logit_tokens = rows * s / c, rows * (config.task.loss_chunk or s) / c
     # A pipeline stage keeps those of its own layers (for every micro-batch), and the stage's input and output of
     # every micro-batch (the micro-batches, and what comes back from the last stage).
     layers_here = m.num_layers // mesh_shape.get("stage", 1)
     pipeline_buffers = 2 * d * a if mesh_shape.get("stage", 1) > 1 else 0
     counts = parameter_count(m)
-    gathered = 2 * counts["layers"] / m.num_layers + counts["embedding"] if mesh_shape["fsdp"] > 1 else 0
+    gathered = 2 * counts["layers"] / m.num_layers + counts["embedding"] if weights_split(config, mesh_shape) else 0
     gathered_bytes = gathered * np.dtype(m.param_dtype).itemsize / t
     kept = layers_here * kept_per_layer + recompute + pipeline_buffers
     return int(tokens * kept + logit_tokens * logits + gathered_bytes)
+
+
+def weights_split(config, mesh_shape: dict) -> bool:
+    """Whether the rules split the weights' `embed` axis over devices (fsdp, by default), so that each layer's
+    weights are gathered whole where they are used."""
+    axes = dict(mesh_lib.logical_rules(config)).get("embed")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh_shape.get(axis, 1) for axis in axes) > 1
 
 
 # --------------------------------------------------------------------------------------------------

@@ -105,8 +105,13 @@ def test_minus_one_takes_the_remaining_devices(tiny_config):
 
 
 def test_context_splits_the_sequence_into_equal_pieces_of_a_model_that_attends_across_them(tiny_config):
-    c = tiny_config("", "--config.data.seq_len=30", "--config.mesh.data=2", "--config.mesh.context=4")
-    with pytest.raises(config_lib.ConfigError, match="seq_len=30 does not split into config.mesh.context=4 equal"):
+    c = tiny_config("", "--config.data.seq_len=20", "--config.mesh.data=2", "--config.mesh.context=4")
+    with pytest.raises(config_lib.ConfigError, match="seq_len=20 does not split into 8 equal pieces for config.mesh"):
+        config_lib.check_against_devices(c, 8)  # zig-zag order (data.context_load_balance, the default): 2 x 4 chunks
+    c.data.context_load_balance = False
+    assert config_lib.check_against_devices(c, 8)["context"] == 4
+    c.data.seq_len = 30
+    with pytest.raises(config_lib.ConfigError, match="seq_len=30 does not split into 4 equal pieces for config.mesh"):
         config_lib.check_against_devices(c, 8)
     bert = config_lib.load(str(REPO / "experiments" / "bert_tiny_mlm.py"), ["--config.mesh.context=2"])
     with pytest.raises(config_lib.ConfigError, match="family='bert' does not support"):

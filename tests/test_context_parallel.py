@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from tolerance import assert_close_after_reordering, attention_tolerance
 
@@ -266,54 +267,265 @@ def test_compiled_collectives(mesh_name):
 
 
 # --------------------------------------------------------------------------------------------------
-# The model: config.mesh.context splits the sequence of every activation, and model.context_parallel picks how
-# attention sees the whole of it. One train step's loss and every parameter's gradient equal those on one device.
+# The model: config.mesh.context splits the sequence of every activation, model.context_parallel picks how attention
+# sees the whole of it, and the data puts each sequence in zig-zag order (data.context_load_balance). One train
+# step's loss and every parameter's gradient equal those of the original order on one device.
+
+MODEL_MESHES = {  # name: config.mesh
+    "data2_context4": dict(data=2, fsdp=1, tensor=1, context=4),
+    "data2_fsdp2_context2": dict(data=2, fsdp=2, tensor=1, context=2),
+    "fsdp2_tensor2_context2": dict(data=1, fsdp=2, tensor=2, context=2),
+}
 
 
-def model_loss_and_grads(config, devices, params=None):
-    """(loss, gradients, compiled program) of one step of `config`'s tiny model on a fixed batch, on `devices`."""
-    from conftest import init_params
+def model_config(variant: str, strategy: str = "all_gather", mesh=None, balance: bool = True):
+    from bigjax import config as config_lib
 
-    from bigjax.run.setup import make_setup
+    overrides = [f"--config.model.context_parallel={strategy}", f"--config.data.context_load_balance={balance}"]
+    config = config_lib.load(f"{TINY}:llama={variant == 'llama'}", overrides)
+    config.mesh.update(mesh or dict(data=1, context=1))
+    return config
 
-    setup = make_setup(config, devices)
+
+def lm_batch(config) -> dict:
+    """A fixed batch of config's shape in the original order: random tokens, some padding (as test_sharding's)."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 256, (config.batch_size, config.data.seq_len + 1), dtype=np.int32)
     weights = np.ones((config.batch_size, config.data.seq_len), np.float32)
-    weights[0, -5:] = 0  # some padding, as test_sharding's batch
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
-    params = jax.device_get(init_params(setup.task)) if params is None else params
+    weights[0, -5:] = 0
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+
+
+def as_the_data_layer_gives_it(batch: dict, config) -> dict:
+    """The batch in the order, and with the keys, that bigjax.data gives `config`'s train step."""
+    from bigjax import config as config_lib
+    from bigjax.data import pipeline
+
+    return pipeline.context_order(batch, config.mesh.context) if config_lib.balances_context(config) else batch
+
+
+@functools.cache
+def compiled_model_step(variant: str, strategy: str, mesh_name: str | None, balance: bool = True):
+    """(setup, the compiled (loss, gradients) of one step of the tiny model) on MODEL_MESHES[mesh_name], or on one
+    device (None)."""
+    from bigjax.run.setup import make_setup
+
+    config = model_config(variant, strategy, MODEL_MESHES.get(mesh_name), balance)
+    setup = make_setup(config, jax.devices() if mesh_name else jax.devices()[:1])
 
     def mean_loss(p, b):
         sums, _ = setup.task.loss_sums(p, {}, b)
         return sums["loss"] / sums["count"]
 
     step = jax.jit(jax.value_and_grad(mean_loss), in_shardings=(setup.state_shardings.params, setup.sharding.batch))
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), setup.abstract_state.params)
+    batch = setup.task.batch_spec(config.batch_size)
     with setup.sharding.activate():
-        compiled = step.lower(params, setup.sharding.global_batch(batch)).compile()
+        return setup, step.lower(params, batch).compile()
+
+
+def loss_and_grads(variant, strategy, mesh_name, balance=True, batch=None):
+    """(loss, gradients) of the compiled step on the fixed batch (in the data layer's order, unless given), from
+    the parameters of a fresh init (the same on every mesh)."""
+    setup, compiled = compiled_model_step(variant, strategy, mesh_name, balance)
+    params = reference_params(variant)
+    batch = as_the_data_layer_gives_it(lm_batch(setup.config), setup.config) if batch is None else batch
+    with setup.sharding.activate():
         loss, grads = compiled(jax.device_put(params, setup.state_shardings.params), setup.sharding.global_batch(batch))
-    return jax.device_get(loss), jax.device_get(grads), params, compiled
+    return jax.device_get(loss), jax.device_get(grads)
 
 
-@pytest.mark.parametrize("variant, strategy", [("llama", "ring"), ("llama", "all_gather"), ("gpt2", "ring")])
-def test_train_step_with_context_equals_one_device(tiny_config, variant, strategy):
-    """data=2 x context=4 against one device: the loss and every parameter's gradient of the tiny GPT-2 (learned
-    positions) or Llama (rotary, grouped-query) within tolerance.py's bound for the Transformer's sums plus, in
-    each layer, attention_tolerance's terms that bound does not count: the ring's product of `context` rescalings,
-    the exponentials' arguments (scores of the tiny model at init are far below 1: weights of std 0.02) and two exps
-    of an ulp. The ring's program sends blocks around it, the all-gather's does not."""
+@functools.cache
+def reference_params(variant: str):
+    from conftest import init_params
+
+    setup, _ = compiled_model_step(variant, "all_gather", None)
+    return jax.device_get(init_params(setup.task))
+
+
+@functools.cache
+def one_device(variant: str):
+    return loss_and_grads(variant, "all_gather", None)
+
+
+def model_tolerance(variant: str, mesh_name: str) -> float:
+    """tolerance.py's bound for the Transformer's sums plus, in each layer, attention_tolerance's terms that bound
+    does not count: the ring's product of `context` rescalings, the exponentials' arguments (scores of the tiny
+    model at init are far below 1: weights of std 0.02) and two exps of an ulp."""
     from tolerance import EPS32, float32_sum_tolerance, lm_sum_lengths
 
-    config = tiny_config("llama=True" if variant == "llama" else "", f"--config.model.context_parallel={strategy}")
-    config.mesh.update(dict(data=1, context=1))
-    loss, grads, params, _ = model_loss_and_grads(config, jax.devices()[:1])
-    config.mesh.update(dict(data=2, context=4))
-    context_loss, context_grads, _, compiled = model_loss_and_grads(config, jax.devices(), params)
-
-    layers, context = config.model.num_layers, config.mesh.context
+    config = model_config(variant, mesh=MODEL_MESHES[mesh_name])
     tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
-    tolerance += layers * (context + 1 + 2) * EPS32
-    np.testing.assert_allclose(context_loss, loss, rtol=tolerance, err_msg="loss with context=4")
-    assert_close_after_reordering(context_grads, grads, tolerance, f"gradients with context=4 ({strategy})")
-    ops = {op for _, op in collectives(compiled.as_text())}
-    assert ("collective-permute" in ops) == (strategy == "ring"), ops
+    return tolerance + config.model.num_layers * (config.mesh.context + 1 + 2) * EPS32
+
+
+def assert_model_matches_one_device(result, variant, mesh_name, what):
+    loss, grads = one_device(variant)
+    tolerance = model_tolerance(variant, mesh_name)
+    np.testing.assert_allclose(result[0], loss, rtol=tolerance, err_msg=f"loss, {what}")
+    assert_close_after_reordering(result[1], grads, tolerance, f"gradients, {what}")
+
+
+MODEL_CASES = [  # (variant, strategy, mesh, zig-zag order): GPT-2 has learned positions, Llama rotary and GQA
+    ("llama", "ring", "data2_context4", True),
+    ("llama", "all_gather", "data2_context4", False),
+    ("gpt2", "ring", "data2_context4", True),
+    ("llama", "ring", "data2_fsdp2_context2", True),
+    ("gpt2", "all_gather", "fsdp2_tensor2_context2", True),
+]
+
+
+@pytest.mark.parametrize("variant, strategy, mesh_name, balance", MODEL_CASES)
+def test_train_step_with_context_equals_one_device(variant, strategy, mesh_name, balance):
+    """The loss and every parameter's gradient of the tiny GPT-2 (learned positions) or Llama (rotary, grouped-query),
+    its sequence split over `context` beside data, fsdp and tensor, the data in zig-zag order or not, within the
+    bound of the one-device step's; the ring's program sends blocks around it, the all-gather's gathers whole keys
+    and values."""
+    what = f"{variant}, {strategy}, {mesh_name}, zig-zag {balance}"
+    assert_model_matches_one_device(loss_and_grads(variant, strategy, mesh_name, balance), variant, mesh_name, what)
+    setup, compiled = compiled_model_step(variant, strategy, mesh_name, balance)
+    c, mesh = setup.config, setup.config.mesh
+    kv_heads = (c.model.num_kv_heads or c.model.num_heads) // mesh.tensor  # one device's keys and values
+    head_dim = c.model.d_model // c.model.num_heads
+    local = c.batch_size // (mesh.data * mesh.fsdp)
+    kv = lambda length: f"f32[{local},{length},{kv_heads},{head_dim}]"
+    ops = collectives(compiled.as_text())
+    gathered = [shape for shape, op in ops if op == "all-gather" and shape == kv(c.data.seq_len)]
+    permuted = [
+        shape for shape, op in ops if op == "collective-permute" and shape == kv(c.data.seq_len // mesh.context)
+    ]
+    assert (bool(permuted), bool(gathered)) == ((True, False) if strategy == "ring" else (False, True)), ops
+
+
+def test_planted_zigzag_not_undone_for_the_loss(monkeypatch):
+    """Targets and weights left in the original order while the inputs go in zig-zag order: each prediction is
+    scored against another token's target, and the loss and gradients differ from one device's."""
+    from bigjax.data import pipeline
+
+    setup, _ = compiled_model_step("llama", "ring", "data2_context4")
+    monkeypatch.setattr(pipeline, "SEQUENCE_KEYS", ("inputs", "positions"))
+    batch = as_the_data_layer_gives_it(lm_batch(setup.config), setup.config)
+    result = loss_and_grads("llama", "ring", "data2_context4", batch=batch)
+    with pytest.raises(AssertionError):
+        assert_model_matches_one_device(result, "llama", "data2_context4", "planted")
+
+
+@pytest.mark.parametrize("variant", ["llama", "gpt2"])
+def test_planted_model_positions_from_new_places(variant):
+    """Reordered tokens whose positions (rotary for Llama, learned for GPT-2) are their new places 0..T-1 rather than
+    their own: the loss and gradients differ from one device's."""
+    setup, _ = compiled_model_step(variant, "ring", "data2_context4")
+    batch = as_the_data_layer_gives_it(lm_batch(setup.config), setup.config)
+    batch["positions"] = np.broadcast_to(np.arange(setup.config.data.seq_len, dtype=np.int32), batch["inputs"].shape)
+    result = loss_and_grads(variant, "ring", "data2_context4", batch=batch)
+    with pytest.raises(AssertionError):
+        assert_model_matches_one_device(result, variant, "data2_context4", "planted")
+
+
+def test_data_in_zigzag_order_with_positions(tiny_config):
+    """data.context_load_balance: the train and eval batches are those of the original order, each sequence in
+    zig-zag order for config.mesh.context devices (-1 resolved as the mesh resolves it) with its positions; off, or
+    with context=1, the batches are as they were."""
+    from bigjax.data import pipeline
+
+    synthetic = ["--config.data.source=synthetic", "--config.eval_batches=1"]
+    plain = tiny_config("", *synthetic)
+    first = lambda config: (next(pipeline.train_batches(config)), pipeline.eval_data(config).batches[0])
+    original = first(plain)
+    assert all("positions" not in batch for batch in original)
+    positions = np.broadcast_to(np.arange(32, dtype=np.int32), (8, 32))
+    for mesh, ways in (["--config.mesh.context=4"], 4), (["--config.mesh.data=1", "--config.mesh.context=-1"], 8):
+        for batch, reference in zip(first(tiny_config("", *synthetic, *mesh)), original, strict=True):
+            assert batch.keys() == {*reference, "positions"}
+            np.testing.assert_array_equal(cp.unzigzag(batch["positions"], ways), positions)
+            for key, value in reference.items():
+                np.testing.assert_array_equal(cp.unzigzag(batch[key], ways), value, err_msg=key)
+    off = first(tiny_config("", *synthetic, "--config.mesh.context=4", "--config.data.context_load_balance=False"))
+    for batch, reference in zip(off, original, strict=True):
+        jax.tree.map(np.testing.assert_array_equal, batch, reference)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line: bad settings refused before anything compiles; a run with its sequence split logs one device's
+# losses, and resumes onto another context size and strategy.
+
+BERT = TINY.replace("tiny.py", "bert_tiny_mlm.py")
+BAD_CONTEXT_SETTINGS = [  # (experiment, overrides, what the error says)
+    (TINY, ["--config.mesh.context=4", "--config.data.seq_len=20"], "seq_len=20 does not split into 8 equal pieces"),
+    (
+        TINY,
+        ["--config.mesh.context=4", "--config.data.seq_len=30", "--config.data.context_load_balance=False"],
+        "seq_len=30 does not split into 4 equal pieces",
+    ),
+    (BERT, ["--config.mesh.context=2"], "family='bert' does not support (only 'gpt' does: bert, vit, cnn"),
+]
+
+
+@pytest.mark.parametrize("experiment, overrides, message", BAD_CONTEXT_SETTINGS, ids=["zigzag", "split", "bert"])
+def test_bad_context_settings_are_one_error_line(cli_in_process, tmp_path, experiment, overrides, message):
+    workdir = tmp_path / "run"
+    refused = cli_in_process("train", "--config", experiment, "--workdir", workdir, *overrides, check=False)
+    assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    assert [line for line in refused.stderr.splitlines() if line.strip()] == [refused.stderr.strip()], refused.stderr
+    assert refused.stderr.startswith("error:") and not workdir.exists()
+
+
+def test_cli_run_with_ring_context_logs_one_device_losses_and_resumes_onto_another_context(cli, tiny_run, tmp_path):
+    """`bigjax train` on 8 devices with the sequence split over context=4 (ring, zig-zag order) logs the losses of
+    the same run on data=8 (the shared tiny_run) to 1e-4 relative, and resumed at its step-4 checkpoint with
+    context=2 and all_gather, the rest of them; its checkpoints generate text."""
+    from bigjax import config as config_lib
+    from bigjax.ops import metrics
+    from bigjax.run import train
+
+    losses = lambda run: {
+        row["step"]: row["loss"] for row in metrics.read_jsonl(run / "metrics.jsonl") if "loss" in row
+    }
+    workdir = tmp_path / "run"
+    ring = ["--config.mesh.context=4", "--config.model.context_parallel=ring"]
+    cli("train", "--config", TINY, "--workdir", workdir, *ring, "--stop-at-step", "4")
+    assert sorted(losses(workdir)) == [2, 4]
+    train.train(config_lib.load(TINY, ["--config.mesh.context=2"]), workdir)
+    reference = losses(tiny_run)
+    assert sorted(losses(workdir)) == sorted(reference) == [2, 4, 6, 8]
+    np.testing.assert_allclose([losses(workdir)[s] for s in reference], list(reference.values()), rtol=1e-4)
+    # Generation needs no parallelism: it samples on one device, whatever the run's mesh (context included).
+    from bigjax import generate
+
+    assert isinstance(generate.load(workdir).complete(["ROMEO:"], generate.Sampling(max_new_tokens=3))[0], str)
+
+
+# --------------------------------------------------------------------------------------------------
+# `bigjax plan` with the sequence split: activations per device fall with context.
+
+LONG = TINY.replace("tiny.py", "long_context.py")
+
+
+def test_plan_of_llama3_8b_at_128k_tokens_fits_8_h100s_with_context_8_not_without():
+    from bigjax import config as config_lib
+    from bigjax import plan
+
+    split, whole = (
+        plan.make_plan(config_lib.load(f"{LONG}:size=8b,context={c}"), num_devices=8, device_kind="h100")
+        for c in (8, 1)
+    )
+    assert split.mesh["context"] == 8 and whole.mesh == dict(data=1, fsdp=8, tensor=1, context=1)
+    assert split.fits and not whole.fits
+    # The same weights and optimizer state per device (split over context as over fsdp); a device's activations are
+    # those of 131072 / 8 tokens instead of 131072.
+    assert split.per_device["parameters"] == whole.per_device["parameters"]
+    assert 4 < whole.per_device["activations"] / split.per_device["activations"] < 8
+
+
+@pytest.mark.parametrize("strategy", cp.STRATEGIES)
+def test_plan_models_the_split_activations_near_xla(tiny_config, strategy):
+    """The plan's model of the activations of data=2 x context=4 against XLA's compiled figure (within 3x, as
+    test_plan's for the other axes)."""
+    from bigjax import plan
+
+    config = tiny_config("llama=True", "--config.mesh.context=4", f"--config.model.context_parallel={strategy}")
+    compiled = plan.make_plan(config)
+    modelled = plan.make_plan(config, num_devices=8, device_kind="h100")
+    assert modelled.mesh["context"] == 4 and compiled.source == "compiled"
+    assert modelled.per_device["batch"] == compiled.per_device["batch"]  # positions included
+    assert 1 / 3 < modelled.per_device["activations"] / compiled.per_device["activations"] < 3

@@ -5,7 +5,7 @@
 The layout follows config.task.name (see bigjax.data.packing for the text layouts and bigjax.data.images for the
 image one):
 
-    causal_lm            inputs, targets int32 [B, T]; weights float32 [B, T]
+    causal_lm            inputs, targets int32 [B, T]; weights float32 [B, T]; positions int32 [B, T] in zig-zag order
     masked_lm            tokens, segment_ids, positions int32 [B, T]
     classification text  tokens, segment_ids, positions int32 [B, T]; labels int32 [B, S]; label_weights [B, S]
     classification image image float32 [B, H, W, C]; labels int32 [B]; label_weights float32 [B]
@@ -15,6 +15,12 @@ from the seed, so global example k of the run is always the same example (and, f
 augmentation). Step s's global batch is examples [s*B, (s+1)*B), and host p of P reads only its contiguous
 slice of it. The iterator's whole state is the step: a resumed run, on any number of hosts, sees exactly the
 batches it would have seen.
+
+Zig-zag order (config.data.context_load_balance, a causal LM whose sequence config.mesh.context splits): each
+example's sequence is reordered here, once, so that each device of the context axis holds an early and a late chunk
+of it (bigjax.parallel.context). Every per-token array moves: the targets and weights with their inputs, so that the
+loss and the metrics, sums over tokens, are those of the original order; and the tokens' original positions, which
+the model's position embeddings and causal mask read.
 """
 
 from __future__ import annotations
@@ -25,11 +31,16 @@ import grain
 import jax
 import numpy as np
 
+from bigjax import config as config_lib
 from bigjax import families
 from bigjax.data import images, packing, sources, tokenized, tokenizers
 from bigjax.data.errors import DataError
 from bigjax.data.packing import window_dataset  # noqa: F401  (re-exported: the causal-LM layout)
 from bigjax.ops import metrics
+from bigjax.parallel.context import zigzag
+
+# The arrays of an example (or a batch) whose last axis is the sequence: what zig-zag order moves.
+SEQUENCE_KEYS = ("inputs", "targets", "weights", "positions")
 
 TEXT_TASKS = ("causal_lm", "masked_lm", "classification")
 
@@ -92,7 +103,28 @@ def train_batches(config, process_index: int | None = None, process_count: int |
         examples = base.shuffle(seed=config.seed).repeat()
         if augment is not None:  # after repeat: the index is the global example index, epoch included
             examples = examples.map_with_index(augment)
+    examples = in_context_order(examples, config)
     return HostBatches(examples, config.batch_size, *_process(process_index, process_count), data=name)
+
+
+def in_context_order(examples: grain.MapDataset, config) -> grain.MapDataset:
+    """The examples in zig-zag order for config.mesh.context devices, with their positions, where
+    config_lib.balances_context says so; as they are otherwise."""
+    if not config_lib.balances_context(config):
+        return examples
+    ways = config.mesh.context
+    if ways == -1:  # the rest of the devices: as the mesh will resolve it
+        ways = config_lib.check_against_devices(config, jax.device_count())["context"]
+    return examples.map(lambda example: context_order(example, ways))
+
+
+def context_order(example: dict, ways: int) -> dict:
+    """An example [T] (or a batch [B, T]) in zig-zag order for `ways` devices: every per-token array reordered
+    alike, and the positions 0..T-1 of the original order added, reordered with their tokens."""
+    length = example["inputs"].shape[-1]
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), example["inputs"].shape)
+    example = {"positions": positions, **example}
+    return {key: zigzag(value, ways, axis=-1) if key in SEQUENCE_KEYS else value for key, value in example.items()}
 
 
 def _process(index: int | None, count: int | None) -> tuple[int, int]:
@@ -110,7 +142,7 @@ def eval_data(config) -> EvalData:
         examples = base.map_with_index(augment) if augment is not None else base
         count = min(len(examples), config.eval_batches * config.batch_size)
     num_batches = -(-count // config.batch_size)
-    padded = pad_with_empty_rows(examples, count, num_batches * config.batch_size)
+    padded = pad_with_empty_rows(in_context_order(examples, config), count, num_batches * config.batch_size)
     batches = HostBatches(padded, config.batch_size, jax.process_index(), jax.process_count())
     return EvalData([batches.batch_at(i) for i in range(num_batches)], stats)
 

@@ -36,6 +36,6 @@ def restore_on_one_device(config, run, step: int):
     from bigjax.run.setup import make_setup
 
     config = config_lib.from_dict(config.to_dict())
-    config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+    config.mesh.update(dict(data=1, fsdp=1, tensor=1, context=1))
     setup = make_setup(config, devices=jax.devices()[:1])
     return setup, run.restore_onto(setup, step)

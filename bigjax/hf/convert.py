@@ -320,7 +320,7 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
     step = run.committed_step(step)
 
     # Parameters split over every device on fsdp. The batch size only has to divide that mesh: nothing trains here.
-    config.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+    config.mesh.update(dict(data=1, fsdp=-1, tensor=1, context=1))
     config.batch_size = config.optim.grad_accum * jax.device_count()
     variables = run.restore_onto(make_setup(config), step)
     # The parameters by path, and the model state (BatchNorm statistics) as COLLECTION/path.

@@ -285,8 +285,8 @@ class GPTHiddenStates(GPT):
     """
 
     @nn.compact
-    def __call__(self, tokens, train: bool = False):
-        x, embed = self.hidden_states(tokens, None, None, train)
+    def __call__(self, tokens, train: bool = False, positions=None):
+        x, embed = self.hidden_states(tokens, positions, None, train)
         return x, embed.output_kernel()
 
 

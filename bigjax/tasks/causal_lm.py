@@ -1,8 +1,10 @@
 """Causal language modelling: next-token cross-entropy, accuracy, perplexity, bits per byte/char, FLOPs.
 
 A batch is {"inputs": int32 [b, t], "targets": int32 [b, t], "weights": float32 [b, t]}; weight 0 marks
-padding. Losses are returned as sums with their token count (see bigjax.tasks), so that microbatches, devices
-and eval batches combine exactly: the mean is taken once, at the end.
+padding. In zig-zag order (bigjax.config.balances_context: the sequence split over mesh.context, load-balanced) it
+also holds "positions": int32 [b, t], each token's place in the original order, and every array is reordered alike.
+Losses are returned as sums with their token count (see bigjax.tasks), so that microbatches, devices and eval
+batches combine exactly (and a zig-zag batch's sums are its original order's): the mean is taken once, at the end.
 
 `config.task.loss_chunk=k` takes the loss k positions at a time (`chunked_token_loss_sums`), so that the
 [b, t, padded_vocab] logits, their fp32 copy and their gradient never exist whole; 0 (the default) makes them
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bigjax import config as config_lib
 from bigjax.compress.quantized import quantized
 from bigjax.compress.variant import Variant
 from bigjax.models.gpt import GPT, GPTConfig, GPTHiddenStates, parameter_count
@@ -33,6 +36,7 @@ class CausalLM:
         self.seq_len = config.data.seq_len
         self.tokens_per_example = self.seq_len
         self.loss_chunk = config.task.loss_chunk
+        self.has_positions = config_lib.balances_context(config)
 
     def init_variables(self, rng):
         tokens = jnp.zeros((1, self.seq_len), jnp.int32)
@@ -40,11 +44,14 @@ class CausalLM:
 
     def batch_spec(self, batch_size: int) -> dict:
         shape = (batch_size, self.seq_len)
-        return {
+        spec = {
             "inputs": jax.ShapeDtypeStruct(shape, jnp.int32),
             "targets": jax.ShapeDtypeStruct(shape, jnp.int32),
             "weights": jax.ShapeDtypeStruct(shape, jnp.float32),
         }
+        if self.has_positions:
+            spec["positions"] = jax.ShapeDtypeStruct(shape, jnp.int32)
+        return spec
 
     def loss_sums(self, params, model_state, batch, rng=None, train: bool = False, teacher=None):
         """`teacher` (a bigjax.compress.distill.TeacherInStep, in the train step of a distillation) adds its soft
@@ -52,27 +59,32 @@ class CausalLM:
         at the same weighted tokens: in one piece, or `loss_chunk` positions at a time alike."""
         rngs = {"dropout": rng} if train and rng is not None else {}
         inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
+        positions = batch.get("positions")  # None: the tokens in their order
         if not self.loss_chunk:
-            logits = self.logits(params, inputs, train, rngs)
+            logits = self.logits(params, inputs, train, rngs, positions)
             sums = token_loss_sums(logits, targets, weights)
             if teacher is not None:
-                sums = teacher.distilled_sums(sums, logits, teacher.task.logits(teacher.params, inputs), weights)
+                sums = teacher.distilled_sums(
+                    sums, logits, teacher.task.logits(teacher.params, inputs, positions=positions), weights
+                )
             return sums, model_state
-        hidden, kernel = self.hidden_and_kernel(params, inputs, train, rngs)
-        teacher_pieces = None if teacher is None else teacher.task.hidden_and_kernel(teacher.params, inputs)
+        hidden, kernel = self.hidden_and_kernel(params, inputs, train, rngs, positions)
+        teacher_pieces = (
+            None if teacher is None else teacher.task.hidden_and_kernel(teacher.params, inputs, positions=positions)
+        )
         sums = chunked_token_loss_sums(hidden, kernel, targets, weights, self.loss_chunk, teacher, teacher_pieces)
         return sums, model_state
 
-    def logits(self, params, inputs, train: bool = False, rngs=None):
-        """fp32 logits [b, t, padded_vocab] of the tokens `inputs` [b, t]."""
-        return self.model.apply({"params": params}, inputs, train=train, rngs=rngs or {})
+    def logits(self, params, inputs, train: bool = False, rngs=None, positions=None):
+        """fp32 logits [b, t, padded_vocab] of the tokens `inputs` [b, t] at `positions` [b, t] (None: in order)."""
+        return self.model.apply({"params": params}, inputs, train=train, positions=positions, rngs=rngs or {})
 
-    def hidden_and_kernel(self, params, inputs, train: bool = False, rngs=None):
+    def hidden_and_kernel(self, params, inputs, train: bool = False, rngs=None, positions=None):
         """The final hidden states [b, t, d] and the output kernel [d, padded_vocab], in the compute dtype: what the
         chunked loss multiplies a piece at a time. The same parameter paths as `self.model`, so the same parameters
         and the same dropout masks."""
         hidden, kernel = quantized(GPTHiddenStates(self.model_config), self.variant).apply(
-            {"params": params}, inputs, train=train, rngs=rngs or {}
+            {"params": params}, inputs, train=train, positions=positions, rngs=rngs or {}
         )
         # Cast as GPT's output layer casts, once, outside the loop over pieces; and gather an FSDP-split kernel
         # there too, or XLA gathers it inside the loop, once per piece.
