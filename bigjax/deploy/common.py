@@ -8,6 +8,7 @@ from bigjax import config as config_lib
 from bigjax import families
 from bigjax.compress.variant import Variant
 from bigjax.errors import UserError
+from bigjax.parallel.mesh import MESH_AXES
 
 
 class DeployError(UserError):
@@ -36,6 +37,6 @@ def restore_on_one_device(config, run, step: int):
     from bigjax.run.setup import make_setup
 
     config = config_lib.from_dict(config.to_dict())
-    config.mesh.update(dict(data=1, fsdp=1, tensor=1, context=1))
+    config.mesh.update({axis: 1 for axis in MESH_AXES})
     setup = make_setup(config, devices=jax.devices()[:1])
     return setup, run.restore_onto(setup, step)

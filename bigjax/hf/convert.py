@@ -20,6 +20,7 @@ from bigjax.compress.variant import Variant
 from bigjax.hf import family as family_lib
 from bigjax.hf import files, mapping
 from bigjax.hf.common import HFError, Params
+from bigjax.parallel.mesh import MESH_AXES
 from bigjax.params import by_path, nest, param_path
 
 SOURCE_FILE = "hf_source.json"  # written by `bigjax import`: the HF vocabulary size and special ids export gives back
@@ -320,7 +321,7 @@ def export(workdir, out, step: int | None = None, max_shard_size: int | str = fi
     step = run.committed_step(step)
 
     # Parameters split over every device on fsdp. The batch size only has to divide that mesh: nothing trains here.
-    config.mesh.update(dict(data=1, fsdp=-1, tensor=1, context=1))
+    config.mesh.update({**{axis: 1 for axis in MESH_AXES}, "fsdp": -1})
     config.batch_size = config.optim.grad_accum * jax.device_count()
     variables = run.restore_onto(make_setup(config), step)
     # The parameters by path, and the model state (BatchNorm statistics) as COLLECTION/path.
