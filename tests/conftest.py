@@ -160,6 +160,33 @@ def init_params(task, seed=0):
     return jax.jit(lambda: nn.unbox(task.init_variables(jax.random.key(seed))["params"]))()
 
 
+def model_loss_and_grads(config, devices, params=None):
+    """(loss, gradients, parameters, compiled program) of one step of `config`'s model on a fixed batch (random
+    tokens, some padding) on `devices`: what the equivalence tests of a parallel axis compare with one device."""
+    import jax
+    import numpy as np
+
+    from bigjax.run.setup import make_setup
+
+    setup = make_setup(config, devices)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (config.batch_size, config.data.seq_len + 1), dtype=np.int32)
+    weights = np.ones((config.batch_size, config.data.seq_len), np.float32)
+    weights[0, -5:] = 0
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+    params = jax.device_get(init_params(setup.task)) if params is None else params
+
+    def mean_loss(p, b):
+        sums, _ = setup.task.loss_sums(p, {}, b)
+        return sums["loss"] / sums["count"]
+
+    step = jax.jit(jax.value_and_grad(mean_loss), in_shardings=(setup.state_shardings.params, setup.sharding.batch))
+    with setup.sharding.activate():
+        compiled = step.lower(params, setup.sharding.global_batch(batch)).compile()
+        loss, grads = compiled(jax.device_put(params, setup.state_shardings.params), setup.sharding.global_batch(batch))
+    return jax.device_get(loss), jax.device_get(grads), params, compiled
+
+
 @contextlib.contextmanager
 def file_size_limit(size: int):
     """This process's files may not grow past `size` bytes (RLIMIT_FSIZE): what a full disk does to writes, without

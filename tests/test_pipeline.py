@@ -135,7 +135,7 @@ def llama_config():
 
 @pytest.fixture(scope="module")
 def one_device(llama_config):
-    from test_context_parallel import model_loss_and_grads
+    from conftest import model_loss_and_grads
 
     config = llama_config.copy_and_resolve_references()
     config.mesh.update(dict(data=1))
@@ -169,7 +169,7 @@ def test_pipelined_llama_equals_one_device(llama_config, one_device, mesh, micro
     """The loss and every parameter's gradient within tolerance.py's bound for the Transformer's sums (the pipeline
     splits the batch's sum into micro-batches, a reordering that bound already counts, and adds no sum of its own);
     the program hands activations on with collective-permutes over `stage` alone."""
-    from test_context_parallel import model_loss_and_grads
+    from conftest import model_loss_and_grads
 
     from bigjax.parallel import mesh as mesh_lib
 
@@ -316,7 +316,7 @@ def test_pipelined_bfloat16_llama_equals_one_device_within_the_rounding_of_its_p
     sum per micro-batch and data-parallel device, each rounded to bfloat16 (EPS_BF16/2 of the leaf's scale) and added
     over the data devices in bfloat16 (data - 1 roundings of EPS_BF16/2); the whole batch's sum on one device is
     rounded once. Beyond that, the float32 bound of the Transformer's sums."""
-    from test_context_parallel import model_loss_and_grads
+    from conftest import model_loss_and_grads
 
     eps_bf16 = float(jnp.finfo(jnp.bfloat16).eps)
     config = llama_config.copy_and_resolve_references()
