@@ -168,7 +168,7 @@ def test_plan_command_line(cli, cli_in_process):
     measure = cli_in_process("plan", "--config", LLAMA, "--measure", check=False)
     assert measure.returncode == 2 and "a CPU does not" in measure.stderr
     indivisible = cli_in_process("plan", "--config", LLAMA, "--devices", "3", "--device-kind", "h100", check=False)
-    assert indivisible.returncode == 2 and "does not divide across data*fsdp=3" in indivisible.stderr
+    assert indivisible.returncode == 2 and "does not divide across data*fsdp*expert=3" in indivisible.stderr
 
 
 def test_byte_formatting():

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bigjax import config as config_lib
-from bigjax.models import layers
+from bigjax.models import layers, moe
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -55,6 +55,7 @@ class GPTConfig:
     scan_layers: bool
     remat: str
     init_std: float
+    moe: moe.MoeConfig | None  # None: every layer's MLP is dense
 
     @classmethod
     def from_config(cls, m) -> GPTConfig:
@@ -78,6 +79,7 @@ class GPTConfig:
             out_bias=out_bias,
             mlp_bias=mlp_bias,
             context_parallel=m.get("context_parallel", ""),
+            moe=moe.MoeConfig.from_config(m.moe, mlp_dim) if "moe" in m else None,
         )
         values["attention"] = layers.resolve_attention(m.attention, m.dtype)
         return cls(**values)
@@ -117,6 +119,7 @@ class Block(nn.Module):
     causal: bool = True
     post_norm: bool = False
     decode: bool = False
+    sparse: bool = False  # a mixture of experts (cfg.moe) in place of the MLP
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
@@ -145,7 +148,10 @@ class Block(nn.Module):
             decode=self.decode,
             name="attention",
         )
-        mlp = layers.Mlp(c.mlp, c.mlp_dim, c.mlp_bias, c.init_std, out_std, dtype, param_dtype, name="mlp")
+        if self.sparse:
+            mlp = moe.MoeMlp(c.moe, c.mlp, c.init_std, out_std, dtype, param_dtype, name="mlp")
+        else:
+            mlp = layers.Mlp(c.mlp, c.mlp_dim, c.mlp_bias, c.init_std, out_std, dtype, param_dtype, name="mlp")
         if self.post_norm:
             x = norm(c, "attention_norm")(x + dropout(attention(x, positions, segment_ids)))
             x = layers.constrain_hidden(x)
@@ -159,12 +165,23 @@ class Block(nn.Module):
 
 def run_blocks(cfg: GPTConfig, x, positions, segment_ids, train: bool, *, causal=True, post_norm=False, decode=False):
     """The stack of blocks, scanned (one compiled layer; weights and a KV cache stacked over layers) or unrolled,
-    rematerialized by cfg.remat; called from inside a module's compact method."""
-    blocks = layers.remat_and_scan(Block, cfg.remat, cfg.num_layers if cfg.scan_layers else 0)
-    if cfg.scan_layers:
-        return blocks(cfg, train, causal, post_norm, decode, name="layers")(x, positions, segment_ids)[0]
-    for i in range(cfg.num_layers):
-        x, _ = blocks(cfg, train, causal, post_norm, decode, name=f"layers_{i}")(x, positions, segment_ids)
+    rematerialized by cfg.remat; called from inside a module's compact method.
+
+    With cfg.moe, the first `first_dense_layers` blocks keep a dense MLP and the rest are MoE blocks: scanned, two
+    stacks, `dense_layers` and `moe_layers`; unrolled, `layers_{i}` numbered through both."""
+    dense = cfg.moe.first_dense_layers if cfg.moe else cfg.num_layers
+    stacks = [("layers" if not cfg.moe else "dense_layers", 0, dense, False)]
+    if cfg.moe:
+        stacks.append(("moe_layers", dense, cfg.num_layers, True))
+    for name, start, stop, sparse in stacks:
+        if stop == start:
+            continue
+        blocks = layers.remat_and_scan(Block, cfg.remat, stop - start if cfg.scan_layers else 0)
+        if cfg.scan_layers:
+            x = blocks(cfg, train, causal, post_norm, decode, sparse, name=name)(x, positions, segment_ids)[0]
+            continue
+        for i in range(start, stop):
+            x, _ = blocks(cfg, train, causal, post_norm, decode, sparse, name=f"layers_{i}")(x, positions, segment_ids)
     return x
 
 

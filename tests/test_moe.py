@@ -1,0 +1,214 @@
+"""Mixture of experts (bigjax.models.moe): the grouped (sorted, ragged_dot) experts equal every expert run on every
+token and masked; capacity mode drops exactly the picks it reports; the router's losses are the papers' formulas;
+the MoE model trains through scan, remat and gradient accumulation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tolerance import (
+    EPS32,
+    assert_close_after_reordering,
+    assert_sgd_params_close_after_reordering,
+    float32_sum_tolerance,
+    lm_sum_lengths,
+)
+
+from bigjax.models import layers, moe
+from bigjax.run import step as step_lib
+from bigjax.run.setup import make_setup
+
+D, F, E, K = 8, 16, 4, 2  # model width, expert width, experts, picks per token
+
+
+def moe_config(**changes) -> moe.MoeConfig:
+    values = dict(
+        num_experts=E,
+        experts_per_token=K,
+        expert_mlp_dim=F,
+        num_shared_experts=0,
+        first_dense_layers=0,
+        capacity_factor=0.0,
+        router_aux_loss=0.01,
+        router_z_loss=0.001,
+        norm_topk_probs=True,
+    )
+    return moe.MoeConfig(**{**values, **changes})
+
+
+def block(cfg: moe.MoeConfig, reference=False, kind="swiglu") -> moe.MoeMlp:
+    return moe.MoeMlp(cfg, kind, 0.5, 0.5, jnp.float32, jnp.float32, reference=reference)
+
+
+def tokens(batch=2, length=6, seed=0):
+    return jax.random.normal(jax.random.key(seed), (batch, length, D), jnp.float32)
+
+
+def outputs_and_grads(module, params, x):
+    """(the block's output and router losses, the gradients of a scalar of them with respect to every parameter,
+    the router's included, and the input)."""
+
+    def loss(params, x):
+        out, sown = module.apply({"params": params}, x, mutable=["intermediates"])
+        stats = moe.model_stats(sown["intermediates"])
+        return jnp.sum(jnp.sin(out)) + stats["aux_loss"] + stats["z_loss"], (out, stats)
+
+    (_, outputs), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    return outputs, grads
+
+
+# The sums a grouped result goes through that the dense one adds in another order: over the model width (gate and
+# up), the expert width (down), the k picks (or all E experts, most of them zero); and for the gradients the
+# scalar's sum over the outputs (tokens x width) and each weight's over the tokens.
+GROUPED_TOLERANCE = float32_sum_tolerance(D, F, E, 2 * 6 * D, 2 * 6)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "gelu"])
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
+def test_grouped_experts_equal_the_dense_reference(kind, capacity_factor):
+    cfg = moe_config(capacity_factor=capacity_factor)
+    x = tokens()
+    params = nn.unbox(block(cfg, kind=kind).init(jax.random.key(1), x)["params"])
+    grouped = outputs_and_grads(block(cfg, kind=kind), params, x)
+    dense = outputs_and_grads(block(cfg, reference=True, kind=kind), params, x)
+    assert_close_after_reordering(grouped, dense, GROUPED_TOLERANCE, "outputs and gradients")
+
+
+def test_capacity_mode_drops_the_picks_over_capacity_and_counts_them():
+    # 4 tokens, top-2 of 4 experts, capacity 2 picks per expert. First choices go first: tokens 0, 1, 2 all put
+    # expert 0 first, so token 2's first pick is the third in expert 0's queue: dropped. Second choices: token 3's
+    # second pick (expert 0) comes after three first picks: dropped. Everything else fits.
+    experts = jnp.array([[0, 1], [0, 2], [0, 1], [3, 0]])
+    fits = moe.within_capacity(experts, num_experts=4, capacity=2)
+    np.testing.assert_array_equal(fits, [[True, True], [True, True], [False, True], [True, False]])
+
+    # And the output is that of the dense reference with those two picks' weights zeroed by hand.
+    x = tokens(batch=1, length=4)[0]
+    weights = jnp.full((4, 2), 0.5)
+    kernels = {name: jax.random.normal(jax.random.key(i), shape) for i, (name, shape) in enumerate(KERNEL_SHAPES)}
+    routed = jnp.where(fits, experts, 4)
+    kept = jnp.array([[0.5, 0.5], [0.5, 0.5], [0.0, 0.5], [0.5, 0.0]])
+    got = moe.grouped_experts(x, routed, weights, kernels, "swiglu", 4)
+    want = moe.dense_reference(x, experts, kept, kernels, "swiglu", 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    stats = moe.layer_stats(jnp.zeros((4, 4)), jnp.full((4, 4), 0.25), experts, routed, 4)
+    assert float(stats["dropped"]) == 2 / 8
+
+
+def test_capacity_is_the_factor_times_the_even_share():
+    assert moe_config(capacity_factor=1.0).capacity(tokens=12) == 6  # 12 tokens * 2 picks / 4 experts
+    assert moe_config(capacity_factor=1.25).capacity(tokens=12) == 8  # 7.5, rounded up
+
+
+KERNEL_SHAPES = [("gate", (4, D, F)), ("up", (4, D, F)), ("down", (4, F, D))]
+
+
+def test_load_balancing_loss_is_the_switch_formula():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, E)).astype(np.float32)
+    probs, _, experts = moe.route(jnp.asarray(logits), K, normalize=True)
+    probs, experts = np.asarray(probs, np.float64), np.asarray(experts)
+    # By hand: f_e = the fraction of the 6 tokens that picked e, P_e = e's mean router probability; E * sum f_e P_e.
+    f = [sum(e in experts[t] for t in range(6)) / 6 for e in range(E)]
+    p = [sum(probs[t, e] for t in range(6)) / 6 for e in range(E)]
+    want = E * sum(f[e] * p[e] for e in range(E))
+    np.testing.assert_allclose(moe.load_balancing_loss(jnp.asarray(probs), jnp.asarray(experts)), want, rtol=1e-6)
+    # Perfectly balanced routing (each expert picked by half the tokens, uniform probabilities) gives k.
+    even = jnp.full((4, E), 1 / E)
+    assert float(moe.load_balancing_loss(even, jnp.array([[0, 1], [2, 3], [0, 1], [2, 3]]))) == pytest.approx(K)
+
+
+def test_z_loss_is_the_mean_squared_logsumexp():
+    logits = np.array([[0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0]], np.float32)
+    want = np.mean([np.log(np.sum(np.exp(row))) ** 2 for row in logits.astype(np.float64)])
+    np.testing.assert_allclose(moe.z_loss(jnp.asarray(logits)), want, rtol=4 * EPS32)
+
+
+def test_top_k_probabilities_are_renormalised_when_asked():
+    logits = jnp.array([[2.0, 1.0, 0.5, -1.0]])
+    probs, weights, experts = moe.route(logits, 2, normalize=True)
+    np.testing.assert_array_equal(experts, [[0, 1]])
+    np.testing.assert_allclose(weights, probs[:, :2] / jnp.sum(probs[:, :2]), rtol=EPS32)
+    np.testing.assert_allclose(jnp.sum(weights), 1.0, rtol=EPS32)
+    _, raw, _ = moe.route(logits, 2, normalize=False)
+    np.testing.assert_allclose(raw, probs[:, :2], rtol=0)
+
+
+def test_shared_experts_add_a_dense_mlp_of_their_width():
+    cfg = moe_config(num_shared_experts=2)
+    x = tokens()
+    params = nn.unbox(block(cfg).init(jax.random.key(1), x)["params"])
+    with_shared = block(cfg).apply({"params": params}, x)
+    routed_only = block(moe_config()).apply({"params": {k: v for k, v in params.items() if k != "shared"}}, x)
+    shared = layers.Mlp("swiglu", 2 * F, False, 0.5, 0.5, jnp.float32, jnp.float32)
+    assert params["shared"]["up"]["kernel"].shape == (D, 2 * F)
+    want = routed_only + shared.apply({"params": params["shared"]}, x)
+    np.testing.assert_allclose(with_shared, want, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model: a dense first layer and MoE layers after it, in the train step and on meshes with an expert axis.
+
+MOE = (
+    "config.model.num_layers=3",
+    "config.model.moe.num_experts=8",
+    "config.model.moe.expert_mlp_dim=32",
+    "config.model.moe.first_dense_layers=1",
+    "config.model.moe.num_shared_experts=1",
+    "config.model.moe.router_z_loss=0.001",
+)
+SGD = ("config.optim.name=sgd", "config.optim.warmup_steps=0", "config.optim.clip=0", "config.optim.weight_decay=0")
+
+
+def moe_sum_lengths(config, tokens: int) -> list:
+    """lm_sum_lengths, with each MoE layer's own sums: its router's (the width, the experts: softmax and losses)
+    and the experts' (the width, the expert width, the k picks and the shared experts' width) in place of the MLP."""
+    m = config.model
+    layer = 3 * m.d_model + config.data.seq_len + m.d_model + m.moe.num_experts
+    layer += m.moe.expert_mlp_dim * (1 + m.moe.num_shared_experts) + m.moe.experts_per_token
+    return lm_sum_lengths(config, tokens) + [layer] * (m.num_layers - m.moe.first_dense_layers)
+
+
+def fixed_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 256, (config.batch_size, config.data.seq_len + 1), dtype=np.int32)
+    weights = (rng.random((config.batch_size, config.data.seq_len)) > 0.1).astype(np.float32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+
+
+def one_sgd_step(config, batch):
+    """(metrics, initial parameters, parameters after one compiled SGD step) of `config` on `batch`."""
+    setup = make_setup(config, jax.devices()[: int(np.prod(list(config.mesh.values())))])  # every axis set
+    step, _ = step_lib.compile_train_step(setup)
+    state = setup.init_state()
+    initial = jax.device_get(state.params)
+    state, metrics = step(state, setup.sharding.global_batch(batch))
+    return jax.device_get(metrics), initial, jax.device_get(state.params)
+
+
+def test_moe_model_trains_with_a_dense_prefix_through_remat_and_gradient_accumulation(tiny_config):
+    """Scanned dense and MoE stacks, rematerialized: k microbatches give one big batch's update (dropless routing
+    is per token, so with the router losses off the loss is a sum over tokens; they are averaged per microbatch)."""
+    results = []
+    for accum in (1, 2):
+        no_router_losses = ("config.model.moe.router_aux_loss=0", "config.model.moe.router_z_loss=0")
+        config = tiny_config(
+            "llama=True",
+            *MOE,
+            *no_router_losses,
+            *SGD,
+            "config.model.remat=full",
+            f"config.optim.grad_accum={accum}",
+            "config.mesh.data=2",
+        )
+        results.append(one_sgd_step(config, fixed_batch(config)))
+    (m1, initial, p1), (m2, _, p2) = results
+    assert set(p1) == {"dense_layers", "moe_layers", "embed", "unembed", "final_norm"}
+    assert p1["moe_layers"]["mlp"]["experts"]["up"].shape == (2, 8, 32, 32)  # 2 MoE layers of 8 experts
+    tolerance = float32_sum_tolerance(*moe_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=tolerance)
+    assert_sgd_params_close_after_reordering(p2, p1, initial, tolerance, 1, "parameters after one step")
+    # The router's statistics reach the step's metrics.
+    assert m1["moe_dropped"] == 0 and 0 <= m1["moe_load_min"] <= 1 <= m1["moe_load_max"] <= 8
+    assert m1["moe_aux_loss"] >= 2 - 1e-5  # k = 2 at best (perfect balance)
