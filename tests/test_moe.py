@@ -2,11 +2,14 @@
 token and masked; capacity mode drops exactly the picks it reports; the router's losses are the papers' formulas;
 the MoE model trains through scan, remat and gradient accumulation."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import init_params
 from tolerance import (
     EPS32,
     assert_close_after_reordering,
@@ -153,7 +156,7 @@ def test_shared_experts_add_a_dense_mlp_of_their_width():
 MOE = (
     "config.model.num_layers=3",
     "config.model.moe.num_experts=8",
-    "config.model.moe.expert_mlp_dim=32",
+    "config.model.moe.expert_mlp_dim=48",  # unlike any other width: its kernels are told apart
     "config.model.moe.first_dense_layers=1",
     "config.model.moe.num_shared_experts=1",
     "config.model.moe.router_z_loss=0.001",
@@ -205,10 +208,76 @@ def test_moe_model_trains_with_a_dense_prefix_through_remat_and_gradient_accumul
         results.append(one_sgd_step(config, fixed_batch(config)))
     (m1, initial, p1), (m2, _, p2) = results
     assert set(p1) == {"dense_layers", "moe_layers", "embed", "unembed", "final_norm"}
-    assert p1["moe_layers"]["mlp"]["experts"]["up"].shape == (2, 8, 32, 32)  # 2 MoE layers of 8 experts
+    assert p1["moe_layers"]["mlp"]["experts"]["up"].shape == (2, 8, 32, 48)  # 2 MoE layers of 8 experts
     tolerance = float32_sum_tolerance(*moe_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
     np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=tolerance)
     assert_sgd_params_close_after_reordering(p2, p1, initial, tolerance, 1, "parameters after one step")
     # The router's statistics reach the step's metrics.
     assert m1["moe_dropped"] == 0 and 0 <= m1["moe_load_min"] <= 1 <= m1["moe_load_max"] <= 8
     assert m1["moe_aux_loss"] >= 2 - 1e-5  # k = 2 at best (perfect balance)
+
+
+# data x fsdp x tensor x expert: experts split 1, 2, 4 and 8 ways, alone and beside the other axes.
+EXPERT_MESHES = [(1, 1, 1, 1), (2, 2, 2, 1), (1, 1, 1, 8), (4, 1, 1, 2), (1, 2, 1, 4), (1, 2, 2, 2)]
+
+
+def on_mesh(config, shape):
+    config.mesh.update(dict(zip(("data", "fsdp", "tensor", "expert"), shape, strict=True)))
+    return make_setup(config, jax.devices()[: int(np.prod(shape))])
+
+
+def training_loss_and_grads(setup, params, batch):
+    """(the training loss (cross-entropy and the router losses), its gradients), jitted on the setup's mesh, and the
+    compiled program's text."""
+
+    def mean_loss(p, b):
+        sums, _ = setup.task.loss_sums(p, {}, b, train=True)
+        return sums["loss"] / sums["count"]
+
+    fn = jax.jit(jax.value_and_grad(mean_loss), in_shardings=(setup.state_shardings.params, setup.sharding.batch))
+    with setup.sharding.activate():
+        batch = setup.sharding.global_batch(batch)
+        compiled = fn.lower(params, batch).compile()
+        return compiled(params, batch), compiled.as_text()
+
+
+COLLECTIVE = re.compile(
+    r"= [a-z0-9]+\[([0-9,]*)\]\S* (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)\("
+)
+
+
+def assert_tokens_move_to_the_experts(program: str, config, batch) -> None:
+    """In the compiled program, no collective carries a whole expert kernel [experts, ...] (each device keeps its
+    experts' weights: expert parallelism, not FSDP of the experts), and one carries the token picks [tokens * k, ...]
+    (XLA's dispatch under the sharding rules: the sorted picks summed over the devices into each one's experts)."""
+    moe_cfg = config.model.moe
+    kernel = (moe_cfg.num_experts, config.model.d_model, moe_cfg.expert_mlp_dim)
+    shapes = [tuple(int(n) for n in dims.split(",") if n) for dims, _ in COLLECTIVE.findall(program)]
+    assert shapes, "no collectives at all"
+    assert not [s for s in shapes if s[-3:] in (kernel, kernel[::-1])], "an expert kernel moved between devices"
+    picks = batch["inputs"].size * moe_cfg.experts_per_token
+    assert any(s and s[0] == picks for s in shapes), f"no collective moves the {picks} token picks: {set(shapes)}"
+
+
+def test_loss_and_every_gradient_match_with_experts_split_over_devices(tiny_config):
+    config = tiny_config("llama=True", *MOE)
+    batch = fixed_batch(config)
+    tolerance = float32_sum_tolerance(*moe_sum_lengths(config, tokens=batch["weights"].size))
+    reference = None
+    for shape in EXPERT_MESHES:
+        setup = on_mesh(config, shape)
+        if reference is None:
+            host_params = jax.device_get(init_params(setup.task))
+        params = jax.device_put(host_params, setup.state_shardings.params)
+        expert_kernel = params["moe_layers"]["mlp"]["experts"]["up"]
+        assert expert_kernel.addressable_shards[0].data.shape[1] == 8 // shape[3]  # each device: its experts only
+        (loss, grads), program = training_loss_and_grads(setup, params, batch)
+        loss, grads = jax.device_get((loss, grads))
+        if shape[3] > 1:
+            assert_tokens_move_to_the_experts(program, config, batch)
+        if reference is None:
+            reference = (loss, grads)
+            assert np.abs(grads["moe_layers"]["mlp"]["router"]["kernel"]).max() > 0  # the router learns
+            continue
+        np.testing.assert_allclose(loss, reference[0], rtol=tolerance, err_msg=f"loss on mesh {shape}")
+        assert_close_after_reordering(grads, reference[1], tolerance, f"gradients on mesh {shape}")
