@@ -168,7 +168,7 @@ def total_bytes(abstract_tree) -> int:
 
 def batch_bytes(task, config, mesh_shape: dict) -> int:
     """This device's rows of the batch, as the task lays a batch out."""
-    rows = config.batch_size // (mesh_shape["data"] * mesh_shape["fsdp"])
+    rows = config.batch_size // (mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"])
     return total_bytes(task.batch_spec(rows))
 
 
@@ -207,6 +207,8 @@ def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | No
         config.data.seq_len,
         m.vocab_size,
     )
+    if m.moe:  # a MoE layer's hidden activations: the k picked experts' and the shared ones', per token
+        f = (m.moe.experts_per_token + m.moe.num_shared_experts) * m.moe.expert_mlp_dim
     mlp_tensors = 3 if m.mlp == "swiglu" else 2
     qkv = (h + 2 * kv) * hd * a / t
     attention_out = h * hd * a / t
@@ -221,7 +223,9 @@ def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | No
     }[m.remat]
     recompute = 0 if m.remat == "none" else whole_block  # one block rebuilt at a time during the backward
     logits = vocab * (a + 8) / t
-    rows = config.batch_size // config.optim.grad_accum // (mesh_shape["data"] * mesh_shape["fsdp"])
+    rows = (
+        config.batch_size // config.optim.grad_accum // (mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"])
+    )
     tokens, logit_tokens = rows * s, rows * (config.task.loss_chunk or s)
     counts = parameter_count(m)
     gathered = 2 * counts["layers"] / m.num_layers + counts["embedding"] if mesh_shape["fsdp"] > 1 else 0

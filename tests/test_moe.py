@@ -18,9 +18,10 @@ from tolerance import (
     lm_sum_lengths,
 )
 
-from bigjax.models import layers, moe
+from bigjax.models import gpt, layers, moe
 from bigjax.run import step as step_lib
 from bigjax.run.setup import make_setup
+from bigjax.tasks import make_task
 
 D, F, E, K = 8, 16, 4, 2  # model width, expert width, experts, picks per token
 
@@ -281,3 +282,21 @@ def test_loss_and_every_gradient_match_with_experts_split_over_devices(tiny_conf
             continue
         np.testing.assert_allclose(loss, reference[0], rtol=tolerance, err_msg=f"loss on mesh {shape}")
         assert_close_after_reordering(grads, reference[1], tolerance, f"gradients on mesh {shape}")
+
+
+def test_flops_count_the_active_parameters_and_the_total_counts_every_expert(tiny_config):
+    config = tiny_config("llama=True", *MOE)
+    task = make_task(config)
+    counts = gpt.parameter_count(task.model_config)
+    params = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
+    kernels = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree) if leaf.ndim >= 3)  # matrices stacked over layers
+    assert counts["layers_total"] == kernels(params["dense_layers"]) + kernels(params["moe_layers"])
+    # By hand, active per token: each MoE layer's attention, router, 2 of its 8 experts and its shared expert.
+    d, f, e = 32, 48, 8
+    attention = d * 8 * (4 + 2 * 2) + 4 * 8 * d  # head_dim 8, 4 query heads, 2 key/value heads
+    moe_layer = attention + d * e + 3 * d * f * (2 + 1)
+    dense_layer = attention + 3 * d * 64  # the tiny model's mlp_dim
+    assert counts["layers"] == dense_layer + 2 * moe_layer
+    assert task.flops_per_example() == config.data.seq_len * (
+        6 * (counts["layers"] + 384 * d) + 12 * 3 * 4 * 8 * config.data.seq_len  # vocab padded to 384
+    )

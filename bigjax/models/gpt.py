@@ -278,7 +278,9 @@ class GPTHiddenStates(GPT):
 
 
 def parameter_count(cfg: GPTConfig) -> dict[str, int]:
-    """Parameters in total and those that do matmul work per token (for the FLOPs estimate)."""
+    """Parameters that do matmul work per token (`matmul`: a MoE layer's router, k experts and shared experts, not
+    all of its experts: the FLOPs estimate counts the active parameters), those of the layers that do (`layers`),
+    the embeddings, and every parameter of the layers (`layers_total`: all the experts)."""
     d, h, kv, hd, f, v, n = (
         cfg.d_model,
         cfg.num_heads,
@@ -289,14 +291,24 @@ def parameter_count(cfg: GPTConfig) -> dict[str, int]:
         cfg.num_layers,
     )
     attention = d * hd * (h + 2 * kv) + h * hd * d
-    mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
-    per_layer = attention + mlp
+    per_expert_width = d * (3 if cfg.mlp == "swiglu" else 2)  # an MLP's weights per unit of hidden width
+    dense_layer = attention + per_expert_width * f
+    layers_active = layers_total = n * dense_layer
+    if cfg.moe:
+        e = cfg.moe
+        sparse = n - e.first_dense_layers
+        router_and_shared = d * e.num_experts + per_expert_width * e.expert_mlp_dim * e.num_shared_experts
+        moe_active = attention + router_and_shared + per_expert_width * e.expert_mlp_dim * e.experts_per_token
+        moe_total = attention + router_and_shared + per_expert_width * e.expert_mlp_dim * e.num_experts
+        layers_active = e.first_dense_layers * dense_layer + sparse * moe_active
+        layers_total = e.first_dense_layers * dense_layer + sparse * moe_total
     embedding = v * d
     unembedding = 0 if cfg.tie_embeddings else v * d
     positions = cfg.max_len * d if cfg.positions == "learned" else 0
     return dict(
         # biases and norms are a rounding error and leave the matmul count alone
-        matmul=n * per_layer + v * d,
+        matmul=layers_active + v * d,
         embedding=embedding + unembedding + positions,
-        layers=n * per_layer,
+        layers=layers_active,
+        layers_total=layers_total,
     )
