@@ -289,7 +289,8 @@ def test_flops_count_the_active_parameters_and_the_total_counts_every_expert(tin
     task = make_task(config)
     counts = gpt.parameter_count(task.model_config)
     params = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
-    kernels = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree) if leaf.ndim >= 3)  # matrices stacked over layers
+    # The matrices, stacked over the layers (the norms' scales are vectors, stacked: 2 dimensions).
+    kernels = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree) if leaf.ndim >= 3)
     assert counts["layers_total"] == kernels(params["dense_layers"]) + kernels(params["moe_layers"])
     # By hand, active per token: each MoE layer's attention, router, 2 of its 8 experts and its shared expert.
     d, f, e = 32, 48, 8
