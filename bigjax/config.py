@@ -577,6 +577,7 @@ def check_values(config) -> None:
     check_distill(config)
     check_quantization(config.quant)
     check_lora(config)
+    check_moe_compressions(config)
 
 
 # Sizes and counts, checked before anything divides by them or builds an array of them. A model key is checked
@@ -766,6 +767,19 @@ def check_model(config) -> None:
         check_groups(m)
     if "moe" in m:
         check_moe(m)
+
+
+def check_moe_compressions(config) -> None:
+    """Qwix quantizes and adapts dot_general and einsum; a MoE layer's experts multiply with ragged_dot, so a
+    quantized or LoRA model would leave its largest weights float and frozen without saying so: refused instead."""
+    if not config.model.get("moe", {}).get("num_experts"):
+        return
+    for key, value in (("quant.bits", config.quant.bits), ("lora.rank", config.lora.rank)):
+        if value:
+            raise ConfigError(
+                f"config.{key}={value} does not cover the experts of a mixture of experts (config.model.moe."
+                f"num_experts={config.model.moe.num_experts}): their grouped matmuls stay float; set {key}=0"
+            )
 
 
 def check_moe(m) -> None:

@@ -18,6 +18,9 @@ from tolerance import (
     lm_sum_lengths,
 )
 
+from bigjax import config as config_lib
+from bigjax import errors
+from bigjax.deploy import common as deploy_common
 from bigjax.models import gpt, layers, moe
 from bigjax.run import step as step_lib
 from bigjax.run.setup import make_setup
@@ -301,3 +304,33 @@ def test_flops_count_the_active_parameters_and_the_total_counts_every_expert(tin
     assert task.flops_per_example() == config.data.seq_len * (
         6 * (counts["layers"] + 384 * d) + 12 * 3 * 4 * 8 * config.data.seq_len  # vocab padded to 384
     )
+
+
+@pytest.mark.parametrize(
+    "experiment, overrides, message",
+    [
+        ("tiny.py", ["config.model.moe.num_experts=4", "config.model.moe.experts_per_token=5"], "experts_per_token=5"),
+        ("tiny.py", ["config.model.moe.num_experts=6", "config.mesh.expert=4"], "expert=4 does not divide"),
+        ("tiny.py", ["config.mesh.expert=2"], "config.model has none"),
+        ("tiny.py", ["config.model.moe.num_experts=4", "config.model.moe.first_dense_layers=3"], "exceeds model.num"),
+        ("tiny.py", ["config.model.moe.capacity_factor=-1.0"], "capacity_factor must be >= 0"),
+        ("bert_tiny_mlm.py", ["config.model.moe.num_experts=4"], "unknown config key config.model.moe"),
+    ],
+)
+def test_bad_moe_settings_are_one_error_naming_the_fix(experiment, overrides, message):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        config = config_lib.load(f"experiments/{experiment}", overrides)
+        config_lib.check_against_devices(config, 8)
+
+
+@pytest.mark.parametrize("override", ["config.quant.bits=8", "config.lora.rank=4"])
+def test_quantization_and_lora_refuse_a_mixture_of_experts_in_one_line(tiny_config, override):
+    with pytest.raises(config_lib.ConfigError, match=r"does not cover the experts of a mixture of experts"):
+        tiny_config("llama=True", "config.model.moe.num_experts=4", override)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "stablehlo"])
+def test_export_refuses_a_mixture_of_experts_in_one_line(tiny_config, fmt):
+    config = tiny_config("llama=True", "config.model.moe.num_experts=4")
+    with pytest.raises(errors.UserError, match=rf"W trained a mixture of experts.*--format {fmt} does not export"):
+        deploy_common.check_exportable(config, fmt, "W")

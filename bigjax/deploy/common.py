@@ -24,6 +24,11 @@ def check_exportable(config, fmt: str, where) -> None:
         raise DeployError(f"{refusal} (--format {fmt} exports float models)")
     family, task = config.model.family, config.task.name
     causal_lm = family == "gpt" and task == "causal_lm"
+    if config.model.get("moe", {}).get("num_experts"):
+        raise DeployError(
+            f"{where} trained a mixture of experts, whose grouped matmuls (ragged_dot) --format {fmt} does not "
+            "export yet; serve it with `bigjax generate`"
+        )
     if fmt == "stablehlo" and not causal_lm:
         raise DeployError(
             f"{where} trained a {family} {task} model; --format stablehlo exports the decode step of a GPT causal LM"
