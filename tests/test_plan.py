@@ -159,7 +159,8 @@ def test_plan_command_line(cli, cli_in_process):
         "--json",
     )
     report = json.loads(result.stdout)
-    assert report["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1, "context": 1} and report["source"] == "model"
+    assert report["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1, "context": 1, "expert": 1}
+    assert report["source"] == "model"
     assert report["fits"] is True and report["per_device"]["total"] < 16 * 2**30
 
     # The refusals: the same one-line errors, asked in this process.
