@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_generate
 from conftest import init_params
 from tolerance import (
     EPS32,
@@ -334,3 +335,9 @@ def test_export_refuses_a_mixture_of_experts_in_one_line(tiny_config, fmt):
     config = tiny_config("llama=True", "config.model.moe.num_experts=4")
     with pytest.raises(errors.UserError, match=rf"W trained a mixture of experts.*--format {fmt} does not export"):
         deploy_common.check_exportable(config, fmt, "W")
+
+
+def test_generating_through_the_kv_cache_gives_the_full_forward_logits(tiny_config):
+    """Dropless routing is per token: a MoE model decodes one token at a time as its full forward pass computes."""
+    with_moe = lambda arg="", *overrides: tiny_config(arg, *MOE, *overrides)
+    test_generate.test_prefill_and_cached_steps_give_the_logits_of_the_full_forward(with_moe, "llama=True", True)
