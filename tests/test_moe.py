@@ -222,12 +222,12 @@ def test_moe_model_trains_with_a_dense_prefix_through_remat_and_gradient_accumul
     assert m1["moe_aux_loss"] >= 2 - 1e-5  # k = 2 at best (perfect balance)
 
 
-# data x fsdp x tensor x expert: experts split 1, 2, 4 and 8 ways, alone and beside the other axes.
-EXPERT_MESHES = [(1, 1, 1, 1), (2, 2, 2, 1), (1, 1, 1, 8), (4, 1, 1, 2), (1, 2, 1, 4), (1, 2, 2, 2)]
+# data x fsdp x tensor x expert (x context): experts split 1, 2, 4 and 8 ways, alone and beside every other axis.
+EXPERT_MESHES = [(1, 1, 1, 1), (2, 2, 2, 1), (1, 1, 1, 8), (2, 1, 1, 2, 2), (1, 2, 1, 4), (1, 2, 2, 2)]
 
 
 def on_mesh(config, shape):
-    config.mesh.update(dict(zip(("data", "fsdp", "tensor", "expert"), shape, strict=True)))
+    config.mesh.update(dict(zip(("data", "fsdp", "tensor", "expert", "context"), (*shape, 1)[:5], strict=False)))
     return make_setup(config, jax.devices()[: int(np.prod(shape))])
 
 
