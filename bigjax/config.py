@@ -30,7 +30,7 @@ class ConfigError(UserError):
 # Logical axis name -> mesh axes. Parameters use the short names, activations the `activation_*` ones,
 # so a mesh axis (fsdp) can shard a weight's embed dim and, at the same time, an activation's batch dim.
 DEFAULT_SHARDING_RULES = (
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp", "expert")),  # expert parallelism is data parallelism outside the experts
     ("activation_length", "context"),  # the sequence, split over context (bigjax.parallel.context)
     ("activation_embed", None),
     ("activation_heads", "tensor"),
@@ -45,6 +45,7 @@ DEFAULT_SHARDING_RULES = (
     ("mlp", "tensor"),
     # The stacked layers of a scanned stack, in consecutive blocks over the pipeline's stages (bigjax.parallel.pipeline)
     ("layers", "stage"),
+    ("experts", "expert"),  # a MoE layer's experts, split over the expert axis (bigjax.models.moe)
     ("positions", None),
     ("classes", None),  # classifier heads are small: kept whole
     # Convolutions (see bigjax/models/layers.py): FSDP splits kernels by output channel; activations keep channels
@@ -92,7 +93,7 @@ def defaults(model: str = families.DEFAULT_FAMILY, task: str = families.DEFAULT_
         )
     )
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1, stage=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1, expert=1, stage=1))
     c.sharding_rules = DEFAULT_SHARDING_RULES
 
     c.task = ml_collections.ConfigDict(
@@ -618,6 +619,7 @@ def check_values(config) -> None:
     check_distill(config)
     check_quantization(config.quant)
     check_lora(config)
+    check_moe_compressions(config)
 
 
 def check_trackers(trackers) -> None:
@@ -818,6 +820,42 @@ def check_model(config) -> None:
         check_patches(m, config.data.image_size)
     if m.get("normalization") == "groupnorm":
         check_groups(m)
+    if "moe" in m:
+        check_moe(m)
+
+
+def check_moe_compressions(config) -> None:
+    """Qwix quantizes and adapts dot_general and einsum; a MoE layer's experts multiply with ragged_dot, so a
+    quantized or LoRA model would leave its largest weights float and frozen without saying so: refused instead."""
+    if not config.model.get("moe", {}).get("num_experts"):
+        return
+    for key, value in (("quant.bits", config.quant.bits), ("lora.rank", config.lora.rank)):
+        if value:
+            raise ConfigError(
+                f"config.{key}={value} does not cover the experts of a mixture of experts (config.model.moe."
+                f"num_experts={config.model.moe.num_experts}): their grouped matmuls stay float; set {key}=0"
+            )
+
+
+def check_moe(m) -> None:
+    moe, where = m.moe, "config.model.moe"
+    for key in ("num_experts", "experts_per_token", "expert_mlp_dim", "num_shared_experts", "first_dense_layers"):
+        if moe[key] < 0:
+            raise ConfigError(f"{where}.{key} must be >= 0, got {moe[key]}")
+    if moe.capacity_factor < 0:
+        raise ConfigError(f"{where}.capacity_factor must be >= 0 (0 = dropless), got {moe.capacity_factor}")
+    if not moe.num_experts:
+        return
+    if not 0 < moe.experts_per_token <= moe.num_experts:
+        raise ConfigError(
+            f"{where}.experts_per_token={moe.experts_per_token} must be between 1 and num_experts={moe.num_experts}; "
+            "lower experts_per_token or add experts"
+        )
+    if moe.first_dense_layers > m.num_layers:
+        raise ConfigError(
+            f"{where}.first_dense_layers={moe.first_dense_layers} exceeds model.num_layers={m.num_layers}; "
+            "keep at most num_layers dense (num_experts=0 for no MoE)"
+        )
 
 
 def linear_biases(m) -> tuple[bool, bool, bool]:
@@ -912,21 +950,22 @@ def check_against_devices(config, num_devices: int) -> dict[str, int]:
     if num_devices % fixed:
         raise ConfigError(
             f"the mesh {_mesh_str(shape)} does not divide the {num_devices} devices; "
-            f"make data*fsdp*tensor*context*stage divide {num_devices} (or set one axis to -1)"
+            f"make data*fsdp*tensor*context*expert*stage divide {num_devices} (or set one axis to -1)"
         )
     if free:
         shape[free[0]] = num_devices // fixed
     elif fixed != num_devices:
         raise ConfigError(
             f"the mesh {_mesh_str(shape)} uses {fixed} of the {num_devices} devices; "
-            f"make data*fsdp*tensor*context*stage equal {num_devices} or set one axis to -1"
+            f"make data*fsdp*tensor*context*expert*stage equal {num_devices} or set one axis to -1"
         )
     check_context(config, shape["context"])
-    data_parallel = shape["data"] * shape["fsdp"]
+    check_expert(config, shape["expert"])
+    data_parallel = shape["data"] * shape["fsdp"] * shape["expert"]
     micro = config.batch_size // config.optim.grad_accum
     if micro % data_parallel:
         raise ConfigError(
-            f"the (micro)batch of {micro} examples does not divide across data*fsdp={data_parallel} devices; "
+            f"the (micro)batch of {micro} examples does not divide across data*fsdp*expert={data_parallel} devices; "
             f"set config.batch_size to a multiple of {data_parallel * config.optim.grad_accum}"
         )
     check_pipeline(config, shape["stage"], shape["context"])
@@ -967,6 +1006,12 @@ def check_pipeline(config, stages: int, context: int) -> None:
         raise ConfigError(
             f"config.mesh.stage={stages} pipelines the stacked layers of config.model.family='gpt' with "
             f"scan_layers=True, not family={m.family!r} scan_layers={m.scan_layers}; set config.mesh.stage=1"
+        )
+    if m.get("moe", {}).get("num_experts"):
+        # A MoE model scans two stacks (dense_layers, moe_layers); the pipeline cuts one stack into stages.
+        raise ConfigError(
+            f"config.mesh.stage={stages} with a mixture of experts (config.model.moe.num_experts="
+            f"{m.moe.num_experts}): a pipeline does not stage MoE layers yet; set config.mesh.stage=1"
         )
     if context > 1:
         # Context parallelism's shard_map inside the pipeline's does not trace yet (jax 0.10: the ring's scan carries
@@ -1016,6 +1061,23 @@ def balances_context(config) -> bool:
         and config.task.name == "causal_lm"
         and "context_parallel" in config.model
     )
+
+
+def check_expert(config, expert: int) -> None:
+    """Experts split over `expert` devices: a MoE model whose experts split evenly."""
+    if expert == 1:
+        return
+    experts = config.model.moe.num_experts if "moe" in config.model else 0
+    if not experts:
+        raise ConfigError(
+            f"config.mesh.expert={expert} splits a mixture of experts, but config.model has none "
+            "(model.moe.num_experts=0, or a family without MoE); set config.mesh.expert=1"
+        )
+    if experts % expert:
+        raise ConfigError(
+            f"config.mesh.expert={expert} does not divide config.model.moe.num_experts={experts}; "
+            "use an expert axis that divides the number of experts"
+        )
 
 
 def _mesh_str(shape) -> str:

@@ -92,6 +92,22 @@ def gpt_model() -> dict:
         # per stage), schedule gpipe | circular, and (circular) passes round the stages, each stage holding that many
         # groups of layers
         pipeline=dict(microbatches=0, schedule="gpipe", repeats=1),
+        moe=moe_keys(),
+    )
+
+
+def moe_keys() -> dict:
+    """A mixture of experts in place of the MLP (bigjax.models.moe); num_experts=0 keeps the dense MLP."""
+    return dict(
+        num_experts=0,  # routed experts per MoE layer; 0 = no MoE
+        experts_per_token=2,  # top-k: the experts each token goes through
+        expert_mlp_dim=0,  # each expert's hidden width; 0 = model.mlp_dim
+        num_shared_experts=0,  # experts every token goes through besides its k (DeepSeek, Qwen-MoE)
+        first_dense_layers=0,  # the first layers keep a dense MLP (DeepSeek-V3: 3)
+        capacity_factor=0.0,  # 0 = dropless; c > 0: each expert takes at most c * tokens * k / E picks, the rest drop
+        router_aux_loss=0.01,  # weight of the load-balancing loss (Switch/GShard; balanced routing gives k)
+        router_z_loss=0.0,  # weight of the router z-loss (ST-MoE)
+        norm_topk_probs=True,  # renormalise the k picked probabilities to sum to 1 (Mixtral: yes)
     )
 
 

@@ -172,7 +172,7 @@ def total_bytes(abstract_tree) -> int:
 
 def batch_bytes(task, config, mesh_shape: dict) -> int:
     """This device's rows of the batch, as the task lays a batch out."""
-    rows = config.batch_size // (mesh_shape["data"] * mesh_shape["fsdp"])
+    rows = config.batch_size // (mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"])
     return total_bytes(task.batch_spec(rows))
 
 
@@ -216,6 +216,8 @@ def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | No
         config.data.seq_len,
         m.vocab_size,
     )
+    if m.moe:  # a MoE layer's hidden activations: the k picked experts' and the shared ones', per token
+        f = (m.moe.experts_per_token + m.moe.num_shared_experts) * m.moe.expert_mlp_dim
     mlp_tensors = 3 if m.mlp == "swiglu" else 2
     qkv = (h + 2 * kv) * hd * a / t
     attention_out = h * hd * a / t
@@ -231,7 +233,8 @@ def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | No
     }[m.remat]
     recompute = 0 if m.remat == "none" else whole_block  # one block rebuilt at a time during the backward
     logits = vocab * (a + 8) / t
-    rows = config.batch_size // config.optim.grad_accum // (mesh_shape["data"] * mesh_shape["fsdp"])
+    batch_axes = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape.get("expert", 1)
+    rows = config.batch_size // config.optim.grad_accum // batch_axes
     tokens, logit_tokens = rows * s / c, rows * (config.task.loss_chunk or s) / c
     # A pipeline stage keeps those of its own layers (for every micro-batch), and the stage's input and output of
     # every micro-batch (the micro-batches, and what comes back from the last stage).

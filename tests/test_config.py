@@ -87,7 +87,7 @@ def test_missing_config_file():
         (dict(data=2, fsdp=2, tensor=1), 8, "uses 4 of the 8 devices"),
         (dict(data=-1, fsdp=-1, tensor=1), 8, "only one mesh axis may be -1"),
         (dict(data=0, fsdp=1, tensor=1), 8, "use a positive size"),
-        (dict(data=-1, fsdp=1, tensor=1), 16, r"does not divide across data\*fsdp=16"),
+        (dict(data=-1, fsdp=1, tensor=1), 16, r"does not divide across data\*fsdp\*expert=16"),
     ],
 )
 def test_mesh_and_batch_must_fit_the_devices(tiny_config, mesh, devices, message):
@@ -99,9 +99,9 @@ def test_mesh_and_batch_must_fit_the_devices(tiny_config, mesh, devices, message
 
 def test_minus_one_takes_the_remaining_devices(tiny_config):
     c = tiny_config("", "--config.mesh.tensor=2")
-    assert config_lib.check_against_devices(c, 8) == dict(data=4, fsdp=1, tensor=2, context=1, stage=1)
+    assert config_lib.check_against_devices(c, 8) == dict(data=4, fsdp=1, tensor=2, context=1, expert=1, stage=1)
     c = tiny_config("", "--config.mesh.data=1", "--config.mesh.context=-1")
-    assert config_lib.check_against_devices(c, 8) == dict(data=1, fsdp=1, tensor=1, context=8, stage=1)
+    assert config_lib.check_against_devices(c, 8) == dict(data=1, fsdp=1, tensor=1, context=8, expert=1, stage=1)
 
 
 def test_context_splits_the_sequence_into_equal_pieces_of_a_model_that_attends_across_them(tiny_config):
@@ -150,7 +150,7 @@ def test_resume_conflicts_list_model_changes_but_not_harmless_ones(tiny_config):
     [
         (["--config.optim.lrr=1"], "did you mean config.optim.lr"),
         (["--config.mesh.data=3"], "does not divide the 8 devices"),
-        (["--config.batch_size=12"], "does not divide across data*fsdp=8"),
+        (["--config.batch_size=12"], "does not divide across data*fsdp*expert=8"),
     ],
 )
 def test_cli_user_errors_exit_2_with_one_line_and_no_traceback(cli, tmp_path, args, message):

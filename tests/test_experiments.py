@@ -23,6 +23,7 @@ EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))
 PARAMETERS = {
     "gpt2_124m": 124_475_904,
     "llama_1b": 1_100_048_384,
+    "mixtral_8x7b": 46_702_792_704,
     "cnn_mnist": 824_458,
     "resnet18_cifar10": 11_173_962,
     "resnet50_imagenet": 25_557_032,

@@ -159,9 +159,8 @@ def test_plan_command_line(cli, cli_in_process):
         "--json",
     )
     report = json.loads(result.stdout)
-    assert (
-        report["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1, "context": 1, "stage": 1} and report["source"] == "model"
-    )
+    assert report["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1, "context": 1, "expert": 1, "stage": 1}
+    assert report["source"] == "model"
     assert report["fits"] is True and report["per_device"]["total"] < 16 * 2**30
 
     # The refusals: the same one-line errors, asked in this process.
@@ -170,7 +169,7 @@ def test_plan_command_line(cli, cli_in_process):
     measure = cli_in_process("plan", "--config", LLAMA, "--measure", check=False)
     assert measure.returncode == 2 and "a CPU does not" in measure.stderr
     indivisible = cli_in_process("plan", "--config", LLAMA, "--devices", "3", "--device-kind", "h100", check=False)
-    assert indivisible.returncode == 2 and "does not divide across data*fsdp=3" in indivisible.stderr
+    assert indivisible.returncode == 2 and "does not divide across data*fsdp*expert=3" in indivisible.stderr
 
 
 def test_byte_formatting():

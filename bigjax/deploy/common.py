@@ -24,6 +24,11 @@ def check_exportable(config, fmt: str, where) -> None:
     if refusal:
         raise DeployError(f"{refusal} (--format {fmt} exports float models)")
     family, task = config.model.family, config.task.name
+    if config.model.get("moe", {}).get("num_experts"):
+        raise DeployError(
+            f"{where} trained a mixture of experts, whose grouped matmuls (ragged_dot) --format {fmt} does not "
+            "export yet; serve it with `bigjax generate`"
+        )
     if not families.deploys(family, task, fmt):
         raise DeployError(
             f"{where} trained a {family} {task} model; --format {fmt} exports {families.EXPORT_FORMATS[fmt]} of: "

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from bigjax import config as config_lib
-from bigjax.models import layers
+from bigjax.models import layers, moe
 from bigjax.parallel import pipeline as pipeline_lib
 
 
@@ -58,6 +58,7 @@ class GPTConfig:
     remat: str
     init_std: float
     pipeline: pipeline_lib.PipelineConfig  # how the layers run where config.mesh.stage > 1
+    moe: moe.MoeConfig | None  # None: every layer's MLP is dense
 
     @classmethod
     def from_config(cls, m) -> GPTConfig:
@@ -82,6 +83,7 @@ class GPTConfig:
             mlp_bias=mlp_bias,
             context_parallel=m.get("context_parallel", ""),
             pipeline=pipeline_lib.PipelineConfig(**m.get("pipeline", {})),
+            moe=moe.MoeConfig.from_config(m.moe, mlp_dim) if "moe" in m else None,
         )
         values["attention"] = layers.resolve_attention(m.attention, m.dtype)
         return cls(**values)
@@ -121,6 +123,7 @@ class Block(nn.Module):
     causal: bool = True
     post_norm: bool = False
     decode: bool = False
+    sparse: bool = False  # a mixture of experts (cfg.moe) in place of the MLP
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
@@ -149,7 +152,10 @@ class Block(nn.Module):
             decode=self.decode,
             name="attention",
         )
-        mlp = layers.Mlp(c.mlp, c.mlp_dim, c.mlp_bias, c.init_std, out_std, dtype, param_dtype, name="mlp")
+        if self.sparse:
+            mlp = moe.MoeMlp(c.moe, c.mlp, c.init_std, out_std, dtype, param_dtype, name="mlp")
+        else:
+            mlp = layers.Mlp(c.mlp, c.mlp_dim, c.mlp_bias, c.init_std, out_std, dtype, param_dtype, name="mlp")
         if self.post_norm:
             x = norm(c, "attention_norm")(x + dropout(attention(x, positions, segment_ids)))
             x = layers.constrain_hidden(x)
@@ -163,15 +169,28 @@ class Block(nn.Module):
 
 def run_blocks(cfg: GPTConfig, x, positions, segment_ids, train: bool, *, causal=True, post_norm=False, decode=False):
     """The stack of blocks, scanned (one compiled layer; weights and a KV cache stacked over layers) or unrolled,
-    rematerialized by cfg.remat; called from inside a module's compact method."""
-    blocks = layers.remat_and_scan(Block, cfg.remat, cfg.num_layers if cfg.scan_layers else 0)
-    if cfg.scan_layers:
-        stack = blocks(cfg, train, causal, post_norm, decode, name="layers")
-        if pipeline_lib.stage_count() > 1 and not decode and not stack.is_initializing():
-            return run_pipelined(stack, cfg, x, positions, segment_ids, train, causal, post_norm)
-        return stack(x, positions, segment_ids)[0]
-    for i in range(cfg.num_layers):
-        x, _ = blocks(cfg, train, causal, post_norm, decode, name=f"layers_{i}")(x, positions, segment_ids)
+    rematerialized by cfg.remat; called from inside a module's compact method. Where config.mesh.stage > 1, the
+    scanned stack runs as a pipeline (run_pipelined; config refuses a pipeline of MoE layers).
+
+    With cfg.moe, the first `first_dense_layers` blocks keep a dense MLP and the rest are MoE blocks: scanned, two
+    stacks, `dense_layers` and `moe_layers`; unrolled, `layers_{i}` numbered through both."""
+    dense = cfg.moe.first_dense_layers if cfg.moe else cfg.num_layers
+    stacks = [("layers" if not cfg.moe else "dense_layers", 0, dense, False)]
+    if cfg.moe:
+        stacks.append(("moe_layers", dense, cfg.num_layers, True))
+    for name, start, stop, sparse in stacks:
+        if stop == start:
+            continue
+        blocks = layers.remat_and_scan(Block, cfg.remat, stop - start if cfg.scan_layers else 0)
+        if cfg.scan_layers:
+            stack = blocks(cfg, train, causal, post_norm, decode, sparse, name=name)
+            if pipeline_lib.stage_count() > 1 and not decode and not stack.is_initializing():
+                x = run_pipelined(stack, cfg, x, positions, segment_ids, train, causal, post_norm)
+            else:
+                x = stack(x, positions, segment_ids)[0]
+            continue
+        for i in range(start, stop):
+            x, _ = blocks(cfg, train, causal, post_norm, decode, sparse, name=f"layers_{i}")(x, positions, segment_ids)
     return x
 
 
@@ -291,7 +310,9 @@ class GPTHiddenStates(GPT):
 
 
 def parameter_count(cfg: GPTConfig) -> dict[str, int]:
-    """Parameters in total and those that do matmul work per token (for the FLOPs estimate)."""
+    """Parameters that do matmul work per token (`matmul`: a MoE layer's router, k experts and shared experts, not
+    all of its experts: the FLOPs estimate counts the active parameters), those of the layers that do (`layers`),
+    the embeddings, and every parameter of the layers (`layers_total`: all the experts)."""
     d, h, kv, hd, f, v, n = (
         cfg.d_model,
         cfg.num_heads,
@@ -302,14 +323,24 @@ def parameter_count(cfg: GPTConfig) -> dict[str, int]:
         cfg.num_layers,
     )
     attention = d * hd * (h + 2 * kv) + h * hd * d
-    mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
-    per_layer = attention + mlp
+    per_expert_width = d * (3 if cfg.mlp == "swiglu" else 2)  # an MLP's weights per unit of hidden width
+    dense_layer = attention + per_expert_width * f
+    layers_active = layers_total = n * dense_layer
+    if cfg.moe:
+        e = cfg.moe
+        sparse = n - e.first_dense_layers
+        router_and_shared = d * e.num_experts + per_expert_width * e.expert_mlp_dim * e.num_shared_experts
+        moe_active = attention + router_and_shared + per_expert_width * e.expert_mlp_dim * e.experts_per_token
+        moe_total = attention + router_and_shared + per_expert_width * e.expert_mlp_dim * e.num_experts
+        layers_active = e.first_dense_layers * dense_layer + sparse * moe_active
+        layers_total = e.first_dense_layers * dense_layer + sparse * moe_total
     embedding = v * d
     unembedding = 0 if cfg.tie_embeddings else v * d
     positions = cfg.max_len * d if cfg.positions == "learned" else 0
     return dict(
         # biases and norms are a rounding error and leave the matmul count alone
-        matmul=n * per_layer + v * d,
+        matmul=layers_active + v * d,
         embedding=embedding + unembedding + positions,
-        layers=n * per_layer,
+        layers=layers_active,
+        layers_total=layers_total,
     )

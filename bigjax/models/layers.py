@@ -432,7 +432,8 @@ def remat_and_scan(block, remat: str, length: int = 0):
         return block
     return nn.scan(
         block,
-        variable_axes={"params": 0, "cache": 0, "batch_stats": 0},
+        # "intermediates": what a layer sows (a MoE layer's statistics), stacked over the layers like its weights.
+        variable_axes={"params": 0, "cache": 0, "batch_stats": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=nn.broadcast,
         length=length,

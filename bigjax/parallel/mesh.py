@@ -1,8 +1,8 @@
 """The device mesh, the logical-axis rules, and the shardings derived from them.
 
 Models name their axes logically (`embed`, `mlp`, `heads`, ...); the rules in the config map those names to
-the mesh axes `data`, `fsdp`, `tensor`, `context` (the sequence) and `stage` (the layers,
-bigjax.parallel.pipeline). Nothing else in bigjax mentions a mesh axis
+the mesh axes `data`, `fsdp`, `tensor`, `context` (the sequence), `expert` (a MoE layer's experts) and `stage` (the
+layers, bigjax.parallel.pipeline). Nothing else in bigjax mentions a mesh axis
 (but bigjax.parallel, whose collectives name the axis the rules map to). The two travel together
 as one `Sharding`: `sharding.activate()` to trace, `.batch` and `.replicated` for inputs and outputs, `.of(tree)`
 for a tree of parameters, `.global_batch(host_batch)` for data.
@@ -20,8 +20,9 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from bigjax import config as config_lib
 
-MESH_AXES = ("data", "fsdp", "tensor", "context", "stage")
-BATCH_AXES = ("data", "fsdp")  # the examples of a batch are split over both data-parallel axes
+MESH_AXES = ("data", "fsdp", "tensor", "context", "expert", "stage")
+# The examples of a batch are split over the data-parallel axes; `expert` is one of them outside a MoE layer's experts.
+BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def make_abstract_mesh(config, num_devices: int) -> AbstractMesh:

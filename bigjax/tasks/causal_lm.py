@@ -22,6 +22,7 @@ import optax
 from bigjax import config as config_lib
 from bigjax.compress.quantized import quantized
 from bigjax.compress.variant import Variant
+from bigjax.models import moe
 from bigjax.models.gpt import GPT, GPTConfig, GPTHiddenStates, parameter_count
 from bigjax.models.layers import constrain
 
@@ -61,35 +62,57 @@ class CausalLM:
         inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
         positions = batch.get("positions")  # None: the tokens in their order
         if not self.loss_chunk:
-            logits = self.logits(params, inputs, train, rngs, positions)
+            logits, sown = self.apply_sowing(self.model, params, inputs, train, rngs, positions)
             sums = token_loss_sums(logits, targets, weights)
             if teacher is not None:
                 sums = teacher.distilled_sums(
                     sums, logits, teacher.task.logits(teacher.params, inputs, positions=positions), weights
                 )
-            return sums, model_state
-        hidden, kernel = self.hidden_and_kernel(params, inputs, train, rngs, positions)
+            return self.with_router_losses(sums, sown, train), model_state
+        (hidden, kernel), sown = self.hidden_and_kernel(params, inputs, train, rngs, positions, sown=True)
         teacher_pieces = (
             None if teacher is None else teacher.task.hidden_and_kernel(teacher.params, inputs, positions=positions)
         )
         sums = chunked_token_loss_sums(hidden, kernel, targets, weights, self.loss_chunk, teacher, teacher_pieces)
-        return sums, model_state
+        return self.with_router_losses(sums, sown, train), model_state
+
+    def apply_sowing(self, model, params, inputs, train: bool, rngs, positions=None):
+        """(model's output, what its MoE layers sowed: {} without MoE), the tokens at `positions` (None: in order)."""
+        options = dict(train=train, positions=positions, rngs=rngs or {})
+        if self.model_config.moe is None:
+            return model.apply({"params": params}, inputs, **options), {}
+        out, sown = model.apply({"params": params}, inputs, mutable=["intermediates"], **options)
+        return out, sown["intermediates"]
+
+    def with_router_losses(self, sums: dict, sown, train: bool) -> dict:
+        """A MoE model's sums with its router statistics (`moe_*`, as sums: each times the token count, so that
+        their means are the statistics) and, in training, the weighted router losses added to the loss: what the
+        gradient follows. Evaluation's loss stays the cross-entropy alone."""
+        if self.model_config.moe is None:
+            return sums
+        stats, c = moe.model_stats(sown), self.model_config.moe
+        count = sums["count"]
+        sums = {**sums, **{f"moe_{key}": value * count for key, value in stats.items()}}
+        if train:
+            router_loss = c.router_aux_loss * stats["aux_loss"] + c.router_z_loss * stats["z_loss"]
+            sums["loss"] = sums["loss"] + count * router_loss
+        return sums
 
     def logits(self, params, inputs, train: bool = False, rngs=None, positions=None):
         """fp32 logits [b, t, padded_vocab] of the tokens `inputs` [b, t] at `positions` [b, t] (None: in order)."""
         return self.model.apply({"params": params}, inputs, train=train, positions=positions, rngs=rngs or {})
 
-    def hidden_and_kernel(self, params, inputs, train: bool = False, rngs=None, positions=None):
+    def hidden_and_kernel(self, params, inputs, train: bool = False, rngs=None, positions=None, sown: bool = False):
         """The final hidden states [b, t, d] and the output kernel [d, padded_vocab], in the compute dtype: what the
         chunked loss multiplies a piece at a time. The same parameter paths as `self.model`, so the same parameters
-        and the same dropout masks."""
-        hidden, kernel = quantized(GPTHiddenStates(self.model_config), self.variant).apply(
-            {"params": params}, inputs, train=train, positions=positions, rngs=rngs or {}
-        )
+        and the same dropout masks. `sown=True` returns ((hidden, kernel), what the MoE layers sowed)."""
+        model = quantized(GPTHiddenStates(self.model_config), self.variant)
+        (hidden, kernel), sown_stats = self.apply_sowing(model, params, inputs, train, rngs, positions)
         # Cast as GPT's output layer casts, once, outside the loop over pieces; and gather an FSDP-split kernel
         # there too, or XLA gathers it inside the loop, once per piece.
         hidden, kernel = hidden.astype(self.model_config.dtype), kernel.astype(self.model_config.dtype)
-        return hidden, constrain(kernel, "activation_embed", "activation_vocab")
+        pieces = hidden, constrain(kernel, "activation_embed", "activation_vocab")
+        return (pieces, sown_stats) if sown else pieces
 
     def summarize(self, sums: dict, data_stats: dict | None = None) -> dict:
         return summarize(sums, **(data_stats or {}))
@@ -163,6 +186,7 @@ def summarize(sums: dict, bytes_per_token: float | None = None, chars_per_token:
         metrics["bits_per_byte"] = metrics["bits_per_token"] / bytes_per_token
     if chars_per_token:
         metrics["bits_per_char"] = metrics["bits_per_token"] / chars_per_token
+    metrics.update({key: float(value) / tokens for key, value in sums.items() if key.startswith("moe_")})
     return metrics
 
 
