@@ -1,6 +1,7 @@
 """End to end through the command line: train, the separate eval job, generate."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -89,8 +90,12 @@ def test_generate_a_batch_with_stops_from_the_newest_committed_checkpoint(cli, c
 
 
 def test_eval_job_started_before_training_evaluates_every_checkpoint_once(cli, tmp_path):
+    """Beside the trainer, it also scores each checkpoint on an lm-evaluation-harness task (config.eval.harness; a
+    local YAML over local data, tests/lm_eval_tasks/), logged in the same row as the loss."""
     workdir, stderr = tmp_path / "run", tmp_path / "eval-stderr"
+    harness = ["tasks=bigjax_choice", "include_path=tests/lm_eval_tasks", "limit=2"]
     command = ["eval", "--config", TINY, "--workdir", workdir, "--poll", "0.2", "--timeout", "300"]
+    command += [f"--config.eval.harness.{setting}" for setting in harness]
     with open(stderr, "w") as errors:
         evaluator = subprocess.Popen(
             [sys.executable, "-m", "bigjax.cli", *map(str, command)],
@@ -98,14 +103,16 @@ def test_eval_job_started_before_training_evaluates_every_checkpoint_once(cli, t
             stdout=subprocess.PIPE,
             stderr=errors,
             text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},  # the task's data is local
         )
     # Its word that it follows the workdir, before any checkpoint exists: then the trainer starts.
     out = read_until(evaluator, "eval job: mesh", stderr)
     cli("train", "--config", TINY, "--workdir", workdir)
     out += evaluator.stdout.read()  # to the end: the job exits after the final step
     assert evaluator.wait() == 0, stderr.read_text()[-3000:]
-    steps = [row["step"] for row in metrics.read_jsonl(workdir / "eval" / "metrics.jsonl")]
-    assert steps == [4, 8]  # checkpoint_every=4, total_steps=8: each once, then it exited
+    rows = metrics.read_jsonl(workdir / "eval" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [4, 8]  # checkpoint_every=4, total_steps=8: each once, then it exited
+    assert all(0 <= row["harness/bigjax_choice/acc"] <= 1 and "loss" in row for row in rows), rows
     assert "validation at step 8" in out
 
     # Restarted after the fact, it finds nothing new to do and still reports the final step.
