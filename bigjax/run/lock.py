@@ -60,6 +60,10 @@ LOCK_FILE = "lock.json"
 STAGING_DIR = "staging"  # WORKDIR/staging/TOKEN: where a holder prepares what it commits
 DEFAULT_LEASE_SECONDS = 120.0
 CLOCK_TOLERANCE_SECONDS = 1.0  # a heartbeat further ahead of this machine's clock than this: the clocks differ
+# How long a trainer that asks for the lock waits for the record's `flock`. Its holder holds it only for a change of
+# the record or one fenced write, so a longer hold means a holder paused in the middle of one (SIGSTOP, a VM pause):
+# alive (the kernel frees a flock at exit), and not to be waited for without end.
+FLOCK_WAIT_SECONDS = 10.0
 
 
 class LockError(UserError):
@@ -203,6 +207,15 @@ class Conflict(Exception):
     """The record changed between reading it and writing it: read again."""
 
 
+class Held(Exception):
+    """The record's `flock` stayed held longer than the wait: its holder is alive and paused mid-write. `record`:
+    the record as read without the lock (its holder does not change it in a fenced write)."""
+
+    def __init__(self, record: dict | None):
+        super().__init__(record)
+        self.record = record
+
+
 class _FileRecord:
     """The record in a file on a disk. Each change is made under an exclusive `flock` of the file; the file is
     deleted (on release) only while locked, so a process that locked a file since deleted starts again."""
@@ -211,11 +224,10 @@ class _FileRecord:
         self.path = os.fspath(path)
 
     @contextlib.contextmanager
-    def change(self, create: bool = False):
+    def change(self, create: bool = False, wait: float | None = None):
         """Yields (record or None, write), write(record or None) replacing or deleting it, under the lock. Without
-        `create` a missing file is not created (no record: write is None), so that only `acquire` makes one."""
-        import fcntl  # POSIX; imported here so that importing bigjax works anywhere
-
+        `create` a missing file is not created (no record: write is None), so that only `acquire` makes one. With
+        `wait`, raises Held if the lock is not had within `wait` seconds."""
         while True:
             try:
                 f = os.fdopen(os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644), "r+")
@@ -225,7 +237,7 @@ class _FileRecord:
                 yield None, None
                 return
             with f:
-                fcntl.flock(f, fcntl.LOCK_EX)
+                self._flock(f, wait)
                 try:
                     same_file = os.fstat(f.fileno()).st_ino == os.stat(self.path).st_ino
                 except FileNotFoundError:
@@ -235,6 +247,23 @@ class _FileRecord:
                 f.seek(0)
                 yield _parse(f.read()), functools.partial(self._write, f)
                 return
+
+    def _flock(self, f, wait: float | None) -> None:
+        import fcntl  # POSIX; imported here so that importing bigjax works anywhere
+
+        if wait is None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            return
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    f.seek(0)
+                    raise Held(_parse(f.read())) from None
+                time.sleep(0.05)
 
     def _write(self, f, record: dict | None) -> None:
         if record is None:
@@ -430,7 +459,7 @@ def acquire(workdir, lease: float | None = None, say=print) -> WorkdirLock:
     gone = None  # a record that did not change for a lease although its heartbeat is ahead of this machine's clock
     for _ in range(4):  # a conflict means another trainer changed the record meanwhile: look again
         try:
-            with store.change(create=True) as (current, write):
+            with _change_waiting(store) as (current, write):
                 free = current is None or damage(current) or current == gone or not holder_is_alive(current)
                 if free:
                     write(record)
@@ -438,6 +467,13 @@ def acquire(workdir, lease: float | None = None, say=print) -> WorkdirLock:
                     raise in_use(workdir, current)
         except Conflict:
             continue
+        except Held as held:
+            if held.record and not damage(held.record):
+                raise in_use(workdir, held.record) from None
+            raise LockError(
+                f"{workdir / LOCK_FILE} stays locked by another process (a trainer paused in the middle of a write?); "
+                "run one trainer per workdir, and continue or stop the other one first"
+            ) from None
         except OSError as error:
             raise LockError(
                 f"cannot lock {workdir / LOCK_FILE}: {error.strerror or error}; a trainer needs a workdir it can write"
@@ -455,6 +491,13 @@ def acquire(workdir, lease: float | None = None, say=print) -> WorkdirLock:
             say(f"took over the lock of {workdir}: its holder is gone ({describe_holder(current)})")
         return with_staging(WorkdirLock(workdir, store, record))
     raise LockError(f"{workdir} is being locked by other trainers at the same moment; run one trainer per workdir")
+
+
+def _change_waiting(store):
+    """The record's change for a trainer asking for the lock: on a disk, waiting FLOCK_WAIT_SECONDS at most."""
+    if isinstance(store, _FileRecord):
+        return store.change(create=True, wait=FLOCK_WAIT_SECONDS)
+    return store.change(create=True)
 
 
 def with_staging(held: WorkdirLock) -> WorkdirLock:

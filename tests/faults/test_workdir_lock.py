@@ -80,6 +80,20 @@ def test_a_second_trainer_is_refused_at_once_and_touches_nothing_of_the_live_one
     assert f"resumed from step {stopped_at}" in resumed.stdout
 
 
+def test_a_holder_paused_in_the_middle_of_a_fenced_write_is_reported_in_use_not_waited_for(tmp_path, monkeypatch):
+    """A holder that stops inside `fenced()` (SIGSTOP, a VM pause) keeps the record's flock: a trainer asking for the
+    lock then is refused within lock.FLOCK_WAIT_SECONDS, naming the holder, instead of waiting for it without end."""
+    holder = lock.acquire(tmp_path, say=lambda _: None)
+    monkeypatch.setattr(lock, "FLOCK_WAIT_SECONDS", 0.2)
+    try:
+        with holder.fenced():  # the flock held, as by a holder paused in a write
+            with pytest.raises(lock.LockError, match=f"is in use by another trainer: pid {os.getpid()}"):
+                lock.acquire(tmp_path, say=lambda _: None)
+        assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["token"] == holder._record["token"]  # untouched
+    finally:
+        holder.release()
+
+
 def test_the_lock_of_a_killed_trainer_is_taken_over_at_once(cli, env, tmp_path):
     workdir = tmp_path / "run"
     first = start_trainer(workdir, env)
