@@ -16,6 +16,7 @@ from bigjax.ops import logs
 # Exceptions bigjax raises and catches itself, never shown to a user: each with the reason it is not a UserError.
 INTERNAL = {
     "bigjax.run.lock.Conflict": "a compare-and-swap lost a race; lock.py catches it and reads the record again",
+    "bigjax.run.lock.Held": "the record's flock stayed taken past FLOCK_WAIT_SECONDS; acquire turns it into LockError",
 }
 
 
