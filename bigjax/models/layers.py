@@ -77,6 +77,20 @@ class Norm(nn.Module):
         return norm(x)
 
 
+class FloatDense(nn.Dense):
+    """nn.Dense whose matmul stays float when the model is quantized or given LoRA adapters: an output layer or a
+    head, whose errors go straight into the logits (bigjax.compress.quantized reads `keeps_float`, whatever the
+    layer is called)."""
+
+    keeps_float = True
+
+
+class FloatEmbed(nn.Embed):
+    """nn.Embed kept float under quantization: a table lookup, not a matmul, and (tied) the output layer."""
+
+    keeps_float = True
+
+
 class Embedder(nn.Module):
     """Token embeddings plus learned positions and token types (each optional), and the output layer onto the
     vocabulary: the token embedding itself (tied) or a Dense of its own. GPT and BERT share it, so a classifier
@@ -103,7 +117,7 @@ class Embedder(nn.Module):
         if self.type_vocab_size:
             self.token_type_embed = self._table(self.type_vocab_size, None)
         if not self.tie:
-            self.unembed = nn.Dense(
+            self.unembed = FloatDense(
                 self.vocab_size,
                 use_bias=False,
                 dtype=self.dtype,
@@ -113,7 +127,7 @@ class Embedder(nn.Module):
 
     def _table(self, rows: int, row_name: str | None) -> nn.Embed:
         init = logical(normal(self.init_std), row_name, "embed")
-        return nn.Embed(rows, self.d_model, dtype=self.dtype, param_dtype=self.param_dtype, embedding_init=init)
+        return FloatEmbed(rows, self.d_model, dtype=self.dtype, param_dtype=self.param_dtype, embedding_init=init)
 
     def __call__(self, tokens, positions, token_types=None):
         x = self.embed(tokens)
@@ -250,6 +264,9 @@ class Attention(nn.Module):
     out_bias: bool | None = None  # a bias on the output projection; None = use_bias
     rope_scaling: RopeScaling | None = None  # None = the plain rotary embedding
     context_parallel: str = ""  # all_gather | ring | "" (see above)
+    # Under quantization its own products (q.k and the weighted sum of v: activations against activations) stay float;
+    # its projections are Einsum layers of their own, quantized (bigjax.compress.quantized).
+    keeps_float = True
 
     def _project(self, x, heads: int, head_names: str, name: str):
         return nn.Einsum(
@@ -589,7 +606,7 @@ def classifier_head(x, num_classes: int, *, in_name: str, dtype: Dtype, param_dt
     """fp32 class logits from a new Dense initialized to zero (big_vision's default): training starts from the
     uniform prediction, and a new head on a fine-tuned backbone starts without noise. `in_name` is the logical name
     of x's features. Called inside a compact method."""
-    head = nn.Dense(
+    head = FloatDense(
         num_classes,
         dtype=dtype,
         param_dtype=param_dtype,
