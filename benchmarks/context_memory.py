@@ -79,7 +79,8 @@ def train_step_memory(context: int, strategy: str) -> tuple[int, int]:
     from bigjax.run import step as step_lib
     from bigjax.run.setup import make_setup
 
-    config = config_lib.load(f"experiments/long_context.py:seq=8192,context={context},strategy={strategy}")
+    shape = "seq=8192,layers=2,width=64,heads=4"  # the model the table in docs/parallelism.md was measured with
+    config = config_lib.load(f"experiments/long_context.py:{shape},context={context},strategy={strategy}")
     config.mesh.update(dict(data=8 // context, fsdp=1, tensor=1, context=context))
     config.batch_size = 8 // context
     stats = step_lib.lower_train_step(make_setup(config)).compile().memory_analysis()

@@ -25,7 +25,7 @@ from bigjax import config as config_lib
 from bigjax import data
 from bigjax.errors import UserError
 from bigjax.models.gpt import GPTConfig, parameter_count
-from bigjax.models.layers import resolve_attention
+from bigjax.models.layers import attention_kernel, mask_beyond_causal, resolve_attention
 from bigjax.ops import devices
 from bigjax.parallel import mesh as mesh_lib
 from bigjax.parallel import pipeline as pipeline_lib
@@ -188,8 +188,10 @@ def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | No
     s / c of each row's tokens):
       residual stream and the two norms' inputs and outputs        4 d a
       q, k, v and the attention output (the projections' inputs)   (2 h + 2 kv) hd a / t
-      XLA attention: fp32 logits and the probabilities             h s (4 + a) / t   (cuDNN: none, it recomputes;
-                                                                   ring: none, its backward pass goes round again)
+      XLA attention: fp32 logits and the probabilities             h s (4 + a) / t   (cuDNN: none, it recomputes,
+                                                                   but a call that needs a mask runs XLA's kernel,
+                                                                   see attention_kernel; ring: none, its backward
+                                                                   pass goes round again)
       context_parallel="all_gather": the gathered keys and values   2 kv hd a (c - 1) / t
       MLP hidden: GELU in/out, or SwiGLU gate, up and product      (2 or 3) f a / t
     remat="full" keeps only each block's input (d a) and recomputes one block at a time; "dots" keeps the
@@ -221,7 +223,13 @@ def activation_bytes(task, config, mesh_shape: dict, attention: str) -> int | No
     mlp_tensors = 3 if m.mlp == "swiglu" else 2
     qkv = (h + 2 * kv) * hd * a / t
     attention_out = h * hd * a / t
-    scores = h * s * (4 + a) / t if attention == "xla" and strategy != "ring" else 0
+    # Packed rows (masked LM, classification) carry segment ids; every bidirectional family packs its rows, so
+    # `causal` changes no kernel here.
+    packed = "segment_ids" in task.batch_spec(1)
+    kernel, _ = attention_kernel(
+        attention, mask_beyond_causal(decode=False, strategy=strategy, causal=True, packed=packed)
+    )
+    scores = h * s * (4 + a) / t if kernel == "xla" and strategy != "ring" else 0
     gathered_kv = 2 * kv * hd * a * (c - 1) / t if strategy == "all_gather" else 0
     mlp = mlp_tensors * f * a / t
     whole_block = 4 * d * a + qkv + gathered_kv + attention_out + scores + mlp

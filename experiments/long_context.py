@@ -1,8 +1,12 @@
 """Long context: the sequence split over the mesh axis `context` (docs/parallelism.md, "Long context").
 
-A small Llama at T=16384 on the bundled Shakespeare, its sequence over 8 devices (ring attention, zig-zag order):
-trains on 8 simulated CPU devices (measured on a 2-core machine shared with other jobs: compiled in 49 s, a step in
-about 100 s of CPU time, loss 5.94 at step 2), and on one GPU node as it is.
+A small Llama at T=16384 on the bundled Shakespeare, its sequence over 8 devices (ring attention, zig-zag order): one
+layer of width 32, 2 query heads on 1 key/value head, 4 steps; trains on 8 simulated CPU devices in about 4 minutes
+(measured on a 2-core machine shared with other jobs, load average 7-9: compiled in 17.5 s, steps of 44-50 s
+(`step_time` in the log), loss 5.958 -> 5.815 over the 4 steps, 246 s from start to the last checkpoint), and on
+one GPU node as it is. Its shape is set by `layers`, `width` and `heads` (key/value heads: half of them); the
+former default, `layers=2,width=64,heads=4` (benchmarks/context_memory.py's model), took 230 s a step on that
+machine: 4 x the attention work (layers x heads), about 5 x the time.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
         bigjax train --config experiments/long_context.py --workdir /tmp/long
@@ -20,7 +24,7 @@ from bigjax.config import DEFAULT_SHARDING_RULES, defaults, parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, size="small", context=8, strategy="ring", steps=6, seq=0)
+    args = parse_arg(arg, size="small", context=8, strategy="ring", steps=4, seq=0, layers=1, width=32, heads=2)
     c = small_llama(args) if args["size"] == "small" else llama3_8b(args)
     c.model.context_parallel = args["strategy"]
     if args["context"] > 1:
@@ -41,17 +45,17 @@ def small_llama(args):
     c = defaults()
     c.total_steps = args["steps"]
     c.batch_size = 1
-    c.log_every = 2
+    c.log_every = 1
     c.checkpoint_every = 0
     c.eval_every = 0
     c.model.update(
         dict(
             vocab_size=260,  # bytes and the specials
             max_len=seq,
-            num_layers=2,
-            d_model=64,
-            num_heads=4,
-            num_kv_heads=2,
+            num_layers=args["layers"],
+            d_model=args["width"],
+            num_heads=args["heads"],
+            num_kv_heads=args["heads"] // 2,  # grouped-query attention, as Llama's
             mlp_dim=128,
             positions="rope",
             norm="rmsnorm",

@@ -16,6 +16,7 @@ from tolerance import (
 )
 
 from bigjax import config as config_lib
+from bigjax.models import layers
 from bigjax.models.gpt import GPTConfig, parameter_count
 from bigjax.tasks.causal_lm import CausalLM, flops_per_token
 
@@ -126,6 +127,44 @@ def test_bfloat16_compute_keeps_float32_parameters_and_loss(tiny_config):
 def test_cudnn_attention_on_a_cpu_is_a_clear_error(tiny_config):
     with pytest.raises(config_lib.ConfigError, match="needs a GPU"):
         CausalLM(tiny_config("", "config.model.attention=cudnn", "config.model.dtype=bfloat16"))
+
+
+@pytest.mark.parametrize(
+    "decode, strategy, causal, packed, kernel",
+    [
+        (False, "", True, False, "cudnn"),  # causal by place: jax's is_causal, which the flash kernel takes
+        (False, "", False, False, "cudnn"),
+        (False, "", True, True, "xla"),  # packed rows: the segments' mask
+        (False, "", False, True, "xla"),
+        (True, "", True, False, "xla"),  # generation: the KV cache's filled columns
+        (False, "all_gather", True, False, "xla"),  # a split sequence: causal by the tokens' positions
+        (False, "all_gather", False, True, "xla"),
+        (False, "all_gather", False, False, "cudnn"),  # bidirectional, unpacked: no mask at all
+        (False, "ring", True, True, "cudnn"),  # the ring's blocks are its own einsums: the kernel is never called
+    ],
+)
+def test_cudnn_attention_is_never_handed_a_mask(decode, strategy, causal, packed, kernel):
+    mask = layers.mask_beyond_causal(decode=decode, strategy=strategy, causal=causal, packed=packed)
+    chosen, reason = layers.attention_kernel("cudnn", mask)
+    assert chosen == kernel and (reason is None) == (kernel == "cudnn")
+    assert layers.attention_kernel("xla", mask) == ("xla", None)
+
+
+def test_packed_attention_configured_for_cudnn_runs_xla_and_says_so_once(caplog):
+    """On a CPU, where cuDNN's kernel would fail ("cuDNN is not detected"): a packed call of a layer configured for
+    cuDNN runs XLA's attention, with the segments' mask, and the log says so once however often it is traced."""
+    settings = dict(num_heads=2, num_kv_heads=2, head_dim=8, use_bias=False, rope_theta=10_000.0, init_std=0.02)
+    settings.update(out_init_std=0.02, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    cudnn, xla = (layers.Attention(implementation=kernel, **settings) for kernel in ("cudnn", "xla"))
+    x = jax.random.normal(jax.random.key(0), (1, 8, 16))
+    positions, segments = jnp.array([[0, 1, 2, 0, 1, 2, 3, 4]]), jnp.array([[1, 1, 1, 2, 2, 2, 2, 2]])
+    params = xla.init(jax.random.key(1), x, positions, segments)
+    layers.log_once.cache_clear()
+    with caplog.at_level("WARNING", logger=layers.__name__):
+        outputs = [cudnn.apply(params, x, positions, segments) for _ in range(2)]  # traced twice, as two layers are
+    np.testing.assert_array_equal(outputs[0], xla.apply(params, x, positions, segments))
+    said = [r.getMessage() for r in caplog.records if "cuDNN" in r.getMessage()]
+    assert len(said) == 1 and "packed segments" in said[0], said
 
 
 # --------------------------------------------------------------------------------------------------

@@ -188,3 +188,23 @@ def test_a_frozen_backbone_is_planned_with_the_optimizer_state_training_keeps(ti
     assert report.per_device["optimizer_state"] == bytes_on_device_0(state.opt_state)
     everything_trained = real_state(tiny_config("", "config.mesh.data=2", "config.mesh.fsdp=4"))[0]
     assert bytes_on_device_0(state.opt_state) < bytes_on_device_0(everything_trained.opt_state) / 2
+
+
+def test_cudnn_is_planned_as_xla_where_attention_needs_a_mask(tiny_config):
+    """The plan counts the kernel each call runs (bigjax.models.layers.attention_kernel): cuDNN keeps no scores for
+    causal unpacked rows, but packed rows (a masked LM) and a sequence split by all_gather run XLA's, which keeps
+    them."""
+    from bigjax import config as config_lib
+    from bigjax import tasks
+
+    mesh = dict(data=8, fsdp=1, tensor=1, context=1)
+
+    def kept(config, kernel, **axes):
+        return plan.activation_bytes(tasks.make_task(config), config, {**mesh, **axes}, kernel)
+
+    causal = tiny_config()
+    assert kept(causal, "cudnn") < kept(causal, "xla")
+    gathered = tiny_config("", "config.model.context_parallel=all_gather")
+    assert kept(gathered, "cudnn", data=2, context=4) == kept(gathered, "xla", data=2, context=4)
+    packed = config_lib.load(str(REPO / "experiments" / "bert_tiny_mlm.py"))
+    assert kept(packed, "cudnn") == kept(packed, "xla")

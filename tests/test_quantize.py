@@ -222,6 +222,34 @@ def test_an_untied_output_layer_stays_float_and_gets_no_adapters(tiny_config, va
     assert names["layers/mlp/up/kernel/array/qvalue"].dtype == jnp.int8  # the other kernels are integers
 
 
+@pytest.mark.parametrize("variant", ["ptq", "lora"])
+def test_which_layers_stay_float_follows_their_class_not_their_name(variant):
+    """A plain Dense named as an output layer once was ("head") is quantized and gets adapters; an output layer
+    (layers.FloatDense) under a name no rule ever listed stays float and gets none."""
+    from flax import linen as nn
+
+    from bigjax.compress.variant import Lora, Quant, Variant
+    from bigjax.models import layers
+
+    class Renamed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return layers.FloatDense(4, name="renamed_output")(nn.Dense(8, name="head")(x))
+
+    quant, lora = Quant(bits=8, mode="weight_only", sub_channel=32, qat=False), Lora(4, 16.0, ".*", 0.0, "")
+    model = quantized.quantized(Renamed(), Variant(quant=quant) if variant == "ptq" else Variant(lora=lora))
+    names = params_lib.by_path(jax.eval_shape(model.init, jax.random.key(0), jnp.ones((2, 16)))["params"])
+    assert {name for name in names if name.startswith("renamed_output/")} == {
+        "renamed_output/kernel",
+        "renamed_output/bias",
+    }
+    assert names["renamed_output/kernel"].dtype == jnp.float32
+    if variant == "ptq":
+        assert names["head/kernel/array/qvalue"].dtype == jnp.int8
+    else:
+        assert {"head/kernel_lora_a", "head/kernel_lora_b"} <= set(names)
+
+
 def one_error_line(result) -> str:
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]

@@ -32,7 +32,9 @@ from that config builds the same one. Four models come out of it, each through i
   mode=dynamic: activations are also quantized to int8 at run time, per token (an integer x integer matmul where
   the backend has one).
 
-What stays float (and gets no adapter), and why:
+What stays float (and gets no adapter), and why. A layer says so by its class (`keeps_float = True`: the models'
+`layers.FloatDense` and `layers.FloatEmbed`, and `layers.Attention`), never by its name, so that a renamed layer
+keeps its precision:
 
 * token, position and token-type embeddings: a table lookup, not a matmul; Qwix quantizes the operands of
   matmuls and convolutions only. With tied embeddings the output layer is the same table.
@@ -68,8 +70,6 @@ from bigjax import params as params_lib
 from bigjax.compress.variant import Quant, Variant
 from bigjax.config import ConfigError
 
-# Module names (the last part of a module path) whose matmuls stay float; see the module docstring for why.
-FLOAT_MODULES = ("embed", "position_embed", "token_type_embed", "unembed", "classifier", "head", "pooler", "attention")
 QUANTIZED_OPS = ("dot_general", "einsum")  # Dense and Einsum layers; not conv_general_dilated (docstring)
 SCAN_AXIS = "layers"  # the logical name nn.scan gives the stacking axis (bigjax.models.layers.remat_and_scan)
 
@@ -139,13 +139,14 @@ def rules(quant: Quant) -> list:
     """Qwix's rules for `quant`: the first that matches a module path wins."""
     import qwix
 
-    return [_float_rule(), _quantized_rule(quant, qwix.QtRule)]
+    return [_quantized_rule(quant, qwix.QtRule)]
 
 
-def _float_rule():
-    import qwix
-
-    return qwix.QtRule(module_path=rf"(.*/)?({'|'.join(FLOAT_MODULES)})", weight_qtype=None)
+def keeps_float(module) -> bool:
+    """Whether the layer running an op keeps its own matmuls float: its class says so (`keeps_float = True`:
+    bigjax.models.layers' FloatDense, FloatEmbed and Attention), not its name, so that renaming a layer cannot
+    quantize it. See the module docstring for which layers and why."""
+    return getattr(module, "keeps_float", False)
 
 
 def _quantized_rule(quant, rule_type, module_path: str = ".*", **settings):
@@ -175,7 +176,7 @@ def lora_rules(variant: Variant) -> list:
         alpha=lora.alpha,
         dropout=lora.dropout,
     )
-    rules = [_float_rule(), targeted]
+    rules = [targeted]
     if quant:
         rules.append(_quantized_rule(quant, qwix.QtRule))
     return rules
@@ -198,13 +199,18 @@ def _provider(variant: Variant):
     quant = variant.quant
 
     class Named:
-        """A Qwix provider whose shape errors name the layer and the config key to change."""
+        """A Qwix provider that leaves the matmuls of the layers that keep float alone (the original op: Qwix runs
+        its providers with its interception off), and whose shape errors name the layer and the config key."""
 
         def dot_general(self, *args, **kwargs):
+            if keeps_float(_current_module()):
+                return jax.lax.dot_general(*args, **kwargs)
             with _named_errors(quant):
                 return super().dot_general(*args, **kwargs)
 
         def einsum(self, *args, **kwargs):
+            if keeps_float(_current_module()):
+                return jnp.einsum(*args, **kwargs)
             with _named_errors(quant):
                 return super().einsum(*args, **kwargs)
 

@@ -86,15 +86,16 @@ class BertClassifier(BertEncoder):
         c = self.cfg
         x, _ = self.encode(tokens, segment_ids, positions, train, token_types)
         pooled = layers.pool_segments(x, segment_ids, positions, self.max_segments, token="first")
-        pooled = jnp.tanh(hidden_dense(c, "pooler")(pooled))
+        pooled = jnp.tanh(hidden_dense(c, "pooler", layers.FloatDense)(pooled))
         # Whole features into the head (see BertMLM): XLA partitions the gradient wrongly otherwise.
         pooled = nn.Dropout(c.dropout, deterministic=not train)(layers.constrain_hidden(pooled))
         return text_classifier_head(c, pooled, self.num_classes)
 
 
-def hidden_dense(c: BertConfig, name: str) -> nn.Dense:
-    """A d_model -> d_model Dense of a head (the masked-LM transform, the pooler)."""
-    return nn.Dense(
+def hidden_dense(c: BertConfig, name: str, dense=nn.Dense) -> nn.Dense:
+    """A d_model -> d_model Dense of a head: the masked-LM transform (quantized with the encoder), or the pooler
+    (`dense=layers.FloatDense`: the classifier's output layers stay float under quantization)."""
+    return dense(
         c.d_model,
         dtype=jnp.dtype(c.dtype),
         param_dtype=jnp.dtype(c.param_dtype),

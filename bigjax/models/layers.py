@@ -8,6 +8,8 @@ key activations carry `activation_*` names; `bigjax.parallel.mesh` maps both ont
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
 from typing import Any
 
@@ -75,6 +77,20 @@ class Norm(nn.Module):
         return norm(x)
 
 
+class FloatDense(nn.Dense):
+    """nn.Dense whose matmul stays float when the model is quantized or given LoRA adapters: an output layer or a
+    head, whose errors go straight into the logits (bigjax.compress.quantized reads `keeps_float`, whatever the
+    layer is called)."""
+
+    keeps_float = True
+
+
+class FloatEmbed(nn.Embed):
+    """nn.Embed kept float under quantization: a table lookup, not a matmul, and (tied) the output layer."""
+
+    keeps_float = True
+
+
 class Embedder(nn.Module):
     """Token embeddings plus learned positions and token types (each optional), and the output layer onto the
     vocabulary: the token embedding itself (tied) or a Dense of its own. GPT and BERT share it, so a classifier
@@ -101,7 +117,7 @@ class Embedder(nn.Module):
         if self.type_vocab_size:
             self.token_type_embed = self._table(self.type_vocab_size, None)
         if not self.tie:
-            self.unembed = nn.Dense(
+            self.unembed = FloatDense(
                 self.vocab_size,
                 use_bias=False,
                 dtype=self.dtype,
@@ -111,7 +127,7 @@ class Embedder(nn.Module):
 
     def _table(self, rows: int, row_name: str | None) -> nn.Embed:
         init = logical(normal(self.init_std), row_name, "embed")
-        return nn.Embed(rows, self.d_model, dtype=self.dtype, param_dtype=self.param_dtype, embedding_init=init)
+        return FloatEmbed(rows, self.d_model, dtype=self.dtype, param_dtype=self.param_dtype, embedding_init=init)
 
     def __call__(self, tokens, positions, token_types=None):
         x = self.embed(tokens)
@@ -248,6 +264,9 @@ class Attention(nn.Module):
     out_bias: bool | None = None  # a bias on the output projection; None = use_bias
     rope_scaling: RopeScaling | None = None  # None = the plain rotary embedding
     context_parallel: str = ""  # all_gather | ring | "" (see above)
+    # Under quantization its own products (q.k and the weighted sum of v: activations against activations) stay float;
+    # its projections are Einsum layers of their own, quantized (bigjax.compress.quantized).
+    keeps_float = True
 
     def _project(self, x, heads: int, head_names: str, name: str):
         return nn.Einsum(
@@ -273,6 +292,13 @@ class Attention(nn.Module):
         k = constrain(k, "activation_batch", "activation_length", "activation_kv_heads", None)
         v = constrain(v, "activation_batch", "activation_length", "activation_kv_heads", None)
         split_over = None if self.decode or not self.context_parallel else context.sequence_axis()
+        strategy = self.context_parallel if split_over else ""
+        mask = mask_beyond_causal(
+            decode=self.decode, strategy=strategy, causal=self.causal, packed=segment_ids is not None
+        )
+        implementation, reason = attention_kernel(self.implementation, mask)
+        if reason:
+            log_once(reason)
         if split_over:
             out = context.context_attention(
                 q,
@@ -283,7 +309,7 @@ class Attention(nn.Module):
                 causal=self.causal,
                 strategy=self.context_parallel,
                 axis_name=split_over,
-                implementation=self.implementation,
+                implementation=implementation,
             )
         else:
             if self.decode:
@@ -291,7 +317,7 @@ class Attention(nn.Module):
                 mask, causal = visible_in_cache(positions, k.shape[1]), False
             else:
                 mask, causal = None if segment_ids is None else same_segment_mask(segment_ids), self.causal
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=self.implementation)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
         out = constrain(out, "activation_batch", "activation_length", "activation_heads", None)
         return nn.Einsum(
             shape=(self.num_heads, self.head_dim, x.shape[-1]),
@@ -337,6 +363,45 @@ def resolve_attention(choice: str, dtype: str, device_kind: str | None = None) -
     if choice == "cudnn" and not sixteen_bit:
         raise ConfigError("cuDNN attention needs config.model.dtype='bfloat16' (or float16); use 'auto' or 'xla'")
     return choice
+
+
+def mask_beyond_causal(*, decode: bool, strategy: str, causal: bool, packed: bool) -> str | None:
+    """What an attention call must hide from its queries beyond jax.nn.dot_product_attention's own causal triangle
+    (`is_causal`, by place), in words; None where nothing is. `strategy` is the context-parallel strategy of a split
+    sequence ("" where it is whole): all_gather masks by the tokens' positions (they may be in zig-zag order, and a
+    device's queries are a slice of the sequence) and segments; the ring masks its blocks itself and calls no kernel."""
+    if decode:
+        return "the KV cache's filled columns (generation)"
+    if strategy == "ring":
+        return None
+    if strategy == "all_gather" and (causal or packed):
+        return "positions and segments across context shards"
+    return "packed segments" if packed else None
+
+
+def attention_kernel(implementation: str | None, mask: str | None) -> tuple[str | None, str | None]:
+    """(the kernel one attention call runs, why it is not `implementation` or None): `implementation` (what
+    resolve_attention chose), except cuDNN's for a call that needs `mask` (mask_beyond_causal's words).
+
+    cuDNN's flash kernel masks by causality and sequence lengths only. jax.nn.dot_product_attention (jax 0.10) hands it
+    any other mask as a dense additive bias [batch, 1, queries, keys], and returns that bias's gradient as large: not
+    the flash kernel's memory, and a path no test of bigjax has run on a GPU (MaxText's cuDNN path once dropped the
+    segments of packed rows). XLA's attention applies the mask as the CPU suite proves it, at the cost of its float32
+    scores (bigjax plan counts them), so such calls run there and the mask is never dropped.
+    """
+    if implementation == "cudnn" and mask:
+        return "xla", (
+            f"config.model.attention is cuDNN's flash kernel, which cannot take the mask of {mask}: that attention "
+            "runs on XLA's kernel instead (it keeps float32 scores: more memory)"
+        )
+    return implementation, None
+
+
+@functools.cache
+def log_once(message: str) -> None:
+    """`message` in the log (a run's WORKDIR/logs/) the first time this process says it: attention is traced once
+    per layer and per compile, and the choice it reports is the same each time."""
+    logging.getLogger(__name__).warning(message)
 
 
 def visible_in_cache(positions, columns: int):
@@ -541,7 +606,7 @@ def classifier_head(x, num_classes: int, *, in_name: str, dtype: Dtype, param_dt
     """fp32 class logits from a new Dense initialized to zero (big_vision's default): training starts from the
     uniform prediction, and a new head on a fine-tuned backbone starts without noise. `in_name` is the logical name
     of x's features. Called inside a compact method."""
-    head = nn.Dense(
+    head = FloatDense(
         num_classes,
         dtype=dtype,
         param_dtype=param_dtype,

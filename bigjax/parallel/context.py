@@ -99,7 +99,8 @@ def context_attention(
     `segment_ids` [batch, length] (None: one sequence per row) which packed document it is in. Returns [batch, length,
     heads, head_dim], split as q is. The other mesh axes stay automatic (the batch over data, heads over tensor).
 
-    `implementation` is jax.nn.dot_product_attention's, for `all_gather`; `ring` computes its blocks itself.
+    `implementation` is jax.nn.dot_product_attention's, for `all_gather` (the caller's choice: layers.attention_kernel
+    never picks cuDNN's for a call with a mask); `ring` computes its blocks itself.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"context parallel strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
