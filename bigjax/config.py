@@ -851,6 +851,11 @@ def check_moe(m) -> None:
             f"{where}.experts_per_token={moe.experts_per_token} must be between 1 and num_experts={moe.num_experts}; "
             "lower experts_per_token or add experts"
         )
+    if moe.shared_expert_gate and not moe.num_shared_experts:
+        raise ConfigError(
+            f"{where}.shared_expert_gate=True gates no shared expert (num_shared_experts=0); set num_shared_experts "
+            "or shared_expert_gate=False"
+        )
     if moe.first_dense_layers > m.num_layers:
         raise ConfigError(
             f"{where}.first_dense_layers={moe.first_dense_layers} exceeds model.num_layers={m.num_layers}; "

@@ -108,6 +108,7 @@ def moe_keys() -> dict:
         router_aux_loss=0.01,  # weight of the load-balancing loss (Switch/GShard; balanced routing gives k)
         router_z_loss=0.0,  # weight of the router z-loss (ST-MoE)
         norm_topk_probs=True,  # renormalise the k picked probabilities to sum to 1 (Mixtral: yes)
+        shared_expert_gate=False,  # the shared experts' output times sigmoid(x . w), w learned (Qwen2-MoE)
     )
 
 

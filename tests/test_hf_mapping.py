@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import test_hf
 import test_hf_encoders
+import test_hf_moe
 import transformers
 
 from bigjax.hf import convert, files
@@ -26,6 +27,8 @@ MODELS = {
     "llama_untied": test_hf.llama_model,
     "llama_every_bias": llama_with_every_bias,
     "qwen2": test_hf.qwen2_model,
+    "mixtral": test_hf_moe.mixtral_model,  # the experts: one HF tensor each, stacked into one array per kernel
+    "qwen2_moe": test_hf_moe.qwen2_moe_model,  # a dense first layer, a gated shared expert
     "bert_mlm": lambda: transformers.BertForMaskedLM(test_hf_encoders.bert_config(100)),
     "bert_classifier": lambda: transformers.BertForSequenceClassification(test_hf_encoders.bert_config(100)),
     "vit": lambda: test_hf_encoders.randomize(transformers.ViTForImageClassification(test_hf_encoders.vit_config())),

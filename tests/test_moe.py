@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_generate
-from conftest import init_params
+from conftest import REPO, init_params
 from tolerance import (
     EPS32,
     assert_close_after_reordering,
@@ -23,6 +23,7 @@ from bigjax import config as config_lib
 from bigjax import errors
 from bigjax.deploy import common as deploy_common
 from bigjax.models import gpt, layers, moe
+from bigjax.ops import metrics
 from bigjax.run import step as step_lib
 from bigjax.run.setup import make_setup
 from bigjax.tasks import make_task
@@ -41,6 +42,7 @@ def moe_config(**changes) -> moe.MoeConfig:
         router_aux_loss=0.01,
         router_z_loss=0.001,
         norm_topk_probs=True,
+        shared_expert_gate=False,
     )
     return moe.MoeConfig(**{**values, **changes})
 
@@ -153,6 +155,19 @@ def test_shared_experts_add_a_dense_mlp_of_their_width():
     assert params["shared"]["up"]["kernel"].shape == (D, 2 * F)
     want = routed_only + shared.apply({"params": params["shared"]}, x)
     np.testing.assert_allclose(with_shared, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_shared_expert_gate_scales_the_shared_experts_by_a_sigmoid_of_the_token():
+    """Qwen2-MoE's gate: routed + sigmoid(x . w) * shared(x), w one column [d, 1] of its own."""
+    x = tokens()
+    gated = block(moe_config(num_shared_experts=1, shared_expert_gate=True))
+    params = nn.unbox(gated.init(jax.random.key(1), x)["params"])
+    assert params["shared_gate"]["kernel"].shape == (D, 1)
+    ungated = block(moe_config(num_shared_experts=1))
+    routed_only = block(moe_config()).apply({"params": {k: v for k, v in params.items() if "shared" not in k}}, x)
+    shared = ungated.apply({"params": {k: v for k, v in params.items() if k != "shared_gate"}}, x) - routed_only
+    want = routed_only + jax.nn.sigmoid(x @ params["shared_gate"]["kernel"]) * shared
+    np.testing.assert_allclose(gated.apply({"params": params}, x), want, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,6 +306,35 @@ def test_loss_and_every_gradient_match_with_experts_split_over_devices(tiny_conf
         assert_close_after_reordering(grads, reference[1], tolerance, f"gradients on mesh {shape}")
 
 
+# What a training run logs that the expert axis must leave alone: the loss and the router's losses, the gradient's
+# norm (which a change in routing or dropped picks moves even where the loss barely does), and the dropped fraction.
+LOGGED_LOSSES = ("loss", "moe_aux_loss", "moe_z_loss", "moe_dropped", "grad_norm")
+
+
+def test_cli_training_logs_the_same_losses_with_the_experts_over_4_devices(cli_in_process, tmp_path):
+    """The issue's run, at test size: `bigjax train --config experiments/moe_tiny.py --config.mesh.expert=4` on the
+    8 devices logs the losses of `--config.mesh.expert=1` to 1e-4 relative. moe_tiny's layout (a dense first layer,
+    then MoE layers of 8 experts, top-2, a shared one), shrunk on the command line: 2 layers of width 32, experts of
+    width 16, 3 steps of 8 rows of 32 bytes."""
+    logged = {}
+    for expert in (1, 4):
+        workdir = tmp_path / f"expert_{expert}"
+        cli_in_process(
+            "train",
+            "--config", REPO / "experiments/moe_tiny.py:steps=3,d=32,expert_dim=16",
+            "--workdir", workdir,
+            f"--config.mesh.expert={expert}",
+            "--config.model.num_layers=2", "--config.batch_size=8", "--config.data.seq_len=32",
+            "--config.log_every=1", "--config.eval_every=0", "--config.checkpoint_every=3",
+            "--config.optim.warmup_steps=0",  # steps 2 and 3 start from the full-rate updates of the steps before
+        )  # fmt: skip
+        rows = [row for row in metrics.read_jsonl(workdir / "metrics.jsonl") if "loss" in row]
+        logged[expert] = {key: [row[key] for row in rows] for key in ("step", *LOGGED_LOSSES)}
+    assert logged[1]["step"] == logged[4]["step"] == [1, 2, 3]
+    for key in LOGGED_LOSSES:
+        np.testing.assert_allclose(logged[4][key], logged[1][key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
 def test_flops_count_the_active_parameters_and_the_total_counts_every_expert(tiny_config):
     config = tiny_config("llama=True", *MOE)
     task = make_task(config)
@@ -318,6 +362,11 @@ def test_flops_count_the_active_parameters_and_the_total_counts_every_expert(tin
         ("tiny.py", ["config.mesh.expert=2"], "config.model has none"),
         ("tiny.py", ["config.model.moe.num_experts=4", "config.model.moe.first_dense_layers=3"], "exceeds model.num"),
         ("tiny.py", ["config.model.moe.capacity_factor=-1.0"], "capacity_factor must be >= 0"),
+        (
+            "tiny.py",
+            ["config.model.moe.num_experts=4", "config.model.moe.shared_expert_gate=True"],
+            "shared_expert_gate=True gates no shared expert",
+        ),
         ("bert_tiny_mlm.py", ["config.model.moe.num_experts=4"], "unknown config key config.model.moe"),
     ],
 )

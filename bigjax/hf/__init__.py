@@ -7,7 +7,8 @@
     hf.load_selected(params, hf_dir, ...)       # and its weights
 
 Modules: `files` (the directory on disk, lazy tensor views, sharded safetensors), `family` (which architectures
-map, and the interface each family module has), one module per family (`gpt2`, `llama`, `bert`, `vit`, `resnet`),
+map, and the interface each family module has), one module per family (`gpt2`, `llama`: with Mistral, Qwen2 and the
+mixtures of experts Mixtral and Qwen2-MoE, `bert`, `vit`, `resnet`),
 `convert` (the above).
 """
 

@@ -47,10 +47,29 @@ def set_image_data(config, hf: dict, image_size: int, mean, std) -> None:
     )
 
 
+def layer_stacks(m) -> list[tuple[str, int, int]]:
+    """(prefix, first layer, end) of each stack the Transformer layers of model config `m` are scanned in, as
+    bigjax.models.gpt stacks them: `layers`, or a MoE's `dense_layers` and `moe_layers`; none for a model without
+    Transformer layers."""
+    from bigjax.models import gpt
+
+    if "num_layers" not in m:
+        return []
+    moe = m.get("moe")
+    first_dense = moe.first_dense_layers if moe and moe.num_experts else None
+    return [(name, start, stop) for name, start, stop, _ in gpt.layer_stacks(m.num_layers, first_dense)]
+
+
+def layer_slot(m, i: int) -> tuple[str, int]:
+    """(the prefix of the stack holding layer i when scanned, its place in that stack)."""
+    return next((name, i - start) for name, start, stop in layer_stacks(m) if start <= i < stop)
+
+
 class Params:
     """A run's parameters by "/" path, brought to the host as numpy arrays when first read (`fetch`: a gather
-    across processes for arrays split over several hosts); `layer(i, sub)` reads layer i's whether the layers are
-    scanned (one array stacked over a leading axis, `layers/...`) or unrolled (`layers_I/...`)."""
+    across processes for arrays split over several hosts); `layer(i, sub, slot)` reads layer i's whether the layers
+    are scanned (one array stacked over a leading axis: `layers/...`, or where layer_slot places it) or unrolled
+    (`layers_I/...`)."""
 
     def __init__(self, flat: dict, fetch=np.asarray):
         self.flat, self.fetch, self.fetched = flat, fetch, {}
@@ -63,6 +82,7 @@ class Params:
     def __contains__(self, path: str) -> bool:
         return path in self.flat
 
-    def layer(self, i: int, sub: str) -> np.ndarray:
-        stacked = f"layers/{sub}"
-        return self[stacked][i] if stacked in self.flat else self[f"layers_{i}/{sub}"]
+    def layer(self, i: int, sub: str, slot: tuple[str, int] | None = None) -> np.ndarray:
+        name, place = slot or ("layers", i)
+        stacked = f"{name}/{sub}"
+        return self[stacked][place] if stacked in self.flat else self[f"layers_{i}/{sub}"]

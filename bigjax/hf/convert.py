@@ -8,6 +8,7 @@ to model.vocab_multiple: import appends zero rows (zero columns of an untied hea
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -17,8 +18,8 @@ import numpy as np
 from bigjax import config as config_lib
 from bigjax import families
 from bigjax.compress.variant import Variant
+from bigjax.hf import common, files, mapping
 from bigjax.hf import family as family_lib
-from bigjax.hf import files, mapping
 from bigjax.hf.common import HFError, Params
 from bigjax.parallel.mesh import MESH_AXES
 from bigjax.params import by_path, nest, param_path
@@ -76,15 +77,28 @@ def hf_views(read, config) -> tuple[dict, dict]:
     return mapping.views(layer_table(0), read), mapping.views(global_table, read)
 
 
+def layers_of(path: str, config) -> tuple[range, str] | None:
+    """(the layers, the path under a layer) of a parameter of the Transformer layers: a scanned stack's (`layers/...`;
+    a MoE's `dense_layers/...` and `moe_layers/...`) or one unrolled layer's (`layers_I/...`); None for the rest."""
+    head, _, sub = path.partition("/")
+    for name, start, stop in common.layer_stacks(config.model):
+        if head == name:
+            return range(start, stop), sub
+    index = head.removeprefix("layers_")
+    if head.startswith("layers_") and index.isdigit():
+        return range(int(index), int(index) + 1), sub
+    return None
+
+
 def parameter_view(path: str, read, config) -> files.View:
     """The HF weights of bigjax parameter `path`, as a lazy view in bigjax's layout (layers stacked when scanned)."""
-    if path.startswith("layers/"):  # scanned: one array stacked over the layers
-        sub = path.removeprefix("layers/")
-        return files.stack([layer_views(read, config, i)[sub] for i in range(config.model.num_layers)])
-    if path.startswith("layers_"):  # unrolled: layers_I/...
-        index, _, sub = path.removeprefix("layers_").partition("/")
-        return layer_views(read, config, int(index))[sub]
-    return mapping.views(tables(config, read)[1], read)[path]
+    found = layers_of(path, config)
+    if found is None:
+        return mapping.views(tables(config, read)[1], read)[path]
+    layers, sub = found
+    if path.startswith("layers_"):
+        return layer_views(read, config, layers[0])[sub]
+    return files.stack([layer_views(read, config, i)[sub] for i in layers])
 
 
 def place(path: str, view: files.View, leaf, sharding) -> jax.Array:
@@ -99,12 +113,15 @@ def place(path: str, view: files.View, leaf, sharding) -> jax.Array:
 def available_paths(read, config):
     """A test of which bigjax paths the HF model in `read` has weights for. Model-state arrays (BatchNorm
     statistics) are named `COLLECTION/path` (`batch_stats/stem_norm/mean`), parameters by their path alone."""
-    layer_views, global_views = hf_views(read, config)
+    global_views = mapping.views(tables(config, read)[1], read)
+    views_of_layer = functools.cache(lambda i: layer_views(read, config, i))
 
     def available(path: str) -> bool:
-        if path.startswith("layers/") or path.startswith("layers_"):
-            return path.partition("/")[2] in layer_views
-        return path in global_views
+        found = layers_of(path, config)
+        if found is None:
+            return path in global_views
+        layers, sub = found
+        return sub in views_of_layer(layers[0])  # the layers of one stack have the same parameters
 
     return available
 
@@ -113,9 +130,10 @@ def check_weights(read, config, hf_vocab: int | None) -> None:
     """Every HF tensor the model maps is there, for every layer, in the layout config.json's sizes describe (layers
     of one shape, the vocabulary as long as vocab_size): weights that disagree are refused before an import writes
     anything. (Each is compared again with the shape the model needs as it is placed.)"""
-    layers = [layer_views(read, config, i) for i in range(config.model.get("num_layers", 0))]
-    for sub in layers[0] if layers else ():
-        files.stack([layer[sub] for layer in layers])  # which refuses layers of different shapes
+    for _, start, stop in common.layer_stacks(config.model):
+        stack = [layer_views(read, config, i) for i in range(start, stop)]
+        for sub in stack[0]:
+            files.stack([layer[sub] for layer in stack])  # which refuses layers of different shapes
     views = mapping.views(tables(config, read)[1], read)
     for path, axis in VOCAB_AXES.items():
         if hf_vocab is not None and path in views and views[path].shape[axis] != hf_vocab:
@@ -153,10 +171,12 @@ def load_selected(tree, hf_dir, selected: dict, shardings, prefix: str = "") -> 
 
 # What a run chooses for itself, whatever the checkpoint was trained with: the vocabulary and length (bigjax pads
 # the vocabulary; a learned position table of another length is refused by its shape), dropout, and how the model
-# runs (dtypes, attention kernel, scan, remat) or starts (initialization, BatchNorm's momentum).
+# runs (dtypes, attention kernel, scan, remat) or starts (initialization, BatchNorm's momentum), and how a mixture of
+# experts trains (its router's losses, and a capacity that drops tokens while training, as dropout does).
 RUN_SETTINGS = frozenset(
     {"vocab_size", "vocab_multiple", "max_len", "dropout", "dtype", "param_dtype", "attention", "scan_layers"}
     | {"remat", "init_std", "bn_momentum", "freeze_batch_stats", "zero_init_residual"}
+    | {"moe.router_aux_loss", "moe.router_z_loss", "moe.capacity_factor"}
 )
 
 
@@ -192,7 +212,7 @@ def architecture(m, classifier: bool) -> dict:
         if key in RUN_SETTINGS:
             continue
         if hasattr(value, "items"):
-            flat |= {f"{key}.{sub}": v for sub, v in value.items()}
+            flat |= {f"{key}.{sub}": v for sub, v in value.items() if f"{key}.{sub}" not in RUN_SETTINGS}
         else:
             flat[key] = value
     if "num_heads" in m:  # a Transformer stack
@@ -372,7 +392,8 @@ def hf_tensors(params: Params, config, hf_vocab: int | None) -> dict[str, np.nda
     layer_table, global_table = tables(config)
     out = {}
     for i in range(config.model.get("num_layers", 0)):
-        out |= mapping.arrays(layer_table(i), lambda sub, i=i: params.layer(i, sub), lambda sub: True)
+        slot = common.layer_slot(config.model, i)
+        out |= mapping.arrays(layer_table(i), lambda sub, i=i, slot=slot: params.layer(i, sub, slot), lambda sub: True)
     return out | mapping.arrays(global_table, get, params.__contains__)
 
 

@@ -174,13 +174,7 @@ def run_blocks(cfg: GPTConfig, x, positions, segment_ids, train: bool, *, causal
 
     With cfg.moe, the first `first_dense_layers` blocks keep a dense MLP and the rest are MoE blocks: scanned, two
     stacks, `dense_layers` and `moe_layers`; unrolled, `layers_{i}` numbered through both."""
-    dense = cfg.moe.first_dense_layers if cfg.moe else cfg.num_layers
-    stacks = [("layers" if not cfg.moe else "dense_layers", 0, dense, False)]
-    if cfg.moe:
-        stacks.append(("moe_layers", dense, cfg.num_layers, True))
-    for name, start, stop, sparse in stacks:
-        if stop == start:
-            continue
+    for name, start, stop, sparse in layer_stacks(cfg.num_layers, cfg.moe.first_dense_layers if cfg.moe else None):
         blocks = layers.remat_and_scan(Block, cfg.remat, stop - start if cfg.scan_layers else 0)
         if cfg.scan_layers:
             stack = blocks(cfg, train, causal, post_norm, decode, sparse, name=name)
@@ -192,6 +186,16 @@ def run_blocks(cfg: GPTConfig, x, positions, segment_ids, train: bool, *, causal
         for i in range(start, stop):
             x, _ = blocks(cfg, train, causal, post_norm, decode, sparse, name=f"layers_{i}")(x, positions, segment_ids)
     return x
+
+
+def layer_stacks(num_layers: int, first_dense_layers: int | None) -> list[tuple[str, int, int, bool]]:
+    """The stacks the layers are scanned in, as (name, first layer, end, MoE or not), empty ones left out: one stack
+    `layers` without MoE (first_dense_layers None), else `dense_layers` then `moe_layers`."""
+    if first_dense_layers is None:
+        stacks = [("layers", 0, num_layers, False)]
+    else:
+        stacks = [("dense_layers", 0, first_dense_layers, False), ("moe_layers", first_dense_layers, num_layers, True)]
+    return [stack for stack in stacks if stack[2] > stack[1]]
 
 
 def run_pipelined(stack, cfg: GPTConfig, x, positions, segment_ids, train: bool, causal: bool, post_norm: bool):
@@ -330,6 +334,7 @@ def parameter_count(cfg: GPTConfig) -> dict[str, int]:
         e = cfg.moe
         sparse = n - e.first_dense_layers
         router_and_shared = d * e.num_experts + per_expert_width * e.expert_mlp_dim * e.num_shared_experts
+        router_and_shared += d * e.shared_expert_gate
         moe_active = attention + router_and_shared + per_expert_width * e.expert_mlp_dim * e.experts_per_token
         moe_total = attention + router_and_shared + per_expert_width * e.expert_mlp_dim * e.num_experts
         layers_active = e.first_dense_layers * dense_layer + sparse * moe_active

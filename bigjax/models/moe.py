@@ -4,7 +4,8 @@ config.model.moe.
 Each token's router (a float32 Dense onto the experts) picks its `experts_per_token` (top-k) experts; the token goes
 through those experts' SwiGLU (or GELU) MLPs and their outputs are added, weighted by the router's probabilities
 (renormalised over the k picked when `norm_topk_probs`). `num_shared_experts` more experts (DeepSeek, Qwen) see
-every token: one MLP of that many experts' width, added to the routed output.
+every token: one MLP of that many experts' width, added to the routed output; with `shared_expert_gate` (Qwen2-MoE)
+first scaled per token by sigmoid(x . w), w a learned [d, 1] kernel (`shared_gate`).
 
 Dropless (capacity_factor = 0): every pick is computed. The token-expert pairs are sorted by expert, so that each
 expert's tokens are consecutive rows, and multiplied by the experts' stacked weights with `jax.lax.ragged_dot` (a
@@ -56,6 +57,7 @@ class MoeConfig:
     router_aux_loss: float
     router_z_loss: float
     norm_topk_probs: bool
+    shared_expert_gate: bool = False
 
     @classmethod
     def from_config(cls, moe, mlp_dim: int) -> MoeConfig | None:
@@ -180,8 +182,18 @@ class MoeMlp(nn.Module):
         out = out.reshape(batch, length, d_model)
         if c.num_shared_experts:
             shared_dim = c.num_shared_experts * c.expert_mlp_dim
-            shared = layers.Mlp(self.kind, shared_dim, False, *stds, self.dtype, self.param_dtype, name="shared")
-            out = out + shared(x)
+            shared = layers.Mlp(self.kind, shared_dim, False, *stds, self.dtype, self.param_dtype, name="shared")(x)
+            if c.shared_expert_gate:
+                gate = nn.Dense(
+                    1,
+                    use_bias=False,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    kernel_init=layers.logical(layers.normal(self.init_std), "embed", None),
+                    name="shared_gate",
+                )
+                shared = nn.sigmoid(gate(x)) * shared
+            out = out + shared
         return out.astype(x.dtype)
 
 
