@@ -264,20 +264,58 @@ def test_pipelined_run_resumes_bitwise_on_its_mesh_and_onto_no_pipeline_within_t
     assert_sgd_params_close_after_reordering(params, reference, initial, tolerance, 4, "parameters at step 4")
 
 
-def test_command_line_pipelined_run_logs_the_losses_of_the_unpipelined_one(tiny_config, tmp_path):
+@pytest.fixture(scope="module")
+def pipelined_run(tmp_path_factory):
+    """experiments/tiny.py trained 4 steps through the command line, gpipe over stage=2 with 4 micro-batches
+    (checkpoint 4): (workdir, stdout). Read it; copy it (conftest.copy_run) before changing anything in it."""
     from conftest import TINY, run_cli
 
+    workdir = tmp_path_factory.mktemp("pipelined") / "run"
+    args = ["--config.mesh.stage=2", "--config.model.pipeline.microbatches=4", "--config.log_every=1"]
+    return workdir, run_cli("train", "--config", TINY, "--workdir", workdir, *args, "--config.total_steps=4").stdout
+
+
+def test_command_line_pipelined_run_logs_the_losses_of_the_unpipelined_one(pipelined_run, tiny_config, tmp_path):
     from bigjax.run import train
 
-    steps = "--config.total_steps=4"
-    args = ["--config.mesh.stage=2", "--config.model.pipeline.microbatches=4", "--config.log_every=1", steps]
-    result = run_cli("train", "--config", TINY, "--workdir", tmp_path / "pipelined", *args)
+    workdir, stdout = pipelined_run
     said = "pipeline: gpipe over stage=2, 4 micro-batches x 1 pass(es), 1 layers per stage; bubble fraction 20.0%"
-    assert result.stdout.count(said) == 1, result.stdout
-    train.train(tiny_config("", steps, "--config.log_every=1", "--config.mesh.stage=1"), tmp_path / "unpipelined")
-    pipelined, unpipelined = losses_by_step(tmp_path / "pipelined"), losses_by_step(tmp_path / "unpipelined")
+    assert stdout.count(said) == 1, stdout
+    train.train(tiny_config("", "--config.total_steps=4", "--config.log_every=1"), tmp_path / "unpipelined")
+    pipelined, unpipelined = losses_by_step(workdir), losses_by_step(tmp_path / "unpipelined")
     assert sorted(pipelined) == [1, 2, 3, 4]
     np.testing.assert_allclose([pipelined[s] for s in range(1, 5)], [unpipelined[s] for s in range(1, 5)], rtol=1e-4)
+
+
+def test_a_pipelined_run_is_read_by_eval_generate_and_export_as_any_run(pipelined_run, cli_in_process, tmp_path):
+    """Its checkpoint is any run's: the eval job on the run's own mesh (stage=2: a pipelined forward pass) scores it
+    as one on stage=1 does, within the bound of the sums; generate samples from it (on one device); and its Hugging
+    Face export computes the logits of the checkpoint's model, its layers in their order."""
+    import transformers
+    from conftest import copy_run
+    from test_hf import assert_logits_match, bigjax_logits, torch_logits
+
+    from bigjax import config as config_lib
+    from bigjax import hf
+    from bigjax.run import evaluate
+
+    workdir = copy_run(pipelined_run[0], tmp_path)  # the eval job writes its metrics into the run
+    config = config_lib.load_saved(workdir)
+    assert config.mesh.stage == 2
+    pipelined = evaluate.run_eval_job(config, workdir, once=True)
+    config.mesh.update(dict(stage=1, data=-1))
+    unpipelined = evaluate.run_eval_job(config, workdir, once=True)
+    tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
+    assert pipelined["step"] == unpipelined["step"] == 4
+    np.testing.assert_allclose(pipelined["loss"], unpipelined["loss"], rtol=tolerance)
+
+    sampled = cli_in_process("generate", "--workdir", workdir, "--prompt", "ROMEO:", "--max-new-tokens", "8")
+    assert "generating from checkpoint 4" in sampled.stderr and sampled.stdout.startswith("ROMEO:")
+
+    hf.export(workdir, tmp_path / "exported")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    ids = list(b"ROMEO: But, soft!")
+    assert_logits_match(bigjax_logits(workdir, ids), torch_logits(exported, ids), config.model.num_layers)
 
 
 def test_plan_gives_the_bubble_and_a_stage_holds_its_share_of_the_layers():
