@@ -968,7 +968,7 @@ def check_against_devices(config, num_devices: int) -> dict[str, int]:
             f"the (micro)batch of {micro} examples does not divide across data*fsdp*expert={data_parallel} devices; "
             f"set config.batch_size to a multiple of {data_parallel * config.optim.grad_accum}"
         )
-    check_pipeline(config, shape["stage"], shape["context"])
+    check_pipeline(config, shape["stage"])
     return shape
 
 
@@ -1006,7 +1006,7 @@ def stacked_layers(m) -> dict:
     return {what: layers for what, layers in stacks.items() if layers}
 
 
-def check_pipeline(config, stages: int, context: int) -> None:
+def check_pipeline(config, stages: int) -> None:
     """Layers cut into `stages` x repeats equal groups, and a (micro)batch into equal micro-batches
     (bigjax.parallel.pipeline). Micro-batches too small to split over data x fsdp are split unevenly by XLA (padded):
     correct, but keep microbatches x data x fsdp dividing the batch so that every device has rows of each."""
@@ -1017,13 +1017,6 @@ def check_pipeline(config, stages: int, context: int) -> None:
         raise ConfigError(
             f"config.mesh.stage={stages} pipelines the stacked layers of config.model.family='gpt' with "
             f"scan_layers=True, not family={m.family!r} scan_layers={m.scan_layers}; set config.mesh.stage=1"
-        )
-    if context > 1:
-        # Context parallelism's shard_map inside the pipeline's does not trace yet (jax 0.10: the ring's scan carries
-        # types varying over `context` alone; the all-gather fails to lower).
-        raise ConfigError(
-            f"config.mesh.stage={stages} with config.mesh.context={context}: a pipeline does not split "
-            "the sequence yet; set one of them to 1"
         )
     p = m.pipeline
     if p.schedule not in PIPELINE_SCHEDULES:

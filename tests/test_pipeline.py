@@ -281,7 +281,6 @@ def test_pipelined_moe_beside_experts_equals_one_device_and_counts_every_micro_b
         (["--config.mesh.stage=2", "--config.model.pipeline.schedule=1f1b"], "is not one of gpipe, circular"),
         (["--config.mesh.stage=2", "--config.model.pipeline.microbatches=3"], "does not split into"),
         (["--config.mesh.stage=2", "--config.model.scan_layers=False"], "scan_layers=True"),
-        (["--config.mesh.stage=2", "--config.mesh.context=2"], "a pipeline does not split the sequence yet"),
         (
             ["--config.mesh.stage=2", "--config.model.moe.num_experts=4", "--config.model.moe.first_dense_layers=1"],
             "config.model.moe.first_dense_layers=1 does not split into config.mesh.stage=2",
