@@ -372,27 +372,37 @@ def test_command_line_pipelined_run_logs_the_losses_of_the_unpipelined_one(pipel
     np.testing.assert_allclose([pipelined[s] for s in range(1, 5)], [unpipelined[s] for s in range(1, 5)], rtol=1e-4)
 
 
-def test_a_pipelined_run_is_read_by_eval_generate_and_export_as_any_run(pipelined_run, cli_in_process, tmp_path):
+def test_a_pipelined_run_is_read_by_eval_generate_export_and_quantize_as_any_run(
+    pipelined_run, cli_in_process, tmp_path
+):
     """Its checkpoint is any run's: the eval job on the run's own mesh (stage=2: a pipelined forward pass) scores it
-    as one on stage=1 does, within the bound of the sums; generate samples from it (on one device); and its Hugging
-    Face export computes the logits of the checkpoint's model, its layers in their order."""
+    as one on stage=1 does, within the bound of the sums; generate samples from it (on one device); its Hugging Face
+    export computes the logits of the checkpoint's model, its layers in their order; and its int8 quantization (a
+    run of its own, on the same mesh) is scored by the pipelined eval job as by an unpipelined one."""
     import transformers
     from conftest import copy_run
     from test_hf import assert_logits_match, bigjax_logits, torch_logits
 
     from bigjax import config as config_lib
     from bigjax import hf
+    from bigjax.compress import quantize
     from bigjax.run import evaluate
 
+    def eval_on_its_mesh_and_without_stages(workdir):
+        config = config_lib.load_saved(workdir)
+        assert config.mesh.stage == 2
+        pipelined = evaluate.run_eval_job(config, workdir, once=True)
+        config.mesh.update(dict(stage=1, data=-1))
+        unpipelined = evaluate.run_eval_job(config, workdir, once=True)
+        tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
+        assert pipelined["step"] == unpipelined["step"] == 4
+        np.testing.assert_allclose(pipelined["loss"], unpipelined["loss"], rtol=tolerance, err_msg=str(workdir))
+        return config
+
     workdir = copy_run(pipelined_run[0], tmp_path)  # the eval job writes its metrics into the run
-    config = config_lib.load_saved(workdir)
-    assert config.mesh.stage == 2
-    pipelined = evaluate.run_eval_job(config, workdir, once=True)
-    config.mesh.update(dict(stage=1, data=-1))
-    unpipelined = evaluate.run_eval_job(config, workdir, once=True)
-    tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
-    assert pipelined["step"] == unpipelined["step"] == 4
-    np.testing.assert_allclose(pipelined["loss"], unpipelined["loss"], rtol=tolerance)
+    config = eval_on_its_mesh_and_without_stages(workdir)
+    assert quantize.quantize(workdir, tmp_path / "int8", bits=8)["step"] == 4
+    eval_on_its_mesh_and_without_stages(tmp_path / "int8")
 
     sampled = cli_in_process("generate", "--workdir", workdir, "--prompt", "ROMEO:", "--max-new-tokens", "8")
     assert "generating from checkpoint 4" in sampled.stderr and sampled.stdout.startswith("ROMEO:")
