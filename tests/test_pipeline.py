@@ -373,12 +373,14 @@ def test_command_line_pipelined_run_logs_the_losses_of_the_unpipelined_one(pipel
 
 
 def test_a_pipelined_run_is_read_by_eval_generate_export_and_quantize_as_any_run(
-    pipelined_run, cli_in_process, tmp_path
+    pipelined_run, cli_in_process, tmp_path, monkeypatch
 ):
     """Its checkpoint is any run's: the eval job on the run's own mesh (stage=2: a pipelined forward pass) scores it
-    as one on stage=1 does, within the bound of the sums; generate samples from it (on one device); its Hugging Face
-    export computes the logits of the checkpoint's model, its layers in their order; and its int8 quantization (a
-    run of its own, on the same mesh) is scored by the pipelined eval job as by an unpipelined one."""
+    as one on stage=1 does, within the bound of the sums, on an lm-evaluation-harness task too (rows scored 2 at a
+    time, on data=2 x tensor=2 x stage=2: the job pads them to whole micro-batches); generate samples from it (on one
+    device); its Hugging Face export computes the logits of the checkpoint's model, its layers in their order; and
+    its int8 quantization (a run of its own, on the same mesh) is scored by the pipelined eval job as by an
+    unpipelined one."""
     import transformers
     from conftest import copy_run
     from test_hf import assert_logits_match, bigjax_logits, torch_logits
@@ -388,19 +390,27 @@ def test_a_pipelined_run_is_read_by_eval_generate_export_and_quantize_as_any_run
     from bigjax.compress import quantize
     from bigjax.run import evaluate
 
-    def eval_on_its_mesh_and_without_stages(workdir):
-        config = config_lib.load_saved(workdir)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the harness task's data is local
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+    def eval_on_its_mesh_and_without_stages(workdir, harness=()):
+        config = config_lib.load_saved(workdir, [f"config.eval.harness.{setting}" for setting in harness])
         assert config.mesh.stage == 2
+        config.mesh.update(dict(data=2, tensor=2) if harness else {})
         pipelined = evaluate.run_eval_job(config, workdir, once=True)
         config.mesh.update(dict(stage=1, data=-1))
         unpipelined = evaluate.run_eval_job(config, workdir, once=True)
         tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
         assert pipelined["step"] == unpipelined["step"] == 4
         np.testing.assert_allclose(pipelined["loss"], unpipelined["loss"], rtol=tolerance, err_msg=str(workdir))
+        scores = {key: value for key, value in pipelined.items() if key.startswith("harness/")}
+        assert len(scores) == len(harness and ["acc", "acc_norm", "sample_len"])
+        assert scores == {key: unpipelined[key] for key in scores}
         return config
 
+    harness = ["tasks=bigjax_choice", "include_path=tests/lm_eval_tasks", "limit=2", "batch_size=2"]
     workdir = copy_run(pipelined_run[0], tmp_path)  # the eval job writes its metrics into the run
-    config = eval_on_its_mesh_and_without_stages(workdir)
+    config = eval_on_its_mesh_and_without_stages(workdir, harness)
     assert quantize.quantize(workdir, tmp_path / "int8", bits=8)["step"] == 4
     eval_on_its_mesh_and_without_stages(tmp_path / "int8")
 
