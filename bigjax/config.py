@@ -973,7 +973,7 @@ def check_against_devices(config, num_devices: int) -> dict[str, int]:
             f"the (micro)batch of {micro} examples does not divide across data*fsdp*expert={data_parallel} devices; "
             f"set config.batch_size to a multiple of {data_parallel * config.optim.grad_accum}"
         )
-    check_pipeline(config, shape["stage"], shape["context"])
+    check_pipeline(config, shape["stage"])
     return shape
 
 
@@ -1000,7 +1000,18 @@ def check_context(config, context: int) -> None:
 PIPELINE_SCHEDULES = ("gpipe", "circular")
 
 
-def check_pipeline(config, stages: int, context: int) -> None:
+def stacked_layers(m) -> dict:
+    """The scanned stacks of layers of config.model `m` and their lengths, as the setting that decides each says it:
+    one stack, or a mixture of experts' dense first layers and its MoE layers (each pipelined in turn)."""
+    dense = m.moe.first_dense_layers if m.get("moe", {}).get("num_experts") else m.num_layers
+    if dense == m.num_layers:
+        return {"config.model.num_layers": m.num_layers}
+    stacks = {"config.model.moe.first_dense_layers": dense}
+    stacks["the MoE layers (config.model.num_layers - moe.first_dense_layers)"] = m.num_layers - dense
+    return {what: layers for what, layers in stacks.items() if layers}
+
+
+def check_pipeline(config, stages: int) -> None:
     """Layers cut into `stages` x repeats equal groups, and a (micro)batch into equal micro-batches
     (bigjax.parallel.pipeline). Micro-batches too small to split over data x fsdp are split unevenly by XLA (padded):
     correct, but keep microbatches x data x fsdp dividing the batch so that every device has rows of each."""
@@ -1011,19 +1022,6 @@ def check_pipeline(config, stages: int, context: int) -> None:
         raise ConfigError(
             f"config.mesh.stage={stages} pipelines the stacked layers of config.model.family='gpt' with "
             f"scan_layers=True, not family={m.family!r} scan_layers={m.scan_layers}; set config.mesh.stage=1"
-        )
-    if m.get("moe", {}).get("num_experts"):
-        # A MoE model scans two stacks (dense_layers, moe_layers); the pipeline cuts one stack into stages.
-        raise ConfigError(
-            f"config.mesh.stage={stages} with a mixture of experts (config.model.moe.num_experts="
-            f"{m.moe.num_experts}): a pipeline does not stage MoE layers yet; set config.mesh.stage=1"
-        )
-    if context > 1:
-        # Context parallelism's shard_map inside the pipeline's does not trace yet (jax 0.10: the ring's scan carries
-        # types varying over `context` alone; the all-gather fails to lower).
-        raise ConfigError(
-            f"config.mesh.stage={stages} with config.mesh.context={context}: a pipeline does not split "
-            "the sequence yet; set one of them to 1"
         )
     p = m.pipeline
     if p.schedule not in PIPELINE_SCHEDULES:
@@ -1036,11 +1034,12 @@ def check_pipeline(config, stages: int, context: int) -> None:
         raise ConfigError(
             f"config.model.pipeline.repeats={p.repeats} needs schedule='circular' (gpipe makes one pass); set it to 1"
         )
-    if m.num_layers % (stages * p.repeats):
-        raise ConfigError(
-            f"config.model.num_layers={m.num_layers} does not split into config.mesh.stage={stages} x "
-            f"config.model.pipeline.repeats={p.repeats} equal groups of layers; change num_layers, stage or repeats"
-        )
+    for what, layers in stacked_layers(m).items():
+        if layers % (stages * p.repeats):
+            raise ConfigError(
+                f"{what}={layers} does not split into config.mesh.stage={stages} x config.model.pipeline.repeats="
+                f"{p.repeats} equal groups of layers; change it, stage or repeats"
+            )
     microbatches = p.microbatches or stages
     if p.schedule == "circular" and microbatches < stages:
         raise ConfigError(

@@ -275,6 +275,8 @@ MODEL_MESHES = {  # name: config.mesh
     "data2_context4": dict(data=2, fsdp=1, tensor=1, context=4),
     "data2_fsdp2_context2": dict(data=2, fsdp=2, tensor=1, context=2),
     "fsdp2_tensor2_context2": dict(data=1, fsdp=2, tensor=2, context=2),
+    # Inside a pipeline (2 micro-batches): attention's shard_map over `context` within the pipeline's over `stage`.
+    "data2_context2_stage2": dict(data=2, fsdp=1, tensor=1, context=2, stage=2),
 }
 
 
@@ -372,6 +374,8 @@ MODEL_CASES = [  # (variant, strategy, mesh, zig-zag order): GPT-2 has learned p
     ("gpt2", "ring", "data2_context4", True),
     ("llama", "ring", "data2_fsdp2_context2", True),
     ("gpt2", "all_gather", "fsdp2_tensor2_context2", True),
+    ("llama", "ring", "data2_context2_stage2", True),
+    ("llama", "all_gather", "data2_context2_stage2", True),
 ]
 
 
@@ -387,7 +391,7 @@ def test_train_step_with_context_equals_one_device(variant, strategy, mesh_name,
     c, mesh = setup.config, setup.config.mesh
     kv_heads = (c.model.num_kv_heads or c.model.num_heads) // mesh.tensor  # one device's keys and values
     head_dim = c.model.d_model // c.model.num_heads
-    local = c.batch_size // (mesh.data * mesh.fsdp)
+    local = c.batch_size // (mesh.data * mesh.fsdp) // (c.model.pipeline.microbatches or mesh.stage)  # a micro-batch
     kv = lambda length: f"f32[{local},{length},{kv_heads},{head_dim}]"
     ops = collectives(compiled.as_text())
     gathered = [shape for shape, op in ops if op == "all-gather" and shape == kv(c.data.seq_len)]

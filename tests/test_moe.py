@@ -102,8 +102,7 @@ def test_capacity_mode_drops_the_picks_over_capacity_and_counts_them():
     got = moe.grouped_experts(x, routed, weights, kernels, "swiglu", 4)
     want = moe.dense_reference(x, experts, kept, kernels, "swiglu", 4)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    stats = moe.layer_stats(jnp.zeros((4, 4)), jnp.full((4, 4), 0.25), experts, routed, 4)
-    assert float(stats["dropped"]) == 2 / 8
+    assert float(router_stats(jnp.zeros((4, 4)), jnp.full((4, 4), 0.25), experts, routed)["dropped"]) == 2 / 8
 
 
 def test_capacity_is_the_factor_times_the_even_share():
@@ -112,6 +111,12 @@ def test_capacity_is_the_factor_times_the_even_share():
 
 
 KERNEL_SHAPES = [("gate", (4, D, F)), ("up", (4, D, F)), ("down", (4, F, D))]
+
+
+def router_stats(logits, probs, experts, routed=None):
+    """One layer's statistics, through the sums it sows."""
+    routed = experts if routed is None else routed
+    return moe.router_stats(moe.router_sums(logits, probs, experts, routed, probs.shape[-1]))
 
 
 def test_load_balancing_loss_is_the_switch_formula():
@@ -123,16 +128,18 @@ def test_load_balancing_loss_is_the_switch_formula():
     f = [sum(e in experts[t] for t in range(6)) / 6 for e in range(E)]
     p = [sum(probs[t, e] for t in range(6)) / 6 for e in range(E)]
     want = E * sum(f[e] * p[e] for e in range(E))
-    np.testing.assert_allclose(moe.load_balancing_loss(jnp.asarray(probs), jnp.asarray(experts)), want, rtol=1e-6)
+    got = router_stats(jnp.zeros((6, E)), jnp.asarray(probs), jnp.asarray(experts))["aux_loss"]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
     # Perfectly balanced routing (each expert picked by half the tokens, uniform probabilities) gives k.
     even = jnp.full((4, E), 1 / E)
-    assert float(moe.load_balancing_loss(even, jnp.array([[0, 1], [2, 3], [0, 1], [2, 3]]))) == pytest.approx(K)
+    assert float(router_stats(even, even, jnp.array([[0, 1], [2, 3], [0, 1], [2, 3]]))["aux_loss"]) == pytest.approx(K)
 
 
 def test_z_loss_is_the_mean_squared_logsumexp():
     logits = np.array([[0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0]], np.float32)
     want = np.mean([np.log(np.sum(np.exp(row))) ** 2 for row in logits.astype(np.float64)])
-    np.testing.assert_allclose(moe.z_loss(jnp.asarray(logits)), want, rtol=4 * EPS32)
+    experts = jnp.zeros((2, 1), jnp.int32)
+    np.testing.assert_allclose(router_stats(jnp.asarray(logits), logits, experts)["z_loss"], want, rtol=4 * EPS32)
 
 
 def test_top_k_probabilities_are_renormalised_when_asked():

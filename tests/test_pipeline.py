@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import init_params
 from jax.sharding import AxisType
 from tolerance import assert_close_after_reordering, float32_sum_tolerance, lm_sum_lengths
 
@@ -31,10 +32,15 @@ def nan_bubbles(monkeypatch):
 
 
 def toy_group(weights, x, slot, positions):
-    """Consecutive tanh layers, each adding a little of the rows' positions (an extra that travels with them)."""
+    """Consecutive tanh layers, each adding a little of the rows' positions (an extra that travels with them), and
+    each layer's sum of squares over the rows: what a layer sums over the batch (as a MoE layer its router's)."""
     del slot
-    layer = lambda x, w: (jnp.tanh(x @ w) + 0.01 * positions[..., None], None)
-    return jax.lax.scan(layer, x, weights)[0]
+
+    def layer(x, w):
+        y = jnp.tanh(x @ w) + 0.01 * positions[..., None]
+        return y, jnp.sum(y**2)
+
+    return jax.lax.scan(layer, x, weights)
 
 
 def toy_inputs():
@@ -45,10 +51,16 @@ def toy_inputs():
 
 
 def toy_result(run):
-    """(output, gradient of the weights, gradient of the input) of a sum of squares over the stack's output."""
+    """(output, the layers' sums, gradient of the weights, gradient of the input) of a sum of squares over the
+    stack's output plus a function of each layer's sum that is not linear (as a router loss is not): a layer's sum
+    must be the whole batch's, not one added per micro-batch of something else."""
     weights, x, positions = toy_inputs()
-    loss = lambda w, x: jnp.sum(run(w, x, positions) ** 2)
-    return jax.device_get((run(weights, x, positions), *jax.grad(loss, argnums=(0, 1))(weights, x)))
+
+    def loss(w, x):
+        out, sums = run(w, x, positions)
+        return jnp.sum(out**2) + jnp.sum(jnp.sqrt(sums))
+
+    return jax.device_get((*run(weights, x, positions), *jax.grad(loss, argnums=(0, 1))(weights, x)))
 
 
 def pipelined_toy(stages, microbatches, repeats):
@@ -61,9 +73,10 @@ def pipelined_toy(stages, microbatches, repeats):
         return toy_result(jax.jit(run))
 
 
-# The toy's sums: the gradient of a weight adds over every row's tokens, and each layer's matmul adds WIDTH terms going
-# forward and WIDTH going back. The pipeline adds none of its own (its psums add zeros to one stage's values).
-TOY_TOLERANCE = float32_sum_tolerance(ROWS * LENGTH, *[WIDTH] * (2 * LAYERS))
+# The toy's sums: the gradient of a weight adds over every row's tokens, a layer's sum over their values, and each
+# layer's matmul adds WIDTH terms going forward and WIDTH going back. The pipeline adds none of its own (its psums add
+# zeros to one stage's values; a layer's sum adds the micro-batches' partial sums: the same terms, in another order).
+TOY_TOLERANCE = float32_sum_tolerance(ROWS * LENGTH, ROWS * LENGTH * WIDTH, *[WIDTH] * (2 * LAYERS))
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +123,28 @@ def test_planted_circular_groups_out_of_order(toy_reference, monkeypatch):
     assert_differs(pipelined_toy(2, 2, 2), toy_reference)
 
 
+def add_sums_planted(bug: str):
+    """_Schedule.add_sums with a bug: one stage's sums dropped, the bubble's counted, or each micro-batch's replacing
+    the total (one micro-batch's sum standing for the batch's)."""
+    add = pipeline_lib._Schedule.add_sums
+
+    def planted(self, t, sums, group_sums):
+        if bug == "stage dropped":
+            return add(self, t, sums, jax.tree.map(lambda a: jnp.where(self.stage == 1, 0, a), group_sums))
+        if bug == "bubble counted":
+            return jax.tree.map(lambda total, new: total.at[self.pass_of(t)].add(new), sums, group_sums)
+        replace = lambda total, new: total.at[self.pass_of(t)].set(jnp.where(self.working(t), new, total[0]))
+        return jax.tree.map(replace, sums, group_sums)
+
+    return planted
+
+
+@pytest.mark.parametrize("bug", ["stage dropped", "bubble counted", "one micro-batch for all"])
+def test_planted_layer_sums_wrong(toy_reference, monkeypatch, bug):
+    monkeypatch.setattr(pipeline_lib._Schedule, "add_sums", add_sums_planted(bug))
+    assert_differs(pipelined_toy(2, 4, 1), toy_reference)
+
+
 def test_planted_bubble_computed_on_what_its_slot_held(toy_reference, monkeypatch):
     """A bubble slot's layers run on whatever its slot held (NaN here) rather than zeros: its results are never
     selected, yet 0 x NaN puts NaN into the weights' gradients."""
@@ -117,7 +152,7 @@ def test_planted_bubble_computed_on_what_its_slot_held(toy_reference, monkeypatc
         self.stage == 0, jnp.where(t < self.microbatches, xs[t % self.microbatches], held[t % self.microbatches]), state
     )
     monkeypatch.setattr(pipeline_lib._Schedule, "input", unmasked)
-    output, weight_grads, _ = pipelined_toy(2, 2, 1)
+    output, _, weight_grads, _ = pipelined_toy(2, 2, 1)
     assert np.isfinite(output).all() and not np.isfinite(weight_grads).all()
 
 
@@ -188,6 +223,53 @@ def test_pipelined_llama_equals_one_device(llama_config, one_device, mesh, micro
     assert passes and set(passes) == {("stage",)}, passes
 
 
+def moe_loss_grads_and_stats(setup, params, batch):
+    """(training loss: cross-entropy and the router losses, its gradients, the router statistics) on setup's mesh."""
+
+    def mean_loss(p, b):
+        sums, _ = setup.task.loss_sums(p, {}, b, train=True)
+        return sums["loss"] / sums["count"], {k: v / sums["count"] for k, v in sums.items() if k.startswith("moe_")}
+
+    fn = jax.jit(jax.value_and_grad(mean_loss, has_aux=True), in_shardings=(setup.state_shardings.params, None))
+    with setup.sharding.activate():
+        (loss, stats), grads = fn(params, setup.sharding.global_batch(batch))
+    return jax.device_get((loss, grads, stats))
+
+
+def test_pipelined_moe_beside_experts_equals_one_device_and_counts_every_micro_batch(tiny_config, monkeypatch):
+    """A mixture of experts, both stacks (2 dense layers, then 2 MoE layers) pipelined over stage=2 beside expert=2
+    and data=2: the training loss (cross-entropy and both router losses, whose sums the pipeline adds over the
+    micro-batches into the whole batch's), every router statistic and every gradient, the router's and the experts'
+    included, within the bound of the MoE model's sums. With one micro-batch's router sums standing for the batch's
+    (planted), the statistics are off."""
+    from test_moe import MOE, fixed_batch, moe_sum_lengths, on_mesh
+
+    from bigjax.run.setup import make_setup
+
+    config = tiny_config("llama=True", *MOE, "config.model.num_layers=4", "config.model.moe.first_dense_layers=2")
+    config.model.pipeline.microbatches = 4
+    batch = fixed_batch(config)
+    one = on_mesh(config, (1, 1, 1, 1))
+    params = jax.device_get(init_params(one.task))
+    loss, grads, stats = moe_loss_grads_and_stats(one, params, batch)
+
+    config.mesh.update(dict(data=2, expert=2, stage=2))
+    pipelined = make_setup(config, jax.devices())
+    params = jax.device_put(params, pipelined.state_shardings.params)
+    pipelined_loss, pipelined_grads, pipelined_stats = moe_loss_grads_and_stats(pipelined, params, batch)
+    tolerance = float32_sum_tolerance(*moe_sum_lengths(config, tokens=batch["weights"].size))
+    np.testing.assert_allclose(pipelined_loss, loss, rtol=tolerance, err_msg="loss")
+    assert sorted(stats) == ["moe_aux_loss", "moe_dropped", "moe_load_max", "moe_load_min", "moe_z_loss"]
+    assert_close_after_reordering(pipelined_stats, stats, tolerance, "router statistics")
+    assert_close_after_reordering(pipelined_grads, grads, tolerance, "gradients")
+
+    monkeypatch.setattr(pipeline_lib._Schedule, "add_sums", add_sums_planted("one micro-batch for all"))
+    with pytest.raises(AssertionError, match=r"planted: \['moe_"):
+        assert_close_after_reordering(
+            moe_loss_grads_and_stats(pipelined, params, batch)[2], stats, tolerance, "planted"
+        )
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -199,7 +281,10 @@ def test_pipelined_llama_equals_one_device(llama_config, one_device, mesh, micro
         (["--config.mesh.stage=2", "--config.model.pipeline.schedule=1f1b"], "is not one of gpipe, circular"),
         (["--config.mesh.stage=2", "--config.model.pipeline.microbatches=3"], "does not split into"),
         (["--config.mesh.stage=2", "--config.model.scan_layers=False"], "scan_layers=True"),
-        (["--config.mesh.stage=2", "--config.mesh.context=2"], "a pipeline does not split the sequence yet"),
+        (
+            ["--config.mesh.stage=2", "--config.model.moe.num_experts=4", "--config.model.moe.first_dense_layers=1"],
+            "config.model.moe.first_dense_layers=1 does not split into config.mesh.stage=2",
+        ),
     ],
 )
 def test_a_pipeline_that_cannot_be_is_a_config_error(tiny_config, overrides, message):
@@ -264,20 +349,78 @@ def test_pipelined_run_resumes_bitwise_on_its_mesh_and_onto_no_pipeline_within_t
     assert_sgd_params_close_after_reordering(params, reference, initial, tolerance, 4, "parameters at step 4")
 
 
-def test_command_line_pipelined_run_logs_the_losses_of_the_unpipelined_one(tiny_config, tmp_path):
+@pytest.fixture(scope="module")
+def pipelined_run(tmp_path_factory):
+    """experiments/tiny.py trained 4 steps through the command line, gpipe over stage=2 with 4 micro-batches
+    (checkpoint 4): (workdir, stdout). Read it; copy it (conftest.copy_run) before changing anything in it."""
     from conftest import TINY, run_cli
 
+    workdir = tmp_path_factory.mktemp("pipelined") / "run"
+    args = ["--config.mesh.stage=2", "--config.model.pipeline.microbatches=4", "--config.log_every=1"]
+    return workdir, run_cli("train", "--config", TINY, "--workdir", workdir, *args, "--config.total_steps=4").stdout
+
+
+def test_command_line_pipelined_run_logs_the_losses_of_the_unpipelined_one(pipelined_run, tiny_config, tmp_path):
     from bigjax.run import train
 
-    steps = "--config.total_steps=4"
-    args = ["--config.mesh.stage=2", "--config.model.pipeline.microbatches=4", "--config.log_every=1", steps]
-    result = run_cli("train", "--config", TINY, "--workdir", tmp_path / "pipelined", *args)
+    workdir, stdout = pipelined_run
     said = "pipeline: gpipe over stage=2, 4 micro-batches x 1 pass(es), 1 layers per stage; bubble fraction 20.0%"
-    assert result.stdout.count(said) == 1, result.stdout
-    train.train(tiny_config("", steps, "--config.log_every=1", "--config.mesh.stage=1"), tmp_path / "unpipelined")
-    pipelined, unpipelined = losses_by_step(tmp_path / "pipelined"), losses_by_step(tmp_path / "unpipelined")
+    assert stdout.count(said) == 1, stdout
+    train.train(tiny_config("", "--config.total_steps=4", "--config.log_every=1"), tmp_path / "unpipelined")
+    pipelined, unpipelined = losses_by_step(workdir), losses_by_step(tmp_path / "unpipelined")
     assert sorted(pipelined) == [1, 2, 3, 4]
     np.testing.assert_allclose([pipelined[s] for s in range(1, 5)], [unpipelined[s] for s in range(1, 5)], rtol=1e-4)
+
+
+def test_a_pipelined_run_is_read_by_eval_generate_export_and_quantize_as_any_run(
+    pipelined_run, cli_in_process, tmp_path, monkeypatch
+):
+    """Its checkpoint is any run's: the eval job on the run's own mesh (stage=2: a pipelined forward pass) scores it
+    as one on stage=1 does, within the bound of the sums, on an lm-evaluation-harness task too (rows scored 2 at a
+    time, on data=2 x tensor=2 x stage=2: the job pads them to whole micro-batches); generate samples from it (on one
+    device); its Hugging Face export computes the logits of the checkpoint's model, its layers in their order; and
+    its int8 quantization (a run of its own, on the same mesh) is scored by the pipelined eval job as by an
+    unpipelined one."""
+    import transformers
+    from conftest import copy_run
+    from test_hf import assert_logits_match, bigjax_logits, torch_logits
+
+    from bigjax import config as config_lib
+    from bigjax import hf
+    from bigjax.compress import quantize
+    from bigjax.run import evaluate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the harness task's data is local
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+    def eval_on_its_mesh_and_without_stages(workdir, harness=()):
+        config = config_lib.load_saved(workdir, [f"config.eval.harness.{setting}" for setting in harness])
+        assert config.mesh.stage == 2
+        config.mesh.update(dict(data=2, tensor=2) if harness else {})
+        pipelined = evaluate.run_eval_job(config, workdir, once=True)
+        config.mesh.update(dict(stage=1, data=-1))
+        unpipelined = evaluate.run_eval_job(config, workdir, once=True)
+        tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
+        assert pipelined["step"] == unpipelined["step"] == 4
+        np.testing.assert_allclose(pipelined["loss"], unpipelined["loss"], rtol=tolerance, err_msg=str(workdir))
+        scores = {key: value for key, value in pipelined.items() if key.startswith("harness/")}
+        assert len(scores) == len(harness and ["acc", "acc_norm", "sample_len"])
+        assert scores == {key: unpipelined[key] for key in scores}
+        return config
+
+    harness = ["tasks=bigjax_choice", "include_path=tests/lm_eval_tasks", "limit=2", "batch_size=2"]
+    workdir = copy_run(pipelined_run[0], tmp_path)  # the eval job writes its metrics into the run
+    config = eval_on_its_mesh_and_without_stages(workdir, harness)
+    assert quantize.quantize(workdir, tmp_path / "int8", bits=8)["step"] == 4
+    eval_on_its_mesh_and_without_stages(tmp_path / "int8")
+
+    sampled = cli_in_process("generate", "--workdir", workdir, "--prompt", "ROMEO:", "--max-new-tokens", "8")
+    assert "generating from checkpoint 4" in sampled.stderr and sampled.stdout.startswith("ROMEO:")
+
+    hf.export(workdir, tmp_path / "exported")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    ids = list(b"ROMEO: But, soft!")
+    assert_logits_match(bigjax_logits(workdir, ids), torch_logits(exported, ids), config.model.num_layers)
 
 
 def test_plan_gives_the_bubble_and_a_stage_holds_its_share_of_the_layers():

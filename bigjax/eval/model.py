@@ -47,6 +47,7 @@ from bigjax.compress.quantized import quantized
 from bigjax.errors import UserError
 from bigjax.models import gpt
 from bigjax.parallel import mesh as mesh_lib
+from bigjax.parallel import pipeline as pipeline_lib
 
 MAX_GEN_TOKS = 256  # lm-eval's default for a task that names none (its `hf` model's)
 
@@ -61,7 +62,9 @@ class BigjaxLM(TemplateLM):
         self.max_length = generator.context
         mesh = generator.sharding.mesh
         data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-        self.batch_size = gpt.round_up(batch_size, data_parallel)  # every device of the data axes gets whole rows
+        # Every device of the data axes gets whole rows, in every micro-batch of a pipelined mesh (the eval job's).
+        pipelined = pipeline_lib.schedule_of(generator.run_config.model, mesh.shape["stage"])
+        self.batch_size = gpt.round_up(batch_size, data_parallel * (pipelined["microbatches"] if pipelined else 1))
         self.score_step = make_score_step(generator)
         self.followers = Followers()
 

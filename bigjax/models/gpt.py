@@ -170,7 +170,7 @@ class Block(nn.Module):
 def run_blocks(cfg: GPTConfig, x, positions, segment_ids, train: bool, *, causal=True, post_norm=False, decode=False):
     """The stack of blocks, scanned (one compiled layer; weights and a KV cache stacked over layers) or unrolled,
     rematerialized by cfg.remat; called from inside a module's compact method. Where config.mesh.stage > 1, the
-    scanned stack runs as a pipeline (run_pipelined; config refuses a pipeline of MoE layers).
+    scanned stack runs as a pipeline (run_pipelined): with cfg.moe each of the two stacks, one after the other.
 
     With cfg.moe, the first `first_dense_layers` blocks keep a dense MLP and the rest are MoE blocks: scanned, two
     stacks, `dense_layers` and `moe_layers`; unrolled, `layers_{i}` numbered through both."""
@@ -179,7 +179,7 @@ def run_blocks(cfg: GPTConfig, x, positions, segment_ids, train: bool, *, causal
         if cfg.scan_layers:
             stack = blocks(cfg, train, causal, post_norm, decode, sparse, name=name)
             if pipeline_lib.stage_count() > 1 and not decode and not stack.is_initializing():
-                x = run_pipelined(stack, cfg, x, positions, segment_ids, train, causal, post_norm)
+                x = run_pipelined(stack, cfg, x, positions, segment_ids, train, causal, post_norm, sparse)
             else:
                 x = stack(x, positions, segment_ids)[0]
             continue
@@ -198,27 +198,33 @@ def layer_stacks(num_layers: int, first_dense_layers: int | None) -> list[tuple[
     return [stack for stack in stacks if stack[2] > stack[1]]
 
 
-def run_pipelined(stack, cfg: GPTConfig, x, positions, segment_ids, train: bool, causal: bool, post_norm: bool):
+def run_pipelined(stack, cfg: GPTConfig, x, positions, segment_ids, train: bool, causal: bool, post_norm: bool, sparse):
     """The scanned `stack` of blocks run as a pipeline over the mesh axis `stage` (bigjax.parallel.pipeline). Its
     weights [layers, ...] are read as they are, so that the parameters (and the checkpoint) are the unpipelined
     model's; each stage applies its groups of layers with the same scanned block, each block rematerialized by
     cfg.remat. (Rematerializing whole iterations instead keeps less between them, but a whole group's activations
-    while one is rebuilt: more in all, by benchmarks/pipeline_memory.py.)"""
+    while one is rebuilt: more in all, by benchmarks/pipeline_memory.py.) What the blocks sow (a MoE layer's router
+    sums) is added over the micro-batches and sown where the unpipelined stack sows it, [layers, ...]: the whole
+    batch's, so that the router losses are those of the model on the whole batch."""
     stages, p = pipeline_lib.stage_count(), cfg.pipeline
     repeats = p.repeats if p.schedule == "circular" else 1
-    group = layers.remat_and_scan(Block, cfg.remat, cfg.num_layers // (stages * repeats))
-    group = group(cfg, train, causal, post_norm, parent=None)
+    weights = stack.variables["params"]
+    group = layers.remat_and_scan(Block, cfg.remat, jax.tree.leaves(weights)[0].shape[0] // (stages * repeats))
+    group = group(cfg, train, causal, post_norm, sparse=sparse, parent=None)
     dropout = stack.make_rng("dropout") if train and cfg.dropout else None
 
     def run_group(weights, x, slot, positions, segment_ids):
         rngs = {} if dropout is None else {"dropout": jax.random.fold_in(dropout, slot)}  # a mask per stage and step
-        return group.apply({"params": weights}, x, positions, segment_ids, rngs=rngs)[0]
+        (y, _), sown = group.apply({"params": weights}, x, positions, segment_ids, rngs=rngs, mutable=["intermediates"])
+        return y, sown.get("intermediates", {})
 
     extras = (positions, segment_ids)
     microbatches = p.microbatches or stages
-    return pipeline_lib.pipeline(
-        run_group, stack.variables["params"], x, extras, microbatches=microbatches, repeats=repeats
-    )
+    x, sown = pipeline_lib.pipeline(run_group, weights, x, extras, microbatches=microbatches, repeats=repeats)
+    if stack.is_mutable_collection("intermediates"):
+        for name, value in sown.items():
+            stack.put_variable("intermediates", name, value)
+    return x
 
 
 class GPT(nn.Module):

@@ -19,13 +19,10 @@ counted. Priority goes by rank, then by position: every token's first choice bef
 
 `dense_reference` runs every expert on every token and masks by the same weights: the tests' ground truth.
 
-The losses, both in float32 over the layer's tokens (padding included: the router sees it):
-* load balancing (Switch Transformer, eq. 4; GShard for top-k): E * sum_e f_e * P_e, where f_e is the fraction of
-  tokens that picked expert e among their k (so sum_e f_e = k, as transformers' Mixtral counts) and P_e the mean
-  router probability of e. Balanced routing gives k.
-* z-loss (ST-MoE, eq. 5): the mean over tokens of logsumexp(router logits)^2.
-Each MoE layer sows them with its load (`moe_stats`, collection "intermediates"); bigjax.tasks.causal_lm averages
-them over the layers and adds `router_aux_loss` and `router_z_loss` times them to the loss.
+The losses, both in float32 over the layer's tokens (padding included: the router sees it), load balancing and
+z-loss: see router_stats. Each MoE layer sows the sums they are made of (router_sums; sums, so that a pipeline adds
+its micro-batches' into the whole batch's), in the collection "intermediates"; bigjax.tasks.causal_lm averages the
+statistics over the layers (model_stats) and adds `router_aux_loss` and `router_z_loss` times them to the loss.
 """
 
 from __future__ import annotations
@@ -84,17 +81,6 @@ def route(logits, k: int, normalize: bool):
     if normalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return probs, weights, experts
-
-
-def load_balancing_loss(probs, experts):
-    """E * sum_e f_e * P_e: f_e the fraction of the T tokens that picked e (among their k), P_e e's mean probability."""
-    num_experts = probs.shape[-1]
-    picked = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32), axis=1)  # [T, E], 0 or 1
-    return num_experts * jnp.sum(jnp.mean(picked, axis=0) * jnp.mean(probs, axis=0))
-
-
-def z_loss(logits):
-    return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)
 
 
 def within_capacity(experts, num_experts: int, capacity: int):
@@ -178,7 +164,7 @@ class MoeMlp(nn.Module):
         kernels = {name: kernel.astype(self.dtype) for name, kernel in kernels.items()}
         experts_fn = dense_reference if self.reference else grouped_experts
         out = experts_fn(tokens.astype(self.dtype), routed, weights, kernels, self.kind, c.num_experts)
-        self.sow("intermediates", STATS, layer_stats(logits, probs, experts, routed, c.num_experts))
+        self.sow("intermediates", STATS, router_sums(logits, probs, experts, routed, c.num_experts))
         out = out.reshape(batch, length, d_model)
         if c.num_shared_experts:
             shared_dim = c.num_shared_experts * c.expert_mlp_dim
@@ -224,22 +210,40 @@ class ExpertKernels(nn.Module):
         }
 
 
-def layer_stats(logits, probs, experts, routed, num_experts: int) -> dict:
-    """One MoE layer's float32 statistics: its two losses, the fraction of picks dropped, and each expert's load
-    (its picks over the mean picks per expert: 1 everywhere is perfect balance), before any drop."""
-    picks = jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.float32)
+def router_sums(logits, probs, experts, routed, num_experts: int) -> dict:
+    """One MoE layer's float32 sums over its tokens, from which its statistics follow (router_stats): sums, so that
+    those of the parts of a batch (a pipeline's micro-batches) add up to the whole batch's. For each expert: its picks
+    and its router probabilities; the tokens, their squared logsumexps, and the picks dropped."""
     return {
-        "aux_loss": load_balancing_loss(probs, experts),
-        "z_loss": z_loss(logits),
-        "dropped": jnp.mean((routed == num_experts).astype(jnp.float32)),
-        "load": picks * num_experts / experts.size,
+        "tokens": jnp.asarray(logits.shape[0], jnp.float32),
+        "picks": jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.float32),  # before any drop
+        "probs": jnp.sum(probs, axis=0),
+        "squared_logsumexp": jnp.sum(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2),
+        "dropped": jnp.sum((routed == num_experts).astype(jnp.float32)),
+    }
+
+
+def router_stats(sums) -> dict:
+    """The statistics of router_sums (of one layer, or stacked [layers, ...]): its two losses, the fraction of picks
+    dropped, and each expert's load (its picks over the mean picks per expert: 1 everywhere is perfect balance).
+    * load balancing (Switch Transformer, eq. 4; GShard for top-k): E * sum_e f_e * P_e, where f_e is the fraction of
+      tokens that picked expert e among their k (so sum_e f_e = k, as transformers' Mixtral counts) and P_e the mean
+      router probability of e. Balanced routing gives k.
+    * z-loss (ST-MoE, eq. 5): the mean over tokens of logsumexp(router logits)^2."""
+    tokens, picks = sums["tokens"][..., None], sums["picks"]
+    num_experts, all_picks = picks.shape[-1], jnp.sum(picks, axis=-1, keepdims=True)  # tokens x k
+    return {
+        "aux_loss": num_experts * jnp.sum((picks / tokens) * (sums["probs"] / tokens), axis=-1),
+        "z_loss": sums["squared_logsumexp"] / sums["tokens"],
+        "dropped": sums["dropped"] / all_picks[..., 0],
+        "load": picks * num_experts / all_picks,
     }
 
 
 def model_stats(intermediates) -> dict:
-    """The MoE layers' statistics sown into `intermediates` (scanned: stacked over layers; unrolled: one per layer)
-    -> float32 scalars: the two losses and the dropped fraction averaged over the layers, and the least and most
-    loaded expert of any layer (`load_min`, `load_max`; 1 = an even share)."""
+    """The MoE layers' sums sown into `intermediates` (scanned: stacked over layers; unrolled: one per layer) ->
+    float32 scalars: the two losses and the dropped fraction averaged over the layers, and the least and most loaded
+    expert of any layer (`load_min`, `load_max`; 1 = an even share)."""
     found = []
 
     def collect(node):
@@ -252,13 +256,13 @@ def model_stats(intermediates) -> dict:
     collect(dict(intermediates))
     if not found:
         raise ValueError("no MoE layer sowed its statistics: was the model applied with mutable=['intermediates']?")
-    per_layer = {key: jnp.concatenate([jnp.reshape(s[key], (-1,)) for s in found]) for key in ("aux_loss", "z_loss")}
-    dropped = jnp.concatenate([jnp.reshape(s["dropped"], (-1,)) for s in found])
-    load = jnp.concatenate([jnp.reshape(s["load"], (-1,)) for s in found])
+    per_layer = [router_stats(sums) for sums in found]
+    flat = lambda key: jnp.concatenate([jnp.reshape(stats[key], (-1,)) for stats in per_layer])
+    load = flat("load")
     return {
-        "aux_loss": jnp.mean(per_layer["aux_loss"]),
-        "z_loss": jnp.mean(per_layer["z_loss"]),
-        "dropped": jnp.mean(dropped),
+        "aux_loss": jnp.mean(flat("aux_loss")),
+        "z_loss": jnp.mean(flat("z_loss")),
+        "dropped": jnp.mean(flat("dropped")),
         "load_min": jnp.min(load),
         "load_max": jnp.max(load),
     }

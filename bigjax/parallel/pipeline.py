@@ -92,11 +92,15 @@ def describe(schedule: dict) -> str:
 def pipeline(run_group, stacked, x, extras=(), *, microbatches: int, repeats: int = 1, axis_name=STAGE_AXIS):
     """The layers of `stacked` (a tree of [layers, ...] weights) applied in order to x [batch, ...], pipelined over
     the mesh axis `axis_name` of the current mesh (jax.set_mesh): equal to running every layer on the whole batch.
+    Returns (output, sums).
 
     `run_group(weights, x, slot, *extras)` applies one group of consecutive layers (weights [layers per group, ...])
-    to a micro-batch (`slot`, an int32 that differs between every stage and iteration, seeds its dropout); `extras`
-    (arrays [batch, ...], or None) are split into micro-batches along with x and passed on unchanged (positions,
-    segment ids). Micro-batch i holds rows i, i + microbatches, ...: each device keeps its rows.
+    to a micro-batch (`slot`, an int32 that differs between every stage and iteration, seeds its dropout) and returns
+    (output, sums): a tree of per-layer values [layers per group, ...] that add over the rows (a MoE layer's router
+    sums; {} for none). `sums` is their total over the micro-batches, [layers, ...] in the order of `stacked`: the
+    whole batch's, as running the layers on it would give. `extras` (arrays [batch, ...], or None) are split into
+    micro-batches along with x and passed on unchanged (positions, segment ids). Micro-batch i holds rows i,
+    i + microbatches, ...: each device keeps its rows.
     """
     stages = jax.sharding.get_abstract_mesh().shape[axis_name]
     grouped = stage_groups(stacked, stages, repeats)
@@ -108,37 +112,53 @@ def pipeline(run_group, stacked, x, extras=(), *, microbatches: int, repeats: in
         schedule = _Schedule(jax.lax.axis_index(axis_name), stages, microbatches, repeats)
 
         def iteration(carry, t):
-            state, held = carry
+            state, held, sums = carry
             x_in = schedule.input(t, state, xs, held)
             group = jax.tree.map(lambda w: w[schedule.pass_of(t)], weights)
             extra = jax.tree.map(lambda e: None if e is None else e[schedule.microbatch(t)], extras)
-            y = run_group(group, x_in, t * stages + schedule.stage, *extra)
+            y, group_sums = run_group(group, x_in, t * stages + schedule.stage, *extra)
             received = hand_on(y, axis_name, stages)
-            return (received, schedule.keep_returned(t, received, held)), None
+            sums = schedule.add_sums(t, sums, group_sums)
+            return (received, schedule.keep_returned(t, received, held), sums), None
 
-        # Typed as differing between stages (as what they will hold does), made in float32 (see below).
-        fill = lambda shape: jax.lax.pcast(jnp.full(shape, BUBBLE_FILL), axis_name, to="varying").astype(x.dtype)
-        carry = (fill(xs.shape[1:]), fill(xs.shape))
-        (_, held), _ = jax.lax.scan(iteration, carry, jnp.arange(schedule.iterations))
+        fill = lambda shape: jnp.full(shape, BUBBLE_FILL, x.dtype)
+        state = fill(xs.shape[1:])
+        # The sums start at zero, one set per pass, shaped as what a group returns.
+        first = jax.tree.map(lambda e: None if e is None else e[0], extras)
+        shapes = jax.eval_shape(run_group, jax.tree.map(lambda w: w[0], weights), state, 0, *first)[1]
+        carry = (state, fill(xs.shape), jax.tree.map(lambda a: jnp.zeros((repeats, *a.shape), a.dtype), shapes))
+        (_, held, sums), _ = jax.lax.scan(iteration, carry, jnp.arange(schedule.iterations))
         # Stage 0 holds every micro-batch's output, from the last stage's last pass: the result, on every stage. Summed
         # in float32, exactly (one value and zeros; bfloat16 -> float32 -> bfloat16 loses nothing): XLA's CPU compiler
         # (jax 0.10) aborts on a bfloat16 all-reduce ("Invalid binary instruction opcode copy"). For the same reason
         # the micro-batches enter in float32 and are cast only once a stage has picked its input (the gradient of one
-        # used by every stage is summed over them), and the bubble's fill is made in float32 (pcast's transpose sums).
+        # used by every stage is summed over them).
         result = jnp.where(schedule.stage == 0, held, 0).astype(jnp.float32)
-        return jax.lax.psum(result, axis_name).astype(held.dtype)
+        stage_sums = jax.tree.map(lambda a: a[None], sums)  # [1 (this stage), repeats, per_group, ...]
+        return jax.lax.psum(result, axis_name).astype(held.dtype), stage_sums
 
     specs = (PartitionSpec(axis_name), PartitionSpec(), PartitionSpec())
-    out = jax.shard_map(on_stage, in_specs=specs, out_specs=PartitionSpec(), axis_names={axis_name})(
-        grouped, xs.astype(jnp.float32), extras
-    )
-    return out.swapaxes(0, 1).reshape(x.shape)
+    out_specs = (PartitionSpec(), PartitionSpec(axis_name))
+    # Unchecked (check_vma=False): inside, no value is typed as varying over `stage`. Checked, a shard_map nested in
+    # this one (context attention's, over `context`) cannot be differentiated in jax 0.10: its residuals get the
+    # partition spec of every axis they vary over, the enclosing `stage` included (ShapedArray.nospec, "TODO should
+    # use newly all_names"), and lowering finds them half the size it expects. Unchecked, the transposes are still
+    # right (the cotangent of what enters unsplit is summed over the stages, that of the unsplit output is not
+    # counted once per stage); the equivalence tests are the check the types no longer make.
+    on_stages = jax.shard_map(on_stage, in_specs=specs, out_specs=out_specs, axis_names={axis_name}, check_vma=False)
+    out, sums = on_stages(grouped, xs.astype(jnp.float32), extras)
+    return out.swapaxes(0, 1).reshape(x.shape), layer_order(sums)
 
 
 def stage_groups(stacked, stages: int, repeats: int):
     """[layers, ...] -> [stages, repeats, layers per group, ...]: stage s, pass p holds group p * stages + s."""
     per_group = jax.tree.leaves(stacked)[0].shape[0] // (stages * repeats)
     return jax.tree.map(lambda w: w.reshape(repeats, stages, per_group, *w.shape[1:]).swapaxes(0, 1), stacked)
+
+
+def layer_order(grouped):
+    """stage_groups undone: [stages, repeats, layers per group, ...] -> [layers, ...]."""
+    return jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(-1, *a.shape[3:]), grouped)
 
 
 def hand_on(y, axis_name: str, stages: int):
@@ -180,6 +200,12 @@ class _Schedule:
         first_stage = jnp.where(t < self.microbatches, xs[m], held[m])
         x_in = jnp.where(self.stage == 0, first_stage, state)
         return jnp.where(self.working(t), x_in, jnp.zeros_like(x_in)).astype(state.dtype)
+
+    def add_sums(self, t, sums, group_sums):
+        """`sums` [repeats, per_group, ...] with what this stage's group added at iteration t, where it did real work:
+        a bubble slot's layers ran on zeros, whose sums are no rows'."""
+        add = lambda total, new: total.at[self.pass_of(t)].add(jnp.where(self.working(t), new, 0))
+        return jax.tree.map(add, sums, group_sums)
 
     def keep_returned(self, t, received, held):
         """`held` with what stage 0 just received from the last stage: micro-batch (t - stages + 1) mod
