@@ -400,3 +400,42 @@ def test_generating_through_the_kv_cache_gives_the_full_forward_logits(tiny_conf
     """Dropless routing is per token: a MoE model decodes one token at a time as its full forward pass computes."""
     with_moe = lambda arg="", *overrides: tiny_config(arg, *MOE, *overrides)
     test_generate.test_prefill_and_cached_steps_give_the_logits_of_the_full_forward(with_moe, "llama=True", True)
+
+
+def test_a_moe_run_resumes_bit_exact_and_onto_another_expert_size(tiny_config, tmp_path):
+    """Experts over 2 devices, stopped at step 2 and resumed: the losses and the final parameters are the
+    uninterrupted run's, bit for bit. The same checkpoint resumed with the experts over 4 devices: within the bound
+    of the expert axis's equivalence (SGD without clipping, so that the update is linear in the gradient)."""
+    import shutil
+
+    from test_train import LINEAR_UPDATES, final_params
+    from tolerance import assert_sgd_params_close_after_reordering
+
+    from bigjax.run import train
+
+    def on_experts(expert):
+        return tiny_config(
+            "llama=True", *MOE, *SGD, *LINEAR_UPDATES, "config.log_every=1", "config.total_steps=4",
+            "config.checkpoint_every=2", "config.eval_every=0", f"config.mesh.expert={expert}",
+        )  # fmt: skip
+
+    def losses(workdir):
+        return {row["step"]: row["loss"] for row in metrics.read_jsonl(workdir / "metrics.jsonl") if "loss" in row}
+
+    two, four = on_experts(2), on_experts(4)
+    straight, resumed, moved = tmp_path / "straight", tmp_path / "resumed", tmp_path / "moved"
+    train.train(two, straight)
+    train.train(two, resumed, stop_at_step=2)
+    shutil.copytree(resumed, moved)
+    train.train(two, resumed)
+    train.train(four, moved)
+
+    assert losses(resumed) == losses(straight) and sorted(losses(straight)) == [1, 2, 3, 4]
+    jax.tree.map(np.testing.assert_array_equal, final_params(resumed, two), final_params(straight, two))
+    tolerance = float32_sum_tolerance(*moe_sum_lengths(two, tokens=two.batch_size * two.data.seq_len))
+    np.testing.assert_allclose(
+        [losses(moved)[s] for s in (3, 4)], [losses(straight)[s] for s in (3, 4)], rtol=tolerance
+    )
+    initial = jax.device_get(init_params(make_task(two), two.seed))
+    params, reference = final_params(moved, two), final_params(straight, two)
+    assert_sgd_params_close_after_reordering(params, reference, initial, tolerance, 4, "parameters at step 4")

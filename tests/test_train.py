@@ -33,7 +33,7 @@ def losses_by_step(workdir):
 def final_params(workdir, config):
     """The newest checkpoint's parameters, restored onto one device as numpy."""
     config = config.copy_and_resolve_references()
-    config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+    config.mesh.update(dict.fromkeys(mesh_lib.MESH_AXES, 1))
     target = make_setup(config, jax.devices()[:1]).variables_target()
     mngr = checkpoint.manager(workdir, read_only=True)
     return jax.device_get(checkpoint.restore_variables(mngr, mngr.latest_step(), target)["params"])
