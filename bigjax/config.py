@@ -978,14 +978,14 @@ def check_against_devices(config, num_devices: int) -> dict[str, int]:
 
 
 def check_context(config, context: int) -> None:
-    """A sequence split over `context` devices: a model that attends across the split, and equal pieces (twice as
-    many in zig-zag order)."""
+    """A sequence split over `context` devices: a model that attends across the split (the text Transformers; a
+    ViT's few patches need no split, a CNN has no sequence), and equal pieces (twice as many in zig-zag order)."""
     if context == 1:
         return
     if "context_parallel" not in config.model:
         raise ConfigError(
             f"config.mesh.context={context} splits the sequence, which config.model.family="
-            f"{config.model.family!r} does not support (only 'gpt' does: bert, vit, cnn and resnet refuse it); "
+            f"{config.model.family!r} does not support (only 'gpt' and 'bert' do: vit, cnn and resnet refuse it); "
             "set config.mesh.context=1"
         )
     pieces = 2 * context if balances_context(config) else context

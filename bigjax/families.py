@@ -120,6 +120,9 @@ def bert_model() -> dict:
         **transformer_keys(),
         norm_position="post",  # post (BERT) | pre
         type_vocab_size=0,  # token-type (sentence A/B) embeddings; 0 = none
+        # How attention sees the whole sequence where config.mesh.context splits it, as gpt's (bidirectional: the
+        # rows stay in order, data.context_load_balance reorders only a causal LM's)
+        context_parallel="all_gather",
     )
 
 

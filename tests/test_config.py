@@ -113,9 +113,13 @@ def test_context_splits_the_sequence_into_equal_pieces_of_a_model_that_attends_a
     c.data.seq_len = 30
     with pytest.raises(config_lib.ConfigError, match="seq_len=30 does not split into 4 equal pieces for config.mesh"):
         config_lib.check_against_devices(c, 8)
-    bert = config_lib.load(str(REPO / "experiments" / "bert_tiny_mlm.py"), ["--config.mesh.context=2"])
-    with pytest.raises(config_lib.ConfigError, match="family='bert' does not support"):
-        config_lib.check_against_devices(bert, 8)
+    # BERT attends both ways: nothing to balance, so its rows stay in order and cut into `context` pieces only
+    bert = config_lib.load(str(REPO / "experiments" / "bert_tiny_mlm.py"), ["--config.mesh.context=4"])
+    bert.data.seq_len = 12
+    assert config_lib.check_against_devices(bert, 8)["context"] == 4 and not config_lib.balances_context(bert)
+    vit = config_lib.load(str(REPO / "experiments" / "vit_digits.py"), ["--config.mesh.context=2"])
+    with pytest.raises(config_lib.ConfigError, match="family='vit' does not support .* vit, cnn and resnet refuse"):
+        config_lib.check_against_devices(vit, 8)
 
 
 def test_config_round_trips_through_json(tiny_config):

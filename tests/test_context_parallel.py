@@ -280,17 +280,60 @@ MODEL_MESHES = {  # name: config.mesh
 }
 
 
+BERT = TINY.replace("tiny.py", "bert_tiny_mlm.py")
+# The tiny Llama with Llama 3.1's rope scaling: of head_dim 8's wavelengths (2 pi x 1, 10, 100, 1000), those above
+# original_max_len=16 are divided by factor, 2 pi is blended between (above 16 / high_freq_factor = 4).
+ROPE_SCALED = ["type=llama3", "factor=8.0", "original_max_len=16", "low_freq_factor=1.0", "high_freq_factor=4.0"]
+VARIANTS = {  # name: (experiment, overrides)
+    "gpt2": (f"{TINY}:llama=False", []),
+    "llama": (f"{TINY}:llama=True", []),
+    "llama_rope_scaled": (f"{TINY}:llama=True", [f"--config.model.rope_scaling.{kv}" for kv in ROPE_SCALED]),
+    # BERT's masked LM, bidirectional over packed rows, as tiny as the tiny GPT
+    "bert": (f"{BERT}:layers=2,d=32,seq=32", ["--config.batch_size=8"]),
+}
+
+
 def model_config(variant: str, strategy: str = "all_gather", mesh=None, balance: bool = True):
     from bigjax import config as config_lib
 
-    overrides = [f"--config.model.context_parallel={strategy}", f"--config.data.context_load_balance={balance}"]
-    config = config_lib.load(f"{TINY}:llama={variant == 'llama'}", overrides)
+    experiment, overrides = VARIANTS[variant]
+    overrides = [*overrides, f"--config.model.context_parallel={strategy}"]
+    config = config_lib.load(experiment, [*overrides, f"--config.data.context_load_balance={balance}"])
     config.mesh.update(mesh or dict(data=1, context=1))
     return config
 
 
+# BERT's rows: packed examples of these lengths (0: the row's padding), each starting with the cls token; with 4
+# devices of 8 tokens, most examples span shards.
+BERT_ROWS = ([5, 20, 7], [32], [10, 10, 8, -4], [3, 25, -4], [12, 12, -8], [31, -1], [6, 6, 6, 6, 8], [17, 15])
+
+
+def mlm_batch(config) -> dict:
+    """A fixed batch of packed BERT rows (BERT_ROWS): random ordinary tokens, segment ids 1, 2, ... (0 for padding,
+    the pad token), positions counted within each example (0 for padding), as bigjax.data packs them."""
+    from bigjax.data import make_tokenizer
+
+    special = make_tokenizer(config.data.tokenizer).special_ids
+    rng = np.random.default_rng(0)
+    rows = {key: [] for key in ("tokens", "segment_ids", "positions")}
+    for lengths in BERT_ROWS:
+        segments, positions, tokens = [], [], []
+        for i, n in enumerate(lengths):
+            pad = n < 0
+            segments += [0 if pad else i + 1] * abs(n)
+            positions += [0] * abs(n) if pad else list(range(n))
+            example = [special["pad"]] * abs(n) if pad else [special["cls"], *rng.integers(0, 256, n - 1)]
+            tokens += example
+        for key, row in zip(rows, (tokens, segments, positions), strict=True):
+            rows[key].append(row)
+    assert len(BERT_ROWS) == config.batch_size and all(len(r) == config.data.seq_len for r in rows["tokens"])
+    return {key: np.array(value, np.int32) for key, value in rows.items()}
+
+
 def lm_batch(config) -> dict:
     """A fixed batch of config's shape in the original order: random tokens, some padding (as test_sharding's)."""
+    if config.task.name == "masked_lm":
+        return mlm_batch(config)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 256, (config.batch_size, config.data.seq_len + 1), dtype=np.int32)
     weights = np.ones((config.batch_size, config.data.seq_len), np.float32)
@@ -315,8 +358,11 @@ def compiled_model_step(variant: str, strategy: str, mesh_name: str | None, bala
     config = model_config(variant, strategy, MODEL_MESHES.get(mesh_name), balance)
     setup = make_setup(config, jax.devices() if mesh_name else jax.devices()[:1])
 
+    # BERT's masking as in training (from an rng, not the eval's keys of each row's tokens); no dropout (train=False)
+    rng = jax.random.key(1) if config.task.name == "masked_lm" else None
+
     def mean_loss(p, b):
-        sums, _ = setup.task.loss_sums(p, {}, b)
+        sums, _ = setup.task.loss_sums(p, {}, b, rng=rng)
         return sums["loss"] / sums["count"]
 
     step = jax.jit(jax.value_and_grad(mean_loss), in_shardings=(setup.state_shardings.params, setup.sharding.batch))
@@ -369,6 +415,7 @@ def assert_model_matches_one_device(result, variant, mesh_name, what):
 
 
 MODEL_CASES = [  # (variant, strategy, mesh, zig-zag order): GPT-2 has learned positions, Llama rotary and GQA
+    # (data.context_load_balance; a causal LM's only)
     ("llama", "ring", "data2_context4", True),
     ("llama", "all_gather", "data2_context4", False),
     ("gpt2", "ring", "data2_context4", True),
@@ -376,14 +423,21 @@ MODEL_CASES = [  # (variant, strategy, mesh, zig-zag order): GPT-2 has learned p
     ("gpt2", "all_gather", "fsdp2_tensor2_context2", True),
     ("llama", "ring", "data2_context2_stage2", True),
     ("llama", "all_gather", "data2_context2_stage2", True),
+    # Llama 3.1's rope scaling: the stretched frequencies of each token's own position, in zig-zag order
+    ("llama_rope_scaled", "ring", "data2_context4", True),
+    # BERT: bidirectional over packed rows, whose examples span shards; data.context_load_balance on (the default),
+    # and ignored: no causal mask to balance, the masked LM's rows stay in order
+    ("bert", "ring", "data2_context4", True),
+    ("bert", "all_gather", "data2_context4", True),
 ]
 
 
 @pytest.mark.parametrize("variant, strategy, mesh_name, balance", MODEL_CASES)
 def test_train_step_with_context_equals_one_device(variant, strategy, mesh_name, balance):
-    """The loss and every parameter's gradient of the tiny GPT-2 (learned positions) or Llama (rotary, grouped-query),
-    its sequence split over `context` beside data, fsdp and tensor, the data in zig-zag order or not, within the
-    bound of the one-device step's; the ring's program sends blocks around it, the all-gather's gathers whole keys
+    """The loss and every parameter's gradient of the tiny GPT-2 (learned positions), Llama (rotary, grouped-query;
+    with Llama 3.1's rope scaling) or BERT (bidirectional masked LM over packed rows, in their order), its sequence
+    split over `context` beside data, fsdp and tensor, the data in zig-zag order or not, within the bound of the
+    one-device step's; the ring's program sends blocks around it, the all-gather's gathers whole keys
     and values."""
     what = f"{variant}, {strategy}, {mesh_name}, zig-zag {balance}"
     assert_model_matches_one_device(loss_and_grads(variant, strategy, mesh_name, balance), variant, mesh_name, what)
@@ -391,7 +445,8 @@ def test_train_step_with_context_equals_one_device(variant, strategy, mesh_name,
     c, mesh = setup.config, setup.config.mesh
     kv_heads = (c.model.num_kv_heads or c.model.num_heads) // mesh.tensor  # one device's keys and values
     head_dim = c.model.d_model // c.model.num_heads
-    local = c.batch_size // (mesh.data * mesh.fsdp) // (c.model.pipeline.microbatches or mesh.stage)  # a micro-batch
+    microbatches = c.model.get("pipeline", {}).get("microbatches", 0) or mesh.stage
+    local = c.batch_size // (mesh.data * mesh.fsdp) // microbatches  # a micro-batch
     kv = lambda length: f"f32[{local},{length},{kv_heads},{head_dim}]"
     ops = collectives(compiled.as_text())
     gathered = [shape for shape, op in ops if op == "all-gather" and shape == kv(c.data.seq_len)]
@@ -453,7 +508,7 @@ def test_data_in_zigzag_order_with_positions(tiny_config):
 # The command line: bad settings refused before anything compiles; a run with its sequence split logs one device's
 # losses, and resumes onto another context size and strategy.
 
-BERT = TINY.replace("tiny.py", "bert_tiny_mlm.py")
+VIT = TINY.replace("tiny.py", "vit_digits.py")
 BAD_CONTEXT_SETTINGS = [  # (experiment, overrides, what the error says)
     (TINY, ["--config.mesh.context=4", "--config.data.seq_len=20"], "seq_len=20 does not split into 8 equal pieces"),
     (
@@ -461,11 +516,11 @@ BAD_CONTEXT_SETTINGS = [  # (experiment, overrides, what the error says)
         ["--config.mesh.context=4", "--config.data.seq_len=30", "--config.data.context_load_balance=False"],
         "seq_len=30 does not split into 4 equal pieces",
     ),
-    (BERT, ["--config.mesh.context=2"], "family='bert' does not support (only 'gpt' does: bert, vit, cnn"),
+    (VIT, ["--config.mesh.context=2"], "family='vit' does not support (only 'gpt' and 'bert' do: vit, cnn and resnet"),
 ]
 
 
-@pytest.mark.parametrize("experiment, overrides, message", BAD_CONTEXT_SETTINGS, ids=["zigzag", "split", "bert"])
+@pytest.mark.parametrize("experiment, overrides, message", BAD_CONTEXT_SETTINGS, ids=["zigzag", "split", "vit"])
 def test_bad_context_settings_are_one_error_line(cli_in_process, tmp_path, experiment, overrides, message):
     workdir = tmp_path / "run"
     refused = cli_in_process("train", "--config", experiment, "--workdir", workdir, *overrides, check=False)

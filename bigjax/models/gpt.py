@@ -53,7 +53,7 @@ class GPTConfig:
     dtype: str
     param_dtype: str
     attention: str
-    context_parallel: str  # all_gather | ring where the mesh splits the sequence; "" = never (BERT, ViT)
+    context_parallel: str  # all_gather | ring where the mesh splits the sequence; "" = never (ViT)
     scan_layers: bool
     remat: str
     init_std: float
