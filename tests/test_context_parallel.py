@@ -281,6 +281,7 @@ MODEL_MESHES = {  # name: config.mesh
 
 
 BERT = TINY.replace("tiny.py", "bert_tiny_mlm.py")
+GENRE = TINY.replace("tiny.py", "finetune_genre.py")
 # The tiny Llama with Llama 3.1's rope scaling: of head_dim 8's wavelengths (2 pi x 1, 10, 100, 1000), those above
 # original_max_len=16 are divided by factor, 2 pi is blended between (above 16 / high_freq_factor = 4).
 ROPE_SCALED = ["type=llama3", "factor=8.0", "original_max_len=16", "low_freq_factor=1.0", "high_freq_factor=4.0"]
@@ -292,6 +293,12 @@ VARIANTS = {  # name: (experiment, overrides)
     "gpt2_dropout": (f"{TINY}:llama=False", ["--config.model.dropout=0.1"]),
     # BERT's masked LM, bidirectional over packed rows, as tiny as the tiny GPT
     "bert": (f"{BERT}:layers=2,d=32,seq=32", ["--config.batch_size=8"]),
+    # BERT's classifier of packed examples (each from its first token), on the same encoder
+    "bert_classifier": (
+        f"{GENRE}:init=none,batch=8",
+        [f"--config.{key}" for key in ("model.num_layers=2", "model.d_model=32", "model.max_len=32", "data.seq_len=32")]
+        + ["--config.model.dropout=0.0"],
+    ),
 }
 
 
@@ -336,6 +343,13 @@ def lm_batch(config) -> dict:
     """A fixed batch of config's shape in the original order: random tokens, some padding (as test_sharding's)."""
     if config.task.name == "masked_lm":
         return mlm_batch(config)
+    if config.task.name == "classification":  # BERT's packed rows, a label for each example
+        batch = mlm_batch(config)
+        examples = np.array(
+            [[i < len(lengths) and lengths[i] > 0 for i in range(config.data.max_segments)] for lengths in BERT_ROWS]
+        )
+        labels = np.random.default_rng(1).integers(0, 2, examples.shape)
+        return {**batch, "labels": labels.astype(np.int32), "label_weights": examples.astype(np.float32)}
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 256, (config.batch_size, config.data.seq_len + 1), dtype=np.int32)
     weights = np.ones((config.batch_size, config.data.seq_len), np.float32)
@@ -392,7 +406,11 @@ def reference_params(variant: str):
     from conftest import init_params
 
     setup, _ = compiled_model_step(variant, "all_gather", None)
-    return jax.device_get(init_params(setup.task))
+    params = jax.device_get(init_params(setup.task))
+    # A classifier's head starts at zero, which would stop every gradient below it: a random one instead
+    rng = np.random.default_rng(2)
+    new_head = lambda path, x: rng.normal(0, 0.1, x.shape).astype(x.dtype) if "classifier" in str(path) else x
+    return jax.tree_util.tree_map_with_path(new_head, params)
 
 
 @functools.cache
@@ -433,6 +451,7 @@ MODEL_CASES = [  # (variant, strategy, mesh, zig-zag order): GPT-2 has learned p
     # and ignored: no causal mask to balance, the masked LM's rows stay in order
     ("bert", "ring", "data2_context4", True),
     ("bert", "all_gather", "data2_context4", True),
+    ("bert_classifier", "ring", "data2_context4", True),
     # Dropout's masks are drawn for the whole [batch, length] array (jax's random bits depend on the key and the
     # global shape, never on how the array is split), so the split sequence drops what one device drops. In zig-zag
     # order masks go by place in the reordered sequence: as random, but another draw (seen to differ beyond the
