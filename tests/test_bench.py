@@ -13,8 +13,10 @@ from bigjax.run.setup import make_setup
 
 
 def test_bench_command_reports_throughput_flops_and_environment(cli, tiny_config, tmp_path):
+    """On a mesh that splits the sequence too (context=2, ring): bench runs what train runs."""
     out = tmp_path / "bench.json"
-    args = ("--steps", 4, "--warmup", 1, "--windows", 2, "--json", out, "--config.optim.mu_dtype=bfloat16")
+    overrides = ["config.optim.mu_dtype=bfloat16", "config.mesh.context=2", "config.model.context_parallel=ring"]
+    args = ("--steps", 4, "--warmup", 1, "--windows", 2, "--json", out, *(f"--{o}" for o in overrides))
     printed = cli("bench", "--config", TINY, *args).stdout
     assert "tokens/s" in printed and "MFU" in printed
     result = json.loads(out.read_text())
@@ -32,9 +34,9 @@ def test_bench_command_reports_throughput_flops_and_environment(cli, tiny_config
     assert result["compile_seconds"] > 0
     # The experiment reads Shakespeare; the bench reads synthetic data of the same shapes.
     assert result["data_source"] == "synthetic"
-    assert result["config"] == TINY and result["overrides"] == ["config.optim.mu_dtype=bfloat16"]
+    assert result["config"] == TINY and result["overrides"] == overrides
     assert result["num_devices"] == 8
-    assert result["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1, "context": 1, "expert": 1, "stage": 1}
+    assert result["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1, "context": 2, "expert": 1, "stage": 1}
     assert result["device_kind"] == "cpu" and {"jax", "jaxlib", "flax"} <= set(result["versions"])
     # A CPU has no listed peak and reports no memory statistics: said so, not invented.
     assert result["mfu"] is None and result["mfu_causal"] is None
