@@ -263,7 +263,9 @@ def test_import_matches_transformers_logits_greedy_tokens_and_exports_back(arch,
     np.testing.assert_array_equal(torch_logits(reloaded, ids), theirs)
 
 
-def test_cli_import_then_generate_and_train_resumes_at_step_0(cli, tokenizer_file, tmp_path):
+def test_cli_import_then_generate_and_train_resumes_at_step_0(cli, cli_in_process, tokenizer_file, tmp_path):
+    """`bigjax import` in a process; generate, train and eval on what it wrote through the same command line in this
+    one (each is tested as a process elsewhere)."""
     hf_dir = save(gpt2_model(), tmp_path / "hf", tokenizer_file)
     workdir = tmp_path / "run"
     out = cli("import", "--hf", hf_dir, "--workdir", workdir, "--config.data.seq_len=32").stdout
@@ -273,14 +275,15 @@ def test_cli_import_then_generate_and_train_resumes_at_step_0(cli, tokenizer_fil
     assert saved["data"]["seq_len"] == 32 and saved["model"]["vocab_size"] == HF_VOCAB + 3
 
     prompt = "To be, or"
-    result = cli("generate", "--workdir", workdir, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "5")
+    greedy = ["--temperature", "0", "--max-new-tokens", "5"]
+    result = cli_in_process("generate", "--workdir", workdir, "--prompt", prompt, *greedy)
     assert result.stdout.strip().startswith(prompt)
     assert "generating from checkpoint 0" in result.stderr + result.stdout
 
     args = ["--config", workdir / "config.json", "--workdir", workdir]
-    result = cli("train", *args, "--config.total_steps=2", "--config.batch_size=8", "--config.log_every=1")
+    result = cli_in_process("train", *args, "--config.total_steps=2", "--config.batch_size=8", "--config.log_every=1")
     assert "resumed from step 0" in result.stdout and "finished at step 2" in result.stdout
-    result = cli("eval", "--workdir", workdir, "--once", "--config.eval_batches=2", "--config.batch_size=8")
+    result = cli_in_process("eval", "--workdir", workdir, "--once", "--config.eval_batches=2", "--config.batch_size=8")
     assert "validation at step 2" in result.stdout and "loss=" in result.stdout
 
 
