@@ -85,7 +85,7 @@ def test_generate_a_batch_with_stops_from_the_newest_committed_checkpoint(cli, c
         for i in range(4, len(romeo) - 1)
         if romeo[i : i + 2].isprintable() and romeo[i : i + 2] not in juliet
     )
-    stopped = cli(*command, "--stop", "never written", stop)
+    stopped = cli_in_process(*command, "--stop", "never written", stop)
     assert completions(stopped.stdout, ["ROMEO:", "JULIET:"]) == [romeo[: romeo.index(stop)], juliet]
 
 
