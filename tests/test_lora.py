@@ -320,7 +320,7 @@ def test_a_qlora_run_restores_onto_another_mesh(tiny_config, base, tmp_path):
 # Refusals
 
 
-def test_bad_combinations_are_one_error(tiny_config, base, tmp_path):
+def test_bad_combinations_are_one_error(tiny_config, base, cli_in_process, tmp_path):
     with pytest.raises(ConfigError, match="freezes the LoRA adapters layers/attention"):
         make_setup(tiny_config("", *LORA, "config.freeze=attention"))
     with pytest.raises(ConfigError, match="matches no layer that takes adapters"):
@@ -369,9 +369,9 @@ def test_bad_combinations_are_one_error(tiny_config, base, tmp_path):
     with pytest.raises(quantize.QuantizeError, match="merge its adapters first"):
         quantize.quantize(run, tmp_path / "int8")
 
-    # On the command line: one `error:` line, exit 2; the run refused is left as it was.
+    # On the command line (cli.main, in this process): one `error:` line, exit 2; the run refused is left as it was.
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    result = run_cli("export", "--workdir", run, "--out", tmp_path / "hf", check=False)
+    result = cli_in_process("export", "--workdir", run, "--out", tmp_path / "hf", check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "bigjax lora merge" in errors[0], result.stderr[-2000:]
