@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from conftest import TINY
 
+from bigjax import config as config_lib
 from bigjax.ops import metrics
+from bigjax.run import train
 
 BUCKET = "bigjax-test"
 
@@ -139,8 +141,9 @@ def test_a_bucket_workdir_trains_resumes_evaluates_and_generates(cli, bucket_env
     assert any(name.startswith("events.out.tfevents") for name in written["files"])  # TensorBoard
     assert [json.loads(line)["step"] for line in written["eval"].splitlines()] == [8]
 
+    # The same run on a local disk, uninterrupted (in this process: the bucket's runs above are the processes).
     local = tmp_path / "local"
-    cli("train", *args, "--workdir", local)
+    train.train(config_lib.load(TINY, ["config.log_every=1"]), local)
     bucket_losses = {
         row["step"]: row["loss"] for row in map(json.loads, written["train"].splitlines()) if "loss" in row
     }

@@ -85,13 +85,14 @@ def test_generate_a_batch_with_stops_from_the_newest_committed_checkpoint(cli, c
         for i in range(4, len(romeo) - 1)
         if romeo[i : i + 2].isprintable() and romeo[i : i + 2] not in juliet
     )
-    stopped = cli(*command, "--stop", "never written", stop)
+    stopped = cli_in_process(*command, "--stop", "never written", stop)
     assert completions(stopped.stdout, ["ROMEO:", "JULIET:"]) == [romeo[: romeo.index(stop)], juliet]
 
 
-def test_eval_job_started_before_training_evaluates_every_checkpoint_once(cli, tmp_path):
+def test_eval_job_started_before_training_evaluates_every_checkpoint_once(cli_in_process, tmp_path):
     """Beside the trainer, it also scores each checkpoint on an lm-evaluation-harness task (config.eval.harness; a
-    local YAML over local data, tests/lm_eval_tasks/), logged in the same row as the loss."""
+    local YAML over local data, tests/lm_eval_tasks/), logged in the same row as the loss. The eval job is a process;
+    the trainer, and the job restarted at the end, run the command line in this one."""
     workdir, stderr = tmp_path / "run", tmp_path / "eval-stderr"
     harness = ["tasks=bigjax_choice", "include_path=tests/lm_eval_tasks", "limit=2"]
     command = ["eval", "--config", TINY, "--workdir", workdir, "--poll", "0.2", "--timeout", "300"]
@@ -107,7 +108,7 @@ def test_eval_job_started_before_training_evaluates_every_checkpoint_once(cli, t
         )
     # Its word that it follows the workdir, before any checkpoint exists: then the trainer starts.
     out = read_until(evaluator, "eval job: mesh", stderr)
-    cli("train", "--config", TINY, "--workdir", workdir)
+    cli_in_process("train", "--config", TINY, "--workdir", workdir)
     out += evaluator.stdout.read()  # to the end: the job exits after the final step
     assert evaluator.wait() == 0, stderr.read_text()[-3000:]
     rows = metrics.read_jsonl(workdir / "eval" / "metrics.jsonl")
@@ -116,7 +117,7 @@ def test_eval_job_started_before_training_evaluates_every_checkpoint_once(cli, t
     assert "validation at step 8" in out
 
     # Restarted after the fact, it finds nothing new to do and still reports the final step.
-    out = cli("eval", "--config", TINY, "--workdir", workdir).stdout
+    out = cli_in_process("eval", "--config", TINY, "--workdir", workdir).stdout
     assert "validation at step 8" in out
     assert [row["step"] for row in metrics.read_jsonl(workdir / "eval" / "metrics.jsonl")] == [4, 8]
 

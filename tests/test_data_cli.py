@@ -14,7 +14,9 @@ def write_speeches_parquet(path):
     return path
 
 
-def test_train_a_tokenizer_prepare_the_cache_and_train_from_it(cli, tmp_path):
+def test_train_a_tokenizer_prepare_the_cache_and_train_from_it(cli, cli_in_process, tmp_path):
+    """`tokenizer train` and `data prepare` as processes; the training that reads their cache, through the same
+    command line in this process."""
     text = tmp_path / "macbeth.txt"
     text.write_text(corpus.shakespeare_plays()["tragedies/macbeth"])
     source = [f"--config.data.source=text:{text}", f"--config.data.cache_dir={tmp_path / 'cache'}"]
@@ -27,11 +29,11 @@ def test_train_a_tokenizer_prepare_the_cache_and_train_from_it(cli, tmp_path):
     assert "train: tokenized 1 records into" in result.stdout and "eval: tokenized 1 records" in result.stdout
 
     overrides = [*source, *tokenizer, "--config.total_steps=2", "--config.checkpoint_every=0"]
-    result = cli("train", "--config", TINY, "--workdir", tmp_path / "run", *overrides)
+    result = cli_in_process("train", "--config", TINY, "--workdir", tmp_path / "run", *overrides)
     assert "reading the tokenized cache" in result.stdout and "finished at step 2" in result.stdout
 
 
-def test_train_on_parquet_files(cli, tmp_path):
+def test_train_on_parquet_files(cli_in_process, tmp_path):
     source = write_speeches_parquet(tmp_path / "speeches.parquet")
     overrides = [
         f"--config.data.source=parquet:{tmp_path}/*.parquet",
@@ -40,7 +42,7 @@ def test_train_on_parquet_files(cli, tmp_path):
         "--config.checkpoint_every=0",
         "--config.eval_every=2",
     ]
-    result = cli("train", "--config", TINY, "--workdir", tmp_path / "run", *overrides)
+    result = cli_in_process("train", "--config", TINY, "--workdir", tmp_path / "run", *overrides)
     assert f"1 Parquet file(s) from {tmp_path}/*.parquet, read by row group with pyarrow" in result.stdout
     assert "finished at step 2" in result.stdout
     assert source.exists() and (tmp_path / "run" / "metrics.jsonl").read_text().count('"eval/loss"') == 1

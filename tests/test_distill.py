@@ -224,10 +224,12 @@ def test_resume_is_bit_exact_with_the_teacher_step_it_started_with_and_the_teach
 # The command line, and the other tasks
 
 
-def test_cli_distills_a_causal_lm_and_its_eval_never_needs_the_teacher(lm_teacher, tmp_path):
+def test_cli_distills_a_causal_lm_and_its_eval_never_needs_the_teacher(lm_teacher, cli_in_process, tmp_path):
+    """The training through the command line in this process; the eval, which must not need the teacher, in a
+    process of its own (nothing of the teacher loaded before can help it)."""
     workdir = tmp_path / "student"
     distilling = [f"--config.distill.teacher={lm_teacher}", "--config.distill.temperature=2"]
-    out = run_cli("train", "--config", TINY, "--workdir", workdir, *distilling, "--config.eval_every=4").stdout
+    out = cli_in_process("train", "--config", TINY, "--workdir", workdir, *distilling, "--config.eval_every=4").stdout
     assert f"distill: teacher {lm_teacher} step 8" in out
     rows = metrics.read_jsonl(workdir / "metrics.jsonl")
     trained = [row for row in rows if "loss" in row]

@@ -263,7 +263,9 @@ def test_import_matches_transformers_logits_greedy_tokens_and_exports_back(arch,
     np.testing.assert_array_equal(torch_logits(reloaded, ids), theirs)
 
 
-def test_cli_import_then_generate_and_train_resumes_at_step_0(cli, tokenizer_file, tmp_path):
+def test_cli_import_then_generate_and_train_resumes_at_step_0(cli, cli_in_process, tokenizer_file, tmp_path):
+    """`bigjax import` in a process; generate, train and eval on what it wrote through the same command line in this
+    one (each is tested as a process elsewhere)."""
     hf_dir = save(gpt2_model(), tmp_path / "hf", tokenizer_file)
     workdir = tmp_path / "run"
     out = cli("import", "--hf", hf_dir, "--workdir", workdir, "--config.data.seq_len=32").stdout
@@ -273,14 +275,15 @@ def test_cli_import_then_generate_and_train_resumes_at_step_0(cli, tokenizer_fil
     assert saved["data"]["seq_len"] == 32 and saved["model"]["vocab_size"] == HF_VOCAB + 3
 
     prompt = "To be, or"
-    result = cli("generate", "--workdir", workdir, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "5")
+    greedy = ["--temperature", "0", "--max-new-tokens", "5"]
+    result = cli_in_process("generate", "--workdir", workdir, "--prompt", prompt, *greedy)
     assert result.stdout.strip().startswith(prompt)
     assert "generating from checkpoint 0" in result.stderr + result.stdout
 
     args = ["--config", workdir / "config.json", "--workdir", workdir]
-    result = cli("train", *args, "--config.total_steps=2", "--config.batch_size=8", "--config.log_every=1")
+    result = cli_in_process("train", *args, "--config.total_steps=2", "--config.batch_size=8", "--config.log_every=1")
     assert "resumed from step 0" in result.stdout and "finished at step 2" in result.stdout
-    result = cli("eval", "--workdir", workdir, "--once", "--config.eval_batches=2", "--config.batch_size=8")
+    result = cli_in_process("eval", "--workdir", workdir, "--once", "--config.eval_batches=2", "--config.batch_size=8")
     assert "validation at step 2" in result.stdout and "loss=" in result.stdout
 
 
@@ -685,11 +688,12 @@ def test_a_two_process_job_exports_the_same_files_as_one_process(tokenizer_file,
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
-def test_gpt2_124m_pretrains_on_the_plays_with_a_gpt2_style_tokenizer_json(cli, tokenizer_file, tmp_path):
-    """experiments/gpt2_124m.py:tokenizer=PATH reads real text through that tokenizer (shrunk to run here)."""
+def test_gpt2_124m_pretrains_on_the_plays_with_a_gpt2_style_tokenizer_json(cli_in_process, tokenizer_file, tmp_path):
+    """experiments/gpt2_124m.py:tokenizer=PATH reads real text through that tokenizer (shrunk to run here; through
+    the command line in this process)."""
     experiment = f"experiments/gpt2_124m.py:tokenizer={tokenizer_file},seq=32,batch=8,steps=2"
     small = ["num_layers=1", "d_model=32", "num_heads=2", "dtype=float32", "attention=xla"]
-    result = cli(
+    result = cli_in_process(
         "train",
         "--config",
         experiment,
@@ -703,14 +707,16 @@ def test_gpt2_124m_pretrains_on_the_plays_with_a_gpt2_style_tokenizer_json(cli, 
     assert saved["data"]["tokenizer"] == f"hf:{tokenizer_file}" and saved["data"]["source"] == "shakespeare"
 
 
-def test_a_trained_llama_run_with_a_sentencepiece_tokenizer_exports_for_transformers(cli, sentencepiece_file, tmp_path):
+def test_a_trained_llama_run_with_a_sentencepiece_tokenizer_exports_for_transformers(
+    cli_in_process, sentencepiece_file, tmp_path
+):
     """A run trained here (not imported) exports: transformers loads every weight (none missing or unexpected),
     computes bigjax's logits to float32 rounding, reads the SentencePiece tokenizer as one that encodes a whole play
     as bigjax did, and generate() stops at the run's eos."""
     spm = sentencepiece_file
     run = tmp_path / "run"
     tokenizer_args = [f"--config.data.tokenizer=sentencepiece:{spm}", "--config.model.vocab_size=416"]
-    cli("train", "--config", "experiments/tiny.py:llama=True,steps=2", "--workdir", run, *tokenizer_args)
+    cli_in_process("train", "--config", "experiments/tiny.py:llama=True,steps=2", "--workdir", run, *tokenizer_args)
     out = tmp_path / "exported"
     hf.export(run, out)  # in this process: `bigjax export` is test_export_writes_shards_...'s
 

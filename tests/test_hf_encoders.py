@@ -423,14 +423,15 @@ def test_transpose_and_range_views_read_what_numpy_cuts():
 # Recipes: fine-tuning a Hugging Face BERT or ViT directory, shrunk to 2 steps here
 
 
-def test_imdb_finetune_recipe_fine_tunes_a_local_hf_bert(cli, tokenizer_file, tmp_path):
+def test_imdb_finetune_recipe_fine_tunes_a_local_hf_bert(cli_in_process, tokenizer_file, tmp_path):
+    """The recipe through the command line, in this process."""
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     model = randomize(transformers.BertForMaskedLM(bert_config(tokenizer.get_vocab_size())))
     hf_dir = save(model, tmp_path / "bert", tokenizer_file)
     reviews = tmp_path / "reviews.jsonl"
     lines = [{"text": f"{TEXT} {i}", "label": i % 2} for i in range(40)]
     reviews.write_text("\n".join(json.dumps(line) for line in lines))
-    result = cli(
+    result = cli_in_process(
         "train",
         "--config",
         f"experiments/imdb_finetune.py:hf={hf_dir},seq=32,batch=8",
@@ -453,10 +454,11 @@ def test_imdb_finetune_recipe_fine_tunes_a_local_hf_bert(cli, tokenizer_file, tm
     assert saved["data"]["tokenizer"] == f"hf:{hf_dir / 'tokenizer.json'}"
 
 
-def test_vit_transfer_recipe_starts_from_a_local_hf_vit(cli, tmp_path):
+def test_vit_transfer_recipe_starts_from_a_local_hf_vit(cli_in_process, tmp_path):
+    """The recipe through the command line, in this process."""
     model = randomize(transformers.ViTForImageClassification(vit_config(num_labels=4)))
     hf_dir = save(model, tmp_path / "vit")
-    result = cli(
+    result = cli_in_process(
         "train",
         "--config",
         f"experiments/vit_transfer.py:hf={hf_dir},batch=8",

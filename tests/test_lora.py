@@ -251,10 +251,12 @@ def test_a_qlora_run_resumes_bit_exact_holding_int4(tiny_config, base, tmp_path)
 
 
 @pytest.mark.parametrize("variant", ["lora", "qlora"])
-def test_adapters_save_load_and_merge_from_the_command_line(tiny_config, base, tmp_path, variant):
+def test_adapters_save_load_and_merge_from_the_command_line(tiny_config, base, cli_in_process, tmp_path, variant):
+    """`lora save` and `lora merge` run as processes; train, eval and generate, tested as processes elsewhere, run
+    through the same command line in this process (4 steps: one checkpoint, adapters well away from zero)."""
     overrides = [f"--{o}" for o in VARIANTS[variant]] + [f"--config.init_from.workdir={base}"]
     run, adapters, merged = tmp_path / "run", tmp_path / "adapters", tmp_path / "merged"
-    run_cli("train", "--config", TINY, "--workdir", run, *overrides)
+    cli_in_process("train", "--config", f"{TINY}:steps=4", "--workdir", run, *overrides)
     run_cli("lora", "save", "--workdir", run, "--out", adapters)
     shapes = json.loads((adapters / lora.SETTINGS_FILE).read_text())["shapes"]
     saved = config_lib.load_saved(run)
@@ -268,11 +270,12 @@ def test_adapters_save_load_and_merge_from_the_command_line(tiny_config, base, t
     merged_config = config_lib.load_saved(merged)
     assert Variant.of(merged_config).kind == "float"
     assert not any(name.endswith("_lora_a") for name in params_lib.by_path(saved_params(merged)))
-    lora_loss, merged_loss = eval_loss(run), eval_loss(merged)
+    lora_loss, merged_loss = eval_loss(cli_in_process, run), eval_loss(cli_in_process, merged)
     # x (W + s A B) against x W + s (x A) B: the same sums in another order.
     assert merged_loss == pytest.approx(lora_loss, rel=loss_tolerance(merged_config), abs=0)
     if variant == "lora":
-        assert "ROMEO" in run_cli("generate", "--workdir", run, "--prompt", "ROMEO", "--max-new-tokens", 4).stdout
+        generated = cli_in_process("generate", "--workdir", run, "--prompt", "ROMEO", "--max-new-tokens", 4).stdout
+        assert "ROMEO" in generated
 
 
 def test_a_merged_run_fine_tunes_like_any_run(tiny_config, base, tmp_path):
@@ -287,8 +290,8 @@ def test_a_merged_run_fine_tunes_like_any_run(tiny_config, base, tmp_path):
     assert data_at(merged, 2) == data_at(run, 2) and data_at(merged, 4)["step"] == 4
 
 
-def eval_loss(workdir, *overrides) -> float:
-    run_cli("eval", "--workdir", workdir, "--once", *overrides)
+def eval_loss(cli, workdir, *overrides) -> float:
+    cli("eval", "--workdir", workdir, "--once", *overrides)
     rows = [json.loads(line) for line in (workdir / "eval" / "metrics.jsonl").read_text().splitlines()]
     return rows[-1]["loss"]
 
@@ -317,7 +320,7 @@ def test_a_qlora_run_restores_onto_another_mesh(tiny_config, base, tmp_path):
 # Refusals
 
 
-def test_bad_combinations_are_one_error(tiny_config, base, tmp_path):
+def test_bad_combinations_are_one_error(tiny_config, base, cli_in_process, tmp_path):
     with pytest.raises(ConfigError, match="freezes the LoRA adapters layers/attention"):
         make_setup(tiny_config("", *LORA, "config.freeze=attention"))
     with pytest.raises(ConfigError, match="matches no layer that takes adapters"):
@@ -366,9 +369,9 @@ def test_bad_combinations_are_one_error(tiny_config, base, tmp_path):
     with pytest.raises(quantize.QuantizeError, match="merge its adapters first"):
         quantize.quantize(run, tmp_path / "int8")
 
-    # On the command line: one `error:` line, exit 2; the run refused is left as it was.
+    # On the command line (cli.main, in this process): one `error:` line, exit 2; the run refused is left as it was.
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    result = run_cli("export", "--workdir", run, "--out", tmp_path / "hf", check=False)
+    result = cli_in_process("export", "--workdir", run, "--out", tmp_path / "hf", check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "bigjax lora merge" in errors[0], result.stderr[-2000:]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, init_params, run_cli
+from conftest import copy_run, init_params, run_cli
 from tolerance import assert_close_after_reordering, float32_sum_tolerance, lm_sum_lengths
 
 from bigjax import config as config_lib
@@ -37,28 +37,29 @@ KERNELS = ["attention/key", "attention/out", "attention/query", "attention/value
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A trained tiny GPT (8 steps, 8 devices), quantized to int8 and int4: {"float"|8|4: workdir}. The int8 run is
-    `bigjax quantize` without --bits or --mode: int8 weight-only, as documented (test_the_checkpoint_holds_...)."""
+def runs(tiny_run, tmp_path_factory):
+    """A trained tiny GPT (the session's tiny_run: 8 steps, 8 devices; a copy, as the evals here write into it),
+    quantized to int8 and int4: {"float"|8|4: workdir}. The int8 run is `bigjax quantize` without --bits or --mode:
+    int8 weight-only, as documented (test_the_checkpoint_holds_...)."""
     root = tmp_path_factory.mktemp("quant")
-    workdirs = {"float": root / "float", 8: root / "int8", 4: root / "int4"}
-    run_cli("train", "--config", TINY, "--workdir", workdirs["float"])
+    workdirs = {"float": copy_run(tiny_run, root / "float"), 8: root / "int8", 4: root / "int4"}
     run_cli("quantize", "--workdir", workdirs["float"], "--out", workdirs[8])
     run_cli("quantize", "--workdir", workdirs["float"], "--out", workdirs[4], "--bits", 4, "--sub-channel", SUB_CHANNEL)
     return workdirs
 
 
-def eval_loss(workdir, *overrides) -> float:
-    out = run_cli("eval", "--workdir", workdir, "--once", *overrides).stdout + ""
+def eval_loss(cli, workdir, *overrides) -> float:
+    """`bigjax eval --once` (through cli_in_process: the eval of a quantized run, not the process, is tested)."""
+    out = cli("eval", "--workdir", workdir, "--once", *overrides).stdout + ""
     rows = [json.loads(line) for line in (workdir / "eval" / "metrics.jsonl").read_text().splitlines()]
     assert rows, out
     return rows[-1]["loss"]
 
 
-def test_quantized_runs_evaluate_close_to_the_float_run(runs):
-    float_loss = eval_loss(runs["float"])
+def test_quantized_runs_evaluate_close_to_the_float_run(runs, cli_in_process):
+    float_loss = eval_loss(cli_in_process, runs["float"])
     for bits in (8, 4):
-        loss = eval_loss(runs[bits])
+        loss = eval_loss(cli_in_process, runs[bits])
         assert loss != float_loss, f"int{bits}: the same loss as the float run: were the integers run at all?"
         assert abs(loss - float_loss) < LOSS_BOUND[bits], (bits, loss, float_loss)
 
@@ -112,7 +113,7 @@ def _size(path) -> int:
     return sum(p.stat().st_size for p in pathlib.Path(path).rglob("*") if p.is_file())
 
 
-def test_generation_runs_the_quantized_weights_through_the_kv_cache(runs):
+def test_generation_runs_the_quantized_weights_through_the_kv_cache(runs, cli_in_process):
     """The cached decoding of the int4 run gives the logits of its full (quantized) forward pass, which differ from
     the float run's: the KV cache and the integer kernels work together."""
     generator = generate.load(runs[4])
@@ -137,11 +138,12 @@ def test_generation_runs_the_quantized_weights_through_the_kv_cache(runs):
     tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=32))
     assert_close_after_reordering(np.stack(cached), np.stack(expected), tolerance, "cached logits")
 
-    result = run_cli("generate", "--workdir", runs[4], "--prompt", "ROMEO:", "--max-new-tokens", 12, "--temperature", 0)
+    greedy = ["--max-new-tokens", 12, "--temperature", 0]
+    result = cli_in_process("generate", "--workdir", runs[4], "--prompt", "ROMEO:", *greedy)
     assert result.stdout.startswith("ROMEO:")
 
 
-def test_a_quantized_run_restores_onto_another_mesh(runs):
+def test_a_quantized_run_restores_onto_another_mesh(runs, cli_in_process):
     """Saved on 8 x 1 x 1 (replicated), read onto 1 x 4 x 2: the integers and their scales split over fsdp and
     tensor as their kernels' logical names say, and the eval loss is the same up to the order of the sums."""
     mesh = ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"]
@@ -157,8 +159,8 @@ def test_a_quantized_run_restores_onto_another_mesh(runs):
     assert tuple(query.scale.sharding.spec)[1:3] == ("fsdp", "tensor")
     assert query.qvalue.addressable_shards[0].data.shape == (2, 32 // 4, 4 // 2, 8)
 
-    on_8x1x1 = eval_loss(runs[4])
-    on_1x4x2 = eval_loss(runs[4], *mesh)
+    on_8x1x1 = eval_loss(cli_in_process, runs[4])
+    on_1x4x2 = eval_loss(cli_in_process, runs[4], *mesh)
     assert abs(on_1x4x2 - on_8x1x1) <= 1e-5 * abs(on_8x1x1), (on_1x4x2, on_8x1x1)
 
 
@@ -257,7 +259,7 @@ def one_error_line(result) -> str:
     return errors[0]
 
 
-def test_bad_quantizations_are_one_error_line(runs, tmp_path):
+def test_bad_quantizations_are_one_error_line(runs, cli_in_process, tmp_path):
     float_run = runs["float"]
     bad_blocks = ["--out", tmp_path / "a", "--bits", 4, "--sub-channel", 12]
     line = one_error_line(run_cli("quantize", "--workdir", float_run, *bad_blocks, check=False))
@@ -285,12 +287,14 @@ def test_bad_quantizations_are_one_error_line(runs, tmp_path):
         quantize.quantize(runs[8], tmp_path / "c")
     assert not any((tmp_path / name).exists() for name in ("b", "c"))
 
-    line = one_error_line(run_cli("train", "--config", runs[8] / "config.json", "--workdir", runs[8], check=False))
+    # `bigjax quantize` above ran as a process; train and export, each tested as a process elsewhere, in this one.
+    train_it = ["train", "--config", runs[8] / "config.json", "--workdir", runs[8]]
+    line = one_error_line(cli_in_process(*train_it, check=False))
     assert "config.quant.bits=8: this is a quantized run" in line
 
     for export_format in ("hf", "onnx"):
         export = ["export", "--workdir", runs[8], "--out", tmp_path / export_format, "--format", export_format]
-        line = one_error_line(run_cli(*export, check=False))
+        line = one_error_line(cli_in_process(*export, check=False))
         assert "is a quantized run" in line, line
 
 

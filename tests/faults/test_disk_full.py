@@ -83,12 +83,22 @@ def keeping_one(workdir) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def stopped_at_step_4(env, tmp_path_factory):
-    """A run of `keeping_one` stopped at step 4 (a committed checkpoint), trained once: each test below gets a copy."""
-    from conftest import run_cli
+def stopped_at_step_4(tmp_path_factory):
+    """A run of `keeping_one` stopped at step 4 (a committed checkpoint), trained once, in this process (what is
+    tested is the trainers started on it): each test below gets a copy."""
+    from bigjax import config as config_lib
+    from bigjax.run import train
 
     workdir = tmp_path_factory.mktemp("stopped") / "run"
-    run_cli(*keeping_one(workdir), "--stop-at-step", "4", env=env)
+    args = keeping_one(workdir)
+    overrides = [arg.removeprefix("--") for arg in args[args.index("--workdir") + 2 :]]
+    assert train.train(config_lib.load(args[args.index("--config") + 1], overrides), workdir, stop_at_step=4).step == 4
+    return workdir
+
+
+def copy_of_stopped(stopped_at_step_4, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(stopped_at_step_4, workdir)
     return workdir
 
 
@@ -96,10 +106,9 @@ def stopped_at_step_4(env, tmp_path_factory):
     "wrapper", [WITH_SMALL_FILES_ONLY, WITH_SMALL_FILES_AND_THE_MAIN_THREAD_ASKING_FIRST], ids=["plain", "asked-first"]
 )
 def test_a_failed_save_stops_training_and_keeps_the_committed_checkpoints(
-    cli, env, tmp_path, wrapper, stopped_at_step_4
+    cli_in_process, env, tmp_path, wrapper, stopped_at_step_4
 ):
-    workdir = tmp_path / "run"
-    shutil.copytree(stopped_at_step_4, workdir)
+    workdir = copy_of_stopped(stopped_at_step_4, tmp_path)
     args = keeping_one(workdir)
 
     result = run_limited(wrapper, args, env)
@@ -116,8 +125,9 @@ def test_a_failed_save_stops_training_and_keeps_the_committed_checkpoints(
     assert 8 <= rows_since(workdir / "metrics.jsonl")[-1]["step"] <= 12
     assert committed_steps(workdir) == [4]
 
-    # With space again, the same command sets the half-written save aside and resumes from step 4.
-    out = cli(*args, env=env).stdout
+    # With space again, the same command (through cli.main in this process) sets the half-written save aside and
+    # resumes from step 4.
+    out = cli_in_process(*args).stdout
     assert "resumed from step 4" in out and "finished at step 16" in out
     assert set_aside(workdir, "uncommitted") == [8]
     assert committed_steps(workdir) == [16]  # keep-N, once a newer step has committed
@@ -200,10 +210,9 @@ def test_a_failed_metrics_write_is_one_error_and_the_rerun_sets_its_cut_off_row_
     assert f"{path} ended in a cut-off line" in capsys.readouterr().out
 
 
-def test_a_save_that_cannot_make_its_directory_stops_at_once_with_the_os_reason(cli, env, tmp_path):
-    workdir = tmp_path / "run"
-    args = ("train", "--config", TINY + ":steps=16", "--workdir", workdir, "--config.log_every=1")
-    cli(*args, "--stop-at-step", "4", env=env)
+def test_a_save_that_cannot_make_its_directory_stops_at_once_with_the_os_reason(env, tmp_path, stopped_at_step_4):
+    workdir = copy_of_stopped(stopped_at_step_4, tmp_path)
+    args = keeping_one(workdir)
 
     # Orbax's writers used to wait 300 s (its coordination timeout) for the directory after the error was shown.
     result = run_limited(WITH_STEP_8_UNWRITABLE, args, env, timeout=120)
@@ -221,10 +230,9 @@ def unprivileged(command: list) -> list:
     return ["unshare", "--user", "--map-user=65534", "--map-group=65534", *command] if os.geteuid() == 0 else command
 
 
-def test_a_read_only_workdir_with_checkpoints_is_one_error_and_left_as_it_was(cli, env, tmp_path):
-    workdir = tmp_path / "run"
-    args = ("train", "--config", TINY, "--workdir", workdir)
-    cli(*args, "--stop-at-step", "4", env=env)
+def test_a_read_only_workdir_with_checkpoints_is_one_error_and_left_as_it_was(env, tmp_path, stopped_at_step_4):
+    workdir = copy_of_stopped(stopped_at_step_4, tmp_path)
+    args = keeping_one(workdir)
     workdir.chmod(0o555)
     before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
     try:
@@ -239,9 +247,9 @@ def test_a_read_only_workdir_with_checkpoints_is_one_error_and_left_as_it_was(cl
     assert committed_steps(workdir) == [4]
 
 
-def test_a_workdir_that_cannot_be_created_is_a_clear_error(cli, tmp_path):
+def test_a_workdir_that_cannot_be_created_is_a_clear_error(cli_in_process, tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
-    result = cli("train", "--config", TINY, "--workdir", tmp_path / "a-file" / "run", check=False)
+    result = cli_in_process("train", "--config", TINY, "--workdir", tmp_path / "a-file" / "run", check=False)
     assert result.returncode == 2
     assert "error: cannot create" in result.stderr and "pass a --workdir that can be written" in result.stderr
 

@@ -43,8 +43,10 @@ def test_eval_job_survives_the_trainer_stopping_dying_and_restarting_under_it(tm
     workdir = tmp_path / "run"
     env = environment(tmp_path / "compile-cache")
     command = train_command(workdir, 12, "--config.keep_checkpoints=100")  # a checkpoint every 3 steps
-    stopped = run_attempt(workdir, [*command, "--stop-at-step", "6"], None, env)
-    assert stopped.returncode == 0 and committed_steps(workdir) == [3, 6]
+    # Stopped at 6 before the eval job starts: trained in this process, with the config each attempt below runs.
+    overrides = [arg.removeprefix("--") for arg in command[command.index("--workdir") + 2 :]]
+    stopped = train.train(config_lib.load(command[command.index("--config") + 1], overrides), workdir, stop_at_step=6)
+    assert stopped.step == 6 and committed_steps(workdir) == [3, 6]
     truncate_the_array_files(workdir / "checkpoints" / "6")
 
     eval_log = tmp_path / "eval.out"

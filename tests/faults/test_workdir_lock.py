@@ -51,7 +51,7 @@ def freeze(process) -> None:
         time.sleep(0.001)
 
 
-def test_a_second_trainer_is_refused_at_once_and_touches_nothing_of_the_live_one(cli, env, tmp_path):
+def test_a_second_trainer_is_refused_at_once_and_touches_nothing_of_the_live_one(cli, cli_in_process, env, tmp_path):
     workdir = tmp_path / "run"
     first = start_trainer(workdir, env)
     freeze(first)  # alive, and unable to change anything while the second one starts
@@ -76,7 +76,7 @@ def test_a_second_trainer_is_refused_at_once_and_touches_nothing_of_the_live_one
     stopped_at = rows_since(workdir / "metrics.jsonl")[-1]["step"]
     assert f"stopped by SIGTERM at step {stopped_at}" in out and committed_steps(workdir)[-1] == stopped_at
     assert not (workdir / lock.LOCK_FILE).exists()  # given up at exit
-    resumed = cli(*train_args(workdir, steps=stopped_at + 1), env=env)
+    resumed = cli_in_process(*train_args(workdir, steps=stopped_at + 1))  # the resume itself, in this process
     assert f"resumed from step {stopped_at}" in resumed.stdout
 
 
@@ -94,7 +94,8 @@ def test_a_holder_paused_in_the_middle_of_a_fenced_write_is_reported_in_use_not_
         holder.release()
 
 
-def test_the_lock_of_a_killed_trainer_is_taken_over_at_once(cli, env, tmp_path):
+def test_the_lock_of_a_killed_trainer_is_taken_over_at_once(cli_in_process, env, tmp_path):
+    """The killed holder is a process; the trainer taking over runs the command line in this one (another pid)."""
     workdir = tmp_path / "run"
     first = start_trainer(workdir, env)
     first.kill()
@@ -102,7 +103,7 @@ def test_the_lock_of_a_killed_trainer_is_taken_over_at_once(cli, env, tmp_path):
     held = json.loads((workdir / lock.LOCK_FILE).read_text())
     assert held["pid"] == first.pid  # SIGKILL left the lock behind
 
-    second = cli(*train_args(workdir, steps=committed_steps(workdir)[-1] + 1), env=env)
+    second = cli_in_process(*train_args(workdir, steps=committed_steps(workdir)[-1] + 1))
 
     assert f"took over the lock of {workdir}: its holder is gone (pid {first.pid} on host" in second.stdout
     assert "resumed from step" in second.stdout
