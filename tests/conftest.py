@@ -7,7 +7,12 @@ import os
 
 # The tests compile hundreds of small programs and run each a few steps: LLVM's optimizations cost more than they
 # save here (about 40% of the suite's CPU time). Same XLA, same numerics up to rounding; never used outside tests.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# XLA:CPU's newer fusion emitters (MLIR) take longer to compile than its older loop emitters: switched off, one
+# LoRA mesh-equivalence test went from 49 to 28 CPU seconds with an empty compilation cache (tests/costs.py: the
+# suite's total below).
+FAST_COMPILE = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
+)
 # The simulated devices are threads of one process. XLA aborts the process (LOG(FATAL): "Termination timeout ...
 # exceeded") when a collective's threads have not all arrived within 40 s, which a loaded 2-core machine can cause
 # (seen: the ring attention's scan of collective-permutes under two test workers and other processes): a test then
