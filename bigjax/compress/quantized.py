@@ -185,10 +185,11 @@ def lora_rules(variant: Variant) -> list:
 def quantized(model: nn.Module, variant: Variant | None) -> nn.Module:
     """`model` as `variant` says (see the module docstring); `model` itself for a float variant (or None), so that
     a float run builds exactly the module it always did."""
-    provider = _provider(variant) if variant is not None else None
-    if provider is None:
-        return model
+    if variant is None or not (variant.lora or variant.quant):
+        return model  # a float model: Qwix (a second to import) is not even imported
     import qwix
+
+    provider = _provider(variant)
 
     return qwix.quantize_model(model, provider)
 
@@ -243,8 +244,6 @@ def _provider(variant: Variant):
 
     if variant.lora:
         return Lora(lora_rules(variant))
-    if not quant:
-        return None
     return (Qat if quant.qat else Ptq)(rules(quant))
 
 
