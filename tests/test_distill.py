@@ -17,7 +17,12 @@ import pytest
 from conftest import REPO, TINY, init_params, run_cli
 from test_sharding import fixed_batch, on_mesh
 from test_train import final_params, losses_by_step
-from tolerance import assert_close_after_reordering, float32_sum_tolerance, lm_sum_lengths
+from tolerance import (
+    assert_close_after_reordering,
+    assert_sgd_params_close_after_reordering,
+    float32_sum_tolerance,
+    lm_sum_lengths,
+)
 
 from bigjax import config as config_lib
 from bigjax import data
@@ -157,13 +162,20 @@ def two_steps(config):
 
 
 def test_alpha_zero_trains_as_the_plain_run(lm_teacher, tiny_config):
-    """The teacher runs, but weighs nothing: the same losses and the same parameters after 2 steps, bit for bit."""
-    plain_metrics, plain_params = two_steps(tiny_config("", *SGD))
+    """The teacher runs, but weighs nothing: the same losses and parameters after 2 steps, within the bounds of a
+    reordering (XLA fuses the two programs differently, which may round their sums apart: seen, 3 of 12288 weights
+    an ulp off with the tests' XLA flags); a teacher that weighed anything would be off by its whole gradient."""
+    plain_config = tiny_config("", *SGD)
+    initial = jax.device_get(on_mesh(plain_config, (2, 2, 2)).init_state().params)
+    plain_metrics, plain_params = two_steps(plain_config)
     metrics_, params = two_steps(student(lm_teacher, *SGD, "config.distill.alpha=0"))
+    tokens = plain_config.batch_size * plain_config.data.seq_len
+    tolerance = float32_sum_tolerance(*lm_sum_lengths(plain_config, tokens))
     for plain, distilled in zip(plain_metrics, metrics_, strict=True):
-        assert distilled["loss"] == distilled["hard_loss"] == plain["loss"]
-        assert distilled["grad_norm"] == plain["grad_norm"] and distilled["distill_kl"] > 0
-    jax.tree.map(np.testing.assert_array_equal, params, plain_params)
+        assert distilled["loss"] == distilled["hard_loss"] and distilled["distill_kl"] > 0
+        np.testing.assert_allclose(distilled["loss"], plain["loss"], rtol=tolerance)
+        np.testing.assert_allclose(distilled["grad_norm"], plain["grad_norm"], rtol=tolerance)
+    assert_sgd_params_close_after_reordering(params, plain_params, initial, tolerance, 2, "params")
 
 
 def lowered_text(config) -> str:

@@ -75,15 +75,22 @@ def test_prune_off_adds_nothing_and_trains_bit_identically_to_the_plain_optimize
     jax.tree.map(np.testing.assert_array_equal, ours[-1], theirs[-1])
 
 
-def test_before_start_step_a_pruned_run_is_bit_identical_to_an_unpruned_one(tiny_config):
-    """The wrapper is transparent while every mask is True: gradients and updates pass through jnp.where unchanged
-    (bit for bit over these steps; over hundreds, XLA's different fusion of the larger program may round apart)."""
-    pruned_setup = make_setup(pruning_config(tiny_config, start=3, end=6, every=1))
-    dense_setup = make_setup(tiny_config(""))
+def test_before_start_step_a_pruned_run_trains_as_an_unpruned_one(tiny_config):
+    """The wrapper is transparent while every mask is True: gradients and updates pass through jnp.where unchanged.
+    The two programs are fused differently by XLA, which may round their sums apart (seen: 3 of 12288 weights an ulp
+    off after 3 steps, with the tests' XLA flags): within the bounds of a reordering, with SGD, whose update is
+    linear in the gradient (a masked weight would be off by a whole update)."""
+    sgd = ("config.optim.name=sgd", "config.optim.clip=0")
+    pruned_setup = make_setup(pruning_config(tiny_config, "unstructured", *sgd, start=3, end=6, every=1))
+    dense_setup = make_setup(tiny_config("", *sgd))
+    initial = jax.device_get(dense_setup.init_state().params)
     pruned_states, pruned_losses = run_steps(pruned_setup, 3)
     dense_states, dense_losses = run_steps(dense_setup, 3)
-    assert pruned_losses == dense_losses
-    jax.tree.map(np.testing.assert_array_equal, pruned_states[-1].params, dense_states[-1].params)
+    config = dense_setup.config
+    tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
+    np.testing.assert_allclose(pruned_losses, dense_losses, rtol=tolerance)
+    params = pruned_states[-1].params
+    assert_sgd_params_close_after_reordering(params, dense_states[-1].params, initial, tolerance, 3, "params")
     assert all(mask.all() for mask in host_masks(pruned_states[-1]).values())
 
 
