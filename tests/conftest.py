@@ -40,6 +40,10 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 # of 0.5 s, 10 and 60 with none; 82 CPU seconds, then 73).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(os.path.join(os.path.dirname(__file__), "..", ".jax-cache")))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Where PYTHONDONTWRITEBYTECODE is set (this machine's image sets it), every process the tests start would compile
+# bigjax's sources again (~0.5 s of CPU each, over a hundred processes): the first one writes them to __pycache__
+# (ignored by git) for the others. The installed packages have theirs from pip.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 import contextlib  # noqa: E402
 import pathlib  # noqa: E402
@@ -47,6 +51,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+
+sys.dont_write_bytecode = False
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "experiments" / "tiny.py")

@@ -150,9 +150,14 @@ def test_resuming_on_changed_data_says_the_batches_will_differ(tiny_config, tmp_
     text = tmp_path / "corpus.txt"
     text.write_text(corpus.shakespeare_plays()["tragedies/macbeth"])
     config = tiny_config("", f"--config.data.source=text:{text}")
-    state = pipeline.train_batches(config).get_state()
+    batches = pipeline.train_batches(config)
+    next(batches)
+    state = batches.get_state()
     pipeline.train_batches(config).set_state(state)
     assert "resuming on other data" not in capsys.readouterr().out
     text.write_text(corpus.shakespeare_plays()["tragedies/hamlet"])
     pipeline.train_batches(config).set_state(state)
     assert "resuming on other data than the checkpoint's" in capsys.readouterr().out
+    # A checkpoint made before any batch was read (`bigjax import`'s) names no data: nothing to differ from.
+    pipeline.train_batches(config).set_state(pipeline.state_before_any_batch())
+    assert "resuming on other data" not in capsys.readouterr().out

@@ -80,11 +80,17 @@ class HostBatches:
     def set_state(self, state: dict) -> None:
         self.step = int(state["step"])
         saved = state.get("data", self.data)
-        if saved != self.data:
+        if saved != self.data and self.step > 0:  # before the first batch, no data was read to differ from
             metrics.say(
                 f"data: resuming on other data than the checkpoint's (was {saved!r}, now {self.data!r}): the batches "
                 "from here on are not those an uninterrupted run would have seen"
             )
+
+
+def state_before_any_batch() -> dict:
+    """The state of a pipeline that has read nothing yet, for a checkpoint made without one (`bigjax import`): no
+    data is named, as none was read, and building the pipeline would tokenize the whole training set for nothing."""
+    return {"step": 0, "data": ""}
 
 
 @dataclasses.dataclass(frozen=True)

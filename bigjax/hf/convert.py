@@ -267,7 +267,7 @@ def import_hf(hf_dir, workdir, overrides=()) -> int:
         config_lib.check_values(config)
     check_weights(read, config, hf_vocab)
     state = imported_state(read, config, hf_dir)
-    data_state = data.train_batches(config).get_state()
+    data_state = data.state_before_any_batch()
     if own_tokenizer:  # the checkpoint and config.json name the copy beside them, written last
         config.data.tokenizer = files.moved_spec(own_tokenizer, workdir)
 
