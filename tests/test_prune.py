@@ -83,9 +83,10 @@ def test_before_start_step_a_pruned_run_trains_as_an_unpruned_one(tiny_config):
     sgd = ("config.optim.name=sgd", "config.optim.clip=0")
     pruned_setup = make_setup(pruning_config(tiny_config, "unstructured", *sgd, start=3, end=6, every=1))
     dense_setup = make_setup(tiny_config("", *sgd))
-    initial = jax.device_get(dense_setup.init_state().params)
+    dense_start = dense_setup.init_state()
+    initial = jax.device_get(dense_start.params)
     pruned_states, pruned_losses = run_steps(pruned_setup, 3)
-    dense_states, dense_losses = run_steps(dense_setup, 3)
+    dense_states, dense_losses = run_steps(dense_setup, 3, dense_start)
     config = dense_setup.config
     tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
     np.testing.assert_allclose(pruned_losses, dense_losses, rtol=tolerance)

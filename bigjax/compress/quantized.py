@@ -189,9 +189,7 @@ def quantized(model: nn.Module, variant: Variant | None) -> nn.Module:
         return model  # a float model: Qwix (a second to import) is not even imported
     import qwix
 
-    provider = _provider(variant)
-
-    return qwix.quantize_model(model, provider)
+    return qwix.quantize_model(model, _provider(variant))
 
 
 def _provider(variant: Variant):
