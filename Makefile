@@ -32,8 +32,10 @@ $(DEV_STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch's CPU build (192 MB) where this machine has it; elsewhere what PyPI's `torch` resolves to.
-	$(BIN)/pip install --quiet 'torch==2.13.0' || $(BIN)/pip install --quiet torch
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# --no-compile: pip would write the bytecode of every module of every package (TensorFlow, torch, transformers:
+	# a minute on 2 cores); the tests write it for the modules they import, once (tests/conftest.py).
+	$(BIN)/pip install --quiet --no-compile 'torch==2.13.0' || $(BIN)/pip install --quiet --no-compile torch
+	$(BIN)/pip install --quiet --no-compile -e '.[dev]'
 	touch $@ $(RUNTIME_STAMP)
 
 # Train the default experiment on the bundled Shakespeare corpus, then run the separate eval job on the

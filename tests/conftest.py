@@ -41,8 +41,9 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(os.path.join(os.path.dirname(__file__), "..", ".jax-cache")))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Where PYTHONDONTWRITEBYTECODE is set (this machine's image sets it), every process the tests start would compile
-# bigjax's sources again (~0.5 s of CPU each, over a hundred processes): the first one writes them to __pycache__
-# (ignored by git) for the others. The installed packages have theirs from pip.
+# the sources it imports again: bigjax's (~0.5 s of CPU each, over a hundred processes) and the installed packages'
+# (`make install-dev` installs them with --no-compile: 40 s of CPU for jax, TensorFlow, torch and transformers). The
+# first process to import a module writes its bytecode to __pycache__ (ignored by git) for the others.
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 import contextlib  # noqa: E402

@@ -140,8 +140,9 @@ def make_teacher(config, sharding, student_task) -> Teacher | None:
     step = teacher_step(d.teacher, d.step)
     task = tasks.make_task(teacher_config)
     refuse_unreadable_batches(config, student_task, teacher_config, task)
-    try:  # no optimizer state: optax.identity keeps none
-        abstract_state, shardings = state_lib.abstract_state_and_shardings(task, optax.identity(), 0, sharding)
+    init = state_lib.boxed_init(task, optax.identity(), 0)  # no optimizer state: optax.identity keeps none
+    try:
+        abstract_state, shardings = state_lib.abstract_state_and_shardings(init, sharding)
     except ConfigError as error:  # a dimension of the teacher's that this mesh cannot split
         raise ConfigError(f"{_named(d.teacher)}: the teacher's {error}") from None
     refuse_other_layouts(d.teacher, step, abstract_state)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,6 +35,7 @@ class Setup:
     tx: optax.GradientTransformation
     abstract_state: state_lib.TrainState  # ShapeDtypeStructs
     state_shardings: state_lib.TrainState  # a NamedSharding for each leaf
+    init: Callable[[], state_lib.TrainState]  # creates the boxed state (state_lib.boxed_init): traced once for both
 
     @property
     def mesh(self):
@@ -59,7 +61,7 @@ class Setup:
 
     def init_state(self) -> state_lib.TrainState:
         """A fresh state, created directly in its shards."""
-        return state_lib.create_sharded_state(self.task, self.tx, self.config.seed, self.sharding, self.state_shardings)
+        return state_lib.create_sharded_state(self.init, self.sharding, self.state_shardings)
 
     def state_target(self) -> state_lib.TrainState:
         """The state as ShapeDtypeStructs with their shardings: what a checkpoint is restored onto, or a step
@@ -88,6 +90,7 @@ def make_setup(config, devices=None, num_devices: int | None = None) -> Setup:
         pruning = prune.from_config(config, task)  # None unless config.prune.kind is set
         frozen = functools.partial(variant.frozen, freeze=config.freeze) if variant.freezes_any(config.freeze) else None
         tx = optim.make_optimizer(config.optim, config.total_steps, frozen=frozen, prune=pruning)
-    abstract_state, state_shardings = state_lib.abstract_state_and_shardings(task, tx, config.seed, sharding)
+    init = state_lib.boxed_init(task, tx, config.seed)
+    abstract_state, state_shardings = state_lib.abstract_state_and_shardings(init, sharding)
     quantized.check_lora(variant, config.freeze, abstract_state.params)
-    return Setup(config, sharding, task, tx, abstract_state, state_shardings)
+    return Setup(config, sharding, task, tx, abstract_state, state_shardings, init)

@@ -28,8 +28,11 @@ def split_variables(variables) -> tuple[dict, dict]:
     return variables.pop("params"), variables
 
 
-def _boxed_init(task, tx, seed: int):
-    """A TrainState whose params and optimizer moments still carry logical-axis metadata."""
+def boxed_init(task, tx, seed: int):
+    """The function that creates a TrainState whose params and optimizer moments still carry logical-axis metadata.
+
+    Make it once per setup and pass the same function to `abstract_state_and_shardings` and `create_sharded_state`:
+    jax keeps a function's trace, so the model is traced once for both (a large model's trace takes seconds)."""
 
     def init():
         params, model_state = split_variables(task.init_variables(jax.random.key(seed)))
@@ -46,19 +49,20 @@ def count_parameters(params) -> int:
     return int(sum(leaf.size for leaf in jax.tree.leaves(params)))
 
 
-def abstract_state_and_shardings(task, tx, seed: int, sharding: mesh_lib.Sharding):
-    """Shapes/dtypes of the (unboxed) state, and the NamedSharding of each leaf. No FLOPs, no memory."""
-    init = _boxed_init(task, tx, seed)
+def abstract_state_and_shardings(init, sharding: mesh_lib.Sharding):
+    """Shapes/dtypes of the (unboxed) state `init` (`boxed_init`) creates, and the NamedSharding of each leaf. No
+    FLOPs, no memory."""
     with sharding.activate():
         boxed = jax.eval_shape(init)
     return nn.unbox(boxed), sharding.of(boxed)
 
 
-def create_sharded_state(task, tx, seed: int, sharding: mesh_lib.Sharding, shardings) -> TrainState:
-    """Initialize the state directly into its shards."""
-    init = _boxed_init(task, tx, seed)
+def create_sharded_state(init, sharding: mesh_lib.Sharding, shardings) -> TrainState:
+    """Run `init` (`boxed_init`) directly into its shards: `shardings`, one per leaf of the unboxed state."""
     with sharding.activate():
-        return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
+        boxed = jax.eval_shape(init)  # the trace `abstract_state_and_shardings` made: jax's cache holds it
+        boxed_shardings = jax.tree.unflatten(jax.tree.structure(boxed), jax.tree.leaves(shardings))
+        return nn.unbox(jax.jit(init, out_shardings=boxed_shardings)())
 
 
 def restore_target(abstract_state, shardings):
