@@ -57,7 +57,7 @@ class Setup:
         """The parameters' shapes with their logical-axis boxes (and a quantized model's Qwix `WithAux` nodes,
         which say how each kernel is quantized): what bigjax.compress.quantized converts by."""
         with self.sharding.activate():
-            return jax.eval_shape(self.task.init_variables, jax.random.key(self.config.seed))["params"]
+            return jax.eval_shape(self.init).params  # the trace make_setup made: jax's cache holds it
 
     def init_state(self) -> state_lib.TrainState:
         """A fresh state, created directly in its shards."""
