@@ -55,16 +55,21 @@ def tokens(batch=2, length=6, seed=0):
     return jax.random.normal(jax.random.key(seed), (batch, length, D), jnp.float32)
 
 
+def init(module, x):
+    """The block's parameters, unboxed, initialized under jit (the same values as op by op: the same key)."""
+    return nn.unbox(jax.jit(module.init)(jax.random.key(1), x)["params"])
+
+
 def outputs_and_grads(module, params, x):
     """(the block's output and router losses, the gradients of a scalar of them with respect to every parameter,
-    the router's included, and the input)."""
+    the router's included, and the input). Jitted, as the model runs it: one program, not one per operation."""
 
     def loss(params, x):
         out, sown = module.apply({"params": params}, x, mutable=["intermediates"])
         stats = moe.model_stats(sown["intermediates"])
         return jnp.sum(jnp.sin(out)) + stats["aux_loss"] + stats["z_loss"], (out, stats)
 
-    (_, outputs), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    (_, outputs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
     return outputs, grads
 
 
@@ -79,7 +84,7 @@ GROUPED_TOLERANCE = float32_sum_tolerance(D, F, E, 2 * 6 * D, 2 * 6)
 def test_grouped_experts_equal_the_dense_reference(kind, capacity_factor):
     cfg = moe_config(capacity_factor=capacity_factor)
     x = tokens()
-    params = nn.unbox(block(cfg, kind=kind).init(jax.random.key(1), x)["params"])
+    params = init(block(cfg, kind=kind), x)
     grouped = outputs_and_grads(block(cfg, kind=kind), params, x)
     dense = outputs_and_grads(block(cfg, reference=True, kind=kind), params, x)
     assert_close_after_reordering(grouped, dense, GROUPED_TOLERANCE, "outputs and gradients")
