@@ -557,7 +557,9 @@ def test_bad_context_settings_are_one_error_line(cli_in_process, tmp_path, exper
     assert refused.stderr.startswith("error:") and not workdir.exists()
 
 
-def test_cli_run_with_ring_context_logs_one_device_losses_and_resumes_onto_another_context(cli, tiny_run, tmp_path):
+def test_cli_run_with_ring_context_logs_one_device_losses_and_resumes_onto_another_context(
+    cli_in_process, tiny_run, tmp_path
+):
     """`bigjax train` on 8 devices with the sequence split over context=4 (ring, zig-zag order) logs the losses of
     the same run on data=8 (the shared tiny_run) to 1e-4 relative, and resumed at its step-4 checkpoint with
     context=2 and all_gather, the rest of them; its checkpoints generate text."""
@@ -570,7 +572,7 @@ def test_cli_run_with_ring_context_logs_one_device_losses_and_resumes_onto_anoth
     }
     workdir = tmp_path / "run"
     ring = ["--config.mesh.context=4", "--config.model.context_parallel=ring"]
-    cli("train", "--config", TINY, "--workdir", workdir, *ring, "--stop-at-step", "4")
+    cli_in_process("train", "--config", TINY, "--workdir", workdir, *ring, "--stop-at-step", "4")
     assert sorted(losses(workdir)) == [2, 4]
     train.train(config_lib.load(TINY, ["--config.mesh.context=2"]), workdir)
     reference = losses(tiny_run)

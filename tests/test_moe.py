@@ -55,16 +55,21 @@ def tokens(batch=2, length=6, seed=0):
     return jax.random.normal(jax.random.key(seed), (batch, length, D), jnp.float32)
 
 
+def init(module, x):
+    """The block's parameters, unboxed, initialized under jit (the same values as op by op: the same key)."""
+    return nn.unbox(jax.jit(module.init)(jax.random.key(1), x)["params"])
+
+
 def outputs_and_grads(module, params, x):
     """(the block's output and router losses, the gradients of a scalar of them with respect to every parameter,
-    the router's included, and the input)."""
+    the router's included, and the input). Jitted, as the model runs it: one program, not one per operation."""
 
     def loss(params, x):
         out, sown = module.apply({"params": params}, x, mutable=["intermediates"])
         stats = moe.model_stats(sown["intermediates"])
         return jnp.sum(jnp.sin(out)) + stats["aux_loss"] + stats["z_loss"], (out, stats)
 
-    (_, outputs), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    (_, outputs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
     return outputs, grads
 
 
@@ -79,7 +84,7 @@ GROUPED_TOLERANCE = float32_sum_tolerance(D, F, E, 2 * 6 * D, 2 * 6)
 def test_grouped_experts_equal_the_dense_reference(kind, capacity_factor):
     cfg = moe_config(capacity_factor=capacity_factor)
     x = tokens()
-    params = nn.unbox(block(cfg, kind=kind).init(jax.random.key(1), x)["params"])
+    params = init(block(cfg, kind=kind), x)
     grouped = outputs_and_grads(block(cfg, kind=kind), params, x)
     dense = outputs_and_grads(block(cfg, reference=True, kind=kind), params, x)
     assert_close_after_reordering(grouped, dense, GROUPED_TOLERANCE, "outputs and gradients")
@@ -207,19 +212,22 @@ def fixed_batch(config, seed=0):
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
 
 
-def one_sgd_step(config, batch):
-    """(metrics, initial parameters, parameters after one compiled SGD step) of `config` on `batch`."""
+def one_sgd_step(config, batch, initial=None):
+    """(metrics, initial state on the host, parameters after one compiled SGD step) of `config` on `batch`, from a
+    fresh state (setup.init_state()) or from `initial`, a host copy of one on the same mesh, put onto it."""
     setup = make_setup(config, jax.devices()[: int(np.prod(list(config.mesh.values())))])  # every axis set
     step, _ = step_lib.compile_train_step(setup)
-    state = setup.init_state()
-    initial = jax.device_get(state.params)
+    state = setup.init_state() if initial is None else jax.device_put(initial, setup.state_shardings)
+    initial = jax.device_get(state)
     state, metrics = step(state, setup.sharding.global_batch(batch))
     return jax.device_get(metrics), initial, jax.device_get(state.params)
 
 
 def test_moe_model_trains_with_a_dense_prefix_through_remat_and_gradient_accumulation(tiny_config):
     """Scanned dense and MoE stacks, rematerialized: k microbatches give one big batch's update (dropless routing
-    is per token, so with the router losses off the loss is a sum over tokens; they are averaged per microbatch)."""
+    is per token, so with the router losses off the loss is a sum over tokens; they are averaged per microbatch).
+    Both steps start from the one fresh state (the configs differ only in grad_accum: the same init, the same
+    mesh), created once."""
     results = []
     for accum in (1, 2):
         no_router_losses = ("config.model.moe.router_aux_loss=0", "config.model.moe.router_z_loss=0")
@@ -232,8 +240,9 @@ def test_moe_model_trains_with_a_dense_prefix_through_remat_and_gradient_accumul
             f"config.optim.grad_accum={accum}",
             "config.mesh.data=2",
         )
-        results.append(one_sgd_step(config, fixed_batch(config)))
+        results.append(one_sgd_step(config, fixed_batch(config), results[0][1] if results else None))
     (m1, initial, p1), (m2, _, p2) = results
+    initial = initial.params
     assert set(p1) == {"dense_layers", "moe_layers", "embed", "unembed", "final_norm"}
     assert p1["moe_layers"]["mlp"]["experts"]["up"].shape == (2, 8, 32, 48)  # 2 MoE layers of 8 experts
     tolerance = float32_sum_tolerance(*moe_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
@@ -431,11 +440,12 @@ def test_a_moe_run_resumes_bit_exact_and_onto_another_expert_size(tiny_config, t
     train.train(four, moved)
 
     assert losses(resumed) == losses(straight) and sorted(losses(straight)) == [1, 2, 3, 4]
-    jax.tree.map(np.testing.assert_array_equal, final_params(resumed, two), final_params(straight, two))
+    reference = final_params(straight, two)
+    jax.tree.map(np.testing.assert_array_equal, final_params(resumed, two), reference)
     tolerance = float32_sum_tolerance(*moe_sum_lengths(two, tokens=two.batch_size * two.data.seq_len))
     np.testing.assert_allclose(
         [losses(moved)[s] for s in (3, 4)], [losses(straight)[s] for s in (3, 4)], rtol=tolerance
     )
     initial = jax.device_get(init_params(make_task(two), two.seed))
-    params, reference = final_params(moved, two), final_params(straight, two)
+    params = final_params(moved, two)
     assert_sgd_params_close_after_reordering(params, reference, initial, tolerance, 4, "parameters at step 4")

@@ -338,26 +338,48 @@ def test_pipelined_run_resumes_bitwise_on_its_mesh_and_onto_no_pipeline_within_t
     train.train(one_stage, unpipelined)
 
     assert losses_by_step(resumed) == losses_by_step(straight)
-    jax.tree.map(np.testing.assert_array_equal, final_params(resumed, one_stage), final_params(straight, one_stage))
+    reference = final_params(straight, one_stage)
+    jax.tree.map(np.testing.assert_array_equal, final_params(resumed, one_stage), reference)
     tolerance = float32_sum_tolerance(*lm_sum_lengths(pipelined, tokens=pipelined.batch_size * pipelined.data.seq_len))
     steps = range(1, 5)
     np.testing.assert_allclose(
         [losses_by_step(unpipelined)[s] for s in steps], [losses_by_step(straight)[s] for s in steps], rtol=tolerance
     )
     initial = jax.device_get(init_params(make_task(pipelined), pipelined.seed))
-    params, reference = final_params(unpipelined, one_stage), final_params(straight, one_stage)
+    params = final_params(unpipelined, one_stage)
     assert_sgd_params_close_after_reordering(params, reference, initial, tolerance, 4, "parameters at step 4")
 
 
 @pytest.fixture(scope="module")
 def pipelined_run(tmp_path_factory):
     """experiments/tiny.py trained 4 steps through the command line, gpipe over stage=2 with 4 micro-batches
-    (checkpoint 4): (workdir, stdout). Read it; copy it (conftest.copy_run) before changing anything in it."""
-    from conftest import TINY, run_cli
+    (checkpoint 4): (workdir, stdout). Read it; copy it (conftest.copy_run) before changing anything in it.
+
+    The command runs as conftest's `cli_in_process` runs it (cli.main in this process, its library logs left to
+    pytest), here for the whole module: what is tested is what it prints and trains, not its process."""
+    import contextlib
+    import io
+
+    from conftest import TINY
+
+    from bigjax import cli
+    from bigjax.ops import logs
+    from bigjax.run import signals
 
     workdir = tmp_path_factory.mktemp("pipelined") / "run"
     args = ["--config.mesh.stage=2", "--config.model.pipeline.microbatches=4", "--config.log_every=1"]
-    return workdir, run_cli("train", "--config", TINY, "--workdir", workdir, *args, "--config.total_steps=4").stdout
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+        patch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)
+        patch.setattr(logs, "_handler", None)
+        try:
+            returncode = cli.main(
+                ["train", "--config", TINY, "--workdir", str(workdir), *args, "--config.total_steps=4"]
+            )
+        finally:
+            signals.release()  # `train` took SIGTERM and SIGINT: pytest's again
+    assert returncode == 0, stdout.getvalue()[-3000:]
+    return workdir, stdout.getvalue()
 
 
 def test_command_line_pipelined_run_logs_the_losses_of_the_unpipelined_one(pipelined_run, tiny_config, tmp_path):
