@@ -111,10 +111,18 @@ def bucket_env():
 @pytest.fixture(autouse=True)
 def pointed_at_the_emulator(bucket_env, monkeypatch):
     """This process reaches the emulator too, for each test: its own view of the bucket (epath through gcsfs, as
-    bigjax's), and the commands it runs in process. Every client reads these variables when it is made or asked."""
+    bigjax's), and the commands it runs in process. The clients read these variables when they are made or asked,
+    except epath: it picks TensorFlow's GCS (which the emulator does not reach) or gcsfs once per process, at its
+    first path of any kind, so that choice is made again under EPATH_USE_TF=false, and again after the test."""
+    from etils.epath import gpath
+
     for name, value in bucket_env.items():
         if os.environ.get(name) != value:
             monkeypatch.setenv(name, value)
+    gpath._is_tf_installed.cache_clear()
+    yield
+    monkeypatch.undo()
+    gpath._is_tf_installed.cache_clear()
 
 
 def test_a_bucket_workdir_trains_resumes_evaluates_and_generates(cli, cli_in_process, bucket_env, tmp_path):
