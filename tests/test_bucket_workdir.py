@@ -9,13 +9,12 @@ own files and Orbax's directories) and google-cloud-storage (TensorBoard) by STO
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 from conftest import TINY
+from etils import epath
 
 from bigjax import config as config_lib
 from bigjax.ops import metrics
@@ -88,7 +87,7 @@ def emulate_cloud_storage_more_closely():
 
 @pytest.fixture(scope="module")
 def bucket_env():
-    """The environment that points bigjax (and `in_bucket`) at a fresh emulator."""
+    """The environment that points bigjax (and this process: `pointed_at_the_emulator`) at a fresh emulator."""
     from gcp_storage_emulator.server import create_server
 
     emulate_cloud_storage_more_closely()
@@ -109,44 +108,50 @@ def bucket_env():
     server.stop()
 
 
-def in_bucket(env, code: str):
-    """Run `code` (with `epath` imported) in a fresh process and return what it prints, parsed as JSON: the test's
-    own view of the bucket, through the same epath/gcsfs path as bigjax, whatever this process imported before."""
-    script = f"import json\nfrom etils import epath\nprint(json.dumps({code}))"
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+@pytest.fixture(autouse=True)
+def pointed_at_the_emulator(bucket_env, monkeypatch):
+    """This process reaches the emulator too, for each test: its own view of the bucket (epath through gcsfs, as
+    bigjax's), and the commands it runs in process. The clients read these variables when they are made or asked,
+    except epath: it picks TensorFlow's GCS (which the emulator does not reach) or gcsfs once per process, at its
+    first path of any kind, so that choice is made again under EPATH_USE_TF=false, and again after the test."""
+    from etils.epath import gpath
+
+    for name, value in bucket_env.items():
+        if os.environ.get(name) != value:
+            monkeypatch.setenv(name, value)
+    gpath._is_tf_installed.cache_clear()
+    yield
+    monkeypatch.undo()
+    gpath._is_tf_installed.cache_clear()
 
 
-def test_a_bucket_workdir_trains_resumes_evaluates_and_generates(cli, bucket_env, tmp_path):
+def test_a_bucket_workdir_trains_resumes_evaluates_and_generates(cli, cli_in_process, bucket_env, tmp_path):
+    """The resume is a `bigjax train` process of its own, as after a preemption (the emulator reached by the
+    environment alone); the other commands run the same command line in this process."""
     run = f"gs://{BUCKET}/run"
     args = ["--config", TINY, "--config.log_every=1"]
-    cli("train", *args, "--workdir", run, "--stop-at-step", "4", env=bucket_env)
+    cli_in_process("train", *args, "--workdir", run, "--stop-at-step", "4")
     # A step Orbax began and never committed, as a killed save leaves it: set aside on resume, not read.
-    in_bucket(bucket_env, f"epath.Path('{run}/checkpoints/6/params/half-written').write_text('x')")
+    epath.Path(f"{run}/checkpoints/6/params/half-written").write_text("x")
     resumed = cli("train", *args, "--workdir", run, env=bucket_env)
     assert "resumed from step 4" in resumed.stdout
     assert f"checkpoint 6 at {run}/checkpoints/6 has no commit_success.txt: a save that never" in resumed.stdout
-    quarantined = in_bucket(bucket_env, f"[p.name for p in epath.Path('{run}/quarantine').iterdir() if p.is_dir()]")
+    quarantined = [p.name for p in epath.Path(f"{run}/quarantine").iterdir() if p.is_dir()]
     assert [name.split(".")[0] for name in quarantined] == ["6"]
 
-    cli("eval", "--workdir", run, "--once", env=bucket_env)
-    sample = cli("generate", "--workdir", run, "--prompt", "ROMEO:", "--max-new-tokens", "8", env=bucket_env)
+    cli_in_process("eval", "--workdir", run, "--once")
+    sample = cli_in_process("generate", "--workdir", run, "--prompt", "ROMEO:", "--max-new-tokens", "8")
     assert sample.stdout.startswith("ROMEO:")
-    written = in_bucket(
-        bucket_env,
-        f"dict(train=epath.Path('{run}/metrics.jsonl').read_text(), eval=epath.Path('{run}/eval/metrics.jsonl')"
-        f".read_text(), files=[p.name for p in epath.Path('{run}').iterdir()])",
-    )
-    assert any(name.startswith("events.out.tfevents") for name in written["files"])  # TensorBoard
-    assert [json.loads(line)["step"] for line in written["eval"].splitlines()] == [8]
+    files = [p.name for p in epath.Path(run).iterdir()]
+    assert any(name.startswith("events.out.tfevents") for name in files)  # TensorBoard
+    eval_rows = epath.Path(f"{run}/eval/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in eval_rows] == [8]
 
-    # The same run on a local disk, uninterrupted (in this process: the bucket's runs above are the processes).
+    # The same run on a local disk, uninterrupted.
     local = tmp_path / "local"
     train.train(config_lib.load(TINY, ["config.log_every=1"]), local)
-    bucket_losses = {
-        row["step"]: row["loss"] for row in map(json.loads, written["train"].splitlines()) if "loss" in row
-    }
+    train_rows = epath.Path(f"{run}/metrics.jsonl").read_text().splitlines()
+    bucket_losses = {row["step"]: row["loss"] for row in map(json.loads, train_rows) if "loss" in row}
     local_losses = {row["step"]: row["loss"] for row in metrics.read_jsonl(local / "metrics.jsonl") if "loss" in row}
     assert sorted(bucket_losses) == list(range(1, 9))
     np.testing.assert_array_equal([bucket_losses[s] for s in range(1, 9)], [local_losses[s] for s in range(1, 9)])
@@ -167,57 +172,47 @@ def foreign_lock(heartbeat_age: float) -> dict:
     )
 
 
-def test_a_bucket_workdir_is_locked_like_a_disk(cli, bucket_env):
+def test_a_bucket_workdir_is_locked_like_a_disk(cli_in_process):
     run = f"gs://{BUCKET}/locked"
     args = ["train", "--config", TINY, "--config.log_every=1", "--workdir", run]
-    in_bucket(bucket_env, f"epath.Path('{run}/lock.json').write_text({json.dumps(json.dumps(foreign_lock(5)))})")
+    lock_record = epath.Path(f"{run}/lock.json")
+    lock_record.write_text(json.dumps(foreign_lock(5)))
 
-    refused = cli(*args, env=bucket_env, check=False)
+    refused = cli_in_process(*args, check=False)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert f"error: {run} is in use by another trainer: pid 4242 on host other-host" in refused.stderr
-    assert in_bucket(bucket_env, f"json.loads(epath.Path('{run}/lock.json').read_text())['token']") == "theirs"
+    assert json.loads(lock_record.read_text())["token"] == "theirs"
 
-    in_bucket(bucket_env, f"epath.Path('{run}/lock.json').write_text({json.dumps(json.dumps(foreign_lock(500)))})")
-    taken = cli(*args, env=bucket_env)
+    lock_record.write_text(json.dumps(foreign_lock(500)))
+    taken = cli_in_process(*args)
     assert f"took over the lock of {run}: its holder is gone (pid 4242 on host other-host" in taken.stdout
-    assert not in_bucket(bucket_env, f"epath.Path('{run}/lock.json').exists()")  # given up at the end
+    assert not lock_record.exists()  # given up at the end
 
 
-# Two changes of the lock's record made from the same read, the second one written last: refused, because the
-# first moved the object's generation on. Then a write from a fresh read goes through.
-CONCURRENT_CHANGES = """
-import json
-from etils import epath
-from bigjax.run import lock
+def test_the_bucket_lock_record_is_changed_only_by_compare_and_swap():
+    """Two changes of the lock's record made from the same read, the second one written last: refused, because the
+    first moved the object's generation on. Then a write from a fresh read goes through."""
+    from bigjax.run import lock
 
-store = lock._BucketRecord(epath.Path("gs://bigjax-test/cas/lock.json"))
-outcomes = []
-with store.change() as (first_read, first_write):
-    with store.change() as (second_read, second_write):
-        second_write({"token": "second"})
-    try:
-        first_write({"token": "first"})
-        outcomes.append("first overwrote the second")
-    except lock.Conflict:
-        outcomes.append("first refused")
-with store.change() as (current, write):
-    outcomes.append(current["token"])
-    write(None)
-print(json.dumps(outcomes))
-"""
+    store = lock._BucketRecord(epath.Path(f"gs://{BUCKET}/cas/lock.json"))
+    outcomes = []
+    with store.change() as (first_read, first_write):
+        with store.change() as (second_read, second_write):
+            second_write({"token": "second"})
+        try:
+            first_write({"token": "first"})
+            outcomes.append("first overwrote the second")
+        except lock.Conflict:
+            outcomes.append("first refused")
+    with store.change() as (current, write):
+        outcomes.append(current["token"])
+        write(None)
+    assert outcomes == ["first refused", "second"]
 
 
-def test_the_bucket_lock_record_is_changed_only_by_compare_and_swap(bucket_env):
-    result = subprocess.run(
-        [sys.executable, "-c", CONCURRENT_CHANGES], env=bucket_env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == ["first refused", "second"]
-
-
-def test_a_bucket_workdir_is_plotted_into_the_bucket(cli, bucket_env):
+def test_a_bucket_workdir_is_plotted_into_the_bucket(cli_in_process):
     run = f"gs://{BUCKET}/plotted"
     rows = "".join(json.dumps({"step": step, "loss": 6.0 - step / 4}) + "\n" for step in (2, 4, 6))
-    in_bucket(bucket_env, f"epath.Path('{run}/metrics.jsonl').write_text({rows!r})")
-    assert cli("plot", "--workdir", run, env=bucket_env).stdout == f"wrote {run}/plot.png\n"
-    assert in_bucket(bucket_env, f"epath.Path('{run}/plot.png').read_bytes()[:8].hex()") == b"\x89PNG\r\n\x1a\n".hex()
+    epath.Path(f"{run}/metrics.jsonl").write_text(rows)
+    assert cli_in_process("plot", "--workdir", run).stdout == f"wrote {run}/plot.png\n"
+    assert epath.Path(f"{run}/plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
