@@ -148,9 +148,10 @@ def test_distilled_loss_and_gradients_match_numpy_and_every_mesh_in_one_piece_or
 
 def two_steps(config):
     """2 steps of the compiled train step of `config` (a teacher's loaded for it) from its fresh state on the
-    2x2x2 mesh: (the metrics of each, the parameters after them)."""
+    2x2x2 mesh: (the metrics of each, the parameters after them, the parameters before them)."""
     setup = on_mesh(config, (2, 2, 2))
     state = setup.init_state()
+    initial = jax.device_get(state.params)
     step, _ = step_lib.compile_train_step(setup)
     if setup.teacher is not None:
         step = step_lib.with_teacher(step, setup.teacher.load())
@@ -158,7 +159,7 @@ def two_steps(config):
     for seed in range(2):
         state, step_metrics = step(state, setup.sharding.global_batch(fixed_batch(config, seed)))
         outputs.append(step_metrics)
-    return jax.device_get((outputs, state.params))
+    return (*jax.device_get((outputs, state.params)), initial)
 
 
 def test_alpha_zero_trains_as_the_plain_run(lm_teacher, tiny_config):
@@ -166,9 +167,9 @@ def test_alpha_zero_trains_as_the_plain_run(lm_teacher, tiny_config):
     reordering (XLA fuses the two programs differently, which may round their sums apart: seen, 3 of 12288 weights
     an ulp off with the tests' XLA flags); a teacher that weighed anything would be off by its whole gradient."""
     plain_config = tiny_config("", *SGD)
-    initial = jax.device_get(on_mesh(plain_config, (2, 2, 2)).init_state().params)
-    plain_metrics, plain_params = two_steps(plain_config)
-    metrics_, params = two_steps(student(lm_teacher, *SGD, "config.distill.alpha=0"))
+    plain_metrics, plain_params, initial = two_steps(plain_config)
+    metrics_, params, distilled_initial = two_steps(student(lm_teacher, *SGD, "config.distill.alpha=0"))
+    jax.tree.map(np.testing.assert_array_equal, distilled_initial, initial)  # the same start
     tokens = plain_config.batch_size * plain_config.data.seq_len
     tolerance = float32_sum_tolerance(*lm_sum_lengths(plain_config, tokens))
     for plain, distilled in zip(plain_metrics, metrics_, strict=True):

@@ -19,13 +19,10 @@ from bigjax.run import checkpoint, finetune, lock, optim, train
 from bigjax.run.setup import make_setup
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A tiny GPT language model trained for 8 steps on the 8-device data-parallel mesh."""
-    config = config_lib.load(TINY)
-    workdir = tmp_path_factory.mktemp("pretrained")
-    train.train(config, workdir)
-    return config, workdir
+@pytest.fixture
+def pretrained(tiny_run):
+    """A tiny GPT language model trained for 8 steps on the 8-device data-parallel mesh (the session's, only read)."""
+    return config_lib.load(TINY), tiny_run
 
 
 def classifier_config(pretrained_workdir, *overrides):

@@ -10,6 +10,7 @@ save and load on their own and merge into the base; a QLoRA run restores onto an
 is one error.
 """
 
+import functools
 import json
 import os
 
@@ -49,11 +50,29 @@ QLORA = ("config.lora.rank=4", "config.quant.bits=4", f"config.quant.sub_channel
 VARIANTS = {"qat": QAT, "lora": LORA, "qlora": QLORA}
 
 
+@pytest.fixture
+def base(tiny_run):
+    """A trained tiny GPT (8 steps; the session's, only read): the base every LoRA run here adapts."""
+    return tiny_run
+
+
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A trained tiny GPT (8 steps): the base every LoRA run here adapts."""
-    workdir = tmp_path_factory.mktemp("lora") / "base"
-    assert train.train(config_lib.load(TINY), workdir).step == 8
+def qlora_run(tiny_run, tmp_path_factory):
+    """A QLoRA run of the base, 8 steps (checkpoints 4 and 8): (its config, its workdir), only read."""
+    config = config_lib.load(TINY, [*QLORA, f"config.init_from.workdir={tiny_run}"])
+    workdir = tmp_path_factory.mktemp("qlora") / "run"
+    assert train.train(config, workdir).step == 8
+    return config, workdir
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_run, tmp_path_factory):
+    """A LoRA run of the base, 2 steps (a checkpoint at 2): only read."""
+    config = config_lib.load(
+        TINY, [*LORA, f"config.init_from.workdir={tiny_run}", "config.total_steps=2", "config.checkpoint_every=2"]
+    )
+    workdir = tmp_path_factory.mktemp("lora") / "run"
+    assert train.train(config, workdir).step == 2
     return workdir
 
 
@@ -102,16 +121,19 @@ def test_qat_runs_the_kernels_rounded_as_int8_quantization_rounds_them(tiny_conf
     plain = make_setup(tiny_config())
     params = init_params(plain.task)
     tokens = test_sharding.fixed_batch(plain.config)["inputs"]
+    # Each as one program (op by op, every operation would be a compile of its own).
+    ptq_params = jax.jit(functools.partial(quantized.quantize_params, abstract_params=ptq.boxed_params()))(params)
     logits = {
-        "qat": qat.task.model.apply({"params": params}, tokens),
-        "ptq": ptq.task.model.apply({"params": quantized.quantize_params(params, ptq.boxed_params())}, tokens),
-        "float": plain.task.model.apply({"params": params}, tokens),
+        "qat": jax.jit(qat.task.model.apply)({"params": params}, tokens),
+        "ptq": jax.jit(ptq.task.model.apply)({"params": ptq_params}, tokens),
+        "float": jax.jit(plain.task.model.apply)({"params": params}, tokens),
     }
     scale, tolerance = float(np.abs(logits["float"]).max()), loss_tolerance(qat.config)
     assert float(np.abs(logits["qat"] - logits["ptq"]).max()) <= tolerance * scale
     assert float(np.abs(logits["qat"] - logits["float"]).max()) > 10 * tolerance * scale, "no rounding in QAT"
 
-    grads = jax.grad(lambda p: qat.task.loss_sums(p, {}, batch_on(qat))[0]["loss"])(params)
+    batch = batch_on(qat)
+    grads = jax.jit(jax.grad(lambda p: qat.task.loss_sums(p, {}, batch)[0]["loss"]))(params)
     for name, grad in params_lib.by_path(grads).items():
         if name.endswith("kernel"):
             assert np.all(np.isfinite(grad)) and np.any(grad != 0), name
@@ -121,7 +143,8 @@ def test_a_qat_run_resumes_bit_exact_and_quantizes_as_it_trained(tiny_config, tm
     config = tiny_config(
         "", "config.quant.bits=4", "config.quant.qat=True", f"config.quant.sub_channel={QAT_SUB_CHANNEL}"
     )
-    assert_resumes_bit_exact(config, tmp_path)
+    assert train.train(config, tmp_path / "straight").step == 8
+    assert_resumes_bit_exact(config, tmp_path / "straight", tmp_path / "resumed")
 
     done = quantize.quantize(tmp_path / "straight", tmp_path / "int4")  # no flags: the settings it trained for
     assert (done["bits"], done["mode"]) == (4, "weight_only")
@@ -131,9 +154,8 @@ def test_a_qat_run_resumes_bit_exact_and_quantizes_as_it_trained(tiny_config, tm
         quantize.quantize(tmp_path / "straight", tmp_path / "int8", bits=8)
 
 
-def assert_resumes_bit_exact(config, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert train.train(config, straight).step == 8
+def assert_resumes_bit_exact(config, straight, resumed):
+    """`config` trained to step 4 and resumed to 8 in `resumed`, as it was trained straight to 8 in `straight`."""
     assert train.train(config, resumed, stop_at_step=4).status == "preempted"
     assert train.train(config, resumed).step == 8
     losses = lambda workdir: {
@@ -187,9 +209,11 @@ def test_one_train_step_matches_on_every_mesh(tiny_config, variant):
     reference = None
     for shape in test_sharding.MESHES:
         setup = test_sharding.on_mesh(config, shape)
-        if reference is None:
-            initial = with_random_adapters(jax.device_get(setup.init_state().params))
-        state = setup.init_state().replace(params=jax.device_put(initial, setup.state_shardings.params))
+        if reference is None:  # one fresh state, placed on every mesh (its optimizer state holds no weights)
+            start = jax.device_get(setup.init_state())
+            initial = with_random_adapters(start.params)
+            start = start.replace(params=initial)
+        state = jax.device_put(start, setup.state_shardings)
         step, _ = step_lib.compile_train_step(setup)
         state, m = step(state, batch_on(setup))
         result = float(m["loss"]), trained(setup, jax.device_get(state.params))
@@ -239,10 +263,10 @@ def test_lora_dropout_drops_the_adapters_inputs_anew_for_each_rng(tiny_config):
         assert (first != other) == (rate > 0), (rate, first, other)
 
 
-def test_a_qlora_run_resumes_bit_exact_holding_int4(tiny_config, base, tmp_path):
-    config = adapted(tiny_config, base, *QLORA)
-    assert_resumes_bit_exact(config, tmp_path)
-    params = params_lib.by_path(saved_params(tmp_path / "straight"))
+def test_a_qlora_run_resumes_bit_exact_holding_int4(qlora_run, tmp_path):
+    config, straight = qlora_run
+    assert_resumes_bit_exact(config, straight, tmp_path / "resumed")
+    params = params_lib.by_path(saved_params(straight))
     assert params["layers/mlp/up/kernel/array/qvalue"].dtype == jnp.int4
 
 
@@ -252,21 +276,23 @@ def test_a_qlora_run_resumes_bit_exact_holding_int4(tiny_config, base, tmp_path)
 
 @pytest.mark.parametrize("variant", ["lora", "qlora"])
 def test_adapters_save_load_and_merge_from_the_command_line(tiny_config, base, cli_in_process, tmp_path, variant):
-    """`lora save` and `lora merge` run as processes; train, eval and generate, tested as processes elsewhere, run
-    through the same command line in this process (4 steps: one checkpoint, adapters well away from zero)."""
+    """`lora save` and `lora merge` run as processes for LoRA (the commands' tests through a process), through
+    cli.main in this process for QLoRA, as train, eval and generate do here (tested as processes elsewhere); 4
+    steps: one checkpoint, adapters well away from zero."""
+    lora_cli = run_cli if variant == "lora" else cli_in_process
     overrides = [f"--{o}" for o in VARIANTS[variant]] + [f"--config.init_from.workdir={base}"]
     run, adapters, merged = tmp_path / "run", tmp_path / "adapters", tmp_path / "merged"
     cli_in_process("train", "--config", f"{TINY}:steps=4", "--workdir", run, *overrides)
-    run_cli("lora", "save", "--workdir", run, "--out", adapters)
+    lora_cli("lora", "save", "--workdir", run, "--out", adapters)
     shapes = json.loads((adapters / lora.SETTINGS_FILE).read_text())["shapes"]
-    saved = config_lib.load_saved(run)
-    assert sorted(shapes) == sorted(lora.trained_names(Variant.of(saved), saved.freeze, saved_params(run)))
+    saved, trained_params = config_lib.load_saved(run), saved_params(run)
+    assert sorted(shapes) == sorted(lora.trained_names(Variant.of(saved), saved.freeze, trained_params))
 
     # A new run from the same base and the saved adapters starts where the LoRA run ended.
     again = make_setup(adapted(tiny_config, base, *VARIANTS[variant], f"config.lora.adapters={adapters}"))
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(started(again).params), saved_params(run))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(started(again).params), trained_params)
 
-    run_cli("lora", "merge", "--workdir", run, "--out", merged)
+    lora_cli("lora", "merge", "--workdir", run, "--out", merged)
     merged_config = config_lib.load_saved(merged)
     assert Variant.of(merged_config).kind == "float"
     assert not any(name.endswith("_lora_a") for name in params_lib.by_path(saved_params(merged)))
@@ -278,11 +304,10 @@ def test_adapters_save_load_and_merge_from_the_command_line(tiny_config, base, c
         assert "ROMEO" in generated
 
 
-def test_a_merged_run_fine_tunes_like_any_run(tiny_config, base, tmp_path):
+def test_a_merged_run_fine_tunes_like_any_run(lora_run, tmp_path):
     """`bigjax lora merge`'s run trains on in its workdir: from the merged step, with a fresh optimizer, on the data
     where the LoRA run stopped."""
-    run, merged = tmp_path / "run", tmp_path / "merged"
-    train.train(adapted(tiny_config, base, *LORA, "config.total_steps=2", "config.checkpoint_every=2"), run)
+    run, merged = lora_run, tmp_path / "merged"
     lora.merge(run, merged)
     summary = train.train(config_lib.load_saved(merged, ["config.total_steps=4"]), merged)
     assert (summary.step, summary.status) == (4, "finished")
@@ -296,15 +321,14 @@ def eval_loss(cli, workdir, *overrides) -> float:
     return rows[-1]["loss"]
 
 
-def test_a_qlora_run_restores_onto_another_mesh(tiny_config, base, tmp_path):
+def test_a_qlora_run_restores_onto_another_mesh(qlora_run):
     """Trained on 8 x 1 x 1, read onto 1 x 4 x 2: the int4 base and the adapters split as their logical names say,
     and the loss is the same up to the order of the sums."""
-    config = adapted(tiny_config, base, *QLORA)
-    train.train(config, tmp_path / "run")
+    config, run = qlora_run
     losses = []
     for shape in [(8, 1, 1), (1, 4, 2)]:
-        setup = test_sharding.on_mesh(config_lib.load_saved(tmp_path / "run"), shape)
-        params = lora.restore(setup, tmp_path / "run", 8)[0]
+        setup = test_sharding.on_mesh(config_lib.load_saved(run), shape)
+        params = lora.restore(setup, run, 8)[0]
         if shape == (1, 4, 2):
             a = params["layers"]["attention"]["query"]["kernel_lora_a"]  # [layers, embed, rank]
             # The layer axis follows "stage" (size 1 here): whole on every device; the embed axis splits 4 ways.
@@ -320,7 +344,7 @@ def test_a_qlora_run_restores_onto_another_mesh(tiny_config, base, tmp_path):
 # Refusals
 
 
-def test_bad_combinations_are_one_error(tiny_config, base, cli_in_process, tmp_path):
+def test_bad_combinations_are_one_error(tiny_config, base, lora_run, cli_in_process, tmp_path):
     with pytest.raises(ConfigError, match="freezes the LoRA adapters layers/attention"):
         make_setup(tiny_config("", *LORA, "config.freeze=attention"))
     with pytest.raises(ConfigError, match="matches no layer that takes adapters"):
@@ -337,8 +361,7 @@ def test_bad_combinations_are_one_error(tiny_config, base, cli_in_process, tmp_p
     with pytest.raises(lora.LoraError, match="is not a LoRA run"):
         lora.save(base, tmp_path / "adapters")
 
-    run, adapters = tmp_path / "run", tmp_path / "adapters"
-    train.train(adapted(tiny_config, base, *LORA, "config.total_steps=2"), run)
+    run, adapters = lora_run, tmp_path / "adapters"
     lora.save(run, adapters)
     # Readable as any file this user writes (safetensors writes 0600): a server running as another user loads it.
     umask = os.umask(0o022)
@@ -393,7 +416,8 @@ def test_lora_and_qlora_start_from_a_hugging_face_model(tokenizer_file, tmp_path
         params = params_lib.by_path(jax.device_get(started(setup).params))
         want = expected
         if setup.variant.quant:
-            want = jax.device_get(quantized.quantize_params(expected, setup.boxed_params()))
+            quantize = functools.partial(quantized.quantize_params, abstract_params=setup.boxed_params())
+            want = jax.device_get(jax.jit(quantize)(expected))  # one program, not one compile per operation
         for name, value in params_lib.by_path(want).items():
             np.testing.assert_array_equal(params[name], value, err_msg=f"{name} ({' '.join(overrides)})")
         assert all(not np.any(value) for name, value in params.items() if name.endswith("_lora_b"))

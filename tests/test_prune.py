@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 import test_sharding
-from conftest import TINY, init_params
+from conftest import TINY
 from tolerance import assert_sgd_params_close_after_reordering, float32_sum_tolerance, lm_sum_lengths
 
 from bigjax import params as params_lib
@@ -275,13 +275,14 @@ def test_pruned_training_matches_on_every_mesh(tiny_config):
     """One-shot pruning at step 0 from the same initial weights, then 3 SGD steps on (1,1,1), (2,2,2), (1,4,2): the
     same masks bit for bit, the losses and parameters within the bounds of test_sharding's equivalence test."""
     config = pruning_config(tiny_config, "unstructured", "config.optim.name=sgd", "config.optim.clip=0", start=0, end=0)
-    initial = jax.device_get(init_params(make_setup(config).task))
     batches = [test_sharding.fixed_batch(config, seed) for seed in range(3)]
     reference = None
     for shape in [(1, 1, 1), (2, 2, 2), (1, 4, 2)]:
         setup = test_sharding.on_mesh(config, shape)
-        state = setup.init_state()
-        state = state.replace(params=jax.device_put(initial, setup.state_shardings.params))
+        if reference is None:  # one fresh state (masks all True), placed on every mesh
+            start = jax.device_get(setup.init_state())
+            initial = start.params
+        state = jax.device_put(start, setup.state_shardings)
         step, _ = step_lib.compile_train_step(setup)
         losses = []
         for batch in batches:
