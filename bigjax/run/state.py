@@ -62,7 +62,9 @@ def create_sharded_state(init, sharding: mesh_lib.Sharding, shardings) -> TrainS
     with sharding.activate():
         boxed = jax.eval_shape(init)  # the trace `abstract_state_and_shardings` made: jax's cache holds it
         boxed_shardings = jax.tree.unflatten(jax.tree.structure(boxed), jax.tree.leaves(shardings))
-        return nn.unbox(jax.jit(init, out_shardings=boxed_shardings)())
+        created = jax.jit(init, out_shardings=boxed_shardings)()
+    # Unboxed by structure: nn.unbox would constrain each array's sharding again, a program per shape outside jit.
+    return jax.tree.unflatten(jax.tree.structure(shardings), jax.tree.leaves(created))
 
 
 def restore_target(abstract_state, shardings):
