@@ -52,13 +52,22 @@ def saved_run(workdir, name: str, noise: float = 0.1):
     config.batch_size = 8
     setup = make_setup(config)
     state = setup.init_state()
-    keys = iter(jax.random.split(jax.random.key(1), 1000))
-    shaken = lambda tree: jax.tree.map(lambda a: a + noise * jax.random.normal(next(keys), a.shape, a.dtype), tree)
+    # The noise drawn and added on the host, then put back on the state's shards: op by op on the devices, each
+    # operation on each shape of parameter would be a compile of its own (compiled as one program, ResNet's random
+    # draws over 8 devices took 14 s to compile).
+    rng = np.random.default_rng(1)
+    shaken = lambda tree: jax.tree.map(
+        lambda a: (np.asarray(a) + noise * rng.standard_normal(a.shape, np.float32)).astype(a.dtype), tree
+    )
     model_state = {c: jax.tree.map(lambda a: abs(a) + 0.5, shaken(v)) for c, v in state.model_state.items()}
-    state = state.replace(params=shaken(state.params), model_state=model_state)
+    shardings = setup.state_shardings
+    state = state.replace(
+        params=jax.device_put(shaken(state.params), shardings.params),
+        model_state=jax.device_put(model_state, shardings.model_state),
+    )
     with lock.held(workdir) as fence:
         saves = checkpoint.writer(workdir, config.keep_checkpoints, fence)
-        saves.save(0, state, data.train_batches(config).get_state(), {"nan_skips": 0}, config)
+        saves.save(0, state, data.state_before_any_batch(), {"nan_skips": 0}, config)
         saves.finish()
         checkpoint.write_config(workdir, config, fence)
     variables = jax.tree.map(np.asarray, {"params": state.params, **state.model_state})
@@ -93,9 +102,10 @@ def test_gpt_onnx_gives_bigjax_logits_at_any_batch_and_length(gpt_run, tmp_path)
     # onnxruntime and XLA add the same float32 terms in other orders (tests/tolerance.py).
     bound = float32_sum_tolerance(*transformer_sum_lengths(1, c.vocab_size, c.d_model, c.mlp_dim, c.max_len, 2))
     rng = np.random.default_rng(0)
+    apply = jax.jit(task.model.apply)  # bigjax's model, layers scanned: one program per shape, not op by op
     for batch, length in [(3, config.model.max_len), (1, 5)]:  # both dimensions are dynamic
         tokens = rng.integers(0, vocab, (batch, length), np.int32)
-        ours = np.asarray(task.model.apply(variables, tokens))[..., :vocab]  # bigjax's model, layers scanned
+        ours = np.asarray(apply(variables, tokens))[..., :vocab]
         theirs = onnx_logits(out, {"tokens": tokens})
         assert theirs.shape == (batch, length, vocab)
         difference = relative_difference(theirs, ours)
@@ -107,7 +117,7 @@ def test_gpt_onnx_gives_bigjax_logits_at_any_batch_and_length(gpt_run, tmp_path)
     ran = {}
     exec(snippet, ran)
     tokens = np.array([[72, 105, 33]], np.int32)
-    ours = np.asarray(task.model.apply(variables, tokens))[..., :vocab]
+    ours = np.asarray(apply(variables, tokens))[..., :vocab]
     assert relative_difference(ran["logits"], ours) < bound
 
 
@@ -126,7 +136,8 @@ def test_image_classifier_onnx_gives_bigjax_logits(name, tmp_path):
     assert described["inputs"][0]["shape"] == ["batch", 8, 8, 1]
     assert described["preprocessing"]["mean"] == [0.5]
     images = np.random.default_rng(0).standard_normal((3, 8, 8, 1), np.float32)
-    ours = np.asarray(task.model.apply(variables, images, train=False))  # eval mode: BatchNorm's running stats
+    # Eval mode: BatchNorm's running stats. Compiled: one program, not a compile per operation.
+    ours = np.asarray(jax.jit(lambda v, x: task.model.apply(v, x, train=False))(variables, images))
     theirs = onnx_logits(out, {"images": images})
     bound = float32_sum_tolerance(*image_sum_lengths(config))
     print(f"{name}: max relative difference {relative_difference(theirs, ours):.3g} (bound {bound:.3g})")

@@ -196,7 +196,8 @@ def bigjax_logits(workdir, ids, rope_scaling: str | None = None) -> np.ndarray:
     if rope_scaling is not None:
         model_config.rope_scaling.type = rope_scaling
     model = gpt.GPT(gpt.GPTConfig.from_config(model_config))
-    logits = model.apply({"params": generator.params}, np.asarray([ids], np.int32))
+    # Compiled as one program: op by op, every operation of the model would be a compile of its own.
+    logits = jax.jit(model.apply)({"params": generator.params}, np.asarray([ids], np.int32))
     return np.asarray(logits)[0]
 
 
@@ -291,12 +292,15 @@ def test_cli_import_then_generate_and_train_resumes_at_step_0(cli, cli_in_proces
     "field, value",
     [("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}), ("partial_rotary_factor", 0.5), ("hidden_act", "gelu")],
 )
-def test_a_field_bigjax_cannot_represent_is_one_error_line(cli, field, value, tokenizer_file, tmp_path):
+def test_a_field_bigjax_cannot_represent_is_one_error_line(cli, cli_in_process, field, value, tokenizer_file, tmp_path):
+    """The first case in a process of its own (exit 2 and one line, no traceback, from a real process); the others
+    through the same command line in this one."""
     hf_dir = save(llama_model(), tmp_path / "hf", tokenizer_file)
     config = json.loads((hf_dir / "config.json").read_text())
     config[field] = value
     (hf_dir / "config.json").write_text(json.dumps(config))
-    result = cli("import", "--hf", hf_dir, "--workdir", tmp_path / "run", check=False)
+    run = cli if field == "rope_scaling" else cli_in_process
+    result = run("import", "--hf", hf_dir, "--workdir", tmp_path / "run", check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and field in lines[0], result.stderr
@@ -633,11 +637,16 @@ def test_each_device_reads_only_its_own_block(tokenizer_file, tmp_path, monkeypa
     assert set(read_per_tensor) == set(sizes)
 
 
-def test_export_writes_shards_above_the_size_limit_and_transformers_loads_them(cli, imported_gpt2, tmp_path):
-    model, workdir = imported_gpt2  # imported in this process: `bigjax import` is the test above's
+def test_export_writes_shards_above_the_size_limit_and_transformers_loads_them(
+    cli, cli_in_process, imported_gpt2, tmp_path
+):
+    """`bigjax export` through the command line in this process; refused in a process of its own (a successful
+    `bigjax export` process is test_a_two_process_job_...'s). Imported in this process: `bigjax import` is
+    test_cli_import_...'s."""
+    model, workdir = imported_gpt2
     out = tmp_path / "exported"
     args = ["export", "--workdir", workdir, "--out", out]
-    assert "exported step 0" in cli(*args, "--max-shard-size", "40KB").stdout  # a few tensors per file
+    assert "exported step 0" in cli_in_process(*args, "--max-shard-size", "40KB").stdout  # a few tensors per file
     index = json.loads((out / hf.INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 2 and not (out / hf.SINGLE_FILE).exists()
     # Readable as any file this user writes (safetensors writes 0600): a server running as another user loads it.
@@ -718,7 +727,7 @@ def test_a_trained_llama_run_with_a_sentencepiece_tokenizer_exports_for_transfor
     tokenizer_args = [f"--config.data.tokenizer=sentencepiece:{spm}", "--config.model.vocab_size=416"]
     cli_in_process("train", "--config", "experiments/tiny.py:llama=True,steps=2", "--workdir", run, *tokenizer_args)
     out = tmp_path / "exported"
-    hf.export(run, out)  # in this process: `bigjax export` is test_export_writes_shards_...'s
+    hf.export(run, out)  # in this process: `bigjax export` processes are test_a_two_process_job_...'s
 
     reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info  # missing, unexpected, mismatched keys, error messages

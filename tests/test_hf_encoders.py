@@ -21,6 +21,7 @@ from bigjax.hf import family as family_lib
 from bigjax.hf import files
 from bigjax.run import checkpoint
 from bigjax.run.setup import make_setup
+from bigjax.tasks import make_task
 
 EPS32 = float(np.finfo(np.float32).eps)
 # As in tests/test_hf.py: both sides compute the same float32 sums in other orders (XLA's fused einsums and
@@ -125,10 +126,10 @@ def save(model, directory, tokenizer_file=None):
     return directory
 
 
-def restored(workdir, **model_overrides):
-    """(config, setup, variables) of the workdir's step-0 checkpoint, restored over the 8 devices (fsdp)."""
+def restored(workdir):
+    """(config, setup, variables) of the workdir's step-0 checkpoint, restored over the 8 devices (fsdp): once per
+    test, for every model it is applied with below."""
     config = config_lib.load_saved(workdir)
-    config.model.update(model_overrides)
     config.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     config.batch_size = jax.device_count()
     setup = make_setup(config)
@@ -141,13 +142,23 @@ def text_inputs(ids):
     return tokens, np.ones_like(tokens), np.arange(len(ids), dtype=np.int32)[None]
 
 
-def bigjax_outputs(workdir, inputs, capture=None, **model_overrides) -> np.ndarray:
-    """The model's logits on `inputs` (or, with `capture`, the output of that submodule)."""
-    config, setup, variables = restored(workdir, **model_overrides)
+def bigjax_outputs(run, inputs, capture=None, **model_overrides) -> np.ndarray:
+    """The logits on `inputs` (or, with `capture`, the output of that submodule) of the model of `run` (what
+    `restored` returns) with its restored variables; with `model_overrides`, of the model with those settings
+    instead (the same variables: none of them changes a parameter's shape)."""
+    config, setup, variables = run
     model = setup.task.model
+    if model_overrides:
+        config = config_lib.from_dict(config.to_dict())
+        config.model.update(model_overrides)
+        model = make_task(config).model
+    # Compiled as one program: op by op, every operation of the model on the 8 devices would be a compile of its own.
     if capture is None:
-        return np.asarray(model.apply(variables, *inputs))
-    _, state = model.apply(variables, *inputs, capture_intermediates=lambda m, _: m.name == capture)
+        return np.asarray(jax.jit(model.apply)(variables, *inputs))
+    capturing = lambda variables, *inputs: model.apply(  # noqa: E731
+        variables, *inputs, capture_intermediates=lambda m, _: m.name == capture
+    )
+    _, state = jax.jit(capturing)(variables, *inputs)
     out = jax.tree.leaves(state["intermediates"])[0]
     return np.asarray(out)
 
@@ -206,8 +217,8 @@ def test_bert_matches_transformers_and_exports_back(arch, mesh, tokenizer_file, 
     hook.remove()
     assert seen[0] > 3
 
-    inputs = text_inputs(ids)
-    ours = bigjax_outputs(tmp_path / "run", inputs)
+    inputs, run = text_inputs(ids), restored(tmp_path / "run")
+    ours = bigjax_outputs(run, inputs)
     if arch == "BertForMaskedLM":
         assert np.all(ours[0, :, hf_vocab:] == 0)  # the padded vocabulary: zero rows, zero bias
         ours = ours[:, :, :hf_vocab]
@@ -216,7 +227,7 @@ def test_bert_matches_transformers_and_exports_back(arch, mesh, tokenizer_file, 
     assert_close(ours, theirs, model.config.num_hidden_layers, f"{arch} import")
 
     # The exact GELU is what makes it match: with the tanh GELU the same weights miss by far more.
-    tanh = bigjax_outputs(tmp_path / "run", inputs, mlp="gelu")
+    tanh = bigjax_outputs(run, inputs, mlp="gelu")
     tanh = tanh[:, :, :hf_vocab] if arch == "BertForMaskedLM" else tanh[:, 0]
     assert relative_difference(tanh, theirs) > 2 * RELATIVE_TOLERANCE_PER_LAYER * (2 + 2)  # twice the tolerance
 
@@ -241,12 +252,12 @@ def test_bare_bert_model_hidden_states_and_pooler_match(tokenizer_file, tmp_path
     ids = tokenizer.encode(TEXT).ids
     with torch.no_grad():
         output = model(torch.tensor([ids]))
-    inputs = text_inputs(ids)
-    hidden = bigjax_outputs(tmp_path / "run", inputs, capture="layers_1")  # the last post-LN layer's output
+    inputs, run = text_inputs(ids), restored(tmp_path / "run")
+    hidden = bigjax_outputs(run, inputs, capture="layers_1")  # the last post-LN layer's output
     assert_close(hidden, output.last_hidden_state.numpy(), 2, "BertModel hidden states")
-    pooled = np.tanh(bigjax_outputs(tmp_path / "run", inputs, capture="pooler")[:, 0])
+    pooled = np.tanh(bigjax_outputs(run, inputs, capture="pooler")[:, 0])
     assert_close(pooled, output.pooler_output.numpy(), 3, "BertModel pooler")
-    _, _, variables = restored(tmp_path / "run")
+    _, _, variables = run
     assert not np.any(np.asarray(variables["params"]["classifier"]["kernel"]))
 
 
@@ -271,9 +282,10 @@ def test_vit_matches_transformers_and_exports_back(tmp_path):
     images = pixels(model.config)
     with torch.no_grad():
         theirs = model(pixel_values=nchw(images)).logits.numpy()
-    ours = bigjax_outputs(tmp_path / "run", (images,))
+    run = restored(tmp_path / "run")
+    ours = bigjax_outputs(run, (images,))
     assert_close(ours, theirs, model.config.num_hidden_layers, "ViTForImageClassification import")
-    tanh = bigjax_outputs(tmp_path / "run", (images,), mlp="gelu")
+    tanh = bigjax_outputs(run, (images,), mlp="gelu")
     assert relative_difference(tanh, theirs) > 2 * RELATIVE_TOLERANCE_PER_LAYER * (2 + 2)  # twice the tolerance
 
     out = tmp_path / "exported"
@@ -290,7 +302,7 @@ def test_bare_vit_model_hidden_states_match(tmp_path):
     images = pixels(model.config, seed=1)
     with torch.no_grad():
         theirs = model(pixel_values=nchw(images)).last_hidden_state.numpy()
-    ours = bigjax_outputs(tmp_path / "run", (images,), capture="encoder_norm")
+    ours = bigjax_outputs(restored(tmp_path / "run"), (images,), capture="encoder_norm")
     assert_close(ours, theirs, 2, "ViTModel hidden states")
 
 
@@ -322,9 +334,10 @@ def test_logits_match_transformers_when_the_hidden_states_carry_a_large_common_o
         offset_of += offset
         theirs = model(**theirs_inputs).logits.numpy()
     hf.import_hf(save(model, tmp_path / "hf", tokenizer_file if family == "bert" else None), tmp_path / "run")
+    run = restored(tmp_path / "run")
 
     def ours(**model_overrides):
-        logits = bigjax_outputs(tmp_path / "run", inputs, **model_overrides)
+        logits = bigjax_outputs(run, inputs, **model_overrides)
         return logits[:, 0] if family == "bert" else logits  # BERT: the first (only) packed example
 
     layers = model.config.num_hidden_layers
@@ -347,17 +360,18 @@ def test_resnet_matches_transformers_with_batch_stats_and_exports_back(layer_typ
     images = pixels(transformers.ViTConfig(image_size=32, num_channels=3))
     with torch.no_grad():
         theirs = model(pixel_values=nchw(images)).logits.numpy()
-    ours = bigjax_outputs(tmp_path / "run", (images,))
+    run = restored(tmp_path / "run")
+    ours = bigjax_outputs(run, (images,))
     convs = 1 + 2 * sum(model.config.depths) if layer_type == "basic" else 1 + 3 * sum(model.config.depths)
     assert_close(ours, theirs, convs, f"ResNet ({layer_type}) import")
     # The running statistics went into the model state, not the parameters.
-    _, _, variables = restored(tmp_path / "run")
+    _, _, variables = run
     np.testing.assert_array_equal(
         np.asarray(variables["batch_stats"]["stem_norm"]["var"]),
         model.resnet.embedder.embedder.normalization.running_var.numpy(),
     )
     # bigjax's default "same" padding samples other pixels at the strided layers: the padding setting matters.
-    same = bigjax_outputs(tmp_path / "run", (images,), conv_padding="same")
+    same = bigjax_outputs(run, (images,), conv_padding="same")
     assert relative_difference(same, theirs) > 1e-2
 
     exported(tmp_path / "run", tmp_path / "exported", "AutoModelForImageClassification", theirs,
@@ -389,12 +403,15 @@ def test_export_refuses_a_setting_transformers_lacks_naming_it(family, setting, 
     "field, value",
     [("downsample_in_first_stage", True), ("depths", [2, 2, 2, 3]), ("hidden_sizes", [8, 16, 32, 48])],
 )
-def test_a_resnet_bigjax_cannot_represent_is_one_error_line(cli, field, value, tmp_path):
+def test_a_resnet_bigjax_cannot_represent_is_one_error_line(cli, cli_in_process, field, value, tmp_path):
+    """The first case in a process of its own (exit 2 and one line, no traceback, from a real process); the others
+    through the same command line in this one."""
     hf_dir = save(transformers.ResNetForImageClassification(resnet_config("basic")), tmp_path / "hf")
     config = json.loads((hf_dir / "config.json").read_text())
     config[field] = value
     (hf_dir / "config.json").write_text(json.dumps(config))
-    result = cli("import", "--hf", hf_dir, "--workdir", tmp_path / "run", check=False)
+    run = cli if field == "downsample_in_first_stage" else cli_in_process
+    result = run("import", "--hf", hf_dir, "--workdir", tmp_path / "run", check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and field in lines[0], result.stderr

@@ -158,11 +158,12 @@ def test_packed_attention_configured_for_cudnn_runs_xla_and_says_so_once(caplog)
     cudnn, xla = (layers.Attention(implementation=kernel, **settings) for kernel in ("cudnn", "xla"))
     x = jax.random.normal(jax.random.key(0), (1, 8, 16))
     positions, segments = jnp.array([[0, 1, 2, 0, 1, 2, 3, 4]]), jnp.array([[1, 1, 1, 2, 2, 2, 2, 2]])
-    params = xla.init(jax.random.key(1), x, positions, segments)
+    params = jax.jit(xla.init)(jax.random.key(1), x, positions, segments)
     layers.log_once.cache_clear()
+    # Each call compiled as one program (not op by op); a new jit of its own each time: traced twice, as two layers are.
     with caplog.at_level("WARNING", logger=layers.__name__):
-        outputs = [cudnn.apply(params, x, positions, segments) for _ in range(2)]  # traced twice, as two layers are
-    np.testing.assert_array_equal(outputs[0], xla.apply(params, x, positions, segments))
+        outputs = [jax.jit(lambda p: cudnn.apply(p, x, positions, segments))(params) for _ in range(2)]
+    np.testing.assert_array_equal(outputs[0], jax.jit(lambda p: xla.apply(p, x, positions, segments))(params))
     said = [r.getMessage() for r in caplog.records if "cuDNN" in r.getMessage()]
     assert len(said) == 1 and "packed segments" in said[0], said
 
@@ -503,9 +504,9 @@ def test_default_rope_and_biases_compute_what_they_did_before_scaling_and_switch
         explicit = tiny_config(arg, *[f"--config.model.{key}={use_bias}" for key in config_lib.BIAS_SWITCHES])
         params = init_params(CausalLM(default))
         assert jax.tree.structure(params) == jax.tree.structure(init_params(CausalLM(explicit)))
-        np.testing.assert_array_equal(
-            CausalLM(explicit).model.apply({"params": params}, tokens),
-            CausalLM(default).model.apply({"params": params}, tokens),
+        np.testing.assert_array_equal(  # each compiled as one program, not op by op
+            jax.jit(CausalLM(explicit).model.apply)({"params": params}, tokens),
+            jax.jit(CausalLM(default).model.apply)({"params": params}, tokens),
         )
 
 

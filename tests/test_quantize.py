@@ -39,12 +39,14 @@ KERNELS = ["attention/key", "attention/out", "attention/query", "attention/value
 @pytest.fixture(scope="module")
 def runs(tiny_run, tmp_path_factory):
     """A trained tiny GPT (the session's tiny_run: 8 steps, 8 devices; a copy, as the evals here write into it),
-    quantized to int8 and int4: {"float"|8|4: workdir}. The int8 run is `bigjax quantize` without --bits or --mode:
-    int8 weight-only, as documented (test_the_checkpoint_holds_...)."""
+    quantized to int8 and int4: {"float"|8|4: workdir}. The int8 run is `bigjax quantize` without --bits or --mode,
+    in a process of its own: int8 weight-only, as documented (test_the_checkpoint_holds_...). The int4 run is what
+    that command calls with --bits 4 --sub-channel 8, in this process (--bits 4 --sub-channel through the command
+    line: test_bad_quantizations_...)."""
     root = tmp_path_factory.mktemp("quant")
     workdirs = {"float": copy_run(tiny_run, root / "float"), 8: root / "int8", 4: root / "int4"}
     run_cli("quantize", "--workdir", workdirs["float"], "--out", workdirs[8])
-    run_cli("quantize", "--workdir", workdirs["float"], "--out", workdirs[4], "--bits", 4, "--sub-channel", SUB_CHANNEL)
+    quantize.quantize(workdirs["float"], workdirs[4], bits=4, sub_channel=SUB_CHANNEL)
     return workdirs
 
 
@@ -186,11 +188,14 @@ def test_quantization_off_builds_the_model_and_state_of_today(tiny_config):
         "targets": jnp.ones((2, 32), jnp.int32),
         "weights": jnp.ones((2, 32), jnp.float32),
     }
-    sums = task.loss_sums(params, {}, batch)[0]
-    logits = gpt.GPT(task.model_config).apply({"params": params}, batch["inputs"])
     from bigjax.tasks.causal_lm import token_loss_sums
 
-    assert float(sums["loss"]) == float(token_loss_sums(logits, batch["targets"], batch["weights"])["loss"])
+    def both(params):  # one program, not op by op
+        logits = gpt.GPT(task.model_config).apply({"params": params}, batch["inputs"])
+        return task.loss_sums(params, {}, batch)[0], token_loss_sums(logits, batch["targets"], batch["weights"])
+
+    sums, direct = jax.jit(both)(params)
+    assert float(sums["loss"]) == float(direct["loss"])
     deploy.check_exportable(config, "onnx", "a float run")  # quant.bits=0 is no quantized run to the exporters
 
 
@@ -328,8 +333,8 @@ def test_vision_families_quantize_their_dense_layers_and_keep_convolutions_float
             node = node[key]
         assert node[leaf].array.qvalue.dtype == jnp.int8, kernel
     images = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
-    logits = np.asarray(task.model.apply({"params": params}, images))
-    float_logits = np.asarray(float_task.model.apply({"params": float_params}, images))
+    logits = np.asarray(jax.jit(task.model.apply)({"params": params}, images))  # one program each, not op by op
+    float_logits = np.asarray(jax.jit(float_task.model.apply)({"params": float_params}, images))
     assert np.abs(float_logits).max() > 0.1
     difference = np.abs(logits - float_logits).max()
     assert 0 < difference < 0.02 * np.abs(float_logits).max(), difference

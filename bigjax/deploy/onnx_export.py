@@ -144,8 +144,9 @@ def unstack_layers(tree: dict) -> dict:
 
 def unrolled_variables(variables: dict, task) -> dict:
     """The checkpoint's variables as the served model (`task.model`, unrolled, float32) takes them."""
+    # On the host first: cut from jax arrays, each layer's slice of each shape would be a compile of its own.
     unrolled = {
-        collection: jax.tree.map(lambda a: np.asarray(a, np.float32), unstack_layers(tree))
+        collection: unstack_layers(jax.tree.map(lambda a: np.asarray(a, np.float32), tree))
         for collection, tree in variables.items()
     }
     wanted = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))))
