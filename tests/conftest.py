@@ -100,26 +100,34 @@ def cli():
     return run_cli
 
 
-@pytest.fixture
-def cli_in_process(capsys, monkeypatch):
-    """`bigjax ARGS` as `cli` runs it, but by cli.main in this process: the same printed lines and exit code
-    without a process to start (each costs ~3 s of CPU in imports alone). For tests of what a command says and
-    does where the process itself is not what is tested; every command keeps tests through `cli`."""
+def cli_main(*args) -> int:
+    """`bigjax ARGS` by cli.main in this process, as `cli_in_process` runs it: its exit code. What it prints goes to
+    this process's sys.stdout and sys.stderr, for the caller to capture (capsys, or contextlib.redirect_stdout in a
+    module fixture, where capsys is not available)."""
     from bigjax import cli as bigjax_cli
     from bigjax.ops import logs
     from bigjax.run import signals
 
-    monkeypatch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)  # keep pytest's logging
-    monkeypatch.setattr(logs, "_handler", None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)  # keep pytest's logging
+        patch.setattr(logs, "_handler", None)
+        try:
+            return bigjax_cli.main([str(arg) for arg in args])
+        except SystemExit as exit:  # argparse's refusal of the arguments themselves
+            return exit.code
+        finally:
+            signals.release()  # `train` took SIGTERM and SIGINT: pytest's again
+
+
+@pytest.fixture
+def cli_in_process(capsys):
+    """`bigjax ARGS` as `cli` runs it, but by cli.main in this process: the same printed lines and exit code
+    without a process to start (each costs ~3 s of CPU in imports alone). For tests of what a command says and
+    does where the process itself is not what is tested; every command keeps tests through `cli`."""
 
     def run(*args, check=True):
         capsys.readouterr()  # what the test printed before is not the command's
-        try:
-            returncode = bigjax_cli.main([str(arg) for arg in args])
-        except SystemExit as exit:  # argparse's refusal of the arguments themselves
-            returncode = exit.code
-        finally:
-            signals.release()  # `train` took SIGTERM and SIGINT: pytest's again
+        returncode = cli_main(*args)
         captured = capsys.readouterr()
         result = subprocess.CompletedProcess(["bigjax", *map(str, args)], returncode, captured.out, captured.err)
         if check and returncode != 0:

@@ -355,29 +355,18 @@ def pipelined_run(tmp_path_factory):
     """experiments/tiny.py trained 4 steps through the command line, gpipe over stage=2 with 4 micro-batches
     (checkpoint 4): (workdir, stdout). Read it; copy it (conftest.copy_run) before changing anything in it.
 
-    The command runs as conftest's `cli_in_process` runs it (cli.main in this process, its library logs left to
-    pytest), here for the whole module: what is tested is what it prints and trains, not its process."""
+    The command runs as conftest's `cli_in_process` runs it (cli.main in this process), here for the whole module:
+    what is tested is what it prints and trains, not its process."""
     import contextlib
     import io
 
-    from conftest import TINY
-
-    from bigjax import cli
-    from bigjax.ops import logs
-    from bigjax.run import signals
+    from conftest import TINY, cli_main
 
     workdir = tmp_path_factory.mktemp("pipelined") / "run"
     args = ["--config.mesh.stage=2", "--config.model.pipeline.microbatches=4", "--config.log_every=1"]
     stdout = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
-        patch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)
-        patch.setattr(logs, "_handler", None)
-        try:
-            returncode = cli.main(
-                ["train", "--config", TINY, "--workdir", str(workdir), *args, "--config.total_steps=4"]
-            )
-        finally:
-            signals.release()  # `train` took SIGTERM and SIGINT: pytest's again
+    with contextlib.redirect_stdout(stdout):
+        returncode = cli_main("train", "--config", TINY, "--workdir", workdir, *args, "--config.total_steps=4")
     assert returncode == 0, stdout.getvalue()[-3000:]
     return workdir, stdout.getvalue()
 
