@@ -5,9 +5,10 @@ import struct
 import sys
 
 import pytest
+from conftest import cli_main
 
 from bigjax import cli
-from bigjax.ops import logs, plot
+from bigjax.ops import plot
 
 
 def write_jsonl(path, rows):
@@ -30,13 +31,6 @@ def two_runs(tmp_path):
     ]
     write_jsonl(b / "metrics.jsonl", rows_b)
     return str(a), str(b)
-
-
-@pytest.fixture
-def quiet_logs(monkeypatch):
-    """cli.main in this process, without taking over pytest's logging."""
-    monkeypatch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)
-    monkeypatch.setattr(logs, "_handler", None)
 
 
 def test_every_run_is_drawn_in_every_panel_it_logged(two_runs):
@@ -62,16 +56,16 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def test_the_command_writes_a_png_of_several_runs(two_runs, tmp_path, quiet_logs, capsys):
+def test_the_command_writes_a_png_of_several_runs(two_runs, tmp_path, capsys):
     out = tmp_path / "plots" / "both.png"
-    assert cli.main(["plot", "--workdir", *two_runs, "--out", str(out)]) == 0
+    assert cli_main("plot", "--workdir", *two_runs, "--out", str(out)) == 0
     assert capsys.readouterr().out == f"wrote {out}\n"
     assert png_size(out) == (3 * 500, 400)  # three panels of 5 x 4 inches at 100 dpi
 
 
-def test_one_run_is_plotted_into_its_workdir(two_runs, quiet_logs, capsys):
+def test_one_run_is_plotted_into_its_workdir(two_runs, capsys):
     b = two_runs[1]
-    assert cli.main(["plot", "--workdir", b]) == 0
+    assert cli_main("plot", "--workdir", b) == 0
     assert capsys.readouterr().out == f"wrote {b}/plot.png\n"
     assert png_size(plot.paths.workdir(b) / "plot.png") == (2 * 500, 400)  # loss and accuracy: no bits logged
 
@@ -82,11 +76,11 @@ def test_several_runs_go_to_runs_png_by_default():
 
 
 @pytest.mark.parametrize("made", [True, False], ids=["empty workdir", "no workdir"])
-def test_a_workdir_without_metrics_is_one_error_line(two_runs, tmp_path, quiet_logs, capsys, made):
+def test_a_workdir_without_metrics_is_one_error_line(two_runs, tmp_path, capsys, made):
     empty = tmp_path / "empty"
     if made:
         empty.mkdir()
-    assert cli.main(["plot", "--workdir", two_runs[0], str(empty)]) == 2
+    assert cli_main("plot", "--workdir", two_runs[0], empty) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.splitlines()) == 1
     expected = f"error: {empty} has no metrics to plot" if made else f"error: {empty}: no such workdir"
@@ -94,11 +88,11 @@ def test_a_workdir_without_metrics_is_one_error_line(two_runs, tmp_path, quiet_l
     assert not (tmp_path / "runs.png").exists()
 
 
-def test_without_matplotlib_the_error_says_what_to_install(two_runs, quiet_logs, capsys, monkeypatch):
+def test_without_matplotlib_the_error_says_what_to_install(two_runs, capsys, monkeypatch):
     # As if it were not installed: `import` of a module that sys.modules maps to None raises ImportError.
     for name in ["matplotlib", *[name for name in sys.modules if name.startswith("matplotlib.")]]:
         monkeypatch.setitem(sys.modules, name, None)
-    assert cli.main(["plot", "--workdir", two_runs[0]]) == 2
+    assert cli_main("plot", "--workdir", two_runs[0]) == 2
     assert capsys.readouterr().err == "error: bigjax plot needs matplotlib; pip install 'bigjax[plot]'\n"
 
 
@@ -108,13 +102,13 @@ def test_plot_takes_no_config_overrides(two_runs, capsys):
     assert "plot takes no --config.* overrides" in capsys.readouterr().err
 
 
-def test_damaged_lines_are_skipped_each_named_by_its_line_number(two_runs, quiet_logs, capsys):
+def test_damaged_lines_are_skipped_each_named_by_its_line_number(two_runs, capsys):
     a = plot.paths.workdir(two_runs[0])
     # A JSON scalar, a row without a step, then a row cut short by a kill.
     (a / "metrics.jsonl").write_text(
         '{"step": 2, "loss": 5.5}\n5\n{"loss": 5}\n{"step": 4, "loss": 5.0}\n{"step": 6, "lo'
     )
-    assert cli.main(["plot", "--workdir", str(a)]) == 0
+    assert cli_main("plot", "--workdir", str(a)) == 0
     captured = capsys.readouterr()
     warnings = [line for line in captured.out.splitlines() if line.startswith("warning: ")]
     assert [line.split(" is not a metrics row")[0] for line in warnings] == [
@@ -124,11 +118,11 @@ def test_damaged_lines_are_skipped_each_named_by_its_line_number(two_runs, quiet
     assert plot.series(plot.read_run(str(a)).train, "loss") == ([2, 4], [5.5, 5.0])
 
 
-def test_a_metrics_file_that_is_a_directory_is_one_error_line(two_runs, quiet_logs, capsys):
+def test_a_metrics_file_that_is_a_directory_is_one_error_line(two_runs, capsys):
     a = plot.paths.workdir(two_runs[0])
     (a / "metrics.jsonl").unlink()
     (a / "metrics.jsonl").mkdir()
-    assert cli.main(["plot", "--workdir", str(a)]) == 2
+    assert cli_main("plot", "--workdir", str(a)) == 2
     err = capsys.readouterr().err
     assert (
         err.startswith(f"error: cannot read {a}/metrics.jsonl: Is a directory; move the") and len(err.splitlines()) == 1

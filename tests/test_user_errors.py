@@ -6,6 +6,7 @@ import inspect
 import pkgutil
 
 import pytest
+from conftest import cli_main
 
 import bigjax
 from bigjax import cli
@@ -72,10 +73,8 @@ def test_any_user_error_reaches_the_user_as_one_line(error_class, monkeypatch, c
         raise error_class("the batch does not divide; set config.batch_size to a multiple of 8")
 
     monkeypatch.setattr(plan_command, "run", run_that_fails)
-    monkeypatch.setattr(logs, "send_library_logs_to_file", lambda workdir, command: None)  # keep pytest's logging
-    monkeypatch.setattr(logs, "_handler", None)
 
-    assert cli.main(["plan", "--config", "experiments/tiny.py"]) == 2
+    assert cli_main("plan", "--config", "experiments/tiny.py") == 2
     captured = capsys.readouterr()
     assert captured.err == "error: the batch does not divide; set config.batch_size to a multiple of 8\n"
     assert captured.out == ""
