@@ -85,9 +85,10 @@ def test_the_optimizer_and_fine_tuning_share_the_parameter_paths_without_importi
     assert "bigjax.params" in graph["bigjax.run.optim"] and "bigjax.params" in graph["bigjax.run.finetune"]
 
 
-def test_writing_metrics_does_not_import_torch_and_leaves_it_importable(tmp_path):
-    """tensorboardX imports torch when it is installed (1.2-1.5 s of CPU at every start of bigjax); bigjax's writer
-    imports it with torch hidden, and then torch imports as ever. Run in a fresh process: this one may have torch."""
+def test_writing_metrics_does_not_import_torch_or_cloud_storage_and_leaves_them_importable(tmp_path):
+    """tensorboardX imports torch, boto3 and google-cloud-storage when they are installed (torch: 1.2-1.5 s of CPU at
+    every start of bigjax); bigjax's writer imports it with them hidden, and then they import as ever, and the
+    writers of events in a bucket see google-cloud-storage. Run in a fresh process: this one may have them."""
     import subprocess
     import sys
 
@@ -97,7 +98,11 @@ from bigjax.ops import metrics
 writer = metrics.MetricWriter({str(tmp_path)!r}, enabled=True)
 writer.write(1, {{"loss": 2.5}}, console=False)
 writer.close()
-assert "torch" not in sys.modules, "tensorboardX imported torch"
+for name in ("torch", "boto3", "google.cloud.storage"):
+    assert name not in sys.modules, "tensorboardX imported " + name
+assert not metrics.tensorboardx().record_writer.GCS_ENABLED
+assert metrics.tensorboardx(bucket=True).record_writer.GCS_ENABLED  # tensorboardX's gs:// writer works from now on
+from google.cloud import storage
 import torch
 assert torch.zeros(2).sum().item() == 0.0
 """
