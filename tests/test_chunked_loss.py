@@ -86,13 +86,15 @@ def test_one_train_step_gives_the_same_metrics_and_parameters(tiny_config):
     One SGD step at the full learning rate without clipping or weight decay: the update is -lr x the gradient, so
     the parameters differ as the gradients do, and the gradient (hence the bound of its norm) can be read off it.
     """
-    step_outputs = []
+    step_outputs, start = [], None
     sgd = ["config.optim.name=sgd", "config.optim.warmup_steps=0", "config.optim.clip=0", "config.optim.weight_decay=0"]
     for chunk in (0, CHUNK):
         config = tiny_config("", "config.model.dropout=0.1", f"config.task.loss_chunk={chunk}", *sgd)
         setup = on_mesh(config, (2, 2, 2))
-        state = setup.init_state()
-        initial = jax.device_get(state.params)
+        if start is None:  # one fresh state (loss_chunk is not read by the initialization), placed for both steps
+            start = jax.device_get(setup.init_state())
+            initial = start.params
+        state = jax.device_put(start, setup.state_shardings)
         step, _ = step_lib.compile_train_step(setup)
         state, step_metrics = step(state, setup.sharding.global_batch(fixed_batch(config)))
         step_outputs.append(jax.device_get((step_metrics, state.params)))

@@ -305,10 +305,12 @@ def test_classification_distills_over_the_weighted_examples_and_trains(genre_tea
     batch = next(data.train_batches(config))
     assert 0 < batch["label_weights"].sum() < batch["label_weights"].size  # some segments are padding
 
+    # One program for both students below (a jit made inside kl_sum would trace and compile again for each).
+    loss_sums = jax.jit(lambda p, t, b: setup.task.loss_sums(p, {}, b, teacher=setup.teacher.in_step(t))[0])
+
     def kl_sum(params):
-        loss_sums = lambda p, t, b: setup.task.loss_sums(p, {}, b, teacher=setup.teacher.in_step(t))[0]
         with setup.sharding.activate():
-            return jax.device_get(jax.jit(loss_sums)(params, teacher_variables, setup.sharding.global_batch(batch)))
+            return jax.device_get(loss_sums(params, teacher_variables, setup.sharding.global_batch(batch)))
 
     # A student near the teacher, not at it: both give logits that are far from uniform and differ.
     noise = np.random.default_rng(0)

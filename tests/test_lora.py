@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import test_hf
 import test_sharding
-from conftest import TINY, init_params, run_cli
+from conftest import TINY, copy_run, init_params, run_cli
 from test_hf import tokenizer_file  # noqa: F401  (the fixture: a small byte-level BPE)
 from tolerance import (
     assert_sgd_params_close_after_reordering,
@@ -67,12 +67,11 @@ def qlora_run(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_run, tmp_path_factory):
-    """A LoRA run of the base, 2 steps (a checkpoint at 2): only read."""
-    config = config_lib.load(
-        TINY, [*LORA, f"config.init_from.workdir={tiny_run}", "config.total_steps=2", "config.checkpoint_every=2"]
-    )
+    """A LoRA run of the base, 4 steps (one checkpoint, at 4; the adapters well away from zero): only read."""
+    config = config_lib.load(f"{TINY}:steps=4", [*LORA, f"config.init_from.workdir={tiny_run}"])
     workdir = tmp_path_factory.mktemp("lora") / "run"
-    assert train.train(config, workdir).step == 2
+    assert train.train(config, workdir).step == 4
+    assert checkpoint.committed_steps(workdir) == [4]
     return workdir
 
 
@@ -86,9 +85,8 @@ def started(setup):
     return lora.load(state, setup) if setup.config.lora.adapters else state
 
 
-def saved_params(workdir, config=None, step=None):
-    config = config or config_lib.load_saved(workdir)
-    setup = make_setup(config)
+def saved_params(workdir, config=None, step=None, setup=None):
+    setup = setup or make_setup(config or config_lib.load_saved(workdir))
     step = step or checkpoint.committed_steps(workdir)[-1]
     return jax.device_get(lora.restore(setup, workdir, step)[0])
 
@@ -170,6 +168,7 @@ def assert_resumes_bit_exact(config, straight, resumed):
         for w in (resumed, straight)
     ]
     jax.tree.map(np.testing.assert_array_equal, *states)  # params (integers too), adapters' moments, counts
+    return setup
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,8 +182,8 @@ def test_a_lora_run_starts_as_its_base_and_trains_the_adapters_alone(tiny_config
     params = params_lib.by_path(jax.device_get(state.params))
     adapters = sorted(name for name in params if name.endswith(("_lora_a", "_lora_b")))
     assert len(adapters) == 12  # a pair for each of q, k, v, out, up, down
-    base_params = saved_params(base)
     plain = make_setup(config_lib.load_saved(base))
+    base_params = saved_params(base, setup=plain)
     assert mean_loss(setup, state.params) == mean_loss(plain, jax.device_put(base_params, plain.state_shardings.params))
 
     # Optimizer state for the adapters alone: every array in it belongs to one (the rest are AdamW's step counts).
@@ -265,8 +264,8 @@ def test_lora_dropout_drops_the_adapters_inputs_anew_for_each_rng(tiny_config):
 
 def test_a_qlora_run_resumes_bit_exact_holding_int4(qlora_run, tmp_path):
     config, straight = qlora_run
-    assert_resumes_bit_exact(config, straight, tmp_path / "resumed")
-    params = params_lib.by_path(saved_params(straight))
+    setup = assert_resumes_bit_exact(config, straight, tmp_path / "resumed")
+    params = params_lib.by_path(saved_params(straight, setup=setup))
     assert params["layers/mlp/up/kernel/array/qvalue"].dtype == jnp.int4
 
 
@@ -275,14 +274,15 @@ def test_a_qlora_run_resumes_bit_exact_holding_int4(qlora_run, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["lora", "qlora"])
-def test_adapters_save_load_and_merge_from_the_command_line(tiny_config, base, cli_in_process, tmp_path, variant):
+def test_adapters_save_load_and_merge_from_the_command_line(
+    tiny_config, base, lora_run, qlora_run, cli_in_process, tmp_path, variant
+):
     """`lora save` and `lora merge` run as processes for LoRA (the commands' tests through a process), through
-    cli.main in this process for QLoRA, as train, eval and generate do here (tested as processes elsewhere); 4
-    steps: one checkpoint, adapters well away from zero."""
+    cli.main in this process for QLoRA, as eval and generate do here (tested as processes elsewhere). Of a copy of
+    the module's LoRA run (4 steps: adapters well away from zero) or QLoRA run (8 steps): the eval writes into it."""
     lora_cli = run_cli if variant == "lora" else cli_in_process
-    overrides = [f"--{o}" for o in VARIANTS[variant]] + [f"--config.init_from.workdir={base}"]
-    run, adapters, merged = tmp_path / "run", tmp_path / "adapters", tmp_path / "merged"
-    cli_in_process("train", "--config", f"{TINY}:steps=4", "--workdir", run, *overrides)
+    trained_run = lora_run if variant == "lora" else qlora_run[1]
+    run, adapters, merged = copy_run(trained_run, tmp_path), tmp_path / "adapters", tmp_path / "merged"
     lora_cli("lora", "save", "--workdir", run, "--out", adapters)
     shapes = json.loads((adapters / lora.SETTINGS_FILE).read_text())["shapes"]
     saved, trained_params = config_lib.load_saved(run), saved_params(run)
@@ -309,10 +309,10 @@ def test_a_merged_run_fine_tunes_like_any_run(lora_run, tmp_path):
     where the LoRA run stopped."""
     run, merged = lora_run, tmp_path / "merged"
     lora.merge(run, merged)
-    summary = train.train(config_lib.load_saved(merged, ["config.total_steps=4"]), merged)
-    assert (summary.step, summary.status) == (4, "finished")
+    summary = train.train(config_lib.load_saved(merged, ["config.total_steps=6", "config.checkpoint_every=2"]), merged)
+    assert (summary.step, summary.status) == (6, "finished")
     data_at = lambda workdir, step: checkpoint.saved_json(checkpoint.manager(workdir, read_only=True), step, "data")
-    assert data_at(merged, 2) == data_at(run, 2) and data_at(merged, 4)["step"] == 4
+    assert data_at(merged, 4) == data_at(run, 4) and data_at(merged, 6)["step"] == 6
 
 
 def eval_loss(cli, workdir, *overrides) -> float:

@@ -134,8 +134,9 @@ def test_unstructured_sparsity_follows_the_schedule_and_ends_exactly_at_the_targ
 def test_the_pruned_weights_are_the_smallest_of_each_layer(tiny_config):
     """One-shot at step 0: the mask comes from the initial weights alone, per layer, smallest |w| first."""
     setup = make_setup(pruning_config(tiny_config, start=0, end=0, sparsity=0.25))
-    initial = params_lib.by_path(jax.device_get(setup.init_state().params))
-    states, _ = run_steps(setup, 1)
+    start = setup.init_state()
+    initial = params_lib.by_path(jax.device_get(start.params))
+    states, _ = run_steps(setup, 1, start)
     pruning = prune.from_config(setup.config, setup.task)
     for name, mask in host_masks(states[0]).items():
         layout = pruning.layouts[name]
