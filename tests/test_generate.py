@@ -2,13 +2,16 @@
 model's context), batches give each row what it gets alone, sampling filters, stops, special ids, compiles."""
 
 import dataclasses
+import functools
+import json
 
 import jax
 import numpy as np
 import pytest
-from conftest import init_params
+from conftest import TINY, init_params
 from tolerance import assert_close_after_reordering, float32_sum_tolerance, lm_sum_lengths
 
+from bigjax import config as config_lib
 from bigjax import generate
 from bigjax.data import tokenizers
 from bigjax.generate import Sampling
@@ -18,10 +21,23 @@ BYTES = tokenizers.ByteTokenizer()
 GREEDY = Sampling(max_new_tokens=40, temperature=0.0)
 
 
-def tiny_generator(tiny_config, arg="", *overrides):
-    """(task, Generator) of the tiny experiment's model (max_len 32) at random init, with the byte tokenizer."""
-    task = CausalLM(tiny_config(arg, *overrides))
+def tiny_generator(arg="", *overrides):
+    """(task, Generator) of the tiny experiment's model (max_len 32) at random init (seed 0), with the byte tokenizer:
+    one per config for every test of this module, which only read it (a Generator keeps nothing of a call but its
+    compiled programs), so that each prompt width and cache size is traced and compiled once, not once per test."""
+    return generator_of(config_lib.to_json(config_lib.load(TINY + (f":{arg}" if arg else ""), list(overrides))))
+
+
+@functools.cache
+def generator_of(config_json: str):
+    task = CausalLM(config_lib.from_dict(json.loads(config_json)))
     return task, generate.Generator(task.model_config, init_params(task), BYTES)
+
+
+@functools.cache
+def full_forward(task):
+    """The task's model as one compiled program (a jit per call would trace it again)."""
+    return jax.jit(task.model.apply)
 
 
 def random_prompts(lengths, seed=0):
@@ -32,9 +48,9 @@ def random_prompts(lengths, seed=0):
 @pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("arg", ["", "llama=True"])  # learned positions; RoPE with grouped-query attention
 def test_prefill_and_cached_steps_give_the_logits_of_the_full_forward(tiny_config, arg, scan):
-    task, generator = tiny_generator(tiny_config, arg, f"config.model.scan_layers={scan}")
+    task, generator = tiny_generator(arg, f"config.model.scan_layers={scan}")
     tokens = np.asarray(random_prompts([24, 24]), np.int32)
-    full = jax.jit(task.model.apply)({"params": generator.params}, tokens)
+    full = full_forward(task)({"params": generator.params}, tokens)
     lengths = np.array([5, 11])  # one prefill of two right-padded prompts, then one token a row a step
     logits, cache = generator.prefill([tokens[0, :5], tokens[1, :11]], columns=32)
     cached, expected = [logits], [full[[0, 1], lengths - 1]]
@@ -55,7 +71,7 @@ def greedy_by_full_forward(task, params, prompt, new_tokens: int, context: int) 
     """The documented rule, recomputed without a cache: each token is the argmax of a full forward pass over
     the row's context; a prompt is cut to its last `context` tokens, and a context that outgrows the model's
     to its last context/2."""
-    apply = jax.jit(task.model.apply)
+    apply = full_forward(task)
     samplable = generate.samplable_ids(BYTES, task.model_config.vocab_size)
     tokens, start = list(prompt), max(0, len(prompt) - context)
     for _ in range(new_tokens):
@@ -69,8 +85,8 @@ def greedy_by_full_forward(task, params, prompt, new_tokens: int, context: int) 
 
 
 @pytest.mark.parametrize("arg", ["", "llama=True"])
-def test_greedy_follows_the_full_forward_argmax_in_a_batch_and_past_the_context(tiny_config, arg):
-    task, generator = tiny_generator(tiny_config, arg)
+def test_greedy_follows_the_full_forward_argmax_in_a_batch_and_past_the_context(arg):
+    task, generator = tiny_generator(arg)
     # 3 and 20 tokens, and 40: longer than the context (32) already. 40 new tokens take every row past it.
     prompts = random_prompts([3, 20, 40])
     batch = generator.generate_ids(prompts, GREEDY)
@@ -79,8 +95,8 @@ def test_greedy_follows_the_full_forward_argmax_in_a_batch_and_past_the_context(
         assert row == generator.generate_ids([prompt], GREEDY)[0]  # alone
 
 
-def test_top_k_of_one_is_greedy(tiny_config):
-    _, generator = tiny_generator(tiny_config)
+def test_top_k_of_one_is_greedy():
+    _, generator = tiny_generator()
     prompts = random_prompts([4, 9])
     greedy = generator.generate_ids(prompts, Sampling(max_new_tokens=20, temperature=0.0))
     top_1 = generator.generate_ids(prompts, Sampling(max_new_tokens=20, temperature=1.5, top_k=1, seed=7))
@@ -124,8 +140,8 @@ def test_top_p_keeps_the_smallest_set_of_most_likely_tokens_whose_mass_reaches_p
     assert [set(np.flatnonzero(np.isfinite(row)).tolist()) for row in np.asarray(batch)] == [{1, 3}, {2, 3}]
 
 
-def test_special_and_padded_vocabulary_ids_are_never_sampled(tiny_config):
-    task, generator = tiny_generator(tiny_config)
+def test_special_and_padded_vocabulary_ids_are_never_sampled():
+    task, generator = tiny_generator()
     prompts = random_prompts([2, 7, 13, 30])
     # At a high temperature the ids that must never come out hold much of the probability: the test has teeth.
     logits, _ = generator.prefill(prompts, columns=32)
@@ -139,8 +155,8 @@ def test_special_and_padded_vocabulary_ids_are_never_sampled(tiny_config):
     assert all(0 <= token < 256 for row in rows for token in row)
 
 
-def test_a_stop_token_ends_its_row_and_the_others_go_on(tiny_config):
-    _, generator = tiny_generator(tiny_config)
+def test_a_stop_token_ends_its_row_and_the_others_go_on():
+    _, generator = tiny_generator()
     prompts = random_prompts([5, 8])
     sampling = Sampling(max_new_tokens=24, temperature=1.0, top_k=0, seed=3)
     free = generator.generate_ids(prompts, sampling)
@@ -150,8 +166,8 @@ def test_a_stop_token_ends_its_row_and_the_others_go_on(tiny_config):
     assert stopped == [free[0][: free[0].index(stop)], free[1]]
 
 
-def test_a_stop_string_ends_its_row_and_is_left_out(tiny_config):
-    _, generator = tiny_generator(tiny_config)
+def test_a_stop_string_ends_its_row_and_is_left_out():
+    _, generator = tiny_generator()
     prompts = ["to be, or", "not to be:"]
     sampling = Sampling(max_new_tokens=24, temperature=1.0, top_k=0, seed=5)
     free = generator.complete(prompts, sampling)
@@ -166,8 +182,9 @@ def test_a_stop_string_ends_its_row_and_is_left_out(tiny_config):
     assert len(stopped[0]) < len(free[0])
 
 
-def test_prefill_and_step_compile_once_per_shape(tiny_config):
-    _, generator = tiny_generator(tiny_config)
+def test_prefill_and_step_compile_once_per_shape():
+    task, shared = tiny_generator()
+    generator = generate.Generator(task.model_config, shared.params, BYTES)  # its own programs: none compiled yet
     generator.generate_ids(random_prompts([3, 9]), Sampling(max_new_tokens=10, temperature=0.0))
     samplers = generator.compiled_sample._cache_size()  # jit's cache of sample_tokens, shared by every Generator
     generator.generate_ids(random_prompts([5, 14], seed=1), Sampling(max_new_tokens=12, temperature=0.9, top_p=0.9))
@@ -180,8 +197,8 @@ def test_prefill_and_step_compile_once_per_shape(tiny_config):
     assert generator.compiled_step._cache_size() == 1
 
 
-def test_an_empty_prompt_starts_from_eos(tiny_config):
-    _, generator = tiny_generator(tiny_config)
+def test_an_empty_prompt_starts_from_eos():
+    _, generator = tiny_generator()
     sampling = Sampling(max_new_tokens=8, temperature=0.0)
     assert generator.complete([""], sampling) == [BYTES.decode(generator.generate_ids([[256 + 3]], sampling)[0])]
 

@@ -553,10 +553,17 @@ def test_a_run_whose_biases_no_architecture_has_is_refused_at_export():
         family.for_config(config)
 
 
-def test_init_from_hf_loads_the_backbone_of_a_classifier(tokenizer_file, tmp_path):
-    hf_dir = save(llama_model(), tmp_path / "hf", tokenizer_file)
-    imported = tmp_path / "imported"
-    hf.import_hf(hf_dir, imported)
+@pytest.fixture(scope="module")
+def imported_llama(tokenizer_file, tmp_path_factory):
+    """(the tiny Llama's save_pretrained directory, a bigjax run imported from it): for the tests that read both."""
+    root = tmp_path_factory.mktemp("llama")
+    hf_dir = save(llama_model(), root / "hf", tokenizer_file)
+    hf.import_hf(hf_dir, root / "run")
+    return hf_dir, root / "run"
+
+
+def test_init_from_hf_loads_the_backbone_of_a_classifier(imported_llama):
+    hf_dir, imported = imported_llama
     expected = by_path(generate.load(imported).params)
 
     config = config_lib.defaults("gpt", "classification")
@@ -682,15 +689,14 @@ def test_views_read_the_blocks_numpy_would_cut():
             np.testing.assert_array_equal(lazy[block], expected[block])
 
 
-def test_a_two_process_job_exports_the_same_files_as_one_process(tokenizer_file, tmp_path):
+def test_a_two_process_job_exports_the_same_files_as_one_process(imported_llama, tmp_path):
     """Each parameter split over both processes' devices is gathered one tensor at a time; process 0 writes."""
     from test_multiprocess import assert_succeeded, start_processes, wait_for
 
-    hf_dir = save(llama_model(), tmp_path / "hf", tokenizer_file)
-    hf.import_hf(hf_dir, tmp_path / "run")
-    hf.export(tmp_path / "run", tmp_path / "one")  # one process (this one) with all 8 devices
+    _, run = imported_llama
+    hf.export(run, tmp_path / "one")  # one process (this one) with all 8 devices
     logs = tmp_path / "logs"
-    command = [sys.executable, "-m", "bigjax.cli", "export", "--workdir", tmp_path / "run", "--out", tmp_path / "two"]
+    command = [sys.executable, "-m", "bigjax.cli", "export", "--workdir", run, "--out", tmp_path / "two"]
     assert_succeeded(wait_for(start_processes(command, 2, logs), timeout=120), logs)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     for name in (hf.SINGLE_FILE, "config.json", "tokenizer.json"):

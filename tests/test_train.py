@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 import test_sharding
 import test_text_models
-from conftest import REPO, TINY, init_params, read_until
+from conftest import REPO, TINY, copy_run, init_params, read_until
 from tolerance import assert_sgd_params_close_after_reordering, float32_sum_tolerance, lm_sum_lengths, norm_atol
 
 from bigjax.errors import UserError
@@ -56,14 +56,23 @@ def straight_run(tmp_path_factory):
     return config, workdir
 
 
-def test_resume_is_bitwise_identical_on_the_same_mesh(straight_run, tmp_path):
-    config, straight = straight_run
-    assert train.train(config, tmp_path, stop_at_step=4).status == "preempted"
-    assert checkpoint.manager(tmp_path, read_only=True).latest_step() == 4
-    assert train.train(config, tmp_path).step == 8
+@pytest.fixture(scope="module")
+def stopped_run(straight_run, tmp_path_factory):
+    """The straight run's config stopped at step 4 (--stop-at-step): for the tests that resume it, each from a copy."""
+    config, _ = straight_run
+    workdir = tmp_path_factory.mktemp("stopped") / "run"
+    assert train.train(config, workdir, stop_at_step=4).status == "preempted"
+    assert checkpoint.manager(workdir, read_only=True).latest_step() == 4
+    return workdir
 
-    assert losses_by_step(tmp_path) == losses_by_step(straight)  # every step, bitwise
-    jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path, config), final_params(straight, config))
+
+def test_resume_is_bitwise_identical_on_the_same_mesh(straight_run, stopped_run, tmp_path):
+    config, straight = straight_run
+    workdir = copy_run(stopped_run, tmp_path)
+    assert train.train(config, workdir).step == 8
+
+    assert losses_by_step(workdir) == losses_by_step(straight)  # every step, bitwise
+    jax.tree.map(np.testing.assert_array_equal, final_params(workdir, config), final_params(straight, config))
 
 
 def test_resume_with_prefetch_saves_the_position_of_the_last_batch_used(straight_run, tmp_path, tiny_config):
@@ -76,39 +85,41 @@ def test_resume_with_prefetch_saves_the_position_of_the_last_batch_used(straight
     assert losses_by_step(tmp_path) == losses_by_step(straight)  # the same batches: every loss bitwise equal
 
 
-def test_resume_onto_a_different_mesh(straight_run, tmp_path, tiny_config):
+def test_resume_onto_a_different_mesh(straight_run, stopped_run, tmp_path, tiny_config):
     config, straight = straight_run
-    train.train(config, tmp_path, stop_at_step=4)  # data=8
+    workdir = copy_run(stopped_run, tmp_path)  # data=8
     on_2x2x2 = ("config.mesh.data=2", "config.mesh.fsdp=2", "config.mesh.tensor=2")
-    train.train(tiny_config("", "config.log_every=1", *on_2x2x2, *LINEAR_UPDATES), tmp_path)
+    train.train(tiny_config("", "config.log_every=1", *on_2x2x2, *LINEAR_UPDATES), workdir)
 
     # The losses and the updates of steps 5-8 add their sums in another order: within the bounds of those sums.
     tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
     np.testing.assert_allclose(
-        [losses_by_step(tmp_path)[s] for s in range(1, 9)],
+        [losses_by_step(workdir)[s] for s in range(1, 9)],
         [losses_by_step(straight)[s] for s in range(1, 9)],
         rtol=tolerance,
     )
     initial = jax.device_get(init_params(make_task(config), config.seed))
-    resumed, straight_params = final_params(tmp_path, config), final_params(straight, config)
+    resumed, straight_params = final_params(workdir, config), final_params(straight, config)
     assert_sgd_params_close_after_reordering(resumed, straight_params, initial, tolerance, 8, "parameters at step 8")
 
 
-def test_resume_with_a_changed_model_or_a_stop_step_already_passed_is_refused(straight_run, tmp_path, tiny_config):
+def test_resume_with_a_changed_model_or_a_stop_step_already_passed_is_refused(
+    straight_run, stopped_run, tmp_path, tiny_config
+):
     config, _ = straight_run
-    train.train(config, tmp_path, stop_at_step=4)
+    workdir = copy_run(stopped_run, tmp_path)
     wider = tiny_config("", "config.model.d_model=64", *LINEAR_UPDATES)
     with pytest.raises(checkpoint.CheckpointError, match=r"model\.d_model: 32 -> 64"):
-        train.train(wider, tmp_path)
-    assert checkpoint.manager(tmp_path, read_only=True).latest_step() == 4  # nothing lost
+        train.train(wider, workdir)
+    assert checkpoint.manager(workdir, read_only=True).latest_step() == 4  # nothing lost
 
     # --stop-at-step before the step the run resumes at cannot be honoured; at that very step, nothing is trained.
-    config_json = (tmp_path / "config.json").read_text()
+    config_json = (workdir / "config.json").read_text()
     with pytest.raises(train.TrainingError, match=r"--stop-at-step 3 is before step 4, where this run resumes"):
-        train.train(config, tmp_path, stop_at_step=3)
-    summary = train.train(config, tmp_path, stop_at_step=4)
+        train.train(config, workdir, stop_at_step=3)
+    summary = train.train(config, workdir, stop_at_step=4)
     assert (summary.step, summary.status) == (4, "preempted")
-    assert checkpoint.committed_steps(tmp_path) == [4] and (tmp_path / "config.json").read_text() == config_json
+    assert checkpoint.committed_steps(workdir) == [4] and (workdir / "config.json").read_text() == config_json
 
 
 def compiled_train_step(config, task=None):
