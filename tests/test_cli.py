@@ -28,7 +28,9 @@ def copy_of(trained, tmp_path):
     return tmp_path / "run"
 
 
-def test_train_then_eval_then_resume(cli, trained, tmp_path):
+def test_train_then_eval_then_resume(cli_in_process, trained, tmp_path):
+    """Training is the process (the module's `trained`); evaluating and resuming it run the same command lines in
+    this one (the eval job as a process: test_eval_job_started_before_training_evaluates_every_checkpoint_once)."""
     out = trained[1]
     workdir = copy_of(trained, tmp_path)
     assert "finished at step 8" in out
@@ -38,11 +40,11 @@ def test_train_then_eval_then_resume(cli, trained, tmp_path):
     for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "step_time"):
         assert all(key in r for r in rows), key
 
-    out = cli("eval", "--config", TINY, "--workdir", workdir, "--once").stdout
+    out = cli_in_process("eval", "--config", TINY, "--workdir", workdir, "--once").stdout
     assert "validation at step 8" in out and "bits_per_char" in out
 
     # Run again with the same workdir: it resumes from step 8 and trains on to the new end.
-    out = cli("train", "--config", TINY + ":steps=10", "--workdir", workdir).stdout
+    out = cli_in_process("train", "--config", TINY + ":steps=10", "--workdir", workdir).stdout
     assert "resumed from step 8" in out and "finished at step 10" in out
 
 

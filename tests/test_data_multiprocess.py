@@ -28,8 +28,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(out, overrides, timeout=240):
+def run_two_processes(out, override_sets, timeout=240):
+    """One job of two processes that reads the batches of each config (`override_sets`) in turn: each config's
+    results, per process."""
     port = free_port()
+    overrides = [arg for i, group in enumerate(override_sets) for arg in (["--and"] if i else []) + group]
     processes = []
     for index in range(2):
         env = dict(os.environ)
@@ -59,7 +62,10 @@ def run_two_processes(out, overrides, timeout=240):
             p.kill()
     for index, (p, (_, err)) in enumerate(zip(processes, outputs, strict=True)):
         assert p.returncode == 0, f"process {index} failed:\n{err[-3000:]}"
-    return [json.loads(open(f"{out}.{index}").read()) for index in range(2)]
+    return [
+        [json.loads(open(f"{out}.{config}.{index}").read()) for index in range(2)]
+        for config in range(len(override_sets))
+    ]
 
 
 def source_overrides(source: str, tmp_path) -> list[str]:
@@ -72,15 +78,30 @@ def source_overrides(source: str, tmp_path) -> list[str]:
     return [f"--config.data.source={source}"]
 
 
-@pytest.mark.parametrize("source", ["shakespeare_genre", "parquet"])
-def test_two_processes_read_their_shards_and_assemble_the_global_batches(tmp_path, source):
-    overrides = [
-        *source_overrides(source, tmp_path),
-        "--config.task.name=classification",
-        "--config.task.num_classes=2",
-        "--config.batch_size=16",
+SOURCES = ["shakespeare_genre", "parquet"]
+
+
+@pytest.fixture(scope="module")
+def read_by_two_processes(tmp_path_factory):
+    """{source: (its overrides, what each of the two processes read)}: one job reads every source in turn (what is
+    tested is per source, each in a test of its own; one job spares the second its processes' start-up)."""
+    tmp_path = tmp_path_factory.mktemp("sources")
+    override_sets = [
+        [
+            *source_overrides(source, tmp_path),
+            "--config.task.name=classification",
+            "--config.task.num_classes=2",
+            "--config.batch_size=16",
+        ]
+        for source in SOURCES
     ]
-    results = run_two_processes(tmp_path / "hashes.json", overrides)
+    results = run_two_processes(tmp_path / "hashes.json", override_sets)
+    return {source: (overrides, read) for source, overrides, read in zip(SOURCES, override_sets, results, strict=True)}
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_two_processes_read_their_shards_and_assemble_the_global_batches(read_by_two_processes, source):
+    overrides, results = read_by_two_processes[source]
     assert all(r["processes"] == 2 and r["devices"] == 8 for r in results)
     assert all(r["rows"] == [8] * STEPS for r in results)  # each process reads half of every batch
 

@@ -153,8 +153,8 @@ def run_attempt(workdir, command: list[str], kill: Kill | None, env: dict, timeo
         stdout=stdout,
         stderr=stderr,
         rows=rows_since(metrics_file, offset),
-        resumed_from=_number_after("resumed from step ", stdout),
-        stopped_at=_number_after("stopped by SIGTERM at step ", stdout),
+        resumed_from=number_after("resumed from step ", stdout),
+        stopped_at=number_after("stopped by SIGTERM at step ", stdout),
         interrupted_write=interrupted_write,
         committed_after=committed_steps(workdir),
         uncommitted_after=uncommitted_steps(workdir),
@@ -264,7 +264,7 @@ def set_aside(workdir, kind: str) -> list[int]:
     return sorted(int(p.name.split(".")[0]) for p in directory.iterdir() if p.is_dir() and f".{kind}." in p.name)
 
 
-def _number_after(text: str, output: str) -> int | None:
+def number_after(text: str, output: str) -> int | None:
     match = re.search(re.escape(text) + r"(\d+)", output)
     return int(match.group(1)) if match else None
 

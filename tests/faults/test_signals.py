@@ -53,12 +53,13 @@ def train_args(workdir, steps=8):
 
 
 @pytest.fixture(scope="module")
-def stopped_at_step_4(env, tmp_path_factory):
-    """`train_args` stopped at step 4 (checkpoint 4), trained once: the tests that resume it each get a copy."""
-    from conftest import run_cli
+def stopped_at_step_4(tmp_path_factory):
+    """`train_args` stopped at step 4 (checkpoint 4), trained once, in this process (the same 8 devices and XLA flags
+    as the signalled trainers; what is tested is those, started on a copy of it each)."""
+    from conftest import cli_main
 
     workdir = tmp_path_factory.mktemp("stopped") / "run"
-    run_cli(*train_args(workdir), "--stop-at-step", "4", env=env)
+    assert cli_main(*train_args(workdir), "--stop-at-step", "4") == 0
     return workdir
 
 

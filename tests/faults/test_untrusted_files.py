@@ -9,8 +9,7 @@ import pickle
 import re
 import shutil
 
-from conftest import REPO, TINY, copy_run, run_cli
-from harness import environment
+from conftest import REPO, TINY, copy_run
 
 from bigjax.run import checkpoint
 
@@ -51,11 +50,12 @@ def test_bigjax_has_no_code_that_unpickles_or_evaluates_files():
     assert not offenders, offenders
 
 
-def test_unexpected_files_in_a_workdir_and_its_checkpoints_run_nothing(tiny_run, tmp_path):
+def test_unexpected_files_in_a_workdir_and_its_checkpoints_run_nothing(cli_in_process, tiny_run, tmp_path):
+    """`bigjax eval` and `bigjax train` by their command lines, in this process: what is tested is what they read (a
+    process of their own would start from the repository, where no planted file is on its path, all the same)."""
     workdir, evidence = copy_run(tiny_run, tmp_path), tmp_path / "evidence"  # checkpoints 4 and 8
     evidence.mkdir()
-    env = environment(tmp_path / "compile-cache")
-    cli = lambda *args: run_cli(*args, env=env)
+    cli = cli_in_process
     train = ("train", "--config", TINY, "--workdir", workdir)
     checkpoints, step_4 = workdir / "checkpoints", workdir / "checkpoints" / "4"
     for directory in (workdir, checkpoints, step_4, step_4 / "params", step_4 / "params" / "d", step_4 / "data"):
