@@ -2,6 +2,7 @@
 token and masked; capacity mode drops exactly the picks it reports; the router's losses are the papers' formulas;
 the MoE model trains through scan, remat and gradient accumulation."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_generate
-from conftest import REPO, init_params
+from conftest import REPO, TINY, init_params
 from tolerance import (
     EPS32,
     assert_close_after_reordering,
@@ -24,6 +25,7 @@ from bigjax import errors
 from bigjax.deploy import common as deploy_common
 from bigjax.models import gpt, layers, moe
 from bigjax.ops import metrics
+from bigjax.run import state as state_lib
 from bigjax.run import step as step_lib
 from bigjax.run.setup import make_setup
 from bigjax.tasks import make_task
@@ -95,7 +97,7 @@ def test_capacity_mode_drops_the_picks_over_capacity_and_counts_them():
     # expert 0 first, so token 2's first pick is the third in expert 0's queue: dropped. Second choices: token 3's
     # second pick (expert 0) comes after three first picks: dropped. Everything else fits.
     experts = jnp.array([[0, 1], [0, 2], [0, 1], [3, 0]])
-    fits = moe.within_capacity(experts, num_experts=4, capacity=2)
+    fits = jax.jit(moe.within_capacity, static_argnums=(1, 2))(experts, 4, 2)  # one program, not one per operation
     np.testing.assert_array_equal(fits, [[True, True], [True, True], [False, True], [True, False]])
 
     # And the output is that of the dense reference with those two picks' weights zeroed by hand.
@@ -104,8 +106,8 @@ def test_capacity_mode_drops_the_picks_over_capacity_and_counts_them():
     kernels = {name: jax.random.normal(jax.random.key(i), shape) for i, (name, shape) in enumerate(KERNEL_SHAPES)}
     routed = jnp.where(fits, experts, 4)
     kept = jnp.array([[0.5, 0.5], [0.5, 0.5], [0.0, 0.5], [0.5, 0.0]])
-    got = moe.grouped_experts(x, routed, weights, kernels, "swiglu", 4)
-    want = moe.dense_reference(x, experts, kept, kernels, "swiglu", 4)
+    got = jax.jit(moe.grouped_experts, static_argnums=(4, 5))(x, routed, weights, kernels, "swiglu", 4)
+    want = jax.jit(moe.dense_reference, static_argnums=(4, 5))(x, experts, kept, kernels, "swiglu", 4)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert float(router_stats(jnp.zeros((4, 4)), jnp.full((4, 4), 0.25), experts, routed)["dropped"]) == 2 / 8
 
@@ -160,12 +162,12 @@ def test_top_k_probabilities_are_renormalised_when_asked():
 def test_shared_experts_add_a_dense_mlp_of_their_width():
     cfg = moe_config(num_shared_experts=2)
     x = tokens()
-    params = nn.unbox(block(cfg).init(jax.random.key(1), x)["params"])
-    with_shared = block(cfg).apply({"params": params}, x)
-    routed_only = block(moe_config()).apply({"params": {k: v for k, v in params.items() if k != "shared"}}, x)
+    params = init(block(cfg), x)
+    with_shared = jax.jit(block(cfg).apply)({"params": params}, x)  # each one program, not one per operation
+    routed_only = jax.jit(block(moe_config()).apply)({"params": {k: v for k, v in params.items() if k != "shared"}}, x)
     shared = layers.Mlp("swiglu", 2 * F, False, 0.5, 0.5, jnp.float32, jnp.float32)
     assert params["shared"]["up"]["kernel"].shape == (D, 2 * F)
-    want = routed_only + shared.apply({"params": params["shared"]}, x)
+    want = routed_only + jax.jit(shared.apply)({"params": params["shared"]}, x)
     np.testing.assert_allclose(with_shared, want, rtol=1e-5, atol=1e-6)
 
 
@@ -212,12 +214,46 @@ def fixed_batch(config, seed=0):
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
 
 
-def one_sgd_step(config, batch, initial=None):
-    """(metrics, initial state on the host, parameters after one compiled SGD step) of `config` on `batch`, from a
-    fresh state (setup.init_state()) or from `initial`, a host copy of one on the same mesh, put onto it."""
+def loss_grads_and_stats(setup, params, batch):
+    """(training loss: cross-entropy and the router losses, its gradients, the router statistics) on setup's mesh."""
+
+    def mean_loss(p, b):
+        sums, _ = setup.task.loss_sums(p, {}, b, train=True)
+        return sums["loss"] / sums["count"], {k: v / sums["count"] for k, v in sums.items() if k.startswith("moe_")}
+
+    fn = jax.jit(jax.value_and_grad(mean_loss, has_aux=True), in_shardings=(setup.state_shardings.params, None))
+    with setup.sharding.activate():
+        (loss, stats), grads = fn(params, setup.sharding.global_batch(batch))
+    return jax.device_get((loss, grads, stats))
+
+
+# The MoE model of the equivalence tests: MOE with two dense layers, then two MoE layers, so that both scanned stacks
+# also split over a pipeline's stage=2 (test_pipeline runs it beside the expert axis against the same one device).
+MOE_STACKS = (*MOE, "config.model.num_layers=4", "config.model.moe.first_dense_layers=2")
+
+
+def moe_stacks_config():
+    return config_lib.load(f"{TINY}:llama=True", list(MOE_STACKS))
+
+
+@functools.cache
+def one_device_moe():
+    """(parameters of a fresh init on the host, (training loss, gradients, router statistics) on fixed_batch) of
+    MOE_STACKS' model on one device: the reference of the expert axis's meshes here and of test_pipeline's pipeline
+    beside experts, computed once per process. Read it, never change it."""
+    config = moe_stacks_config()
+    setup = on_mesh(config, (1, 1, 1, 1))
+    params = jax.device_get(init_params(setup.task))
+    return params, loss_grads_and_stats(setup, params, fixed_batch(config))
+
+
+def one_sgd_step(config, batch, params):
+    """(metrics, initial state on the host, parameters after one compiled SGD step) of `config` on `batch`, from
+    `params` (a host copy) and a fresh optimizer state."""
     setup = make_setup(config, jax.devices()[: int(np.prod(list(config.mesh.values())))])  # every axis set
     step, _ = step_lib.compile_train_step(setup)
-    state = setup.init_state() if initial is None else jax.device_put(initial, setup.state_shardings)
+    fresh = lambda p: state_lib.TrainState(jnp.zeros((), jnp.int32), p, setup.tx.init(p), {})
+    state = jax.jit(fresh, out_shardings=setup.state_shardings)(params)
     initial = jax.device_get(state)
     state, metrics = step(state, setup.sharding.global_batch(batch))
     return jax.device_get(metrics), initial, jax.device_get(state.params)
@@ -226,21 +262,21 @@ def one_sgd_step(config, batch, initial=None):
 def test_moe_model_trains_with_a_dense_prefix_through_remat_and_gradient_accumulation(tiny_config):
     """Scanned dense and MoE stacks, rematerialized: k microbatches give one big batch's update (dropless routing
     is per token, so with the router losses off the loss is a sum over tokens; they are averaged per microbatch).
-    Both steps start from the one fresh state (the configs differ only in grad_accum: the same init, the same
-    mesh), created once."""
+    Both steps start from the same parameters (a fresh init of MOE_STACKS' model: one_device_moe's, which neither
+    router losses nor remat change)."""
     results = []
     for accum in (1, 2):
         no_router_losses = ("config.model.moe.router_aux_loss=0", "config.model.moe.router_z_loss=0")
         config = tiny_config(
             "llama=True",
-            *MOE,
+            *MOE_STACKS,
             *no_router_losses,
             *SGD,
             "config.model.remat=full",
             f"config.optim.grad_accum={accum}",
             "config.mesh.data=2",
         )
-        results.append(one_sgd_step(config, fixed_batch(config), results[0][1] if results else None))
+        results.append(one_sgd_step(config, fixed_batch(config), one_device_moe()[0]))
     (m1, initial, p1), (m2, _, p2) = results
     initial = initial.params
     assert set(p1) == {"dense_layers", "moe_layers", "embed", "unembed", "final_norm"}
@@ -298,15 +334,15 @@ def assert_tokens_move_to_the_experts(program: str, config, batch) -> None:
     assert any(s and s[0] == picks for s in shapes), f"no collective moves the {picks} token picks: {set(shapes)}"
 
 
-def test_loss_and_every_gradient_match_with_experts_split_over_devices(tiny_config):
-    config = tiny_config("llama=True", *MOE)
+def test_loss_and_every_gradient_match_with_experts_split_over_devices():
+    config = moe_stacks_config()
     batch = fixed_batch(config)
     tolerance = float32_sum_tolerance(*moe_sum_lengths(config, tokens=batch["weights"].size))
-    reference = None
-    for shape in EXPERT_MESHES:
+    host_params, (reference_loss, reference_grads, _) = one_device_moe()  # EXPERT_MESHES[0]: one device
+    assert EXPERT_MESHES[0] == (1, 1, 1, 1) and host_params["moe_layers"]["mlp"]["experts"]["up"].shape[1] == 8
+    assert np.abs(reference_grads["moe_layers"]["mlp"]["router"]["kernel"]).max() > 0  # the router learns
+    for shape in EXPERT_MESHES[1:]:
         setup = on_mesh(config, shape)
-        if reference is None:
-            host_params = jax.device_get(init_params(setup.task))
         params = jax.device_put(host_params, setup.state_shardings.params)
         expert_kernel = params["moe_layers"]["mlp"]["experts"]["up"]
         assert expert_kernel.addressable_shards[0].data.shape[1] == 8 // shape[3]  # each device: its experts only
@@ -314,12 +350,8 @@ def test_loss_and_every_gradient_match_with_experts_split_over_devices(tiny_conf
         loss, grads = jax.device_get((loss, grads))
         if shape[3] > 1:
             assert_tokens_move_to_the_experts(program, config, batch)
-        if reference is None:
-            reference = (loss, grads)
-            assert np.abs(grads["moe_layers"]["mlp"]["router"]["kernel"]).max() > 0  # the router learns
-            continue
-        np.testing.assert_allclose(loss, reference[0], rtol=tolerance, err_msg=f"loss on mesh {shape}")
-        assert_close_after_reordering(grads, reference[1], tolerance, f"gradients on mesh {shape}")
+        np.testing.assert_allclose(loss, reference_loss, rtol=tolerance, err_msg=f"loss on mesh {shape}")
+        assert_close_after_reordering(grads, reference_grads, tolerance, f"gradients on mesh {shape}")
 
 
 # What a training run logs that the expert axis must leave alone: the loss and the router's losses, the gradient's

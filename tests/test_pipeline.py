@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init_params
 from jax.sharding import AxisType
 from tolerance import assert_close_after_reordering, float32_sum_tolerance, lm_sum_lengths
 
@@ -223,40 +222,25 @@ def test_pipelined_llama_equals_one_device(llama_config, one_device, mesh, micro
     assert passes and set(passes) == {("stage",)}, passes
 
 
-def moe_loss_grads_and_stats(setup, params, batch):
-    """(training loss: cross-entropy and the router losses, its gradients, the router statistics) on setup's mesh."""
-
-    def mean_loss(p, b):
-        sums, _ = setup.task.loss_sums(p, {}, b, train=True)
-        return sums["loss"] / sums["count"], {k: v / sums["count"] for k, v in sums.items() if k.startswith("moe_")}
-
-    fn = jax.jit(jax.value_and_grad(mean_loss, has_aux=True), in_shardings=(setup.state_shardings.params, None))
-    with setup.sharding.activate():
-        (loss, stats), grads = fn(params, setup.sharding.global_batch(batch))
-    return jax.device_get((loss, grads, stats))
-
-
 def test_pipelined_moe_beside_experts_equals_one_device_and_counts_every_micro_batch(tiny_config, monkeypatch):
     """A mixture of experts, both stacks (2 dense layers, then 2 MoE layers) pipelined over stage=2 beside expert=2
     and data=2: the training loss (cross-entropy and both router losses, whose sums the pipeline adds over the
     micro-batches into the whole batch's), every router statistic and every gradient, the router's and the experts'
     included, within the bound of the MoE model's sums. With one micro-batch's router sums standing for the batch's
     (planted), the statistics are off."""
-    from test_moe import MOE, fixed_batch, moe_sum_lengths, on_mesh
+    from test_moe import MOE_STACKS, fixed_batch, loss_grads_and_stats, moe_sum_lengths, one_device_moe
 
     from bigjax.run.setup import make_setup
 
-    config = tiny_config("llama=True", *MOE, "config.model.num_layers=4", "config.model.moe.first_dense_layers=2")
+    config = tiny_config("llama=True", *MOE_STACKS)
     config.model.pipeline.microbatches = 4
     batch = fixed_batch(config)
-    one = on_mesh(config, (1, 1, 1, 1))
-    params = jax.device_get(init_params(one.task))
-    loss, grads, stats = moe_loss_grads_and_stats(one, params, batch)
+    params, (loss, grads, stats) = one_device_moe()  # the one-device run of this config, shared with test_moe
 
-    config.mesh.update(dict(data=2, expert=2, stage=2))
+    config.mesh.update(dict(data=2, fsdp=1, tensor=1, expert=2, context=1, stage=2))
     pipelined = make_setup(config, jax.devices())
     params = jax.device_put(params, pipelined.state_shardings.params)
-    pipelined_loss, pipelined_grads, pipelined_stats = moe_loss_grads_and_stats(pipelined, params, batch)
+    pipelined_loss, pipelined_grads, pipelined_stats = loss_grads_and_stats(pipelined, params, batch)
     tolerance = float32_sum_tolerance(*moe_sum_lengths(config, tokens=batch["weights"].size))
     np.testing.assert_allclose(pipelined_loss, loss, rtol=tolerance, err_msg="loss")
     assert sorted(stats) == ["moe_aux_loss", "moe_dropped", "moe_load_max", "moe_load_min", "moe_z_loss"]
@@ -265,9 +249,7 @@ def test_pipelined_moe_beside_experts_equals_one_device_and_counts_every_micro_b
 
     monkeypatch.setattr(pipeline_lib._Schedule, "add_sums", add_sums_planted("one micro-batch for all"))
     with pytest.raises(AssertionError, match=r"planted: \['moe_"):
-        assert_close_after_reordering(
-            moe_loss_grads_and_stats(pipelined, params, batch)[2], stats, tolerance, "planted"
-        )
+        assert_close_after_reordering(loss_grads_and_stats(pipelined, params, batch)[2], stats, tolerance, "planted")
 
 
 @pytest.mark.parametrize(
@@ -352,8 +334,9 @@ def test_pipelined_run_resumes_bitwise_on_its_mesh_and_onto_no_pipeline_within_t
 
 @pytest.fixture(scope="module")
 def pipelined_run(tmp_path_factory):
-    """experiments/tiny.py trained 4 steps through the command line, gpipe over stage=2 with 4 micro-batches
-    (checkpoint 4): (workdir, stdout). Read it; copy it (conftest.copy_run) before changing anything in it.
+    """experiments/tiny.py as it is (8 steps, checkpoints 4 and 8, losses logged every 2 steps: the session's
+    tiny_run but for the pipeline) trained through the command line, gpipe over stage=2 with 4 micro-batches:
+    (workdir, stdout). Read it; copy it (conftest.copy_run) before changing anything in it.
 
     The command runs as conftest's `cli_in_process` runs it (cli.main in this process), here for the whole module:
     what is tested is what it prints and trains, not its process."""
@@ -363,24 +346,22 @@ def pipelined_run(tmp_path_factory):
     from conftest import TINY, cli_main
 
     workdir = tmp_path_factory.mktemp("pipelined") / "run"
-    args = ["--config.mesh.stage=2", "--config.model.pipeline.microbatches=4", "--config.log_every=1"]
+    args = ["--config.mesh.stage=2", "--config.model.pipeline.microbatches=4"]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        returncode = cli_main("train", "--config", TINY, "--workdir", workdir, *args, "--config.total_steps=4")
+        returncode = cli_main("train", "--config", TINY, "--workdir", workdir, *args)
     assert returncode == 0, stdout.getvalue()[-3000:]
     return workdir, stdout.getvalue()
 
 
-def test_command_line_pipelined_run_logs_the_losses_of_the_unpipelined_one(pipelined_run, tiny_config, tmp_path):
-    from bigjax.run import train
-
+def test_command_line_pipelined_run_logs_the_losses_of_the_unpipelined_one(pipelined_run, tiny_run):
+    """The unpipelined run is the session's tiny_run: the same experiment, its mesh data=8."""
     workdir, stdout = pipelined_run
     said = "pipeline: gpipe over stage=2, 4 micro-batches x 1 pass(es), 1 layers per stage; bubble fraction 20.0%"
     assert stdout.count(said) == 1, stdout
-    train.train(tiny_config("", "--config.total_steps=4", "--config.log_every=1"), tmp_path / "unpipelined")
-    pipelined, unpipelined = losses_by_step(workdir), losses_by_step(tmp_path / "unpipelined")
-    assert sorted(pipelined) == [1, 2, 3, 4]
-    np.testing.assert_allclose([pipelined[s] for s in range(1, 5)], [unpipelined[s] for s in range(1, 5)], rtol=1e-4)
+    pipelined, unpipelined = losses_by_step(workdir), losses_by_step(tiny_run)
+    assert sorted(pipelined) == sorted(unpipelined) == [2, 4, 6, 8]
+    np.testing.assert_allclose([pipelined[s] for s in unpipelined], list(unpipelined.values()), rtol=1e-4)
 
 
 def test_a_pipelined_run_is_read_by_eval_generate_export_and_quantize_as_any_run(
@@ -412,7 +393,7 @@ def test_a_pipelined_run_is_read_by_eval_generate_export_and_quantize_as_any_run
         config.mesh.update(dict(stage=1, data=-1))
         unpipelined = evaluate.run_eval_job(config, workdir, once=True)
         tolerance = float32_sum_tolerance(*lm_sum_lengths(config, tokens=config.batch_size * config.data.seq_len))
-        assert pipelined["step"] == unpipelined["step"] == 4
+        assert pipelined["step"] == unpipelined["step"] == 8
         np.testing.assert_allclose(pipelined["loss"], unpipelined["loss"], rtol=tolerance, err_msg=str(workdir))
         scores = {key: value for key, value in pipelined.items() if key.startswith("harness/")}
         assert len(scores) == len(harness and ["acc", "acc_norm", "sample_len"])
@@ -422,11 +403,11 @@ def test_a_pipelined_run_is_read_by_eval_generate_export_and_quantize_as_any_run
     harness = ["tasks=bigjax_choice", "include_path=tests/lm_eval_tasks", "limit=2", "batch_size=2"]
     workdir = copy_run(pipelined_run[0], tmp_path)  # the eval job writes its metrics into the run
     config = eval_on_its_mesh_and_without_stages(workdir, harness)
-    assert quantize.quantize(workdir, tmp_path / "int8", bits=8)["step"] == 4
+    assert quantize.quantize(workdir, tmp_path / "int8", bits=8)["step"] == 8
     eval_on_its_mesh_and_without_stages(tmp_path / "int8")
 
     sampled = cli_in_process("generate", "--workdir", workdir, "--prompt", "ROMEO:", "--max-new-tokens", "8")
-    assert "generating from checkpoint 4" in sampled.stderr and sampled.stdout.startswith("ROMEO:")
+    assert "generating from checkpoint 8" in sampled.stderr and sampled.stdout.startswith("ROMEO:")
 
     hf.export(workdir, tmp_path / "exported")
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()

@@ -156,10 +156,12 @@ def test_scanned_resnet_train_steps_match_on_every_mesh_with_global_sharded_batc
     batches = [image_batch(config, seed) for seed in range(2)]
     old_mean = variables["batch_stats"]["stem_norm"]["mean"]
     expected_mean = 0.9 * old_mean + 0.1 * stem_channel_mean(batches[0]["image"], variables["params"]["stem"]["kernel"])
-    reference = None
+    reference = initial = None
     for shape in [(1, 1, 1), (2, 2, 2)]:
         setup = on_mesh(config, shape)
-        state = state_from_variables(setup.tx, variables, setup.state_shardings)
+        if initial is None:  # created once, on the first mesh; its host copy put onto the second
+            initial = jax.device_get(state_from_variables(setup.tx, variables, setup.state_shardings))
+        state = jax.device_put(initial, setup.state_shardings)
         step, _ = step_lib.compile_train_step(setup)
         state, _ = step(state, setup.sharding.global_batch(batches[0]))
         running_mean = state.model_state["batch_stats"]["stem_norm"]["mean"]

@@ -7,7 +7,7 @@ Configs come from the experiment files (as the CLI loads them), shrunk by overri
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, init_params
+from conftest import REPO, copy_run, init_params
 from test_vision import vision_sum_lengths
 from tolerance import assert_close_after_reordering, assert_sgd_params_close_after_reordering, float32_sum_tolerance
 
@@ -89,9 +89,18 @@ def saved_variables(workdir, config):
     return jax.device_get(checkpoint.restore_variables(mngr, mngr.latest_step(), target))
 
 
-def test_batchnorm_run_resumes_bit_exact_with_its_statistics(batchnorm_run, tmp_path):
+@pytest.fixture(scope="module")
+def stopped_run(batchnorm_run, tmp_path_factory):
+    """The same run stopped at step 4 (its checkpoint 4): the start of both resumes below. Copy it (copy_run)."""
+    config, _ = batchnorm_run
+    workdir = tmp_path_factory.mktemp("stopped")
+    assert train.train(config, workdir, stop_at_step=4).status == "preempted"
+    return workdir
+
+
+def test_batchnorm_run_resumes_bit_exact_with_its_statistics(batchnorm_run, stopped_run, tmp_path):
     config, straight = batchnorm_run
-    assert train.train(config, tmp_path, stop_at_step=4).status == "preempted"
+    tmp_path = copy_run(stopped_run, tmp_path)
     assert train.train(config, tmp_path).step == 8
 
     assert rows(tmp_path, "loss") == rows(straight, "loss")  # every step, bitwise
@@ -102,9 +111,9 @@ def test_batchnorm_run_resumes_bit_exact_with_its_statistics(batchnorm_run, tmp_
     assert np.abs(reference["batch_stats"]["norm1"]["mean"]).max() > 1e-3
 
 
-def test_batchnorm_run_resumes_onto_another_mesh(batchnorm_run, tmp_path):
+def test_batchnorm_run_resumes_onto_another_mesh(batchnorm_run, stopped_run, tmp_path):
     config, straight = batchnorm_run
-    train.train(config, tmp_path, stop_at_step=4)  # data=8
+    tmp_path = copy_run(stopped_run, tmp_path)  # stopped at 4 on data=8
     resharded = config.copy_and_resolve_references()
     resharded.mesh.update(dict(data=2, fsdp=2, tensor=2))
     train.train(resharded, tmp_path)
