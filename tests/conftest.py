@@ -24,10 +24,11 @@ PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=1800"
 ONE_COLLECTIVE_ORDER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
-def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for a test process with `devices` simulated CPU devices (what the subprocesses get too)."""
+def xla_flags(devices: int | None) -> str:
+    """XLA_FLAGS for a test process with `devices` simulated CPU devices (what the subprocesses get too); None: no
+    device count, for a launcher that adds its own."""
     flags = f"{FAST_COMPILE} {PATIENT_COLLECTIVES} {ONE_COLLECTIVE_ORDER}"
-    return f"{flags} --xla_force_host_platform_device_count={devices}"
+    return flags if devices is None else f"{flags} --xla_force_host_platform_device_count={devices}"
 
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE, REPO, TINY, xla_flags
+from conftest import REPO, TINY, xla_flags
 
 from bigjax.ops import metrics
 from bigjax.run import checkpoint
@@ -116,7 +116,7 @@ def test_four_processes_through_the_launcher_train_like_one(tmp_path, reference_
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "XLA_FLAGS": FAST_COMPILE},  # the launcher adds the device count
+        env={**os.environ, "XLA_FLAGS": xla_flags(None)},  # the launcher adds the device count
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 processes x 2 CPU devices" in result.stderr
