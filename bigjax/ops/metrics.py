@@ -53,9 +53,8 @@ def tensorboardx(bucket: bool = False):
     image, a dev venv). So those not imported already are hidden while it imports (it expects their ImportError) and
     import as ever afterwards; google-cloud-storage is left visible for events in a bucket (`bucket`), and a
     tensorboardX imported without it gets it then."""
-    hidden = [name for name in ("torch", "boto3", "google.cloud.storage") if name not in sys.modules]
-    if bucket and "google.cloud.storage" in hidden:
-        hidden.remove("google.cloud.storage")
+    unneeded = ("torch", "boto3") if bucket else ("torch", "boto3", "google.cloud.storage")
+    hidden = [name for name in unneeded if name not in sys.modules]
     for name in hidden:
         sys.modules[name] = None  # `import name` raises ImportError
     try:
