@@ -146,6 +146,15 @@ def test_bad_input_is_one_error_line_and_writes_nothing(case, expected, lm_run, 
         workdir = config_alone(workdir, tmp_path, name="classification", num_classes=2)
     if case == "no_checkpoint":
         workdir = config_alone(workdir, tmp_path)
+    if case == "needs_the_hub":  # offline, as on a cluster with HF_HUB_OFFLINE=1: the same ConnectionError at once,
+        # where the unreachable Hub costs huggingface_hub's five retries (23 s) first
+        import datasets
+        import huggingface_hub
+
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # both read the variable at import
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        expected += ", which cannot be reached (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)"
     out = tmp_path / "results.json"
     args = ["--workdir", workdir, "--tasks", task, "--include-path", TASKS_DIR, "--out", out]
     result = cli_in_process("lm-eval", *args, check=False)
