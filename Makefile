@@ -59,7 +59,7 @@ generate: install
 	$(BIN)/bigjax generate --workdir $(WORKDIR) --prompt "$(PROMPT)"
 
 test: install-dev
-	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 # launch/slurm.sbatch for real, on a one-node SLURM cluster this starts on the machine (installs slurm-wlm and
 # munge with apt; needs root or sudo). Not part of `make test`: see docs/launching.md, "SLURM".

@@ -51,7 +51,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # first process to import a module writes its bytecode to __pycache__ (ignored by git) for the others.
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
-import collections  # noqa: E402
 import contextlib  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
@@ -71,30 +70,6 @@ def pytest_configure(config):
         import costs
 
         costs.register(config)
-
-
-# `make test` hands files to its two workers one at a time, in the order collected (pytest -n 2 --dist loadfile
-# --no-loadscope-reorder). A long file handed out last keeps one worker busy while the other has nothing left (seen:
-# test_kill_restart's single 30-second test ran last, as xdist's own order, most tests first, put it), so the files
-# that take longest go first, the longest first (CPU seconds from tests/costs.py, a clean clone of stop 35: each
-# 20 s or more). The others follow, those with most tests first. A file missing here only runs later.
-LONGEST_FIRST = """
-    test_multiprocess test_lora test_hf test_pipeline test_moe test_context_parallel test_lm_eval test_distill
-    faults/test_fencing test_prune test_hf_encoders test_train test_text_models faults/test_kill_restart
-    faults/test_disk_full test_vision_train faults/test_signals test_cli test_model test_deploy test_text_experiments
-    test_sharding test_vision test_trackers test_data_sources
-""".split()
-
-
-def pytest_collection_modifyitems(items):
-    """Orders the files as LONGEST_FIRST says; the tests of a file keep their order."""
-    tests_dir = pathlib.Path(__file__).parent
-    missing = [name for name in LONGEST_FIRST if not (tests_dir / f"{name}.py").exists()]
-    if missing:
-        raise pytest.UsageError(f"tests/conftest.py LONGEST_FIRST names files that do not exist: {missing}")
-    rank = {str(tests_dir / f"{name}.py"): i for i, name in enumerate(LONGEST_FIRST)}
-    count = collections.Counter(str(item.path) for item in items)
-    items.sort(key=lambda item: (rank.get(str(item.path), len(rank)), -count[str(item.path)], str(item.path)))
 
 
 @pytest.fixture
