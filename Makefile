@@ -24,19 +24,20 @@ install-dev: $(DEV_STAMP)
 # uv installs the packages: it fetches and unpacks wheels in parallel (the [dev] install took 20 s instead of pip's
 # 73 s, both with empty caches, on 2 cores) and, like `pip --no-compile`, writes no bytecode (the first process to
 # import a module writes it: tests/conftest.py).
-UV_VERSION := uv>=0.13,<0.14
-UV_INSTALL := $(BIN)/uv pip install --quiet --python $(BIN)/python
+UV := $(BIN)/uv
+UV_INSTALL := $(UV) pip install --quiet --python $(BIN)/python
 
-$(RUNTIME_STAMP): pyproject.toml
+# The venv, with uv in it (both installs need it first; order-only below, so its date never asks for an install).
+$(UV):
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet '$(UV_VERSION)'
+	$(BIN)/pip install --quiet 'uv>=0.13,<0.14'
+
+$(RUNTIME_STAMP): pyproject.toml | $(UV)
 	$(UV_INSTALL) -e '.[plot]'
 	touch $@
 
 # [dev] includes [plot]: the runtime install is then up to date too.
-$(DEV_STAMP): pyproject.toml
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet '$(UV_VERSION)'
+$(DEV_STAMP): pyproject.toml | $(UV)
 	# torch first, with pip: its CPU build (192 MB) where this machine has it (pip's configuration points at it, and uv
 	# does not read that), elsewhere what PyPI's `torch` resolves to. uv then keeps it, since it satisfies [dev].
 	# --no-compile: pip would write the bytecode of every module of torch (the tests write what they import, once).
