@@ -104,6 +104,7 @@ def test_the_command_prints_a_table_and_writes_lm_evals_json_to_a_new_file_only(
     assert saved["results"]["bigjax_choice"]["sample_len"] == 2 and "samples" not in saved
     assert saved["configs"]["bigjax_choice"]["output_type"] == "multiple_choice"
     assert saved["n-shot"]["bigjax_choice"] == 1 == saved["configs"]["bigjax_choice"]["num_fewshot"]
+    assert saved["pretty_env_info"].startswith("jax:")  # the environment the model ran in, not torch's
 
     before = out.read_bytes()
     again = cli_in_process(*args, "--out", out, check=False)

@@ -14,10 +14,12 @@ network, or the datasets cache); then the model is loaded (bigjax.eval.model) an
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import pathlib
 import sys
+from unittest import mock
 
 from bigjax import generate
 from bigjax.errors import UserError
@@ -78,17 +80,22 @@ def run_tasks(lm, manager, tasks, num_fewshot=None, limit=None, log_samples: boo
     if jax.process_index() != 0:
         lm.follow()
         return None
+    # lm-eval records the environment with torch's collect_env, which runs a dozen commands (pip list among them:
+    # ~1 s of every evaluation, so of every checkpoint an eval job scores); the model runs on JAX, whose environment
+    # is the one to record.
+    jax_environment = functools.partial(jax.print_environment_info, return_string=True)
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            task_manager=manager,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            log_samples=log_samples,
-            bootstrap_iters=0,  # no standard errors by resampling: they cost more than scoring a small run
-            verbosity=None,
-        )
+        with mock.patch("torch.utils.collect_env.get_pretty_env_info", jax_environment):
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                task_manager=manager,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                log_samples=log_samples,
+                bootstrap_iters=0,  # no standard errors by resampling: they cost more than scoring a small run
+                verbosity=None,
+            )
     finally:
         lm.followers.stop()
     return results
