@@ -142,8 +142,8 @@ def main() -> None:
     print(table({"TOTAL": {"tests": len(tests), **total}}, ""))
     largest = max(files, key=lambda f: files[f]["cpu"])
     print(
-        f"\nOn 2 cores the tests take at least half the total CPU, {total['cpu'] / 2:.0f} s (`make test`'s three workers"
-        f" share them); the largest file, {largest} ({files[largest]['cpu']:.0f} s), is well under it"
+        f"\nOn 2 cores the tests take at least half the total CPU, {total['cpu'] / 2:.0f} s (`make test`'s three"
+        f" workers share them); the largest file, {largest} ({files[largest]['cpu']:.0f} s), is well under it"
     )
     top = dict(sorted(tests.items(), key=lambda kv: -kv[1]["cpu"])[: args.top])
     print("\n" + table(top, "test"))
