@@ -143,7 +143,7 @@ def main() -> None:
     largest = max(files, key=lambda f: files[f]["cpu"])
     print(
         f"\nOn 2 cores the tests take at least half the total CPU, {total['cpu'] / 2:.0f} s (`make test`'s three"
-        f" workers share them); the largest file, {largest} ({files[largest]['cpu']:.0f} s), is well under it"
+        f" workers share them); the largest file: {largest}, {files[largest]['cpu']:.0f} s"
     )
     top = dict(sorted(tests.items(), key=lambda kv: -kv[1]["cpu"])[: args.top])
     print("\n" + table(top, "test"))

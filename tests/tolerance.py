@@ -60,14 +60,16 @@ def attention_tolerance(head_dim: int, keys: int, groups: int, blocks: int, logi
     return sums + (logit_bound + 2) * EPS32
 
 
-def leaf_atols(reference, tolerance: float) -> list:
+def leaf_atols(reference, tolerance: float, at_tree_scale: bool = False) -> list:
     """The absolute tolerance of each leaf: `tolerance` times the leaf's largest magnitude, which stands for the
     magnitude of the terms that were summed into it. A leaf that is no larger than the tolerance of the whole tree's
     largest magnitude is rounding noise of a value that is 0 in exact arithmetic (the gradient of attention's key
-    bias: softmax ignores a shift shared by every key): its terms are as large as the tree's, so is its scale."""
+    bias: softmax ignores a shift shared by every key): its terms are as large as the tree's, so is its scale.
+    `at_tree_scale`: every leaf at the tree's scale, where every leaf's terms may be as large as the tree's."""
     scales = [float(np.max(np.abs(leaf), initial=0.0)) for leaf in jax.tree.leaves(reference)]
     tree_scale = max(scales, default=0.0)
-    return [tolerance * (scale if scale > tolerance * tree_scale else tree_scale) for scale in scales]
+    keeps_own = lambda scale: scale > tolerance * tree_scale and not at_tree_scale
+    return [tolerance * (scale if keeps_own(scale) else tree_scale) for scale in scales]
 
 
 def norm_atol(reference, tolerance: float) -> float:
@@ -94,17 +96,13 @@ def assert_sgd_params_close_after_reordering(
     at the scale of each leaf's update; and each step's params + update is rounded once more in each run, by at most
     EPS32/2 of the parameter.
 
-    `batchnorm`: every leaf at the scale of the largest update. Going back through BatchNorm, a gradient is the
-    upstream gradient less its mean over the batch and its projection on the normalized activations: a difference of
-    terms as large as the upstream gradient, however small the result (seen: a norm's bias in the last stage of a
-    ResNet on another mesh, 5.6 times the bound at its own update's scale away, 0.84 of the bound at the tree's)."""
+    `batchnorm`: every leaf at the scale of the largest update (leaf_atols' tree scale). Going back through
+    BatchNorm, a gradient is the upstream gradient less its mean over the batch and its projection on the normalized
+    activations: a difference of terms as large as the upstream gradient, however small the result (seen: a norm's
+    bias in the last stage of a ResNet on another mesh, 5.6 times the bound at its own update's scale away, 0.84 of
+    the bound at the tree's)."""
     as_updates = lambda tree: jax.tree.map(lambda p, p0: np.asarray(p, np.float64) - p0, tree, initial)
-    updates = as_updates(reference)
-    if batchnorm:
-        largest = max(float(np.max(np.abs(leaf), initial=0.0)) for leaf in jax.tree.leaves(updates))
-        atols = [tolerance * largest] * len(jax.tree.leaves(updates))
-    else:
-        atols = leaf_atols(updates, tolerance)
+    atols = leaf_atols(as_updates(reference), tolerance, at_tree_scale=batchnorm)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     for (path, leaf), want, atol in zip(leaves, jax.tree.leaves(reference), atols, strict=True):
         where = f"{what}: {jax.tree_util.keystr(path)} (bound {atol:.3g} + {steps} x EPS32 x |parameter|)"
